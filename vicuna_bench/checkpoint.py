@@ -1,0 +1,394 @@
+"""Reading Hugging Face checkpoints per rank, and cutting them N ways.
+
+A rank reads only its slices: safetensors files are memory-mapped and sliced
+with ``get_slice``, ``pytorch_model.bin`` files are opened with
+``torch.load(weights_only=True, mmap=True)``.  Pickled weights are never
+unpickled beyond what ``weights_only`` allows.
+
+Two directory kinds load:
+
+* an *uncut* HF directory (``config.json`` + ``model.safetensors`` or a
+  sharded index or ``pytorch_model.bin``): every rank slices what it needs;
+* a *cut* directory in the vendor layout (``tokenizer/``,
+  ``part_model/<rank>/``, ``manifest.json``): rank r reads part r, checked
+  against the manifest's sha256 and world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelArgs
+from .errors import UserError
+from .sharding import ShardPlan
+
+MANIFEST = "manifest.json"
+CUT_FORMAT = "vicuna-bench-cut/1"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CONFIG_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(name: str, args: ModelArgs, device_type: str) -> torch.dtype:
+    """``auto`` is the checkpoint's dtype on accelerators and fp32 on CPU."""
+    if name == "auto":
+        if device_type == "cpu":
+            return torch.float32
+        return _CONFIG_DTYPES.get((args.torch_dtype or "").replace("torch.", ""), torch.float16)
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r} is not supported (valid: auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+class TensorReader:
+    """Name -> tensor (or a slice of it) over the weight files of one HF directory."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._where: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}
+        index_st = directory / "model.safetensors.index.json"
+        index_bin = directory / "pytorch_model.bin.index.json"
+        if index_st.is_file():
+            self._read_index(index_st)
+        elif (directory / "model.safetensors").is_file():
+            self._add_file(directory / "model.safetensors")
+        elif index_bin.is_file():
+            self._read_index(index_bin)
+        elif (directory / "pytorch_model.bin").is_file():
+            self._add_file(directory / "pytorch_model.bin")
+        else:
+            raise UserError(
+                f"{directory}: no weights found (expected model.safetensors, "
+                "model.safetensors.index.json, pytorch_model.bin or its index)"
+            )
+
+    def _read_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(f"{index}: not a valid weight index ({exc})") from None
+        for name, fname in weight_map.items():
+            path = self.directory / fname
+            if not path.is_file():
+                raise UserError(f"{index}: weight file {fname!r} (for {name}) is missing")
+            self._where[name] = path
+
+    def _add_file(self, path: Path) -> None:
+        for name in self._handle(path).keys():
+            self._where[name] = path
+
+    def _handle(self, path: Path):
+        handle = self._open.get(path)
+        if handle is None:
+            try:
+                if path.suffix == ".safetensors":
+                    handle = safe_open(str(path), framework="pt")
+                else:
+                    handle = _BinFile(path)
+            except UserError:
+                raise
+            except Exception as exc:  # corrupt header, truncated file, ...
+                raise UserError(f"{path}: cannot read weights ({exc})") from None
+            self._open[path] = handle
+        return handle
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._handle(self._where[name])
+        return tuple(handle.get_slice(name).get_shape())
+
+    def read(self, name: str, spec: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """The tensor ``name``, or its ``(dim, start, stop)`` slice, read from disk."""
+        if name not in self._where:
+            raise UserError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
+        path = self._where[name]
+        try:
+            part = self._handle(path).get_slice(name)
+            if spec is None:
+                return part[:]
+            dim, start, stop = spec
+            index = (slice(None),) * dim + (slice(start, stop),)
+            return part[index]
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"{path}: cannot read tensor {name!r} ({exc})") from None
+
+
+class _BinFile:
+    """``pytorch_model.bin`` behind the same small interface as ``safe_open``."""
+
+    class _Slice:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def get_shape(self):
+            return list(self.tensor.shape)
+
+        def __getitem__(self, index):
+            return self.tensor[index].clone()
+
+    def __init__(self, path: Path):
+        try:
+            self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            self.state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(self.state, dict):
+            raise UserError(f"{path}: expected a state dict, got {type(self.state).__name__}")
+
+    def keys(self):
+        return self.state.keys()
+
+    def get_slice(self, name):
+        return self._Slice(self.state[name])
+
+
+def is_cut_dir(path: Path) -> bool:
+    return (path / "part_model").is_dir()
+
+
+def config_path(model_path: Path) -> Path:
+    """config.json of an uncut directory, or of part 0 of a cut one."""
+    if is_cut_dir(model_path):
+        return model_path / "part_model" / "0" / "config.json"
+    return model_path / "config.json"
+
+
+def tokenizer_dir(model_path: Path) -> Path:
+    return model_path / "tokenizer" if is_cut_dir(model_path) else model_path
+
+
+def read_model_args(model_path: Path) -> ModelArgs:
+    """Validate a model directory and read its config (full-model values)."""
+    if not model_path.is_dir():
+        raise UserError(f"--model-path {model_path}: no such directory")
+    cfg = config_path(model_path)
+    if not cfg.is_file():
+        raise UserError(f"{cfg}: missing (a model directory needs config.json)")
+    args = ModelArgs.from_file(cfg)
+    # generate() stops at generation_config.json's EOS ids too, as transformers does.
+    gen = cfg.parent / "generation_config.json"
+    if not gen.is_file():
+        gen = tokenizer_dir(model_path) / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise UserError(f"{gen}: not valid JSON ({exc})") from None
+        extra = [eos] if isinstance(eos, int) else list(eos or [])
+        ids = tuple(dict.fromkeys(list(args.eos_token_ids) + [int(e) for e in extra]))
+        args = dataclasses.replace(args, eos_token_ids=ids)
+    return args
+
+
+def check_cut_dir(model_path: Path, world_size: int) -> dict:
+    """Check a cut directory's manifest against ``world_size``; return the manifest."""
+    manifest_path = model_path / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{manifest_path}: missing (a cut directory needs the manifest written by 'vicuna-bench cut')")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        cut_ws = int(manifest["world_size"])
+        files = dict(manifest["files"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{manifest_path}: not a valid manifest ({exc})") from None
+    if cut_ws != world_size:
+        raise UserError(
+            f"{model_path}: cut for world_size {cut_ws} (manifest.json) but --world-size is {world_size}; "
+            f"run with --world-size {cut_ws} or cut the original again"
+        )
+    for rank in range(world_size):
+        part = model_path / "part_model" / str(rank)
+        if not part.is_dir():
+            raise UserError(f"{part}: missing (cut for world_size {cut_ws})")
+    return {"world_size": cut_ws, "files": files}
+
+
+def verify_files(model_path: Path, files: dict[str, str], prefix: str) -> None:
+    """Hash every manifest file under ``prefix``; a mismatch or absence is a UserError."""
+    for rel, expected in sorted(files.items()):
+        if not rel.startswith(prefix):
+            continue
+        path = model_path / rel
+        if not path.is_file():
+            raise UserError(f"{path}: missing (listed in {MANIFEST})")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise UserError(f"{path}: sha256 {actual[:16]}... does not match {MANIFEST} ({expected[:16]}...): file corrupted")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parameter_names(args: ModelArgs) -> list[str]:
+    """The tensor names of a Llama checkpoint, in model order (lm_head last)."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(args.n_layers):
+        p = f"model.layers.{i}."
+        names += [
+            p + "input_layernorm.weight",
+            p + "self_attn.q_proj.weight",
+            p + "self_attn.k_proj.weight",
+            p + "self_attn.v_proj.weight",
+            p + "self_attn.o_proj.weight",
+            p + "post_attention_layernorm.weight",
+            p + "mlp.gate_proj.weight",
+            p + "mlp.up_proj.weight",
+            p + "mlp.down_proj.weight",
+        ]
+    names += ["model.norm.weight", "lm_head.weight"]
+    return names
+
+
+def iter_rank_tensors(model_path: Path, plan: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, this rank's tensor) for every model parameter, read from disk.
+
+    ``lm_head.weight`` is left out when the embeddings are tied.
+
+    From an uncut directory each tensor is sliced by ``plan``.  From a cut one,
+    part ``plan.rank`` is read (checksums verified first); its column/row
+    parallel tensors are already this rank's share, the vocabulary-parallel
+    ones are still whole (vendor layout) and are sliced here.
+    """
+    if is_cut_dir(model_path):
+        manifest = check_cut_dir(model_path, plan.world_size)
+        verify_files(model_path, manifest["files"], f"part_model/{plan.rank}/")
+        reader = TensorReader(model_path / "part_model" / str(plan.rank))
+    else:
+        reader = TensorReader(model_path)
+    cut = is_cut_dir(model_path)
+    args = plan.args
+    for name in parameter_names(args):
+        if name == "lm_head.weight" and args.tie_word_embeddings:
+            continue  # the model shares the embedding's tensor
+        if cut and plan.is_tp_sliced(name):
+            tensor = reader.read(name)
+        else:
+            tensor = plan.take(name, lambda spec: reader.read(name, spec))
+        yield name, tensor
+
+
+def load_rank_state(model_path: Path, plan: ShardPlan, dtype: torch.dtype, expected: dict[str, torch.Size]):
+    """This rank's state dict in ``dtype``, shapes checked against ``expected``."""
+    state = {}
+    for name, tensor in iter_rank_tensors(model_path, plan):
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise UserError(
+                f"{model_path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])} "
+                f"for rank {plan.rank} of {plan.world_size} (config.json and weights disagree)"
+            )
+        state[name] = tensor.to(dtype)
+    return state
+
+
+def cut_checkpoint(input_dir: Path, output_dir: Path, world_size: int, progress: bool = True) -> dict:
+    """Write ``input_dir`` cut ``world_size`` ways in the vendor layout; return the manifest.
+
+    Column/row-parallel tensors are stored as each rank's share (key/value
+    heads replicated where ``world_size`` exceeds their count); embedding,
+    lm_head and norms whole, as the vendor tool does.  Written to a temporary
+    sibling and renamed, so a failure leaves nothing half-written.
+    """
+    from tqdm import tqdm
+
+    input_dir = Path(input_dir)
+    output_dir = Path(output_dir)
+    args = read_model_args(input_dir)
+    if is_cut_dir(input_dir):
+        raise UserError(f"--input-dir {input_dir}: already a cut directory (part_model/ present); cut the original")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise UserError(f"--output-dir {output_dir}: exists and is not empty")
+    plans = [ShardPlan(args, world_size, r) for r in range(world_size)]
+    reader = TensorReader(input_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        tok = tmp / "tokenizer"
+        tok.mkdir()
+        for fname in TOKENIZER_FILES:
+            if (input_dir / fname).is_file():
+                shutil.copy2(input_dir / fname, tok / fname)
+        config = json.loads((input_dir / "config.json").read_text())
+        config["world_size"] = world_size
+        names = parameter_names(args)
+        if args.tie_word_embeddings and "lm_head.weight" not in reader:
+            names.remove("lm_head.weight")  # tied: the embedding serves both
+        bar = tqdm(total=world_size * len(names), desc=f"cut x{world_size}", unit="tensor", disable=not progress)
+        for plan in plans:
+            part = tmp / "part_model" / str(plan.rank)
+            part.mkdir(parents=True)
+            state = {}
+            for name in names:
+                spec = plan.slice_of(name) if plan.is_tp_sliced(name) else None
+                state[name] = reader.read(name, spec).contiguous()
+                bar.update(1)
+            save_file(state, str(part / "model.safetensors"), metadata={"format": "pt"})
+            (part / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            del state
+        bar.close()
+        files = {
+            str(p.relative_to(tmp)): sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {"format": CUT_FORMAT, "world_size": world_size, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+__all__ = [
+    "TensorReader",
+    "cut_checkpoint",
+    "iter_rank_tensors",
+    "load_rank_state",
+    "read_model_args",
+    "resolve_dtype",
+]

@@ -1,0 +1,228 @@
+"""The ``vicuna-bench`` command line (contract: shared/spec/CLI.md).
+
+Handlers parse and print; the work lives in the engine, checkpoint, perf
+and precision modules that the pytest layer calls too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError, VicunaBenchError
+
+log = logging.getLogger("vicuna_bench")
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model-path", help="HF model dir or a cut dir; default: the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    g.add_argument("--device", default="auto", help="cpu | cuda | npu (default: npu, else cuda, else cpu)")
+    g.add_argument("--device-type", default="d9", help="NPU chip family d9 | d3 (ignored elsewhere)")
+    g.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16 (auto: checkpoint dtype, fp32 on CPU)")
+    g.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default $MAX_SEQ_LENGTH, else 2048)")
+    g.add_argument("--debug", action="store_true", help="full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vicuna-bench", description="Tensor-parallel Llama-2 inference: run, cut, benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="generate text for prompts")
+    _add_model_options(run)
+    run.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    run.add_argument("--prompt-ids", action="append", default=[], help="raw token ids '1,2,3' (repeatable; no template, no BOS)")
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--ignore-eos", action="store_true", help="always make --max-new-tokens tokens")
+    run.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    run.add_argument("--temperature", type=float, default=None)
+    run.add_argument("--top-p", type=float, default=None)
+    run.add_argument("--top-k", type=int, default=None)
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--no-chat", action="store_true", help="send text prompts without the chat format")
+    run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    cut = sub.add_parser("cut", help="cut a HF checkpoint N ways (vendor layout)")
+    cut.add_argument("--input-dir", required=True)
+    cut.add_argument("--output-dir", required=True)
+    cut.add_argument("--world-size", type=int, required=True)
+    cut.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="vicuna-bench: %(message)s", stream=sys.stderr)
+    try:
+        return {"run": cmd_run, "cut": cmd_cut}[ns.command](ns)
+    except VicunaBenchError as exc:
+        if ns.debug:
+            raise
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"vicuna-bench {ns.command}: error: {first_line}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vicuna-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------ helpers
+
+def resolve_engine_spec(ns: argparse.Namespace):
+    """EngineSpec from the common model options (embedded model when no path)."""
+    from . import checkpoint, devices
+    from .config import default_max_seq_len
+    from .runtime import EngineSpec
+
+    if ns.model_path is None:
+        from .embedded import embedded_model_dir
+
+        path = embedded_model_dir()
+        log.info("no --model-path: using the embedded default model %s", path)
+    else:
+        path = Path(ns.model_path)
+    args = checkpoint.read_model_args(path)
+    if ns.device_type not in ("d9", "d3"):
+        raise UserError(f"--device-type {ns.device_type!r} is not supported (valid: d9, d3)")
+    device = devices.resolve_device_type(ns.device)
+    dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(ns.dtype, args, device))
+    max_seq_len = ns.max_seq_len if ns.max_seq_len is not None else default_max_seq_len()
+    spec = EngineSpec(str(path), ns.world_size, device, dtype, max_seq_len)
+    spec.validate()
+    return spec
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UserError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
+    if not ids:
+        raise UserError(f"--prompt-ids {text!r}: no token ids")
+    return ids
+
+
+def _sampling(ns):
+    from .generation import SamplingConfig
+
+    sampling_flags = (ns.temperature, ns.top_p, ns.top_k, ns.seed)
+    if ns.greedy and any(v is not None for v in sampling_flags):
+        raise UserError("--greedy cannot be combined with --temperature/--top-p/--top-k/--seed")
+    if all(v is None for v in sampling_flags):
+        return SamplingConfig()
+    return SamplingConfig(
+        temperature=1.0 if ns.temperature is None else ns.temperature,
+        top_k=ns.top_k or 0,
+        top_p=1.0 if ns.top_p is None else ns.top_p,
+        seed=ns.seed or 0,
+    )
+
+
+# ------------------------------------------------------------------ commands
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from . import checkpoint
+    from .chat import encode_prompt, load_tokenizer
+    from .runtime import Engine, init_from_env, launched_by_torchrun, reduce_max
+
+    spec = resolve_engine_spec(ns)
+    sampling = _sampling(ns)
+    tokenizer = load_tokenizer(checkpoint.tokenizer_dir(Path(spec.model_path)))
+    prompts = [encode_prompt(tokenizer, text, chat=not ns.no_chat) for text in ns.prompt]
+    prompts += [_parse_ids(text) for text in ns.prompt_ids]
+    if not prompts:
+        prompts = [encode_prompt(tokenizer, DEFAULT_PROMPT, chat=not ns.no_chat)]
+    torchrun = launched_by_torchrun()
+    log.info(
+        "run: model=%s device=%s dtype=%s world_size=%d max_seq_len=%d prompts=%d%s",
+        spec.model_path, spec.device, spec.dtype, spec.world_size, spec.max_seq_len, len(prompts),
+        " (torchrun)" if torchrun else "",
+    )
+    stream = _TextStream(tokenizer) if (not ns.json and len(prompts) == 1) else None
+    kwargs = dict(ignore_eos=ns.ignore_eos, sampling=sampling)
+    if torchrun:
+        import torch.distributed as dist
+
+        runner = init_from_env(spec)
+        is_main = runner.rank == 0
+        request = {"prompts": prompts, "max_new_tokens": ns.max_new_tokens, **kwargs}
+        result = runner.generate(request, on_tokens=stream if is_main else None)
+        times = reduce_max([result.first_token_ms] + result.step_ms)
+        result.first_token_ms, result.step_ms = times[0], times[1:]
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    else:
+        is_main = True
+        with Engine(spec) as engine:
+            result = engine.generate(prompts, ns.max_new_tokens, on_tokens=stream, **kwargs)
+    if not is_main:
+        return 0
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.output_ids]
+    if ns.json:
+        doc = {
+            "outputs": [
+                {"prompt_ids": p, "output_ids": o, "text": t} for p, o, t in zip(prompts, result.output_ids, texts)
+            ],
+            "first_token_ms": round(result.first_token_ms, 3),
+            "next_token_ms": round(result.next_token_ms, 3),
+            "world_size": spec.world_size,
+            "device": spec.device,
+            "dtype": spec.dtype,
+            "model": spec.model_path,
+        }
+        print(json.dumps(doc, ensure_ascii=False))
+    else:
+        if stream is not None:
+            stream.finish()
+        else:
+            for i, text in enumerate(texts):
+                print(f"[{i}] {text}")
+        log.info("first token %.1f ms, next token %.1f ms", result.first_token_ms, result.next_token_ms)
+    return 0
+
+
+class _TextStream:
+    """Prints a single row's text as its tokens arrive."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, step_ids: list[int]) -> None:
+        if step_ids[0] < 0:
+            return
+        self.ids.append(step_ids[0])
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # half of a multi-byte character: wait for the rest
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+    def finish(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def cmd_cut(ns: argparse.Namespace) -> int:
+    from .checkpoint import cut_checkpoint
+
+    if ns.world_size < 1:
+        raise UserError(f"--world-size {ns.world_size} must be >= 1")
+    manifest = cut_checkpoint(Path(ns.input_dir), Path(ns.output_dir), ns.world_size)
+    log.info("cut %s into %d parts at %s (%d files)", ns.input_dir, ns.world_size, ns.output_dir, len(manifest["files"]))
+    return 0

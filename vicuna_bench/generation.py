@@ -1,0 +1,191 @@
+"""Batched generation on one rank's share of the model.
+
+Every rank of a tensor-parallel group calls :func:`generate` with the same
+arguments; collectives inside the model keep them in step, and sampling uses
+the same seeded generator on identical (all-gathered) logits, so every rank
+picks the same tokens without a broadcast.
+
+Prompts are left-padded; rotary positions come from the attention mask, so
+a padded row computes exactly what it would alone.  The per-token loop does
+no Python work that grows with batch or vocabulary: token choice, EOS
+bookkeeping and position updates are tensor ops; the one host read per step
+is the "all rows finished?" check, skipped when EOS is ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import UserError
+from .model import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Greedy when ``temperature == 0``; else temperature, top-k, top-p, seed."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UserError(f"--temperature {self.temperature} must be >= 0")
+        if self.top_k < 0:
+            raise UserError(f"--top-k {self.top_k} must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top-p {self.top_p} must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Tokens and timings of one batched generation (times in ms)."""
+
+    output_ids: list[list[int]]
+    first_token_ms: float
+    step_ms: list[float]
+    logits: list[torch.Tensor] | None = None  # per row: [new tokens, vocab] float32
+
+    @property
+    def next_token_ms(self) -> float:
+        """Mean of the decode steps (0.0 when only one token was made)."""
+        return sum(self.step_ms) / len(self.step_ms) if self.step_ms else 0.0
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int, vocab_size: int) -> None:
+    if not prompts:
+        raise UserError("no prompts given")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} must be >= 1")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise UserError(f"prompt {i} is empty")
+        if len(prompt) + max_new_tokens > max_seq_len:
+            raise UserError(
+                f"prompt {i} has {len(prompt)} tokens; with --max-new-tokens {max_new_tokens} that exceeds "
+                f"--max-seq-len {max_seq_len} (raise --max-seq-len or $MAX_SEQ_LENGTH)"
+            )
+        bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise UserError(f"prompt {i}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def select_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V] (float32).
+
+    Order as in transformers: temperature, then top-k, then top-p.
+    """
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    scores = logits / sampling.temperature
+    if sampling.top_k:
+        k = min(sampling.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum <= (1 - sampling.top_p)
+        drop_sorted[..., -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    sampling: SamplingConfig = SamplingConfig(),
+    pad_id: int = 0,
+    return_logits: bool = False,
+    sync: Callable[[], None] = lambda: None,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` for each prompt (token id lists).
+
+    A row stops after its first EOS (which is kept in its output, as
+    transformers does) unless ``ignore_eos``.  ``first_token_ms`` covers the
+    prefill and the choice of the first token; ``step_ms`` each later decode
+    step; both end with ``sync()`` so device work is inside the timer.
+    ``on_tokens`` (streaming) receives each step's token per row.
+    """
+    device = model.lm_head.weight.device
+    validate_prompts(prompts, max_new_tokens, model.max_seq_len, model.args.vocab_size)
+    batch = len(prompts)
+    length = max(len(p) for p in prompts)
+    tokens = torch.full((batch, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, length), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, length - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, length - len(prompt) :] = True
+    tokens = tokens.to(device)
+    mask = mask.to(device)
+    model.setup_caches(batch)
+    key_valid = torch.zeros((batch, length + max_new_tokens), dtype=torch.bool, device=device)
+    key_valid[:, :length] = mask
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    eos = torch.as_tensor(list(eos_ids) if not ignore_eos else [], dtype=torch.long, device=device)
+    generator = None
+    if not sampling.greedy:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(sampling.seed)
+
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    made = torch.zeros(batch, dtype=torch.long, device=device)  # tokens kept per row
+    kept_logits = [] if return_logits else None
+
+    sync()
+    t0 = time.perf_counter()
+    logits = model(tokens, positions, key_valid, start=0)[:, -1].float()
+    next_ids = select_tokens(logits, sampling, generator)
+    sync()
+    first_token_ms = (time.perf_counter() - t0) * 1e3
+    step_ms: list[float] = []
+
+    position = positions[:, -1:]
+    for step in range(max_new_tokens):
+        if step > 0:
+            slot = length + step - 1
+            key_valid[:, slot] = True
+            position = position + 1
+            t0 = time.perf_counter()
+            logits = model(next_ids[:, None], position, key_valid, start=slot)[:, -1].float()
+            next_ids = select_tokens(logits, sampling, generator)
+            sync()
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+        live = ~finished
+        out[:, step] = torch.where(live, next_ids, out[:, step])
+        made += live.long()
+        if kept_logits is not None:
+            kept_logits.append(logits)
+        if on_tokens is not None:
+            on_tokens([int(t) if alive else -1 for t, alive in zip(next_ids.tolist(), live.tolist())])
+        if eos.numel():
+            finished |= torch.isin(next_ids, eos)
+            if step + 1 < max_new_tokens and bool(finished.all()):
+                break
+
+    counts = made.tolist()
+    rows = out.tolist()
+    output_ids = [rows[r][: counts[r]] for r in range(batch)]
+    logits_rows = None
+    if kept_logits is not None:
+        stacked = torch.stack(kept_logits, dim=1).cpu()  # [B, steps, V]
+        logits_rows = [stacked[r, : counts[r]] for r in range(batch)]
+    return GenerationResult(output_ids, first_token_ms, step_ms, logits_rows)

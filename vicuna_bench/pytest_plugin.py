@@ -1,0 +1,144 @@
+"""pytest plugin: the options, markers and fixtures of the vicuna-bench suites.
+
+Tests ask for fixtures (``engine``, ``engine_factory``, ``engine_spec``) and
+know nothing of process groups.  Engines are started once per session for a
+given model / world size / device / dtype and closed at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+MARKERS = {
+    "unit": "CPU, fast, always run",
+    "hw": "needs an NPU or GPU (skipped with a reason otherwise)",
+    "accuracy": "needs a model and data; release gate",
+    "perf": "benchmarks; record, never fail on absolute time",
+}
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("vicuna-bench")
+    g.addoption("--world-size", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    g.addoption("--device", default="auto", help="cpu | cuda | npu | auto")
+    g.addoption("--device-type", default="d9", help="NPU chip family d9 | d3")
+    g.addoption("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+    g.addoption("--model-path", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
+    g.addoption("--max-seq-len", type=int, default=None, help="KV cache length (default $MAX_SEQ_LENGTH, else 2048)")
+    g.addoption("--mmlu-dir", default=None, help="MMLU work dir holding data/ (default ../shared/datasets/mmlu)")
+    g.addoption("--ceval-dir", default=None, help="C-Eval work dir holding data/ (default ../shared/datasets/ceval)")
+    g.addoption("--perf-output-dir", default=None, help="where perf CSVs and plots go")
+    g.addoption("--perf-baseline", default=None, help="baseline CSV; a case slower than it by more than the tolerance fails")
+    g.addoption("--perf-tolerance", type=float, default=0.10, help="allowed slowdown against --perf-baseline (0.10 = 10%%)")
+
+
+def pytest_configure(config):
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def accelerator_available() -> str | None:
+    """'npu' or 'cuda' when one is usable, else None."""
+    from . import devices
+
+    try:
+        if devices.npu_available():
+            return "npu"
+    except Exception:
+        pass
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def pytest_collection_modifyitems(config, items):
+    hw_items = [item for item in items if "hw" in item.keywords]
+    if hw_items and accelerator_available() is None:
+        skip = pytest.mark.skip(reason="hw test: no NPU or CUDA device on this machine")
+        for item in hw_items:
+            item.add_marker(skip)
+
+
+def shared_dataset_dir(rootdir: Path, name: str) -> Path | None:
+    """``../shared/datasets/<name>`` beside the checkout, when present."""
+    candidate = rootdir.parent / "shared" / "datasets" / name
+    return candidate if (candidate / "data").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def vicuna_options(pytestconfig) -> dict:
+    """The suite options as a dict (defaults resolved where cheap)."""
+    opt = pytestconfig.getoption
+    root = Path(str(pytestconfig.rootpath))
+    return {
+        "world_size": opt("--world-size"),
+        "device": opt("--device"),
+        "device_type": opt("--device-type"),
+        "dtype": opt("--dtype"),
+        "model_path": opt("--model-path"),
+        "max_seq_len": opt("--max-seq-len"),
+        "mmlu_dir": opt("--mmlu-dir") or shared_dataset_dir(root, "mmlu"),
+        "ceval_dir": opt("--ceval-dir") or shared_dataset_dir(root, "ceval"),
+        "perf_output_dir": opt("--perf-output-dir"),
+        "perf_baseline": opt("--perf-baseline"),
+        "perf_tolerance": opt("--perf-tolerance"),
+    }
+
+
+def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None):
+    """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype)."""
+    from . import checkpoint, devices
+    from .config import default_max_seq_len
+    from .runtime import EngineSpec
+
+    if model_path is None:
+        from .embedded import embedded_model_dir
+
+        model_path = embedded_model_dir(progress=False)
+    args = checkpoint.read_model_args(Path(model_path))
+    device = devices.resolve_device_type(device)
+    dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(dtype, args, device))
+    return EngineSpec(str(model_path), world_size, device, dtype, max_seq_len or default_max_seq_len())
+
+
+class EngineFactory:
+    """One engine per distinct spec for the whole session."""
+
+    def __init__(self):
+        self._engines: dict = {}
+
+    def __call__(self, spec, workers: bool | None = None):
+        from .runtime import Engine
+
+        key = (spec, workers)
+        engine = self._engines.get(key)
+        if engine is None or engine.closed:
+            engine = Engine(spec, workers=workers)
+            self._engines[key] = engine
+        return engine
+
+    def close(self):
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
+
+
+@pytest.fixture(scope="session")
+def engine_factory():
+    factory = EngineFactory()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="session")
+def engine_spec(vicuna_options):
+    o = vicuna_options
+    return make_engine_spec(o["model_path"], o["world_size"], o["device"], o["dtype"], o["max_seq_len"])
+
+
+@pytest.fixture(scope="session")
+def engine(engine_factory, engine_spec):
+    """The engine the command line describes (--model-path, --world-size, ...)."""
+    return engine_factory(engine_spec)

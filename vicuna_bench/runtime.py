@@ -1,0 +1,433 @@
+"""Processes: loading one rank's model, and the two ways to run N ranks.
+
+* SPMD under ``torchrun`` (``torchrun --nproc-per-node N -m vicuna_bench
+  ...``): every process runs the CLI; :func:`init_from_env` joins the group
+  torchrun describes in the environment.
+* In-process: :class:`Engine` spawns its own N worker processes, each loads
+  its share once, and then serves many requests sent over pipes.  A worker
+  that dies makes the next (or current) call raise :class:`EngineError`
+  within seconds; closing the engine ends every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import checkpoint, devices
+from .config import ModelArgs
+from .errors import EngineError, UserError, VicunaBenchError
+from .generation import GenerationResult, SamplingConfig, generate
+from .model import Transformer, weight_bytes
+from .sharding import ShardPlan, TensorParallel
+
+log = logging.getLogger("vicuna_bench")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """What to load and where: the same for every rank."""
+
+    model_path: str
+    world_size: int = 1
+    device: str = "cpu"  # resolved: cpu | cuda | npu
+    dtype: str = "fp32"  # resolved: fp32 | fp16 | bf16
+    max_seq_len: int = 2048
+
+    def validate(self) -> ModelArgs:
+        """Check everything that can be checked before a process starts."""
+        if self.world_size < 1:
+            raise UserError(f"--world-size {self.world_size} must be >= 1")
+        if self.dtype not in checkpoint.DTYPES:
+            raise UserError(f"--dtype {self.dtype!r} is not supported (valid: {', '.join(checkpoint.DTYPES)})")
+        if self.device not in devices.DEVICE_TYPES:
+            raise UserError(f"--device {self.device!r} is not supported (valid: {', '.join(devices.DEVICE_TYPES)})")
+        if self.max_seq_len < 2:
+            raise UserError(f"--max-seq-len {self.max_seq_len} must be >= 2")
+        path = Path(self.model_path)
+        args = checkpoint.read_model_args(path)
+        ShardPlan(args, self.world_size, 0)  # raises on a world size the model cannot split over
+        if checkpoint.is_cut_dir(path):
+            checkpoint.check_cut_dir(path, self.world_size)
+        if self.max_seq_len > args.context_len:
+            raise UserError(
+                f"--max-seq-len {self.max_seq_len} exceeds the model's context of {args.context_len} tokens "
+                f"({checkpoint.config_path(path)}: max_position_embeddings={args.max_position_embeddings}, "
+                f"rope {args.rope_type} x{args.rope_factor:g})"
+            )
+        return args
+
+
+def build_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: torch.device) -> Transformer:
+    """Load rank ``rank``'s share of the model onto ``device``."""
+    path = Path(spec.model_path)
+    args = checkpoint.read_model_args(path)
+    plan = ShardPlan(args, spec.world_size, rank)
+    dtype = checkpoint.DTYPES[spec.dtype]
+    with torch.device("meta"):
+        model = Transformer(args, plan, tp, spec.max_seq_len)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state = checkpoint.load_rank_state(path, plan, dtype, expected)
+    loaded = model.load_state_dict(state, assign=True, strict=False)
+    missing = set(loaded.missing_keys) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
+    if missing or loaded.unexpected_keys:  # parameter_names() and the model disagree: a bug
+        raise RuntimeError(f"state dict mismatch: missing {sorted(missing)}, unexpected {loaded.unexpected_keys}")
+    model.tie_weights()
+    # Buffers (rope tables) were created on meta: rebuild them for real.
+    model.rotary = type(model.rotary)(args, spec.max_seq_len)
+    model.to(device)
+    model.eval()
+    return model
+
+
+class RankRunner:
+    """One rank: its model and the requests it serves (the same on every rank)."""
+
+    def __init__(self, spec: EngineSpec, rank: int, local_rank: int, tp: TensorParallel):
+        self.spec = spec
+        self.rank = rank
+        self.device = devices.device_for_rank(spec.device, local_rank)
+        started = time.perf_counter()
+        self.model = build_rank_model(spec, rank, tp, self.device)
+        self.load_s = time.perf_counter() - started
+        self.args = self.model.args
+
+    def info(self) -> dict:
+        return {
+            "rank": self.rank,
+            "weight_bytes": weight_bytes(self.model),
+            "load_s": self.load_s,
+            "device_name": devices.device_name(self.device),
+            "threads": torch.get_num_threads(),
+        }
+
+    def generate(self, request: dict, on_tokens=None) -> GenerationResult:
+        args = self.args
+        eos = request.get("eos_ids")
+        pad = args.pad_token_id if args.pad_token_id is not None else 0
+        return generate(
+            self.model,
+            request["prompts"],
+            request["max_new_tokens"],
+            eos_ids=args.eos_token_ids if eos is None else eos,
+            ignore_eos=request.get("ignore_eos", False),
+            sampling=request.get("sampling") or SamplingConfig(),
+            pad_id=pad,
+            return_logits=request.get("return_logits", False),
+            sync=lambda: devices.synchronize(self.device),
+            on_tokens=on_tokens,
+        )
+
+
+def _threads_per_rank(world_size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+def init_process_group(spec: EngineSpec, rank: int, init_method: str | None, timeout_s: float) -> TensorParallel:
+    if spec.world_size == 1:
+        return TensorParallel()
+    import torch.distributed as dist
+
+    backend = devices.BACKENDS[spec.device]
+    if spec.device == "npu":
+        devices._import_torch_npu()
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
+    if init_method is not None:
+        kwargs.update(init_method=init_method, rank=rank, world_size=spec.world_size)
+    dist.init_process_group(**kwargs)
+    return TensorParallel(spec.world_size, dist.get_rank(), None)
+
+
+# ---------------------------------------------------------------- torchrun
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "LOCAL_RANK" in os.environ)
+
+
+def init_from_env(spec: EngineSpec) -> RankRunner:
+    """Join the process group torchrun set up; load this rank's share."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != spec.world_size:
+        raise UserError(f"--world-size {spec.world_size} disagrees with torchrun's WORLD_SIZE={world}")
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if spec.device == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(_threads_per_rank(local_world))
+    tp = init_process_group(spec, rank, None, timeout_s=1800)
+    return RankRunner(spec, rank, local_rank, tp)
+
+
+def reduce_max(values: Sequence[float]) -> list[float]:
+    """Element-wise maximum over ranks (for timings); identity without a group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------- in-process engine
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """End this worker if its parent goes away (even mid-collective)."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(1.0)
+
+
+def _worker_main(spec: EngineSpec, rank: int, init_method: str, conn, parent_pid: int, timeout_s: float) -> None:
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if spec.device == "cpu":
+        torch.set_num_threads(_threads_per_rank(spec.world_size))
+    try:
+        tp = init_process_group(spec, rank, init_method, timeout_s)
+        runner = RankRunner(spec, rank, rank, tp)
+        conn.send(("ready", runner.info()))
+    except BaseException as exc:  # report, then exit: the parent raises it
+        conn.send(("error", _portable(exc)))
+        return
+    while True:
+        try:
+            command, payload = conn.recv()
+        except (EOFError, OSError):
+            return
+        if command == "close":
+            return
+        try:
+            if command == "generate":
+                stream = None
+                if payload.get("stream") and rank == 0:
+                    stream = lambda ids: conn.send(("tokens", ids))  # noqa: E731
+                result = runner.generate(payload, on_tokens=stream)
+                if rank != 0:  # only rank 0's tokens/logits travel back
+                    result.output_ids = []
+                    result.logits = None
+                elif result.logits is not None:
+                    result.logits = [t.numpy() for t in result.logits]
+                conn.send(("result", result))
+            elif command == "info":
+                conn.send(("result", runner.info()))
+            else:
+                conn.send(("error", EngineError(f"unknown command {command!r}")))
+        except BaseException as exc:
+            conn.send(("error", _portable(exc)))
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """Keep our own errors as they are; wrap others with their traceback."""
+    if isinstance(exc, VicunaBenchError):
+        return exc
+    return EngineError(f"worker failed: {exc!r}\n{traceback.format_exc()}")
+
+
+class Engine:
+    """N worker processes holding one model, serving many requests.
+
+    Use as a context manager, or call :meth:`close`.  ``world_size == 1``
+    runs in this process unless ``workers=True``.
+    """
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        workers: bool | None = None,
+        start_timeout_s: float = 600.0,
+        collective_timeout_s: float = 600.0,
+    ):
+        self.spec = spec
+        self.args = spec.validate()
+        self._procs: list = []
+        self._conns: list = []
+        self._local: RankRunner | None = None
+        self.closed = False
+        self.rank_info: list[dict] = []
+        use_workers = spec.world_size > 1 if workers is None else workers
+        log.info(
+            "engine: model=%s world_size=%d device=%s dtype=%s max_seq_len=%d",
+            spec.model_path, spec.world_size, spec.device, spec.dtype, spec.max_seq_len,
+        )
+        if not use_workers:
+            self._local = RankRunner(spec, 0, 0, TensorParallel())
+            self.rank_info = [self._local.info()]
+            return
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        for rank in range(spec.world_size):
+            parent_conn, child_conn = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(spec, rank, init_method, child_conn, os.getpid(), collective_timeout_s),
+                name=f"vicuna-bench-rank{rank}",
+                daemon=True,
+            )
+            proc.start()
+            child_conn.close()
+            self._procs.append(proc)
+            self._conns.append(parent_conn)
+        try:
+            self.rank_info = self._collect(deadline=time.monotonic() + start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- public API
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs] if self._procs else [os.getpid()]
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        *,
+        ignore_eos: bool = False,
+        sampling: SamplingConfig | None = None,
+        return_logits: bool = False,
+        eos_ids: Sequence[int] | None = None,
+        on_tokens: Callable[[list[int]], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerationResult:
+        """Generate for token-id prompts; timings are the maximum over ranks (ms)."""
+        request = {
+            "prompts": [list(map(int, p)) for p in prompts],
+            "max_new_tokens": int(max_new_tokens),
+            "ignore_eos": ignore_eos,
+            "sampling": sampling or SamplingConfig(),
+            "return_logits": return_logits,
+            "eos_ids": None if eos_ids is None else list(eos_ids),
+            "stream": on_tokens is not None,
+        }
+        if self.closed:
+            raise EngineError("engine is closed")
+        if self._local is not None:
+            return self._local.generate(request, on_tokens=on_tokens)
+        from .generation import validate_prompts
+
+        validate_prompts(request["prompts"], request["max_new_tokens"], self.spec.max_seq_len, self.args.vocab_size)
+        self._check_alive()
+        for conn in self._conns:
+            self._send(conn, ("generate", request))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        results = self._collect(deadline, on_tokens=on_tokens)
+        return _merge(results)
+
+    def close(self) -> None:
+        """End every worker (politely, then by force)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._local = None
+        for conn in self._conns:
+            try:
+                conn.send(("close", None))
+            except (OSError, ValueError):
+                pass
+        end = time.monotonic() + 5.0
+        for proc in self._procs:
+            proc.join(timeout=max(0.0, end - time.monotonic()))
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._procs:
+            proc.join(timeout=2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=2.0)
+        for conn in self._conns:
+            conn.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- internals
+    def _send(self, conn, message) -> None:
+        try:
+            conn.send(message)
+        except (OSError, ValueError, BrokenPipeError):
+            self._fail("a worker's pipe is closed")
+
+    def _check_alive(self) -> None:
+        dead = [p for p in self._procs if not p.is_alive()]
+        if dead:
+            self._fail(f"worker {dead[0].name} (pid {dead[0].pid}) exited with code {dead[0].exitcode}")
+
+    def _fail(self, why: str):
+        self.close()
+        raise EngineError(f"engine failed: {why}; all workers stopped")
+
+    def _collect(self, deadline: float | None, on_tokens=None) -> list:
+        """One reply per rank; raises as soon as any worker dies or reports an error."""
+        replies: dict[int, Any] = {}
+        by_conn = {id(c): r for r, c in enumerate(self._conns)}
+        by_sentinel = {p.sentinel: r for r, p in enumerate(self._procs)}
+        while len(replies) < len(self._conns):
+            waiting = [c for r, c in enumerate(self._conns) if r not in replies]
+            timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            ready = wait(waiting + list(by_sentinel), timeout=timeout)
+            for obj in ready:
+                if obj in by_sentinel:
+                    continue  # a dead worker is handled below, after its last message
+                rank = by_conn[id(obj)]
+                try:
+                    kind, payload = obj.recv()
+                except (EOFError, OSError):
+                    self._fail(f"worker rank {rank} closed its pipe (pid {self._procs[rank].pid})")
+                if kind == "tokens":
+                    if on_tokens is not None:
+                        on_tokens(payload)
+                    continue
+                if kind == "error":
+                    self.close()
+                    raise payload
+                replies[rank] = payload
+            if len(replies) < len(self._conns):
+                self._check_alive()
+            if deadline is not None and time.monotonic() >= deadline:
+                self._fail("timed out waiting for the workers")
+        return [replies[r] for r in range(len(self._conns))]
+
+
+def _merge(results: list[GenerationResult]) -> GenerationResult:
+    """Rank 0's tokens; each timing the maximum over ranks."""
+    head = results[0]
+    first = max(r.first_token_ms for r in results)
+    steps = [max(vals) for vals in zip(*(r.step_ms for r in results))]
+    logits = None
+    if head.logits is not None:
+        logits = [torch.from_numpy(a) for a in head.logits]
+    return GenerationResult(head.output_ids, first, steps, logits)
