@@ -319,7 +319,9 @@ def load_rank_state(model_path: Path, plan: ShardPlan, dtype: torch.dtype, expec
                 f"{model_path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])} "
                 f"for rank {plan.rank} of {plan.world_size} (config.json and weights disagree)"
             )
-        state[name] = tensor.to(dtype)
+        # A fresh, aligned copy: kernels pick code paths by alignment, and a
+        # memory-mapped slice would make results depend on the file layout.
+        state[name] = tensor.to(dtype=dtype, copy=True)
     return state
 
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 def resolve_engine_spec(ns: argparse.Namespace):
     """EngineSpec from the common model options (embedded model when no path)."""
     from . import checkpoint, devices
-    from .config import default_max_seq_len
+    from .config import resolve_max_seq_len
     from .runtime import EngineSpec
 
     if ns.model_path is None:
@@ -99,7 +99,7 @@ def resolve_engine_spec(ns: argparse.Namespace):
         raise UserError(f"--device-type {ns.device_type!r} is not supported (valid: d9, d3)")
     device = devices.resolve_device_type(ns.device)
     dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(ns.dtype, args, device))
-    max_seq_len = ns.max_seq_len if ns.max_seq_len is not None else default_max_seq_len()
+    max_seq_len = resolve_max_seq_len(ns.max_seq_len, args)
     spec = EngineSpec(str(path), ns.world_size, device, dtype, max_seq_len)
     spec.validate()
     return spec

@@ -145,6 +145,19 @@ def _read_rope(cfg: dict[str, Any], source: str) -> tuple[str, float, float]:
     return rope_type, factor, theta
 
 
+def resolve_max_seq_len(explicit: int | None, args: ModelArgs) -> int:
+    """``--max-seq-len`` if given, else ``$MAX_SEQ_LENGTH``, else 2048 capped at the model's context.
+
+    Only the unasked-for default is capped; an explicit value above the
+    context is an error (raised by ``EngineSpec.validate``).
+    """
+    if explicit is not None:
+        return explicit
+    if os.environ.get("MAX_SEQ_LENGTH"):
+        return default_max_seq_len()
+    return min(default_max_seq_len(), args.context_len)
+
+
 def default_max_seq_len() -> int:
     """``$MAX_SEQ_LENGTH`` if set (as the vendor scripts do), else 2048."""
     raw = os.environ.get("MAX_SEQ_LENGTH")

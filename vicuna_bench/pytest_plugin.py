@@ -90,7 +90,7 @@ def vicuna_options(pytestconfig) -> dict:
 def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None):
     """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype)."""
     from . import checkpoint, devices
-    from .config import default_max_seq_len
+    from .config import resolve_max_seq_len
     from .runtime import EngineSpec
 
     if model_path is None:
@@ -100,7 +100,7 @@ def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto",
     args = checkpoint.read_model_args(Path(model_path))
     device = devices.resolve_device_type(device)
     dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(dtype, args, device))
-    return EngineSpec(str(model_path), world_size, device, dtype, max_seq_len or default_max_seq_len())
+    return EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args))
 
 
 class EngineFactory:

@@ -382,9 +382,9 @@ class Engine:
             self._fail("a worker's pipe is closed")
 
     def _check_alive(self) -> None:
-        dead = [p for p in self._procs if not p.is_alive()]
-        if dead:
-            self._fail(f"worker {dead[0].name} (pid {dead[0].pid}) exited with code {dead[0].exitcode}")
+        for rank, proc in enumerate(self._procs):
+            if not proc.is_alive():
+                self._fail(f"worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
 
     def _fail(self, why: str):
         self.close()
@@ -406,7 +406,7 @@ class Engine:
                 try:
                     kind, payload = obj.recv()
                 except (EOFError, OSError):
-                    self._fail(f"worker rank {rank} closed its pipe (pid {self._procs[rank].pid})")
+                    self._fail(f"worker rank {rank} (pid {self._procs[rank].pid}) closed its pipe")
                 if kind == "tokens":
                     if on_tokens is not None:
                         on_tokens(payload)

@@ -1,0 +1,84 @@
+"""Tensor parallelism changes nothing: world sizes agree, and so do batch rows and lone rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vicuna_bench.pytest_plugin import make_engine_spec
+
+STEPS = 12
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    """Batch of 4 with different lengths (so left padding is exercised)."""
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (9, 3, 14, 6)]
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() / b.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, engine_factory):
+    """Greedy batch generations of both tiny models at world sizes 1, 2, 4, 8."""
+    out = {}
+    for name in ("vicuna", "gqa"):
+        vocab = {"vicuna": 1001, "gqa": 777}[name]
+        for ws in (1, 2, 4, 8):
+            spec = make_engine_spec(tiny_models[name], ws, "cpu", "fp32", max_seq_len=64)
+            engine = engine_factory(spec)
+            out[name, ws] = engine.generate(_prompts(vocab), STEPS, ignore_eos=True, return_logits=True)
+    return out
+
+
+@pytest.mark.parametrize("ws", [2, 4, 8])
+@pytest.mark.parametrize("name", ["vicuna", "gqa"])
+def test_world_sizes_agree(runs, name, ws):
+    base, other = runs[name, 1], runs[name, ws]
+    assert other.output_ids == base.output_ids
+    for row, (a, b) in enumerate(zip(other.logits, base.logits)):
+        assert a.shape == b.shape
+        assert _rel_diff(a, b) <= 1e-5, f"row {row}"
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_batch_rows_equal_lone_rows(tiny_models, engine_factory, runs, ws):
+    spec = make_engine_spec(tiny_models["vicuna"], ws, "cpu", "fp32", max_seq_len=64)
+    engine = engine_factory(spec)
+    batch = runs["vicuna", ws]
+    for row, prompt in enumerate(_prompts(1001)):
+        alone = engine.generate([prompt], STEPS, ignore_eos=True, return_logits=True)
+        assert alone.output_ids[0] == batch.output_ids[row], f"row {row}"
+        assert _rel_diff(alone.logits[0], batch.logits[row]) <= 1e-5, f"row {row}"
+
+
+def test_padded_vocab_never_visible(runs):
+    # 1001 and 777 do not divide by 8: the padded rows must not reach outputs.
+    assert runs["vicuna", 8].logits[0].shape[-1] == 1001
+    assert runs["gqa", 8].logits[0].shape[-1] == 777
+    assert max(max(r) for r in runs["vicuna", 8].output_ids) < 1001
+
+
+def test_kv_heads_replicated_beyond_their_count(engine_factory, tiny_models):
+    # GQA has 2 key/value heads: at 4 and 8 ranks each rank holds one whole head.
+    spec = make_engine_spec(tiny_models["gqa"], 8, "cpu", "fp32", max_seq_len=64)
+    info = engine_factory(spec).rank_info
+    assert len(info) == 8
+    # every rank holds 1/8 of q/o/MLP/vocab and one whole kv head: equal byte counts
+    assert len({i["weight_bytes"] for i in info}) == 1
+
+
+def test_smollm2_world_sizes_1_and_3(smollm2_path, engine_factory):
+    from vicuna_bench.chat import encode_prompt, load_tokenizer
+
+    tok = load_tokenizer(smollm2_path)
+    prompts = [encode_prompt(tok, "Name a colour."), encode_prompt(tok, "What is 12 times 12? Explain briefly.")]
+    results = {}
+    for ws in (1, 3):
+        spec = make_engine_spec(smollm2_path, ws, "cpu", "fp32", max_seq_len=256)
+        results[ws] = engine_factory(spec).generate(prompts, 8, ignore_eos=True, return_logits=True)
+    assert results[3].output_ids == results[1].output_ids
+    for a, b in zip(results[3].logits, results[1].logits):
+        assert _rel_diff(a, b) <= 1e-5
