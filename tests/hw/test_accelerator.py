@@ -1,0 +1,41 @@
+"""On an NPU or GPU: the engine matches the CPU fp32 reference, alone and over the device backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vicuna_bench.pytest_plugin import accelerator_available, make_engine_spec
+
+
+@pytest.fixture(scope="module")
+def device_type():
+    kind = accelerator_available()
+    if kind is None:
+        pytest.skip("no NPU or CUDA device")
+    return kind
+
+
+def _device_count(kind: str) -> int:
+    return torch.npu.device_count() if kind == "npu" else torch.cuda.device_count()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_on_device_tracks_cpu_fp32(device_type, dtype, tiny_models, engine_factory):
+    prompt = [[5, 17, 99, 3, 250, 42]]
+    ref = engine_factory(make_engine_spec(tiny_models["vicuna"], 1, "cpu", "fp32", 64))
+    dev = engine_factory(make_engine_spec(tiny_models["vicuna"], 1, device_type, dtype, 64))
+    a = ref.generate(prompt, 1, return_logits=True).logits[0][0]
+    b = dev.generate(prompt, 1, return_logits=True).logits[0][0]
+    assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
+
+
+def test_device_backend_world_size_2(device_type, tiny_models, engine_factory):
+    if _device_count(device_type) < 2:
+        pytest.skip(f"needs 2 {device_type} devices")
+    prompt = [[5, 17, 99, 3, 250, 42], [8, 9]]
+    one = engine_factory(make_engine_spec(tiny_models["gqa"], 1, device_type, "fp32", 64))
+    two = engine_factory(make_engine_spec(tiny_models["gqa"], 2, device_type, "fp32", 64))
+    a = one.generate(prompt, 8, ignore_eos=True)
+    b = two.generate(prompt, 8, ignore_eos=True)
+    assert a.output_ids == b.output_ids
