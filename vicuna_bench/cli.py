@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -146,11 +147,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if not prompts:
         prompts = [encode_prompt(tokenizer, DEFAULT_PROMPT, chat=not ns.no_chat)]
     torchrun = launched_by_torchrun()
-    log.info(
-        "run: model=%s device=%s dtype=%s world_size=%d max_seq_len=%d prompts=%d%s",
-        spec.model_path, spec.device, spec.dtype, spec.world_size, spec.max_seq_len, len(prompts),
-        " (torchrun)" if torchrun else "",
-    )
+    if torchrun:  # the in-process Engine logs the same line itself
+        log.info(
+            "torchrun rank %s: model=%s world_size=%d device=%s dtype=%s max_seq_len=%d",
+            os.environ.get("RANK", "?"), spec.model_path, spec.world_size, spec.device, spec.dtype, spec.max_seq_len,
+        )
     stream = _TextStream(tokenizer) if (not ns.json and len(prompts) == 1) else None
     kwargs = dict(ignore_eos=ns.ignore_eos, sampling=sampling)
     if torchrun:
