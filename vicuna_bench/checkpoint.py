@@ -310,10 +310,18 @@ def iter_rank_tensors(model_path: Path, plan: ShardPlan) -> Iterator[tuple[str, 
         yield name, tensor
 
 
-def load_rank_state(model_path: Path, plan: ShardPlan, dtype: torch.dtype, expected: dict[str, torch.Size]):
+def load_rank_state(
+    model_path: Path, plan: ShardPlan, dtype: torch.dtype, expected: dict[str, torch.Size], progress: bool = False
+):
     """This rank's state dict in ``dtype``, shapes checked against ``expected``."""
+    from tqdm import tqdm
+
     state = {}
-    for name, tensor in iter_rank_tensors(model_path, plan):
+    tensors = tqdm(
+        iter_rank_tensors(model_path, plan), total=len(expected), desc=f"load rank {plan.rank}/{plan.world_size}",
+        unit="tensor", disable=not progress, leave=False,
+    )
+    for name, tensor in tensors:
         if tuple(tensor.shape) != tuple(expected[name]):
             raise UserError(
                 f"{model_path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])} "

@@ -79,7 +79,9 @@ def build_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: to
     with torch.device("meta"):
         model = Transformer(args, plan, tp, spec.max_seq_len)
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    state = checkpoint.load_rank_state(path, plan, dtype, expected)
+    # One bar, from rank 0, and only for checkpoints big enough to wait for.
+    big = sum(p.numel() for p in model.parameters()) * spec.world_size > 1_000_000_000
+    state = checkpoint.load_rank_state(path, plan, dtype, expected, progress=rank == 0 and big)
     loaded = model.load_state_dict(state, assign=True, strict=False)
     missing = set(loaded.missing_keys) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
     if missing or loaded.unexpected_keys:  # parameter_names() and the model disagree: a bug
