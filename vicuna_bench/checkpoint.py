@@ -306,7 +306,7 @@ def iter_rank_tensors(model_path: Path, plan: ShardPlan) -> Iterator[tuple[str, 
         if cut and plan.is_tp_sliced(name):
             tensor = reader.read(name)
         else:
-            tensor = plan.take(name, lambda spec: reader.read(name, spec))
+            tensor = plan.take(name, lambda spec, name=name: reader.read(name, spec))
         yield name, tensor
 
 

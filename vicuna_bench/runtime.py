@@ -29,7 +29,7 @@ import torch
 from . import checkpoint, devices
 from .config import ModelArgs
 from .errors import EngineError, UserError, VicunaBenchError
-from .generation import GenerationResult, SamplingConfig, generate
+from .generation import GenerationResult, SamplingConfig, generate, validate_prompts
 from .model import Transformer, weight_bytes
 from .sharding import ShardPlan, TensorParallel
 
@@ -329,8 +329,6 @@ class Engine:
             raise EngineError("engine is closed")
         if self._local is not None:
             return self._local.generate(request, on_tokens=on_tokens)
-        from .generation import validate_prompts
-
         validate_prompts(request["prompts"], request["max_new_tokens"], self.spec.max_seq_len, self.args.vocab_size)
         self._check_alive()
         for conn in self._conns:

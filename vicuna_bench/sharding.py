@@ -107,7 +107,8 @@ class ShardPlan:
         hd = self.args.head_dim
         r = self.rank
         if name in VOCAB_PARALLEL:
-            return 0, self.vocab_start, min(self.vocab_start + self.local_vocab, self.args.vocab_size)
+            vocab = self.args.vocab_size  # a rank past the vocabulary holds padding only
+            return 0, min(self.vocab_start, vocab), min(self.vocab_start + self.local_vocab, vocab)
         module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
         if module == "q_proj":
             size = self.local_heads * hd

@@ -95,3 +95,19 @@ def test_max_seq_length_env(monkeypatch):
     monkeypatch.setenv("MAX_SEQ_LENGTH", "lots")
     with pytest.raises(UserError, match="MAX_SEQ_LENGTH='lots'"):
         default_max_seq_len()
+
+
+def test_ranks_past_a_tiny_vocabulary_hold_padding_only():
+    import torch
+
+    a = ModelArgs.from_dict(dict(VICUNA_16K, vocab_size=5))
+    full = torch.arange(5 * 3, dtype=torch.float32).reshape(5, 3)
+    rows = []
+    for r in range(8):
+        plan = ShardPlan(a, 8, r)
+        spec = plan.slice_of("model.embed_tokens.weight")
+        assert spec[1] <= spec[2]
+        part = plan.take("model.embed_tokens.weight", lambda s: full[s[1] : s[2]])
+        assert part.shape == (1, 3)
+        rows.append(part)
+    assert torch.equal(torch.cat(rows)[:5], full) and not torch.cat(rows)[5:].any()
