@@ -273,13 +273,9 @@ def _attention_mask(key_valid: torch.Tensor, start: int, steps: int) -> torch.Te
     return mask[:, None]
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of this rank's parameters (what one decode step must read)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-__all__ = ["Transformer", "RMSNorm", "RotaryEmbedding", "apply_rotary", "parameter_count", "weight_bytes"]
+__all__ = ["Transformer", "RMSNorm", "RotaryEmbedding", "apply_rotary", "weight_bytes"]
