@@ -292,13 +292,13 @@ def iter_rank_tensors(model_path: Path, plan: ShardPlan) -> Iterator[tuple[str, 
     parallel tensors are already this rank's share, the vocabulary-parallel
     ones are still whole (vendor layout) and are sliced here.
     """
-    if is_cut_dir(model_path):
+    cut = is_cut_dir(model_path)
+    if cut:
         manifest = check_cut_dir(model_path, plan.world_size)
         verify_files(model_path, manifest["files"], f"part_model/{plan.rank}/")
         reader = TensorReader(model_path / "part_model" / str(plan.rank))
     else:
         reader = TensorReader(model_path)
-    cut = is_cut_dir(model_path)
     args = plan.args
     for name in parameter_names(args):
         if name == "lm_head.weight" and args.tie_word_embeddings:

@@ -84,26 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve_engine_spec(ns: argparse.Namespace):
     """EngineSpec from the common model options (embedded model when no path)."""
-    from . import checkpoint, devices
-    from .config import resolve_max_seq_len
-    from .runtime import EngineSpec
+    from .runtime import resolve_engine_spec as resolve
 
-    if ns.model_path is None:
-        from .embedded import embedded_model_dir
-
-        path = embedded_model_dir()
-        log.info("no --model-path: using the embedded default model %s", path)
-    else:
-        path = Path(ns.model_path)
-    args = checkpoint.read_model_args(path)
     if ns.device_type not in ("d9", "d3"):
         raise UserError(f"--device-type {ns.device_type!r} is not supported (valid: d9, d3)")
-    device = devices.resolve_device_type(ns.device)
-    dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(ns.dtype, args, device))
-    max_seq_len = resolve_max_seq_len(ns.max_seq_len, args)
-    spec = EngineSpec(str(path), ns.world_size, device, dtype, max_seq_len)
-    spec.validate()
-    return spec
+    return resolve(ns.model_path, ns.world_size, ns.device, ns.dtype, ns.max_seq_len)
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -88,19 +88,10 @@ def vicuna_options(pytestconfig) -> dict:
 
 
 def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None):
-    """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype)."""
-    from . import checkpoint, devices
-    from .config import resolve_max_seq_len
-    from .runtime import EngineSpec
+    """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype), validated."""
+    from .runtime import resolve_engine_spec
 
-    if model_path is None:
-        from .embedded import embedded_model_dir
-
-        model_path = embedded_model_dir(progress=False)
-    args = checkpoint.read_model_args(Path(model_path))
-    device = devices.resolve_device_type(device)
-    dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(dtype, args, device))
-    return EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args))
+    return resolve_engine_spec(model_path, world_size, device, dtype, max_seq_len, progress=False)
 
 
 class EngineFactory:

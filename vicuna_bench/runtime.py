@@ -70,6 +70,34 @@ class EngineSpec:
         return args
 
 
+def resolve_engine_spec(
+    model_path: str | os.PathLike | None = None,
+    world_size: int = 1,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_seq_len: int | None = None,
+    progress: bool = True,
+) -> EngineSpec:
+    """An EngineSpec from user-level choices, validated.
+
+    No ``model_path``: the embedded default model (announced on the log).
+    ``device``/``dtype`` may be ``auto``; ``max_seq_len`` None takes the default.
+    """
+    from .config import resolve_max_seq_len
+
+    if model_path is None:
+        from .embedded import embedded_model_dir
+
+        model_path = embedded_model_dir(progress=progress)
+        log.info("no --model-path: using the embedded default model %s", model_path)
+    args = checkpoint.read_model_args(Path(model_path))
+    device = devices.resolve_device_type(device)
+    dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(dtype, args, device))
+    spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args))
+    spec.validate()
+    return spec
+
+
 def build_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: torch.device) -> Transformer:
     """Load rank ``rank``'s share of the model onto ``device``."""
     path = Path(spec.model_path)
