@@ -122,3 +122,22 @@ def hf_greedy(model, prompt: list[int], steps: int):
 def hf_prefill_logits(model, prompt: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([prompt])).logits[0].float()
+
+
+def sleepy_model(model, prefill_s: float, decode_s: float, per_rank: float = 0.0):
+    """Model hook for the engine: sleep a known time in each prefill and decode forward.
+
+    Rank r sleeps ``(1 + per_rank * r)`` times as long, so the slowest rank is
+    known.  Use with ``functools.partial`` (the hook must pickle to reach workers).
+    """
+    import time
+
+    scale = 1.0 + per_rank * model.tp.rank
+    inner = model.forward
+
+    def forward(tokens, positions, key_valid, start, all_logits=False):
+        time.sleep((prefill_s if tokens.shape[1] > 1 else decode_s) * scale)
+        return inner(tokens, positions, key_valid, start, all_logits)
+
+    model.forward = forward
+    return model

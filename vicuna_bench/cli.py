@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model-path", help="HF model dir or a cut dir; default: the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--model-path", help="HF model dir or a cut dir; default (or 'embedded'): the embedded SmolLM2-135M-Instruct")
     g.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (default 1)")
     g.add_argument("--device", default="auto", help="cpu | cuda | npu (default: npu, else cuda, else cpu)")
     g.add_argument("--device-type", default="d9", help="NPU chip family d9 | d3 (ignored elsewhere)")
@@ -56,6 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-chat", action="store_true", help="send text prompts without the chat format")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    perf = sub.add_parser("perf", help="first-token and per-token latency into CSV (the reference's performance test)")
+    _add_model_options(perf)
+    perf.add_argument("--batch-size", type=int, default=1)
+    perf.add_argument("--case-pair", default=None, help='cases as [[seq_in, seq_out], ...]; overrides the sweep')
+    perf.add_argument("--min-len-exp", type=int, default=None, help="sweep: smallest power of two (default 5)")
+    perf.add_argument("--max-len-exp", type=int, default=None, help="sweep: largest power of two (default 10)")
+    perf.add_argument("--perf-mode", default="detail", help="detail (every forward timed) | normal (the reference's two generations)")
+    perf.add_argument("--repeat", type=int, default=1, help="runs of each case (percentiles over them)")
+    perf.add_argument("--model-name", default=None, help="name in the CSV file name (default: the model directory's)")
+    perf.add_argument("--output-dir", default=".", help="where the CSVs, samples JSON and plot go (default .)")
+    perf.add_argument("--baseline", default=None, help="a reference or extended CSV of an earlier run: exit 3 on a slowdown")
+    perf.add_argument("--tolerance", type=float, default=0.10, help="allowed slowdown against --baseline (default 0.10)")
+    perf.add_argument("--seed", type=int, default=0, help="seed of the random input ids")
+    perf.add_argument("--mem-bandwidth", type=float, default=None,
+                      help="device memory bandwidth in GB/s for the decode roofline (default: measured by a copy probe)")
+    perf.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     cut = sub.add_parser("cut", help="cut a HF checkpoint N ways (vendor layout)")
     cut.add_argument("--input-dir", required=True)
     cut.add_argument("--output-dir", required=True)
@@ -67,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="vicuna-bench: %(message)s", stream=sys.stderr)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
-        return {"run": cmd_run, "cut": cmd_cut}[ns.command](ns)
+        return {"run": cmd_run, "cut": cmd_cut, "perf": cmd_perf}[ns.command](ns)
     except VicunaBenchError as exc:
         if ns.debug:
             raise
@@ -202,6 +220,54 @@ class _TextStream:
     def finish(self) -> None:
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+def perf_settings(ns: argparse.Namespace):
+    """PerfSettings from the perf options (model-independent checks only)."""
+    from . import perf
+
+    if ns.case_pair is not None and ns.case_pair.strip():
+        if ns.min_len_exp is not None or ns.max_len_exp is not None:
+            log.info("--case-pair given: --min-len-exp/--max-len-exp are ignored (as the reference does)")
+        cases = perf.parse_case_pair(ns.case_pair)
+    else:
+        cases = perf.sweep_cases(
+            perf.DEFAULT_MIN_LEN_EXP if ns.min_len_exp is None else ns.min_len_exp,
+            perf.DEFAULT_MAX_LEN_EXP if ns.max_len_exp is None else ns.max_len_exp,
+        )
+    return perf.PerfSettings(
+        cases=cases, batch_size=ns.batch_size, mode=ns.perf_mode, repeat=ns.repeat,
+        model_name=ns.model_name or "model", seed=ns.seed, mem_bandwidth_gbps=ns.mem_bandwidth,
+    )
+
+
+def cmd_perf(ns: argparse.Namespace) -> int:
+    from . import perf
+    from .runtime import Engine, SpmdEngine, launched_by_torchrun
+
+    settings = perf_settings(ns)
+    settings.validate(max_seq_len=1 << 62)  # all but the lengths: those need the model's settings
+    baseline = perf.load_baseline(Path(ns.baseline)) if ns.baseline else None
+    if baseline is not None and not ns.tolerance >= 0:
+        raise UserError(f"--tolerance {ns.tolerance} must be >= 0")
+    spec = resolve_engine_spec(ns)
+    if ns.model_name is None:
+        settings.model_name = perf.default_model_name(spec.model_path)
+    settings.validate(spec.max_seq_len)
+    output_dir = Path(ns.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is not a directory")
+    engine = SpmdEngine(spec) if launched_by_torchrun() else Engine(spec)
+    with engine:
+        is_main = getattr(engine, "rank", 0) == 0
+        run = perf.run_perf(engine, settings, output_dir=output_dir, progress=is_main and not ns.no_progress,
+                            write=is_main)
+    if not is_main:
+        return 0
+    log.info("perf: wrote %s{.csv,_extended.csv,_samples.json,.png} in %s", run.stem, output_dir)
+    if baseline is not None:
+        perf.gate(run, baseline, ns.tolerance)
+    return 0
 
 
 def cmd_cut(ns: argparse.Namespace) -> int:

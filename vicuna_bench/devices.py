@@ -71,4 +71,84 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "npu":
         return torch.npu.get_device_name(device)
+    return cpu_model_name()
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = " ".join(line.split(":", 1)[1].split())
+                    if name:
+                        return name
+    except OSError:
+        pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+# ---------------------------------------------------------------- memory
+
+def _device_module(device: torch.device):
+    return torch.cuda if device.type == "cuda" else getattr(torch, "npu", None)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window for this process on ``device``.
+
+    Accelerators: the allocator's peak.  CPU: the kernel's resident-set high
+    water mark (``VmHWM``), reset through ``/proc/self/clear_refs`` on Linux.
+    """
+    if device.type in ("cuda", "npu"):
+        _device_module(device).reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then covers the whole process life
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process on ``device`` since :func:`reset_peak_memory`.
+
+    Accelerators: bytes allocated by torch.  CPU: peak resident set of the
+    whole process (weights, KV cache, activations, and the Python runtime).
+    """
+    if device.type in ("cuda", "npu"):
+        return int(_device_module(device).max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Memory bandwidth of ``device`` in bytes/s by a copy probe (best of ``repeats``).
+
+    Copies an ``nbytes`` buffer (far larger than any cache) into another and
+    counts the bytes read plus the bytes written, as STREAM's copy does.
+    """
+    import time
+
+    n = max(1, nbytes // 4)
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: page faults are not bandwidth
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n * 4 / best

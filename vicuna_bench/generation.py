@@ -54,6 +54,8 @@ class GenerationResult:
     first_token_ms: float
     step_ms: list[float]
     logits: list[torch.Tensor] | None = None  # per row: [new tokens, vocab] float32
+    total_ms: float = 0.0  # the whole call: inputs, cache, prefill, decode, outputs
+    peak_memory_bytes: list[int] = dataclasses.field(default_factory=list)  # per rank (filled by the runtime)
 
     @property
     def next_token_ms(self) -> float:
@@ -122,8 +124,10 @@ def generate(
     transformers does) unless ``ignore_eos``.  ``first_token_ms`` covers the
     prefill and the choice of the first token; ``step_ms`` each later decode
     step; both end with ``sync()`` so device work is inside the timer.
-    ``on_tokens`` (streaming) receives each step's token per row.
+    ``total_ms`` is the whole call.  ``on_tokens`` (streaming) receives each
+    step's token per row.
     """
+    call_start = time.perf_counter()
     device = model.lm_head.weight.device
     validate_prompts(prompts, max_new_tokens, model.max_seq_len, model.args.vocab_size)
     batch = len(prompts)
@@ -188,4 +192,6 @@ def generate(
     if kept_logits is not None:
         stacked = torch.stack(kept_logits, dim=1).cpu()  # [B, steps, V]
         logits_rows = [stacked[r, : counts[r]] for r in range(batch)]
-    return GenerationResult(output_ids, first_token_ms, step_ms, logits_rows)
+    sync()
+    total_ms = (time.perf_counter() - call_start) * 1e3
+    return GenerationResult(output_ids, first_token_ms, step_ms, logits_rows, total_ms)

@@ -278,4 +278,22 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-__all__ = ["Transformer", "RMSNorm", "RotaryEmbedding", "apply_rotary", "weight_bytes"]
+def decode_read_bytes(model: Transformer) -> tuple[int, int]:
+    """What one decode step reads on this rank, as (weight bytes, KV bytes per cached token per row).
+
+    Every matrix is read whole except an untied input embedding, of which a
+    step reads one row per sequence (not counted).  A step at cache length
+    ``L`` with ``B`` rows reads ``weights + B * L * kv_per_token`` bytes: the
+    floor of its time at a given memory bandwidth.
+    """
+    embed = model.model.embed_tokens.weight
+    weights = weight_bytes(model)
+    if embed is not model.lm_head.weight:
+        weights -= embed.numel() * embed.element_size()
+    layer = model.model.layers[0].self_attn
+    elem = model.lm_head.weight.element_size()
+    kv_per_token = 2 * len(model.model.layers) * layer.n_kv_heads * model.args.head_dim * elem
+    return weights, kv_per_token
+
+
+__all__ = ["Transformer", "RMSNorm", "RotaryEmbedding", "apply_rotary", "weight_bytes", "decode_read_bytes"]

@@ -32,6 +32,13 @@ def pytest_addoption(parser):
     g.addoption("--perf-output-dir", default=None, help="where perf CSVs and plots go")
     g.addoption("--perf-baseline", default=None, help="baseline CSV; a case slower than it by more than the tolerance fails")
     g.addoption("--perf-tolerance", type=float, default=0.10, help="allowed slowdown against --perf-baseline (0.10 = 10%%)")
+    g.addoption("--perf-case-pair", default=None,
+                help="perf cases [[seq_in, seq_out], ...] (default: [[32,8],[64,8]] on the tiny model, [[256,64]] otherwise)")
+    g.addoption("--perf-min-len-exp", type=int, default=None, help="perf sweep: smallest power of two")
+    g.addoption("--perf-max-len-exp", type=int, default=None, help="perf sweep: largest power of two")
+    g.addoption("--perf-batch-size", type=int, default=1, help="perf batch size (default 1)")
+    g.addoption("--perf-mode", default="detail", help="perf timing mode: detail | normal")
+    g.addoption("--perf-repeat", type=int, default=3, help="runs of each perf case (default 3)")
 
 
 def pytest_configure(config):
@@ -84,6 +91,12 @@ def vicuna_options(pytestconfig) -> dict:
         "perf_output_dir": opt("--perf-output-dir"),
         "perf_baseline": opt("--perf-baseline"),
         "perf_tolerance": opt("--perf-tolerance"),
+        "perf_case_pair": opt("--perf-case-pair"),
+        "perf_min_len_exp": opt("--perf-min-len-exp"),
+        "perf_max_len_exp": opt("--perf-max-len-exp"),
+        "perf_batch_size": opt("--perf-batch-size"),
+        "perf_mode": opt("--perf-mode"),
+        "perf_repeat": opt("--perf-repeat"),
     }
 
 

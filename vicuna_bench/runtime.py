@@ -30,7 +30,7 @@ from . import checkpoint, devices
 from .config import ModelArgs
 from .errors import EngineError, UserError, VicunaBenchError
 from .generation import GenerationResult, SamplingConfig, generate, validate_prompts
-from .model import Transformer, weight_bytes
+from .model import Transformer, decode_read_bytes, weight_bytes
 from .sharding import ShardPlan, TensorParallel
 
 log = logging.getLogger("vicuna_bench")
@@ -70,6 +70,9 @@ class EngineSpec:
         return args
 
 
+EMBEDDED = "embedded"  # --model-path value naming the embedded default model
+
+
 def resolve_engine_spec(
     model_path: str | os.PathLike | None = None,
     world_size: int = 1,
@@ -80,12 +83,13 @@ def resolve_engine_spec(
 ) -> EngineSpec:
     """An EngineSpec from user-level choices, validated.
 
-    No ``model_path``: the embedded default model (announced on the log).
+    No ``model_path`` (or ``"embedded"`` where no such directory exists): the
+    embedded default model (announced on the log).
     ``device``/``dtype`` may be ``auto``; ``max_seq_len`` None takes the default.
     """
     from .config import resolve_max_seq_len
 
-    if model_path is None:
+    if model_path is None or (str(model_path) == EMBEDDED and not Path(EMBEDDED).exists()):
         from .embedded import embedded_model_dir
 
         model_path = embedded_model_dir(progress=progress)
@@ -122,28 +126,51 @@ def build_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: to
     return model
 
 
-class RankRunner:
-    """One rank: its model and the requests it serves (the same on every rank)."""
+ModelHook = Callable[[Transformer], Transformer]
 
-    def __init__(self, spec: EngineSpec, rank: int, local_rank: int, tp: TensorParallel):
+
+class RankRunner:
+    """One rank: its model and the requests it serves (the same on every rank).
+
+    ``model_hook`` (optional, picklable: a module-level function) receives the
+    loaded model and returns the one to run, e.g. an instrumented wrapper.
+    """
+
+    def __init__(self, spec: EngineSpec, rank: int, local_rank: int, tp: TensorParallel,
+                 model_hook: ModelHook | None = None):
         self.spec = spec
         self.rank = rank
         self.device = devices.device_for_rank(spec.device, local_rank)
         started = time.perf_counter()
         self.model = build_rank_model(spec, rank, tp, self.device)
+        if model_hook is not None:
+            self.model = model_hook(self.model)
         self.load_s = time.perf_counter() - started
         self.args = self.model.args
 
     def info(self) -> dict:
+        decode_weights, kv_per_token = decode_read_bytes(self.model)
         return {
             "rank": self.rank,
             "weight_bytes": weight_bytes(self.model),
+            "decode_weight_bytes": decode_weights,
+            "kv_bytes_per_token": kv_per_token,
             "load_s": self.load_s,
             "device_name": devices.device_name(self.device),
             "threads": torch.get_num_threads(),
         }
 
+    def bandwidth(self) -> float:
+        """This rank's memory bandwidth (bytes/s) by a copy probe on its device."""
+        return devices.copy_bandwidth(self.device)
+
     def generate(self, request: dict, on_tokens=None) -> GenerationResult:
+        devices.reset_peak_memory(self.device)
+        result = self._generate(request, on_tokens)
+        result.peak_memory_bytes = [devices.peak_memory_bytes(self.device)]
+        return result
+
+    def _generate(self, request: dict, on_tokens=None) -> GenerationResult:
         args = self.args
         eos = request.get("eos_ids")
         pad = args.pad_token_id if args.pad_token_id is not None else 0
@@ -211,6 +238,57 @@ def reduce_max(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
+class SpmdEngine:
+    """This process's rank under torchrun, with :class:`Engine`'s interface.
+
+    Every rank makes the same calls; results are merged with collectives
+    (timings: maximum over ranks; peak memory and info: gathered), so every
+    rank sees what rank 0 reports.
+    """
+
+    def __init__(self, spec: EngineSpec):
+        self.spec = spec
+        self.args = spec.validate()
+        self.runner = init_from_env(spec)
+        self.rank = self.runner.rank
+        self.rank_info = self._gather(self.runner.info())
+        self.closed = False
+
+    @staticmethod
+    def _gather(obj) -> list:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return [obj]
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def generate(self, prompts, max_new_tokens: int = 32, *, on_tokens=None, **options) -> GenerationResult:
+        request = {"prompts": [list(map(int, p)) for p in prompts], "max_new_tokens": int(max_new_tokens), **options}
+        result = self.runner.generate(request, on_tokens=on_tokens if self.rank == 0 else None)
+        times = reduce_max([result.first_token_ms, result.total_ms] + result.step_ms)
+        result.first_token_ms, result.total_ms, result.step_ms = times[0], times[1], times[2:]
+        result.peak_memory_bytes = [p for peaks in self._gather(result.peak_memory_bytes) for p in peaks]
+        return result
+
+    def bandwidth(self) -> list[float]:
+        return self._gather(self.runner.bandwidth())
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if not self.closed and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        self.closed = True
+
+    def __enter__(self) -> "SpmdEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # ---------------------------------------------------------------- in-process engine
 
 def _free_port() -> int:
@@ -227,14 +305,15 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(1.0)
 
 
-def _worker_main(spec: EngineSpec, rank: int, init_method: str, conn, parent_pid: int, timeout_s: float) -> None:
+def _worker_main(spec: EngineSpec, rank: int, init_method: str, conn, parent_pid: int, timeout_s: float,
+                 model_hook: ModelHook | None = None) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if spec.device == "cpu":
         torch.set_num_threads(_threads_per_rank(spec.world_size))
     try:
         tp = init_process_group(spec, rank, init_method, timeout_s)
-        runner = RankRunner(spec, rank, rank, tp)
+        runner = RankRunner(spec, rank, rank, tp, model_hook)
         conn.send(("ready", runner.info()))
     except BaseException as exc:  # report, then exit: the parent raises it
         conn.send(("error", _portable(exc)))
@@ -260,6 +339,8 @@ def _worker_main(spec: EngineSpec, rank: int, init_method: str, conn, parent_pid
                 conn.send(("result", result))
             elif command == "info":
                 conn.send(("result", runner.info()))
+            elif command == "bandwidth":
+                conn.send(("result", runner.bandwidth()))
             else:
                 conn.send(("error", EngineError(f"unknown command {command!r}")))
         except BaseException as exc:
@@ -285,6 +366,7 @@ class Engine:
         spec: EngineSpec,
         *,
         workers: bool | None = None,
+        model_hook: ModelHook | None = None,
         start_timeout_s: float = 600.0,
         collective_timeout_s: float = 600.0,
     ):
@@ -301,7 +383,7 @@ class Engine:
             spec.model_path, spec.world_size, spec.device, spec.dtype, spec.max_seq_len,
         )
         if not use_workers:
-            self._local = RankRunner(spec, 0, 0, TensorParallel())
+            self._local = RankRunner(spec, 0, 0, TensorParallel(), model_hook)
             self.rank_info = [self._local.info()]
             return
         import torch.multiprocessing as mp
@@ -312,7 +394,7 @@ class Engine:
             parent_conn, child_conn = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
-                args=(spec, rank, init_method, child_conn, os.getpid(), collective_timeout_s),
+                args=(spec, rank, init_method, child_conn, os.getpid(), collective_timeout_s, model_hook),
                 name=f"vicuna-bench-rank{rank}",
                 daemon=True,
             )
@@ -364,6 +446,21 @@ class Engine:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         results = self._collect(deadline, on_tokens=on_tokens)
         return _merge(results)
+
+    def bandwidth(self) -> list[float]:
+        """Each rank's memory bandwidth (bytes/s), probed on all ranks at once.
+
+        Ranks sharing a host share its memory bus, so probing them together
+        measures what each gets while the others run too.
+        """
+        if self.closed:
+            raise EngineError("engine is closed")
+        if self._local is not None:
+            return [self._local.bandwidth()]
+        self._check_alive()
+        for conn in self._conns:
+            self._send(conn, ("bandwidth", None))
+        return self._collect(deadline=None)
 
     def close(self) -> None:
         """End every worker (politely, then by force)."""
@@ -451,11 +548,13 @@ class Engine:
 
 
 def _merge(results: list[GenerationResult]) -> GenerationResult:
-    """Rank 0's tokens; each timing the maximum over ranks."""
+    """Rank 0's tokens; each timing the maximum over ranks; peak memory per rank."""
     head = results[0]
     first = max(r.first_token_ms for r in results)
     steps = [max(vals) for vals in zip(*(r.step_ms for r in results))]
     logits = None
     if head.logits is not None:
         logits = [torch.from_numpy(a) for a in head.logits]
-    return GenerationResult(head.output_ids, first, steps, logits)
+    total = max(r.total_ms for r in results)
+    peaks = [p for r in results for p in r.peak_memory_bytes]
+    return GenerationResult(head.output_ids, first, steps, logits, total, peaks)

@@ -1,0 +1,613 @@
+"""The performance harness: first-token and per-token latency into CSV.
+
+The procedure is the reference's (shared/spec/REFERENCE.md, "Performance
+test"): cases from ``case_pair`` or the input-major sweep of powers of two,
+random token ids, end of sequence ignored, one warm-up at the largest input
+and output length, each figure the maximum over ranks.  Two timing modes:
+
+* ``detail`` (default): the engine times the prefill (with the choice of the
+  first token) and every decode step, each closed by a device synchronise;
+  next-token time is the mean of the decode steps.
+* ``normal``: the reference's two-generation method: a 1-token generation
+  is the first-token time; a ``seq_out`` generation minus it, over
+  ``seq_out - 1``, is the next-token time (undefined when ``seq_out == 1``).
+
+Outputs, rewritten after every case so a long sweep that dies keeps what it
+measured: the reference CSV (byte-compatible header and name), an extended
+CSV (percentiles, throughput, memory, the decode bandwidth roofline), a JSON
+file of every raw sample, and at the end a PNG plot.  A baseline CSV (either
+kind) turns the run into a regression gate.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import GateFailed, UserError
+
+log = logging.getLogger("vicuna_bench")
+
+REFERENCE_HEADER = (
+    "batch_size,input_seq_len(Encoding),output_seq_len(Decoding),ResponseTime(s),"
+    "forward_first_token_time(ms),forward_next_token_time(ms),pre_next_token_time(ms),"
+    "post_next_token_time_post(ms)"
+)
+MODES = ("detail", "normal")
+DEFAULT_MIN_LEN_EXP = 5
+DEFAULT_MAX_LEN_EXP = 10  # the vendor guide's value (its code says 11, which overflows MAX_SEQ_LENGTH=2048)
+MAX_LEN_EXP_LIMIT = 24  # 16M tokens: beyond any context we can hold
+
+EXTENDED_COLUMNS = [
+    "model_name", "device_name", "device", "dtype", "world_size", "perf_mode",
+    "batch_size", "seq_in", "seq_out", "repeats",
+    "first_token_ms_mean", "first_token_ms_p50", "first_token_ms_p90", "first_token_ms_p99",
+    "next_token_ms_mean", "next_token_ms_p50", "next_token_ms_p90", "next_token_ms_p99",
+    "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_s_mean", "response_time_s",
+    "peak_memory_mib_max", "peak_memory_mib_per_rank", "weight_mib_per_rank",
+    "decode_bytes_per_step", "mem_bandwidth_gbps", "decode_floor_ms", "decode_roofline_fraction",
+]
+
+
+# ---------------------------------------------------------------- cases and settings
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Case:
+    seq_in: int
+    seq_out: int
+
+    def __str__(self) -> str:
+        return f"[{self.seq_in},{self.seq_out}]"
+
+
+def sweep_cases(min_exp: int, max_exp: int) -> list[Case]:
+    """``[2**i, 2**j]`` for i (input) and j (output) in min..max, input-major."""
+    if min_exp < 0:
+        raise UserError(f"--min-len-exp {min_exp} must be >= 0")
+    if max_exp > MAX_LEN_EXP_LIMIT:
+        raise UserError(f"--max-len-exp {max_exp} is too large (at most {MAX_LEN_EXP_LIMIT})")
+    if min_exp > max_exp:
+        raise UserError(f"--min-len-exp {min_exp} is above --max-len-exp {max_exp}")
+    exps = range(min_exp, max_exp + 1)
+    return [Case(2**i, 2**j) for i in exps for j in exps]
+
+
+def parse_case_pair(text: str, source: str = "--case-pair") -> list[Case]:
+    """A literal such as ``[[256,64],[512,64]]`` (order kept, as the reference does)."""
+    shown = text.strip()
+    try:
+        value = ast.literal_eval(shown)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise UserError(f"{source} {text!r}: not a literal list of [seq_in, seq_out] pairs") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise UserError(f"{source} {text!r}: expected a non-empty list of [seq_in, seq_out] pairs")
+    cases = []
+    for item in value:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise UserError(f"{source} {text!r}: {item!r} is not a [seq_in, seq_out] pair")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in item):
+            raise UserError(f"{source} {text!r}: {item!r} holds a non-integer length")
+        if item[0] < 1 or item[1] < 1:
+            raise UserError(f"{source} {text!r}: {list(item)} has a length below 1")
+        cases.append(Case(int(item[0]), int(item[1])))
+    return cases
+
+
+def warmup_case(cases: Sequence[Case], max_seq_len: int) -> Case:
+    """The reference warms up at (largest input, largest output).
+
+    When those two come from different cases and together exceed the KV
+    cache, the largest case by total length is used instead.
+    """
+    largest = Case(max(c.seq_in for c in cases), max(c.seq_out for c in cases))
+    if largest.seq_in + largest.seq_out <= max_seq_len:
+        return largest
+    return max(cases, key=lambda c: (c.seq_in + c.seq_out, c.seq_in))
+
+
+@dataclasses.dataclass
+class PerfSettings:
+    cases: list[Case]
+    batch_size: int = 1
+    mode: str = "detail"
+    repeat: int = 1
+    model_name: str = "model"
+    seed: int = 0
+    mem_bandwidth_gbps: float | None = None  # None: probe it
+
+    def validate(self, max_seq_len: int) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} must be >= 1")
+        if self.repeat < 1:
+            raise UserError(f"--repeat {self.repeat} must be >= 1")
+        if self.mode not in MODES:
+            raise UserError(f"--perf-mode {self.mode!r} is not supported (valid: {', '.join(MODES)})")
+        if not self.model_name or any(ch in self.model_name for ch in "/\\\0") or self.model_name in (".", ".."):
+            raise UserError(f"--model-name {self.model_name!r} cannot be part of a file name")
+        if self.mem_bandwidth_gbps is not None and not self.mem_bandwidth_gbps > 0:
+            raise UserError(f"--mem-bandwidth {self.mem_bandwidth_gbps} must be > 0 (GB/s)")
+        if not self.cases:
+            raise UserError("no perf cases")
+        for case in self.cases:
+            if case.seq_in + case.seq_out > max_seq_len:
+                raise UserError(
+                    f"case {case}: seq_in + seq_out = {case.seq_in + case.seq_out} exceeds --max-seq-len "
+                    f"{max_seq_len} (raise --max-seq-len or $MAX_SEQ_LENGTH)"
+                )
+
+
+def file_stem(model_name: str, device_name: str, batch_size: int) -> str:
+    """``performance_test_{model_name}_{device_name}_bs{batch_size}`` (spaces in the device name -> ``_``)."""
+    return f"performance_test_{model_name}_{device_name.replace(' ', '_')}_bs{batch_size}"
+
+
+# ---------------------------------------------------------------- measuring
+
+@dataclasses.dataclass
+class CaseResult:
+    """Every sample of one case (times in ms, maxima over ranks)."""
+
+    case: Case
+    batch_size: int
+    mode: str
+    first_ms: list[float] = dataclasses.field(default_factory=list)  # one per repeat
+    next_ms: list[float] = dataclasses.field(default_factory=list)  # one per repeat (mean of its steps)
+    step_ms: list[float] = dataclasses.field(default_factory=list)  # detail: every decode step; normal: next_ms
+    e2e_ms: list[float] = dataclasses.field(default_factory=list)  # the seq_out generation, whole call
+    response_s: list[float] = dataclasses.field(default_factory=list)  # the reference's ResponseTime
+    peak_memory_bytes: list[int] = dataclasses.field(default_factory=list)  # per rank, max over repeats
+
+    @property
+    def has_next(self) -> bool:
+        return self.case.seq_out > 1
+
+
+@dataclasses.dataclass
+class PerfRun:
+    """What ran: the context every figure needs."""
+
+    model_name: str
+    model_path: str
+    device: str
+    device_name: str
+    dtype: str
+    world_size: int
+    settings: PerfSettings
+    rank_info: list[dict]
+    bandwidth_bytes_per_s: list[float]  # per rank
+    bandwidth_source: str
+    warmup: Case
+    results: list[CaseResult] = dataclasses.field(default_factory=list)
+    started: str = ""
+    torch_version: str = torch.__version__
+    generator: torch.Generator | None = None  # the input ids' random stream
+
+    @property
+    def stem(self) -> str:
+        return file_stem(self.model_name, self.device_name, self.settings.batch_size)
+
+
+def _random_prompts(batch: int, seq_in: int, vocab: int, generator: torch.Generator) -> list[list[int]]:
+    return torch.randint(0, vocab, (batch, seq_in), generator=generator).tolist()
+
+
+def measure_case(engine, case: Case, settings: PerfSettings, generator: torch.Generator) -> CaseResult:
+    """Run one case ``settings.repeat`` times on ``engine`` (an Engine or SpmdEngine)."""
+    result = CaseResult(case, settings.batch_size, settings.mode)
+    peaks: list[int] = []
+    for _ in range(settings.repeat):
+        prompts = _random_prompts(settings.batch_size, case.seq_in, engine.args.vocab_size, generator)
+        if settings.mode == "detail":
+            run = engine.generate(prompts, case.seq_out, ignore_eos=True)
+            _check_made(run, case)
+            result.first_ms.append(run.first_token_ms)
+            if case.seq_out > 1:
+                result.next_ms.append(run.next_token_ms)
+                result.step_ms.extend(run.step_ms)
+            result.e2e_ms.append(run.total_ms)
+            result.response_s.append(run.total_ms / 1e3)
+            runs = [run]
+        else:
+            one = engine.generate(prompts, 1, ignore_eos=True)
+            full = engine.generate(prompts, case.seq_out, ignore_eos=True)
+            _check_made(full, case)
+            result.first_ms.append(one.total_ms)
+            if case.seq_out > 1:
+                next_ms = (full.total_ms - one.total_ms) / (case.seq_out - 1)
+                result.next_ms.append(next_ms)
+                result.step_ms.append(next_ms)
+            result.e2e_ms.append(full.total_ms)
+            result.response_s.append((one.total_ms + full.total_ms) / 1e3)  # the reference times both
+            runs = [one, full]
+        for run in runs:
+            peaks = [max(a, b) for a, b in zip(peaks, run.peak_memory_bytes)] if peaks else list(run.peak_memory_bytes)
+    result.peak_memory_bytes = peaks
+    return result
+
+
+def _check_made(run, case: Case) -> None:
+    made = {len(ids) for ids in run.output_ids}
+    if made and made != {case.seq_out}:  # rank 0 only carries tokens
+        raise RuntimeError(f"case {case}: made {sorted(made)} tokens instead of {case.seq_out}")
+
+
+def merge_results(parts: Sequence[CaseResult]) -> CaseResult:
+    """One case's results from several runs of it (repeats concatenated)."""
+    head = parts[0]
+    merged = CaseResult(head.case, head.batch_size, head.mode)
+    for part in parts:
+        for name in ("first_ms", "next_ms", "step_ms", "e2e_ms", "response_s"):
+            getattr(merged, name).extend(getattr(part, name))
+        peaks = merged.peak_memory_bytes
+        merged.peak_memory_bytes = [max(a, b) for a, b in zip(peaks, part.peak_memory_bytes)] if peaks else list(
+            part.peak_memory_bytes)
+    return merged
+
+
+def start_run(engine, settings: PerfSettings) -> PerfRun:
+    """Check the settings, measure bandwidth, warm up: a run ready for its cases."""
+    spec = engine.spec
+    settings.validate(spec.max_seq_len)
+    warm = warmup_case(settings.cases, spec.max_seq_len)
+    info = engine.rank_info
+    device_name = info[0]["device_name"]
+    if settings.mem_bandwidth_gbps is not None:
+        bandwidth = [settings.mem_bandwidth_gbps * 1e9] * spec.world_size
+        source = "given (--mem-bandwidth)"
+    else:
+        bandwidth = list(engine.bandwidth())
+        source = "copy probe, all ranks at once"
+    run = PerfRun(
+        settings.model_name, spec.model_path, spec.device, device_name, spec.dtype, spec.world_size, settings,
+        info, bandwidth, source, warm, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+    log.info(
+        "perf: model=%s (%s) device=%s (%s) dtype=%s world_size=%d batch=%d mode=%s repeat=%d cases=%d; "
+        "memory bandwidth %.1f GB/s per rank (%s)",
+        run.model_name, spec.model_path, spec.device, device_name, spec.dtype, spec.world_size,
+        settings.batch_size, settings.mode, settings.repeat, len(settings.cases), min(bandwidth) / 1e9, source,
+    )
+    log.info("perf: warm-up at %s", warm)
+    engine.generate(_random_prompts(settings.batch_size, warm.seq_in, engine.args.vocab_size, run.generator),
+                    warm.seq_out, ignore_eos=True)
+    return run
+
+
+def run_perf(
+    engine,
+    settings: PerfSettings,
+    *,
+    output_dir: Path | None = None,
+    progress: bool = True,
+    write: bool = True,
+) -> PerfRun:
+    """Warm up, probe bandwidth, measure every case; write the outputs after each case.
+
+    ``write`` False (other SPMD ranks) measures without writing.
+    """
+    from tqdm import tqdm
+
+    run = start_run(engine, settings)
+    bar = tqdm(settings.cases, desc="perf cases", unit="case", disable=not progress)
+    for case in bar:
+        bar.set_postfix_str(f"in={case.seq_in} out={case.seq_out}")
+        result = measure_case(engine, case, settings, run.generator)
+        run.results.append(result)
+        row = extended_row(run, result)
+        log.info(
+            "perf: case %s first %.2f ms, next %s ms, e2e %.3f s", case, row["first_token_ms_p50"],
+            "-" if row["next_token_ms_p50"] == "" else f"{row['next_token_ms_p50']:.2f}", row["e2e_s_mean"],
+        )
+        if write and output_dir is not None:
+            write_tables(run, output_dir)
+    if write and output_dir is not None:
+        write_plot(run, output_dir / f"{run.stem}.png")
+    return run
+
+
+# ---------------------------------------------------------------- statistics and rows
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default); NaN for no values."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else math.nan
+
+
+def decode_step_bytes(run: PerfRun, case: Case) -> list[int]:
+    """Bytes each rank reads in an average decode step of ``case``.
+
+    The weights (see :func:`vicuna_bench.model.decode_read_bytes`) plus the
+    keys and values of every cached token; decode step k (1..seq_out-1)
+    attends over seq_in + k slots, seq_in + seq_out/2 on average.
+    """
+    batch = run.settings.batch_size
+    mean_kv = case.seq_in + case.seq_out / 2
+    return [int(i["decode_weight_bytes"] + batch * mean_kv * i["kv_bytes_per_token"]) for i in run.rank_info]
+
+
+def decode_floor_ms(run: PerfRun, case: Case) -> float:
+    """The bandwidth floor of one decode step: the slowest rank's bytes / its bandwidth."""
+    return max(b / bw * 1e3 for b, bw in zip(decode_step_bytes(run, case), run.bandwidth_bytes_per_s))
+
+
+def _mib(values: Sequence[int]) -> str:
+    return ";".join(f"{v / 2**20:.1f}" for v in values)
+
+
+def extended_row(run: PerfRun, r: CaseResult) -> dict:
+    """One extended-CSV row; next-token figures are empty when seq_out == 1."""
+    case, batch = r.case, r.batch_size
+    first_p50 = percentile(r.first_ms, 50)
+    row: dict = {
+        "model_name": run.model_name, "device_name": run.device_name, "device": run.device, "dtype": run.dtype,
+        "world_size": run.world_size, "perf_mode": r.mode, "batch_size": batch, "seq_in": case.seq_in,
+        "seq_out": case.seq_out, "repeats": len(r.first_ms),
+        "first_token_ms_mean": float(np.mean(r.first_ms)),
+        "first_token_ms_p50": first_p50,
+        "first_token_ms_p90": percentile(r.first_ms, 90),
+        "first_token_ms_p99": percentile(r.first_ms, 99),
+        "prefill_tokens_per_s": batch * case.seq_in / (first_p50 / 1e3),
+        "e2e_s_mean": float(np.mean(r.e2e_ms)) / 1e3,
+        "response_time_s": float(np.mean(r.response_s)),
+        "peak_memory_mib_max": max(r.peak_memory_bytes) / 2**20 if r.peak_memory_bytes else "",
+        "peak_memory_mib_per_rank": _mib(r.peak_memory_bytes),
+        "weight_mib_per_rank": _mib([i["weight_bytes"] for i in run.rank_info]),
+        "decode_bytes_per_step": max(decode_step_bytes(run, case)),
+        "mem_bandwidth_gbps": min(run.bandwidth_bytes_per_s) / 1e9,
+        "decode_floor_ms": decode_floor_ms(run, case),
+    }
+    if r.has_next:
+        next_p50 = percentile(r.step_ms, 50)
+        row.update({
+            "next_token_ms_mean": float(np.mean(r.next_ms)),
+            "next_token_ms_p50": next_p50,
+            "next_token_ms_p90": percentile(r.step_ms, 90),
+            "next_token_ms_p99": percentile(r.step_ms, 99),
+            "decode_tokens_per_s": batch / (next_p50 / 1e3),
+            "decode_roofline_fraction": row["decode_floor_ms"] / next_p50,
+        })
+    else:
+        for key in ("next_token_ms_mean", "next_token_ms_p50", "next_token_ms_p90", "next_token_ms_p99",
+                    "decode_tokens_per_s", "decode_roofline_fraction"):
+            row[key] = ""
+    return row
+
+
+def reference_line(r: CaseResult) -> str:
+    """One line of the reference CSV, formatted as the reference writes it.
+
+    ResponseTime with 2 decimals; the latencies as plain floats (means over
+    repeats); the two columns the reference leaves at zero are ``0.0``.  Its
+    next-token time is undefined for seq_out == 1: written as ``0.0``.
+    """
+    first = float(np.mean(r.first_ms))
+    nxt = float(np.mean(r.next_ms)) if r.has_next else 0.0
+    response = float(np.mean(r.response_s))
+    return (f"{r.batch_size},{r.case.seq_in},{r.case.seq_out},{response:.2f},"
+            f"{round(first, 4)},{round(nxt, 4)},0.0,0.0")
+
+
+# ---------------------------------------------------------------- writing
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}" if abs(value) >= 1e6 else f"{round(value, 6)}"
+    return str(value)
+
+
+def write_tables(run: PerfRun, output_dir: Path) -> dict[str, Path]:
+    """The reference CSV, the extended CSV and the raw-sample JSON (atomically)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "reference_csv": output_dir / f"{run.stem}.csv",
+        "extended_csv": output_dir / f"{run.stem}_extended.csv",
+        "samples_json": output_dir / f"{run.stem}_samples.json",
+    }
+    _atomic_write(paths["reference_csv"], REFERENCE_HEADER + "\n" + "".join(reference_line(r) + "\n" for r in run.results))
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=EXTENDED_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in run.results:
+        writer.writerow({k: _fmt(v) for k, v in extended_row(run, r).items()})
+    _atomic_write(paths["extended_csv"], buf.getvalue())
+    doc = {
+        "model_name": run.model_name, "model_path": run.model_path, "device": run.device,
+        "device_name": run.device_name, "dtype": run.dtype, "world_size": run.world_size,
+        "batch_size": run.settings.batch_size, "perf_mode": run.settings.mode, "repeat": run.settings.repeat,
+        "seed": run.settings.seed, "warmup": [run.warmup.seq_in, run.warmup.seq_out],
+        "bandwidth_bytes_per_s": run.bandwidth_bytes_per_s, "bandwidth_source": run.bandwidth_source,
+        "rank_info": run.rank_info, "started": run.started, "torch": run.torch_version,
+        "host": platform.node(), "cases": [
+            {"seq_in": r.case.seq_in, "seq_out": r.case.seq_out, "first_ms": r.first_ms, "next_ms": r.next_ms,
+             "step_ms": r.step_ms, "e2e_ms": r.e2e_ms, "response_s": r.response_s,
+             "peak_memory_bytes": r.peak_memory_bytes}
+            for r in run.results
+        ],
+    }
+    _atomic_write(paths["samples_json"], json.dumps(doc, indent=1) + "\n")
+    return paths
+
+
+def write_plot(run: PerfRun, path: Path) -> Path:
+    """First-token and next-token latency against input length, one line per output length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_first, ax_next) = plt.subplots(1, 2, figsize=(12, 4.5))
+    by_out: dict[int, list[CaseResult]] = {}
+    for r in run.results:
+        by_out.setdefault(r.case.seq_out, []).append(r)
+    for seq_out in sorted(by_out):
+        rows = sorted(by_out[seq_out], key=lambda r: r.case.seq_in)
+        xs = [r.case.seq_in for r in rows]
+        ax_first.plot(xs, [percentile(r.first_ms, 50) for r in rows], marker="o", label=f"out {seq_out}")
+        with_next = [r for r in rows if r.has_next]
+        if with_next:
+            ax_next.plot([r.case.seq_in for r in with_next], [percentile(r.step_ms, 50) for r in with_next],
+                         marker="o", label=f"out {seq_out}")
+    floors = sorted({(r.case.seq_in, decode_floor_ms(run, Case(r.case.seq_in, 1))) for r in run.results})
+    if floors:
+        ax_next.plot([f[0] for f in floors], [f[1] for f in floors], "k--", linewidth=1,
+                     label="bandwidth floor (batch, seq_in)")
+    for ax, title in ((ax_first, "first token (prefill) p50"), (ax_next, "next token (decode step) p50")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("input length (tokens)")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small", title="output length" if ax is ax_first else None)
+    fig.suptitle(f"{run.model_name} on {run.device_name} ({run.device}), {run.dtype}, world size "
+                 f"{run.world_size}, batch {run.settings.batch_size}, {run.settings.mode} mode", fontsize="medium")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- baseline gate
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    path: Path
+    kind: str  # "reference" | "extended"
+    rows: dict  # (batch, seq_in, seq_out) -> {"first": ms, "next": ms | None}
+
+
+def load_baseline(path: Path) -> Baseline:
+    """Read a baseline: a reference CSV or an extended CSV of an earlier run."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--baseline {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--baseline {path}: cannot read it ({exc})") from None
+    lines = text.splitlines()
+    if not lines:
+        raise UserError(f"--baseline {path}: empty file")
+    header = lines[0].strip()
+    if header == REFERENCE_HEADER:
+        kind, keys = "reference", ("batch_size", "input_seq_len(Encoding)", "output_seq_len(Decoding)",
+                                    "forward_first_token_time(ms)", "forward_next_token_time(ms)")
+    elif header == ",".join(EXTENDED_COLUMNS):
+        kind, keys = "extended", ("batch_size", "seq_in", "seq_out", "first_token_ms_p50", "next_token_ms_p50")
+    else:
+        raise UserError(f"--baseline {path}: line 1 is neither the reference CSV header nor the extended one")
+    rows: dict = {}
+    for lineno, rec in enumerate(csv.DictReader(lines), start=2):
+        try:
+            key = (int(rec[keys[0]]), int(rec[keys[1]]), int(rec[keys[2]]))
+            first = float(rec[keys[3]])
+            nxt = float(rec[keys[4]]) if rec[keys[4]] not in ("", None) else None
+        except (TypeError, ValueError, KeyError):
+            raise UserError(f"--baseline {path}: line {lineno} is not a row of numbers") from None
+        if key[2] <= 1:
+            nxt = None  # undefined for one output token (the reference writes 0)
+        rows[key] = {"first": first, "next": nxt}
+    if not rows:
+        raise UserError(f"--baseline {path}: no rows")
+    return Baseline(path, kind, rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    lines: list[dict]  # case, metric, old, new, ratio, verdict
+    regressions: list[dict]
+    unmatched: list[str]  # cases of this run that the baseline lacks
+
+    def table(self) -> str:
+        head = f"{'case':>16} {'metric':>10} {'old ms':>11} {'new ms':>11} {'new/old':>8}  verdict"
+        out = [head, "-" * len(head)]
+        for ln in self.lines:
+            out.append(f"{ln['case']:>16} {ln['metric']:>10} {ln['old']:>11.3f} {ln['new']:>11.3f} "
+                       f"{ln['ratio']:>8.3f}  {ln['verdict']}")
+        for case in self.unmatched:
+            out.append(f"{case:>16} {'':>10} {'':>11} {'':>11} {'':>8}  not in the baseline")
+        return "\n".join(out)
+
+
+def compare_to_baseline(run: PerfRun, baseline: Baseline, tolerance: float) -> Comparison:
+    """Case by case: slower than the baseline by more than ``tolerance`` is a regression.
+
+    Like for like: a reference baseline is compared with this run's means
+    (what its reference CSV holds), an extended one with the p50s.
+    """
+    if not tolerance >= 0:
+        raise UserError(f"--tolerance {tolerance} must be >= 0")
+    lines, regressions, unmatched = [], [], []
+    for r in run.results:
+        key = (r.batch_size, r.case.seq_in, r.case.seq_out)
+        label = f"bs{key[0]} {r.case}"
+        old = baseline.rows.get(key)
+        if old is None:
+            unmatched.append(label)
+            continue
+        if baseline.kind == "reference":
+            new = {"first": float(np.mean(r.first_ms)), "next": float(np.mean(r.next_ms)) if r.has_next else None}
+        else:
+            new = {"first": percentile(r.first_ms, 50), "next": percentile(r.step_ms, 50) if r.has_next else None}
+        for metric in ("first", "next"):
+            if old[metric] is None or new[metric] is None or old[metric] <= 0:
+                continue
+            ratio = new[metric] / old[metric]
+            bad = ratio > 1.0 + tolerance
+            line = {"case": label, "metric": metric + "_token", "old": old[metric], "new": new[metric],
+                    "ratio": ratio, "verdict": f"SLOWER by more than {tolerance:.0%}" if bad else "ok"}
+            lines.append(line)
+            if bad:
+                regressions.append(line)
+    return Comparison(lines, regressions, unmatched)
+
+
+def gate(run: PerfRun, baseline: Baseline, tolerance: float, echo: Callable[[str], None] = print) -> Comparison:
+    """Compare, print the table, raise :class:`GateFailed` on any regression."""
+    comparison = compare_to_baseline(run, baseline, tolerance)
+    echo(f"baseline {baseline.path} ({baseline.kind} CSV), tolerance {tolerance:.0%}:\n{comparison.table()}")
+    if not comparison.lines:
+        raise UserError(f"--baseline {baseline.path}: it shares no case with this run")
+    if comparison.regressions:
+        worst = max(comparison.regressions, key=lambda ln: ln["ratio"])
+        raise GateFailed(
+            f"{len(comparison.regressions)} perf figure(s) slower than the baseline by more than {tolerance:.0%} "
+            f"(worst: {worst['case']} {worst['metric']} x{worst['ratio']:.2f})"
+        )
+    return comparison
+
+
+def default_model_name(model_path: str) -> str:
+    """The embedded model's name, else the model directory's name."""
+    from .embedded import MODEL_NAME, cache_root
+
+    path = Path(model_path)
+    try:
+        if path.resolve().parent == cache_root().resolve() and path.name.startswith(MODEL_NAME):
+            return MODEL_NAME
+    except OSError:
+        pass
+    return path.resolve().name or "model"
