@@ -31,7 +31,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -256,7 +256,7 @@ def merge_results(parts: Sequence[CaseResult]) -> CaseResult:
     return merged
 
 
-def start_run(engine, settings: PerfSettings) -> PerfRun:
+def start_run(engine, settings: PerfSettings, announce: bool = True) -> PerfRun:
     """Check the settings, measure bandwidth, warm up: a run ready for its cases."""
     spec = engine.spec
     settings.validate(spec.max_seq_len)
@@ -274,13 +274,14 @@ def start_run(engine, settings: PerfSettings) -> PerfRun:
         info, bandwidth, source, warm, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         generator=torch.Generator().manual_seed(settings.seed),
     )
-    log.info(
+    say = log.info if announce else log.debug
+    say(
         "perf: model=%s (%s) device=%s (%s) dtype=%s world_size=%d batch=%d mode=%s repeat=%d cases=%d; "
         "memory bandwidth %.1f GB/s per rank (%s)",
         run.model_name, spec.model_path, spec.device, device_name, spec.dtype, spec.world_size,
         settings.batch_size, settings.mode, settings.repeat, len(settings.cases), min(bandwidth) / 1e9, source,
     )
-    log.info("perf: warm-up at %s", warm)
+    say("perf: warm-up at %s", warm)
     engine.generate(_random_prompts(settings.batch_size, warm.seq_in, engine.args.vocab_size, run.generator),
                     warm.seq_out, ignore_eos=True)
     return run
@@ -296,18 +297,19 @@ def run_perf(
 ) -> PerfRun:
     """Warm up, probe bandwidth, measure every case; write the outputs after each case.
 
-    ``write`` False (other SPMD ranks) measures without writing.
+    ``write`` False (other SPMD ranks) measures without writing or logging.
     """
     from tqdm import tqdm
 
-    run = start_run(engine, settings)
+    run = start_run(engine, settings, announce=write)
+    say = log.info if write else log.debug
     bar = tqdm(settings.cases, desc="perf cases", unit="case", disable=not progress)
     for case in bar:
         bar.set_postfix_str(f"in={case.seq_in} out={case.seq_out}")
         result = measure_case(engine, case, settings, run.generator)
         run.results.append(result)
         row = extended_row(run, result)
-        log.info(
+        say(
             "perf: case %s first %.2f ms, next %s ms, e2e %.3f s", case, row["first_token_ms_p50"],
             "-" if row["next_token_ms_p50"] == "" else f"{row['next_token_ms_p50']:.2f}", row["e2e_s_mean"],
         )

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests import tiny
 from vicuna_bench import perf
@@ -98,7 +99,8 @@ def test_cli_case_pair_overrides_sweep_and_seq_out_one(tiny_models, tmp_path):
     assert [r[:3] for r in rows] == [["2", "40", "1"], ["2", "8", "3"]]
     assert rows[0][5] == "0.0"  # next-token time undefined for one output token (no division by zero)
     [ext] = list(out.glob("*_extended.csv"))
-    ext_rows = list(csv.DictReader(open(ext)))
+    with open(ext, newline="") as f:
+        ext_rows = list(csv.DictReader(f))
     assert ext_rows[0]["next_token_ms_p50"] == "" and float(ext_rows[1]["next_token_ms_p50"]) > 0
 
 
@@ -116,19 +118,24 @@ def test_reported_times_recover_known_sleeps(world_size, tiny_models, tmp_path):
     spec = make_engine_spec(tiny_models["vicuna"], world_size, "cpu", "fp32", max_seq_len=64)
     hook = functools.partial(tiny.sleepy_model, prefill_s=PREFILL_S, decode_s=DECODE_S, per_rank=PER_RANK)
     slowest = 1.0 + PER_RANK * (world_size - 1)
-    with Engine(spec, workers=world_size > 1, model_hook=hook) as engine:
-        for mode in perf.MODES:
-            settings = perf.PerfSettings(cases=perf.parse_case_pair("[[16,4]]"), mode=mode, repeat=2,
-                                         model_name="sleepy", mem_bandwidth_gbps=10.0)
-            run = perf.run_perf(engine, settings, output_dir=tmp_path / mode, progress=False)
-            [result] = run.results
-            row = perf.extended_row(run, result)
-            assert row["first_token_ms_mean"] == pytest.approx(PREFILL_S * 1e3 * slowest, rel=0.10), mode
-            assert row["next_token_ms_mean"] == pytest.approx(DECODE_S * 1e3 * slowest, rel=0.10), mode
-            assert len(result.peak_memory_bytes) == world_size
-            ref_row = _read_csv(tmp_path / mode / f"{run.stem}.csv")[1]
-            assert float(ref_row[4]) == pytest.approx(PREFILL_S * 1e3 * slowest, rel=0.10)
-            assert float(ref_row[5]) == pytest.approx(DECODE_S * 1e3 * slowest, rel=0.10)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the harness is under test, not the kernels: no thread barriers to wait on
+    try:
+        with Engine(spec, workers=world_size > 1, model_hook=hook) as engine:
+            for mode in perf.MODES:
+                settings = perf.PerfSettings(cases=perf.parse_case_pair("[[16,4]]"), mode=mode, repeat=2,
+                                             model_name="sleepy", mem_bandwidth_gbps=10.0)
+                run = perf.run_perf(engine, settings, output_dir=tmp_path / mode, progress=False)
+                [result] = run.results
+                row = perf.extended_row(run, result)
+                assert row["first_token_ms_mean"] == pytest.approx(PREFILL_S * 1e3 * slowest, rel=0.10), mode
+                assert row["next_token_ms_mean"] == pytest.approx(DECODE_S * 1e3 * slowest, rel=0.10), mode
+                assert len(result.peak_memory_bytes) == world_size
+                ref_row = _read_csv(tmp_path / mode / f"{run.stem}.csv")[1]
+                assert float(ref_row[4]) == pytest.approx(PREFILL_S * 1e3 * slowest, rel=0.10)
+                assert float(ref_row[5]) == pytest.approx(DECODE_S * 1e3 * slowest, rel=0.10)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- baseline gate
@@ -211,3 +218,27 @@ def test_bad_input_one_line_exit_2_nothing_written(args, named, tiny_models, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_torchrun_perf_rank0_writes_max_over_ranks(tiny_models, tmp_path):
+    """Under torchrun every rank measures; rank 0 alone writes, with both ranks' memory."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "vicuna_bench", "perf", "--world-size", "2",
+         "--model-path", str(tiny_models["vicuna"]), "--max-seq-len", "64", "--case-pair", "[[16,4],[8,2]]",
+         "--model-name", "spmd", "--output-dir", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("perf: case [16,4]") == 1, "only rank 0 reports"
+    [ref] = out.glob("performance_test_spmd_*_bs1.csv")
+    assert [r[:3] for r in _read_csv(ref)[1:]] == [["1", "16", "4"], ["1", "8", "2"]]
+    [ext] = out.glob("*_extended.csv")
+    with open(ext, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all(len(r["peak_memory_mib_per_rank"].split(";")) == 2 and r["world_size"] == "2" for r in rows)
