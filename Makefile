@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/vicuna-bench run --prompt "What is the capital of France? Answer in one sentence."
 
+# The unit suite, then the perf suite's CI-sized run: a tiny model over 8 CPU ranks.
 test: setup
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m perf tests/perf/test_latency.py --world-size 8 --perf-repeat 2 \
+		--perf-output-dir build/perf-ci $(PYTEST_ARGS)
 
 test-perf: setup
 	$(BIN)/python -m pytest -m perf $(PYTEST_ARGS)

@@ -242,3 +242,28 @@ def test_torchrun_perf_rank0_writes_max_over_ranks(tiny_models, tmp_path):
     with open(ext, newline="") as f:
         rows = list(csv.DictReader(f))
     assert all(len(r["peak_memory_mib_per_rank"].split(";")) == 2 and r["world_size"] == "2" for r in rows)
+
+
+def test_pytest_perf_suite_records_benchmarks(tmp_path):
+    """`pytest -m perf` on the tiny model: one pytest-benchmark record per case, and the four files."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    bench, out = tmp_path / "bench.json", tmp_path / "perf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "perf", "tests/perf/test_latency.py", "--world-size", "2",
+         "--perf-case-pair", "[[8,3],[16,1]]", "--perf-repeat", "2", "--benchmark-json", str(bench),
+         "--perf-output-dir", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads(bench.read_text())["benchmarks"]
+    assert [r["name"] for r in records] == ["test_latency[in8-out3]", "test_latency[in16-out1]"]
+    for r in records:
+        assert r["stats"]["rounds"] == 2
+        assert r["extra_info"]["world_size"] == 2 and r["extra_info"]["first_token_ms_p50"] > 0
+    assert records[1]["extra_info"]["next_token_ms_p50"] == ""  # one output token: no next-token time
+    assert len(list(out.iterdir())) == 4
+    [ref] = out.glob("performance_test_tiny-llama_*_bs1.csv")
+    assert [r[:3] for r in _read_csv(ref)[1:]] == [["1", "8", "3"], ["1", "16", "1"]]
