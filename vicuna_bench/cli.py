@@ -254,6 +254,8 @@ def cmd_perf(ns: argparse.Namespace) -> int:
     if ns.model_name is None:
         settings.model_name = perf.default_model_name(spec.model_path)
     settings.validate(spec.max_seq_len)
+    if baseline is not None and not any((settings.batch_size, c.seq_in, c.seq_out) in baseline.rows for c in settings.cases):
+        raise UserError(f"--baseline {ns.baseline}: it holds none of this run's cases (batch size {settings.batch_size})")
     output_dir = Path(ns.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is not a directory")

@@ -181,6 +181,14 @@ def test_baseline_from_extended_csv_compares_p50(tmp_path):
         perf.gate(_synthetic_run(1000.0, 120.0), baseline, 0.10, echo=lambda _: None)
 
 
+def test_cli_baseline_without_shared_cases_is_bad_input(tiny_models, tmp_path, capsys):
+    _reference_baseline(tmp_path / "old.csv", 100.0, 10.0)  # holds [256,64] only
+    assert _perf_cli(tiny_models["vicuna"], tmp_path / "out", "--case-pair", "[[16,4]]", "--baseline",
+                     str(tmp_path / "old.csv")) == 2
+    assert "holds none of this run's cases" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_baseline_gate_exit_codes(tiny_models, tmp_path, capsys):
     """Real runs against impossible baselines: far faster fails (3), far slower passes (0)."""
     case = "[[16,4]]"
@@ -210,10 +218,12 @@ def test_cli_baseline_gate_exit_codes(tiny_models, tmp_path, capsys):
         (["--case-pair", "[[200,64]]"], "[200,64]"),
         (["--case-pair", "[[16,4]]", "--batch-size", "0"], "--batch-size 0"),
         (["--case-pair", "[[16,4]]", "--baseline", "missing.csv"], "missing.csv"),
+        (["--case-pair", "[[16,4]]", "--baseline", "SPEC"], "REFERENCE.md"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(args, named, tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
+    args = [str(SPEC) if a == "SPEC" else a for a in args]  # a file that is no CSV of ours
     assert _perf_cli(tiny_models["vicuna"], out, *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0], err
