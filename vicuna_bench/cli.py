@@ -78,6 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--output-dir", required=True)
     cut.add_argument("--world-size", type=int, required=True)
     cut.add_argument("--debug", action="store_true")
+
+    prec = sub.add_parser("precision", help="MMLU / C-Eval 5-shot accuracy (the reference's precision test)")
+    _add_model_options(prec)
+    prec.add_argument("--mode", required=True, help="mmlu | ceval")
+    prec.add_argument("--work-dir", required=True, help="dir holding data/dev and data/val")
+    prec.add_argument("--batch", type=int, default=1, help="questions per batch (left padded; same answers as 1)")
+    prec.add_argument("--shot", type=int, default=5, help="dev rows shown before each question (default 5)")
+    prec.add_argument("--seq-len-out", type=int, default=2, help="tokens generated per answer (default 2)")
+    prec.add_argument("--max-prompt-tokens", type=int, default=2000, help="drop shots until the prompt fits (default 2000)")
+    prec.add_argument("--scoring", default="generate", help="generate (reference) | logits | both (one pass)")
+    prec.add_argument("--subjects", default=None, help="comma list of subjects (default: all)")
+    prec.add_argument("--limit-per-subject", type=int, default=None, help="first K val questions of each subject")
+    prec.add_argument("--too-long", default="exclude", help="a question no prompt fits: exclude (listed) | wrong")
+    prec.add_argument("--output-dir", default=None, help="result dir (default WORK_DIR/test_result)")
+    prec.add_argument("--gate", action="store_true", help="exit 3 when below the model's release threshold")
+    prec.add_argument("--gate-model", default=None, help="thresholds.json model to gate against (default: recognised)")
+    prec.add_argument("--tolerance", type=float, default=None, help="gate tolerance in points (default thresholds.json)")
+    prec.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -86,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="vicuna-bench: %(message)s", stream=sys.stderr)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
-        return {"run": cmd_run, "cut": cmd_cut, "perf": cmd_perf}[ns.command](ns)
+        return {"run": cmd_run, "cut": cmd_cut, "precision": cmd_precision, "perf": cmd_perf}[ns.command](ns)
     except VicunaBenchError as exc:
         if ns.debug:
             raise
@@ -269,6 +287,25 @@ def cmd_perf(ns: argparse.Namespace) -> int:
     log.info("perf: wrote %s{.csv,_extended.csv,_samples.json,.png} in %s", run.stem, output_dir)
     if baseline is not None:
         perf.gate(run, baseline, ns.tolerance)
+    return 0
+
+
+def cmd_precision(ns: argparse.Namespace) -> int:
+    from .precision import PrecisionConfig, load_dataset, run_precision
+
+    cfg = PrecisionConfig(
+        mode=ns.mode, work_dir=ns.work_dir, output_dir=ns.output_dir, batch=ns.batch, shot=ns.shot,
+        seq_len_out=ns.seq_len_out, max_prompt_tokens=ns.max_prompt_tokens, scoring=ns.scoring,
+        subjects=[s for s in ns.subjects.split(",") if s] if ns.subjects else None,
+        limit_per_subject=ns.limit_per_subject, too_long=ns.too_long, gate=ns.gate,
+        gate_model=ns.gate_model, tolerance=ns.tolerance, progress=not ns.no_progress,
+    )
+    cfg.check()
+    load_dataset(cfg.mode, cfg.work_dir)  # bad data is reported before the model is touched
+    summary = run_precision(cfg, resolve_engine_spec(ns))
+    log.info("precision: wrote %s", cfg.out_dir / "summary.json")
+    if ns.gate and summary["gate"]["status"] == "skipped":
+        log.warning("gate skipped: %s", summary["gate"]["reason"])
     return 0
 
 

@@ -29,6 +29,12 @@ def pytest_addoption(parser):
     g.addoption("--max-seq-len", type=int, default=None, help="KV cache length (default $MAX_SEQ_LENGTH, else 2048)")
     g.addoption("--mmlu-dir", default=None, help="MMLU work dir holding data/ (default ../shared/datasets/mmlu)")
     g.addoption("--ceval-dir", default=None, help="C-Eval work dir holding data/ (default ../shared/datasets/ceval)")
+    g.addoption("--accuracy-model", default=None,
+                help="thresholds.json model to gate against (default: recognised from the model's name/config)")
+    g.addoption("--accuracy-tolerance", type=float, default=None, help="gate tolerance in points (default thresholds.json: 1.0)")
+    g.addoption("--accuracy-batch", type=int, default=1, help="precision batch size (default 1)")
+    g.addoption("--accuracy-scoring", default="generate", help="precision scoring: generate | logits | both")
+    g.addoption("--accuracy-output-dir", default=None, help="where the release gate writes its result dirs (default: tmp)")
     g.addoption("--perf-output-dir", default=None, help="where perf CSVs and plots go")
     g.addoption("--perf-baseline", default=None, help="baseline CSV; a case slower than it by more than the tolerance fails")
     g.addoption("--perf-tolerance", type=float, default=0.10, help="allowed slowdown against --perf-baseline (0.10 = 10%%)")
@@ -88,6 +94,11 @@ def vicuna_options(pytestconfig) -> dict:
         "max_seq_len": opt("--max-seq-len"),
         "mmlu_dir": opt("--mmlu-dir") or shared_dataset_dir(root, "mmlu"),
         "ceval_dir": opt("--ceval-dir") or shared_dataset_dir(root, "ceval"),
+        "accuracy_model": opt("--accuracy-model"),
+        "accuracy_tolerance": opt("--accuracy-tolerance"),
+        "accuracy_batch": opt("--accuracy-batch"),
+        "accuracy_scoring": opt("--accuracy-scoring"),
+        "accuracy_output_dir": opt("--accuracy-output-dir"),
         "perf_output_dir": opt("--perf-output-dir"),
         "perf_baseline": opt("--perf-baseline"),
         "perf_tolerance": opt("--perf-tolerance"),

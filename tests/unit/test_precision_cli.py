@@ -1,0 +1,151 @@
+"""`vicuna-bench precision` as a user meets it: real subprocesses, exit codes, SIGKILL and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.unit.precision_fixtures import make_synthetic_mmlu, mmlu_row, write_csv
+from tests.unit.test_cli import assert_one_line_error, vb
+from tests.unit.test_precision import assert_same_files
+
+# ------------------------------------------------------------------ bad input: exit 2, one line, nothing written
+
+
+def precision(work: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return vb("precision", "--mode", "mmlu", "--work-dir", str(work), "--no-progress", *extra, timeout=timeout)
+
+
+def damage_missing_val(work: Path) -> tuple[str, ...]:
+    import shutil
+
+    shutil.rmtree(work / "data" / "val")
+    return (str(work / "data" / "val"), "missing")
+
+
+def damage_short_row(work: Path) -> tuple[str, ...]:
+    path = work / "data" / "val" / "beta_facts_val.csv"
+    write_csv(path, [mmlu_row("beta q0", "D"), ["beta q1", "one", "two", "three", "B"]])
+    return (str(path), "row 2", "expected 6 fields, got 5")
+
+
+def damage_unknown_subject(work: Path) -> tuple[str, ...]:
+    path = work / "data" / "val" / "gamma_lore_val.csv"
+    write_csv(path, [mmlu_row("gamma q0", "A")])
+    write_csv(work / "data" / "dev" / "gamma_lore_dev.csv", [mmlu_row("gamma shot", "A")])
+    return (str(path), "'gamma_lore'", "subject_mapping.json")
+
+
+def damage_empty_data_dir(work: Path) -> tuple[str, ...]:
+    for p in sorted((work / "data").rglob("*.csv")):
+        p.unlink()
+    return (str(work / "data" / "val"), "no <subject>_val.csv files")
+
+
+@pytest.mark.parametrize("damage", [damage_missing_val, damage_short_row, damage_unknown_subject, damage_empty_data_dir])
+def test_bad_data_exits_2_naming_file_and_row_and_writes_nothing(tmp_path, damage):
+    work = make_synthetic_mmlu(tmp_path / "work")
+    needles = damage(work)
+    proc = precision(work)
+    assert_one_line_error(proc, *needles)
+    assert not (work / "test_result").exists()
+    assert "engine:" not in proc.stderr  # found before any model was started
+
+
+def test_bad_options_exit_2(tmp_path):
+    work = make_synthetic_mmlu(tmp_path / "work")
+    assert_one_line_error(precision(work, "--scoring", "vote"), "--scoring 'vote'")
+    assert_one_line_error(precision(work, "--batch", "0"), "--batch 0")
+    assert_one_line_error(precision(work, "--subjects", "nope"), "--subjects: 'nope'")
+    assert not (work / "test_result").exists()
+
+
+# ------------------------------------------------------------------ gates through the CLI
+
+def test_gate_exit_3_and_skip_for_unknown_model(tmp_path, tiny_models):
+    # A word-level tiny model answers no letter: 0% fails a gate named explicitly.
+    work = make_synthetic_mmlu(tmp_path / "work")
+    common = ("--model-path", str(tiny_models["gqa"]), "--max-seq-len", "256", "--max-prompt-tokens", "250")
+    proc = precision(work, *common, "--gate", "--gate-model", "vicuna-13b-v1.5-16k")
+    assert proc.returncode == 3, proc.stderr
+    assert "precision: error: mmlu gate failed for vicuna-13b-v1.5-16k: generate 0.00% < 55.69 - 1.0" in proc.stderr
+    assert "Avg(Hard)" in proc.stderr  # the per-category table is on the log
+    assert json.loads((work / "test_result" / "summary.json").read_text())["gate"]["status"] == "failed"
+    # Unknown model: the run reports, the gate is skipped with a reason, exit 0.
+    proc = precision(work, *common, "--gate", "--output-dir", str(tmp_path / "out2"))
+    assert proc.returncode == 0, proc.stderr
+    assert "gate skipped: unknown model" in proc.stderr
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["gate"]["status"] == "skipped"
+
+
+# ------------------------------------------------------------------ SIGKILL at any point, then resume
+
+KILL_SUBJECTS = {  # short questions: ~0.2 s each with the embedded model
+    f"s{i}_topic": {
+        "category": "other",
+        "dev": [mmlu_row(f"s{i} shot {j}", "ABCDA"[j]) for j in range(5)],
+        "val": [mmlu_row(f"s{i} question {j}", "ABCD"[(i + j) % 4]) for j in range(4)],
+    }
+    for i in range(3)
+}
+
+
+def start(work: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vicuna_bench", "precision", "--mode", "mmlu", "--work-dir", str(work),
+         "--output-dir", str(out), "--scoring", "both", "--dtype", "fp32", "--device", "cpu", "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def cache_rows(out: Path) -> int:
+    try:
+        return (out / "cache.csv").read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> bool:
+    """SIGKILL ``proc`` as soon as ``ready()``; False if it ended first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            return False
+        if ready():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("the run neither finished nor reached the kill point")
+
+
+def test_sigkill_anywhere_then_resume_gives_identical_files(tmp_path, smollm2_path):
+    work = make_synthetic_mmlu(tmp_path / "work", KILL_SUBJECTS)
+    ref = tmp_path / "ref"
+    proc = start(work, ref)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert cache_rows(ref) == 12
+
+    out = tmp_path / "killed"
+    kills = 0
+    # Mid-import (before anything is read), after the first answer, mid-run, after the last cache row.
+    schedule = [(2.0, lambda: True), (0.0, lambda: cache_rows(out) >= 1),
+                (0.0, lambda: cache_rows(out) >= 6), (0.0, lambda: cache_rows(out) >= 12)]
+    for delay, ready in schedule:
+        proc = start(work, out)
+        time.sleep(delay)
+        kills += kill_when(proc, ready)
+    assert kills >= 3, "the kills came too late to test anything"
+    proc = start(work, out)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert_same_files(ref, out)

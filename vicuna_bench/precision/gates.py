@@ -1,0 +1,72 @@
+"""Release gates: which model a run measured, its thresholds, and the verdict.
+
+Thresholds live in ``vicuna_bench/thresholds.json`` (percent).  A model is
+recognised when one of its ``match`` strings occurs (case-insensitively) in
+the model directory's name, a parent's name (cut dirs), or the config's
+``_name_or_path``; ``--accuracy-model`` / ``--gate-model`` override that.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def load_thresholds() -> dict:
+    return json.loads(resources.files("vicuna_bench").joinpath("thresholds.json").read_text("utf-8"))
+
+
+def model_names(model_path: str | Path) -> list[str]:
+    """Names a model goes by: its dir, the dirs above a cut dir's rank, and config names."""
+    path = Path(model_path).resolve()
+    names = [path.name]
+    if path.parent.name == "part_model":  # <cut>/part_model/<rank>
+        names.append(path.parent.parent.name)
+    for config in (path / "config.json", path / "part_model" / "0" / "config.json"):
+        if config.is_file():
+            try:
+                conf = json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            names += [str(conf[k]) for k in ("_name_or_path", "name_or_path") if conf.get(k)]
+    return names
+
+
+def identify_model(model_path: str | Path, override: str | None = None, thresholds: dict | None = None) -> str | None:
+    """The thresholds.json key for this model, or None when unknown."""
+    models = (thresholds or load_thresholds())["models"]
+    if override:
+        if override not in models:
+            raise UserError(f"--gate-model {override!r} is not in thresholds.json (known: {', '.join(models)})")
+        return override
+    names = [n.lower() for n in model_names(model_path)]
+    for key, entry in models.items():
+        for needle in entry.get("match", [key]):
+            if any(needle.lower() in name for name in names):
+                return key
+    return None
+
+
+def evaluate_gate(
+    mode: str, scoring: str, score_percent: float | None, model_key: str | None,
+    tolerance: float | None = None, thresholds: dict | None = None,
+) -> dict:
+    """``{"status": passed|failed|skipped, ...}`` for one scoring's average (percent)."""
+    thresholds = thresholds or load_thresholds()
+    tol = thresholds["tolerance"] if tolerance is None else tolerance
+    if model_key is None:
+        return {"status": "skipped", "reason": "unknown model: no release threshold (pass --gate-model to name one)"}
+    threshold = thresholds["models"][model_key].get(mode, {}).get(scoring)
+    if threshold is None:
+        return {"status": "skipped", "reason": f"no {mode} threshold for {model_key} with scoring {scoring!r}"}
+    if score_percent is None:
+        return {"status": "skipped", "reason": "no question was answered"}
+    verdict = {
+        "model": model_key, "scoring": scoring, "score": round(score_percent, 4),
+        "threshold": threshold, "tolerance": tol,
+    }
+    verdict["status"] = "passed" if score_percent >= threshold - tol else "failed"
+    return verdict

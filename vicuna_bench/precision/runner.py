@@ -1,0 +1,331 @@
+"""The precision run: read, prompt, ask (batched), record crash-safely, aggregate, gate.
+
+One function, :func:`run_precision`, serves the CLI (``vicuna-bench
+precision``), ``sdk-test`` and the pytest suites.  Bad input is found before
+anything is written or an engine starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from ..errors import GateFailed, UserError
+from . import results as R
+from .data import Dataset, load_dataset, select_subjects
+from .gates import evaluate_gate, identify_model, load_thresholds
+from .prompt import (
+    FittedPrompt,
+    fit_prompt,
+    letter_from_logits,
+    letter_from_text,
+    letter_token_ids,
+)
+
+log = logging.getLogger("vicuna_bench")
+
+SCORINGS = ("generate", "logits", "both")
+TOO_LONG_POLICIES = {
+    "exclude": "excluded from the denominator (as the reference does, but counted and listed)",
+    "wrong": "counted as wrong answers",
+}
+
+
+@dataclasses.dataclass
+class PrecisionConfig:
+    """The knobs of one run (``vicuna-bench precision`` flags)."""
+
+    mode: str
+    work_dir: str | Path
+    output_dir: str | Path | None = None  # default <work_dir>/test_result
+    batch: int = 1
+    shot: int = 5
+    seq_len_out: int = 2
+    max_prompt_tokens: int = 2000
+    scoring: str = "generate"  # generate | logits | both
+    subjects: list[str] | None = None
+    limit_per_subject: int | None = None
+    too_long: str = "exclude"  # exclude | wrong
+    gate: bool = False
+    gate_model: str | None = None
+    tolerance: float | None = None  # percentage points; None: thresholds.json's
+    progress: bool = True
+
+    def check(self) -> None:
+        for name in ("batch", "shot", "seq_len_out", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"--{name.replace('_', '-')} {value} must be an integer >= 1")
+        if self.scoring not in SCORINGS:
+            raise UserError(f"--scoring {self.scoring!r} is not supported (valid: {', '.join(SCORINGS)})")
+        if self.too_long not in TOO_LONG_POLICIES:
+            raise UserError(f"--too-long {self.too_long!r} is not supported (valid: {', '.join(TOO_LONG_POLICIES)})")
+        if self.limit_per_subject is not None and self.limit_per_subject < 1:
+            raise UserError(f"--limit-per-subject {self.limit_per_subject} must be >= 1")
+        if self.tolerance is not None and self.tolerance < 0:
+            raise UserError(f"--tolerance {self.tolerance} must be >= 0")
+        if self.gate and (self.subjects or self.limit_per_subject):
+            raise UserError("--gate judges the full val set: drop --subjects / --limit-per-subject")
+
+    @property
+    def scorings(self) -> list[str]:
+        return ["generate", "logits"] if self.scoring == "both" else [self.scoring]
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path(self.work_dir) / "test_result"
+
+
+def run_settings(cfg: PrecisionConfig, model: str, dtype: str) -> dict:
+    """What a resumed run must share with the run that wrote the cache."""
+    return {
+        "mode": cfg.mode, "scoring": cfg.scoring, "shot": cfg.shot, "seq_len_out": cfg.seq_len_out,
+        "max_prompt_tokens": cfg.max_prompt_tokens, "model": model, "dtype": dtype,
+    }
+
+
+def model_label(model_path: str, key: str | None) -> str:
+    return key or Path(model_path).resolve().name
+
+
+class _Existing:
+    """What an earlier run left in the output dir, checked against the data and settings."""
+
+    def __init__(self, cfg: PrecisionConfig, dataset: Dataset, settings: dict):
+        out = cfg.out_dir
+        self.caches = {s: R.read_cache(out / f, dataset) for s, f in R.cache_files(cfg.scoring).items()}
+        self.answers = R.read_answers(out / R.ANSWERS)
+        for rec in list(self.answers.values())[:1]:
+            old = rec.get("settings", {})
+            for key, value in settings.items():
+                if old.get(key) != value:
+                    raise UserError(
+                        f"{out / R.ANSWERS}: written by a run with {key}={old.get(key)!r}, this run has {value!r} "
+                        "(use another --output-dir, or the same settings to resume)"
+                    )
+
+    def done(self, key) -> bool:
+        return all(key in cache for cache in self.caches.values())
+
+
+def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
+    """Run (or resume) a precision test; returns the summary (also written to summary.json).
+
+    ``spec`` is a resolved EngineSpec; ``engine`` an open Engine for it (one
+    is started, only when a question is left to ask, if None).  Raises
+    UserError on bad input before writing anything, GateFailed (after
+    writing every file) when ``cfg.gate`` and the score is below threshold.
+    """
+    from .. import checkpoint
+    from ..chat import load_tokenizer
+
+    started = time.perf_counter()
+    cfg.check()
+    dataset = load_dataset(cfg.mode, cfg.work_dir)
+    subjects = select_subjects(dataset, cfg.subjects)
+    if cfg.max_prompt_tokens + cfg.seq_len_out > spec.max_seq_len:
+        raise UserError(
+            f"--max-prompt-tokens {cfg.max_prompt_tokens} + --seq-len-out {cfg.seq_len_out} exceeds "
+            f"--max-seq-len {spec.max_seq_len}"
+        )
+    thresholds = load_thresholds()
+    model_key = identify_model(spec.model_path, cfg.gate_model, thresholds)
+    model = model_label(spec.model_path, model_key)
+    settings = run_settings(cfg, model, spec.dtype)
+    existing = _Existing(cfg, dataset, settings)
+    tokenizer = load_tokenizer(checkpoint.tokenizer_dir(Path(spec.model_path)))
+    letter_ids = letter_token_ids(tokenizer) if cfg.scoring != "generate" else None
+    selection = dataset.questions(subjects, cfg.limit_per_subject)
+    fitted = [fit_prompt(tokenizer, dataset.dev[q.subject], q, cfg.shot, cfg.max_prompt_tokens) for q in selection]
+    too_long = [f for f in fitted if f.too_long]
+    pending = [f for f in fitted if not f.too_long and not existing.done((f.question.subject, f.question.qid))]
+    log.info(
+        "precision %s: %d subjects, %d questions, %d already in %s, %d to ask, %d too long for %d tokens",
+        cfg.mode, len(subjects), len(selection), len(selection) - len(pending) - len(too_long),
+        cfg.out_dir / "cache.csv", len(pending), len(too_long), cfg.max_prompt_tokens,
+    )
+    for f in too_long:
+        log.warning(
+            "too long: %s %s needs %d tokens with 1 shot (> %d); %s",
+            f.question.subject, f.question.qid, f.tokens, cfg.max_prompt_tokens, TOO_LONG_POLICIES[cfg.too_long],
+        )
+
+    # From here on files are written.
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    engine_s = 0.0
+    if pending:
+        engine_s = _ask(cfg, spec, engine, tokenizer, letter_ids, pending, existing, settings)
+    summary = finalize(cfg, dataset, fitted, settings, spec, model_key, thresholds)
+    summary["timing"] = {
+        "asked_this_run": len(pending),
+        "wall_s": round(time.perf_counter() - started, 3),
+        "engine_s": round(engine_s, 3),
+        "questions_per_s": round(len(pending) / engine_s, 4) if engine_s > 0 else None,
+        "batch": cfg.batch,
+    }
+    R.write_atomic(out / R.SUMMARY, R.json_text(summary))
+    table = R.category_table(summary)
+    log.info("precision results (%s):\n%s", out, table)
+    gate = summary["gate"]
+    if cfg.gate:
+        if gate["status"] == "failed":
+            failed = [v for v in gate["verdicts"] if v["status"] == "failed"]
+            what = "; ".join(
+                f"{v['scoring']} {v['score']:.2f}% < {v['threshold']} - {v['tolerance']}" for v in failed
+            )
+            raise GateFailed(f"{cfg.mode} gate failed for {model_key}: {what}\n{table}")
+        log.info("gate %s: %s", gate["status"], gate.get("reason", ""))
+    return summary
+
+
+def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], existing: _Existing, settings) -> float:
+    """Ask every pending question in batches, recording each answer before the next; engine seconds."""
+    from tqdm import tqdm
+
+    from ..runtime import Engine
+
+    out = cfg.out_dir
+    files = R.cache_files(cfg.scoring)
+    answers = R.AppendLog(out / R.ANSWERS)
+    caches = {s: R.AppendLog(out / f) for s, f in files.items()}
+    device_log = R.AppendLog(out / R.DEVICE_LOG)
+    primary = cfg.scorings[0]
+    correct = sum(truth == pred for truth, pred in existing.caches[primary].values())
+    counted = len(existing.caches[primary])
+    own = None
+    engine_s = 0.0
+    bar = tqdm(total=len(pending), unit="q", desc=f"{cfg.mode} {cfg.scoring}", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        if engine is None:
+            own = engine = Engine(spec)
+        max_new = cfg.seq_len_out if "generate" in cfg.scorings else 1
+        for start in range(0, len(pending), cfg.batch):
+            chunk = pending[start : start + cfg.batch]
+            t0 = time.perf_counter()
+            res = engine.generate([f.ids for f in chunk], max_new, return_logits=letter_ids is not None)
+            engine_s += time.perf_counter() - t0
+            for row, f in enumerate(chunk):
+                q = f.question
+                rec = {
+                    "task": q.subject, "id": q.qid, "truth": q.answer, "shots": f.shots,
+                    "prompt_tokens": f.tokens, "prompt": f.text,
+                }
+                if "generate" in cfg.scorings:
+                    text = tokenizer.decode(res.output_ids[row], skip_special_tokens=True)
+                    rec["generate"] = {"text": text, "pred": letter_from_text(text)}
+                if letter_ids is not None:
+                    pred, values = letter_from_logits(res.logits[row][0], letter_ids)
+                    rec["logits"] = {"values": {k: round(v, 2) for k, v in values.items()}, "pred": pred}
+                rec["settings"] = settings
+                # Details first, then the cache rows: a question in cache.csv always has its details.
+                answers.write(R.json_text_line(rec))
+                for scoring in reversed(cfg.scorings):  # the primary cache last: it marks the question done
+                    caches[scoring].write(R.cache_line(q.qid, q.subject, q.answer, rec[scoring]["pred"]))
+                device_log.write(R.log_entry(rec), sync=False)
+                correct += rec[primary]["pred"] == q.answer
+                counted += 1
+            bar.update(len(chunk))
+            bar.set_postfix(acc=f"{100 * correct / counted:.1f}%", qps=f"{bar.n / engine_s:.2f}" if engine_s else "-")
+    finally:
+        bar.close()
+        if own is not None:
+            own.close()
+        for handle in (answers, device_log, *caches.values()):
+            handle.close()
+    return engine_s
+
+
+def finalize(cfg, dataset: Dataset, fitted: list[FittedPrompt], settings, spec, model_key, thresholds) -> dict:
+    """Rewrite every result file from the whole cache, in the canonical order; return the summary."""
+    out = cfg.out_dir
+    files = R.cache_files(cfg.scoring)
+    caches = {s: R.read_cache(out / f, dataset) for s, f in files.items()}
+    answers = R.read_answers(out / R.ANSWERS)
+    order = [(q.subject, q.qid) for s in dataset.subjects for q in dataset.val[s]]
+    too_long = [f for f in fitted if f.too_long]
+    primary = cfg.scorings[0]
+    for scoring, name in files.items():
+        rows = caches[scoring]
+        R.write_atomic(out / name, "".join(R.cache_line(k[1], k[0], *rows[k]) for k in order if k in rows))
+    # answers.jsonl: one record per question still in the primary cache, canonical order.
+    keep = [k for k in order if k in caches[primary] and k in answers]
+    R.write_atomic(out / R.ANSWERS, "".join(R.json_text_line(answers[k]) for k in keep))
+
+    results = {}
+    for scoring, (subject_file, classes_file) in R.result_files(cfg.scoring).items():
+        rows = caches[scoring]
+        verdicts = [(k[0], rows[k][0] == rows[k][1]) for k in order if k in rows]
+        if cfg.too_long == "wrong":
+            verdicts += [(f.question.subject, False) for f in too_long]
+        subject_acc, classes, counts = R.accuracy_tables(verdicts, dataset.categories)
+        R.write_atomic(out / subject_file, R.json_text(subject_acc))
+        R.write_atomic(out / classes_file, R.json_text(classes))
+        results[scoring] = counts
+
+    summary = {
+        "mode": cfg.mode,
+        "work_dir": str(Path(cfg.work_dir).resolve()),
+        "model": settings["model"],
+        "model_path": str(spec.model_path),
+        "dtype": spec.dtype,
+        "device": spec.device,
+        "world_size": spec.world_size,
+        "scoring": cfg.scoring,
+        "primary_scoring": primary,
+        "files": {s: {"cache": files[s], "subjects": sf, "classes": cf} for s, (sf, cf) in R.result_files(cfg.scoring).items()},
+        "settings": {k: settings[k] for k in ("shot", "seq_len_out", "max_prompt_tokens")},
+        "mapping": dataset.mapping_file,
+        "questions": {
+            "in_data": len(order),
+            "selected": len(fitted),
+            "answered": len(caches[primary]),
+            "too_long": len(too_long),
+        },
+        "too_long": {
+            "count": len(too_long),
+            "policy": TOO_LONG_POLICIES[cfg.too_long],
+            "questions": [
+                {"task": f.question.subject, "id": f.question.qid, "tokens_with_1_shot": f.tokens} for f in too_long
+            ],
+        },
+        "results": results,
+    }
+    if cfg.scoring == "both":
+        gen, lg = caches["generate"], caches["logits"]
+        shared = [k for k in order if k in gen and k in lg]
+        summary["agreement"] = sum(gen[k][1] == lg[k][1] for k in shared) / len(shared) if shared else None
+    verdicts = [
+        evaluate_gate(
+            cfg.mode, s, None if results[s]["micro"] is None else 100 * results[s]["micro"],
+            model_key, cfg.tolerance, thresholds,
+        )
+        for s in cfg.scorings
+    ]
+    statuses = [v["status"] for v in verdicts]
+    status = "failed" if "failed" in statuses else "passed" if "passed" in statuses else "skipped"
+    gate = {"status": status, "verdicts": verdicts, "requested": cfg.gate}
+    if status == "skipped":
+        gate["reason"] = "; ".join(v["reason"] for v in verdicts)
+    summary["gate"] = gate
+
+    # device.log: every prompt, raw answer and verdict, then what was not asked, then the table.
+    parts = []
+    for k in order:
+        if k not in caches[primary]:
+            continue
+        rec = answers.get(k)
+        if rec is not None and all(rec.get(s, {}).get("pred") == caches[s].get(k, (None, None))[1] for s in caches):
+            parts.append(R.log_entry(rec))
+        else:
+            parts.append(R.bare_log_entry(k[0], k[1], caches[primary][k][0], {s: caches[s].get(k, ("", "?"))[1] for s in caches}))
+    for f in too_long:
+        parts.append(
+            f"=== too long: {f.question.subject} {f.question.qid} needs {f.tokens} tokens with 1 shot "
+            f"(> --max-prompt-tokens {cfg.max_prompt_tokens}); not asked, {TOO_LONG_POLICIES[cfg.too_long]}\n\n"
+        )
+    parts.append(R.category_table(summary) + "\n")
+    R.write_atomic(out / R.DEVICE_LOG, "".join(parts))
+    return summary
