@@ -244,15 +244,7 @@ def perf_settings(ns: argparse.Namespace):
     """PerfSettings from the perf options (model-independent checks only)."""
     from . import perf
 
-    if ns.case_pair is not None and ns.case_pair.strip():
-        if ns.min_len_exp is not None or ns.max_len_exp is not None:
-            log.info("--case-pair given: --min-len-exp/--max-len-exp are ignored (as the reference does)")
-        cases = perf.parse_case_pair(ns.case_pair)
-    else:
-        cases = perf.sweep_cases(
-            perf.DEFAULT_MIN_LEN_EXP if ns.min_len_exp is None else ns.min_len_exp,
-            perf.DEFAULT_MAX_LEN_EXP if ns.max_len_exp is None else ns.max_len_exp,
-        )
+    cases = perf.select_cases(ns.case_pair, ns.min_len_exp, ns.max_len_exp)
     return perf.PerfSettings(
         cases=cases, batch_size=ns.batch_size, mode=ns.perf_mode, repeat=ns.repeat,
         model_name=ns.model_name or "model", seed=ns.seed, mem_bandwidth_gbps=ns.mem_bandwidth,

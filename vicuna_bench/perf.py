@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -103,6 +104,21 @@ def parse_case_pair(text: str, source: str = "--case-pair") -> list[Case]:
             raise UserError(f"{source} {text!r}: {list(item)} has a length below 1")
         cases.append(Case(int(item[0]), int(item[1])))
     return cases
+
+
+def select_cases(case_pair: str | None, min_exp: int | None, max_exp: int | None,
+                 default_case_pair: str | None = None, source: str = "--case-pair") -> list[Case]:
+    """The run's cases: ``case_pair`` when given (the exponents are then
+    ignored, as the reference does); else ``default_case_pair`` when neither
+    exponent is given; else the sweep (missing exponents take the defaults)."""
+    if case_pair is not None and case_pair.strip():
+        if min_exp is not None or max_exp is not None:
+            log.info("--case-pair given: --min-len-exp/--max-len-exp are ignored (as the reference does)")
+        return parse_case_pair(case_pair, source)
+    if min_exp is None and max_exp is None and default_case_pair is not None:
+        return parse_case_pair(default_case_pair)
+    return sweep_cases(DEFAULT_MIN_LEN_EXP if min_exp is None else min_exp,
+                       DEFAULT_MAX_LEN_EXP if max_exp is None else max_exp)
 
 
 def warmup_case(cases: Sequence[Case], max_seq_len: int) -> Case:
@@ -199,6 +215,10 @@ class PerfRun:
         return file_stem(self.model_name, self.device_name, self.settings.batch_size)
 
 
+def _max_per_rank(a: list[int], b: list[int]) -> list[int]:
+    return [max(x, y) for x, y in zip(a, b)] if a else list(b)
+
+
 def _random_prompts(batch: int, seq_in: int, vocab: int, generator: torch.Generator) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, seq_in), generator=generator).tolist()
 
@@ -232,7 +252,7 @@ def measure_case(engine, case: Case, settings: PerfSettings, generator: torch.Ge
             result.response_s.append((one.total_ms + full.total_ms) / 1e3)  # the reference times both
             runs = [one, full]
         for run in runs:
-            peaks = [max(a, b) for a, b in zip(peaks, run.peak_memory_bytes)] if peaks else list(run.peak_memory_bytes)
+            peaks = _max_per_rank(peaks, run.peak_memory_bytes)
     result.peak_memory_bytes = peaks
     return result
 
@@ -250,9 +270,7 @@ def merge_results(parts: Sequence[CaseResult]) -> CaseResult:
     for part in parts:
         for name in ("first_ms", "next_ms", "step_ms", "e2e_ms", "response_s"):
             getattr(merged, name).extend(getattr(part, name))
-        peaks = merged.peak_memory_bytes
-        merged.peak_memory_bytes = [max(a, b) for a, b in zip(peaks, part.peak_memory_bytes)] if peaks else list(
-            part.peak_memory_bytes)
+        merged.peak_memory_bytes = _max_per_rank(merged.peak_memory_bytes, part.peak_memory_bytes)
     return merged
 
 
@@ -424,8 +442,6 @@ def write_tables(run: PerfRun, output_dir: Path) -> dict[str, Path]:
         "samples_json": output_dir / f"{run.stem}_samples.json",
     }
     _atomic_write(paths["reference_csv"], REFERENCE_HEADER + "\n" + "".join(reference_line(r) + "\n" for r in run.results))
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=EXTENDED_COLUMNS, lineterminator="\n")
     writer.writeheader()

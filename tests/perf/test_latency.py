@@ -25,14 +25,8 @@ MODEL_CASES = "[[256,64]]"
 def _settings(config) -> perf.PerfSettings:
     opt = config.getoption
     tiny = opt("--model-path") is None
-    if opt("--perf-case-pair"):
-        cases = perf.parse_case_pair(opt("--perf-case-pair"), "--perf-case-pair")
-    elif opt("--perf-min-len-exp") is not None or opt("--perf-max-len-exp") is not None:
-        lo, hi = opt("--perf-min-len-exp"), opt("--perf-max-len-exp")
-        cases = perf.sweep_cases(perf.DEFAULT_MIN_LEN_EXP if lo is None else lo,
-                                 perf.DEFAULT_MAX_LEN_EXP if hi is None else hi)
-    else:
-        cases = perf.parse_case_pair(TINY_CASES if tiny else MODEL_CASES)
+    cases = perf.select_cases(opt("--perf-case-pair"), opt("--perf-min-len-exp"), opt("--perf-max-len-exp"),
+                              default_case_pair=TINY_CASES if tiny else MODEL_CASES, source="--perf-case-pair")
     return perf.PerfSettings(cases=cases, batch_size=opt("--perf-batch-size"), mode=opt("--perf-mode"),
                              repeat=opt("--perf-repeat"), model_name="tiny-llama" if tiny else "model")
 
