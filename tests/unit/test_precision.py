@@ -383,6 +383,22 @@ def assert_same_files(a: Path, b: Path) -> None:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def test_detail_records_keep_unicode_line_separators(tmp_path):
+    # Real data: MMLU nutrition_val.csv holds a U+0085 (NEL); str.splitlines() splits there, and the full
+    # MMLU run failed to rebuild its files on that record. Records are split on "\n" only.
+    from vicuna_bench.precision import results as R
+
+    texts = ["tea\x85drinkers", "a\u2028b\u2029c", "vt\x0bff\x0cfs\x1cgs\x1drs\x1e", "cr\r\nlf"]
+    path = tmp_path / "answers.jsonl"
+    records = [{"task": "nutrition", "id": str(i), "prompt": t} for i, t in enumerate(texts)]
+    path.write_bytes(b"".join(R.json_text_line(r).encode("utf-8") for r in records) + b'{"task": "nutri')
+    got = R.read_answers(path)
+    assert [got[("nutrition", str(i))]["prompt"] for i in range(len(texts))] == texts  # the partial line is left out
+    if (SHARED / "mmlu" / "data").is_dir():
+        val = load_dataset("mmlu", SHARED / "mmlu").val["nutrition"]
+        assert any("\x85" in q.question + "".join(q.choices) for q in val)
+
+
 def test_resume_heals_every_crash_window(synthetic, tmp_path, smollm2_path, smol_tokenizer):
     """The states a kill can leave between the writes of one question, each resumed to the same files."""
     ref = tmp_path / "ref"
@@ -479,6 +495,21 @@ def test_gate_thresholds_and_tolerance():
     skipped = ev("mmlu", "generate", 10.0, None)
     assert skipped["status"] == "skipped" and "unknown model" in skipped["reason"]
     assert ev("mmlu", "logits", 90.0, "vicuna-13b-v1.5-16k")["status"] == "skipped"  # no logits threshold
+
+
+def test_embedded_model_has_measured_thresholds():
+    # The embedded model's gates are its own full val-set scores (docs/precision.md), recorded as percentages so
+    # its release gate runs instead of being skipped. MMLU is measured; C-Eval is still pending (null).
+    entry = gates.load_thresholds()["models"]["SmolLM2-135M-Instruct"]
+    assert "measured" in entry["source"]
+    for mode in ("mmlu", "ceval"):
+        for scoring in ("generate", "logits"):
+            t = entry[mode][scoring]
+            if t is None and mode == "ceval":
+                continue
+            assert isinstance(t, float) and 0.0 < t < 100.0, (mode, scoring, t)
+            assert gates.evaluate_gate(mode, scoring, t - 1.0, "SmolLM2-135M-Instruct")["status"] == "passed"
+            assert gates.evaluate_gate(mode, scoring, t - 1.01, "SmolLM2-135M-Instruct")["status"] == "failed"
 
 
 def test_gate_failure_raises_with_the_category_table(synthetic, tmp_path, smollm2_path, smol_tokenizer):

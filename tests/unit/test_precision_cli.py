@@ -77,7 +77,13 @@ def test_gate_exit_3_and_skip_for_unknown_model(tmp_path, tiny_models):
     assert proc.returncode == 3, proc.stderr
     assert "precision: error: mmlu gate failed for vicuna-13b-v1.5-16k: generate 0.00% < 55.69 - 1.0" in proc.stderr
     assert "Avg(Hard)" in proc.stderr  # the per-category table is on the log
-    assert json.loads((work / "test_result" / "summary.json").read_text())["gate"]["status"] == "failed"
+    summary = json.loads((work / "test_result" / "summary.json").read_text())
+    assert summary["gate"]["status"] == "failed"
+    assert summary["model"] == tiny_models["gqa"].name  # what ran, not whose thresholds judged it
+    # The same answers, judged without --gate-model, resume from the cache: the gate names no model, so it is skipped.
+    proc = precision(work, *common, "--gate")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 to ask" in proc.stderr
     # Unknown model: the run reports, the gate is skipped with a reason, exit 0.
     proc = precision(work, *common, "--gate", "--output-dir", str(tmp_path / "out2"))
     assert proc.returncode == 0, proc.stderr

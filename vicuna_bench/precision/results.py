@@ -53,10 +53,11 @@ def complete_lines(path: Path) -> list[str]:
     """The file's newline-terminated lines (a trailing partial line, from a kill, is left out)."""
     if not path.is_file():
         return []
-    text = path.read_text(encoding="utf-8")
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    return text.splitlines(keepends=True)
+    # Split on "\n" only: str.splitlines() also splits on U+0085, U+2028, ... which json.dumps(ensure_ascii=False)
+    # leaves raw inside strings (real MMLU rows contain U+0085).
+    text = path.read_bytes().decode("utf-8")
+    complete = text[: text.rfind("\n") + 1]
+    return [line + "\n" for line in complete.split("\n")[:-1]]
 
 
 def drop_partial_line(path: Path) -> None:

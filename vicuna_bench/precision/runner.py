@@ -131,8 +131,8 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
             f"--max-seq-len {spec.max_seq_len}"
         )
     thresholds = load_thresholds()
-    model_key = identify_model(spec.model_path, cfg.gate_model, thresholds)
-    model = model_label(spec.model_path, model_key)
+    model_key = identify_model(spec.model_path, cfg.gate_model, thresholds)  # whose thresholds judge the run
+    model = model_label(spec.model_path, identify_model(spec.model_path, None, thresholds))  # what ran
     settings = run_settings(cfg, model, spec.dtype)
     existing = _Existing(cfg, dataset, settings)
     tokenizer = load_tokenizer(checkpoint.tokenizer_dir(Path(spec.model_path)))
