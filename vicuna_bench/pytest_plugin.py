@@ -74,17 +74,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def shared_dataset_dir(rootdir: Path, name: str) -> Path | None:
-    """``../shared/datasets/<name>`` beside the checkout, when present."""
-    candidate = rootdir.parent / "shared" / "datasets" / name
-    return candidate if (candidate / "data").is_dir() else None
+def shared_dataset_dir(starts: list[Path], name: str) -> Path | None:
+    """``shared/datasets/<name>`` beside the checkout (or beside a folder above it), when present.
+
+    Each start (pytest's rootdir, then the invocation dir) and its parents are tried in turn. The rootdir alone is
+    not enough: pytest picks it before plugins register their options, so in ``pytest -m accuracy
+    --accuracy-output-dir /tmp/x`` the option's value counts as a path argument and the rootdir becomes /tmp/x.
+    """
+    for start in starts:
+        for folder in (start, *start.parents):
+            candidate = folder.parent / "shared" / "datasets" / name
+            if (candidate / "data").is_dir():
+                return candidate
+    return None
 
 
 @pytest.fixture(scope="session")
 def vicuna_options(pytestconfig) -> dict:
     """The suite options as a dict (defaults resolved where cheap)."""
     opt = pytestconfig.getoption
-    root = Path(str(pytestconfig.rootpath))
+    starts = [Path(str(pytestconfig.rootpath)).resolve(), Path(pytestconfig.invocation_params.dir).resolve()]
     return {
         "world_size": opt("--world-size"),
         "device": opt("--device"),
@@ -92,8 +101,8 @@ def vicuna_options(pytestconfig) -> dict:
         "dtype": opt("--dtype"),
         "model_path": opt("--model-path"),
         "max_seq_len": opt("--max-seq-len"),
-        "mmlu_dir": opt("--mmlu-dir") or shared_dataset_dir(root, "mmlu"),
-        "ceval_dir": opt("--ceval-dir") or shared_dataset_dir(root, "ceval"),
+        "mmlu_dir": opt("--mmlu-dir") or shared_dataset_dir(starts, "mmlu"),
+        "ceval_dir": opt("--ceval-dir") or shared_dataset_dir(starts, "ceval"),
         "accuracy_model": opt("--accuracy-model"),
         "accuracy_tolerance": opt("--accuracy-tolerance"),
         "accuracy_batch": opt("--accuracy-batch"),

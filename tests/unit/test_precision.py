@@ -499,14 +499,12 @@ def test_gate_thresholds_and_tolerance():
 
 def test_embedded_model_has_measured_thresholds():
     # The embedded model's gates are its own full val-set scores (docs/precision.md), recorded as percentages so
-    # its release gate runs instead of being skipped. MMLU is measured; C-Eval is still pending (null).
+    # its release gates run instead of being skipped: both sets, both scorings, none left null.
     entry = gates.load_thresholds()["models"]["SmolLM2-135M-Instruct"]
     assert "measured" in entry["source"]
     for mode in ("mmlu", "ceval"):
         for scoring in ("generate", "logits"):
             t = entry[mode][scoring]
-            if t is None and mode == "ceval":
-                continue
             assert isinstance(t, float) and 0.0 < t < 100.0, (mode, scoring, t)
             assert gates.evaluate_gate(mode, scoring, t - 1.0, "SmolLM2-135M-Instruct")["status"] == "passed"
             assert gates.evaluate_gate(mode, scoring, t - 1.01, "SmolLM2-135M-Instruct")["status"] == "failed"
@@ -541,3 +539,23 @@ def test_wilson_interval_values():
     for k, n in ((0, 10), (10, 10), (857, 1542), (1, 3)):
         assert wilson_interval(k, n) == pytest.approx(wilson_by_bisection(k, n), abs=1e-9)
     assert math.isclose(wilson_interval(50, 100)[0], 0.4038, abs_tol=1e-4)  # textbook value
+
+
+def test_shared_datasets_found_beside_the_checkout_from_any_folder_in_it(tmp_path):
+    # pytest's rootdir can be an option's value (it is chosen before the plugin's options are known), so the
+    # default --mmlu-dir / --ceval-dir search also starts from the invocation dir and walks up.
+    from vicuna_bench.pytest_plugin import shared_dataset_dir
+
+    (tmp_path / "shared" / "datasets" / "ceval" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "datasets" / "mmlu").mkdir(parents=True)  # no data/: not a work dir
+    checkout = tmp_path / "main"
+    (checkout / "tests" / "accuracy").mkdir(parents=True)
+    elsewhere = Path("/nonexistent/out")  # an output dir taken for the rootdir: nothing above it
+    expected = tmp_path / "shared" / "datasets" / "ceval"
+    assert shared_dataset_dir([checkout], "ceval") == expected
+    assert shared_dataset_dir([checkout / "tests" / "accuracy"], "ceval") == expected
+    assert shared_dataset_dir([elsewhere, checkout], "ceval") == expected
+    assert shared_dataset_dir([checkout], "mmlu") is None
+    real = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "mmlu"
+    if real.is_dir():
+        assert shared_dataset_dir([Path("/nonexistent/x"), Path(__file__).resolve().parent], "mmlu") == real

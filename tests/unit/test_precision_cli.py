@@ -84,6 +84,10 @@ def test_gate_exit_3_and_skip_for_unknown_model(tmp_path, tiny_models):
     proc = precision(work, *common, "--gate")
     assert proc.returncode == 0, proc.stderr
     assert "0 to ask" in proc.stderr
+    # A wider tolerance passes the same answers, and the log says by what margin.
+    proc = precision(work, *common, "--gate", "--gate-model", "vicuna-13b-v1.5-16k", "--tolerance", "60")
+    assert proc.returncode == 0, proc.stderr
+    assert "mmlu gate passed for vicuna-13b-v1.5-16k: generate 0.00% >= 55.69 - 60.0" in proc.stderr
     # Unknown model: the run reports, the gate is skipped with a reason, exit 0.
     proc = precision(work, *common, "--gate", "--output-dir", str(tmp_path / "out2"))
     assert proc.returncode == 0, proc.stderr

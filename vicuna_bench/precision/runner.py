@@ -177,7 +177,13 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
                 f"{v['scoring']} {v['score']:.2f}% < {v['threshold']} - {v['tolerance']}" for v in failed
             )
             raise GateFailed(f"{cfg.mode} gate failed for {model_key}: {what}\n{table}")
-        log.info("gate %s: %s", gate["status"], gate.get("reason", ""))
+        if gate["status"] == "passed":
+            what = "; ".join(
+                f"{v['scoring']} {v['score']:.2f}% >= {v['threshold']} - {v['tolerance']}"
+                for v in gate["verdicts"]
+                if v["status"] == "passed"
+            )
+            log.info("%s gate passed for %s: %s", cfg.mode, model_key, what)
     return summary
 
 
