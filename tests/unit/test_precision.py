@@ -556,6 +556,5 @@ def test_shared_datasets_found_beside_the_checkout_from_any_folder_in_it(tmp_pat
     assert shared_dataset_dir([checkout / "tests" / "accuracy"], "ceval") == expected
     assert shared_dataset_dir([elsewhere, checkout], "ceval") == expected
     assert shared_dataset_dir([checkout], "mmlu") is None
-    real = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "mmlu"
-    if real.is_dir():
-        assert shared_dataset_dir([Path("/nonexistent/x"), Path(__file__).resolve().parent], "mmlu") == real
+    if (SHARED / "mmlu" / "data").is_dir():
+        assert shared_dataset_dir([Path("/nonexistent/x"), Path(__file__).resolve().parent], "mmlu") == SHARED / "mmlu"

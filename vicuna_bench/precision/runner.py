@@ -172,19 +172,19 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
     gate = summary["gate"]
     if cfg.gate:
         if gate["status"] == "failed":
-            failed = [v for v in gate["verdicts"] if v["status"] == "failed"]
-            what = "; ".join(
-                f"{v['scoring']} {v['score']:.2f}% < {v['threshold']} - {v['tolerance']}" for v in failed
-            )
-            raise GateFailed(f"{cfg.mode} gate failed for {model_key}: {what}\n{table}")
+            raise GateFailed(f"{cfg.mode} gate failed for {model_key}: {_margins(gate, 'failed', '<')}\n{table}")
         if gate["status"] == "passed":
-            what = "; ".join(
-                f"{v['scoring']} {v['score']:.2f}% >= {v['threshold']} - {v['tolerance']}"
-                for v in gate["verdicts"]
-                if v["status"] == "passed"
-            )
-            log.info("%s gate passed for %s: %s", cfg.mode, model_key, what)
+            log.info("%s gate passed for %s: %s", cfg.mode, model_key, _margins(gate, "passed", ">="))
     return summary
+
+
+def _margins(gate: dict, status: str, relation: str) -> str:
+    """The verdicts with this status, as 'generate 25.71% >= 25.71 - 1.0; ...'."""
+    return "; ".join(
+        f"{v['scoring']} {v['score']:.2f}% {relation} {v['threshold']} - {v['tolerance']}"
+        for v in gate["verdicts"]
+        if v["status"] == status
+    )
 
 
 def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], existing: _Existing, settings) -> float:
