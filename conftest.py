@@ -37,3 +37,13 @@ def smollm2_path():
     from vicuna_bench.embedded import embedded_model_dir
 
     return embedded_model_dir(progress=False)
+
+
+@pytest.fixture(scope="session")
+def vicuna_layout(tmp_path_factory):
+    """A tiny random checkpoint laid out file for file as lmsys/vicuna-13b-v1.5-16k (real Llama-2 tokenizer)."""
+    from tests import tiny
+
+    if not (tiny.LLAMA2_TOKENIZER / "tokenizer.model").is_file():
+        pytest.fail(f"{tiny.LLAMA2_TOKENIZER}/tokenizer.model is missing (shared/ must sit beside the checkout)")
+    return tiny.make_vicuna_layout(tmp_path_factory.mktemp("vicuna-layout") / "vicuna-13b-v1.5-16k")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -141,3 +142,101 @@ def sleepy_model(model, prefill_s: float, decode_s: float, per_rank: float = 0.0
 
     model.forward = forward
     return model
+
+
+# ---------------------------------------------------------------- the real Vicuna layout
+
+LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "models" / "llama2-tokenizer"
+
+# lmsys/vicuna-13b-v1.5-16k is hidden 5120, 40 layers, 40 heads (no GQA), intermediate 13824 (2.7x hidden),
+# vocab 32000; scaled down, keeping the vocabulary, multi-head attention, the MLP ratio and a split 8 ways.
+VICUNA_LAYOUT = dict(
+    hidden_size=64, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8,
+    intermediate_size=176, vocab_size=32000,
+)
+
+
+def _added_token(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def make_vicuna_layout(path: Path, *, seed: int = 7, tokenizer_model: Path | None = None) -> Path:
+    """A tiny random checkpoint laid out file for file as ``lmsys/vicuna-13b-v1.5-16k`` ships.
+
+    ``config.json`` in the older dialect (linear rope x4, no ``rope_theta``,
+    4096 native / 16384 positions, float16), ``generation_config.json``, three
+    ``pytorch_model-0000N-of-00003.bin`` shards (float16) with their index,
+    ``special_tokens_map.json``, ``tokenizer_config.json`` (LlamaTokenizer,
+    BOS added, EOS not) and the Llama-2 SentencePiece ``tokenizer.model``.
+    No ``tokenizer.json``, no safetensors.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = VICUNA_LAYOUT
+    config = {
+        "_name_or_path": "vicuna-13b-v1.5-16k",
+        "architectures": ["LlamaForCausalLM"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_position_embeddings": 4096,
+        "max_sequence_length": 16384,
+        "model_type": "llama",
+        "pad_token_id": 0,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 4.0, "type": "linear"},
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.31.0",
+        "use_cache": True,
+        **shape,
+    }
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**shape, "initializer_range": 0.2, "tie_word_embeddings": False,
+                                            "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+                                            "max_position_embeddings": 4096}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    path.mkdir(parents=True, exist_ok=True)
+    # Shard 1: embeddings and the first layer; 2: the middle layers; 3: the last layer, final norm and head.
+    last = shape["num_hidden_layers"] - 1
+
+    def shard_of(name: str) -> int:
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            return 1 if layer == 0 else 3 if layer == last else 2
+        return 1 if name.startswith("model.embed_tokens") else 3
+
+    weight_map, total = {}, 0
+    for n in (1, 2, 3):
+        fname = f"pytorch_model-0000{n}-of-00003.bin"
+        part = {k: v for k, v in state.items() if shard_of(k) == n}
+        torch.save(part, path / fname)
+        weight_map.update({k: fname for k in part})
+        total += sum(v.numel() * v.element_size() for v in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": 1, "do_sample": True, "eos_token_id": 2, "max_length": 4096, "pad_token_id": 0,
+                  "temperature": 0.9, "top_p": 0.6, "transformers_version": "4.31.0"}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    special = {"bos_token": _added_token("<s>"), "eos_token": _added_token("</s>"), "pad_token": "<unk>",
+               "unk_token": _added_token("<unk>")}
+    (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    tok_config = {
+        "add_bos_token": True, "add_eos_token": False,
+        "bos_token": {"__type": "AddedToken", **_added_token("<s>")},
+        "clean_up_tokenization_spaces": False,
+        "eos_token": {"__type": "AddedToken", **_added_token("</s>")},
+        "legacy": False, "model_max_length": 16384, "pad_token": None, "padding_side": "right",
+        "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+        "unk_token": {"__type": "AddedToken", **_added_token("<unk>")},
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    shutil.copyfile(tokenizer_model or LLAMA2_TOKENIZER / "tokenizer.model", path / "tokenizer.model")
+    return path

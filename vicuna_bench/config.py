@@ -114,13 +114,18 @@ class ModelArgs:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such file (a model directory needs config.json)")
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{path}: expected a JSON object")
-        return cls.from_dict(cfg, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object (config.json, tokenizer_config.json); UserError naming the file otherwise."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return doc
 
 
 def _read_rope(cfg: dict[str, Any], source: str) -> tuple[str, float, float]:
