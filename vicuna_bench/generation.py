@@ -6,10 +6,13 @@ the same seeded generator on identical (all-gathered) logits, so every rank
 picks the same tokens without a broadcast.
 
 Prompts are left-padded; rotary positions come from the attention mask, so
-a padded row computes exactly what it would alone.  The per-token loop does
-no Python work that grows with batch or vocabulary: token choice, EOS
-bookkeeping and position updates are tensor ops; the one host read per step
-is the "all rows finished?" check, skipped when EOS is ignored.
+a padded row computes exactly what it would alone.  The prefill is an
+ordinary forward; every later token is one :func:`decode_step`, a function
+of fixed-shape tensors (the position, the cache slot and the valid-key mask
+live on the device), so it can be compiled or captured as a graph.  The
+loop reads the device only for the "all rows finished?" check (every
+``EOS_CHECK_EVERY`` steps on accelerators, never when EOS is ignored) and
+for streaming; step times come from device events read once at the end.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class GenerationResult:
     logits: list[torch.Tensor] | None = None  # per row: [new tokens, vocab] float32
     total_ms: float = 0.0  # the whole call: inputs, cache, prefill, decode, outputs
     peak_memory_bytes: list[int] = dataclasses.field(default_factory=list)  # per rank (filled by the runtime)
+    compile_ms: float = 0.0  # compiling the decode step for this call's shapes (in total_ms, not in the token times)
 
     @property
     def next_token_ms(self) -> float:
@@ -104,6 +108,77 @@ def select_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class StepClock:
+    """Times of consecutive intervals in ms, without a host sync per interval on accelerators.
+
+    CUDA/NPU: a device event per mark, read once by :meth:`intervals_ms`.
+    CPU: the host clock (CPU kernels and gloo collectives are synchronous).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        module = getattr(torch, device.type, None) if device.type in ("cuda", "npu") else None
+        self._event = (lambda: module.Event(enable_timing=True)) if module is not None else None
+        self._marks: list = []
+
+    def mark(self) -> None:
+        if self._event is None:
+            self._marks.append(time.perf_counter())
+        else:
+            event = self._event()
+            event.record()
+            self._marks.append(event)
+
+    def intervals_ms(self) -> list[float]:
+        """Times between consecutive marks (call after the device work is synchronised)."""
+        m = self._marks
+        if self._event is None:
+            return [(b - a) * 1e3 for a, b in zip(m, m[1:])]
+        return [float(a.elapsed_time(b)) for a, b in zip(m, m[1:])]
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """What a decode step reads and advances, all on the device: no host ints in the step.
+
+    ``key_valid`` [B, cache length] marks cache slots holding real tokens;
+    ``slot`` [1] is the slot the next token is written to; ``positions``
+    [B, 1] its rotary position per row.
+    """
+
+    key_valid: torch.Tensor
+    slot: torch.Tensor
+    positions: torch.Tensor
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """Next-token logits [B, vocab] (float32) for ``tokens`` [B, 1]; writes the cache at ``state.slot``.
+
+    A pure tensor function of fixed shapes (what ``--compile on`` compiles);
+    the caller advances ``state``.
+    """
+    state.key_valid.index_fill_(1, state.slot, True)
+    return model.decode(tokens, positions, state.key_valid, state.slot)[:, -1].float()
+
+
+DecodeFn = Callable[[Transformer, torch.Tensor, torch.Tensor, DecodeState], torch.Tensor]
+
+# How often a decode loop on an accelerator reads "all rows finished?" back to the host.
+EOS_CHECK_EVERY = 8
+
+
+def cache_length(needed: int, max_seq_len: int) -> int:
+    """KV cache slots for ``needed`` tokens: the next power of two from 256, capped by ``max_seq_len``.
+
+    A decode step attends over its whole cache, so the cache is sized to the
+    request (a few buckets, each compiled once) rather than to max_seq_len.
+    """
+    length = 256
+    while length < needed:
+        length *= 2
+    return min(length, max_seq_len)
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -117,15 +192,17 @@ def generate(
     return_logits: bool = False,
     sync: Callable[[], None] = lambda: None,
     on_tokens: Callable[[list[int]], None] | None = None,
+    step_fn: DecodeFn = decode_step,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` for each prompt (token id lists).
 
     A row stops after its first EOS (which is kept in its output, as
     transformers does) unless ``ignore_eos``.  ``first_token_ms`` covers the
     prefill and the choice of the first token; ``step_ms`` each later decode
-    step; both end with ``sync()`` so device work is inside the timer.
+    step (device events on accelerators, read once at the end).
     ``total_ms`` is the whole call.  ``on_tokens`` (streaming) receives each
-    step's token per row.
+    step's token per row.  ``step_fn`` is the decode step (eager or
+    compiled :func:`decode_step`).
     """
     call_start = time.perf_counter()
     device = model.lm_head.weight.device
@@ -139,11 +216,12 @@ def generate(
         mask[row, length - len(prompt) :] = True
     tokens = tokens.to(device)
     mask = mask.to(device)
-    model.setup_caches(batch)
-    key_valid = torch.zeros((batch, length + max_new_tokens), dtype=torch.bool, device=device)
+    slots = model.setup_caches(batch, cache_length(length + max_new_tokens, model.max_seq_len))
+    key_valid = torch.zeros((batch, slots), dtype=torch.bool, device=device)
     key_valid[:, :length] = mask
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     eos = torch.as_tensor(list(eos_ids) if not ignore_eos else [], dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else EOS_CHECK_EVERY
     generator = None
     if not sampling.greedy:
         generator = torch.Generator(device=device)
@@ -154,25 +232,25 @@ def generate(
     made = torch.zeros(batch, dtype=torch.long, device=device)  # tokens kept per row
     kept_logits = [] if return_logits else None
 
+    warm = getattr(step_fn, "warm", None)
+    compile_ms = 0.0
+    if warm is not None:  # compile for this batch and cache length now, outside the timed work
+        compile_ms = warm(model, batch, slots, sync) * 1e3
+    clock = StepClock(device)
     sync()
-    t0 = time.perf_counter()
+    clock.mark()
     logits = model(tokens, positions, key_valid, start=0)[:, -1].float()
     next_ids = select_tokens(logits, sampling, generator)
-    sync()
-    first_token_ms = (time.perf_counter() - t0) * 1e3
-    step_ms: list[float] = []
+    clock.mark()
+    state = DecodeState(key_valid, torch.tensor([length], device=device), positions[:, -1:].clone())
 
-    position = positions[:, -1:]
     for step in range(max_new_tokens):
         if step > 0:
-            slot = length + step - 1
-            key_valid[:, slot] = True
-            position = position + 1
-            t0 = time.perf_counter()
-            logits = model(next_ids[:, None], position, key_valid, start=slot)[:, -1].float()
+            state.positions += 1
+            logits = step_fn(model, next_ids[:, None], state.positions, state)
             next_ids = select_tokens(logits, sampling, generator)
-            sync()
-            step_ms.append((time.perf_counter() - t0) * 1e3)
+            state.slot += 1
+            clock.mark()
         live = ~finished
         out[:, step] = torch.where(live, next_ids, out[:, step])
         made += live.long()
@@ -182,7 +260,7 @@ def generate(
             on_tokens([int(t) if alive else -1 for t, alive in zip(next_ids.tolist(), live.tolist())])
         if eos.numel():
             finished |= torch.isin(next_ids, eos)
-            if step + 1 < max_new_tokens and bool(finished.all()):
+            if step + 1 < max_new_tokens and (step + 1) % check_every == 0 and bool(finished.all()):
                 break
 
     counts = made.tolist()
@@ -193,5 +271,6 @@ def generate(
         stacked = torch.stack(kept_logits, dim=1).cpu()  # [B, steps, V]
         logits_rows = [stacked[r, : counts[r]] for r in range(batch)]
     sync()
+    times = clock.intervals_ms()
     total_ms = (time.perf_counter() - call_start) * 1e3
-    return GenerationResult(output_ids, first_token_ms, step_ms, logits_rows, total_ms)
+    return GenerationResult(output_ids, times[0], times[1:], logits_rows, total_ms, compile_ms=compile_ms)

@@ -67,22 +67,34 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, positions: torch.Tensor, seq_len: int, dtype: torch.dtype):
+    def forward(self, positions: torch.Tensor, seq_len: int | torch.Tensor, dtype: torch.dtype):
         """cos, sin of shape [B, T, head_dim] for ``positions`` [B, T].
 
-        ``seq_len`` is the longest row's length after this forward (a host
-        int, so no device sync); only dynamic NTK scaling uses it.
+        ``seq_len`` is the longest row's length after this forward: a host
+        int (prefill), or a tensor (the static decode step: no host read);
+        only dynamic NTK scaling uses it.
         """
         a = self.args
-        if a.rope_type == "dynamic" and seq_len > a.max_position_embeddings:
-            base = a.rope_theta * (
-                (a.rope_factor * seq_len / a.max_position_embeddings) - (a.rope_factor - 1)
-            ) ** (a.head_dim / (a.head_dim - 2))
-            inv_freq = self._inv_freq(base, device=positions.device)
-            freqs = positions.float()[..., None] * inv_freq
-            emb = torch.cat((freqs, freqs), dim=-1)
-            return emb.cos().to(dtype), emb.sin().to(dtype)
-        return self.cos_table[positions].to(dtype), self.sin_table[positions].to(dtype)
+        table = self.cos_table[positions].to(dtype), self.sin_table[positions].to(dtype)
+        if a.rope_type != "dynamic":
+            return table
+        if isinstance(seq_len, int):
+            return self._ntk(positions, float(seq_len), dtype) if seq_len > a.max_position_embeddings else table
+        ntk = self._ntk(positions, seq_len.float(), dtype)
+        beyond = seq_len > a.max_position_embeddings
+        return torch.where(beyond, ntk[0], table[0]), torch.where(beyond, ntk[1], table[1])
+
+    def _ntk(self, positions: torch.Tensor, seq_len, dtype: torch.dtype):
+        """Dynamic NTK: the base raised for a sequence of ``seq_len`` tokens (as transformers computes it)."""
+        a = self.args
+        base = a.rope_theta * ((a.rope_factor * seq_len / a.max_position_embeddings) - (a.rope_factor - 1)) ** (
+            a.head_dim / (a.head_dim - 2)
+        )
+        exponents = torch.arange(0, a.head_dim, 2, dtype=torch.int64, device=positions.device).float() / a.head_dim
+        inv_freq = 1.0 / (base**exponents) if isinstance(base, float) else 1.0 / (base.reshape(-1)[:1] ** exponents)
+        freqs = positions.float()[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -98,20 +110,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values [batch, local kv heads, max_seq_len, head_dim]."""
+    """Preallocated keys and values [batch, local kv heads, length, head_dim].
 
-    def __init__(self, batch: int, n_heads: int, max_seq_len: int, head_dim: int, dtype, device):
+    Written with ``index_copy_`` at slot indices held in a tensor, so a
+    decode step has the same shapes at every position (capturable).
+    """
+
+    def __init__(self, batch: int, n_heads: int, length: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (batch, n_heads, max_seq_len, head_dim)
+        shape = (batch, n_heads, length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Write k/v [B, H, T, D] at slots start..start+T; return slots 0..kv_len."""
-        batch, _, steps, _ = k.shape
-        self.k[:batch, :, start : start + steps] = k
-        self.v[:batch, :, start : start + steps] = v
-        return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [B, H, T, D] at cache slots ``slots`` [T]."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA of q [B, H, T, D] over k/v [B, Hkv, L, D], grouped-query without copying the cache.
+
+    The ``H / Hkv`` query heads of a group become extra query rows of their
+    key/value head (a reshape of q, not a repeat of k/v): any torch >= 2.1,
+    and the cache is read once per group rather than once per query head.
+    ``mask`` [B, 1, T, L] (bool, True = attend).
+    """
+    batch, heads, steps, dim = q.shape
+    groups = k.shape[1]
+    if groups == heads:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    rep = heads // groups
+    qg = q.reshape(batch, groups, rep * steps, dim)
+    if steps > 1:
+        mask = mask.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(batch, 1, rep * steps, mask.shape[-1])
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+    return out.reshape(batch, heads, steps, dim)
 
 
 class Attention(nn.Module):
@@ -126,22 +160,38 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): one matrix-vector product instead of three
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, start: int, kv_len: int):
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one ``qkv_proj`` (this rank's slices, concatenated by output rows)."""
+        parts = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        fused = nn.Linear(parts[0].shape[1], sum(p.shape[0] for p in parts), bias=False, device=parts[0].device,
+                          dtype=parts[0].dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat(parts, dim=0))
+        self.qkv_proj = fused
+        self.q_proj = self.k_proj = self.v_proj = None
+
+    def forward(self, x, cos, sin, mask, slots: torch.Tensor, kv_len: int | None):
+        """``slots`` [T]: cache slots of these tokens; attend over slots < ``kv_len`` (None: the whole cache)."""
         batch, steps, _ = x.shape
-        q = self.q_proj(x).view(batch, steps, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, steps, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, steps, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        hd = self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(batch, steps, self.n_heads, hd).transpose(1, 2)
+        k = k.reshape(batch, steps, self.n_kv_heads, hd).transpose(1, 2)
+        v = v.reshape(batch, steps, self.n_kv_heads, hd).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        k, v = self.cache.update(start, k, v, kv_len)
-        if self.n_heads != self.n_kv_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(batch, steps, self.n_heads * self.head_dim)
+        self.cache.write(slots, k, v)
+        keys, values = self.cache.k, self.cache.v
+        if kv_len is not None:
+            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        out = attend(q, keys, values, mask)
+        out = out.transpose(1, 2).reshape(batch, steps, self.n_heads * hd)
         return self.tp.all_reduce(self.o_proj(out))
 
 
@@ -153,8 +203,23 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(args.hidden_size, plan.local_intermediate, bias=False)
         self.down_proj = nn.Linear(plan.local_intermediate, args.hidden_size, bias=False)
 
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Replace gate/up_proj by one ``gate_up_proj`` (this rank's slices, gate rows first)."""
+        gate, up = self.gate_proj.weight, self.up_proj.weight
+        fused = nn.Linear(gate.shape[1], 2 * gate.shape[0], bias=False, device=gate.device, dtype=gate.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([gate, up], dim=0))
+        self.gate_up_proj = fused
+        self.gate_proj = self.up_proj = None
+
     def forward(self, x):
-        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class TransformerBlock(nn.Module):
@@ -165,8 +230,8 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, start: int, kv_len: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start, kv_len)
+    def forward(self, x, cos, sin, mask, slots: torch.Tensor, kv_len: int | None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -212,21 +277,33 @@ class Transformer(nn.Module):
         # one tensor here too (see tie_weights): no second copy to read.
         self.lm_head = nn.Linear(args.hidden_size, plan.local_vocab, bias=False)
         self.rotary = RotaryEmbedding(args, max_seq_len)
-        self.cache_batch = 0
+        self.cache_shape = (0, 0)  # (batch, length) of the KV caches
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def setup_caches(self, batch: int) -> None:
-        """Allocate KV caches for ``batch`` rows (reused while it is large enough)."""
-        if batch <= self.cache_batch:
-            return
-        ref = self.lm_head.weight
+    def fuse_projections(self) -> None:
+        """Load-time transform: fused ``qkv_proj`` and ``gate_up_proj`` per layer (same logits, fewer kernels)."""
         for layer in self.model.layers:
-            attn = layer.self_attn
-            attn.cache = KVCache(batch, attn.n_kv_heads, self.max_seq_len, self.args.head_dim, ref.dtype, ref.device)
-        self.cache_batch = batch
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def setup_caches(self, batch: int, length: int | None = None) -> int:
+        """KV caches of exactly ``batch`` rows and ``length`` slots (default max_seq_len); returns the length.
+
+        Exact shapes, so a decode step compiled for them is reused while
+        requests keep the same batch and length bucket.
+        """
+        length = self.max_seq_len if length is None else min(length, self.max_seq_len)
+        if (batch, length) != self.cache_shape:
+            ref = self.lm_head.weight
+            for layer in self.model.layers:
+                attn = layer.self_attn
+                attn.cache = None  # free the old one before allocating
+                attn.cache = KVCache(batch, attn.n_kv_heads, length, self.args.head_dim, ref.dtype, ref.device)
+            self.cache_shape = (batch, length)
+        return length
 
     def forward(
         self,
@@ -236,7 +313,7 @@ class Transformer(nn.Module):
         start: int,
         all_logits: bool = False,
     ) -> torch.Tensor:
-        """Logits for ``tokens`` [B, T] written at cache slots start..start+T.
+        """Logits for ``tokens`` [B, T] written at cache slots start..start+T (prefill; host ints allowed).
 
         ``positions`` [B, T] are rotary positions (from the attention mask);
         ``key_valid`` [B, >= start+T] marks cache slots holding real tokens.
@@ -245,13 +322,29 @@ class Transformer(nn.Module):
         """
         batch, steps = tokens.shape
         kv_len = start + steps
-        if kv_len > self.max_seq_len:
-            raise ValueError(f"kv_len {kv_len} exceeds max_seq_len {self.max_seq_len}")
+        if kv_len > self.cache_shape[1]:
+            raise ValueError(f"kv_len {kv_len} exceeds the KV cache length {self.cache_shape[1]}")
         mask = _attention_mask(key_valid[:, :kv_len], start, steps)
+        slots = torch.arange(start, kv_len, device=tokens.device)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(positions, kv_len, x.dtype)
+        return self._blocks_and_head(x, cos, sin, mask, slots, kv_len, all_logits)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+               slot: torch.Tensor) -> torch.Tensor:
+        """One decode step with static shapes: logits [B, 1, vocab] for ``tokens`` [B, 1] at cache slot ``slot`` [1].
+
+        Attends over the whole cache under ``key_valid`` [B, cache length]
+        (``slot`` already marked); no host ints, no host reads.
+        """
+        mask = key_valid[:, None, None, :]
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rotary(positions, slot + 1, x.dtype)
+        return self._blocks_and_head(x, cos, sin, mask, slot, None, False)
+
+    def _blocks_and_head(self, x, cos, sin, mask, slots, kv_len: int | None, all_logits: bool) -> torch.Tensor:
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, start, kv_len)
+            x = layer(x, cos, sin, mask, slots, kv_len)
         if not all_logits:
             x = x[:, -1:]
         x = self.model.norm(x)

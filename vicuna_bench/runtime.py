@@ -29,7 +29,7 @@ import torch
 from . import checkpoint, devices
 from .config import ModelArgs
 from .errors import EngineError, UserError, VicunaBenchError
-from .generation import GenerationResult, SamplingConfig, generate, validate_prompts
+from .generation import GenerationResult, SamplingConfig, decode_step, generate, validate_prompts
 from .model import Transformer, decode_read_bytes, weight_bytes
 from .sharding import ShardPlan, TensorParallel
 
@@ -45,6 +45,7 @@ class EngineSpec:
     device: str = "cpu"  # resolved: cpu | cuda | npu
     dtype: str = "fp32"  # resolved: fp32 | fp16 | bf16
     max_seq_len: int = 2048
+    compile: str = "off"  # resolved: on | off (compile the decode step)
 
     def validate(self) -> ModelArgs:
         """Check everything that can be checked before a process starts."""
@@ -54,6 +55,8 @@ class EngineSpec:
             raise UserError(f"--dtype {self.dtype!r} is not supported (valid: {', '.join(checkpoint.DTYPES)})")
         if self.device not in devices.DEVICE_TYPES:
             raise UserError(f"--device {self.device!r} is not supported (valid: {', '.join(devices.DEVICE_TYPES)})")
+        if self.compile not in ("on", "off"):
+            raise UserError(f"--compile {self.compile!r}: the engine takes on or off (auto is resolved before)")
         if self.max_seq_len < 2:
             raise UserError(f"--max-seq-len {self.max_seq_len} must be >= 2")
         path = Path(self.model_path)
@@ -80,12 +83,15 @@ def resolve_engine_spec(
     dtype: str = "auto",
     max_seq_len: int | None = None,
     progress: bool = True,
+    compile: str = "off",
+    decode_steps: int = 0,
 ) -> EngineSpec:
     """An EngineSpec from user-level choices, validated.
 
     No ``model_path`` (or ``"embedded"`` where no such directory exists): the
     embedded default model (announced on the log).
-    ``device``/``dtype`` may be ``auto``; ``max_seq_len`` None takes the default.
+    ``device``/``dtype`` may be ``auto``; ``max_seq_len`` None takes the default;
+    ``compile`` ``auto`` is decided by the ``decode_steps`` the caller expects to run.
     """
     from .config import resolve_max_seq_len
 
@@ -97,13 +103,17 @@ def resolve_engine_spec(
     args = checkpoint.read_model_args(Path(model_path))
     device = devices.resolve_device_type(device)
     dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(dtype, args, device))
-    spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args))
+    from .compile import resolve_mode
+
+    compile = resolve_mode(compile, device, decode_steps)
+    spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args), compile)
     spec.validate()
     return spec
 
 
-def build_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: torch.device) -> Transformer:
-    """Load rank ``rank``'s share of the model onto ``device``."""
+def build_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: torch.device,
+                     fuse: bool = True) -> Transformer:
+    """Load rank ``rank``'s share of the model onto ``device`` (``fuse``: fused qkv and gate/up projections)."""
     path = Path(spec.model_path)
     args = checkpoint.read_model_args(path)
     plan = ShardPlan(args, spec.world_size, rank)
@@ -119,6 +129,8 @@ def build_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: to
     if missing or loaded.unexpected_keys:  # parameter_names() and the model disagree: a bug
         raise RuntimeError(f"state dict mismatch: missing {sorted(missing)}, unexpected {loaded.unexpected_keys}")
     model.tie_weights()
+    if fuse:
+        model.fuse_projections()
     # Buffers (rope tables) were created on meta: rebuild them for real.
     model.rotary = type(model.rotary)(args, spec.max_seq_len)
     model.to(device)
@@ -147,6 +159,11 @@ class RankRunner:
             self.model = model_hook(self.model)
         self.load_s = time.perf_counter() - started
         self.args = self.model.args
+        self.decode_fn = decode_step
+        if spec.compile == "on":
+            from .compile import compile_decode_step
+
+            self.decode_fn = compile_decode_step(spec.device, spec.world_size)
 
     def info(self) -> dict:
         decode_weights, kv_per_token = decode_read_bytes(self.model)
@@ -185,6 +202,7 @@ class RankRunner:
             return_logits=request.get("return_logits", False),
             sync=lambda: devices.synchronize(self.device),
             on_tokens=on_tokens,
+            step_fn=self.decode_fn,
         )
 
 
@@ -267,8 +285,8 @@ class SpmdEngine:
     def generate(self, prompts, max_new_tokens: int = 32, *, on_tokens=None, **options) -> GenerationResult:
         request = {"prompts": [list(map(int, p)) for p in prompts], "max_new_tokens": int(max_new_tokens), **options}
         result = self.runner.generate(request, on_tokens=on_tokens if self.rank == 0 else None)
-        times = reduce_max([result.first_token_ms, result.total_ms] + result.step_ms)
-        result.first_token_ms, result.total_ms, result.step_ms = times[0], times[1], times[2:]
+        times = reduce_max([result.first_token_ms, result.total_ms, result.compile_ms] + result.step_ms)
+        result.first_token_ms, result.total_ms, result.compile_ms, result.step_ms = times[0], times[1], times[2], times[3:]
         result.peak_memory_bytes = [p for peaks in self._gather(result.peak_memory_bytes) for p in peaks]
         return result
 
@@ -557,4 +575,5 @@ def _merge(results: list[GenerationResult]) -> GenerationResult:
         logits = [torch.from_numpy(a) for a in head.logits]
     total = max(r.total_ms for r in results)
     peaks = [p for r in results for p in r.peak_memory_bytes]
-    return GenerationResult(head.output_ids, first, steps, logits, total, peaks)
+    compile_ms = max(r.compile_ms for r in results)
+    return GenerationResult(head.output_ids, first, steps, logits, total, peaks, compile_ms)

@@ -1,0 +1,144 @@
+"""The static-shape decode step: fused projections, compiled vs eager, no host reads, no per-position shapes.
+
+References: the unfused model (the checkpoint's own matrices), the eager
+step, and transformers' ``generate`` through the conformance tests.
+Compiled runs use the product's own compile settings (inductor
+``max-autotune`` with freezing on CPU); inductor's cache keeps repeat runs
+short.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tests import tiny
+from vicuna_bench.generation import DecodeState, decode_step
+from vicuna_bench.pytest_plugin import make_engine_spec
+from vicuna_bench.runtime import Engine, build_rank_model
+from vicuna_bench.sharding import TensorParallel
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]  # two rows, left padding in the batch
+
+
+def _generate(spec, steps: int, hook=None):
+    with Engine(spec, workers=spec.world_size > 1, model_hook=hook) as engine:
+        return engine.generate(PROMPTS, steps, ignore_eos=True, return_logits=True)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_fused_projections_give_bit_identical_logits(tiny_models, world_size):
+    """Each rank fuses its own q/k/v and gate/up slices: the logits are those of the separate matrices, bit for bit."""
+    spec = make_engine_spec(str(tiny_models["gqa"]), world_size, "cpu", "fp32")
+    fused = _generate(spec, 6)
+    unfused = _generate(spec, 6, hook=tiny.unfused_model)
+    assert fused.output_ids == unfused.output_ids
+    for a, b in zip(fused.logits, unfused.logits):
+        assert torch.equal(a, b)
+
+
+def _tiny_rank_model(path, max_seq_len: int = 64):
+    spec = make_engine_spec(str(path), 1, "cpu", "fp32", max_seq_len)
+    return build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
+
+
+def _prefilled(model, prompt: list[int]):
+    """The model after a prefill of ``prompt`` (batch 1), and the decode state that follows it."""
+    length = len(prompt)
+    slots = model.setup_caches(1, 64)
+    key_valid = torch.zeros((1, slots), dtype=torch.bool)
+    key_valid[:, :length] = True
+    positions = torch.arange(length)[None]
+    logits = model(torch.tensor([prompt]), positions, key_valid, start=0)[:, -1]
+    return logits.argmax(-1), DecodeState(key_valid, torch.tensor([length]), positions[:, -1:].clone())
+
+
+def _run_steps(step, model, token, state, n: int) -> list[torch.Tensor]:
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            state.positions += 1
+            logits = step(model, token[:, None], state.positions, state)
+            token = logits.argmax(-1)
+            state.slot += 1
+            out.append(logits)
+    return out
+
+
+def test_decode_step_has_no_host_reads_and_one_graph_for_every_position(tiny_models):
+    """fullgraph=True fails on .item()/.tolist()/bool() of a tensor; one graph serves every position and slot."""
+    import torch._dynamo
+
+    model = _tiny_rank_model(tiny_models["dynamic"])  # dynamic NTK rope: its length test is a tensor op too
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_step, fullgraph=True, backend="eager", dynamic=False)
+    with torch.inference_mode():
+        token, state = _prefilled(model, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18])
+        eager = _run_steps(decode_step, model, token, state, 6)  # crosses max_position_embeddings (16)
+        token, state = _prefilled(model, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18])
+        frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        graphed = _run_steps(compiled, model, token, state, 6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
+    for a, b in zip(eager, graphed):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_the_no_host_read_check_can_fail(tiny_models):
+    """The check above has teeth: the same compile refuses a step that reads the device."""
+    import torch._dynamo
+
+    model = _tiny_rank_model(tiny_models["gqa"])
+
+    def reading_step(model, tokens, positions, state):
+        if bool(state.key_valid.all()):  # a host read
+            return decode_step(model, tokens, positions, state) * 2
+        return decode_step(model, tokens, positions, state)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(reading_step, fullgraph=True, backend="eager", dynamic=False)
+    with torch.inference_mode():
+        token, state = _prefilled(model, [5, 6, 7])
+        with pytest.raises(Exception, match="(?i)data-dependent|graph break|Unsupported"):
+            _run_steps(compiled, model, token, state, 1)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_compiled_decode_matches_eager(tiny_models, world_size):
+    """--compile on (inductor max-autotune, freezing): identical greedy tokens, logits within 1e-4 of their scale."""
+    path = str(tiny_models["gqa"])
+    eager = _generate(make_engine_spec(path, world_size, "cpu", "fp32", 64), 10)
+    spec = make_engine_spec(path, world_size, "cpu", "fp32", 64)
+    compiled = _generate(type(spec)(**{**spec.__dict__, "compile": "on"}), 10)
+    assert compiled.output_ids == eager.output_ids
+    for a, b in zip(compiled.logits, eager.logits):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert compiled.compile_ms > 0 and eager.compile_ms == 0
+
+
+def test_compiled_decode_matches_eager_on_smollm2(smollm2_path):
+    spec = make_engine_spec(str(smollm2_path), 1, "cpu", "fp32", 256)
+    prompts = [[1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47], [1, 4093, 28]]
+    with Engine(spec) as engine:
+        eager = engine.generate(prompts, 8, ignore_eos=True, return_logits=True)
+    with Engine(type(spec)(**{**spec.__dict__, "compile": "on"})) as engine:
+        compiled = engine.generate(prompts, 8, ignore_eos=True, return_logits=True)
+        again = engine.generate(prompts, 8, ignore_eos=True)  # same shapes: nothing compiled
+    assert compiled.output_ids == eager.output_ids == again.output_ids
+    for a, b in zip(compiled.logits, eager.logits):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert again.compile_ms == 0.0
+
+
+def test_compile_auto_decides_by_the_steps_ahead(caplog):
+    from vicuna_bench.compile import resolve_mode
+    from vicuna_bench.errors import UserError
+
+    with caplog.at_level("INFO", logger="vicuna_bench"):
+        assert resolve_mode("auto", "cpu", 10) == "off"
+        assert resolve_mode("auto", "cpu", 100_000) == "on"
+    assert sum("--compile auto" in r.message for r in caplog.records) == 2
+    assert resolve_mode("on", "cpu", 0) == "on"
+    with pytest.raises(UserError, match="--compile 'fast'"):
+        resolve_mode("fast", "cpu", 0)

@@ -1,0 +1,165 @@
+"""Compiling the decode step per device, and caching what compiling makes.
+
+``--compile on`` replaces the eager :func:`~vicuna_bench.generation.decode_step`
+by a compiled one:
+
+* CPU: inductor with ``max-autotune`` (its C++ micro-GEMMs for the
+  matrix-vector products of a decode step), freezing and weight prepacking
+  (the weights become constants laid out for the kernels);
+* CUDA: ``reduce-overhead`` (CUDA graphs: one launch per step);
+* NPU: torchair's graph backend when importable, else eager (one log line).
+
+Compiled graphs depend on the batch and the KV cache length, so they are
+made ahead of the timed work by :meth:`CompiledDecode.warm` (called by
+``generate`` before the prefill clock starts) and their time is reported as
+``compile_s``, never inside first/next-token figures.  Inductor's caches
+live under the project's cache directory, so a second run reuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger("vicuna_bench")
+
+MODES = ("auto", "on", "off")
+
+# A rough CPU compile cost (max-autotune, the embedded model's shapes, measured
+# ~70 s) and what a compiled step saves there (~35 ms of ~56): `auto` compiles
+# when the decode steps ahead repay it.
+_AUTO_COMPILE_S = {"cpu": 70.0, "cuda": 30.0, "npu": 60.0}
+_AUTO_SAVING_S = {"cpu": 0.035, "cuda": 0.010, "npu": 0.010}
+
+
+def check_mode(mode: str, option: str = "--compile") -> str:
+    if mode not in MODES:
+        raise UserError(f"{option} {mode!r} is not valid (valid: {', '.join(MODES)})")
+    return mode
+
+
+def resolve_mode(mode: str, device_type: str, decode_steps: int, option: str = "--compile") -> str:
+    """``on`` or ``off``: ``auto`` compiles when ``decode_steps`` steps repay the compile time (logged)."""
+    check_mode(mode, option)
+    if mode != "auto":
+        return mode
+    saved = decode_steps * _AUTO_SAVING_S.get(device_type, 0.0)
+    cost = _AUTO_COMPILE_S.get(device_type, float("inf"))
+    chosen = "on" if saved > cost else "off"
+    log.info(
+        "%s auto: %s (%d decode steps ahead would save ~%.0f s against ~%.0f s of compiling on %s)",
+        option, chosen, decode_steps, saved, cost, device_type,
+    )
+    return chosen
+
+
+def cache_dir():
+    """Where compiled artefacts are kept: ``<vicuna-bench cache>/compile``."""
+    from .embedded import cache_root
+
+    return cache_root() / "compile"
+
+
+def _configure_inductor() -> None:
+    import torch._inductor.config as inductor
+
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # older torch: the directory is read from the environment when first used
+        default_cache_dir = None
+    # Inductor writes its default into the environment when first asked; a directory the user chose is kept.
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or (default_cache_dir and os.path.abspath(chosen) == os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+
+    inductor.fx_graph_cache = True
+    if hasattr(inductor, "autotune_local_cache"):
+        inductor.autotune_local_cache = True
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own use of it
+    # Autotuning prints a table per GEMM on stderr; our log line says what was compiled and how long it took.
+    if hasattr(inductor, "max_autotune_report_choices_stats"):
+        inductor.max_autotune_report_choices_stats = False
+    try:
+        import torch._inductor.select_algorithm as select_algorithm
+
+        select_algorithm.PRINT_AUTOTUNE = False
+    except ImportError:
+        pass
+
+
+class CompiledDecode:
+    """A compiled decode step with the same signature as ``decode_step``; ``compile_s`` accumulates compile time."""
+
+    def __init__(self, fn, description: str):
+        self.fn = fn
+        self.description = description
+        self.compile_s = 0.0
+        self._seen: set[tuple[int, int]] = set()
+
+    def __call__(self, model, tokens, positions, state):
+        return self.fn(model, tokens, positions, state)
+
+    def warm(self, model, batch: int, length: int, sync=lambda: None) -> float:
+        """Compile for ``batch`` rows and a cache of ``length`` slots now (once per shape); seconds spent.
+
+        Runs the step on scratch inputs: it writes garbage keys/values into
+        cache slot ``length - 1``, which is never read before a real token
+        is written there (its ``key_valid`` stays false until then).
+        """
+        from .generation import DecodeState
+
+        key = (batch, length)
+        if key in self._seen:
+            return 0.0
+        device = model.lm_head.weight.device
+        started = time.perf_counter()
+        state = DecodeState(
+            torch.zeros((batch, length), dtype=torch.bool, device=device),
+            torch.tensor([length - 1], device=device),
+            torch.zeros((batch, 1), dtype=torch.long, device=device),
+        )
+        with torch.inference_mode():
+            self.fn(model, torch.zeros((batch, 1), dtype=torch.long, device=device), state.positions, state)
+        sync()
+        spent = time.perf_counter() - started
+        self.compile_s += spent
+        self._seen.add(key)
+        log.info("compiled the decode step (%s) for batch %d, cache %d: %.1f s", self.description, batch, length, spent)
+        return spent
+
+
+def compile_decode_step(device_type: str, world_size: int):
+    """The decode step for ``--compile on`` on ``device_type``: a CompiledDecode, or the eager step (logged)."""
+    from .generation import decode_step
+
+    if device_type == "npu":
+        try:
+            import torchair  # noqa: F401
+        except ImportError:
+            log.info("--compile on: torchair is not importable; the NPU decode step runs eager")
+            return decode_step
+        config = torchair.CompilerConfig()
+        config.mode = "reduce-overhead"
+        fn = torch.compile(decode_step, backend=torchair.get_npu_backend(compiler_config=config), dynamic=False)
+        return CompiledDecode(fn, "torchair reduce-overhead")
+    _configure_inductor()
+    # Collectives (world size > 1) may break the graph; one rank's step must be whole.
+    fullgraph = world_size == 1
+    if device_type == "cuda":
+        graphed = torch.compile(decode_step, mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
+
+        def step(model, tokens, positions, state):
+            return graphed(model, tokens, positions, state).clone()  # a replay overwrites its outputs
+
+        return CompiledDecode(step, "inductor reduce-overhead, CUDA graphs")
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True  # weights become constants: prepacked for the CPU GEMM kernels
+    fn = torch.compile(decode_step, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
+    return CompiledDecode(fn, "inductor max-autotune, freezing")
