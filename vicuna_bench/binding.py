@@ -330,6 +330,8 @@ def _plan_cpu(rank: int, world_size: int, allowed: Sequence[int]) -> tuple[list[
 
 def allowed_cpus() -> list[int]:
     """CPU ids this process may run on (its current affinity), ascending."""
+    if not hasattr(os, "sched_getaffinity"):
+        raise BindingFailed("this platform has no CPU affinity call (Linux only)")
     return sorted(os.sched_getaffinity(0))
 
 
@@ -370,11 +372,12 @@ def plan_binding(
             raise BindingFailed(f"no binding rule for device type {device_type!r}")
     except BindingFailed as exc:
         return _unbound(rank, label, str(exc))
-    except (ValueError, IndexError, KeyError) as exc:
+    except (ValueError, IndexError, KeyError, RuntimeError) as exc:
         if isinstance(exc, UserError):
             raise
-        # Tool output in a shape we did not expect: a speed matter, not fatal.
-        return _unbound(rank, label, f"unexpected tool output: {exc}")
+        # Tool output in a shape we did not expect, or torch unable to name a
+        # GPU's bus: a speed matter, not fatal.
+        return _unbound(rank, label, f"{type(exc).__name__}: {exc}")
     return CpuBinding(rank, label, tuple(cpus), node, how)
 
 
@@ -412,6 +415,6 @@ def bind_rank(
 ) -> CpuBinding:
     """Plan and apply this process's binding as rank ``rank`` (call before loading the model)."""
     if not enabled:
-        label = "cpu" if device_type == "cpu" else f"{device_type}:{(list(device_ids) if device_ids else list(range(world_size)))[rank]}"
-        return unbound(rank, label)
+        ids = list(range(world_size)) if device_ids is None else list(device_ids)
+        return unbound(rank, "cpu" if device_type == "cpu" else f"{device_type}:{ids[rank]}")
     return apply_binding(plan_binding(device_type, rank, world_size, device_ids, **plan_kwargs))

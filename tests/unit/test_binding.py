@@ -240,7 +240,7 @@ def test_failing_tool_exit_status_warns(tools, monkeypatch):
 def test_garbled_lscpu_warns_rather_than_crashing(tools):
     tools("a2", overrides={"lscpu": "NUMA node1 CPU(s):   24-x\n"})
     b = binding.plan_binding("npu", 0, 8, list(range(8)), env={})
-    assert b.cpus is None and "24-x" in b.warning
+    assert b.cpus is None and "ValueError" in b.warning and "24-x" in b.warning
 
 
 def test_short_device_ids_is_a_user_error():
@@ -278,6 +278,14 @@ def test_cuda_without_numa_locality_shares_all(tmp_path):
     b = binding.plan_binding("cuda", 1, 2, env={}, sysfs_root=tmp_path, cuda_bus=buses.__getitem__)
     assert b.numa_node is None
     assert list(b.cpus) == [4, 5, 6, 7]
+
+
+def test_cuda_bus_unknown_to_torch_warns(tmp_path):
+    def no_gpu(index):
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    b = binding.plan_binding("cuda", 0, 1, env={}, sysfs_root=tmp_path, cuda_bus=no_gpu)
+    assert b.cpus is None and "no NVIDIA driver" in b.warning
 
 
 def test_cuda_missing_sysfs_warns(tmp_path):
