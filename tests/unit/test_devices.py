@@ -27,7 +27,7 @@ def fake_npu(monkeypatch, *, installed=True, importable=True, available=True, co
     npu = types.SimpleNamespace(
         is_available=lambda: available,
         device_count=lambda: count if available else 0,
-        get_device_name=lambda index=0: f"{name}" if index < count else "no such device",
+        get_device_name=lambda index=0: name,
     )
     monkeypatch.setattr(torch, "npu", npu, raising=False)
 
