@@ -6,15 +6,42 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import importlib.util
+import logging
+import os
 import platform
+import re
 
 import torch
 
 from .errors import UserError
 
+log = logging.getLogger("vicuna_bench")
+
 DEVICE_TYPES = ("cpu", "cuda", "npu")
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+# NPU chip families (the vendor's DEVICE_TYPE): the dtypes each runs.  The
+# 310P has no bf16 (Huawei's own model code sets support_bf16 = False there).
+CHIP_FAMILIES = {
+    "d9": ("Atlas 800I A2 (Ascend 910B)", ("fp16", "bf16")),
+    "d3": ("Atlas 300I DUO (Ascend 310P)", ("fp16",)),
+}
+
+# Environment that changes NPU behaviour or timings (shared/spec/NPU.md):
+# recorded with every result so two runs can be compared honestly.
+NPU_TIMING_ENV = (
+    "TASK_QUEUE_ENABLE",
+    "CPU_AFFINITY_CONF",
+    "PYTORCH_NPU_ALLOC_CONF",
+    "HCCL_CONNECT_TIMEOUT",
+    "HCCL_EXEC_TIMEOUT",
+    "HCCL_BUFFSIZE",
+    "ASCEND_RT_VISIBLE_DEVICES",
+)
+CUDA_TIMING_ENV = ("CUDA_VISIBLE_DEVICES",)
 
 
 def _import_torch_npu():
@@ -31,12 +58,47 @@ def npu_available() -> bool:
     return bool(torch.npu.is_available())
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceChoice:
+    """The device type a run uses and why (one line for stderr)."""
+
+    device: str  # cpu | cuda | npu
+    reason: str
+
+
+def select_device(name: str) -> DeviceChoice:
+    """``auto`` -> npu if available, else cuda, else cpu, with the reason; other names are checked."""
+    if name != "auto":
+        return DeviceChoice(resolve_device_type(name), f"--device {name}")
+    if importlib.util.find_spec("torch_npu") is None:
+        npu_note = "torch_npu is not installed"
+    else:
+        try:
+            if npu_available():
+                return DeviceChoice("npu", f"--device auto: npu ({_count('npu')} visible through torch_npu)")
+            npu_note = "torch_npu reports no NPU"
+        except UserError as exc:
+            # A broken torch_npu install must not stop a run that can use another device.
+            npu_note = str(exc).split(": ", 1)[-1]
+    if torch.cuda.is_available():
+        return DeviceChoice("cuda", f"--device auto: cuda ({_count('cuda')} visible; {npu_note})")
+    return DeviceChoice("cpu", f"--device auto: cpu (no CUDA device; {npu_note})")
+
+
+def _count(device_type: str) -> str:
+    try:
+        n = (torch.npu if device_type == "npu" else torch.cuda).device_count()
+    except Exception:  # a count is only decoration in a message
+        return "devices"
+    return f"{n} device{'s' if n != 1 else ''}"
+
+
 def resolve_device_type(name: str) -> str:
-    """``auto`` -> npu if available, else cuda, else cpu; others are checked."""
+    """``auto`` -> npu if available, else cuda, else cpu (announced on the log); others are checked."""
     if name == "auto":
-        if npu_available():
-            return "npu"
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        choice = select_device(name)
+        log.info("%s", choice.reason)
+        return choice.device
     if name not in DEVICE_TYPES:
         raise UserError(f"--device {name!r} is not supported (valid: auto, {', '.join(DEVICE_TYPES)})")
     if name == "cuda" and not torch.cuda.is_available():
@@ -44,6 +106,43 @@ def resolve_device_type(name: str) -> str:
     if name == "npu" and not npu_available():
         raise UserError("--device npu: torch_npu reports no NPU available")
     return name
+
+
+def check_chip(chip: str) -> str:
+    """A valid NPU chip family name (``d9`` | ``d3``), else a UserError."""
+    if chip not in CHIP_FAMILIES:
+        valid = ", ".join(f"{k} = {v[0]}" for k, v in CHIP_FAMILIES.items())
+        raise UserError(f"--device-type {chip!r} is not supported (valid: {valid})")
+    return chip
+
+
+def check_dtype_for_chip(device_type: str, chip: str | None, dtype_name: str, requested: str | None = None) -> None:
+    """Refuse a dtype the NPU chip family cannot run (bf16 on d3); other devices ignore the chip family.
+
+    ``dtype_name`` is the resolved dtype; ``requested`` what the user asked
+    for (``auto``), named in the message when it differs.
+    """
+    if chip is None:
+        return
+    check_chip(chip)
+    if device_type != "npu":
+        return
+    product, dtypes = CHIP_FAMILIES[chip]
+    if dtype_name not in dtypes:
+        how = f"--dtype {requested} resolved to {dtype_name}" if requested and requested != dtype_name else f"--dtype {dtype_name}"
+        raise UserError(
+            f"{how} is not supported on --device-type {chip} ({product} runs {', '.join(dtypes)} only): pass --dtype {dtypes[0]}"
+        )
+
+
+def chip_family_of(name: str) -> str | None:
+    """The chip family of an NPU name (``Ascend910B3`` -> d9, ``Ascend310P3`` -> d3), None if unknown."""
+    compact = re.sub(r"[\s_-]", "", name).lower()
+    if "910b" in compact:
+        return "d9"
+    if "310p" in compact:
+        return "d3"
+    return None
 
 
 def device_for_rank(device_type: str, local_rank: int) -> torch.device:
@@ -74,6 +173,15 @@ def device_name(device: torch.device) -> str:
     return cpu_model_name()
 
 
+def device_name_of(device_type: str, index: int = 0) -> str:
+    """Human name of device ``index`` of a type: ``torch.npu``/``torch.cuda.get_device_name``, the CPU's model name."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_name(index)
+    if device_type == "npu":
+        return torch.npu.get_device_name(index)
+    return cpu_model_name()
+
+
 def cpu_model_name() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
     try:
@@ -86,6 +194,35 @@ def cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_record(device_type: str, device_index: int = 0) -> dict:
+    """What a result depends on besides the code: device name, torch / torch_npu / CUDA versions, timing env vars.
+
+    ``device_index`` names the device (this rank's).  Environment variables
+    that are unset are recorded as None (their default applies).
+    """
+    if device_type == "npu":
+        _import_torch_npu()
+    record = {
+        "device_type": device_type,
+        "device_name": device_name_of(device_type, device_index),
+        "torch": torch.__version__,
+        "torch_npu": _package_version("torch_npu") if device_type == "npu" else None,
+        "cuda": torch.version.cuda if device_type == "cuda" else None,
+        "python": platform.python_version(),
+        "env": {},
+    }
+    names = NPU_TIMING_ENV if device_type == "npu" else CUDA_TIMING_ENV if device_type == "cuda" else ()
+    record["env"] = {k: os.environ.get(k) for k in names}
+    return record
 
 
 # ---------------------------------------------------------------- memory

@@ -1,0 +1,420 @@
+"""CPU binding: pin each rank's process to CPUs near its device.
+
+A rank's host thread feeds its device; on a two-socket server a process that
+wanders to the far socket pays cross-NUMA memory traffic on every launch.
+The rules, per device type:
+
+* ``npu``: the vendor's algorithm (atb_speed_sdk ``common/cpu_binding.py``,
+  described in shared/spec/NPU.md): logic id -> (npu id, chip id) from
+  ``npu-smi info -t board -m`` -> PCIe bus from ``npu-smi info -t board -i
+  <npu> -c <chip>`` -> NUMA node from ``lspci -s <bus> -vvv`` -> the node's
+  CPUs from ``lscpu``; the node's CPUs are split among this job's devices on
+  that node (sorted), ``CPU_BINDING_NUM`` each if set, else an equal share.
+* ``cuda``: the same split, the node and its CPUs read from sysfs
+  (``/sys/bus/pci/devices/<bus>/numa_node`` and ``local_cpulist``).
+* ``cpu``: the CPUs this process may use, split evenly among the ranks.
+
+A failure to bind is one warning line and the run goes on unbound, as the
+vendor's launcher does: binding is a speed matter, never a correctness one.
+Where the vendor crashes (a single-CPU item such as ``5`` in ``lscpu``;
+``ASCEND_RT_VISIBLE_DEVICES`` unset) we do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from .errors import UserError
+
+log = logging.getLogger("vicuna_bench")
+
+# A command runner: argv -> stdout.  Raises OSError (tool missing),
+# subprocess.CalledProcessError or subprocess.TimeoutExpired on failure.
+Runner = Callable[[Sequence[str]], str]
+
+TOOL_TIMEOUT_S = 60
+
+
+def run_tool(argv: Sequence[str]) -> str:
+    """Run a system tool and return its stdout (text); raise if it fails."""
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=True)
+    return done.stdout
+
+
+class BindingFailed(Exception):
+    """A step of the binding could not be done: the rank runs unbound."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuBinding:
+    """Where one rank's process is (to be) pinned.
+
+    ``cpus`` None means unbound; ``warning`` then says why (None when binding
+    was switched off on purpose).  ``how`` is one line saying where the CPUs
+    came from, for the rank log and the perf outputs.
+    """
+
+    rank: int
+    device: str  # "npu:5", "cuda:0", "cpu"
+    cpus: tuple[int, ...] | None
+    numa_node: int | None = None
+    how: str = ""
+    warning: str | None = None
+
+    def describe(self) -> str:
+        """One line for the rank's log."""
+        if self.cpus is None:
+            why = self.warning or self.how or "binding off"
+            return f"rank {self.rank} ({self.device}): unbound: {why}"
+        node = "" if self.numa_node is None else f", NUMA node {self.numa_node}"
+        return f"rank {self.rank} ({self.device}): CPUs {format_cpu_list(self.cpus)}{node} ({self.how})"
+
+    def as_record(self) -> dict:
+        """A JSON-ready record for perf/precision outputs (CPU ids as a list string)."""
+        return {
+            "rank": self.rank,
+            "device": self.device,
+            "cpus": None if self.cpus is None else format_cpu_list(self.cpus),
+            "numa_node": self.numa_node,
+            "how": self.how,
+            "warning": self.warning,
+        }
+
+
+# ------------------------------------------------------------------ parsing
+
+def parse_cpu_list(text: str) -> list[int]:
+    """CPU ids of a Linux CPU list such as ``0-23,48-71`` or ``5`` (ascending order kept as written)."""
+    cpus: list[int] = []
+    for item in text.strip().split(","):
+        item = item.strip()
+        if not item:
+            continue
+        # A single CPU (``5``) is a legal item: the vendor's parser raises on it.
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if m is None:
+            raise ValueError(f"not a CPU list item: {item!r} in {text.strip()!r}")
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) is not None else first
+        if last < first:
+            raise ValueError(f"descending CPU range {item!r} in {text.strip()!r}")
+        cpus.extend(range(first, last + 1))
+    return cpus
+
+
+def format_cpu_list(cpus: Sequence[int]) -> str:
+    """The compact Linux form of CPU ids: ``[0,1,2,5]`` -> ``0-2,5``."""
+    parts: list[str] = []
+    ids = list(cpus)
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def parse_npu_chip_map(text: str) -> dict[int, tuple[int, int]]:
+    """``npu-smi info -t board -m`` -> {chip logic id: (npu id, chip id)}.
+
+    One header line, then rows ``NPU_ID Chip_ID Chip_Logic_ID Chip_Name``;
+    rows whose logic id is not a number (``-``: the board's MCU) are not
+    usable devices and are skipped.
+    """
+    chips: dict[int, tuple[int, int]] = {}
+    for line in text.splitlines():
+        fields = line.split(None, 3)
+        if len(fields) < 3 or not (fields[0].isdigit() and fields[1].isdigit()):
+            continue  # the header, blank lines
+        if fields[2].isdigit():
+            chips[int(fields[2])] = (int(fields[0]), int(fields[1]))
+    return chips
+
+
+def parse_npu_pcie_bus(text: str) -> str | None:
+    """``npu-smi info -t board -i N -c C`` -> the PCIe bus (``0000:C1:00.0``), None if absent.
+
+    The key is ``PCIe Bus Info`` on 310P and ``PCIeBusInfo`` on some 910B
+    tool versions: compared with spaces removed, as the vendor does.
+    """
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and "".join(key.split()).lower() == "pciebusinfo":
+            value = value.strip()
+            return value or None
+    return None
+
+
+def parse_lspci_numa_node(text: str) -> int | None:
+    """``lspci -s BUS -vvv`` -> the device's NUMA node (``NUMA node: 1``), None if absent."""
+    m = re.search(r"^\s*NUMA\s+node:\s*(-?\d+)\s*$", text, re.MULTILINE)
+    return int(m.group(1)) if m else None
+
+
+def parse_lscpu_numa_cpus(text: str) -> dict[int, list[int]]:
+    """``lscpu`` -> {NUMA node: its CPU ids} from lines ``NUMA node1 CPU(s): 24-47,72-95``."""
+    nodes: dict[int, list[int]] = {}
+    for m in re.finditer(r"^\s*NUMA\s+node(\d+)\s+CPU\(s\):\s*(\S*)\s*$", text, re.MULTILINE):
+        nodes[int(m.group(1))] = parse_cpu_list(m.group(2))
+    return nodes
+
+
+# ------------------------------------------------------------------ the split
+
+def cpus_per_device(node_cpus: int, devices_on_node: int, env: Mapping[str, str]) -> int:
+    """CPUs each device on a NUMA node gets: ``CPU_BINDING_NUM`` if set, else an equal share (count)."""
+    raw = env.get("CPU_BINDING_NUM")
+    if raw is None or raw.strip() == "":
+        # The vendor's launcher passes ratio 1.0: int(len * 1.0 // n).
+        return int(node_cpus * 1.0 // devices_on_node)
+    try:
+        k = int(raw.strip())
+    except ValueError:
+        raise UserError(f"CPU_BINDING_NUM={raw!r} is not an integer (valid: a positive number of CPUs per device)") from None
+    if k < 1:
+        raise UserError(f"CPU_BINDING_NUM={raw!r} must be >= 1 (CPUs per device)")
+    if k * devices_on_node > node_cpus:
+        raise BindingFailed(
+            f"CPU_BINDING_NUM={k} for {devices_on_node} devices needs {k * devices_on_node} CPUs "
+            f"but the NUMA node has {node_cpus}: decrease CPU_BINDING_NUM"
+        )
+    return k
+
+
+def split_node_cpus(node_cpus: Sequence[int], node_devices: Sequence[int], device: int, env: Mapping[str, str]) -> list[int]:
+    """The vendor's split: device i of the node's sorted devices gets ``node_cpus[i*k:(i+1)*k]``."""
+    ordered = sorted(node_devices)
+    k = cpus_per_device(len(node_cpus), len(ordered), env)
+    if k < 1:
+        raise BindingFailed(f"the NUMA node has {len(node_cpus)} CPUs for {len(ordered)} devices: fewer than one each")
+    i = ordered.index(device)
+    return list(node_cpus[i * k:(i + 1) * k])
+
+
+def split_evenly(cpus: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s contiguous share of ``cpus``: disjoint across ranks, covering all (the first ranks get one more when uneven)."""
+    base, extra = divmod(len(cpus), world_size)
+    start = rank * base + min(rank, extra)
+    return list(cpus[start:start + base + (1 if rank < extra else 0)])
+
+
+# ------------------------------------------------------------------ per device type
+
+def _npu_logic_ids(device_ids: Sequence[int], env: Mapping[str, str], chip_map: Mapping[int, tuple[int, int]]) -> list[int]:
+    """The chip logic ids of this job's devices, in rank order.
+
+    torch_npu numbers devices within ``ASCEND_RT_VISIBLE_DEVICES`` when it is
+    set (like CUDA_VISIBLE_DEVICES), so device d is the d-th listed logic id.
+    Unset, device ids are logic ids (the vendor crashes here instead).
+    """
+    visible_raw = env.get("ASCEND_RT_VISIBLE_DEVICES")
+    if visible_raw is None or not visible_raw.strip():
+        return list(device_ids)
+    try:
+        visible = [int(x) for x in visible_raw.split(",") if x.strip()]
+    except ValueError:
+        raise BindingFailed(f"ASCEND_RT_VISIBLE_DEVICES={visible_raw!r} is not a comma list of ids") from None
+    out = []
+    for d in device_ids:
+        if not 0 <= d < len(visible):
+            raise BindingFailed(f"device {d} is not among ASCEND_RT_VISIBLE_DEVICES={visible_raw!r}")
+        out.append(visible[d])
+    return out
+
+
+def _run(run: Runner, argv: Sequence[str]) -> str:
+    try:
+        return run(argv)
+    except FileNotFoundError:
+        raise BindingFailed(f"{argv[0]} not found") from None
+    except subprocess.CalledProcessError as exc:
+        raise BindingFailed(f"`{' '.join(argv)}` exited {exc.returncode}") from None
+    except subprocess.TimeoutExpired:
+        raise BindingFailed(f"`{' '.join(argv)}` timed out") from None
+    except OSError as exc:
+        raise BindingFailed(f"`{' '.join(argv)}` failed: {exc}") from None
+
+
+def _plan_npu(rank: int, device_ids: Sequence[int], env: Mapping[str, str], run: Runner) -> tuple[list[int], int, str]:
+    chip_map = parse_npu_chip_map(_run(run, ["npu-smi", "info", "-t", "board", "-m"]))
+    if not chip_map:
+        # Public tools call the same table ``npu-smi info -m``; some driver
+        # versions print it only there.
+        chip_map = parse_npu_chip_map(_run(run, ["npu-smi", "info", "-m"]))
+    if not chip_map:
+        raise BindingFailed("npu-smi lists no chip with a logic id")
+    logic_ids = _npu_logic_ids(device_ids, env, chip_map)
+    node_of: dict[int, int] = {}
+    for logic in sorted(set(logic_ids)):
+        if logic not in chip_map:
+            raise BindingFailed(f"npu-smi lists no chip with logic id {logic} (known: {sorted(chip_map)})")
+        npu, chip = chip_map[logic]
+        bus = parse_npu_pcie_bus(_run(run, ["npu-smi", "info", "-t", "board", "-i", str(npu), "-c", str(chip)]))
+        if bus is None:
+            raise BindingFailed(f"npu-smi shows no PCIe bus for NPU {npu} chip {chip}")
+        node = parse_lspci_numa_node(_run(run, ["lspci", "-s", bus, "-vvv"]))
+        if node is None:
+            raise BindingFailed(f"lspci shows no NUMA node for {bus}")
+        node_of[logic] = node
+    mine = logic_ids[rank]
+    node = node_of[mine]
+    node_cpus = parse_lscpu_numa_cpus(_run(run, ["lscpu"])).get(node)
+    if not node_cpus:
+        raise BindingFailed(f"lscpu lists no CPUs for NUMA node {node}")
+    peers = sorted(d for d, n in node_of.items() if n == node)
+    cpus = split_node_cpus(node_cpus, peers, mine, env)
+    how = (f"npu-smi/lspci/lscpu: logic id {mine} on NUMA node {node} "
+           f"({len(node_cpus)} CPUs) shared by devices {peers}, {len(cpus)} CPUs each")
+    return cpus, node, how
+
+
+def cuda_pci_bus(device_index: int) -> str:
+    """The sysfs PCI address (``0000:1b:00.0``) of CUDA device ``device_index``."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device_index)
+    try:
+        domain, bus, dev = props.pci_domain_id, props.pci_bus_id, props.pci_device_id
+    except AttributeError:
+        raise BindingFailed("this torch does not report the GPU's PCI address") from None
+    return f"{int(domain):04x}:{int(bus):02x}:{int(dev):02x}.0"
+
+
+def _read_sysfs(root: Path, bus: str, name: str) -> str:
+    path = root / "sys/bus/pci/devices" / bus / name
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise BindingFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _plan_cuda(rank: int, device_ids: Sequence[int], env: Mapping[str, str], sysfs_root: Path,
+               pci_bus: Callable[[int], str]) -> tuple[list[int], int | None, str]:
+    node_of: dict[int, int] = {}
+    cpus_of: dict[int, list[int]] = {}
+    for d in sorted(set(device_ids)):
+        bus = pci_bus(d).lower()
+        try:
+            node_of[d] = int(_read_sysfs(sysfs_root, bus, "numa_node").strip())
+            cpus_of[d] = parse_cpu_list(_read_sysfs(sysfs_root, bus, "local_cpulist"))
+        except ValueError as exc:
+            raise BindingFailed(f"sysfs of {bus}: {exc}") from None
+    mine = device_ids[rank]
+    node = node_of[mine]
+    node_cpus = cpus_of[mine]
+    if not node_cpus:
+        raise BindingFailed(f"sysfs lists no local CPUs for cuda:{mine}")
+    peers = sorted(d for d, n in node_of.items() if n == node)
+    cpus = split_node_cpus(node_cpus, peers, mine, env)
+    # numa_node -1: the platform reports no NUMA locality (one node).
+    shown = node if node >= 0 else None
+    how = (f"sysfs: cuda:{mine} on NUMA node {node} ({len(node_cpus)} local CPUs) "
+           f"shared by devices {peers}, {len(cpus)} CPUs each")
+    return cpus, shown, how
+
+
+def _plan_cpu(rank: int, world_size: int, allowed: Sequence[int]) -> tuple[list[int], None, str]:
+    if len(allowed) < world_size:
+        raise BindingFailed(f"{len(allowed)} CPUs allowed for {world_size} ranks: fewer than one each")
+    cpus = split_evenly(allowed, rank, world_size)
+    return cpus, None, f"allowed CPUs {format_cpu_list(allowed)} split evenly among {world_size} ranks"
+
+
+def allowed_cpus() -> list[int]:
+    """CPU ids this process may run on (its current affinity), ascending."""
+    if not hasattr(os, "sched_getaffinity"):
+        raise BindingFailed("this platform has no CPU affinity call (Linux only)")
+    return sorted(os.sched_getaffinity(0))
+
+
+def plan_binding(
+    device_type: str,
+    rank: int,
+    world_size: int,
+    device_ids: Sequence[int] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    run: Runner = run_tool,
+    sysfs_root: str | os.PathLike = "/",
+    cuda_bus: Callable[[int], str] = cuda_pci_bus,
+    allowed: Sequence[int] | None = None,
+) -> CpuBinding:
+    """Which CPUs rank ``rank`` of ``world_size`` should run on; unbound (one warning logged) when that cannot be found.
+
+    ``device_ids`` are the job's device indices in rank order (default
+    ``0..world_size-1``); ``env`` defaults to ``os.environ``; ``run``,
+    ``sysfs_root``, ``cuda_bus`` and ``allowed`` let tests replace the
+    system.  A malformed ``CPU_BINDING_NUM`` is a :class:`UserError`.
+    """
+    env = os.environ if env is None else env
+    ids = list(range(world_size)) if device_ids is None else [int(d) for d in device_ids]
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    if device_type != "cpu" and len(ids) < world_size:
+        raise UserError(f"device_ids {ids} lists {len(ids)} devices for world size {world_size}")
+    label = "cpu" if device_type == "cpu" else f"{device_type}:{ids[rank]}"
+    try:
+        if device_type == "npu":
+            cpus, node, how = _plan_npu(rank, ids[:world_size], env, run)
+        elif device_type == "cuda":
+            cpus, node, how = _plan_cuda(rank, ids[:world_size], env, Path(sysfs_root), cuda_bus)
+        elif device_type == "cpu":
+            cpus, node, how = _plan_cpu(rank, world_size, allowed_cpus() if allowed is None else sorted(allowed))
+        else:
+            raise BindingFailed(f"no binding rule for device type {device_type!r}")
+    except BindingFailed as exc:
+        return _unbound(rank, label, str(exc))
+    except (ValueError, IndexError, KeyError, RuntimeError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        # Tool output in a shape we did not expect, or torch unable to name a
+        # GPU's bus: a speed matter, not fatal.
+        return _unbound(rank, label, f"{type(exc).__name__}: {exc}")
+    return CpuBinding(rank, label, tuple(cpus), node, how)
+
+
+def _unbound(rank: int, label: str, reason: str) -> CpuBinding:
+    binding = CpuBinding(rank, label, None, None, "", f"CPU binding skipped: {reason}")
+    log.warning("rank %d (%s): %s; running unbound", rank, label, binding.warning)
+    return binding
+
+
+def unbound(rank: int, device_label: str, why: str = "bind_cpu=0") -> CpuBinding:
+    """The record of a rank left unbound on purpose (no warning)."""
+    return CpuBinding(rank, device_label, None, None, why, None)
+
+
+def apply_binding(binding: CpuBinding, *, pid: int = 0) -> CpuBinding:
+    """Pin process ``pid`` (0: this one) to ``binding.cpus``; on failure log one warning and return it unbound."""
+    if binding.cpus is None:
+        return binding
+    try:
+        os.sched_setaffinity(pid, binding.cpus)
+    except (OSError, ValueError, AttributeError) as exc:
+        # AttributeError: no sched_setaffinity (not Linux).
+        return _unbound(binding.rank, binding.device, f"setting affinity {format_cpu_list(binding.cpus)} failed: {exc}")
+    return binding
+
+
+def bind_rank(
+    device_type: str,
+    rank: int,
+    world_size: int,
+    device_ids: Sequence[int] | None = None,
+    *,
+    enabled: bool = True,
+    **plan_kwargs,
+) -> CpuBinding:
+    """Plan and apply this process's binding as rank ``rank`` (call before loading the model)."""
+    if not enabled:
+        ids = list(range(world_size)) if device_ids is None else list(device_ids)
+        return unbound(rank, "cpu" if device_type == "cpu" else f"{device_type}:{ids[rank]}")
+    return apply_binding(plan_binding(device_type, rank, world_size, device_ids, **plan_kwargs))

@@ -1,0 +1,312 @@
+"""The vendor drop-in: reading the vendor SDK's ``sdk_config.ini``.
+
+Sections and keys are those of shared/spec/REFERENCE.md, with the vendor's
+defaults.  Field names follow our command-line options (shared/spec/CLI.md)
+wherever one exists, so an INI value maps onto the setting of the same name.
+
+Where the vendor's loader is fragile we are not: an unknown key or section
+is one :class:`UserError` naming it, its section and the valid keys (the
+vendor dies with a bare TypeError); quotes around a value are stripped even
+when unbalanced (the public Vicuna guide opens one it never closes);
+``case_pair`` is read as a literal, never evaluated; the guide's spellings
+``device_id`` / ``device`` and the legacy ``[ceval]`` section are accepted
+with a warning.
+"""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Mapping
+
+from .errors import UserError
+
+log = logging.getLogger("vicuna_bench")
+
+CONFIG_FILE_NAME = "sdk_config.ini"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """``[model]``: what to load and where."""
+
+    model_path: str | None = None  # for world size > 1: the cut directory
+    device_ids: tuple[int, ...] = (0,)  # its length is the vendor's device count
+    parallel_backend: str = "hccl"
+    log_dir: str | None = None
+    bind_cpu: bool = True
+    explicit: frozenset[str] = frozenset()  # the keys the file set
+
+
+@dataclasses.dataclass(frozen=True)
+class PerformanceSection:
+    """``[performance]``: the performance test's cases and output."""
+
+    model_name: str | None = None
+    batch_size: int = 1
+    max_len_exp: int = 11  # the vendor's code default (its docs say 10)
+    min_len_exp: int = 5
+    case_pair: tuple[tuple[int, int], ...] | None = None  # when set, the exponents are ignored
+    save_file_name: str | None = None
+    perf_mode: str = "normal"  # normal | detail (TIMEIT=1 in the environment forces detail)
+    skip_decode: bool = False
+    explicit: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionSection:
+    """``[precision]`` (legacy ``[ceval]``): the MMLU / C-Eval test."""
+
+    mode: str = "mmlu"  # mmlu | ceval
+    work_dir: str | None = None
+    batch: int = 1
+    shot: int = 5
+    seq_len_out: int = 32  # the vendor's default; its shipped example sets 2
+    explicit: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class SdkConfig:
+    """A parsed ``sdk_config.ini``; ``warnings`` lists what was accepted only for compatibility."""
+
+    path: str
+    model: ModelSection = ModelSection()
+    performance: PerformanceSection = PerformanceSection()
+    precision: PrecisionSection = PrecisionSection()
+    warnings: tuple[str, ...] = ()
+
+    def explicit_settings(self) -> dict[str, object]:
+        """The values the file (or ``TIMEIT``) set, by option name; defaults left out (for layering over flags)."""
+        out: dict[str, object] = {}
+        for section in (self.model, self.performance, self.precision):
+            for name in sorted(section.explicit):
+                out[name] = getattr(section, name)
+        return out
+
+
+SECTIONS = {"model": ModelSection, "performance": PerformanceSection, "precision": PrecisionSection}
+LEGACY_SECTIONS = {"ceval": "precision"}
+KEY_ALIASES = {"model": {"device_id": "device_ids", "device": "device_ids"}}
+
+PERF_MODES = ("normal", "detail")
+PRECISION_MODES = ("mmlu", "ceval")
+BACKENDS = ("hccl", "nccl", "gloo")
+
+
+def _valid_keys(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTIONS[section]) if f.name != "explicit"]
+
+
+def strip_quotes(value: str) -> str:
+    """A value without surrounding whitespace and quotes, matched or not (``"./dir`` -> ``./dir``)."""
+    return value.strip().strip("\"'").strip()
+
+
+# ------------------------------------------------------------------ value parsers
+
+class _Where:
+    """Names a value in messages: ``sdk_config.ini [performance] batch_size='x'``."""
+
+    def __init__(self, path: str, section: str, key: str, raw: str):
+        self.path, self.section, self.key, self.raw = path, section, key, raw
+
+    def fail(self, valid: str) -> UserError:
+        return UserError(f"{self.path}: [{self.section}] {self.key}={self.raw!r} is not valid ({valid})")
+
+
+def _int(where: _Where, minimum: int) -> int:
+    try:
+        value = int(strip_quotes(where.raw))
+    except ValueError:
+        raise where.fail(f"an integer >= {minimum}") from None
+    if value < minimum:
+        raise where.fail(f"an integer >= {minimum}")
+    return value
+
+
+def _flag(where: _Where) -> bool:
+    value = strip_quotes(where.raw).lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise where.fail("1 or 0")
+
+
+def _choice(where: _Where, choices: tuple[str, ...]) -> str:
+    value = strip_quotes(where.raw).lower()
+    if value not in choices:
+        raise where.fail(" | ".join(choices))
+    return value
+
+
+def _device_ids(where: _Where) -> tuple[int, ...]:
+    parts = [p.strip() for p in strip_quotes(where.raw).strip("[]").split(",")]
+    try:
+        ids = tuple(int(p) for p in parts if p)
+    except ValueError:
+        raise where.fail("a comma list of device ids such as 0,1,2,3") from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise where.fail("a comma list of distinct device ids >= 0 such as 0,1,2,3")
+    return ids
+
+
+def parse_case_pair(text: str) -> tuple[tuple[int, int], ...]:
+    """A case list literal ``[[256,256],[512,512]]`` -> ((input tokens, output tokens), ...); ValueError if malformed.
+
+    Read with ``ast.literal_eval`` (literals only: nothing is executed).
+    """
+    try:
+        value = ast.literal_eval(strip_quotes(text))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ValueError("not a literal list") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("not a non-empty list")
+    pairs = []
+    for item in value:
+        if (
+            not isinstance(item, (list, tuple))
+            or len(item) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in item)
+        ):
+            raise ValueError(f"item {item!r} is not a pair of positive integers")
+        pairs.append((int(item[0]), int(item[1])))
+    return tuple(pairs)
+
+
+def _case_pair(where: _Where) -> tuple[tuple[int, int], ...]:
+    try:
+        return parse_case_pair(where.raw)
+    except ValueError as exc:
+        raise where.fail(f"{exc}; expected a list of [input_len, output_len] pairs such as [[256,256],[512,512]]") from None
+
+
+def _text(where: _Where) -> str:
+    return strip_quotes(where.raw)
+
+
+_FIELD_PARSERS = {
+    "model": {
+        "model_path": _text,
+        "device_ids": _device_ids,
+        "parallel_backend": lambda w: _choice(w, BACKENDS),
+        "log_dir": _text,
+        "bind_cpu": _flag,
+    },
+    "performance": {
+        "model_name": _text,
+        "batch_size": lambda w: _int(w, 1),
+        "max_len_exp": lambda w: _int(w, 0),
+        "min_len_exp": lambda w: _int(w, 0),
+        "case_pair": _case_pair,
+        "save_file_name": _text,
+        "perf_mode": lambda w: _choice(w, PERF_MODES),
+        "skip_decode": _flag,
+    },
+    "precision": {
+        "mode": lambda w: _choice(w, PRECISION_MODES),
+        "work_dir": _text,
+        "batch": lambda w: _int(w, 1),
+        "shot": lambda w: _int(w, 0),
+        "seq_len_out": lambda w: _int(w, 1),
+    },
+}
+
+
+# ------------------------------------------------------------------ the reader
+
+def _read_parser(path: Path) -> configparser.ConfigParser:
+    # No interpolation ('%' in a path is literal); a [DEFAULT] section is an
+    # ordinary (hence unknown) section rather than keys copied everywhere.
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0no-default")
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (the vendor drop-in reads {CONFIG_FILE_NAME} from the current directory)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except configparser.DuplicateSectionError as exc:
+        raise UserError(f"{path}: section [{exc.section}] appears twice (line {exc.lineno})") from None
+    except configparser.DuplicateOptionError as exc:
+        raise UserError(f"{path}: [{exc.section}] {exc.option} is set twice (line {exc.lineno})") from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise UserError(f"{path}: line {exc.lineno} {exc.line.strip()!r} comes before any [section] (valid: [model], [performance], [precision])") from None
+    except configparser.ParsingError as exc:
+        lineno, line = exc.errors[0]
+        raise UserError(f"{path}: line {lineno} {line.strip()!r} is not 'key = value'") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parser
+
+
+def read_sdk_config(path: str | os.PathLike = CONFIG_FILE_NAME, *, env: Mapping[str, str] | None = None) -> SdkConfig:
+    """Read a vendor ``sdk_config.ini``: every key of REFERENCE.md with its default; bad input is one UserError.
+
+    ``env`` (default ``os.environ``) supplies ``TIMEIT``: ``1`` means
+    ``perf_mode`` detail, as the vendor's script sets it for ``performance``.
+    """
+    env = os.environ if env is None else env
+    path = Path(path)
+    shown = str(path)
+    parser = _read_parser(path)
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        log.warning("%s", message)
+
+    # Section name -> the file's section it is read from.
+    sources: dict[str, str] = {}
+    for name in parser.sections():
+        canonical = name.strip().lower()
+        if canonical in LEGACY_SECTIONS:
+            target = LEGACY_SECTIONS[canonical]
+            if target in sources:
+                raise UserError(f"{shown}: both [{sources[target]}] and [{name}] are given; keep [{target}] only")
+            warn(f"{shown}: section [{name}] is the legacy name of [{target}]; read as [{target}]")
+            sources[target] = name
+        elif canonical in SECTIONS:
+            if canonical in sources:
+                raise UserError(f"{shown}: both [{sources[canonical]}] and [{name}] are given; keep [{canonical}] only")
+            sources[canonical] = name
+        else:
+            raise UserError(
+                f"{shown}: unknown section [{name}] (valid: [model], [performance], [precision]; legacy [ceval])"
+            )
+
+    parsed: dict[str, object] = {}
+    for section, cls in SECTIONS.items():
+        values: dict[str, object] = {}
+        raw_keys: dict[str, str] = {}
+        if section in sources:
+            source = sources[section]
+            for key, raw in parser.items(source):
+                name = KEY_ALIASES.get(section, {}).get(key, key)
+                if name not in _FIELD_PARSERS[section]:
+                    raise UserError(
+                        f"{shown}: unknown key {key!r} in [{source}] (valid: {', '.join(_valid_keys(section))})"
+                    )
+                if name in raw_keys:
+                    raise UserError(f"{shown}: [{source}] sets {name} twice (as {raw_keys[name]!r} and {key!r}); keep {name}")
+                if name != key:
+                    warn(f"{shown}: [{source}] {key} is read as {name} (the key the vendor's loader uses)")
+                raw_keys[name] = key
+                if strip_quotes(raw) == "":
+                    continue  # an empty value leaves the default
+                values[name] = _FIELD_PARSERS[section][name](_Where(shown, source, key, raw))
+        if section == "performance":
+            if env.get("TIMEIT", "").strip() == "1":
+                values["perf_mode"] = "detail"
+            lo = values.get("min_len_exp", cls.min_len_exp)
+            hi = values.get("max_len_exp", cls.max_len_exp)
+            if "case_pair" not in values and hi < lo:
+                raise UserError(
+                    f"{shown}: [performance] max_len_exp={hi} is below min_len_exp={lo} (valid: max_len_exp >= min_len_exp)"
+                )
+        parsed[section] = cls(**values, explicit=frozenset(values))
+    return SdkConfig(shown, parsed["model"], parsed["performance"], parsed["precision"], tuple(warnings))
