@@ -5,7 +5,8 @@ by a compiled one:
 
 * CPU: inductor with ``max-autotune`` (its C++ micro-GEMMs for the
   matrix-vector products of a decode step), freezing and weight prepacking
-  (the weights become constants laid out for the kernels);
+  (the weights become constants laid out for the kernels), and a C++
+  wrapper (no Python between the step's kernels);
 * CUDA: ``reduce-overhead`` (CUDA graphs: one launch per step);
 * NPU: torchair's graph backend when importable, else eager (one log line).
 
@@ -161,5 +162,8 @@ def compile_decode_step(device_type: str, world_size: int):
     import torch._inductor.config as inductor
 
     inductor.freezing = True  # weights become constants: prepacked for the CPU GEMM kernels
+    # A C++ wrapper calls the ~200 small kernels of a step without Python between them (bf16: 16.5 -> 14.1 ms).
+    # It cannot wrap the collectives that tensor parallelism puts in the graph (torch 2.13: "arg type Any").
+    inductor.cpp_wrapper = world_size == 1
     fn = torch.compile(decode_step, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
-    return CompiledDecode(fn, "inductor max-autotune, freezing")
+    return CompiledDecode(fn, "inductor max-autotune, freezing" + (", C++ wrapper" if world_size == 1 else ""))
