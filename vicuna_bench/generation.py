@@ -161,7 +161,29 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     return model.decode(tokens, positions, state.key_valid, state.slot)[:, -1].float()
 
 
-DecodeFn = Callable[[Transformer, torch.Tensor, torch.Tensor, DecodeState], torch.Tensor]
+class EagerSteps:
+    """How a generation runs its two kinds of forward: prefill and :func:`decode_step`, eagerly.
+
+    ``--compile on`` swaps in :class:`vicuna_bench.compile.CompiledSteps`,
+    which compiles both and makes its graphs in :meth:`warm`, before the
+    timed work starts.
+    """
+
+    description = "eager"
+
+    def prefill(self, model: Transformer, tokens, positions, key_valid, start: int) -> torch.Tensor:
+        """Last-position logits [B, vocab] (float32) of a prefill written at cache slots start..start+T."""
+        return model(tokens, positions, key_valid, start=start)[:, -1].float()
+
+    def decode(self, model: Transformer, tokens, positions, state: DecodeState) -> torch.Tensor:
+        return decode_step(model, tokens, positions, state)
+
+    def warm(self, model: Transformer, batch: int, length: int, sync=lambda: None) -> float:
+        """Make whatever these steps need for ``batch`` rows and a cache of ``length`` slots; seconds spent."""
+        return 0.0
+
+
+EAGER = EagerSteps()
 
 # How often a decode loop on an accelerator reads "all rows finished?" back to the host.
 EOS_CHECK_EVERY = 8
@@ -192,7 +214,7 @@ def generate(
     return_logits: bool = False,
     sync: Callable[[], None] = lambda: None,
     on_tokens: Callable[[list[int]], None] | None = None,
-    step_fn: DecodeFn = decode_step,
+    steps: EagerSteps = EAGER,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` for each prompt (token id lists).
 
@@ -201,8 +223,8 @@ def generate(
     prefill and the choice of the first token; ``step_ms`` each later decode
     step (device events on accelerators, read once at the end).
     ``total_ms`` is the whole call.  ``on_tokens`` (streaming) receives each
-    step's token per row.  ``step_fn`` is the decode step (eager or
-    compiled :func:`decode_step`).
+    step's token per row.  ``steps`` runs the prefill and decode steps
+    (eager, or compiled by ``--compile on``).
     """
     call_start = time.perf_counter()
     device = model.lm_head.weight.device
@@ -232,14 +254,11 @@ def generate(
     made = torch.zeros(batch, dtype=torch.long, device=device)  # tokens kept per row
     kept_logits = [] if return_logits else None
 
-    warm = getattr(step_fn, "warm", None)
-    compile_ms = 0.0
-    if warm is not None:  # compile for this batch and cache length now, outside the timed work
-        compile_ms = warm(model, batch, slots, sync) * 1e3
+    compile_ms = steps.warm(model, batch, slots, sync) * 1e3  # compiling belongs outside the timed work
     clock = StepClock(device)
     sync()
     clock.mark()
-    logits = model(tokens, positions, key_valid, start=0)[:, -1].float()
+    logits = steps.prefill(model, tokens, positions, key_valid, 0)
     next_ids = select_tokens(logits, sampling, generator)
     clock.mark()
     state = DecodeState(key_valid, torch.tensor([length], device=device), positions[:, -1:].clone())
@@ -247,7 +266,7 @@ def generate(
     for step in range(max_new_tokens):
         if step > 0:
             state.positions += 1
-            logits = step_fn(model, next_ids[:, None], state.positions, state)
+            logits = steps.decode(model, next_ids[:, None], state.positions, state)
             next_ids = select_tokens(logits, sampling, generator)
             state.slot += 1
             clock.mark()

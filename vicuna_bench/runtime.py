@@ -29,7 +29,7 @@ import torch
 from . import checkpoint, devices
 from .config import ModelArgs
 from .errors import EngineError, UserError, VicunaBenchError
-from .generation import GenerationResult, SamplingConfig, decode_step, generate, validate_prompts
+from .generation import EAGER, GenerationResult, SamplingConfig, generate, validate_prompts
 from .model import Transformer, decode_read_bytes, weight_bytes
 from .sharding import ShardPlan, TensorParallel
 
@@ -159,11 +159,11 @@ class RankRunner:
             self.model = model_hook(self.model)
         self.load_s = time.perf_counter() - started
         self.args = self.model.args
-        self.decode_fn = decode_step
+        self.steps = EAGER
         if spec.compile == "on":
-            from .compile import compile_decode_step
+            from .compile import compiled_steps
 
-            self.decode_fn = compile_decode_step(spec.device, spec.world_size)
+            self.steps = compiled_steps(spec.device, spec.world_size)
 
     def info(self) -> dict:
         decode_weights, kv_per_token = decode_read_bytes(self.model)
@@ -202,7 +202,7 @@ class RankRunner:
             return_logits=request.get("return_logits", False),
             sync=lambda: devices.synchronize(self.device),
             on_tokens=on_tokens,
-            step_fn=self.decode_fn,
+            steps=self.steps,
         )
 
 

@@ -106,7 +106,7 @@ def test_the_no_host_read_check_can_fail(tiny_models):
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_compiled_decode_matches_eager(tiny_models, world_size):
-    """--compile on (inductor max-autotune, freezing): identical greedy tokens, logits within 1e-4 of their scale."""
+    """--compile on (prefill and decode step compiled): identical greedy tokens, logits within 1e-4 of their scale."""
     path = str(tiny_models["gqa"])
     eager = _generate(make_engine_spec(path, world_size, "cpu", "fp32", 64), 10)
     spec = make_engine_spec(path, world_size, "cpu", "fp32", 64)
