@@ -12,8 +12,10 @@ import pytest
 
 from tests.unit.nightly_fixtures import accuracy, latency, run_record
 from vicuna_bench.errors import UserError
-from vicuna_bench.nightly.history import record_run
-from vicuna_bench.nightly.report import junit_gate, read_junit, rebuild_report, write_report
+from vicuna_bench.nightly.history import list_runs, record_run
+from vicuna_bench.nightly.report import (
+    junit_gate, read_junit, rebuild_report, record_and_report, write_report,
+)
 from vicuna_bench.nightly.rules import Gate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -154,6 +156,21 @@ def test_a_failed_gate_is_on_the_first_screen(tmp_path):
     lines = write_report(tmp_path / "run", db, run_id, gates=[hw]).read_text().splitlines()
     assert lines[0] == "# FAIL: gate failed: hw suite (1 failed, 0 errors: tests/hw/test_tp.py::test_allreduce)"
     assert "| hw suite | **FAIL** | 8 tests | 9 tests | -1 tests | 1 failed, 0 errors: tests/hw/test_tp.py::test_allreduce |" in lines[:25]
+
+
+def test_record_and_report_stores_the_verdict_and_returns_exit_3(tmp_path):
+    db = tmp_path / "history.sqlite"
+    history_with(db, [100.0] * 6 + [121.0])
+    run_id, outcome, report = record_and_report(tmp_path / "run", db, run_record(7), night(122.0), gates=[MMLU_GATE])
+    assert (run_id, outcome.exit_code) == (8, 3)
+    assert report.read_text().startswith("# FAIL: regression: next_token_ms_p50 256x64 122 ms")
+    # then a normal night: judged against [122, 121, 100 x 5] (median 100), 100 ms is fine.
+    run_id, outcome, _ = record_and_report(tmp_path / "run2", db, run_record(8), night(100.0), gates=[MMLU_GATE])
+    assert (run_id, outcome.exit_code) == (9, 0)
+    assert [s.run.status for s in list_runs(db)][-3:] == ["pass", "fail", "pass"]
+    # a night that broke half-way is recorded as an error whatever its figures say
+    record_and_report(tmp_path / "run3", db, run_record(9, status="error"), night(100.0)[:1])
+    assert list_runs(db)[-1].run.status == "error"
 
 
 # ---------------------------------------------------------------- JUnit XML

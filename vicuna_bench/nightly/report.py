@@ -241,6 +241,24 @@ def write_report(
     return path
 
 
+def record_and_report(
+    run_dir: str | Path, history: str | Path, run: H.RunRecord, metrics: Sequence[H.Metric], *,
+    gates: Sequence[R.Gate] = (), files: Mapping[str, str | Path] | None = None,
+    window: int = R.DEFAULT_WINDOW, tolerance: float = R.DEFAULT_TOLERANCE,
+) -> tuple[int, R.Outcome, Path]:
+    """The end of a nightly run: judge, record (status pass/fail, or error as given), write REPORT.md.
+
+    Returns (run id, outcome, REPORT.md path); ``outcome.exit_code`` is 0 or 3.
+    """
+    verdicts = R.evaluate_run(history, run, metrics, gates=gates, window=window, tolerance=tolerance)
+    outcome = R.overall(verdicts, gates)
+    if run.status != "error":  # a run that did not finish keeps saying so
+        run = dataclasses.replace(run, status="pass" if outcome.passed else "fail")
+    run_id = H.record_run(history, run, metrics)
+    report = write_report(run_dir, history, run_id, gates=gates, files=files, window=window, tolerance=tolerance)
+    return run_id, outcome, report
+
+
 def render_report(
     run_dir: Path, run_id: int, run: H.RunRecord, verdicts: Sequence[R.Verdict], gates: Sequence[R.Gate],
     plots: Sequence[Path], files: Mapping[str, str | Path], history: str | Path, window: int, tolerance: float,
