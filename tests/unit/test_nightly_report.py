@@ -200,7 +200,7 @@ def test_a_suite_skipped_for_want_of_a_device_is_a_skipped_gate(tmp_path):
     path.write_text('<testsuite tests="2"><testcase name="a"><skipped message="no NPU"/></testcase>'
                     '<testcase name="b"><skipped message="no NPU"/></testcase></testsuite>')
     gate = junit_gate(read_junit(path), skip_reason="no NPU or GPU on this host")
-    assert (gate.status, gate.detail) == ("skipped", "no NPU or GPU on this host")
+    assert (gate.status, gate.detail, gate.margin) == ("skipped", "no NPU or GPU on this host", None)
 
 
 def test_read_junit_reads_what_pytest_writes(tmp_path):

@@ -190,6 +190,13 @@ def test_one_regression_fails_the_run_with_exit_3():
     assert out.reason == "regression: next_token_ms_p50 256x64 120 ms vs baseline 100 (+20.0%)"
 
 
+def test_the_reason_names_two_causes_and_counts_the_rest():
+    slow = [judge(latency(120.0, case=f"{n}x64"), [120.0] + FLAT) for n in (256, 512, 1024)]
+    out = overall(slow, [Gate("hw suite", "failed", 9, 10)])
+    assert out.reason == ("gate failed: hw suite; regression: next_token_ms_p50 256x64 120 ms vs baseline 100 (+20.0%); "
+                          "and 2 more")
+
+
 def test_suspicious_and_insufficient_history_do_not_fail():
     verdicts = [judge(latency(120.0), FLAT), judge(latency(1.0), [])]
     out = overall(verdicts, [Gate("mmlu accuracy gate", "skipped", detail="unknown model")])

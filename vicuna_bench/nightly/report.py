@@ -84,7 +84,7 @@ def junit_gate(summary: JUnitSummary, name: str = "hw suite", skip_reason: str =
         return R.Gate(name, "failed", summary.passed, ran, "tests",
                       f"{summary.failures} failed, {summary.errors} errors: {shown}")
     if ran == 0:
-        return R.Gate(name, "skipped", 0, 0, "tests", skip_reason or f"all {summary.tests} tests skipped")
+        return R.Gate(name, "skipped", None, None, "tests", skip_reason or f"all {summary.tests} tests skipped")
     return R.Gate(name, "passed", summary.passed, ran, "tests", f"{summary.skipped} skipped")
 
 
@@ -271,8 +271,8 @@ def render_report(
         "",
         f"Nightly run {run_id}: {run.model} on {run.device} ({run.device_name}), {run.dtype}, "
         f"world size {run.world_size}, batch {run.batch_size}; {run.started_utc} to {run.finished_utc}; commit {commit}.",
-        f"Baseline: median of up to {window} earlier comparable runs in `{history}`; latency/throughput band "
-        f"±{tolerance:.0%}, twice in a row for a regression; accuracy band ±{R.ACCURACY_SE:g} binomial SE.",
+        f"Baseline: median of up to {window} earlier comparable runs in `{history}`; latency, throughput, memory "
+        f"and rate band ±{tolerance:.0%} (out twice in a row: regression); accuracy band ±{R.ACCURACY_SE:g} binomial SE.",
         "",
         "## Regressions and failed gates",
         "",

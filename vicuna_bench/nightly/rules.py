@@ -196,7 +196,9 @@ def overall(verdicts: Sequence[Verdict], gates: Sequence[Gate]) -> Outcome:
             change = f"{100 * (v.ratio - 1):+.1f}%" if v.ratio is not None and v.kind != "accuracy" else f"{v.delta:+.4f}"
             reasons.append(f"regression: {v.name} {v.case} {_fmt(v.value)} {v.unit} vs baseline {_fmt(v.baseline)} ({change})")
     if reasons:
-        return Outcome(False, "; ".join(reasons))
+        # The reason is REPORT.md's first line: two causes, then a count; the tables list them all.
+        more = f"; and {len(reasons) - 2} more" if len(reasons) > 2 else ""
+        return Outcome(False, "; ".join(reasons[:2]) + more)
     return Outcome(True, f"{len(gates)} gate(s) passed or skipped, no regression in {len(verdicts)} metric(s)")
 
 
