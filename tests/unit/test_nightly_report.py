@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import struct
 import subprocess
@@ -229,3 +230,16 @@ def test_bad_junit_is_bad_input(tmp_path, text, message):
     with pytest.raises(UserError, match=message) as err:
         read_junit(path)
     assert str(err.value).startswith(str(path))
+
+
+def test_the_example_in_docs_nightly_md_is_what_the_code_writes(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("nightly_example", root / "docs" / "nightly_example.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.chdir(tmp_path)  # the example changes directory; this puts it back
+    written = example.main(tmp_path).read_text()
+    doc = (root / "docs" / "nightly.md").read_text()
+    shown = doc.split("````markdown\n", 1)[1].split("## Settings and environment", 1)[0]
+    assert written.startswith(shown)
+    assert shown.startswith("# FAIL: regression: next_token_ms_p50 256x64 119.6 ms vs baseline 98.1 (+21.9%)\n")
