@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from vicuna_bench.errors import UserError
 from vicuna_bench.nightly.history import Metric, RunRecord, record_run
 
 
@@ -28,3 +31,12 @@ def accuracy(value: float, n: int, case: str = "mmlu/generate") -> Metric:
 def record_series(db, values, metric=latency, start: int = 0, **overrides) -> list[int]:
     """Record one run per value (oldest first), each with the one metric ``metric(value)``; their ids."""
     return [record_run(db, run_record(start + i, **overrides), [metric(v)]) for i, v in enumerate(values)]
+
+
+def assert_bad_file(path, text: str, reader, message: str) -> None:
+    """Write ``text`` to ``path``: ``reader(path)`` must raise one UserError matching ``message``, naming the file first."""
+    path.write_text(text)
+    with pytest.raises(UserError, match=message) as err:
+        reader(path)
+    assert str(err.value).startswith(str(path))
+    assert "\n" not in str(err.value)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.nightly_fixtures import accuracy, latency, record_series, run_record
+from tests.unit.nightly_fixtures import accuracy, assert_bad_file, latency, record_series, run_record
 from vicuna_bench.errors import UserError
 from vicuna_bench.nightly import history as H
 from vicuna_bench.nightly.history import Metric
@@ -301,8 +301,4 @@ def test_a_summary_with_nothing_answered_records_no_figure(tmp_path):
     ('{"mode": "mmlu", "results": {"generate": {"total": 3}}}', "results.generate needs keys micro and total"),
 ])
 def test_a_bad_summary_is_bad_input(tmp_path, text, message):
-    path = tmp_path / "summary.json"
-    path.write_text(text)
-    with pytest.raises(UserError, match=message) as err:
-        H.metrics_from_precision_summary(path)
-    assert str(err.value).startswith(str(path))
+    assert_bad_file(tmp_path / "summary.json", text, H.metrics_from_precision_summary, message)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.nightly_fixtures import accuracy, latency, run_record
+from tests.unit.nightly_fixtures import accuracy, assert_bad_file, latency, run_record
 from vicuna_bench.errors import UserError
 from vicuna_bench.nightly.history import list_runs, record_run
 from vicuna_bench.nightly.report import (
@@ -127,7 +127,7 @@ def test_report_only_rebuilds_the_same_report(regressed):
 
 
 def test_report_only_needs_a_run_directory(tmp_path):
-    with pytest.raises(UserError, match=r"nightly\.json: cannot read .* a nightly run directory"):
+    with pytest.raises(UserError, match=r"nightly\.json: cannot read the run's state \(is .* a nightly run directory\?\)"):
         rebuild_report(tmp_path)
     (tmp_path / "nightly.json").write_text('{"run_id": 1}')
     with pytest.raises(UserError, match=r"nightly\.json: expected keys run_id, history"):
@@ -225,11 +225,7 @@ def test_read_junit_reads_what_pytest_writes(tmp_path):
     ("<html/>", "root element <html> is not <testsuites> or <testsuite>"),
 ])
 def test_bad_junit_is_bad_input(tmp_path, text, message):
-    path = tmp_path / "junit.xml"
-    path.write_text(text)
-    with pytest.raises(UserError, match=message) as err:
-        read_junit(path)
-    assert str(err.value).startswith(str(path))
+    assert_bad_file(tmp_path / "junit.xml", text, read_junit, message)
 
 
 def test_the_example_in_docs_nightly_md_is_what_the_code_writes(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ host with a wrong clock cannot reorder the history.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -156,15 +157,10 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if not tables:
         # One transaction: a crash while creating leaves an empty file, created again next time.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             for statement in _statements(_SCHEMA):
                 conn.execute(statement)
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return
     if "meta" not in tables:
         raise UserError(f"--history {path}: an SQLite file without a meta table is not a vicuna-bench history")
@@ -181,18 +177,25 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
             f"({SCHEMA_VERSION}); use a newer vicuna-bench or another --history file"
         )
     if version < SCHEMA_VERSION:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             for v in range(version, SCHEMA_VERSION):
                 if v not in _MIGRATIONS:
                     raise UserError(f"--history {path}: no migration from schema_version {v} (valid: 1..{SCHEMA_VERSION})")
                 for statement in _statements(_MIGRATIONS[v]):
                     conn.execute(statement)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception: all of it is written or none."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _statements(script: str) -> list[str]:
@@ -233,8 +236,7 @@ def record_run(db: str | Path | sqlite3.Connection, run: RunRecord, metrics: Ite
         seen.add((m.name, m.case))
     conn, own = _open(db)
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             cur = conn.execute(
                 "INSERT INTO runs (started_utc, finished_utc, git_commit, status, model, device, device_name,"
                 " dtype, world_size, batch_size, settings_json, environment_json)"
@@ -250,10 +252,6 @@ def record_run(db: str | Path | sqlite3.Connection, run: RunRecord, metrics: Ite
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, m.kind, m.name, m.case, float(m.value), m.unit, m.n, m.better),
                 )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return run_id
     finally:
         if own:
@@ -404,15 +402,20 @@ def _number(path: Path, line: int, column: str, text, kind):
     return value
 
 
-def read_precision_summary(path: str | Path) -> dict:
-    """The precision runner's ``summary.json`` as a dict, checked for the keys the nightly run reads."""
+def read_json(path: str | Path, what: str):
+    """A JSON file's content; one UserError naming the file when it is unreadable or not JSON."""
     path = Path(path)
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise UserError(f"{path}: cannot read the precision summary ({exc.strerror})") from exc
+        raise UserError(f"{path}: cannot read {what} ({exc.strerror})") from exc
     except ValueError as exc:
         raise UserError(f"{path}: not JSON ({exc})") from exc
+
+
+def read_precision_summary(path: str | Path) -> dict:
+    """The precision runner's ``summary.json`` as a dict, checked for the keys the nightly run reads."""
+    summary = read_json(path, "the precision summary")
     if not isinstance(summary, dict):
         raise UserError(f"{path}: expected a JSON object with keys mode and results")
     for key in ("mode", "results"):

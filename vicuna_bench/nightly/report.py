@@ -169,15 +169,8 @@ def write_trend_plots(conn, run: H.RunRecord, run_id: int, metrics: Sequence[H.M
             if verdict is not None and verdict.band is not None:
                 ax.axhspan(*verdict.band, color="tab:green", alpha=0.15, label="baseline band")
                 ax.axhline(verdict.baseline, color="tab:green", lw=1, label="baseline (median)")
-            ax.set_title(f"{name} {case}")
-            ax.set_xlabel("run id")
-            ax.set_ylabel("ms")
-            ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out_dir / f"latency_{case}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append(path)
+            _label(ax, f"{name} {case}", "ms")
+        written.append(_save(plt, fig, out_dir / f"latency_{case}.png"))
     minimum = R.accuracy_gates(gates)
     sets = sorted({m.case.split("/")[0] for m in metrics if m.kind == "accuracy"})
     for name in sets:
@@ -187,16 +180,23 @@ def write_trend_plots(conn, run: H.RunRecord, run_id: int, metrics: Sequence[H.M
             line, = ax.plot([p.run_id for p in points], [100 * p.value for p in points], "o-", label=m.case)
             if m.case in minimum:
                 ax.axhline(100 * minimum[m.case], color=line.get_color(), ls="--", label=f"{m.case} gate")
-        ax.set_title(f"{name} accuracy")
-        ax.set_xlabel("run id")
-        ax.set_ylabel("%")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out_dir / f"accuracy_{name}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append(path)
+        _label(ax, f"{name} accuracy", "%")
+        written.append(_save(plt, fig, out_dir / f"accuracy_{name}.png"))
     return written
+
+
+def _label(ax, title: str, unit: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("run id")
+    ax.set_ylabel(unit)
+    ax.legend(fontsize="small")
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)  # a nightly run draws many figures: free each one
+    return path
 
 
 def _case_order(case: str):
@@ -310,12 +310,7 @@ def rebuild_report(run_dir: str | Path, history: str | Path | None = None) -> Pa
     """--report-only: rewrite REPORT.md and the plots of run_dir from its nightly.json and the history."""
     run_dir = Path(run_dir)
     path = run_dir / STATE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror}); is {run_dir} a nightly run directory?") from exc
-    except ValueError as exc:
-        raise UserError(f"{path}: not JSON ({exc})") from exc
+    state = H.read_json(path, f"the run's state (is {run_dir} a nightly run directory?)")
     try:
         gates = [R.Gate(**g) for g in state["gates"]]
         run_id, window, tolerance = int(state["run_id"]), int(state["window"]), float(state["tolerance"])
