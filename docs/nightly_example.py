@@ -51,7 +51,7 @@ def main(out: Path) -> Path:
     (run_dir / "mmlu" / "summary.json").write_text("{}\n")
     gates = [
         junit_gate(read_junit(run_dir / "junit-hw.xml"), skip_reason="no NPU or GPU on this host"),
-        Gate("mmlu/generate accuracy", "passed", 24.9, 23.9, "%", "threshold 24.9 - tolerance 1.0"),
+        Gate("mmlu/generate accuracy", "passed", 24.9, 23.9, "%", "threshold 24.9 - tolerance 1.0", "mmlu/generate"),
     ]
     files = {"hw suite (JUnit XML)": "junit-hw.xml", "MMLU summary": "mmlu/summary.json",
              "perf extended CSV": "perf/performance_test_SmolLM2-135M-Instruct_AMD_EPYC_bs1_extended.csv"}

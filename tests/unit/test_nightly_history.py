@@ -99,6 +99,12 @@ def test_a_run_reads_back_as_written(tmp_path):
     assert [s.id for s in H.list_runs(path, limit=1)] == [2]
 
 
+def test_settings_that_are_not_json_are_recorded_as_text(tmp_path):
+    path = tmp_path / "history.sqlite"
+    run_id = H.record_run(path, run_record(settings={"model_path": Path("/models/vicuna"), "cases": ((256, 64),)}), [])
+    assert H.load_run(path, run_id)[0].settings == {"model_path": "/models/vicuna", "cases": [[256, 64]]}
+
+
 def test_an_unknown_run_id_is_bad_input(tmp_path):
     with pytest.raises(UserError, match="run id 7 is not in the history"):
         H.load_run(tmp_path / "history.sqlite", 7)

@@ -20,7 +20,7 @@ from vicuna_bench.nightly.report import (
 from vicuna_bench.nightly.rules import Gate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MMLU_GATE = Gate("mmlu/generate accuracy", "passed", 24.9, 23.9, "%", "threshold 24.9 - tolerance 1.0")
+MMLU_GATE = Gate("mmlu/generate accuracy", "passed", 24.9, 23.9, "%", "threshold 24.9 - tolerance 1.0", "mmlu/generate")
 
 
 def night(next_256: float, acc: float = 0.249) -> list:

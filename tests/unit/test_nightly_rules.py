@@ -174,7 +174,7 @@ def test_a_recorded_run_is_judged_against_the_runs_before_it(tmp_path):
 
 def test_accuracy_gates_are_read_from_the_gate_list(tmp_path):
     db = tmp_path / "history.sqlite"
-    gates = [Gate("mmlu/generate accuracy", "failed", 20.0, 23.9, "%")]
+    gates = [Gate("mmlu/generate accuracy", "failed", 20.0, 23.9, "%", case="mmlu/generate")]
     (v,) = evaluate_run(db, run_record(), [accuracy(0.20, n=1542)], gates=gates)
     assert (v.status, v.gate) == ("gate-failed", pytest.approx(0.239))
     (v,) = evaluate_run(db, run_record(), [accuracy(0.20, n=1542, case="ceval/generate")], gates=gates)
@@ -208,6 +208,15 @@ def test_a_failed_gate_fails_the_run():
     assert (out.passed, out.reason) == (False, "gate failed: hw suite (1 failed)")
 
 
+def test_a_failed_accuracy_gate_is_named_once():
+    gate = Gate("mmlu/generate accuracy", "failed", 20.0, 23.9, "%", "threshold 24.9 - tolerance 1.0", "mmlu/generate")
+    out = overall([judge(accuracy(0.20, n=1542), [], gate=0.239)], [gate])
+    assert out.reason == "gate failed: mmlu/generate accuracy (threshold 24.9 - tolerance 1.0)"
+    # without its gate in the list (say a summary that was not read), the verdict still says it
+    out = overall([judge(accuracy(0.20, n=1542), [], gate=0.239)], [])
+    assert out.reason == "gate failed: accuracy mmlu/generate = 0.2 < 0.239"
+
+
 def test_gates_from_a_precision_summary(tmp_path):
     path = tmp_path / "summary.json"
     path.write_text(json.dumps({
@@ -219,7 +228,8 @@ def test_gates_from_a_precision_summary(tmp_path):
         ]},
     }))
     passed, skipped = gates_from_precision_summary(path)
-    assert (passed.name, passed.status, passed.value, passed.unit) == ("mmlu/generate accuracy", "passed", 24.9, "%")
+    assert (passed.name, passed.status, passed.value, passed.unit, passed.case) == (
+        "mmlu/generate accuracy", "passed", 24.9, "%", "mmlu/generate")
     assert passed.threshold == pytest.approx(23.9)
     assert passed.margin == pytest.approx(1.0)
     assert (skipped.status, skipped.margin) == ("skipped", None)

@@ -154,15 +154,14 @@ def connect(path: str | Path) -> sqlite3.Connection:
 
 
 def _prepare(conn: sqlite3.Connection, path: Path) -> None:
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if not tables:
+    if not _tables(conn):
         # One transaction: a crash while creating leaves an empty file, created again next time.
         with _transaction(conn):
-            for statement in _statements(_SCHEMA):
-                conn.execute(statement)
-            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        return
-    if "meta" not in tables:
+            if not _tables(conn):  # another process may have created it while we waited for the lock
+                for statement in _statements(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    if "meta" not in _tables(conn):
         raise UserError(f"--history {path}: an SQLite file without a meta table is not a vicuna-bench history")
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     try:
@@ -184,6 +183,10 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
                 for statement in _statements(_MIGRATIONS[v]):
                     conn.execute(statement)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
 @contextlib.contextmanager
@@ -243,7 +246,7 @@ def record_run(db: str | Path | sqlite3.Connection, run: RunRecord, metrics: Ite
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run.started_utc, run.finished_utc, run.git_commit, run.status, run.model, run.device,
                  run.device_name, run.dtype, int(run.world_size), int(run.batch_size),
-                 json.dumps(run.settings, sort_keys=True), json.dumps(run.environment, sort_keys=True)),
+                 _json(run.settings), _json(run.environment)),
             )
             run_id = cur.lastrowid
             for m in metrics:
@@ -256,6 +259,11 @@ def record_run(db: str | Path | sqlite3.Connection, run: RunRecord, metrics: Ite
     finally:
         if own:
             conn.close()
+
+
+def _json(obj) -> str:
+    # Settings hold paths and the like: recorded as text rather than refused at the end of a night.
+    return json.dumps(obj, sort_keys=True, default=str)
 
 
 # ---------------------------------------------------------------- reading

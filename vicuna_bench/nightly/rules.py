@@ -74,6 +74,7 @@ class Gate:
     threshold: float | None = None
     unit: str = ""
     detail: str = ""  # the skip reason, or what failed
+    case: str | None = None  # an accuracy gate's metric case, e.g. 'mmlu/generate'; the rule judges it too
 
     @property
     def margin(self) -> float | None:
@@ -160,11 +161,7 @@ def _judge_accuracy(metric: H.Metric, base: dict, baseline: float) -> Verdict:
 
 def accuracy_gates(gates: Iterable[Gate]) -> dict[str, float]:
     """The accuracy gates as {case: minimum 0..1}, e.g. {'mmlu/generate': 0.239}, from percent gates."""
-    out = {}
-    for g in gates:
-        if g.name.endswith(" accuracy") and g.threshold is not None and g.unit == "%":
-            out[g.name[: -len(" accuracy")]] = g.threshold / 100
-    return out
+    return {g.case: g.threshold / 100 for g in gates if g.case and g.threshold is not None and g.unit == "%"}
 
 
 def evaluate_run(
@@ -188,9 +185,11 @@ def evaluate_run(
 
 def overall(verdicts: Sequence[Verdict], gates: Sequence[Gate]) -> Outcome:
     """PASS when every gate holds and no metric regressed; else FAIL naming what failed first."""
-    reasons = [f"gate failed: {g.name}" + (f" ({g.detail})" if g.detail else "") for g in gates if g.status == "failed"]
+    failed = [g for g in gates if g.status == "failed"]
+    reasons = [f"gate failed: {g.name}" + (f" ({g.detail})" if g.detail else "") for g in failed]
+    named = {g.case for g in failed}
     for v in verdicts:
-        if v.status == "gate-failed":
+        if v.status == "gate-failed" and v.case not in named:  # said once, by its gate, when the gate failed too
             reasons.append(f"gate failed: {v.name} {v.case} = {v.value:.4g} < {v.gate:.4g}")
         elif v.status == "regression":
             change = f"{100 * (v.ratio - 1):+.1f}%" if v.ratio is not None and v.kind != "accuracy" else f"{v.delta:+.4f}"
@@ -223,8 +222,9 @@ def gates_from_precision_summary(path: str | Path) -> list[Gate]:
             continue
         try:
             threshold = float(v["threshold"]) - float(v["tolerance"])
-            out.append(Gate(f"{mode}/{v['scoring']} accuracy", v["status"], float(v["score"]), threshold, "%",
-                            f"threshold {v['threshold']} - tolerance {v['tolerance']} ({v.get('model', '?')})"))
+            case = f"{mode}/{v['scoring']}"
+            out.append(Gate(f"{case} accuracy", v["status"], float(v["score"]), threshold, "%",
+                            f"threshold {v['threshold']} - tolerance {v['tolerance']} ({v.get('model', '?')})", case))
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path}: gate verdict {json.dumps(v)} lacks scoring/score/threshold/tolerance") from exc
     return out
