@@ -236,6 +236,23 @@ def test_gates_from_a_precision_summary(tmp_path):
     assert "no mmlu threshold" in skipped.detail
 
 
+def test_a_subset_run_is_not_gated(tmp_path):
+    # the precision runner judges every run; without --gate (a --quick subset) it says requested: false
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({
+        "mode": "mmlu", "results": {"generate": {"micro": 0.1, "total": 20}},
+        "gate": {"status": "failed", "requested": False, "verdicts": [
+            {"model": "SmolLM2-135M-Instruct", "scoring": "generate", "score": 10.0, "threshold": 24.9,
+             "tolerance": 1.0, "status": "failed"}]},
+    }))
+    (gate,) = gates_from_precision_summary(path)
+    assert (gate.status, gate.value, gate.case) == ("skipped", 10.0, "mmlu/generate")
+    assert gate.detail.startswith("not a --gate run (would have failed); threshold 24.9")
+    (v,) = evaluate_run(tmp_path / "history.sqlite", run_record(), [accuracy(0.10, n=20)], gates=[gate])
+    assert v.status == "insufficient-history"  # not gate-failed
+    assert overall([v], [gate]).passed
+
+
 def test_a_malformed_gate_verdict_is_bad_input(tmp_path):
     path = tmp_path / "summary.json"
     path.write_text(json.dumps({"mode": "mmlu", "results": {}, "gate": {"verdicts": [{"status": "passed"}]}}))
