@@ -72,7 +72,7 @@ def test_the_first_line_says_fail_and_why(regressed):
     _, _, report = regressed
     first = report.read_text().splitlines()[0]
     # baseline: median of [121, 100 x 6] = 100; 122 / 100 = +22.0%; the previous night (121) was out too.
-    assert first == "# FAIL: regression: next_token_ms_p50 256x64 122 ms vs baseline 100 (+22.0%)"
+    assert first == "# FAIL: regression: next_token_ms_p50 256x64 122 ms vs baseline 100 ms (+22.0%)"
 
 
 def test_the_first_screen_names_the_case_and_metric(regressed):
@@ -238,4 +238,4 @@ def test_the_example_in_docs_nightly_md_is_what_the_code_writes(tmp_path, monkey
     doc = (root / "docs" / "nightly.md").read_text()
     shown = doc.split("````markdown\n", 1)[1].split("## Settings and environment", 1)[0]
     assert written.startswith(shown)
-    assert shown.startswith("# FAIL: regression: next_token_ms_p50 256x64 119.6 ms vs baseline 98.1 (+21.9%)\n")
+    assert shown.startswith("# FAIL: regression: next_token_ms_p50 256x64 119.6 ms vs baseline 98.1 ms (+21.9%)\n")

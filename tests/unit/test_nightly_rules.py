@@ -187,14 +187,20 @@ def test_one_regression_fails_the_run_with_exit_3():
     verdicts = [judge(latency(120.0), [120.0] + FLAT), judge(latency(101.0, case="512x64"), FLAT)]
     out = overall(verdicts, [Gate("hw suite", "passed", 10, 10)])
     assert not out.passed and out.exit_code == 3
-    assert out.reason == "regression: next_token_ms_p50 256x64 120 ms vs baseline 100 (+20.0%)"
+    assert out.reason == "regression: next_token_ms_p50 256x64 120 ms vs baseline 100 ms (+20.0%)"
 
 
 def test_the_reason_names_two_causes_and_counts_the_rest():
     slow = [judge(latency(120.0, case=f"{n}x64"), [120.0] + FLAT) for n in (256, 512, 1024)]
     out = overall(slow, [Gate("hw suite", "failed", 9, 10)])
-    assert out.reason == ("gate failed: hw suite; regression: next_token_ms_p50 256x64 120 ms vs baseline 100 (+20.0%); "
+    assert out.reason == ("gate failed: hw suite; regression: next_token_ms_p50 256x64 120 ms vs baseline 100 ms (+20.0%); "
                           "and 2 more")
+
+
+def test_an_accuracy_regression_is_told_in_points():
+    # baseline 0.25, n = 1200: band 0.225..0.275 (see above); 0.22 is 3 points down.
+    out = overall([judge(accuracy(0.22, n=1200), [0.25] * 3)], [])
+    assert out.reason == "regression: accuracy mmlu/generate 22.00% vs baseline 25.00% (-3.00 pts)"
 
 
 def test_suspicious_and_insufficient_history_do_not_fail():
@@ -214,7 +220,7 @@ def test_a_failed_accuracy_gate_is_named_once():
     assert out.reason == "gate failed: mmlu/generate accuracy (threshold 24.9 - tolerance 1.0)"
     # without its gate in the list (say a summary that was not read), the verdict still says it
     out = overall([judge(accuracy(0.20, n=1542), [], gate=0.239)], [])
-    assert out.reason == "gate failed: accuracy mmlu/generate = 0.2 < 0.239"
+    assert out.reason == "gate failed: accuracy mmlu/generate 20.00% < 23.90%"
 
 
 def test_gates_from_a_precision_summary(tmp_path):

@@ -90,18 +90,6 @@ def junit_gate(summary: JUnitSummary, name: str = "hw suite", skip_reason: str =
 
 # ---------------------------------------------------------------- formatting
 
-def _value(v: float | None, unit: str) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * v:.2f}%" if unit == "fraction" else f"{v:.4g} {unit}"
-
-
-def _change(v: R.Verdict) -> str:
-    if v.kind == "accuracy":
-        return "-" if v.delta is None else f"{100 * v.delta:+.2f} pts"
-    return "-" if v.ratio is None else f"{100 * (v.ratio - 1):+.1f}%"
-
-
 def _band(v: R.Verdict) -> str:
     if v.band is None:
         return "-"
@@ -114,8 +102,8 @@ def _verdict_rows(verdicts: Iterable[R.Verdict]) -> list[str]:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in verdicts:
         rows.append(
-            f"| {HIGHLIGHT.get(v.status, v.status)} | {v.name} | {v.case} | {_value(v.value, v.unit)} "
-            f"| {_value(v.baseline, v.unit)} | {_change(v)} | {_band(v)} | {v.history} | {v.reason or '-'} |"
+            f"| {HIGHLIGHT.get(v.status, v.status)} | {v.name} | {v.case} | {R.show_value(v.value, v.unit)} "
+            f"| {R.show_value(v.baseline, v.unit)} | {R.show_change(v)} | {_band(v)} | {v.history} | {v.reason or '-'} |"
         )
     return rows
 

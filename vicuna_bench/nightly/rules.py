@@ -191,10 +191,10 @@ def overall(verdicts: Sequence[Verdict], gates: Sequence[Gate]) -> Outcome:
     named = {g.case for g in failed}
     for v in verdicts:
         if v.status == "gate-failed" and v.case not in named:  # said once, by its gate, when the gate failed too
-            reasons.append(f"gate failed: {v.name} {v.case} = {v.value:.4g} < {v.gate:.4g}")
+            reasons.append(f"gate failed: {v.name} {v.case} {show_value(v.value, v.unit)} < {show_value(v.gate, v.unit)}")
         elif v.status == "regression":
-            change = f"{100 * (v.ratio - 1):+.1f}%" if v.ratio is not None and v.kind != "accuracy" else f"{v.delta:+.4f}"
-            reasons.append(f"regression: {v.name} {v.case} {_fmt(v.value)} {v.unit} vs baseline {_fmt(v.baseline)} ({change})")
+            reasons.append(f"regression: {v.name} {v.case} {show_value(v.value, v.unit)} vs baseline "
+                           f"{show_value(v.baseline, v.unit)} ({show_change(v)})")
     if reasons:
         # The reason is REPORT.md's first line: two causes, then a count; the tables list them all.
         more = f"; and {len(reasons) - 2} more" if len(reasons) > 2 else ""
@@ -202,8 +202,18 @@ def overall(verdicts: Sequence[Verdict], gates: Sequence[Gate]) -> Outcome:
     return Outcome(True, f"{len(gates)} gate(s) passed or skipped, no regression in {len(verdicts)} metric(s)")
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+def show_value(value: float | None, unit: str) -> str:
+    """A figure as a person reads it: '98.1 ms', '24.90%' for a 0..1 fraction, '-' when unknown."""
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}%" if unit == "fraction" else f"{value:.4g} {unit}"
+
+
+def show_change(v: Verdict) -> str:
+    """Against the baseline: '+21.9%' for a ratio metric, '-3.00 pts' for an accuracy, '-' without one."""
+    if v.kind == "accuracy":
+        return "-" if v.delta is None else f"{100 * v.delta:+.2f} pts"
+    return "-" if v.ratio is None else f"{100 * (v.ratio - 1):+.1f}%"
 
 
 # ---------------------------------------------------------------- gates from result files
