@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -223,16 +224,21 @@ def test_a_failed_accuracy_gate_is_named_once():
     assert out.reason == "gate failed: accuracy mmlu/generate 20.00% < 23.90%"
 
 
-def test_gates_from_a_precision_summary(tmp_path):
+def gated_summary(tmp_path, score: float, status: str, requested: bool, *more_verdicts) -> Path:
+    """A precision summary.json of MMLU whose generate score (percent) met the SmolLM2 gate or not."""
     path = tmp_path / "summary.json"
+    verdict = {"model": "SmolLM2-135M-Instruct", "scoring": "generate", "score": score, "threshold": 24.9,
+               "tolerance": 1.0, "status": status}
     path.write_text(json.dumps({
-        "mode": "mmlu", "results": {"generate": {"micro": 0.249, "total": 1542}},
-        "gate": {"status": "passed", "requested": True, "verdicts": [
-            {"model": "SmolLM2-135M-Instruct", "scoring": "generate", "score": 24.9, "threshold": 24.9,
-             "tolerance": 1.0, "status": "passed"},
-            {"status": "skipped", "reason": "no mmlu threshold for SmolLM2-135M-Instruct with scoring 'x'"},
-        ]},
+        "mode": "mmlu", "results": {"generate": {"micro": score / 100, "total": 1542}},
+        "gate": {"status": status, "requested": requested, "verdicts": [verdict, *more_verdicts]},
     }))
+    return path
+
+
+def test_gates_from_a_precision_summary(tmp_path):
+    path = gated_summary(tmp_path, 24.9, "passed", True,
+                         {"status": "skipped", "reason": "no mmlu threshold for SmolLM2-135M-Instruct with scoring 'x'"})
     passed, skipped = gates_from_precision_summary(path)
     assert (passed.name, passed.status, passed.value, passed.unit, passed.case) == (
         "mmlu/generate accuracy", "passed", 24.9, "%", "mmlu/generate")
@@ -244,17 +250,11 @@ def test_gates_from_a_precision_summary(tmp_path):
 
 def test_a_subset_run_is_not_gated(tmp_path):
     # the precision runner judges every run; without --gate (a --quick subset) it says requested: false
-    path = tmp_path / "summary.json"
-    path.write_text(json.dumps({
-        "mode": "mmlu", "results": {"generate": {"micro": 0.1, "total": 20}},
-        "gate": {"status": "failed", "requested": False, "verdicts": [
-            {"model": "SmolLM2-135M-Instruct", "scoring": "generate", "score": 10.0, "threshold": 24.9,
-             "tolerance": 1.0, "status": "failed"}]},
-    }))
+    path = gated_summary(tmp_path, 10.0, "failed", False)
     (gate,) = gates_from_precision_summary(path)
     assert (gate.status, gate.value, gate.case) == ("skipped", 10.0, "mmlu/generate")
     assert gate.detail.startswith("not a --gate run (would have failed); threshold 24.9")
-    (v,) = evaluate_run(tmp_path / "history.sqlite", run_record(), [accuracy(0.10, n=20)], gates=[gate])
+    (v,) = evaluate_run(tmp_path / "history.sqlite", run_record(), [accuracy(0.10, n=1542)], gates=[gate])
     assert v.status == "insufficient-history"  # not gate-failed
     assert overall([v], [gate]).passed
 
