@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import datetime
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -198,6 +200,14 @@ def test_comparable_values_are_the_newest_first_before_a_run(tmp_path):
     points = H.comparable_values(path, run_record(), "next_token_ms_p50", "256x64", limit=7, before_run_id=ids[2])
     assert [p.value for p in points] == [101.0, 100.0]
     assert H.comparable_values(path, run_record(), "next_token_ms_p50", "512x64") == []
+
+
+def test_times_are_stored_in_utc():
+    cet = datetime.timezone(datetime.timedelta(hours=1))
+    assert H.utc_timestamp(datetime.datetime(2026, 11, 8, 2, 0, 5, tzinfo=cet)) == "2026-11-08T01:00:05Z"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", H.utc_timestamp())
+    with pytest.raises(ValueError, match="aware"):
+        H.utc_timestamp(datetime.datetime(2026, 11, 8))
 
 
 # ---------------------------------------------------------------- the project's commit

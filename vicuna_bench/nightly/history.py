@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import datetime
 import json
 import math
 import sqlite3
@@ -337,6 +338,14 @@ def comparable_values(
     finally:
         if own:
             conn.close()
+
+
+def utc_timestamp(when: datetime.datetime | None = None) -> str:
+    """A run's time as the history stores it: 'YYYY-MM-DDTHH:MM:SSZ' in UTC (default: now)."""
+    when = when or datetime.datetime.now(datetime.timezone.utc)
+    if when.tzinfo is None:
+        raise ValueError("utc_timestamp needs an aware datetime: a naive one's zone is a guess")
+    return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------- the project's commit
