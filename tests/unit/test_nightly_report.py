@@ -174,6 +174,14 @@ def test_record_and_report_stores_the_verdict_and_returns_exit_3(tmp_path):
     assert list_runs(db)[-1].run.status == "error"
 
 
+def test_a_pipe_in_a_test_id_does_not_split_the_gate_row(tmp_path):
+    db = tmp_path / "history.sqlite"
+    run_id = history_with(db, [100.0])
+    hw = Gate("hw suite", "failed", 0, 1, "tests", "1 failed, 0 errors: test_x[a|b]")
+    text = write_report(tmp_path / "run", db, run_id, gates=[hw]).read_text()
+    assert "| hw suite | **FAIL** | 0 tests | 1 tests | -1 tests | 1 failed, 0 errors: test_x[a\\|b] |" in text
+
+
 # ---------------------------------------------------------------- JUnit XML
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>

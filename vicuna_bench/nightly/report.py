@@ -90,6 +90,11 @@ def junit_gate(summary: JUnitSummary, name: str = "hw suite", skip_reason: str =
 
 # ---------------------------------------------------------------- formatting
 
+def _cell(text: str) -> str:
+    # test ids such as test_x[a|b] would split a Markdown table row
+    return text.replace("|", "\\|").replace("\n", " ") if text else "-"
+
+
 def _band(v: R.Verdict) -> str:
     if v.band is None:
         return "-"
@@ -103,7 +108,7 @@ def _verdict_rows(verdicts: Iterable[R.Verdict]) -> list[str]:
     for v in verdicts:
         rows.append(
             f"| {HIGHLIGHT.get(v.status, v.status)} | {v.name} | {v.case} | {R.show_value(v.value, v.unit)} "
-            f"| {R.show_value(v.baseline, v.unit)} | {R.show_change(v)} | {_band(v)} | {v.history} | {v.reason or '-'} |"
+            f"| {R.show_value(v.baseline, v.unit)} | {R.show_change(v)} | {_band(v)} | {v.history} | {_cell(v.reason)} |"
         )
     return rows
 
@@ -115,7 +120,7 @@ def _gate_rows(gates: Sequence[R.Gate]) -> list[str]:
         unit = g.unit if g.unit in ("", "%") else f" {g.unit}"
         value, threshold, margin = ("-" if x is None else f"{x:{spec}}{unit}"
                                     for x, spec in ((g.value, ".4g"), (g.threshold, ".4g"), (g.margin, "+.4g")))
-        rows.append(f"| {g.name} | {result} | {value} | {threshold} | {margin} | {g.detail or '-'} |")
+        rows.append(f"| {_cell(g.name)} | {result} | {value} | {threshold} | {margin} | {_cell(g.detail)} |")
     return rows
 
 

@@ -113,7 +113,7 @@ def judge(
     if gate is not None and metric.value < gate:
         return Verdict(**base, status="gate-failed", history=min(len(earlier), window),
                        previous=earlier[0] if earlier else None,
-                       reason=f"below the release gate {gate:.4g}")
+                       reason=f"below the release gate {show_value(gate, metric.unit)}")
     earlier = list(earlier)[:window]
     if len(earlier) < MIN_HISTORY:
         return Verdict(**base, status="insufficient-history", history=len(earlier),
