@@ -1,0 +1,320 @@
+"""The nightly history: schema and versions, whole-run transactions (killed writers), queries, ingestion."""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.nightly_fixtures import accuracy, assert_bad_file, latency, record_series, run_record
+from vicuna_bench.errors import UserError
+from vicuna_bench.nightly import history as H
+from vicuna_bench.nightly.history import Metric
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+# ---------------------------------------------------------------- schema and versions
+
+def test_a_new_history_gets_schema_version_1(tmp_path):
+    path = tmp_path / "nightly" / "history.sqlite"  # the folder is made too
+    H.connect(path).close()
+    assert {"meta", "runs", "metrics"} <= tables(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+
+
+def test_an_empty_file_becomes_a_history(tmp_path):
+    path = tmp_path / "history.sqlite"
+    path.write_bytes(b"")
+    H.record_run(path, run_record(), [latency(100.0)])
+    assert len(H.list_runs(path)) == 1
+
+
+def test_a_newer_schema_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "history.sqlite"
+    H.connect(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with pytest.raises(UserError) as err:
+        H.connect(path)
+    assert str(err.value) == (
+        f"--history {path}: schema_version 2 is newer than this vicuna-bench reads (1); "
+        "use a newer vicuna-bench or another --history file"
+    )
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"run,value\n1,2\n" * 100, "not a readable vicuna-bench history"),
+    (None, "without a meta table is not a vicuna-bench history"),
+])
+def test_a_file_that_is_not_a_history_is_refused(tmp_path, content, expected):
+    path = tmp_path / "history.sqlite"
+    if content is None:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE results (x)")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=expected) as err:
+        H.connect(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_schema_version_without_a_migration_is_refused(tmp_path):
+    path = tmp_path / "history.sqlite"
+    H.connect(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    with pytest.raises(UserError, match=r"no migration from schema_version 0 \(valid: 1\.\.1\)"):
+        H.connect(path)
+
+
+# ---------------------------------------------------------------- writing and reading runs
+
+def test_a_run_reads_back_as_written(tmp_path):
+    path = tmp_path / "history.sqlite"
+    run = run_record(3, status="fail", settings={"cases": [[256, 64]], "quick": True}, environment={"torch": "2.5.1"})
+    metrics = [latency(98.1), latency(1291.0, name="first_token_ms_p50"), accuracy(0.249, n=1542),
+               Metric("rate", "questions_per_s", "mmlu", 0.26, "questions/s", "higher")]
+    first = H.record_run(path, run, metrics)
+    second = H.record_run(path, run_record(4), [latency(99.0)])
+    assert (first, second) == (1, 2)
+    back, back_metrics = H.load_run(path, first)
+    assert back == run
+    assert back_metrics == metrics
+    assert [(s.id, s.run.started_utc) for s in H.list_runs(path)] == [(1, "2026-11-04T01:00:00Z"), (2, "2026-11-05T01:00:00Z")]
+    assert [s.id for s in H.list_runs(path, limit=1)] == [2]
+
+
+def test_settings_that_are_not_json_are_recorded_as_text(tmp_path):
+    path = tmp_path / "history.sqlite"
+    run_id = H.record_run(path, run_record(settings={"model_path": Path("/models/vicuna"), "cases": ((256, 64),)}), [])
+    assert H.load_run(path, run_id)[0].settings == {"model_path": "/models/vicuna", "cases": [[256, 64]]}
+
+
+def test_an_unknown_run_id_is_bad_input(tmp_path):
+    with pytest.raises(UserError, match="run id 7 is not in the history"):
+        H.load_run(tmp_path / "history.sqlite", 7)
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ([Metric("speed", "x", "256x64", 1.0, "ms", "lower")], "kind 'speed' is not one of latency"),
+    ([Metric("latency", "x", "256x64", 1.0, "ms", "smaller")], "better 'smaller' is not lower or higher"),
+    ([Metric("latency", "x", "256x64", float("nan"), "ms", "lower")], "value nan is not a finite number"),
+    ([Metric("accuracy", "accuracy", "mmlu/generate", 0.3, "fraction", "higher")], "needs a value in 0..1 and n >= 1"),
+    ([latency(1.0), latency(2.0)], r"next_token_ms_p50 \[256x64\] given twice"),
+])
+def test_bad_metrics_are_refused_and_nothing_is_written(tmp_path, metrics, message):
+    path = tmp_path / "history.sqlite"
+    H.record_run(path, run_record(), [latency(1.0)])
+    with pytest.raises(UserError, match=message):
+        H.record_run(path, run_record(1), metrics)
+    assert [s.id for s in H.list_runs(path)] == [1]
+
+
+def test_a_failure_inside_the_transaction_rolls_the_run_back(tmp_path):
+    path = tmp_path / "history.sqlite"
+    H.record_run(path, run_record(), [latency(1.0)])
+    conn = H.connect(path)
+    # An integer too large for SQLite fails on the third metric insert, after the run row.
+    bad = Metric("accuracy", "accuracy", "ceval/generate", 0.3, "fraction", "higher", n=2**70)
+    with pytest.raises(OverflowError):
+        H.record_run(conn, run_record(1), [latency(2.0), accuracy(0.25, 100), bad])
+    assert not conn.in_transaction
+    conn.close()
+    assert [s.id for s in H.list_runs(path)] == [1]
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT count(*) FROM metrics").fetchone() == (1,)
+
+
+# A writer that dies after the run row and two metric rows, before COMMIT.
+KILLED_WRITER = """
+import os, signal, sys
+from tests.unit.nightly_fixtures import latency, run_record
+from vicuna_bench.nightly import history as H
+
+conn = H.connect(sys.argv[1])
+inserts = 0
+
+def die_on_third_metric(statement):
+    global inserts
+    if statement.startswith("INSERT INTO metrics"):
+        inserts += 1
+        if inserts == 3:
+            print("dying in transaction:", conn.in_transaction, flush=True)
+            if sys.argv[2] == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(7)
+
+conn.set_trace_callback(die_on_third_metric)
+H.record_run(conn, run_record(9), [latency(100.0 + i, case=f"{i}x8") for i in range(5)])
+print("committed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how, returncode", [("sigkill", -signal.SIGKILL), ("exit", 7)])
+def test_a_writer_killed_mid_run_leaves_the_history_unchanged(tmp_path, how, returncode):
+    path = tmp_path / "history.sqlite"
+    record_series(path, [100.0, 101.0])
+    with sqlite3.connect(path) as raw:
+        before = (raw.execute("SELECT * FROM runs").fetchall(), raw.execute("SELECT * FROM metrics").fetchall())
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), how], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == returncode, done.stderr
+    assert done.stdout == "dying in transaction: True\n"
+    # The dead writer left its rollback journal: its rows reached the file's journal, never a commit.
+    assert Path(f"{path}-journal").exists()
+    assert [(s.id, s.run.started_utc) for s in H.list_runs(path)] == [(1, "2026-11-01T01:00:00Z"), (2, "2026-11-02T01:00:00Z")]
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert (raw.execute("SELECT * FROM runs").fetchall(), raw.execute("SELECT * FROM metrics").fetchall()) == before
+    # and the next night writes as usual, with the next id.
+    assert H.record_run(path, run_record(10), [latency(102.0)]) == 3
+
+
+# ---------------------------------------------------------------- queries
+
+def test_comparable_values_are_the_newest_first_before_a_run(tmp_path):
+    path = tmp_path / "history.sqlite"
+    ids = record_series(path, [100.0, 101.0, 102.0, 103.0, 104.0])
+    record_series(path, [50.0], start=5, device_name="AMD_EPYC_9654")  # another CPU model
+    points = H.comparable_values(path, run_record(), "next_token_ms_p50", "256x64", limit=3)
+    assert [(p.run_id, p.value) for p in points] == [(5, 104.0), (4, 103.0), (3, 102.0)]
+    assert points[0].git_commit == f"{4:040x}"
+    points = H.comparable_values(path, run_record(), "next_token_ms_p50", "256x64", limit=7, before_run_id=ids[2])
+    assert [p.value for p in points] == [101.0, 100.0]
+    assert H.comparable_values(path, run_record(), "next_token_ms_p50", "512x64") == []
+
+
+def test_times_are_stored_in_utc():
+    cet = datetime.timezone(datetime.timedelta(hours=1))
+    assert H.utc_timestamp(datetime.datetime(2026, 11, 8, 2, 0, 5, tzinfo=cet)) == "2026-11-08T01:00:05Z"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", H.utc_timestamp())
+    with pytest.raises(ValueError, match="aware"):
+        H.utc_timestamp(datetime.datetime(2026, 11, 8))
+
+
+# ---------------------------------------------------------------- the project's commit
+
+def test_project_commit_reads_head(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    (repo / "f").write_text("x")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    head = (repo / ".git" / "refs" / "heads" / "main").read_text().strip()
+    assert H.project_commit(repo) == head
+    assert len(head) == 40
+
+
+def test_project_commit_is_none_outside_git(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    assert H.project_commit(tmp_path) is None
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert H.project_commit(ROOT) is None
+
+
+# ---------------------------------------------------------------- ingestion
+
+def extended_columns() -> list[str]:
+    """perf.py's EXTENDED_COLUMNS, read from its source (importing perf would load torch)."""
+    tree = ast.parse((ROOT / "vicuna_bench" / "perf.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "EXTENDED_COLUMNS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("perf.py defines no EXTENDED_COLUMNS")
+
+
+def write_extended_csv(path: Path, rows: list[dict]) -> Path:
+    columns = extended_columns()
+    lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_metrics_from_the_perf_extended_csv(tmp_path):
+    path = write_extended_csv(tmp_path / "performance_test_x_AMD_EPYC_bs1_extended.csv", [
+        dict(model_name="x", seq_in=256, seq_out=64, first_token_ms_p50=1291.5, first_token_ms_p90=1300,
+             first_token_ms_p99=1310, next_token_ms_p50=98.1, next_token_ms_p90=104.0, decode_tokens_per_s=10.19,
+             peak_memory_mib_max=928.25, peak_memory_mib_per_rank="928.25", e2e_s_mean=7.5),
+        # seq_out 1: no next token, so no next-token or decode figure (empty cells), and no memory figure.
+        dict(model_name="x", seq_in=512, seq_out=1, first_token_ms_p50=2500, first_token_ms_p90=2600),
+    ])
+    assert H.metrics_from_perf_extended_csv(path) == [
+        Metric("latency", "first_token_ms_p50", "256x64", 1291.5, "ms", "lower"),
+        Metric("latency", "first_token_ms_p90", "256x64", 1300.0, "ms", "lower"),
+        Metric("latency", "next_token_ms_p50", "256x64", 98.1, "ms", "lower"),
+        Metric("latency", "next_token_ms_p90", "256x64", 104.0, "ms", "lower"),
+        Metric("throughput", "decode_tokens_per_s", "256x64", 10.19, "tokens/s", "higher"),
+        Metric("memory", "peak_memory_mib", "256x64", 928.25, "MiB", "lower"),
+        Metric("latency", "first_token_ms_p50", "512x1", 2500.0, "ms", "lower"),
+        Metric("latency", "first_token_ms_p90", "512x1", 2600.0, "ms", "lower"),
+    ]
+
+
+def test_a_csv_without_the_columns_is_bad_input(tmp_path):
+    path = tmp_path / "perf.csv"
+    path.write_text("batch_size,input_seq_len(Encoding),output_seq_len(Decoding)\n1,256,64\n")
+    with pytest.raises(UserError, match=r"perf\.csv: not a perf extended CSV: missing column\(s\) seq_in, seq_out, first_token"):
+        H.metrics_from_perf_extended_csv(path)
+    with pytest.raises(UserError, match=r"nope\.csv: cannot read"):
+        H.metrics_from_perf_extended_csv(tmp_path / "nope.csv")
+
+
+def test_a_bad_number_names_its_line_and_column(tmp_path):
+    path = write_extended_csv(tmp_path / "x_extended.csv", [
+        dict(seq_in=256, seq_out=64, first_token_ms_p50=1, first_token_ms_p90=1),
+        dict(seq_in=256, seq_out=128, first_token_ms_p50="fast", first_token_ms_p90=1),
+    ])
+    with pytest.raises(UserError) as err:
+        H.metrics_from_perf_extended_csv(path)
+    assert str(err.value) == f"{path}:3: column first_token_ms_p50 = 'fast' is not a non-negative number"
+
+
+def test_metrics_from_a_precision_summary(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({
+        "mode": "ceval", "model": "SmolLM2-135M-Instruct",
+        "results": {"generate": {"micro": 346 / 1346, "total": 1346, "correct": 346},
+                    "logits": {"micro": 0.25, "total": 1000, "correct": 250}},
+        "timing": {"asked_this_run": 874, "questions_per_s": 0.166, "wall_s": 1.0},
+    }))
+    assert H.metrics_from_precision_summary(path) == [
+        Metric("accuracy", "accuracy", "ceval/generate", 346 / 1346, "fraction", "higher", n=1346),
+        Metric("accuracy", "accuracy", "ceval/logits", 0.25, "fraction", "higher", n=1000),
+        Metric("rate", "questions_per_s", "ceval", 0.166, "questions/s", "higher"),
+    ]
+
+
+def test_a_summary_with_nothing_answered_records_no_figure(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"mode": "mmlu", "results": {"generate": {"micro": None, "total": 0}},
+                                "timing": {"questions_per_s": None}}))
+    assert H.metrics_from_precision_summary(path) == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "not JSON"),
+    ('{"mode": "mmlu"}', "precision summary has no key 'results'"),
+    ('{"mode": "mmlu", "results": {"generate": {"total": 3}}}', "results.generate needs keys micro and total"),
+])
+def test_a_bad_summary_is_bad_input(tmp_path, text, message):
+    assert_bad_file(tmp_path / "summary.json", text, H.metrics_from_precision_summary, message)
