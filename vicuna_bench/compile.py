@@ -198,7 +198,7 @@ def compiled_steps(device_type: str, world_size: int):
     # A C++ wrapper calls the ~200 small kernels of a step without Python between them (bf16: 16.5 -> 14.1 ms).
     # It cannot wrap the collectives that tensor parallelism puts in the graph (torch 2.13: "arg type Any").
     inductor.cpp_wrapper = world_size == 1
-    decode = torch.compile(decode_step, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
+    decode = torch.compile(decode_step, mode="max-autotune-no-cudagraphs", fullgraph=fullgraph, dynamic=False)
     # Prefill GEMMs are large enough for oneDNN/MKL; compiling fuses the elementwise work around them
     # (bf16, 256 tokens: 111 -> 71 ms) in one graph for every prompt length.
     prefill = torch.compile(_prefill_logits, dynamic=True)
