@@ -161,6 +161,21 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     return model.decode(tokens, positions, state.key_valid, state.slot)[:, -1].float()
 
 
+@dataclasses.dataclass
+class PrefixKV:
+    """A prompt prefix shared by many requests: its token ids and its keys/values per layer (this rank's heads)."""
+
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    @torch.inference_mode()
+    def compute(cls, model: Transformer, ids: Sequence[int]) -> "PrefixKV":
+        """Prefill ``ids`` once (batch 1) and keep its keys and values."""
+        device = model.lm_head.weight.device
+        return cls(list(map(int, ids)), model.prefix_kv(torch.tensor([list(ids)], dtype=torch.long, device=device)))
+
+
 class EagerSteps:
     """How a generation runs its two kinds of forward: prefill and :func:`decode_step`, eagerly.
 
@@ -215,6 +230,8 @@ def generate(
     sync: Callable[[], None] = lambda: None,
     on_tokens: Callable[[list[int]], None] | None = None,
     steps: EagerSteps = EAGER,
+    prefix: PrefixKV | None = None,
+    logit_ids: Sequence[int] | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` for each prompt (token id lists).
 
@@ -224,24 +241,42 @@ def generate(
     step (device events on accelerators, read once at the end).
     ``total_ms`` is the whole call.  ``on_tokens`` (streaming) receives each
     step's token per row.  ``steps`` runs the prefill and decode steps
-    (eager, or compiled by ``--compile on``).
+    (eager, or compiled by ``--compile on``).  ``prefix``: every prompt
+    starts with ``prefix.ids``, whose keys and values are copied into each
+    row's cache; only the rest of each prompt is prefilled.  ``logit_ids``:
+    keep only those vocabulary columns of the returned logits.
     """
     call_start = time.perf_counter()
     device = model.lm_head.weight.device
     validate_prompts(prompts, max_new_tokens, model.max_seq_len, model.args.vocab_size)
     batch = len(prompts)
-    length = max(len(p) for p in prompts)
-    tokens = torch.full((batch, length), pad_id, dtype=torch.long)
+    shared = 0
+    a = model.args
+    if prefix is not None and a.rope_type == "dynamic" and max(map(len, prompts)) > a.max_position_embeddings:
+        # Dynamic NTK rotates every key by a base that depends on the whole prompt's length: keys computed
+        # for the prefix alone would differ.  Such a request is prefilled whole.
+        prefix = None
+    if prefix is not None:
+        shared = len(prefix.ids)
+        for i, prompt in enumerate(prompts):
+            if len(prompt) <= shared or list(prompt[:shared]) != prefix.ids:
+                raise ValueError(f"prompt {i} does not extend the {shared}-token prefix by at least one token")
+    # Cache layout per row: [shared prefix | left padding | the rest of the prompt | new tokens].
+    rests = [list(p[shared:]) for p in prompts]
+    length = shared + max(len(r) for r in rests)
+    tokens = torch.full((batch, length - shared), pad_id, dtype=torch.long)
     mask = torch.zeros((batch, length), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        tokens[row, length - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        mask[row, length - len(prompt) :] = True
+    mask[:, :shared] = True
+    for row, rest in enumerate(rests):
+        tokens[row, tokens.shape[1] - len(rest) :] = torch.as_tensor(rest, dtype=torch.long)
+        mask[row, length - len(rest) :] = True
     tokens = tokens.to(device)
     mask = mask.to(device)
     slots = model.setup_caches(batch, cache_length(length + max_new_tokens, model.max_seq_len))
     key_valid = torch.zeros((batch, slots), dtype=torch.bool, device=device)
     key_valid[:, :length] = mask
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    keep = None if logit_ids is None else torch.as_tensor(list(logit_ids), dtype=torch.long, device=device)
     eos = torch.as_tensor(list(eos_ids) if not ignore_eos else [], dtype=torch.long, device=device)
     check_every = 1 if device.type == "cpu" else EOS_CHECK_EVERY
     generator = None
@@ -258,7 +293,9 @@ def generate(
     clock = StepClock(device)
     sync()
     clock.mark()
-    logits = steps.prefill(model, tokens, positions, key_valid, 0)
+    if prefix is not None:
+        model.load_prefix(prefix.kv)
+    logits = steps.prefill(model, tokens, positions, key_valid, shared)
     next_ids = select_tokens(logits, sampling, generator)
     clock.mark()
     state = DecodeState(key_valid, torch.tensor([length], device=device), positions[:, -1:].clone())
@@ -274,7 +311,7 @@ def generate(
         out[:, step] = torch.where(live, next_ids, out[:, step])
         made += live.long()
         if kept_logits is not None:
-            kept_logits.append(logits)
+            kept_logits.append(logits if keep is None else logits.index_select(-1, keep))
         if on_tokens is not None:
             on_tokens([int(t) if alive else -1 for t, alive in zip(next_ids.tolist(), live.tolist())])
         if eos.numel():

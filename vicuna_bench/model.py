@@ -305,6 +305,35 @@ class Transformer(nn.Module):
             self.cache_shape = (batch, length)
         return length
 
+    def prefix_kv(self, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values [1, local kv heads, P, head_dim] per layer of a shared prompt prefix [1, P].
+
+        Computed in caches of its own (the request caches are left alone), to
+        be copied into every row of a batch by :meth:`load_prefix`.
+        """
+        steps = prefix.shape[1]
+        saved, saved_shape = [layer.self_attn.cache for layer in self.model.layers], self.cache_shape
+        ref = self.lm_head.weight
+        try:
+            for layer in self.model.layers:
+                attn = layer.self_attn
+                attn.cache = KVCache(1, attn.n_kv_heads, steps, self.args.head_dim, ref.dtype, ref.device)
+            self.cache_shape = (1, steps)
+            valid = torch.ones((1, steps), dtype=torch.bool, device=prefix.device)
+            self(prefix, torch.arange(steps, device=prefix.device)[None], valid, start=0)
+            return [(layer.self_attn.cache.k, layer.self_attn.cache.v) for layer in self.model.layers]
+        finally:
+            for layer, cache in zip(self.model.layers, saved):
+                layer.self_attn.cache = cache
+            self.cache_shape = saved_shape
+
+    def load_prefix(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy a :meth:`prefix_kv` into cache slots 0..P-1 of every row."""
+        for layer, (k, v) in zip(self.model.layers, kv):
+            cache = layer.self_attn.cache
+            cache.k[:, :, : k.shape[2]] = k
+            cache.v[:, :, : v.shape[2]] = v
+
     def forward(
         self,
         tokens: torch.Tensor,
