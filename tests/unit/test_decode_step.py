@@ -117,6 +117,19 @@ def test_compiled_decode_matches_eager(tiny_models, world_size):
     assert compiled.compile_ms > 0 and eager.compile_ms == 0
 
 
+def test_compiled_steps_follow_batch_changes(tiny_models):
+    """A new batch size reallocates the KV caches and compiles anew; back to the first, its graphs serve again."""
+    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    with Engine(spec) as engine:
+        eager = [engine.generate(p, 6, ignore_eos=True).output_ids for p in (PROMPTS, PROMPTS[1:])]
+    with Engine(type(spec)(**{**spec.__dict__, "compile": "on"})) as engine:
+        two = engine.generate(PROMPTS, 6, ignore_eos=True)
+        one = engine.generate(PROMPTS[1:], 6, ignore_eos=True)
+        two_again = engine.generate(PROMPTS, 6, ignore_eos=True)
+    assert [two.output_ids, one.output_ids] == eager
+    assert two_again.output_ids == eager[0] and two_again.compile_ms == 0.0 and one.compile_ms > 0
+
+
 def test_compiled_decode_matches_eager_on_smollm2(smollm2_path):
     spec = make_engine_spec(str(smollm2_path), 1, "cpu", "fp32", 256)
     prompts = [[1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47], [1, 4093, 28]]
