@@ -195,6 +195,15 @@ def tokenizer_dir(model_path: Path) -> Path:
     return model_path / "tokenizer" if is_cut_dir(model_path) else model_path
 
 
+# A tokenizer needs one of these (the others in TOKENIZER_FILES only configure it).
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    """Whether ``directory`` holds a tokenizer's vocabulary (a random-weight benchmark checkpoint may not)."""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_VOCAB_FILES)
+
+
 def read_model_args(model_path: Path) -> ModelArgs:
     """Validate a model directory and read its config (full-model values)."""
     if not model_path.is_dir():

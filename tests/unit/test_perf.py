@@ -125,7 +125,7 @@ def test_reported_times_recover_known_sleeps(world_size, tiny_models, tmp_path):
             for mode in perf.MODES:
                 settings = perf.PerfSettings(cases=perf.parse_case_pair("[[16,4]]"), mode=mode, repeat=2,
                                              model_name="sleepy", mem_bandwidth_gbps=10.0)
-                run = perf.run_perf(engine, settings, output_dir=tmp_path / mode, progress=False)
+                run = perf.PerfSession(settings, tmp_path / mode).run_all(engine, progress=False)
                 [result] = run.results
                 row = perf.extended_row(run, result)
                 assert row["first_token_ms_mean"] == pytest.approx(PREFILL_S * 1e3 * slowest, rel=0.10), mode
