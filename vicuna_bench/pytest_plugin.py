@@ -83,6 +83,9 @@ def accelerator_available() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
+    perf_error = config.stash.get(_PERF, None)
+    if isinstance(perf_error, Exception):  # bad perf settings: stop before any engine starts
+        raise pytest.UsageError(f"vicuna-bench perf: {perf_error}")
     hw_items = [item for item in items if "hw" in item.keywords]
     if hw_items and accelerator_available() is None:
         skip = pytest.mark.skip(reason="hw test: no NPU or CUDA device on this machine")
@@ -190,13 +193,14 @@ def perf_session_of(config):
             config.stash[_PERF] = perf.PerfSession.from_values(
                 values, out, default_case_pair=TINY_PERF_CASES if tiny else None)
         except UserError as exc:
-            raise pytest.UsageError(str(exc)) from None
+            config.stash[_PERF] = exc  # reported once, as a usage error, when collection ends
     return config.stash[_PERF]
 
 
 def pytest_generate_tests(metafunc):
     if "perf_case" in metafunc.fixturenames:
-        cases = perf_session_of(metafunc.config).settings.cases
+        session = perf_session_of(metafunc.config)
+        cases = [] if isinstance(session, Exception) else session.settings.cases
         metafunc.parametrize("perf_case", cases, ids=[f"in{c.seq_in}-out{c.seq_out}" for c in cases])
 
 
@@ -335,7 +339,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from . import perf
 
     session = config.stash.get(_PERF, None)
-    if session is not None and session.run is not None and session.run.results:
+    if isinstance(session, perf.PerfSession) and session.run is not None and session.run.results:
         tr = terminalreporter
         tr.write_sep("=", "vicuna-bench perf")
         tr.write_line(perf.summary_table(session.run))
