@@ -189,3 +189,29 @@ def test_pytest_accuracy_subset_writes_accuracy_results_and_prints_scores(tiny_m
     assert (out_dir / "cache.csv").is_file()
     assert "Avg(Hard)" in proc.stdout and f"results in {out_dir}" in proc.stdout
     assert "gate: not judged" in proc.stdout
+
+
+# ---------------------------------------------------------------- pytest -n N
+
+def test_xdist_workers_get_disjoint_cpu_shares(tmp_path):
+    """Under ``pytest -n 2`` each worker (and the ranks it spawns) runs on its own half of the CPUs."""
+    cpus = len(os.sched_getaffinity(0))
+    out = tmp_path / "shares"
+    out.mkdir()
+    (tmp_path / "test_share.py").write_text(
+        "import json, os, torch\n"
+        "import pytest\n"
+        "@pytest.mark.parametrize('n', range(4))\n"
+        "def test_share(worker_id, n):\n"
+        f"    out = {str(out)!r} + f'/{{worker_id}}.json'\n"
+        "    mine = sorted(os.sched_getaffinity(0))\n"
+        "    open(out, 'w').write(json.dumps({'cpus': mine, 'threads': torch.get_num_threads()}))\n"
+    )
+    proc = run_pytest(tmp_path, "-q", "-n", "2", "test_share.py")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shares = [json.loads(p.read_text()) for p in sorted(out.glob("gw*.json"))]
+    assert shares, proc.stdout
+    for share in shares:
+        assert len(share["cpus"]) == max(1, cpus // 2) and share["threads"] == len(share["cpus"])
+    if cpus >= 2 and len(shares) == 2:
+        assert not set(shares[0]["cpus"]) & set(shares[1]["cpus"])
