@@ -15,7 +15,7 @@ and output length, each figure the maximum over ranks.  Two timing modes:
 Outputs, rewritten after every case so a long sweep that dies keeps what it
 measured: the reference CSV (byte-compatible header and name), an extended
 CSV (percentiles, throughput, memory, the decode bandwidth roofline), a JSON
-file of every raw sample, and at the end a PNG plot.  A baseline CSV (either
+file of every raw sample, and a PNG plot.  A baseline CSV (either
 kind) turns the run into a regression gate.
 """
 

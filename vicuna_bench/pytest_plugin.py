@@ -180,6 +180,18 @@ def engine(engine_factory, engine_spec):
 
 # ---------------------------------------------------------------- perf
 
+def perf_output_path(config) -> Path:
+    """--perf-output-dir, else perf-results/ under the directory pytest was started from."""
+    given = config.getoption(settings.BY_KEY["perf.output_dir"].pytest_dest)
+    return Path(given or Path(config.invocation_params.dir) / PERF_RESULTS)
+
+
+@pytest.fixture(scope="session")
+def perf_output_dir(pytestconfig) -> Path:
+    """Where perf tests write (not created until something is written)."""
+    return perf_output_path(pytestconfig)
+
+
 def perf_session_of(config):
     """The session's PerfSession (settings and baseline checked: bad input stops pytest before any test)."""
     from . import perf
@@ -187,7 +199,7 @@ def perf_session_of(config):
 
     if _PERF not in config.stash:
         values = settings.from_pytest(config, "perf")
-        out = Path(values["output_dir"] or Path(config.invocation_params.dir) / PERF_RESULTS)
+        out = perf_output_path(config)
         tiny = config.getoption("model_path") is None
         try:
             config.stash[_PERF] = perf.PerfSession.from_values(

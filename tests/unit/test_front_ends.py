@@ -129,6 +129,13 @@ def test_prompt_ids_need_no_tokenizer_and_match_transformers(no_tokenizer_model,
         assert out["output_ids"] == tiny.hf_greedy(model, prompt, 5)[0]
 
 
+def test_perf_needs_no_tokenizer(no_tokenizer_model, tmp_path):
+    assert main(["perf", "--model-path", str(no_tokenizer_model), "--device", "cpu", "--max-seq-len", "32",
+                 "--case-pair", "[[8,2]]", "--no-progress", "--output-dir", str(tmp_path)]) == 0
+    [ref] = tmp_path.glob("performance_test_random-gqa_*_bs1.csv")
+    assert [r[:3] for r in csv.reader(ref.open())][1:] == [["1", "8", "2"]]
+
+
 def test_text_prompt_without_tokenizer_exits_2_naming_the_directory(no_tokenizer_model):
     proc = vb("run", "--model-path", str(no_tokenizer_model), "--prompt", "hello")
     assert_one_line_error(proc, str(no_tokenizer_model), "no tokenizer")
