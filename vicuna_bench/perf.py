@@ -336,7 +336,8 @@ class PerfSession:
             raise UserError(f"{flag('perf.output_dir')} {self.output_dir} is not a directory")
         self.write = write
         self.run: PerfRun | None = None
-        self.paths: dict[str, Path] = {}
+        self.paths: dict[str, Path] = {}  # what was written: reference_csv, extended_csv, samples_json, plot_png
+        self._engine = None
 
     @classmethod
     def from_values(cls, v: dict, output_dir: Path | None, *, default_case_pair: str | None = None,

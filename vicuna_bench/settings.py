@@ -144,12 +144,11 @@ def _check_choice(s: Setting, value):
     return value
 
 
-def add_to_argparse(parser, group_name: str, **overrides) -> None:
-    """Add a group's settings to an argparse parser (``overrides``: dest -> default)."""
+def add_to_argparse(parser, group_name: str) -> None:
+    """Add a group's settings to an argparse parser (an env-backed default stays None: resolved where it is used)."""
     g = parser.add_argument_group(group_name)
     for s in group(group_name):
-        default = overrides.get(s.dest, None if s.env else s.default)
-        g.add_argument(s.cli_flag, dest=s.dest, type=s.type, default=default, help=s.help_text())
+        g.add_argument(s.cli_flag, dest=s.dest, type=s.type, default=None if s.env else s.default, help=s.help_text())
 
 
 def add_to_pytest(parser) -> None:
