@@ -491,7 +491,7 @@ def summary_table(run: PerfRun) -> str:
             f"{r.batch_size:>5} {r.case.seq_in:>6} {r.case.seq_out:>7} {row['first_token_ms_p50']:>10.2f} "
             f"{row['first_token_ms_p90']:>10.2f} {cell(row['next_token_ms_p50'], 9, '.2f')} "
             f"{cell(row['next_token_ms_p90'], 9, '.2f')} {cell(row['decode_tokens_per_s'], 12, '.1f')} "
-            f"{cell(row['decode_roofline_fraction'], 8, '.3f')}"
+            f"{cell(row['decode_roofline_fraction'], 8, '.3g')}"
         )
     return "\n".join(lines)
 
