@@ -124,15 +124,8 @@ class TensorReader:
             self._open[path] = handle
         return handle
 
-    def names(self) -> list[str]:
-        return list(self._where)
-
     def __contains__(self, name: str) -> bool:
         return name in self._where
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        handle = self._handle(self._where[name])
-        return tuple(handle.get_slice(name).get_shape())
 
     def read(self, name: str, spec: tuple[int, int, int] | None = None) -> torch.Tensor:
         """The tensor ``name``, or its ``(dim, start, stop)`` slice, read from disk."""

@@ -40,12 +40,9 @@ class ModelArgs:
     max_position_embeddings: int = 4096
     context_len: int = 4096
     tie_word_embeddings: bool = False
-    bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
     torch_dtype: str | None = None
-    world_size: int | None = None  # set in the config.json of a cut part
-    name_or_path: str = ""
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelArgs":
@@ -84,7 +81,6 @@ class ModelArgs:
         eos = cfg.get("eos_token_id", 2)
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
         dtype = cfg.get("dtype") or cfg.get("torch_dtype")
-        ws = cfg.get("world_size")
         return cls(
             hidden_size=hidden,
             n_layers=int(need("num_hidden_layers")),
@@ -100,12 +96,9 @@ class ModelArgs:
             max_position_embeddings=max_pos,
             context_len=context,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=cfg.get("pad_token_id"),
             torch_dtype=str(dtype) if dtype else None,
-            world_size=int(ws) if ws is not None else None,
-            name_or_path=str(cfg.get("_name_or_path", "")),
         )
 
     @classmethod

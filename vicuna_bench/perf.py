@@ -15,7 +15,7 @@ and output length, each figure the maximum over ranks.  Two timing modes:
 Outputs, rewritten after every case so a long sweep that dies keeps what it
 measured: the reference CSV (byte-compatible header and name), an extended
 CSV (percentiles, throughput, memory, the decode bandwidth roofline), a JSON
-file of every raw sample, and at the end a PNG plot.  A baseline CSV (either
+file of every raw sample, and a PNG plot.  A baseline CSV (either
 kind) turns the run into a regression gate.
 """
 
@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 
 from .errors import GateFailed, UserError
+from .settings import flag
+from .files import write_atomic
 
 log = logging.getLogger("vicuna_bench")
 
@@ -76,17 +77,18 @@ class Case:
 def sweep_cases(min_exp: int, max_exp: int) -> list[Case]:
     """``[2**i, 2**j]`` for i (input) and j (output) in min..max, input-major."""
     if min_exp < 0:
-        raise UserError(f"--min-len-exp {min_exp} must be >= 0")
+        raise UserError(f"{flag('perf.min_len_exp')} {min_exp} must be >= 0")
     if max_exp > MAX_LEN_EXP_LIMIT:
-        raise UserError(f"--max-len-exp {max_exp} is too large (at most {MAX_LEN_EXP_LIMIT})")
+        raise UserError(f"{flag('perf.max_len_exp')} {max_exp} is too large (at most {MAX_LEN_EXP_LIMIT})")
     if min_exp > max_exp:
-        raise UserError(f"--min-len-exp {min_exp} is above --max-len-exp {max_exp}")
+        raise UserError(f"{flag('perf.min_len_exp')} {min_exp} is above {flag('perf.max_len_exp')} {max_exp}")
     exps = range(min_exp, max_exp + 1)
     return [Case(2**i, 2**j) for i in exps for j in exps]
 
 
-def parse_case_pair(text: str, source: str = "--case-pair") -> list[Case]:
+def parse_case_pair(text: str, source: str | None = None) -> list[Case]:
     """A literal such as ``[[256,64],[512,64]]`` (order kept, as the reference does)."""
+    source = source or flag("perf.case_pair")
     shown = text.strip()
     try:
         value = ast.literal_eval(shown)
@@ -107,16 +109,17 @@ def parse_case_pair(text: str, source: str = "--case-pair") -> list[Case]:
 
 
 def select_cases(case_pair: str | None, min_exp: int | None, max_exp: int | None,
-                 default_case_pair: str | None = None, source: str = "--case-pair") -> list[Case]:
+                 default_case_pair: str | None = None) -> list[Case]:
     """The run's cases: ``case_pair`` when given (the exponents are then
     ignored, as the reference does); else ``default_case_pair`` when neither
     exponent is given; else the sweep (missing exponents take the defaults)."""
     if case_pair is not None and case_pair.strip():
         if min_exp is not None or max_exp is not None:
-            log.info("--case-pair given: --min-len-exp/--max-len-exp are ignored (as the reference does)")
-        return parse_case_pair(case_pair, source)
+            log.info("%s given: %s/%s are ignored (as the reference does)", flag("perf.case_pair"),
+                     flag("perf.min_len_exp"), flag("perf.max_len_exp"))
+        return parse_case_pair(case_pair)
     if min_exp is None and max_exp is None and default_case_pair is not None:
-        return parse_case_pair(default_case_pair)
+        return parse_case_pair(default_case_pair, "default case pair")
     return sweep_cases(DEFAULT_MIN_LEN_EXP if min_exp is None else min_exp,
                        DEFAULT_MAX_LEN_EXP if max_exp is None else max_exp)
 
@@ -139,28 +142,29 @@ class PerfSettings:
     batch_size: int = 1
     mode: str = "detail"
     repeat: int = 1
-    model_name: str = "model"
+    model_name: str | None = None  # None: the model directory's (resolved by PerfSession.check_model)
     seed: int = 0
     mem_bandwidth_gbps: float | None = None  # None: probe it
 
     def validate(self, max_seq_len: int) -> None:
         if self.batch_size < 1:
-            raise UserError(f"--batch-size {self.batch_size} must be >= 1")
+            raise UserError(f"{flag('perf.batch_size')} {self.batch_size} must be >= 1")
         if self.repeat < 1:
-            raise UserError(f"--repeat {self.repeat} must be >= 1")
+            raise UserError(f"{flag('perf.repeat')} {self.repeat} must be >= 1")
         if self.mode not in MODES:
-            raise UserError(f"--perf-mode {self.mode!r} is not supported (valid: {', '.join(MODES)})")
-        if not self.model_name or any(ch in self.model_name for ch in "/\\\0") or self.model_name in (".", ".."):
-            raise UserError(f"--model-name {self.model_name!r} cannot be part of a file name")
+            raise UserError(f"{flag('perf.perf_mode')} {self.mode!r} is not supported (valid: {', '.join(MODES)})")
+        name = self.model_name
+        if name is not None and (not name or any(ch in name for ch in "/\\\0") or name in (".", "..")):
+            raise UserError(f"{flag('perf.model_name')} {name!r} cannot be part of a file name")
         if self.mem_bandwidth_gbps is not None and not self.mem_bandwidth_gbps > 0:
-            raise UserError(f"--mem-bandwidth {self.mem_bandwidth_gbps} must be > 0 (GB/s)")
+            raise UserError(f"{flag('perf.mem_bandwidth')} {self.mem_bandwidth_gbps} must be > 0 (GB/s)")
         if not self.cases:
             raise UserError("no perf cases")
         for case in self.cases:
             if case.seq_in + case.seq_out > max_seq_len:
                 raise UserError(
-                    f"case {case}: seq_in + seq_out = {case.seq_in + case.seq_out} exceeds --max-seq-len "
-                    f"{max_seq_len} (raise --max-seq-len or $MAX_SEQ_LENGTH)"
+                    f"case {case}: seq_in + seq_out = {case.seq_in + case.seq_out} exceeds {flag('model.max_seq_len')} "
+                    f"{max_seq_len} (raise {flag('model.max_seq_len')} or $MAX_SEQ_LENGTH)"
                 )
 
 
@@ -283,7 +287,7 @@ def start_run(engine, settings: PerfSettings, announce: bool = True) -> PerfRun:
     device_name = info[0]["device_name"]
     if settings.mem_bandwidth_gbps is not None:
         bandwidth = [settings.mem_bandwidth_gbps * 1e9] * spec.world_size
-        source = "given (--mem-bandwidth)"
+        source = f"given ({flag('perf.mem_bandwidth')})"
     else:
         bandwidth = list(engine.bandwidth())
         source = "copy probe, all ranks at once"
@@ -305,37 +309,104 @@ def start_run(engine, settings: PerfSettings, announce: bool = True) -> PerfRun:
     return run
 
 
-def run_perf(
-    engine,
-    settings: PerfSettings,
-    *,
-    output_dir: Path | None = None,
-    progress: bool = True,
-    write: bool = True,
-) -> PerfRun:
-    """Warm up, probe bandwidth, measure every case; write the outputs after each case.
+class PerfSession:
+    """One perf run, the same for every front end: check, warm up, measure a case, write, gate.
 
-    ``write`` False (other SPMD ranks) measures without writing or logging.
+    Everything that can be refused (settings, the baseline file, a baseline
+    sharing no case, lengths over the KV cache) is refused before the engine
+    starts.  The four files are rewritten after every case.  ``write`` False
+    (other SPMD ranks) measures without writing or logging.
     """
-    from tqdm import tqdm
 
-    run = start_run(engine, settings, announce=write)
-    say = log.info if write else log.debug
-    bar = tqdm(settings.cases, desc="perf cases", unit="case", disable=not progress)
-    for case in bar:
-        bar.set_postfix_str(f"in={case.seq_in} out={case.seq_out}")
-        result = measure_case(engine, case, settings, run.generator)
-        run.results.append(result)
-        row = extended_row(run, result)
-        say(
-            "perf: case %s first %.2f ms, next %s ms, e2e %.3f s", case, row["first_token_ms_p50"],
+    def __init__(self, settings: PerfSettings, output_dir: Path | None, *, baseline: str | Path | None = None,
+                 tolerance: float = 0.10, write: bool = True):
+        settings.validate(max_seq_len=1 << 62)  # all but the lengths: those need the model's settings
+        if not tolerance >= 0:
+            raise UserError(f"{flag('perf.tolerance')} {tolerance} must be >= 0")
+        self.settings = settings
+        self.baseline = load_baseline(Path(baseline)) if baseline else None
+        if self.baseline is not None:
+            keys = {(settings.batch_size, c.seq_in, c.seq_out) for c in settings.cases}
+            if not keys & set(self.baseline.rows):
+                raise UserError(f"{flag('perf.baseline')} {self.baseline.path}: it holds none of this run's cases "
+                                f"(batch size {settings.batch_size})")
+        self.tolerance = tolerance
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        if self.output_dir is not None and self.output_dir.exists() and not self.output_dir.is_dir():
+            raise UserError(f"{flag('perf.output_dir')} {self.output_dir} is not a directory")
+        self.write = write
+        self.run: PerfRun | None = None
+        self.paths: dict[str, Path] = {}  # what was written: reference_csv, extended_csv, samples_json, plot_png
+        self._engine = None
+
+    @classmethod
+    def from_values(cls, v: dict, output_dir: Path | None, *, default_case_pair: str | None = None,
+                    write: bool = True) -> "PerfSession":
+        """A session from the settings table's perf group (:func:`vicuna_bench.settings.values`)."""
+        cases = select_cases(v["case_pair"], v["min_len_exp"], v["max_len_exp"], default_case_pair)
+        settings = PerfSettings(cases=cases, batch_size=v["batch_size"], mode=v["perf_mode"], repeat=v["repeat"],
+                                model_name=v["model_name"], seed=v["seed"], mem_bandwidth_gbps=v["mem_bandwidth"])
+        return cls(settings, output_dir, baseline=v["baseline"], tolerance=v["tolerance"], write=write)
+
+    def check_model(self, spec) -> None:
+        """The checks that need the model's settings; names the run after the model when no name was given."""
+        if self.settings.model_name is None:
+            self.settings.model_name = default_model_name(spec.model_path)
+        self.settings.validate(spec.max_seq_len)
+
+    def start(self, engine) -> PerfRun:
+        """Probe bandwidth and warm up on ``engine`` (an Engine or SpmdEngine)."""
+        self.check_model(engine.spec)
+        self.run = start_run(engine, self.settings, announce=self.write)
+        self._engine = engine
+        return self.run
+
+    def measure_round(self, case: Case) -> CaseResult:
+        """One timed run of ``case`` (not yet recorded)."""
+        one = dataclasses.replace(self.settings, repeat=1)
+        return measure_case(self._engine, case, one, self.run.generator)
+
+    def record(self, rounds: Sequence[CaseResult]) -> CaseResult:
+        """Merge a case's rounds into the run, log it, rewrite the files."""
+        result = merge_results(rounds)
+        self.run.results.append(result)
+        row = extended_row(self.run, result)
+        (log.info if self.write else log.debug)(
+            "perf: case %s first %.2f ms, next %s ms, e2e %.3f s", result.case, row["first_token_ms_p50"],
             "-" if row["next_token_ms_p50"] == "" else f"{row['next_token_ms_p50']:.2f}", row["e2e_s_mean"],
         )
-        if write and output_dir is not None:
-            write_tables(run, output_dir)
-    if write and output_dir is not None:
-        write_plot(run, output_dir / f"{run.stem}.png")
-    return run
+        if self.write and self.output_dir is not None:
+            self.paths = write_tables(self.run, self.output_dir)
+            self.paths["plot_png"] = write_plot(self.run, self.output_dir / f"{self.run.stem}.png")
+        return result
+
+    def measure(self, case: Case) -> CaseResult:
+        """``settings.repeat`` rounds of ``case``, recorded."""
+        return self.record([self.measure_round(case) for _ in range(self.settings.repeat)])
+
+    def run_all(self, engine, progress: bool = True) -> PerfRun:
+        """Start on ``engine`` and measure every case (a progress bar when ``progress``)."""
+        from tqdm import tqdm
+
+        self.start(engine)
+        bar = tqdm(self.settings.cases, desc="perf cases", unit="case", disable=not progress)
+        for case in bar:
+            bar.set_postfix_str(f"in={case.seq_in} out={case.seq_out}")
+            self.measure(case)
+        return self.run
+
+    def compare(self, results: Sequence[CaseResult] | None = None) -> Comparison | None:
+        """This run's (or ``results``') comparison with the baseline; None without one."""
+        if self.baseline is None:
+            return None
+        run = self.run if results is None else dataclasses.replace(self.run, results=list(results))
+        return compare_to_baseline(run, self.baseline, self.tolerance)
+
+    def gate(self, echo: Callable[[str], None] = print) -> Comparison | None:
+        """Print the comparison and raise :class:`GateFailed` on a regression (nothing without a baseline)."""
+        if self.baseline is None:
+            return None
+        return gate(self.run, self.baseline, self.tolerance, echo=echo)
 
 
 # ---------------------------------------------------------------- statistics and rows
@@ -405,6 +476,26 @@ def extended_row(run: PerfRun, r: CaseResult) -> dict:
     return row
 
 
+def summary_table(run: PerfRun) -> str:
+    """A per-case table for a terminal: first/next-token p50/p90 (ms), decode tokens/s, fraction of the floor."""
+    head = (f"{'batch':>5} {'seq_in':>6} {'seq_out':>7} {'first p50':>10} {'first p90':>10} {'next p50':>9} "
+            f"{'next p90':>9} {'decode tok/s':>12} {'of floor':>8}")
+    lines = [head, "-" * len(head)]
+
+    def cell(value, width, fmt):
+        return f"{'-':>{width}}" if value == "" else f"{value:>{width}{fmt}}"
+
+    for r in run.results:
+        row = extended_row(run, r)
+        lines.append(
+            f"{r.batch_size:>5} {r.case.seq_in:>6} {r.case.seq_out:>7} {row['first_token_ms_p50']:>10.2f} "
+            f"{row['first_token_ms_p90']:>10.2f} {cell(row['next_token_ms_p50'], 9, '.2f')} "
+            f"{cell(row['next_token_ms_p90'], 9, '.2f')} {cell(row['decode_tokens_per_s'], 12, '.1f')} "
+            f"{cell(row['decode_roofline_fraction'], 8, '.3g')}"
+        )
+    return "\n".join(lines)
+
+
 def reference_line(r: CaseResult) -> str:
     """One line of the reference CSV, formatted as the reference writes it.
 
@@ -421,12 +512,6 @@ def reference_line(r: CaseResult) -> str:
 
 # ---------------------------------------------------------------- writing
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _fmt(value) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}" if abs(value) >= 1e6 else f"{round(value, 6)}"
@@ -441,13 +526,13 @@ def write_tables(run: PerfRun, output_dir: Path) -> dict[str, Path]:
         "extended_csv": output_dir / f"{run.stem}_extended.csv",
         "samples_json": output_dir / f"{run.stem}_samples.json",
     }
-    _atomic_write(paths["reference_csv"], REFERENCE_HEADER + "\n" + "".join(reference_line(r) + "\n" for r in run.results))
+    write_atomic(paths["reference_csv"], REFERENCE_HEADER + "\n" + "".join(reference_line(r) + "\n" for r in run.results))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=EXTENDED_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for r in run.results:
         writer.writerow({k: _fmt(v) for k, v in extended_row(run, r).items()})
-    _atomic_write(paths["extended_csv"], buf.getvalue())
+    write_atomic(paths["extended_csv"], buf.getvalue())
     doc = {
         "model_name": run.model_name, "model_path": run.model_path, "device": run.device,
         "device_name": run.device_name, "dtype": run.dtype, "world_size": run.world_size,
@@ -462,7 +547,7 @@ def write_tables(run: PerfRun, output_dir: Path) -> dict[str, Path]:
             for r in run.results
         ],
     }
-    _atomic_write(paths["samples_json"], json.dumps(doc, indent=1) + "\n")
+    write_atomic(paths["samples_json"], json.dumps(doc, indent=1) + "\n")
     return paths
 
 
@@ -501,10 +586,10 @@ def write_plot(run: PerfRun, path: Path) -> Path:
                  f"{run.world_size}, batch {run.settings.batch_size}, {run.settings.mode} mode", fontsize="medium")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, png.getvalue())
     return path
 
 
@@ -523,12 +608,12 @@ def load_baseline(path: Path) -> Baseline:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"--baseline {path}: no such file") from None
+        raise UserError(f"{flag('perf.baseline')} {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--baseline {path}: cannot read it ({exc})") from None
+        raise UserError(f"{flag('perf.baseline')} {path}: cannot read it ({exc})") from None
     lines = text.splitlines()
     if not lines:
-        raise UserError(f"--baseline {path}: empty file")
+        raise UserError(f"{flag('perf.baseline')} {path}: empty file")
     header = lines[0].strip()
     if header == REFERENCE_HEADER:
         kind, keys = "reference", ("batch_size", "input_seq_len(Encoding)", "output_seq_len(Decoding)",
@@ -536,7 +621,7 @@ def load_baseline(path: Path) -> Baseline:
     elif header == ",".join(EXTENDED_COLUMNS):
         kind, keys = "extended", ("batch_size", "seq_in", "seq_out", "first_token_ms_p50", "next_token_ms_p50")
     else:
-        raise UserError(f"--baseline {path}: line 1 is neither the reference CSV header nor the extended one")
+        raise UserError(f"{flag('perf.baseline')} {path}: line 1 is neither the reference CSV header nor the extended one")
     rows: dict = {}
     for lineno, rec in enumerate(csv.DictReader(lines), start=2):
         try:
@@ -544,12 +629,12 @@ def load_baseline(path: Path) -> Baseline:
             first = float(rec[keys[3]])
             nxt = float(rec[keys[4]]) if rec[keys[4]] not in ("", None) else None
         except (TypeError, ValueError, KeyError):
-            raise UserError(f"--baseline {path}: line {lineno} is not a row of numbers") from None
+            raise UserError(f"{flag('perf.baseline')} {path}: line {lineno} is not a row of numbers") from None
         if key[2] <= 1:
             nxt = None  # undefined for one output token (the reference writes 0)
         rows[key] = {"first": first, "next": nxt}
     if not rows:
-        raise UserError(f"--baseline {path}: no rows")
+        raise UserError(f"{flag('perf.baseline')} {path}: no rows")
     return Baseline(path, kind, rows)
 
 
@@ -577,7 +662,7 @@ def compare_to_baseline(run: PerfRun, baseline: Baseline, tolerance: float) -> C
     (what its reference CSV holds), an extended one with the p50s.
     """
     if not tolerance >= 0:
-        raise UserError(f"--tolerance {tolerance} must be >= 0")
+        raise UserError(f"{flag('perf.tolerance')} {tolerance} must be >= 0")
     lines, regressions, unmatched = [], [], []
     for r in run.results:
         key = (r.batch_size, r.case.seq_in, r.case.seq_out)
@@ -608,7 +693,7 @@ def gate(run: PerfRun, baseline: Baseline, tolerance: float, echo: Callable[[str
     comparison = compare_to_baseline(run, baseline, tolerance)
     echo(f"baseline {baseline.path} ({baseline.kind} CSV), tolerance {tolerance:.0%}:\n{comparison.table()}")
     if not comparison.lines:
-        raise UserError(f"--baseline {baseline.path}: it shares no case with this run")
+        raise UserError(f"{flag('perf.baseline')} {baseline.path}: it shares no case with this run")
     if comparison.regressions:
         worst = max(comparison.regressions, key=lambda ln: ln["ratio"])
         raise GateFailed(

@@ -1,15 +1,22 @@
 """pytest plugin: the options, markers and fixtures of the vicuna-bench suites.
 
-Tests ask for fixtures (``engine``, ``engine_factory``, ``engine_spec``) and
-know nothing of process groups.  Engines are started once per session for a
-given model / world size / device / dtype and closed at the end.
+Options come from the settings table (vicuna_bench/settings.py), as the
+CLI's do.  Tests ask for fixtures (``engine``, ``engine_factory``,
+``engine_spec``, ``perf_case`` + ``perf_measure``, ``release_gate``) and know
+nothing of process groups, drivers or output files.  Engines are started
+once per session (per xdist worker) for a given model / world size / device
+/ dtype and closed at the end.  The terminal summary names every file the
+perf and accuracy layers wrote.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+from . import settings
 
 MARKERS = {
     "unit": "CPU, fast, always run",
@@ -17,39 +24,48 @@ MARKERS = {
     "accuracy": "needs a model and data; release gate",
     "perf": "benchmarks; record, never fail on absolute time",
 }
+# `pytest -m perf` without --model-path benchmarks the suite's tiny random Llama (tests/perf/conftest.py) on these.
+TINY_PERF_CASES = "[[32,8],[64,8]]"
+PERF_RESULTS = "perf-results"  # under the invocation dir, unless --perf-output-dir
+ACCURACY_RESULTS = "accuracy-results"  # under the invocation dir, unless --accuracy-output-dir
+
+_PERF = pytest.StashKey[object]()
+_ACCURACY = pytest.StashKey[list]()
 
 
 def pytest_addoption(parser):
+    settings.add_to_pytest(parser)
     g = parser.getgroup("vicuna-bench")
-    g.addoption("--world-size", type=int, default=1, help="tensor-parallel ranks (default 1)")
-    g.addoption("--device", default="auto", help="cpu | cuda | npu | auto")
-    g.addoption("--device-type", default="d9", help="NPU chip family d9 | d3")
-    g.addoption("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
-    g.addoption("--model-path", default=None, help="model dir (default: the embedded SmolLM2-135M-Instruct)")
-    g.addoption("--max-seq-len", type=int, default=None, help="KV cache length (default $MAX_SEQ_LENGTH, else 2048)")
     g.addoption("--mmlu-dir", default=None, help="MMLU work dir holding data/ (default ../shared/datasets/mmlu)")
     g.addoption("--ceval-dir", default=None, help="C-Eval work dir holding data/ (default ../shared/datasets/ceval)")
-    g.addoption("--accuracy-model", default=None,
-                help="thresholds.json model to gate against (default: recognised from the model's name/config)")
-    g.addoption("--accuracy-tolerance", type=float, default=None, help="gate tolerance in points (default thresholds.json: 1.0)")
-    g.addoption("--accuracy-batch", type=int, default=1, help="precision batch size (default 1)")
-    g.addoption("--accuracy-scoring", default="generate", help="precision scoring: generate | logits | both")
-    g.addoption("--accuracy-output-dir", default=None, help="where the release gate writes its result dirs (default: tmp)")
-    g.addoption("--perf-output-dir", default=None, help="where perf CSVs and plots go")
-    g.addoption("--perf-baseline", default=None, help="baseline CSV; a case slower than it by more than the tolerance fails")
-    g.addoption("--perf-tolerance", type=float, default=0.10, help="allowed slowdown against --perf-baseline (0.10 = 10%%)")
-    g.addoption("--perf-case-pair", default=None,
-                help="perf cases [[seq_in, seq_out], ...] (default: [[32,8],[64,8]] on the tiny model, [[256,64]] otherwise)")
-    g.addoption("--perf-min-len-exp", type=int, default=None, help="perf sweep: smallest power of two")
-    g.addoption("--perf-max-len-exp", type=int, default=None, help="perf sweep: largest power of two")
-    g.addoption("--perf-batch-size", type=int, default=1, help="perf batch size (default 1)")
-    g.addoption("--perf-mode", default="detail", help="perf timing mode: detail | normal")
-    g.addoption("--perf-repeat", type=int, default=3, help="runs of each perf case (default 3)")
 
 
 def pytest_configure(config):
+    settings.set_front_end("pytest")
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    config.stash[_ACCURACY] = []
+    share_cpus_among_xdist_workers()
+
+
+def share_cpus_among_xdist_workers() -> None:
+    """Under ``pytest -n N`` each worker (and the rank processes it spawns) runs on its own share of the CPUs.
+
+    The affinity mask is inherited by spawned ranks, whose torch threads follow it
+    (:func:`vicuna_bench.runtime.usable_cpus`), so N workers never oversubscribe the machine.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    import torch
+
+    cpus = sorted(os.sched_getaffinity(0))
+    index, count = int(worker.lstrip("gw")), int(count)
+    share = max(1, len(cpus) // count)
+    start = (index * share) % len(cpus)
+    mine = set(cpus[start:start + share])
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
 
 
 def accelerator_available() -> str | None:
@@ -67,6 +83,9 @@ def accelerator_available() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
+    perf_error = config.stash.get(_PERF, None)
+    if isinstance(perf_error, Exception):  # bad perf settings: stop before any engine starts
+        raise pytest.UsageError(f"vicuna-bench perf: {perf_error}")
     hw_items = [item for item in items if "hw" in item.keywords]
     if hw_items and accelerator_available() is None:
         skip = pytest.mark.skip(reason="hw test: no NPU or CUDA device on this machine")
@@ -75,56 +94,47 @@ def pytest_collection_modifyitems(config, items):
 
 
 def shared_dataset_dir(starts: list[Path], name: str) -> Path | None:
-    """``shared/datasets/<name>`` beside the checkout (or beside a folder above it), when present.
+    """``shared/datasets/<name>`` beside a checkout: ``<parent>/shared/datasets/<name>`` for the parent of each start.
 
-    Each start (pytest's rootdir, then the invocation dir) and its parents are tried in turn. The rootdir alone is
-    not enough: pytest picks it before plugins register their options, so in ``pytest -m accuracy
-    --accuracy-output-dir /tmp/x`` the option's value counts as a path argument and the rootdir becomes /tmp/x.
+    Each start is pytest's rootdir or the invocation dir; only its own parent is tried (walking further up
+    would find unrelated folders such as /tmp/shared).  The rootdir alone is not enough: pytest picks it
+    before plugins register their options, so in ``pytest -m accuracy --accuracy-output-dir /tmp/x`` the
+    option's value counts as a path argument and the rootdir becomes /tmp/x.
     """
     for start in starts:
-        for folder in (start, *start.parents):
-            candidate = folder.parent / "shared" / "datasets" / name
-            if (candidate / "data").is_dir():
-                return candidate
+        checkout = _checkout_of(start)
+        candidate = checkout.parent / "shared" / "datasets" / name
+        if (candidate / "data").is_dir():
+            return candidate
     return None
+
+
+def _checkout_of(folder: Path) -> Path:
+    """The nearest folder at or above ``folder`` holding pyproject.toml or .git (else ``folder``)."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / "pyproject.toml").is_file() or (candidate / ".git").exists():
+            return candidate
+    return folder
 
 
 @pytest.fixture(scope="session")
 def vicuna_options(pytestconfig) -> dict:
-    """The suite options as a dict (defaults resolved where cheap)."""
+    """Every setting by its pytest dest (``world_size``, ``perf_repeat``, ``accuracy_batch``...), data dirs resolved."""
     opt = pytestconfig.getoption
     starts = [Path(str(pytestconfig.rootpath)).resolve(), Path(pytestconfig.invocation_params.dir).resolve()]
-    return {
-        "world_size": opt("--world-size"),
-        "device": opt("--device"),
-        "device_type": opt("--device-type"),
-        "dtype": opt("--dtype"),
-        "model_path": opt("--model-path"),
-        "max_seq_len": opt("--max-seq-len"),
-        "mmlu_dir": opt("--mmlu-dir") or shared_dataset_dir(starts, "mmlu"),
-        "ceval_dir": opt("--ceval-dir") or shared_dataset_dir(starts, "ceval"),
-        "accuracy_model": opt("--accuracy-model"),
-        "accuracy_tolerance": opt("--accuracy-tolerance"),
-        "accuracy_batch": opt("--accuracy-batch"),
-        "accuracy_scoring": opt("--accuracy-scoring"),
-        "accuracy_output_dir": opt("--accuracy-output-dir"),
-        "perf_output_dir": opt("--perf-output-dir"),
-        "perf_baseline": opt("--perf-baseline"),
-        "perf_tolerance": opt("--perf-tolerance"),
-        "perf_case_pair": opt("--perf-case-pair"),
-        "perf_min_len_exp": opt("--perf-min-len-exp"),
-        "perf_max_len_exp": opt("--perf-max-len-exp"),
-        "perf_batch_size": opt("--perf-batch-size"),
-        "perf_mode": opt("--perf-mode"),
-        "perf_repeat": opt("--perf-repeat"),
-    }
+    options = {s.pytest_dest: opt(s.pytest_dest) for s in settings.SETTINGS}
+    options["mmlu_dir"] = opt("--mmlu-dir") or shared_dataset_dir(starts, "mmlu")
+    options["ceval_dir"] = opt("--ceval-dir") or shared_dataset_dir(starts, "ceval")
+    return options
 
 
-def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None):
+def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None,
+                     device_type="d9"):
     """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype), validated."""
     from .runtime import resolve_engine_spec
 
-    return resolve_engine_spec(model_path, world_size, device, dtype, max_seq_len, progress=False)
+    return resolve_engine_spec(model_path, world_size, device, dtype, max_seq_len, progress=False,
+                               device_type=device_type)
 
 
 class EngineFactory:
@@ -157,12 +167,222 @@ def engine_factory():
 
 
 @pytest.fixture(scope="session")
-def engine_spec(vicuna_options):
-    o = vicuna_options
-    return make_engine_spec(o["model_path"], o["world_size"], o["device"], o["dtype"], o["max_seq_len"])
+def engine_spec(pytestconfig):
+    """The EngineSpec the command line describes (--model-path, --world-size, ...)."""
+    return make_engine_spec(**settings.from_pytest(pytestconfig, "model"))
 
 
 @pytest.fixture(scope="session")
 def engine(engine_factory, engine_spec):
     """The engine the command line describes (--model-path, --world-size, ...)."""
     return engine_factory(engine_spec)
+
+
+# ---------------------------------------------------------------- perf
+
+def perf_output_path(config) -> Path:
+    """--perf-output-dir, else perf-results/ under the directory pytest was started from."""
+    given = config.getoption(settings.BY_KEY["perf.output_dir"].pytest_dest)
+    return Path(given or Path(config.invocation_params.dir) / PERF_RESULTS)
+
+
+@pytest.fixture(scope="session")
+def perf_output_dir(pytestconfig) -> Path:
+    """Where perf tests write (not created until something is written)."""
+    return perf_output_path(pytestconfig)
+
+
+def perf_session_of(config):
+    """The session's PerfSession (settings and baseline checked: bad input stops pytest before any test)."""
+    from . import perf
+    from .errors import UserError
+
+    if _PERF not in config.stash:
+        values = settings.from_pytest(config, "perf")
+        out = perf_output_path(config)
+        tiny = config.getoption("model_path") is None
+        try:
+            config.stash[_PERF] = perf.PerfSession.from_values(
+                values, out, default_case_pair=TINY_PERF_CASES if tiny else None)
+        except UserError as exc:
+            config.stash[_PERF] = exc  # reported once, as a usage error, when collection ends
+    return config.stash[_PERF]
+
+
+def pytest_generate_tests(metafunc):
+    if "perf_case" in metafunc.fixturenames:
+        session = perf_session_of(metafunc.config)
+        cases = [] if isinstance(session, Exception) else session.settings.cases
+        metafunc.parametrize("perf_case", cases, ids=[f"in{c.seq_in}-out{c.seq_out}" for c in cases])
+
+
+@pytest.fixture(scope="session")
+def perf_default_model():
+    """The model ``pytest -m perf`` benchmarks without --model-path (tests/perf overrides it with a tiny one)."""
+    from .embedded import embedded_model_dir
+
+    return embedded_model_dir(progress=False)
+
+
+@pytest.fixture(scope="session")
+def perf_session(request, pytestconfig, engine_factory):
+    """The perf driver, started (bandwidth probed, warmed up) on the engine the options describe."""
+    session = perf_session_of(pytestconfig)
+    model = settings.from_pytest(pytestconfig, "model")
+    if model["model_path"] is None:
+        model["model_path"] = request.getfixturevalue("perf_default_model")
+        if model["max_seq_len"] is None:  # the tiny model's context holds just the cases
+            model["max_seq_len"] = max(c.seq_in + c.seq_out for c in session.settings.cases)
+    spec = make_engine_spec(**model)
+    session.check_model(spec)
+    session.start(engine_factory(spec))
+    return session
+
+
+class _EngineClock:
+    """A pytest-benchmark timer that reads the engine's own per-token time, not the wall clock.
+
+    Each round advances it by the round's next-token mean (the first-token time when the case makes
+    one token), so a record's statistics, and ``--benchmark-compare-fail``, are per-token latency.
+    """
+
+    __name__ = "engine next-token time"
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def perf_measure(perf_session, benchmark):
+    """Measure a case: ``--perf-repeat`` rounds as one pytest-benchmark record, written to the CSVs, gated."""
+
+    def measure(case):
+        from . import perf
+
+        clock = _EngineClock()
+        benchmark._timer = clock  # pytest-benchmark has no public hook for a custom clock per test
+        rounds: list[perf.CaseResult] = []
+
+        def one_round():
+            result = perf_session.measure_round(case)
+            rounds.append(result)
+            clock.now += (result.next_ms[0] if result.next_ms else result.first_ms[0]) / 1e3
+
+        benchmark.pedantic(one_round, rounds=perf_session.settings.repeat, iterations=1, warmup_rounds=0)
+        result = perf_session.record(rounds)
+        row = perf.extended_row(perf_session.run, result)
+        benchmark.extra_info.update({k: row[k] for k in (
+            "model_name", "device", "dtype", "world_size", "perf_mode", "batch_size", "seq_in", "seq_out",
+            "first_token_ms_p50", "first_token_ms_p90", "next_token_ms_p50", "next_token_ms_p90",
+            "prefill_tokens_per_s", "decode_tokens_per_s", "decode_floor_ms", "decode_roofline_fraction",
+            "peak_memory_mib_max")})
+        benchmark.extra_info["measured"] = "next_token_ms" if case.seq_out > 1 else "first_token_ms"
+        comparison = perf_session.compare([result])
+        if comparison is not None and comparison.regressions:
+            pytest.fail(f"slower than {perf_session.baseline.path}:\n{comparison.table()}", pytrace=False)
+        return result
+
+    return measure
+
+
+# ---------------------------------------------------------------- accuracy
+
+@pytest.fixture
+def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
+    """Run a precision test (``mmlu``/``ceval``) on the session's engine: the gate on the full val set, or the
+    scores alone for a subset (--accuracy-subjects / --accuracy-limit-per-subject).  Skips with the reason when
+    there is no data or no threshold; fails with the table when the gate fails."""
+
+    def run(mode: str) -> dict:
+        from .errors import GateFailed
+        from .precision.gates import identify_model, load_thresholds
+        from .precision.runner import PrecisionConfig, run_precision
+
+        work = vicuna_options[f"{mode}_dir"]
+        if work is None:
+            pytest.skip(f"no --{mode}-dir given and no ../shared/datasets/{mode} beside the checkout")
+        values = settings.from_pytest(pytestconfig, "precision")
+        subset = bool(values["subjects"] or values["limit_per_subject"])
+        key = identify_model(engine_spec.model_path, values["gate_model"])
+        if not subset:
+            if key is None:
+                pytest.skip(f"unknown model {engine_spec.model_path}: no release threshold "
+                            "(name one with --accuracy-model)")
+            scorings = ["generate", "logits"] if values["scoring"] == "both" else [values["scoring"]]
+            thresholds = load_thresholds()["models"][key].get(mode, {})
+            if all(thresholds.get(s) is None for s in scorings):
+                pytest.skip(f"no {mode} threshold for {key} with scoring {values['scoring']!r} in thresholds.json")
+        root = Path(values["output_dir"] or Path(pytestconfig.invocation_params.dir) / ACCURACY_RESULTS)
+        cfg = PrecisionConfig.from_values({**values, "output_dir": root / mode, "gate_model": key}, mode=mode,
+                                          work_dir=work, gate=not subset, progress=False)
+        failure = None
+        try:
+            summary = run_precision(cfg, engine_spec, engine=engine_factory(engine_spec))
+        except GateFailed as exc:
+            failure = str(exc)
+            summary = _read_summary(cfg.out_dir)
+        pytestconfig.stash[_ACCURACY].append((cfg.out_dir, summary))
+        if failure is not None:  # outside the except block, so the table is reported once, unchained
+            pytest.fail(failure, pytrace=False)
+        if not subset and summary["gate"]["status"] == "skipped":
+            pytest.skip(summary["gate"]["reason"])
+        return summary
+
+    return run
+
+
+def _read_summary(out_dir: Path) -> dict | None:
+    import json
+
+    from .precision import results
+
+    try:
+        return json.loads((out_dir / results.SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- terminal summary
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from . import perf
+
+    session = config.stash.get(_PERF, None)
+    if isinstance(session, perf.PerfSession) and session.run is not None and session.run.results:
+        tr = terminalreporter
+        tr.write_sep("=", "vicuna-bench perf")
+        tr.write_line(perf.summary_table(session.run))
+        if session.baseline is not None:
+            tr.write_line(f"baseline {session.baseline.path}, tolerance {session.tolerance:.0%}:")
+            tr.write_line(session.compare().table())
+        for name, path in session.paths.items():
+            tr.write_line(f"{name:>14}: {path}")
+    runs = config.stash.get(_ACCURACY, [])
+    if runs:
+        from .precision import results
+
+        terminalreporter.write_sep("=", "vicuna-bench accuracy")
+        for out_dir, summary in runs:
+            if summary is not None:
+                terminalreporter.write_line(results.category_table(summary))
+                for line in gate_lines(summary["gate"]):
+                    terminalreporter.write_line(line)
+            files = sorted(p.name for p in out_dir.iterdir() if p.is_file()) if out_dir.is_dir() else []
+            terminalreporter.write_line(f"results in {out_dir}: {', '.join(files)}")
+
+
+def gate_lines(gate: dict) -> list[str]:
+    """The gate's verdicts, one line per scoring."""
+    if not gate.get("requested"):
+        return ["gate: not judged (a subset run; the gate needs the full val set)"]
+    lines = []
+    for v in gate.get("verdicts") or []:
+        if "score" in v:
+            lines.append(f"gate {v['scoring']}: {v['status']} ({v['score']:.2f}% vs threshold {v['threshold']} "
+                         f"- tolerance {v['tolerance']})")
+        else:
+            lines.append(f"gate: {v['status']} ({v.get('reason', '')})")
+    return lines or [f"gate: {gate['status']}"]

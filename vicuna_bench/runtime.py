@@ -22,7 +22,7 @@ import traceback
 from datetime import timedelta
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -45,10 +45,13 @@ class EngineSpec:
     device: str = "cpu"  # resolved: cpu | cuda | npu
     dtype: str = "fp32"  # resolved: fp32 | fp16 | bf16
     max_seq_len: int = 2048
-    compile: str = "off"  # resolved: on | off (compile the decode step)
+    device_type: str = "d9"  # NPU chip family (d9 | d3); carried for the NPU paths, unused elsewhere
+    compile: str = "off"  # resolved: on | off (compile the prefill and decode step)
 
     def validate(self) -> ModelArgs:
         """Check everything that can be checked before a process starts."""
+        if self.device_type not in DEVICE_TYPES:
+            raise UserError(f"--device-type {self.device_type!r} is not supported (valid: {', '.join(DEVICE_TYPES)})")
         if self.world_size < 1:
             raise UserError(f"--world-size {self.world_size} must be >= 1")
         if self.dtype not in checkpoint.DTYPES:
@@ -74,6 +77,7 @@ class EngineSpec:
 
 
 EMBEDDED = "embedded"  # --model-path value naming the embedded default model
+DEVICE_TYPES = ("d9", "d3")  # NPU chip families
 
 
 def resolve_engine_spec(
@@ -83,6 +87,7 @@ def resolve_engine_spec(
     dtype: str = "auto",
     max_seq_len: int | None = None,
     progress: bool = True,
+    device_type: str = "d9",
     compile: str = "off",
     decode_steps: int = 0,
 ) -> EngineSpec:
@@ -106,7 +111,8 @@ def resolve_engine_spec(
     from .compile import resolve_mode
 
     compile = resolve_mode(compile, device, decode_steps)
-    spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args), compile)
+    spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args), device_type,
+                      compile)
     spec.validate()
     return spec
 
@@ -139,6 +145,62 @@ def build_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: to
 
 
 ModelHook = Callable[[Transformer], Transformer]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One batched generation, the same on every rank (a misspelt option is a TypeError, not ignored)."""
+
+    prompts: list[list[int]]
+    max_new_tokens: int = 32
+    ignore_eos: bool = False
+    sampling: SamplingConfig = SamplingConfig()
+    return_logits: bool = False
+    eos_ids: tuple[int, ...] | None = None  # None: the model's
+    stream: bool = False  # rank 0 sends each step's tokens back
+
+    @classmethod
+    def make(cls, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, **options) -> "GenerationRequest":
+        """Normalised types (ints, lists, a SamplingConfig) from a caller's values."""
+        eos = options.pop("eos_ids", None)
+        sampling = options.pop("sampling", None) or SamplingConfig()
+        return cls([list(map(int, p)) for p in prompts], int(max_new_tokens), sampling=sampling,
+                   eos_ids=None if eos is None else tuple(int(e) for e in eos), **options)
+
+
+class InferenceEngine(Protocol):
+    """What every engine offers (:class:`Engine` in-process workers, :class:`SpmdEngine` under torchrun)."""
+
+    spec: EngineSpec
+    args: ModelArgs
+    rank: int  # this process's rank: 0 except under torchrun
+    rank_info: list[dict]  # per rank: weight bytes, decode bytes, device name, ...
+    closed: bool
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+                 on_tokens: Callable[[list[int]], None] | None = None, **options) -> GenerationResult:
+        """Tokens (rank 0's) and timings (ms, maximum over ranks) of one batched generation."""
+
+    def bandwidth(self) -> list[float]:
+        """Each rank's memory bandwidth (bytes/s), probed on all ranks at once."""
+
+    def close(self) -> None:
+        """Release the ranks."""
+
+
+def merge_rank_results(results: Sequence[GenerationResult], tokens_from: int = 0) -> GenerationResult:
+    """One result from every rank's: rank ``tokens_from``'s tokens and logits, each timing the maximum over
+    ranks (ms), peak memory per rank in rank order (bytes)."""
+    head = results[tokens_from]
+    return GenerationResult(
+        output_ids=head.output_ids,
+        first_token_ms=max(r.first_token_ms for r in results),
+        step_ms=[max(vals) for vals in zip(*(r.step_ms for r in results))],
+        logits=head.logits,
+        total_ms=max(r.total_ms for r in results),
+        peak_memory_bytes=[p for r in results for p in r.peak_memory_bytes],
+        compile_ms=max(r.compile_ms for r in results),
+    )
 
 
 class RankRunner:
@@ -181,33 +243,37 @@ class RankRunner:
         """This rank's memory bandwidth (bytes/s) by a copy probe on its device."""
         return devices.copy_bandwidth(self.device)
 
-    def generate(self, request: dict, on_tokens=None) -> GenerationResult:
-        devices.reset_peak_memory(self.device)
-        result = self._generate(request, on_tokens)
-        result.peak_memory_bytes = [devices.peak_memory_bytes(self.device)]
-        return result
-
-    def _generate(self, request: dict, on_tokens=None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, on_tokens=None) -> GenerationResult:
+        """This rank's part of ``request``; its peak memory (bytes) in ``peak_memory_bytes``."""
         args = self.args
-        eos = request.get("eos_ids")
-        pad = args.pad_token_id if args.pad_token_id is not None else 0
-        return generate(
+        devices.reset_peak_memory(self.device)
+        result = generate(
             self.model,
-            request["prompts"],
-            request["max_new_tokens"],
-            eos_ids=args.eos_token_ids if eos is None else eos,
-            ignore_eos=request.get("ignore_eos", False),
-            sampling=request.get("sampling") or SamplingConfig(),
-            pad_id=pad,
-            return_logits=request.get("return_logits", False),
+            request.prompts,
+            request.max_new_tokens,
+            eos_ids=args.eos_token_ids if request.eos_ids is None else request.eos_ids,
+            ignore_eos=request.ignore_eos,
+            sampling=request.sampling,
+            pad_id=args.pad_token_id if args.pad_token_id is not None else 0,
+            return_logits=request.return_logits,
             sync=lambda: devices.synchronize(self.device),
             on_tokens=on_tokens,
             steps=self.steps,
         )
+        result.peak_memory_bytes = [devices.peak_memory_bytes(self.device)]
+        return result
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which taskset/cgroups/xdist shares narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _threads_per_rank(world_size: int) -> int:
-    return max(1, (os.cpu_count() or 1) // world_size)
+    return max(1, usable_cpus() // world_size)
 
 
 def init_process_group(spec: EngineSpec, rank: int, init_method: str | None, timeout_s: float) -> TensorParallel:
@@ -245,17 +311,6 @@ def init_from_env(spec: EngineSpec) -> RankRunner:
     return RankRunner(spec, rank, local_rank, tp)
 
 
-def reduce_max(values: Sequence[float]) -> list[float]:
-    """Element-wise maximum over ranks (for timings); identity without a group."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 class SpmdEngine:
     """This process's rank under torchrun, with :class:`Engine`'s interface.
 
@@ -267,6 +322,10 @@ class SpmdEngine:
     def __init__(self, spec: EngineSpec):
         self.spec = spec
         self.args = spec.validate()
+        log.info(
+            "torchrun rank %s: model=%s world_size=%d device=%s dtype=%s max_seq_len=%d",
+            os.environ.get("RANK", "?"), spec.model_path, spec.world_size, spec.device, spec.dtype, spec.max_seq_len,
+        )
         self.runner = init_from_env(spec)
         self.rank = self.runner.rank
         self.rank_info = self._gather(self.runner.info())
@@ -283,12 +342,12 @@ class SpmdEngine:
         return out
 
     def generate(self, prompts, max_new_tokens: int = 32, *, on_tokens=None, **options) -> GenerationResult:
-        request = {"prompts": [list(map(int, p)) for p in prompts], "max_new_tokens": int(max_new_tokens), **options}
+        """Every rank calls this alike; each gets its own tokens (all equal) and the merged timings."""
+        request = GenerationRequest.make(prompts, max_new_tokens, stream=on_tokens is not None, **options)
         result = self.runner.generate(request, on_tokens=on_tokens if self.rank == 0 else None)
-        times = reduce_max([result.first_token_ms, result.total_ms, result.compile_ms] + result.step_ms)
-        result.first_token_ms, result.total_ms, result.compile_ms, result.step_ms = times[0], times[1], times[2], times[3:]
-        result.peak_memory_bytes = [p for peaks in self._gather(result.peak_memory_bytes) for p in peaks]
-        return result
+        timings = self._gather(dataclasses.replace(result, output_ids=[], logits=None))
+        timings[self.rank] = result
+        return merge_rank_results(timings, tokens_from=self.rank)
 
     def bandwidth(self) -> list[float]:
         return self._gather(self.runner.bandwidth())
@@ -346,7 +405,7 @@ def _worker_main(spec: EngineSpec, rank: int, init_method: str, conn, parent_pid
         try:
             if command == "generate":
                 stream = None
-                if payload.get("stream") and rank == 0:
+                if payload.stream and rank == 0:
                     stream = lambda ids: conn.send(("tokens", ids))  # noqa: E731
                 result = runner.generate(payload, on_tokens=stream)
                 if rank != 0:  # only rank 0's tokens/logits travel back
@@ -355,8 +414,6 @@ def _worker_main(spec: EngineSpec, rank: int, init_method: str, conn, parent_pid
                 elif result.logits is not None:
                     result.logits = [t.numpy() for t in result.logits]
                 conn.send(("result", result))
-            elif command == "info":
-                conn.send(("result", runner.info()))
             elif command == "bandwidth":
                 conn.send(("result", runner.bandwidth()))
             else:
@@ -394,6 +451,7 @@ class Engine:
         self._conns: list = []
         self._local: RankRunner | None = None
         self.closed = False
+        self.rank = 0  # the caller's process: rank 0's tokens come back here
         self.rank_info: list[dict] = []
         use_workers = spec.world_size > 1 if workers is None else workers
         log.info(
@@ -436,34 +494,26 @@ class Engine:
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int = 32,
         *,
-        ignore_eos: bool = False,
-        sampling: SamplingConfig | None = None,
-        return_logits: bool = False,
-        eos_ids: Sequence[int] | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
         timeout_s: float | None = None,
+        **options,
     ) -> GenerationResult:
-        """Generate for token-id prompts; timings are the maximum over ranks (ms)."""
-        request = {
-            "prompts": [list(map(int, p)) for p in prompts],
-            "max_new_tokens": int(max_new_tokens),
-            "ignore_eos": ignore_eos,
-            "sampling": sampling or SamplingConfig(),
-            "return_logits": return_logits,
-            "eos_ids": None if eos_ids is None else list(eos_ids),
-            "stream": on_tokens is not None,
-        }
+        """Generate for token-id prompts (options: :class:`GenerationRequest`'s); timings the maximum over ranks (ms)."""
+        request = GenerationRequest.make(prompts, max_new_tokens, stream=on_tokens is not None, **options)
         if self.closed:
             raise EngineError("engine is closed")
         if self._local is not None:
             return self._local.generate(request, on_tokens=on_tokens)
-        validate_prompts(request["prompts"], request["max_new_tokens"], self.spec.max_seq_len, self.args.vocab_size)
+        validate_prompts(request.prompts, request.max_new_tokens, self.spec.max_seq_len, self.args.vocab_size)
         self._check_alive()
         for conn in self._conns:
             self._send(conn, ("generate", request))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         results = self._collect(deadline, on_tokens=on_tokens)
-        return _merge(results)
+        for r in results:
+            if r.logits is not None:  # numpy through the pipe
+                r.logits = [torch.from_numpy(a) for a in r.logits]
+        return merge_rank_results(results)
 
     def bandwidth(self) -> list[float]:
         """Each rank's memory bandwidth (bytes/s), probed on all ranks at once.
@@ -564,16 +614,3 @@ class Engine:
                 self._fail("timed out waiting for the workers")
         return [replies[r] for r in range(len(self._conns))]
 
-
-def _merge(results: list[GenerationResult]) -> GenerationResult:
-    """Rank 0's tokens; each timing the maximum over ranks; peak memory per rank."""
-    head = results[0]
-    first = max(r.first_token_ms for r in results)
-    steps = [max(vals) for vals in zip(*(r.step_ms for r in results))]
-    logits = None
-    if head.logits is not None:
-        logits = [torch.from_numpy(a) for a in head.logits]
-    total = max(r.total_ms for r in results)
-    peaks = [p for r in results for p in r.peak_memory_bytes]
-    compile_ms = max(r.compile_ms for r in results)
-    return GenerationResult(head.output_ids, first, steps, logits, total, peaks, compile_ms)

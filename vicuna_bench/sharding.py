@@ -27,8 +27,6 @@ import torch
 from .config import ModelArgs
 from .errors import UserError
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
 VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -131,15 +129,6 @@ class ShardPlan:
         """True for the tensors a cut part stores already sliced (the vendor rule)."""
         return self.slice_of(name) is not None and name not in VOCAB_PARALLEL
 
-    def local_shape(self, name: str, full_shape: tuple[int, ...]) -> tuple[int, ...]:
-        spec = self.slice_of(name)
-        if spec is None:
-            return tuple(full_shape)
-        dim, start, stop = spec
-        shape = list(full_shape)
-        shape[dim] = self.local_vocab if name in VOCAB_PARALLEL else stop - start
-        return tuple(shape)
-
     def take(self, name: str, read: Callable[[tuple[int, int, int] | None], torch.Tensor]) -> torch.Tensor:
         """This rank's tensor for ``name``; ``read(spec)`` returns that slice of the full tensor."""
         spec = self.slice_of(name)
@@ -148,14 +137,6 @@ class ShardPlan:
             pad = tensor.new_zeros((self.local_vocab - tensor.shape[0],) + tuple(tensor.shape[1:]))
             tensor = torch.cat([tensor, pad], dim=0)
         return tensor
-
-
-def slice_tensor(tensor: torch.Tensor, spec: tuple[int, int, int] | None) -> torch.Tensor:
-    """Apply a ``ShardPlan.slice_of`` spec to a full in-memory tensor."""
-    if spec is None:
-        return tensor
-    dim, start, stop = spec
-    return tensor.narrow(dim, start, stop - start)
 
 
 class TensorParallel:

@@ -54,13 +54,32 @@ def test_tiny_models_match_transformers(tiny_models, engine_factory, name):
     _check_model(path, _prompt(vocab, 12, seed=7), engine_factory)
 
 
-def test_dynamic_rope_really_extends_past_max_positions(tiny_models):
-    # 12 prompt + 32 new tokens > max_position_embeddings 16: the NTK branch ran.
-    from vicuna_bench.checkpoint import read_model_args
+def test_dynamic_rope_really_extends_past_max_positions(tiny_models, engine_factory, tmp_path):
+    """The NTK branch runs: up to the native length the dynamic model equals the same weights with plain rope;
+    past it (max_position_embeddings 16) its logits differ."""
+    import json
+    import shutil
 
-    args = read_model_args(tiny_models["dynamic"])
-    assert args.rope_type == "dynamic" and args.max_position_embeddings == 16
-    assert 12 + DECODE_STEPS > args.max_position_embeddings
+    dynamic = tiny_models["dynamic"]
+    plain = tmp_path / "plain-rope"
+    shutil.copytree(dynamic, plain)
+    conf = json.loads((plain / "config.json").read_text())
+    theta = (conf.get("rope_parameters") or {}).get("rope_theta", conf.get("rope_theta", 10000.0))
+    conf.pop("rope_scaling", None)
+    conf["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    conf["max_position_embeddings"] = 64  # only the context check reads it for plain rope
+    (plain / "config.json").write_text(json.dumps(conf))
+    prompt = _prompt(500, 12, seed=5)
+    runs = {}
+    for name, path in (("dynamic", dynamic), ("plain", plain)):
+        spec = make_engine_spec(path, 1, "cpu", "fp32", max_seq_len=12 + DECODE_STEPS)
+        runs[name] = engine_factory(spec).generate([prompt], DECODE_STEPS, ignore_eos=True, return_logits=True)
+    ours, plain_logits = runs["dynamic"].logits[0], runs["plain"].logits[0]
+    # Token i comes from a forward over 12 + i positions: i <= 4 stays within the native 16.
+    native = 16 - 12 + 1
+    assert runs["dynamic"].output_ids[0][:native] == runs["plain"].output_ids[0][:native]
+    torch.testing.assert_close(ours[:native], plain_logits[:native], rtol=1e-5, atol=1e-5)
+    assert (ours[native] - plain_logits[native]).abs().max() > 1e-3  # the NTK base took over at 17 positions
 
 
 def test_smollm2_matches_transformers(smollm2_path, engine_factory):

@@ -32,8 +32,9 @@ SPEC = Path(__file__).resolve().parents[3] / "shared" / "spec" / "REFERENCE.md"
 
 def test_header_is_the_reference_header():
     assert perf.REFERENCE_HEADER == HEADER
-    if SPEC.is_file():
-        assert f"`{HEADER}`" in SPEC.read_text()
+    # The spec beside the checkout is the reference: without it this test cannot say anything, so it fails.
+    assert SPEC.is_file(), f"{SPEC} is missing: the header cannot be checked against the reference"
+    assert f"`{HEADER}`" in SPEC.read_text()
 
 
 def test_sweep_is_input_major_powers_of_two():
@@ -125,7 +126,7 @@ def test_reported_times_recover_known_sleeps(world_size, tiny_models, tmp_path):
             for mode in perf.MODES:
                 settings = perf.PerfSettings(cases=perf.parse_case_pair("[[16,4]]"), mode=mode, repeat=2,
                                              model_name="sleepy", mem_bandwidth_gbps=10.0)
-                run = perf.run_perf(engine, settings, output_dir=tmp_path / mode, progress=False)
+                run = perf.PerfSession(settings, tmp_path / mode).run_all(engine, progress=False)
                 [result] = run.results
                 row = perf.extended_row(run, result)
                 assert row["first_token_ms_mean"] == pytest.approx(PREFILL_S * 1e3 * slowest, rel=0.10), mode
@@ -255,25 +256,37 @@ def test_torchrun_perf_rank0_writes_max_over_ranks(tiny_models, tmp_path):
 
 
 def test_pytest_perf_suite_records_benchmarks(tmp_path):
-    """`pytest -m perf` on the tiny model: one pytest-benchmark record per case, and the four files."""
+    """`pytest -m perf --world-size 2` from a fresh folder: one pytest-benchmark record per case whose statistic
+    is the next-token time, and the four files in ./perf-results, their paths printed."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[2]
-    bench, out = tmp_path / "bench.json", tmp_path / "perf"
+    bench = tmp_path / "bench.json"
+    cwd = tmp_path / "fresh"
+    cwd.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "perf", "tests/perf/test_latency.py", "--world-size", "2",
-         "--perf-case-pair", "[[8,3],[16,1]]", "--perf-repeat", "2", "--benchmark-json", str(bench),
-         "--perf-output-dir", str(out)],
-        cwd=root, capture_output=True, text=True, timeout=300, check=False,
+        [sys.executable, "-m", "pytest", "-m", "perf", str(root / "tests/perf/test_latency.py"), "--world-size", "2",
+         "--perf-case-pair", "[[8,3],[16,1]]", "--perf-repeat", "2", "--benchmark-json", str(bench)],
+        cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = cwd / "perf-results"
+    [ref] = out.glob("performance_test_tiny-llama_*_bs1.csv")
+    files = {ref, ref.with_name(ref.stem + "_extended.csv"), ref.with_name(ref.stem + "_samples.json"), ref.with_suffix(".png")}
+    assert set(out.iterdir()) == files
+    for path in files:
+        assert str(path) in proc.stdout  # the terminal summary names every file
+    assert "first p50" in proc.stdout and "decode tok/s" in proc.stdout
+    assert [r[:3] for r in _read_csv(ref)[1:]] == [["1", "8", "3"], ["1", "16", "1"]]
     records = json.loads(bench.read_text())["benchmarks"]
     assert [r["name"] for r in records] == ["test_latency[in8-out3]", "test_latency[in16-out1]"]
-    for r in records:
+    samples = json.loads(ref.with_name(ref.stem + "_samples.json").read_text())["cases"]
+    for r, case in zip(records, samples):
         assert r["stats"]["rounds"] == 2
         assert r["extra_info"]["world_size"] == 2 and r["extra_info"]["first_token_ms_p50"] > 0
+        # The recorded statistic is the engine's per-token time, round by round (seconds).
+        per_round = case["next_ms"] if case["seq_out"] > 1 else case["first_ms"]
+        assert r["stats"]["data"] == pytest.approx([ms / 1e3 for ms in per_round], rel=1e-9)
     assert records[1]["extra_info"]["next_token_ms_p50"] == ""  # one output token: no next-token time
-    assert len(list(out.iterdir())) == 4
-    [ref] = out.glob("performance_test_tiny-llama_*_bs1.csv")
-    assert [r[:3] for r in _read_csv(ref)[1:]] == [["1", "8", "3"], ["1", "16", "1"]]

@@ -543,18 +543,25 @@ def test_wilson_interval_values():
 
 def test_shared_datasets_found_beside_the_checkout_from_any_folder_in_it(tmp_path):
     # pytest's rootdir can be an option's value (it is chosen before the plugin's options are known), so the
-    # default --mmlu-dir / --ceval-dir search also starts from the invocation dir and walks up.
+    # default --mmlu-dir / --ceval-dir search also starts from the invocation dir.  Only the checkout's own parent
+    # is searched: a shared/datasets further up (say /tmp/shared/datasets) belongs to something else.
     from vicuna_bench.pytest_plugin import shared_dataset_dir
 
     (tmp_path / "shared" / "datasets" / "ceval" / "data").mkdir(parents=True)
     (tmp_path / "shared" / "datasets" / "mmlu").mkdir(parents=True)  # no data/: not a work dir
     checkout = tmp_path / "main"
     (checkout / "tests" / "accuracy").mkdir(parents=True)
-    elsewhere = Path("/nonexistent/out")  # an output dir taken for the rootdir: nothing above it
+    (checkout / "pyproject.toml").write_text("")
     expected = tmp_path / "shared" / "datasets" / "ceval"
     assert shared_dataset_dir([checkout], "ceval") == expected
     assert shared_dataset_dir([checkout / "tests" / "accuracy"], "ceval") == expected
-    assert shared_dataset_dir([elsewhere, checkout], "ceval") == expected
+    assert shared_dataset_dir([tmp_path / "nowhere" / "out", checkout], "ceval") == expected
     assert shared_dataset_dir([checkout], "mmlu") is None
-    if (SHARED / "mmlu" / "data").is_dir():
-        assert shared_dataset_dir([Path("/nonexistent/x"), Path(__file__).resolve().parent], "mmlu") == SHARED / "mmlu"
+    # Folders that are no checkout, below a shared/datasets: the search does not walk up to it.
+    (tmp_path / "elsewhere" / "deep" / "out").mkdir(parents=True)
+    assert shared_dataset_dir([tmp_path / "elsewhere" / "deep" / "out"], "ceval") is None
+    # A checkout nested below another folder with shared/datasets finds only its own parent's.
+    inner = tmp_path / "work" / "inner-checkout"
+    (inner / "tests").mkdir(parents=True)
+    (inner / "pyproject.toml").write_text("")
+    assert shared_dataset_dir([inner / "tests"], "ceval") is None

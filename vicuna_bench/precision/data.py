@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import UserError
+from ..settings import flag
 
 MODES = ("mmlu", "ceval")
 LETTERS = ("A", "B", "C", "D")
@@ -175,6 +176,6 @@ def select_subjects(dataset: Dataset, names: list[str] | None) -> list[str]:
     unknown = [n for n in names if n not in dataset.val]
     if unknown:
         raise UserError(
-            f"--subjects: {unknown[0]!r} has no {unknown[0]}_val.csv in {dataset.work_dir / 'data' / 'val'}"
+            f"{flag('precision.subjects')}: {unknown[0]!r} has no {unknown[0]}_val.csv in {dataset.work_dir / 'data' / 'val'}"
         )
     return sorted(set(names))

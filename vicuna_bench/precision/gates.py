@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import UserError
+from ..settings import flag
 
 
 def load_thresholds() -> dict:
@@ -40,7 +41,7 @@ def identify_model(model_path: str | Path, override: str | None = None, threshol
     models = (thresholds or load_thresholds())["models"]
     if override:
         if override not in models:
-            raise UserError(f"--gate-model {override!r} is not in thresholds.json (known: {', '.join(models)})")
+            raise UserError(f"{flag('precision.gate_model')} {override!r} is not in thresholds.json (known: {', '.join(models)})")
         return override
     names = [n.lower() for n in model_names(model_path)]
     for key, entry in models.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import UserError
+from ..settings import flag
 from .data import LETTERS, Question
 
 HEADER = "The following are multiple choice questions (with answers) about {}.\n\n"  # + " word" each: two spaces
@@ -97,12 +98,12 @@ def letter_token_ids(tokenizer) -> dict[str, int]:
         ids = encode(tokenizer, f"Answer: {letter}")
         if len(ids) != len(base) + 1 or ids[: len(base)] != base:
             raise UserError(
-                f"--scoring logits: the tokenizer writes ' {letter}' after 'Answer:' as {ids[len(base):]!r} "
+                f"{flag('precision.scoring')} logits: the tokenizer writes ' {letter}' after 'Answer:' as {ids[len(base):]!r} "
                 "(not one token); use --scoring generate"
             )
         out[letter] = ids[-1]
     if len(set(out.values())) != len(LETTERS):
-        raise UserError(f"--scoring logits: the letters share tokens {out}")
+        raise UserError(f"{flag('precision.scoring')} logits: the letters share tokens {out}")
     return out
 
 

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import write_atomic  # noqa: F401 (the runner writes through R.write_atomic)
 from .data import Dataset
 
 HARD_SUBJECTS = (
@@ -125,16 +126,6 @@ def cache_line(qid: str, subject: str, truth: str, pred: str) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow([qid, subject, truth, pred])
     return buf.getvalue()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def json_text(obj) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import GateFailed, UserError
 from . import results as R
+from ..settings import flag
 from .data import Dataset, load_dataset, select_subjects
 from .gates import evaluate_gate, identify_model, load_thresholds
 from .prompt import (
@@ -53,21 +54,30 @@ class PrecisionConfig:
     tolerance: float | None = None  # percentage points; None: thresholds.json's
     progress: bool = True
 
+    @classmethod
+    def from_values(cls, v: dict, **fields) -> "PrecisionConfig":
+        """A config from the settings table's precision group (:func:`vicuna_bench.settings.values`)."""
+        subjects = [s for s in v["subjects"].split(",") if s] if v["subjects"] else None
+        return cls(**{**v, "subjects": subjects}, **fields)
+
     def check(self) -> None:
         for name in ("batch", "shot", "seq_len_out", "max_prompt_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise UserError(f"--{name.replace('_', '-')} {value} must be an integer >= 1")
+                raise UserError(f"{flag('precision.' + name)} {value} must be an integer >= 1")
         if self.scoring not in SCORINGS:
-            raise UserError(f"--scoring {self.scoring!r} is not supported (valid: {', '.join(SCORINGS)})")
+            raise UserError(f"{flag('precision.scoring')} {self.scoring!r} is not supported "
+                            f"(valid: {', '.join(SCORINGS)})")
         if self.too_long not in TOO_LONG_POLICIES:
-            raise UserError(f"--too-long {self.too_long!r} is not supported (valid: {', '.join(TOO_LONG_POLICIES)})")
+            raise UserError(f"{flag('precision.too_long')} {self.too_long!r} is not supported "
+                            f"(valid: {', '.join(TOO_LONG_POLICIES)})")
         if self.limit_per_subject is not None and self.limit_per_subject < 1:
-            raise UserError(f"--limit-per-subject {self.limit_per_subject} must be >= 1")
+            raise UserError(f"{flag('precision.limit_per_subject')} {self.limit_per_subject} must be >= 1")
         if self.tolerance is not None and self.tolerance < 0:
-            raise UserError(f"--tolerance {self.tolerance} must be >= 0")
+            raise UserError(f"{flag('precision.tolerance')} {self.tolerance} must be >= 0")
         if self.gate and (self.subjects or self.limit_per_subject):
-            raise UserError("--gate judges the full val set: drop --subjects / --limit-per-subject")
+            raise UserError(f"--gate judges the full val set: drop {flag('precision.subjects')} / "
+                            f"{flag('precision.limit_per_subject')}")
 
     @property
     def scorings(self) -> list[str]:
@@ -127,8 +137,8 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
     subjects = select_subjects(dataset, cfg.subjects)
     if cfg.max_prompt_tokens + cfg.seq_len_out > spec.max_seq_len:
         raise UserError(
-            f"--max-prompt-tokens {cfg.max_prompt_tokens} + --seq-len-out {cfg.seq_len_out} exceeds "
-            f"--max-seq-len {spec.max_seq_len}"
+            f"{flag('precision.max_prompt_tokens')} {cfg.max_prompt_tokens} + {flag('precision.seq_len_out')} "
+            f"{cfg.seq_len_out} exceeds {flag('model.max_seq_len')} {spec.max_seq_len}"
         )
     thresholds = load_thresholds()
     model_key = identify_model(spec.model_path, cfg.gate_model, thresholds)  # whose thresholds judge the run
