@@ -98,11 +98,15 @@ def _main(argv: list[str] | None) -> int:
 
 # ------------------------------------------------------------------ helpers
 
-def resolve_engine_spec(ns: argparse.Namespace):
-    """EngineSpec from the common model options (embedded model when no path)."""
+def resolve_engine_spec(ns: argparse.Namespace, decode_steps: int = 0):
+    """EngineSpec from the common model options (embedded model when no path).
+
+    ``decode_steps``: the decode steps the command expects to run, which
+    ``--compile auto`` weighs against the compile time.
+    """
     from .runtime import resolve_engine_spec as resolve
 
-    return resolve(**settings.from_namespace(ns, "model"))
+    return resolve(**settings.from_namespace(ns, "model"), decode_steps=decode_steps)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -138,7 +142,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from .chat import encode_prompt, load_tokenizer
     from .runtime import Engine, SpmdEngine, launched_by_torchrun
 
-    spec = resolve_engine_spec(ns)
+    spec = resolve_engine_spec(ns, decode_steps=ns.max_new_tokens)
     sampling = _sampling(ns)
     tokenizer_dir = checkpoint.tokenizer_dir(Path(spec.model_path))
     tokenizer = load_tokenizer(tokenizer_dir, required=False)
@@ -213,7 +217,7 @@ def cmd_perf(ns: argparse.Namespace) -> int:
     is_main = not spmd or os.environ.get("RANK", "0") == "0"
     session = perf.PerfSession.from_values(settings.from_namespace(ns, "perf"), Path(ns.output_dir or "."),
                                            write=is_main)
-    spec = resolve_engine_spec(ns)
+    spec = resolve_engine_spec(ns, decode_steps=session.settings.decode_steps)
     session.check_model(spec)
     with SpmdEngine(spec) if spmd else Engine(spec) as engine:
         session.run_all(engine, progress=is_main and not ns.no_progress)

@@ -146,6 +146,12 @@ class PerfSettings:
     seed: int = 0
     mem_bandwidth_gbps: float | None = None  # None: probe it
 
+    @property
+    def decode_steps(self) -> int:
+        """Decode steps the run will make (warm-up included): what ``--compile auto`` weighs."""
+        per_repeat = sum(c.seq_out for c in self.cases) * (2 if self.mode == "normal" else 1)
+        return per_repeat * self.repeat + max((c.seq_out for c in self.cases), default=0)
+
     def validate(self, max_seq_len: int) -> None:
         if self.batch_size < 1:
             raise UserError(f"{flag('perf.batch_size')} {self.batch_size} must be >= 1")
@@ -188,6 +194,7 @@ class CaseResult:
     e2e_ms: list[float] = dataclasses.field(default_factory=list)  # the seq_out generation, whole call
     response_s: list[float] = dataclasses.field(default_factory=list)  # the reference's ResponseTime
     peak_memory_bytes: list[int] = dataclasses.field(default_factory=list)  # per rank, max over repeats
+    compile_ms: float = 0.0  # compiling for this case's shapes (--compile on): in no timing above
 
     @property
     def has_next(self) -> bool:
@@ -213,6 +220,8 @@ class PerfRun:
     started: str = ""
     torch_version: str = torch.__version__
     generator: torch.Generator | None = None  # the input ids' random stream
+    warmup_compile_ms: float = 0.0  # compiling during the warm-up (--compile on)
+    compile: str = "off"  # the engine's --compile, resolved (on | off)
 
     @property
     def stem(self) -> str:
@@ -257,6 +266,7 @@ def measure_case(engine, case: Case, settings: PerfSettings, generator: torch.Ge
             runs = [one, full]
         for run in runs:
             peaks = _max_per_rank(peaks, run.peak_memory_bytes)
+            result.compile_ms += run.compile_ms
     result.peak_memory_bytes = peaks
     return result
 
@@ -275,6 +285,7 @@ def merge_results(parts: Sequence[CaseResult]) -> CaseResult:
         for name in ("first_ms", "next_ms", "step_ms", "e2e_ms", "response_s"):
             getattr(merged, name).extend(getattr(part, name))
         merged.peak_memory_bytes = _max_per_rank(merged.peak_memory_bytes, part.peak_memory_bytes)
+        merged.compile_ms += part.compile_ms
     return merged
 
 
@@ -294,7 +305,7 @@ def start_run(engine, settings: PerfSettings, announce: bool = True) -> PerfRun:
     run = PerfRun(
         settings.model_name, spec.model_path, spec.device, device_name, spec.dtype, spec.world_size, settings,
         info, bandwidth, source, warm, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        generator=torch.Generator().manual_seed(settings.seed),
+        generator=torch.Generator().manual_seed(settings.seed), compile=spec.compile,
     )
     say = log.info if announce else log.debug
     say(
@@ -304,8 +315,14 @@ def start_run(engine, settings: PerfSettings, announce: bool = True) -> PerfRun:
         settings.batch_size, settings.mode, settings.repeat, len(settings.cases), min(bandwidth) / 1e9, source,
     )
     say("perf: warm-up at %s", warm)
-    engine.generate(_random_prompts(settings.batch_size, warm.seq_in, engine.args.vocab_size, run.generator),
-                    warm.seq_out, ignore_eos=True)
+    warmed = engine.generate(
+        _random_prompts(settings.batch_size, warm.seq_in, engine.args.vocab_size, run.generator), warm.seq_out,
+        ignore_eos=True,
+    )
+    run.warmup_compile_ms = warmed.compile_ms
+    if spec.compile == "on":
+        say("perf: compile %s: %.1f s in the warm-up (never in the token times)", spec.compile,
+            warmed.compile_ms / 1e3)
     return run
 
 
@@ -458,6 +475,8 @@ def extended_row(run: PerfRun, r: CaseResult) -> dict:
         "decode_bytes_per_step": max(decode_step_bytes(run, case)),
         "mem_bandwidth_gbps": min(run.bandwidth_bytes_per_s) / 1e9,
         "decode_floor_ms": decode_floor_ms(run, case),
+        "compile": run.compile,
+        "compile_s": r.compile_ms / 1e3,
     }
     if r.has_next:
         next_p50 = percentile(r.step_ms, 50)
@@ -540,10 +559,11 @@ def write_tables(run: PerfRun, output_dir: Path) -> dict[str, Path]:
         "seed": run.settings.seed, "warmup": [run.warmup.seq_in, run.warmup.seq_out],
         "bandwidth_bytes_per_s": run.bandwidth_bytes_per_s, "bandwidth_source": run.bandwidth_source,
         "rank_info": run.rank_info, "started": run.started, "torch": run.torch_version,
+        "compile": run.compile, "warmup_compile_s": run.warmup_compile_ms / 1e3,
         "host": platform.node(), "cases": [
             {"seq_in": r.case.seq_in, "seq_out": r.case.seq_out, "first_ms": r.first_ms, "next_ms": r.next_ms,
              "step_ms": r.step_ms, "e2e_ms": r.e2e_ms, "response_s": r.response_s,
-             "peak_memory_bytes": r.peak_memory_bytes}
+             "peak_memory_bytes": r.peak_memory_bytes, "compile_s": r.compile_ms / 1e3}
             for r in run.results
         ],
     }

@@ -129,12 +129,12 @@ def vicuna_options(pytestconfig) -> dict:
 
 
 def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None,
-                     device_type="d9"):
+                     device_type="d9", compile="off", decode_steps=0):
     """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype), validated."""
     from .runtime import resolve_engine_spec
 
     return resolve_engine_spec(model_path, world_size, device, dtype, max_seq_len, progress=False,
-                               device_type=device_type)
+                               device_type=device_type, compile=compile, decode_steps=decode_steps)
 
 
 class EngineFactory:
@@ -233,7 +233,7 @@ def perf_session(request, pytestconfig, engine_factory):
         model["model_path"] = request.getfixturevalue("perf_default_model")
         if model["max_seq_len"] is None:  # the tiny model's context holds just the cases
             model["max_seq_len"] = max(c.seq_in + c.seq_out for c in session.settings.cases)
-    spec = make_engine_spec(**model)
+    spec = make_engine_spec(**model, decode_steps=session.settings.decode_steps)
     session.check_model(spec)
     session.start(engine_factory(spec))
     return session

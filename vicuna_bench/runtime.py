@@ -29,7 +29,7 @@ import torch
 from . import checkpoint, devices
 from .config import ModelArgs
 from .errors import EngineError, UserError, VicunaBenchError
-from .generation import EAGER, GenerationResult, SamplingConfig, generate, validate_prompts
+from .generation import EAGER, GenerationResult, PrefixKV, SamplingConfig, generate, validate_prompts
 from .model import Transformer, decode_read_bytes, weight_bytes
 from .sharding import ShardPlan, TensorParallel
 
@@ -158,14 +158,18 @@ class GenerationRequest:
     return_logits: bool = False
     eos_ids: tuple[int, ...] | None = None  # None: the model's
     stream: bool = False  # rank 0 sends each step's tokens back
+    prefix_len: int = 0  # every prompt starts with the same this many tokens: prefill them once (kept per rank)
+    logit_ids: tuple[int, ...] | None = None  # return_logits: only these vocabulary columns cross back
 
     @classmethod
     def make(cls, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, **options) -> "GenerationRequest":
         """Normalised types (ints, lists, a SamplingConfig) from a caller's values."""
         eos = options.pop("eos_ids", None)
         sampling = options.pop("sampling", None) or SamplingConfig()
+        logit_ids = options.pop("logit_ids", None)
         return cls([list(map(int, p)) for p in prompts], int(max_new_tokens), sampling=sampling,
-                   eos_ids=None if eos is None else tuple(int(e) for e in eos), **options)
+                   eos_ids=None if eos is None else tuple(int(e) for e in eos),
+                   logit_ids=None if logit_ids is None else tuple(int(i) for i in logit_ids), **options)
 
 
 class InferenceEngine(Protocol):
@@ -222,6 +226,7 @@ class RankRunner:
         self.load_s = time.perf_counter() - started
         self.args = self.model.args
         self.steps = EAGER
+        self._prefix: PrefixKV | None = None
         if spec.compile == "on":
             from .compile import compiled_steps
 
@@ -247,6 +252,7 @@ class RankRunner:
         """This rank's part of ``request``; its peak memory (bytes) in ``peak_memory_bytes``."""
         args = self.args
         devices.reset_peak_memory(self.device)
+        prefix = self._prefix_for(request)
         result = generate(
             self.model,
             request.prompts,
@@ -259,9 +265,24 @@ class RankRunner:
             sync=lambda: devices.synchronize(self.device),
             on_tokens=on_tokens,
             steps=self.steps,
+            prefix=prefix,
+            logit_ids=request.logit_ids,
         )
         result.peak_memory_bytes = [devices.peak_memory_bytes(self.device)]
         return result
+
+    def _prefix_for(self, request: GenerationRequest) -> PrefixKV | None:
+        """The request's shared prefix, computed on first use and kept while requests share it."""
+        n = request.prefix_len
+        if n <= 0:
+            return None
+        ids = request.prompts[0][:n]
+        if any(len(p) <= n or p[:n] != ids for p in request.prompts):
+            raise UserError(f"prefix_len {n}: not every prompt extends the same {n}-token prefix")
+        if self._prefix is None or self._prefix.ids != ids:
+            self._prefix = None  # free the old one first
+            self._prefix = PrefixKV.compute(self.model, ids)
+        return self._prefix
 
 
 def usable_cpus() -> int:

@@ -67,6 +67,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("model", "device-type", str, "d9", "NPU chip family d9 | d3 (ignored elsewhere)", choices=("d9", "d3")),
     S("model", "dtype", str, "auto", "auto | fp32 | fp16 | bf16 (auto: checkpoint dtype, fp32 on CPU)"),
     S("model", "max-seq-len", int, 2048, "KV cache length", env="MAX_SEQ_LENGTH"),
+    S("model", "compile", str, "auto", "compile the prefill and decode step: on | off | auto (on when the decode "
+      "steps ahead repay the compile time)", choices=("auto", "on", "off")),
     # The performance test.
     S("perf", "batch-size", int, 1, "rows per generation"),
     S("perf", "case-pair", str, None, "cases as [[seq_in, seq_out], ...]; overrides the sweep "
@@ -93,6 +95,8 @@ SETTINGS: tuple[Setting, ...] = (
       choices=("generate", "logits", "both")),
     S("precision", "subjects", str, None, "comma list of subjects (default: all)"),
     S("precision", "limit-per-subject", int, None, "first K val questions of each subject"),
+    S("precision", "prefix-cache", str, "on", "prefill each subject's shared few-shot prefix once: on | off "
+      "(off: every prompt whole, the reference path)", choices=("on", "off")),
     S("precision", "too-long", str, "exclude", "a question no prompt fits: exclude (listed) | wrong",
       choices=("exclude", "wrong")),
     S("precision", "output-dir", str, None, "result dir (default: CLI WORK_DIR/test_result, "

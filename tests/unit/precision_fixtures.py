@@ -68,7 +68,7 @@ class ScriptedEngine:
         self.vocab = vocab
         self.calls: list[int] = []  # batch sizes
 
-    def generate(self, prompts, max_new_tokens, return_logits=False, **_):
+    def generate(self, prompts, max_new_tokens, return_logits=False, logit_ids=None, prefix_len=0, **_):
         self.calls.append(len(prompts))
         outs, logits = [], []
         for ids in prompts:
@@ -79,7 +79,7 @@ class ScriptedEngine:
             outs.append(out)
             row = torch.zeros(len(out), self.vocab)
             row[0, SMOLLM2_LETTER_IDS[letter]] = 5.0
-            logits.append(row)
+            logits.append(row if logit_ids is None else row[:, list(logit_ids)])  # as the engine returns them
         return GenerationResult(outs, 1.0, [], logits if return_logits else None)
 
     def close(self):

@@ -304,7 +304,7 @@ def run_scripted(work, out, smollm2_path, tokenizer, **kw) -> tuple[dict, Script
 def test_result_files_match_hand_computed(synthetic, tmp_path, smollm2_path, smol_tokenizer):
     out = tmp_path / "out"
     summary, engine = run_scripted(synthetic, out, smollm2_path, smol_tokenizer, scoring="both", batch=2)
-    assert engine.calls == [2, 2, 2, 1]  # 7 answerable questions, batches of 2
+    assert engine.calls == [2, 1, 2, 2]  # 7 answerable questions, batches of 2 within a subject (3, 2, 2)
     assert (out / "cache.csv").read_text() == EXPECTED_CACHE
     assert (out / "cache_logits.csv").read_text() == EXPECTED_CACHE_LOGITS
     subj = json.loads((out / "result_subject_acc.json").read_text())

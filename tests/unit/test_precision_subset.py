@@ -78,6 +78,42 @@ def test_world_size_3_equals_world_size_1(mode, batch1, engine_factory, tmp_path
     assert got == batch1[mode]
 
 
+# ------------------------------------------------------------------ prefix reuse
+
+PREFIX_SUBJECTS = {"mmlu": ["abstract_algebra", "high_school_european_history"],
+                   "ceval": ["high_school_chinese", "logic"]}  # one of each is cut to fewer shots
+
+
+def run_prefix(mode: str, out: Path, engine, spec, batch: int, prefix_cache: str) -> tuple[dict, dict]:
+    cfg = PrecisionConfig(
+        mode=mode, work_dir=SHARED / mode, output_dir=out, batch=batch, scoring="both", prefix_cache=prefix_cache,
+        subjects=PREFIX_SUBJECTS[mode], limit_per_subject=4, progress=False,
+    )
+    summary = run_precision(cfg, spec, engine=engine)
+    preds = {}
+    for scoring, name in (("generate", "cache.csv"), ("logits", "cache_logits.csv")):
+        frame = pd.read_csv(out / name, header=None, dtype=str, keep_default_na=False)
+        preds[scoring] = {(row[1], row[0]): row[3] for row in frame.values.tolist()}
+    return preds, summary
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prefix_cache_on_equals_off(mode, engine_factory, spec1, tmp_path):
+    """Reusing each subject's few-shot prefix answers as the whole-prompt reference path does: batch 1 and 4,
+    world size 1 and 3, both scorings; and it prefills far fewer tokens."""
+    off, off_summary = run_prefix(mode, tmp_path / "off", engine_factory(spec1), spec1, 1, "off")
+    timing = off_summary["timing"]
+    assert timing["prefix_cache"] == "off" and timing["prompt_tokens_prefilled"] == timing["prompt_tokens_total"]
+    spec3 = make_engine_spec(None, 3, "cpu", "fp32")
+    for name, spec, batch in (("on-1", spec1, 1), ("on-4", spec1, 4), ("on-ws3", spec3, 4)):
+        got, summary = run_prefix(mode, tmp_path / name, engine_factory(spec), spec, batch, "on")
+        assert got == off, name
+        t = summary["timing"]
+        assert t["prefix_cache"] == "on" and t["prompt_tokens_total"] == timing["prompt_tokens_total"]
+        assert t["prompt_tokens_prefilled"] < 0.5 * t["prompt_tokens_total"], t
+    assert len(off["generate"]) == 8
+
+
 # ------------------------------------------------------------------ the independent reference
 
 def reference_predictions(mode: str, model, tokenizer) -> dict[str, dict]:

@@ -226,7 +226,8 @@ def category_table(summary: dict) -> str:
 
 def log_entry(rec: dict) -> str:
     """One answered question in device.log: its prompt, raw answer(s) and verdict(s)."""
-    lines = [f"=== {rec['task']} {rec['id']}  shots={rec['shots']} prompt_tokens={rec['prompt_tokens']} truth={rec['truth']}"]
+    lines = [f"=== {rec['task']} {rec['id']}  shots={rec['shots']} prompt_tokens={rec['prompt_tokens']} "
+             f"prefix_cache={rec.get('prefix_cache', 'off')} truth={rec['truth']}"]
     lines.append(rec["prompt"])
     if "generate" in rec:
         g = rec["generate"]

@@ -48,6 +48,7 @@ class PrecisionConfig:
     scoring: str = "generate"  # generate | logits | both
     subjects: list[str] | None = None
     limit_per_subject: int | None = None
+    prefix_cache: str = "on"  # on: each subject's shared prefix prefilled once | off: every prompt whole
     too_long: str = "exclude"  # exclude | wrong
     gate: bool = False
     gate_model: str | None = None
@@ -166,8 +167,9 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     engine_s = 0.0
+    tokens = {"total": 0, "prefilled": 0}
     if pending:
-        engine_s = _ask(cfg, spec, engine, tokenizer, letter_ids, pending, existing, settings)
+        engine_s, tokens = _ask(cfg, spec, engine, tokenizer, letter_ids, pending, existing, settings)
     summary = finalize(cfg, dataset, fitted, settings, spec, model_key, thresholds)
     summary["timing"] = {
         "asked_this_run": len(pending),
@@ -175,6 +177,9 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
         "engine_s": round(engine_s, 3),
         "questions_per_s": round(len(pending) / engine_s, 4) if engine_s > 0 else None,
         "batch": cfg.batch,
+        "prefix_cache": cfg.prefix_cache,
+        "prompt_tokens_total": tokens["total"],
+        "prompt_tokens_prefilled": tokens["prefilled"],
     }
     R.write_atomic(out / R.SUMMARY, R.json_text(summary))
     table = R.category_table(summary)
@@ -197,8 +202,46 @@ def _margins(gate: dict, status: str, relation: str) -> str:
     )
 
 
-def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], existing: _Existing, settings) -> float:
-    """Ask every pending question in batches, recording each answer before the next; engine seconds."""
+def common_prefix_len(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one of its own (0 for a single prompt)."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def ask_order(pending: list[FittedPrompt], batch: int, prefix_cache: bool) -> list[tuple[list[FittedPrompt], int]]:
+    """The batches to ask, each with its shared prefix length (tokens).
+
+    Questions are grouped by subject and shot count (a question that fell
+    back to fewer shots has another prefix), each group sorted by prompt
+    length so a batch pads little, and its prefix found on token ids (the
+    tokenizer may merge across the text boundary, so it is never assumed).
+    """
+    groups: dict[tuple[str, int], list[FittedPrompt]] = {}
+    for f in pending:
+        groups.setdefault((f.question.subject, f.shots), []).append(f)
+    out = []
+    for group in groups.values():
+        shared = common_prefix_len([f.ids for f in group]) if prefix_cache else 0
+        group = sorted(group, key=lambda f: f.tokens)
+        for start in range(0, len(group), batch):
+            out.append((group[start : start + batch], shared))
+    return out
+
+
+def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], existing: _Existing,
+         settings) -> tuple[float, dict]:
+    """Ask every pending question in batches, recording each answer before the next.
+
+    Returns engine seconds and prompt tokens (``total``; ``prefilled``: what
+    was computed, each shared prefix once).
+    """
     from tqdm import tqdm
 
     from ..runtime import Engine
@@ -213,27 +256,36 @@ def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], 
     counted = len(existing.caches[primary])
     own = None
     engine_s = 0.0
+    tokens = {"total": 0, "prefilled": 0}
+    # Only the letters' logits cross back from the ranks, in this column order.
+    columns = {letter: i for i, letter in enumerate(letter_ids)} if letter_ids is not None else None
+    logit_ids = list(letter_ids.values()) if letter_ids is not None else None
     bar = tqdm(total=len(pending), unit="q", desc=f"{cfg.mode} {cfg.scoring}", disable=not cfg.progress, dynamic_ncols=True)
     try:
         if engine is None:
             own = engine = Engine(spec)
         max_new = cfg.seq_len_out if "generate" in cfg.scorings else 1
-        for start in range(0, len(pending), cfg.batch):
-            chunk = pending[start : start + cfg.batch]
+        last_prefix = None
+        for chunk, shared in ask_order(pending, cfg.batch, cfg.prefix_cache == "on"):
             t0 = time.perf_counter()
-            res = engine.generate([f.ids for f in chunk], max_new, return_logits=letter_ids is not None)
+            res = engine.generate([f.ids for f in chunk], max_new, return_logits=letter_ids is not None,
+                                  logit_ids=logit_ids, prefix_len=shared)
             engine_s += time.perf_counter() - t0
+            prefix = tuple(chunk[0].ids[:shared])
+            tokens["total"] += sum(f.tokens for f in chunk)
+            tokens["prefilled"] += sum(f.tokens - shared for f in chunk) + (shared if prefix != last_prefix else 0)
+            last_prefix = prefix
             for row, f in enumerate(chunk):
                 q = f.question
                 rec = {
                     "task": q.subject, "id": q.qid, "truth": q.answer, "shots": f.shots,
-                    "prompt_tokens": f.tokens, "prompt": f.text,
+                    "prompt_tokens": f.tokens, "prefix_cache": cfg.prefix_cache, "prompt": f.text,
                 }
                 if "generate" in cfg.scorings:
                     text = tokenizer.decode(res.output_ids[row], skip_special_tokens=True)
                     rec["generate"] = {"text": text, "pred": letter_from_text(text)}
                 if letter_ids is not None:
-                    pred, values = letter_from_logits(res.logits[row][0], letter_ids)
+                    pred, values = letter_from_logits(res.logits[row][0], columns)
                     rec["logits"] = {"values": {k: round(v, 2) for k, v in values.items()}, "pred": pred}
                 rec["settings"] = settings
                 # Details first, then the cache rows: a question in cache.csv always has its details.
@@ -251,7 +303,7 @@ def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], 
             own.close()
         for handle in (answers, device_log, *caches.values()):
             handle.close()
-    return engine_s
+    return engine_s, tokens
 
 
 def finalize(cfg, dataset: Dataset, fitted: list[FittedPrompt], settings, spec, model_key, thresholds) -> dict:
