@@ -60,7 +60,10 @@ EXTENDED_COLUMNS = [
     "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_s_mean", "response_time_s",
     "peak_memory_mib_max", "peak_memory_mib_per_rank", "weight_mib_per_rank",
     "decode_bytes_per_step", "mem_bandwidth_gbps", "decode_floor_ms", "decode_roofline_fraction",
+    "compile", "compile_s",
 ]
+# Extended CSVs written before the compile columns existed still serve as baselines.
+_EXTENDED_HEADERS = (",".join(EXTENDED_COLUMNS), ",".join(EXTENDED_COLUMNS[:-2]))
 
 
 # ---------------------------------------------------------------- cases and settings
@@ -638,7 +641,7 @@ def load_baseline(path: Path) -> Baseline:
     if header == REFERENCE_HEADER:
         kind, keys = "reference", ("batch_size", "input_seq_len(Encoding)", "output_seq_len(Decoding)",
                                     "forward_first_token_time(ms)", "forward_next_token_time(ms)")
-    elif header == ",".join(EXTENDED_COLUMNS):
+    elif header in _EXTENDED_HEADERS:
         kind, keys = "extended", ("batch_size", "seq_in", "seq_out", "first_token_ms_p50", "next_token_ms_p50")
     else:
         raise UserError(f"{flag('perf.baseline')} {path}: line 1 is neither the reference CSV header nor the extended one")
