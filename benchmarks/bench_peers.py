@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from vicuna_bench import checkpoint
-from vicuna_bench.runtime import Engine, resolve_engine_spec
+from vicuna_bench.runtime import Engine, resolve_engine_spec, usable_cpus
 
 
 def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write every figure here")
     ns = p.parse_args(argv)
 
-    threads = ns.threads or len(getattr(__import__("os"), "sched_getaffinity")(0))
+    threads = ns.threads or usable_cpus()
     torch.set_num_threads(threads)
     dtype = checkpoint.DTYPES[ns.dtype]
     max_seq_len = ns.seq_in + ns.seq_out

@@ -114,9 +114,9 @@ class CompiledSteps:
         self._seen: set[tuple] = set()
 
     def prefill(self, model, tokens, positions, key_valid, start: int):
-        if self._prefill is None:
-            return model(tokens, positions, key_valid, start=start)[:, -1].float()
-        return self._prefill(model, tokens, positions, key_valid, start)
+        from .generation import prefill_logits
+
+        return (self._prefill or prefill_logits)(model, tokens, positions, key_valid, start)
 
     def decode(self, model, tokens, positions, state):
         return self._decode(model, tokens, positions, state)
@@ -163,13 +163,9 @@ class CompiledSteps:
         return spent
 
 
-def _prefill_logits(model, tokens, positions, key_valid, start: int):
-    return model(tokens, positions, key_valid, start=start)[:, -1].float()
-
-
 def compiled_steps(device_type: str, world_size: int):
     """The prefill and decode step for ``--compile on`` on ``device_type``: CompiledSteps, or eager (logged)."""
-    from .generation import EAGER, decode_step
+    from .generation import EAGER, decode_step, prefill_logits
 
     if device_type == "npu":
         try:
@@ -190,7 +186,7 @@ def compiled_steps(device_type: str, world_size: int):
         def step(model, tokens, positions, state):
             return graphed(model, tokens, positions, state).clone()  # a replay overwrites its outputs
 
-        prefill = torch.compile(_prefill_logits, dynamic=True)
+        prefill = torch.compile(prefill_logits, dynamic=True)
         return CompiledSteps(prefill, step, "inductor reduce-overhead, CUDA graphs")
     import torch._inductor.config as inductor
 
@@ -201,6 +197,6 @@ def compiled_steps(device_type: str, world_size: int):
     decode = torch.compile(decode_step, mode="max-autotune-no-cudagraphs", fullgraph=fullgraph, dynamic=False)
     # Prefill GEMMs are large enough for oneDNN/MKL; compiling fuses the elementwise work around them
     # (bf16, 256 tokens: 111 -> 71 ms) in one graph for every prompt length.
-    prefill = torch.compile(_prefill_logits, dynamic=True)
+    prefill = torch.compile(prefill_logits, dynamic=True)
     wrapper = ", C++ wrapper" if world_size == 1 else ""
     return CompiledSteps(prefill, decode, f"inductor: decode max-autotune, prefill dynamic, freezing{wrapper}")

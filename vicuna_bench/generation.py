@@ -176,6 +176,11 @@ class PrefixKV:
         return cls(list(map(int, ids)), model.prefix_kv(torch.tensor([list(ids)], dtype=torch.long, device=device)))
 
 
+def prefill_logits(model: Transformer, tokens, positions, key_valid, start: int) -> torch.Tensor:
+    """Last-position logits [B, vocab] (float32) of a prefill written at cache slots start..start+T."""
+    return model(tokens, positions, key_valid, start=start)[:, -1].float()
+
+
 class EagerSteps:
     """How a generation runs its two kinds of forward: prefill and :func:`decode_step`, eagerly.
 
@@ -187,8 +192,7 @@ class EagerSteps:
     description = "eager"
 
     def prefill(self, model: Transformer, tokens, positions, key_valid, start: int) -> torch.Tensor:
-        """Last-position logits [B, vocab] (float32) of a prefill written at cache slots start..start+T."""
-        return model(tokens, positions, key_valid, start=start)[:, -1].float()
+        return prefill_logits(model, tokens, positions, key_valid, start)
 
     def decode(self, model: Transformer, tokens, positions, state: DecodeState) -> torch.Tensor:
         return decode_step(model, tokens, positions, state)
