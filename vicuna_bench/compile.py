@@ -163,9 +163,24 @@ class CompiledSteps:
         return spent
 
 
+def captured_step(graphed):
+    """A decode step around a captured graph of ``generation.decode_logits``.
+
+    The one input a step writes (``key_valid``) is written here, outside the
+    graph: CUDA graphs skip (and say so) a graph that mutates an input.
+    """
+
+    def step(model, tokens, positions, state):
+        state.key_valid.index_fill_(1, state.slot, True)
+        # A replay overwrites its outputs in place: copy the logits out.
+        return graphed(model, tokens, positions, state.key_valid, state.slot).clone()
+
+    return step
+
+
 def compiled_steps(device_type: str, world_size: int):
     """The prefill and decode step for ``--compile on`` on ``device_type``: CompiledSteps, or eager (logged)."""
-    from .generation import EAGER, decode_step, prefill_logits
+    from .generation import EAGER, decode_logits, decode_step, prefill_logits
 
     if device_type == "npu":
         try:
@@ -175,19 +190,16 @@ def compiled_steps(device_type: str, world_size: int):
             return EAGER
         config = torchair.CompilerConfig()
         config.mode = "reduce-overhead"
-        fn = torch.compile(decode_step, backend=torchair.get_npu_backend(compiler_config=config), dynamic=False)
-        return CompiledSteps(None, fn, "torchair reduce-overhead (decode step)")
+        fn = torch.compile(decode_logits, backend=torchair.get_npu_backend(compiler_config=config), dynamic=False)
+        return CompiledSteps(None, captured_step(fn), "torchair reduce-overhead (decode step)")
     _configure_inductor()
     # Collectives (world size > 1) may break the graph; one rank's step must be whole.
     fullgraph = world_size == 1
     if device_type == "cuda":
-        graphed = torch.compile(decode_step, mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
-
-        def step(model, tokens, positions, state):
-            return graphed(model, tokens, positions, state).clone()  # a replay overwrites its outputs
-
+        # CUDA graphs capture only a graph that writes no input but the module's buffers (the KV cache).
+        graphed = torch.compile(decode_logits, mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
         prefill = torch.compile(prefill_logits, dynamic=True)
-        return CompiledSteps(prefill, step, "inductor reduce-overhead, CUDA graphs")
+        return CompiledSteps(prefill, captured_step(graphed), "inductor reduce-overhead, CUDA graphs")
     import torch._inductor.config as inductor
 
     inductor.freezing = True  # weights become constants: prepacked for the CPU GEMM kernels

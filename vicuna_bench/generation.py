@@ -158,7 +158,17 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     the caller advances ``state``.
     """
     state.key_valid.index_fill_(1, state.slot, True)
-    return model.decode(tokens, positions, state.key_valid, state.slot)[:, -1].float()
+    return decode_logits(model, tokens, positions, state.key_valid, state.slot)
+
+
+def decode_logits(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                  slot: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_step` after its ``key_valid`` update: mutates only the model's own cache buffers.
+
+    What a graph capture (CUDA graphs, torchair) takes: a graph may write the
+    module's static buffers, but one that writes an input is not captured.
+    """
+    return model.decode(tokens, positions, key_valid, slot)[:, -1].float()
 
 
 @dataclasses.dataclass

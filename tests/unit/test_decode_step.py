@@ -85,6 +85,34 @@ def test_decode_step_has_no_host_reads_and_one_graph_for_every_position(tiny_mod
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
+def test_captured_step_writes_no_input_inside_the_graph(tiny_models):
+    """CUDA graphs / torchair capture decode_logits: it must leave its inputs as they were, and the step around it
+    must equal decode_step (key_valid written outside the graph)."""
+    import torch._dynamo
+
+    from vicuna_bench.compile import captured_step
+    from vicuna_bench.generation import decode_logits
+
+    model = _tiny_rank_model(tiny_models["gqa"])
+    with torch.inference_mode():
+        token, state = _prefilled(model, [5, 6, 7, 8])
+        inputs = (token[:, None] + 0, state.positions + 1, state.key_valid, state.slot)
+        before = [t.clone() for t in inputs]
+        decode_logits(model, *inputs)
+        for a, b in zip(before, inputs):
+            assert torch.equal(a, b)
+        torch._dynamo.reset()
+        step = captured_step(torch.compile(decode_logits, fullgraph=True, backend="eager", dynamic=False))
+        token, state = _prefilled(model, [5, 6, 7, 8])
+        eager = _run_steps(decode_step, model, token, state, 5)
+        eager_valid = state.key_valid.clone()
+        token, state = _prefilled(model, [5, 6, 7, 8])
+        graphed = _run_steps(step, model, token, state, 5)
+    assert torch.equal(state.key_valid, eager_valid)
+    for a, b in zip(eager, graphed):
+        assert torch.equal(a, b)
+
+
 def test_the_no_host_read_check_can_fail(tiny_models):
     """The check above has teeth: the same compile refuses a step that reads the device."""
     import torch._dynamo
