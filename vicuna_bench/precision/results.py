@@ -11,6 +11,7 @@ has its details; a kill between writes costs at most a repeated question.
 
 from __future__ import annotations
 
+import dataclasses
 import csv
 import io
 import json
@@ -242,3 +243,53 @@ def log_entry(rec: dict) -> str:
 def bare_log_entry(subject: str, qid: str, truth: str, preds: dict[str, str]) -> str:
     got = " ".join(f"{s}={p}" for s, p in preds.items())
     return f"=== {subject} {qid}  truth={truth}: answered by an earlier run without details ({got})\n\n"
+
+
+# ------------------------------------------------------------------ comparing two runs
+
+@dataclasses.dataclass
+class Disagreement:
+    subject: str
+    qid: str
+    truth: str
+    scoring: str
+    ref_pred: str
+    other_pred: str
+    ref_logits: dict[str, float] | None  # the letters' logits as ``answers.jsonl`` keeps them (2 decimals)
+    other_logits: dict[str, float] | None
+
+
+def top_two_margin(values: dict[str, float]) -> float:
+    """The gap between the two largest letter logits."""
+    top = sorted(values.values(), reverse=True)
+    return top[0] - top[1]
+
+
+def compare_answers(ref_dir: Path, other_dir: Path) -> dict:
+    """Per-question agreement of two runs' ``answers.jsonl`` (e.g. prefix cache on against the reference path).
+
+    Returns, per scoring both runs recorded: the questions both answered,
+    how many predictions agree, the rate, and every disagreement.  Questions
+    only one run answered are counted apart (``only_ref``/``only_other``),
+    never silently dropped.
+    """
+    ref = read_answers(Path(ref_dir) / "answers.jsonl")
+    other = read_answers(Path(other_dir) / "answers.jsonl")
+    common = sorted(ref.keys() & other.keys())
+    out: dict = {"only_ref": sorted(ref.keys() - other.keys()), "only_other": sorted(other.keys() - ref.keys()),
+                 "scorings": {}}
+    for scoring in ("generate", "logits"):
+        both = [k for k in common if scoring in ref[k] and scoring in other[k]]
+        if not both:
+            continue
+        differ = []
+        for key in both:
+            a, b = ref[key], other[key]
+            if a[scoring]["pred"] != b[scoring]["pred"]:
+                differ.append(Disagreement(
+                    key[0], key[1], a.get("truth", ""), scoring, a[scoring]["pred"], b[scoring]["pred"],
+                    a.get("logits", {}).get("values"), b.get("logits", {}).get("values"),
+                ))
+        out["scorings"][scoring] = {"questions": len(both), "agree": len(both) - len(differ),
+                                    "rate": (len(both) - len(differ)) / len(both), "disagreements": differ}
+    return out
