@@ -153,10 +153,13 @@ def _convert(opt: Option, value, where: str):
             return ",".join(str(v) for v in value)  # subjects, stages as a TOML array
         if isinstance(value, float) and opt.type is int:
             raise ValueError
-        return opt.type(value.strip() if isinstance(value, str) else value)
+        value = opt.type(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         kind = "true or false" if opt.type is None else getattr(opt.type, "__name__", "value")
         raise UserError(f"{where}: {opt.name} = {value!r} is not {'an' if kind == 'int' else 'a'} {kind}") from None
+    if opt.choices is not None and value not in opt.choices:
+        raise UserError(f"{where}: {opt.name} = {value!r} is not supported (valid: {', '.join(opt.choices)})")
+    return value
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -238,7 +241,7 @@ class Plan:
     stages: list[str]
     run_dir: Path
     history: Path
-    spec: Any = None  # EngineSpec, when perf or precision runs
+    spec: Any = None  # EngineSpec (the engine starts only when perf or precision runs)
     perf: Any = None  # PerfSession
     precision: list[PrecisionPlan] = dataclasses.field(default_factory=list)
     progress: bool = True
@@ -290,7 +293,6 @@ def plan_run(values: dict[str, Any]) -> Plan:
 
     stages = parse_stages(values["stages"])
     history = Path(values["history"])
-    H.connect(history).close()  # a newer schema, a non-SQLite file: refused now, not at the end of the night
     if values["output_dir"]:
         run_dir = Path(values["output_dir"])
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -324,17 +326,19 @@ def plan_run(values: dict[str, Any]) -> Plan:
         questions = len(dataset.questions(subjects or list(dataset.subjects), limit))
         plan.precision.append(PrecisionPlan(mode, cfg, questions, subset))
         decode_steps += questions * cfg.seq_len_out
-    if plan.perf is not None or plan.precision:
-        from ..runtime import resolve_engine_spec
+    from ..runtime import resolve_engine_spec
 
-        plan.spec = resolve_engine_spec(**group_values(values, "model"), progress=plan.progress,
-                                        decode_steps=decode_steps)
-        if plan.perf is not None:
-            plan.perf.check_model(plan.spec)
-        for p in plan.precision:
-            if p.config.max_prompt_tokens + p.config.seq_len_out > plan.spec.max_seq_len:
-                raise UserError(f"--max-prompt-tokens {p.config.max_prompt_tokens} + --seq-len-out "
-                                f"{p.config.seq_len_out} exceeds --max-seq-len {plan.spec.max_seq_len}")
+    # Resolved even for the hw suite alone: the model settings are checked, and the history's record says
+    # what they resolved to (the engine itself starts only for perf and precision).
+    plan.spec = resolve_engine_spec(**group_values(values, "model"), progress=plan.progress, decode_steps=decode_steps)
+    if plan.perf is not None:
+        plan.perf.check_model(plan.spec)
+    for p in plan.precision:
+        if p.config.max_prompt_tokens + p.config.seq_len_out > plan.spec.max_seq_len:
+            raise UserError(f"--max-prompt-tokens {p.config.max_prompt_tokens} + --seq-len-out "
+                            f"{p.config.seq_len_out} exceeds --max-seq-len {plan.spec.max_seq_len}")
+    # Last: a newer schema, a non-SQLite file is refused now, not at the end of the night; a new file is created.
+    H.connect(history).close()
     return plan
 
 
@@ -343,20 +347,13 @@ def plan_run(values: dict[str, Any]) -> Plan:
 def run_identity(plan: Plan) -> dict[str, Any]:
     """What makes two runs comparable, resolved: model, device, device name, dtype, world size, batch size."""
     from .. import devices
+    from ..perf import default_model_name
 
-    if plan.spec is not None:
-        from ..perf import default_model_name
-
-        model, device, dtype = default_model_name(plan.spec.model_path), plan.spec.device, plan.spec.dtype
-        world_size, compile_mode = plan.spec.world_size, plan.spec.compile
-    else:  # the hw suite alone: the settings as given
-        model = Path(plan.values["model_path"]).name if plan.values["model_path"] else "embedded"
-        device = devices.resolve_device_type(plan.values["device"])
-        dtype, world_size, compile_mode = plan.values["dtype"], plan.values["world_size"], plan.values["compile"]
+    spec = plan.spec
     return {
-        "model": model, "device": device, "device_name": devices.device_name_of(device).replace(" ", "_"),
-        "dtype": dtype, "world_size": int(world_size), "batch_size": int(plan.values["batch_size"]),
-        "compile": compile_mode,
+        "model": default_model_name(spec.model_path), "device": spec.device,
+        "device_name": devices.device_name_of(spec.device).replace(" ", "_"), "dtype": spec.dtype,
+        "world_size": spec.world_size, "batch_size": int(plan.values["batch_size"]), "compile": spec.compile,
     }
 
 
@@ -549,7 +546,7 @@ def _run(plan: Plan, started: str) -> NightlyResult:
         gate = _stage("hw", errors, gates, run_hw_suite, plan)
         if gate is not None:
             gates.append(gate)
-    if plan.spec is not None:
+    if plan.perf is not None or plan.precision:
         engine = _stage("engine start", errors, gates, Engine, plan.spec)
         if engine is None:
             for stage in ("perf", *(p.mode for p in plan.precision)):
