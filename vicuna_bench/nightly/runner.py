@@ -481,14 +481,16 @@ class NightlyResult:
 
 
 def _stage(name: str, errors: list[str], gates: list[R.Gate], fn: Callable, *args):
-    """Run a stage; a crash (not bad input, not an interrupt) becomes a failed gate and the night goes on."""
+    """Run a stage; anything it raises but an interrupt becomes a failed gate, and the night goes on.
+
+    Bad input was refused before the first stage (exit 2); what a stage raises
+    after that (a UserError too: say the device vanished) is the night's error.
+    """
     log.info("nightly: stage %s", name)
     started = time.perf_counter()
     try:
         result = fn(*args)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001: any bug in a stage must not lose the other stages' results
+    except Exception as exc:  # noqa: BLE001: one broken stage must not lose the other stages' results
         first = (str(exc).strip().splitlines() or [""])[0]
         detail = f"crashed: {type(exc).__name__}: {first}" if first else f"crashed: {type(exc).__name__}"
         log.error("nightly: stage %s %s\n%s", name, detail, traceback.format_exc())
