@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 # (NPU users bring their own torch + torch_npu pair: make setup TORCH_SPEC=).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make nightly NIGHTLY_ARGS="--config nightly.toml"` for a host's full night (docs/nightly.md).
+NIGHTLY_ARGS ?= --quick
 
-.PHONY: setup demo test test-perf test-accuracy test-hw clean
+.PHONY: setup demo test test-perf test-accuracy test-hw nightly clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +39,11 @@ test-accuracy: setup
 
 test-hw: setup
 	$(BIN)/python -m pytest -m hw $(PYTEST_ARGS)
+
+# The nightly run, CPU-sized by default: hw suite, perf, MMLU and C-Eval into nightly/<date>-<time>/REPORT.md,
+# recorded in nightly/history.sqlite.  Exit 3: a gate failed or a metric regressed.
+nightly: setup
+	$(BIN)/vicuna-bench nightly $(NIGHTLY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_to_argparse(prec, "precision")
     prec.add_argument("--gate", action="store_true", help="exit 3 when below the model's release threshold")
     prec.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    nightly = sub.add_parser("nightly", help="hw suite, perf and precision with their gates; REPORT.md, SQLite history")
+    from .nightly.runner import add_arguments as add_nightly_arguments
+
+    add_nightly_arguments(nightly)  # the settings table's model/perf/precision options, and its own
     return parser
 
 
@@ -84,7 +89,8 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="vicuna-bench: %(message)s", stream=sys.stderr)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
-        return {"run": cmd_run, "cut": cmd_cut, "precision": cmd_precision, "perf": cmd_perf}[ns.command](ns)
+        return {"run": cmd_run, "cut": cmd_cut, "precision": cmd_precision, "perf": cmd_perf,
+                "nightly": cmd_nightly}[ns.command](ns)
     except VicunaBenchError as exc:
         if ns.debug:
             raise
@@ -251,3 +257,9 @@ def cmd_cut(ns: argparse.Namespace) -> int:
     manifest = cut_checkpoint(Path(ns.input_dir), Path(ns.output_dir), ns.world_size)
     log.info("cut %s into %d parts at %s (%d files)", ns.input_dir, ns.world_size, ns.output_dir, len(manifest["files"]))
     return 0
+
+
+def cmd_nightly(ns: argparse.Namespace) -> int:
+    from .nightly.runner import main as nightly_main
+
+    return nightly_main(vars(ns))  # absent flags stay absent: a --config file may set them

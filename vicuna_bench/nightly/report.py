@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import write_atomic
 from . import history as H
 from . import rules as R
 
@@ -227,10 +228,10 @@ def write_report(
         "gates": [dataclasses.asdict(g) for g in gates],
         "files": {label: str(p) for label, p in files.items()},
     }
-    (run_dir / STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    write_atomic(run_dir / STATE, json.dumps(state, indent=2) + "\n")
     text = render_report(run_dir, run_id, run, verdicts, gates, plots, files, history, window, tolerance)
     path = run_dir / REPORT
-    path.write_text(text, encoding="utf-8")
+    write_atomic(path, text)  # a night killed here leaves the old report or the new one, never half of one
     return path
 
 

@@ -1,0 +1,614 @@
+"""The nightly run: hw suite -> perf -> MMLU -> C-Eval on one set of settings, one run directory, one history row.
+
+:func:`run_nightly` is the one driver (``vicuna-bench nightly``, ``make
+nightly``, ``tox -e nightly``).  Everything that can be refused (a setting,
+the config file, the history, a data dir, a perf case too long for the KV
+cache) is refused before a stage starts.  The stages then run in order,
+each isolated: a stage that crashes is recorded as a failed gate and the
+others still run.  The run reaches the history in one transaction at the
+very end (:func:`vicuna_bench.nightly.report.record_and_report`), so a night
+killed at any point before leaves the history as it was.
+
+Settings, lowest precedence first: the settings table's defaults, the
+``--quick`` presets when the config file asks for them, the config file
+(``--config``, INI ``[nightly]`` section or TOML), the ``--quick`` presets
+when given as a flag, the command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import settings as S
+from ..errors import UserError
+from ..files import write_atomic
+from . import history as H
+from . import report as RP
+from . import rules as R
+
+log = logging.getLogger("vicuna_bench")
+
+STAGES = ("hw", "perf", "mmlu", "ceval")
+PRECISION_SETS = ("mmlu", "ceval")
+SET_LABEL = {"mmlu": "MMLU", "ceval": "C-Eval"}
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding tests/hw (absent in a wheel install)
+DEFAULT_ROOT = Path("nightly")  # run directories and the history go here unless told otherwise
+JUNIT = "junit-hw.xml"
+HW_LOG = "hw-pytest.log"
+SETTINGS_FILE = "settings.json"
+ENVIRONMENT_FILE = "environment.json"
+LOG_FILE = "nightly.log"
+EXIT_ERROR = 1  # a stage crashed: the run is recorded with status error
+
+# Settings of the shared table the nightly run lays out itself: each stage writes into the run
+# directory; the history, not a baseline CSV, is what perf is judged against; subjects differ per set.
+NOT_FROM_TABLE = {"perf.output_dir", "perf.baseline", "perf.tolerance", "precision.output_dir", "precision.subjects"}
+
+# --quick: a CPU-sized run of the embedded model (about a minute on 2 idle cores).  One subject per
+# set, the one with the shortest 5-shot prompts for the embedded model's tokenizer (MMLU ~270 tokens,
+# C-Eval ~510), so its shared few-shot prefix is prefilled once.
+QUICK = {
+    "model_path": None, "device": "cpu", "world_size": 1, "dtype": "auto", "compile": "off",
+    "case_pair": "[[32,8],[64,8]]", "min_len_exp": None, "max_len_exp": None, "repeat": 2,
+    "mmlu_subjects": "management", "ceval_subjects": "discrete_mathematics", "limit_per_subject": 4,
+}
+
+
+# ---------------------------------------------------------------- the options
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One nightly setting: from the shared table (``key`` set) or the nightly's own."""
+
+    name: str  # the CLI flag without "--", and the config file's key
+    type: Callable | None  # None: an on/off flag
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    key: str | None = None  # settings.py's group.dest
+    in_file: bool = True  # may a config file set it
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _own_options() -> list[Option]:
+    return [
+        Option("quick", None, False, "a CPU-sized run: embedded model, 2 short perf cases, a few questions of "
+               "2 subjects per set, compile off"),
+        Option("output-dir", str, None, "the run directory (default nightly/<date>-<time>/; must be new or empty; "
+               "with --report-only: the run to rebuild)"),
+        Option("history", str, str(DEFAULT_ROOT / "history.sqlite"), "the SQLite history"),
+        Option("report-only", None, False, "rebuild REPORT.md and the plots of --output-dir from the history",
+               in_file=False),
+        Option("config", str, None, "an INI ([nightly] section) or TOML file of these settings "
+               "(keys: the flags without --)", in_file=False),
+        Option("stages", str, ",".join(STAGES), f"comma list of stages to run ({', '.join(STAGES)})"),
+        Option("mmlu-dir", str, None, "MMLU work dir holding data/ (default ../shared/datasets/mmlu beside the checkout)"),
+        Option("ceval-dir", str, None, "C-Eval work dir holding data/ (default ../shared/datasets/ceval)"),
+        Option("mmlu-subjects", str, None, "comma list of MMLU subjects (default: all)"),
+        Option("ceval-subjects", str, None, "comma list of C-Eval subjects (default: all)"),
+        Option("no-progress", None, False, "no progress bars"),
+    ]
+
+
+def options() -> list[Option]:
+    """Every nightly setting: the shared table's model, perf and precision groups (less NOT_FROM_TABLE), then its own."""
+    table = [
+        Option(s.name, s.type, None if s.env else s.default, s.help_text(), s.choices, s.key)
+        for group in ("model", "perf", "precision") for s in S.group(group) if s.key not in NOT_FROM_TABLE
+    ]
+    return table + _own_options()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The nightly's flags on an argparse parser; an absent flag stays absent (so a config file can set it)."""
+    for opt in options():
+        if opt.type is None:
+            parser.add_argument(f"--{opt.name}", dest=opt.dest, action="store_true", default=argparse.SUPPRESS,
+                                help=opt.help)
+        else:
+            default = f" (default {opt.default})" if opt.default is not None and "default" not in opt.help else ""
+            parser.add_argument(f"--{opt.name}", dest=opt.dest, type=opt.type, default=argparse.SUPPRESS,
+                                help=opt.help + default)
+    parser.add_argument("--debug", action="store_true", help="full tracebacks")
+
+
+# ---------------------------------------------------------------- settings from flags and a config file
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _convert(opt: Option, value, where: str):
+    """A config file's value as the option's type; one UserError naming the file and key."""
+    try:
+        if opt.type is None:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                return value.strip().lower() in _TRUE
+            raise ValueError
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, list) and opt.name == "case-pair":
+            return json.dumps(value)
+        if isinstance(value, list) and opt.type is str:
+            return ",".join(str(v) for v in value)  # subjects, stages as a TOML array
+        if isinstance(value, float) and opt.type is int:
+            raise ValueError
+        value = opt.type(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        kind = "true or false" if opt.type is None else getattr(opt.type, "__name__", "value")
+        raise UserError(f"{where}: {opt.name} = {value!r} is not {'an' if kind == 'int' else 'a'} {kind}") from None
+    if opt.choices is not None and value not in opt.choices:
+        raise UserError(f"{where}: {opt.name} = {value!r} is not supported (valid: {', '.join(opt.choices)})")
+    return value
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A config file's settings by dest: INI (section [nightly]) or TOML (top level or a [nightly] table)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--config {path}: cannot read ({exc.strerror})") from exc
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise UserError(f"--config {path}: TOML needs Python 3.11 (tomllib); use an INI file") from None
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"--config {path}: not TOML ({exc})") from None
+        raw = doc.get("nightly", doc)
+        if not isinstance(raw, dict):
+            raise UserError(f"--config {path}: [nightly] must be a table")
+    else:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read_string(text, source=str(path))
+        except configparser.Error as exc:
+            raise UserError(f"--config {path}: not an INI file ({str(exc).splitlines()[0]})") from None
+        if not parser.has_section("nightly"):
+            raise UserError(f"--config {path}: no [nightly] section (INI), or name the file *.toml")
+        raw = dict(parser.items("nightly"))
+    by_name = {o.name: o for o in options() if o.in_file}
+    values = {}
+    for key, value in raw.items():
+        opt = by_name.get(key.replace("_", "-"))
+        if opt is None:
+            raise UserError(f"--config {path}: unknown key {key!r} (valid: {', '.join(sorted(by_name))})")
+        values[opt.dest] = _convert(opt, value, f"--config {path}")
+    return values
+
+
+def resolve_settings(flags: dict[str, Any]) -> dict[str, Any]:
+    """Every nightly setting by dest, layered: defaults < file's quick < file < flag's quick < flags."""
+    values = {o.dest: o.default for o in options()}
+    config = read_config(flags["config"]) if flags.get("config") else {}
+    if config.get("quick"):
+        values.update(QUICK)
+    values.update(config)
+    if flags.get("quick"):
+        values.update(QUICK)
+    values.update(flags)
+    values["quick"] = bool(config.get("quick") or flags.get("quick"))
+    for opt in options():  # the table's choices, whichever layer the value came from
+        value = values[opt.dest]
+        if opt.choices is not None and value is not None and value not in opt.choices:
+            raise UserError(f"--{opt.name} {value!r} is not supported (valid: {', '.join(opt.choices)})")
+    return values
+
+
+def group_values(values: dict[str, Any], group: str, **fixed) -> dict[str, Any]:
+    """A settings-table group's values (what PerfSession/PrecisionConfig.from_values read), ``fixed`` for the rest."""
+    out = {s.dest: values.get(s.dest) for s in S.group(group) if s.key not in NOT_FROM_TABLE}
+    out.update(fixed)
+    return out
+
+
+# ---------------------------------------------------------------- the plan: everything checked before a stage starts
+
+@dataclasses.dataclass
+class PrecisionPlan:
+    mode: str
+    config: Any  # PrecisionConfig
+    questions: int
+    subset: bool
+
+
+@dataclasses.dataclass
+class Plan:
+    values: dict[str, Any]
+    stages: list[str]
+    run_dir: Path
+    history: Path
+    spec: Any = None  # EngineSpec (the engine starts only when perf or precision runs)
+    perf: Any = None  # PerfSession
+    precision: list[PrecisionPlan] = dataclasses.field(default_factory=list)
+    progress: bool = True
+
+
+def parse_stages(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in STAGES]
+    if bad or not names:
+        raise UserError(f"--stages {text!r}: {'unknown stage ' + repr(bad[0]) if bad else 'no stage'} "
+                        f"(valid: {', '.join(STAGES)})")
+    return [s for s in STAGES if s in names]  # always in the nightly's order
+
+
+def default_run_dir(root: Path = DEFAULT_ROOT, now: datetime.datetime | None = None) -> Path:
+    """``nightly/<YYYY-MM-DD>-<HHMM>`` (local time), ``-2``, ``-3``... when taken."""
+    stem = (now or datetime.datetime.now()).strftime("%Y-%m-%d-%H%M")
+    candidate, n = root / stem, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stem}-{n}"
+    return candidate
+
+
+def shared_dataset_dir(name: str) -> Path | None:
+    """``../shared/datasets/<name>`` beside the checkout (or the current directory), when it holds data/."""
+    for base in (PROJECT_ROOT, Path.cwd()):
+        candidate = base.parent / "shared" / "datasets" / name
+        if (candidate / "data").is_dir():
+            return candidate
+    return None
+
+
+def subset_key(mode: str, subjects: list[str] | None, limit: int | None) -> str:
+    """The history's name for a set: ``mmlu`` for the full val set, ``mmlu-subset-<6 hex>`` for a part of it.
+
+    A few questions' accuracy must never become the baseline of a full run (or of another subset).
+    """
+    if not subjects and not limit:
+        return mode
+    digest = hashlib.sha1(json.dumps([sorted(subjects or []), limit]).encode()).hexdigest()[:6]
+    return f"{mode}-subset-{digest}"
+
+
+def plan_run(values: dict[str, Any]) -> Plan:
+    """Check every setting, input file and length; resolve the model.  Writes nothing but a new history file."""
+    from ..perf import PerfSession
+    from ..precision import PrecisionConfig, load_dataset
+
+    stages = parse_stages(values["stages"])
+    history = Path(values["history"])
+    if values["output_dir"]:
+        run_dir = Path(values["output_dir"])
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise UserError(f"--output-dir {run_dir}: exists and is not an empty directory (a run directory is "
+                            "written once; use --report-only to rebuild its report)")
+    else:
+        run_dir = default_run_dir()
+    plan = Plan(values, stages, run_dir, history, progress=not values["no_progress"])
+    decode_steps = 0
+    if "perf" in stages:
+        plan.perf = PerfSession.from_values(group_values(values, "perf", baseline=None, tolerance=0.10,
+                                                         output_dir=None), run_dir / "perf")
+        decode_steps += plan.perf.settings.decode_steps
+    for mode in (s for s in stages if s in PRECISION_SETS):
+        work_dir = values[f"{mode}_dir"] or shared_dataset_dir(mode)
+        if work_dir is None:
+            raise UserError(f"no {SET_LABEL[mode]} data: give --{mode}-dir (a dir holding data/dev and data/val) "
+                            f"or leave {mode} out of --stages")
+        dataset = load_dataset(mode, work_dir)
+        subjects = [s.strip() for s in (values[f"{mode}_subjects"] or "").split(",") if s.strip()] or None
+        for name in subjects or []:
+            if name not in dataset.val:
+                raise UserError(f"--{mode}-subjects: {name!r} has no {name}_val.csv in {Path(work_dir) / 'data' / 'val'}")
+        limit = values["limit_per_subject"]
+        subset = bool(subjects or limit)
+        cfg = PrecisionConfig.from_values(
+            group_values(values, "precision", subjects=",".join(subjects or []) or None, output_dir=run_dir / mode),
+            mode=mode, work_dir=work_dir, gate=not subset, progress=plan.progress,
+        )
+        cfg.check()
+        questions = len(dataset.questions(subjects or list(dataset.subjects), limit))
+        plan.precision.append(PrecisionPlan(mode, cfg, questions, subset))
+        decode_steps += questions * cfg.seq_len_out
+    from ..runtime import resolve_engine_spec
+
+    # Resolved even for the hw suite alone: the model settings are checked, and the history's record says
+    # what they resolved to (the engine itself starts only for perf and precision).
+    plan.spec = resolve_engine_spec(**group_values(values, "model"), progress=plan.progress, decode_steps=decode_steps)
+    if plan.perf is not None:
+        plan.perf.check_model(plan.spec)
+    for p in plan.precision:
+        if p.config.max_prompt_tokens + p.config.seq_len_out > plan.spec.max_seq_len:
+            raise UserError(f"--max-prompt-tokens {p.config.max_prompt_tokens} + --seq-len-out "
+                            f"{p.config.seq_len_out} exceeds --max-seq-len {plan.spec.max_seq_len}")
+    # Last: a newer schema, a non-SQLite file is refused now, not at the end of the night; a new file is created.
+    H.connect(history).close()
+    return plan
+
+
+# ---------------------------------------------------------------- the run's identity and environment
+
+def run_identity(plan: Plan) -> dict[str, Any]:
+    """What makes two runs comparable, resolved: model, device, device name, dtype, world size, batch size."""
+    from .. import devices
+    from ..perf import default_model_name
+
+    spec = plan.spec
+    return {
+        "model": default_model_name(spec.model_path), "device": spec.device,
+        "device_name": devices.device_name_of(spec.device).replace(" ", "_"), "dtype": spec.dtype,
+        "world_size": spec.world_size, "batch_size": int(plan.values["batch_size"]), "compile": spec.compile,
+    }
+
+
+def environment(device: str, world_size: int) -> dict[str, Any]:
+    """Versions, device names, host, and the CPU binding each rank would get (vicuna_bench.binding)."""
+    from .. import binding, devices
+
+    record = devices.environment_record(device)
+    packages = {}
+    for name in ("vicuna-bench", "transformers", "numpy", "safetensors", "pytest", "matplotlib"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    try:
+        allowed = binding.format_cpu_list(binding.allowed_cpus())
+    except binding.BindingFailed as exc:
+        allowed = f"unknown ({exc})"
+    record.update(
+        host=platform.node(), platform=platform.platform(), cpu=devices.cpu_model_name(), cpu_count=os.cpu_count(),
+        cpus_allowed=allowed, packages=packages, argv=sys.argv,
+        cpu_binding=[binding.plan_binding(device, r, world_size).as_record() for r in range(world_size)],
+    )
+    return record
+
+
+# ---------------------------------------------------------------- the stages
+
+class StageFailed(Exception):
+    """A stage could not finish; the run goes on and is recorded with status error."""
+
+
+def hw_command(values: dict[str, Any], junit: Path, tests: Path) -> list[str]:
+    """``pytest -m hw`` on the run's model settings, JUnit XML into the run dir."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "hw", str(tests), f"--junitxml={junit}", "-q", "-rs",
+           "-p", "no:cacheprovider"]
+    for s in S.group("model"):
+        value = values.get(s.dest)
+        if value is not None:
+            cmd += [s.pytest_flag, str(value)]
+    return cmd
+
+
+def skip_reasons(junit: Path) -> list[str]:
+    """The distinct skip messages of a JUnit XML file, in order."""
+    reasons: list[str] = []
+    for skipped in ET.parse(junit).getroot().iter("skipped"):
+        text = (skipped.get("message") or skipped.text or "").strip()
+        if text and text not in reasons:
+            reasons.append(text)
+    return reasons
+
+
+def hw_tests_dir() -> Path | None:
+    """``tests/hw`` of this checkout, else of the checkout the command was started in (tox installs a copy)."""
+    for base in (PROJECT_ROOT, Path.cwd()):
+        if (base / "tests" / "hw").is_dir() and (base / "conftest.py").is_file():
+            return (base / "tests" / "hw").resolve()
+    return None
+
+
+def run_hw_suite(plan: Plan) -> R.Gate:
+    """The hardware suite in a subprocess; its JUnit XML judged as a gate (skipped tests keep their reason)."""
+    tests = hw_tests_dir()
+    if tests is None:
+        return R.Gate("hw suite", "skipped", unit="tests",
+                      detail="no tests/hw beside the package or in the current directory (run from a checkout)")
+    junit = (plan.run_dir / JUNIT).resolve()
+    cmd = hw_command(plan.values, junit, tests)
+    log.info("nightly: hw suite: %s", " ".join(cmd[1:]))
+    with (plan.run_dir / HW_LOG).open("w", encoding="utf-8") as out:
+        rc = subprocess.run(cmd, cwd=tests.parents[1], stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL).returncode
+    if rc == 5:  # no test collected
+        return R.Gate("hw suite", "skipped", unit="tests", detail=f"no hw test collected (see {HW_LOG})")
+    if rc not in (0, 1) or not junit.is_file():
+        raise StageFailed(f"pytest exited {rc} (see {HW_LOG})")
+    summary = RP.read_junit(junit)
+    gate = RP.junit_gate(summary, skip_reason="; ".join(skip_reasons(junit)))
+    log.info("nightly: hw suite: %d passed, %d failed, %d errors, %d skipped", summary.passed, summary.failures,
+             summary.errors, summary.skipped)
+    return gate
+
+
+def run_perf(plan: Plan, engine) -> list[H.Metric]:
+    """The perf cases on the shared engine; their metrics from the extended CSV."""
+    session = plan.perf
+    session.run_all(engine, progress=plan.progress)
+    from ..perf import summary_table
+
+    log.info("perf results:\n%s", summary_table(session.run))
+    return H.metrics_from_perf_extended_csv(session.paths["extended_csv"])
+
+
+def run_precision_set(plan: Plan, p: PrecisionPlan, engine) -> tuple[list[H.Metric], list[R.Gate]]:
+    """One precision set on the shared engine; its metrics (a subset under its own name) and gates."""
+    from ..errors import GateFailed
+    from ..precision import run_precision
+
+    try:
+        run_precision(p.config, plan.spec, engine=engine)
+    except GateFailed as exc:  # every file is written first; the gate below says the same
+        log.warning("%s", str(exc).splitlines()[0])
+    summary = p.config.out_dir / "summary.json"
+    metrics = H.metrics_from_precision_summary(summary)
+    gates = R.gates_from_precision_summary(summary)
+    if p.subset:
+        key = subset_key(p.mode, p.config.subjects, p.config.limit_per_subject)
+        metrics = [dataclasses.replace(m, case=key + m.case[len(p.mode):]) for m in metrics]
+        gates = [dataclasses.replace(g, case=key + g.case[len(p.mode):]) if g.case else g for g in gates]
+    return metrics, gates
+
+
+# ---------------------------------------------------------------- the driver
+
+@dataclasses.dataclass
+class NightlyResult:
+    """What a finished night left: its exit code (0, 1 or 3), the run id, the run directory and REPORT.md."""
+
+    exit_code: int
+    run_id: int
+    run_dir: Path
+    report: Path
+    status: str
+
+
+def _stage(name: str, errors: list[str], gates: list[R.Gate], fn: Callable, *args):
+    """Run a stage; anything it raises but an interrupt becomes a failed gate, and the night goes on.
+
+    Bad input was refused before the first stage (exit 2); what a stage raises
+    after that (a UserError too: say the device vanished) is the night's error.
+    """
+    log.info("nightly: stage %s", name)
+    started = time.perf_counter()
+    try:
+        result = fn(*args)
+    except Exception as exc:  # noqa: BLE001: one broken stage must not lose the other stages' results
+        first = (str(exc).strip().splitlines() or [""])[0]
+        detail = f"crashed: {type(exc).__name__}: {first}" if first else f"crashed: {type(exc).__name__}"
+        log.error("nightly: stage %s %s\n%s", name, detail, traceback.format_exc())
+        errors.append(name)
+        gates.append(R.Gate(f"{name} stage", "failed", detail=f"{detail} (see {LOG_FILE})"))
+        return None
+    log.info("nightly: stage %s done in %.1f s", name, time.perf_counter() - started)
+    return result
+
+
+def _files(plan: Plan) -> dict[str, str]:
+    """The detailed files REPORT.md links (relative to the run dir; a missing one is named as missing)."""
+    files = {"settings": SETTINGS_FILE, "environment": ENVIRONMENT_FILE, "log": LOG_FILE}
+    if "hw" in plan.stages:
+        files.update({"hw suite (JUnit XML)": JUNIT, "hw suite output": HW_LOG})
+    if plan.perf is not None:
+        for label, path in sorted(plan.perf.paths.items()):
+            files[f"perf {label.replace('_', ' ')}"] = os.path.relpath(path, plan.run_dir)
+    for p in plan.precision:
+        files[f"{SET_LABEL[p.mode]} summary"] = f"{p.mode}/summary.json"
+        files[f"{SET_LABEL[p.mode]} answers (device.log)"] = f"{p.mode}/device.log"
+    return files
+
+
+def _write_json(path: Path, doc) -> None:
+    write_atomic(path, json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def run_nightly(values: dict[str, Any]) -> NightlyResult:
+    """One night: check, run the stages, record the run in the history (one transaction), write REPORT.md."""
+    plan = plan_run(values)
+    started = H.utc_timestamp()
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(plan.run_dir / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        return _run(plan, started)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(plan: Plan, started: str) -> NightlyResult:
+    from ..runtime import Engine
+
+    ident = run_identity(plan)
+    env = environment(ident["device"], ident["world_size"])
+    settings_doc = {k: v for k, v in plan.values.items() if k not in ("report_only",)}
+    settings_doc.update(stages=plan.stages, run_dir=str(plan.run_dir), history=str(plan.history),
+                        compile_resolved=ident["compile"])
+    _write_json(plan.run_dir / SETTINGS_FILE, settings_doc)
+    _write_json(plan.run_dir / ENVIRONMENT_FILE, env)
+    log.info("nightly: model=%s device=%s (%s) dtype=%s world_size=%d compile=%s batch=%d; stages %s; into %s, "
+             "history %s", ident["model"], ident["device"], ident["device_name"], ident["dtype"], ident["world_size"],
+             ident["compile"], ident["batch_size"], ",".join(plan.stages), plan.run_dir, plan.history)
+
+    metrics: list[H.Metric] = []
+    gates: list[R.Gate] = []
+    errors: list[str] = []
+    for stage in STAGES:
+        if stage not in plan.stages:
+            gates.append(R.Gate(f"{stage} stage", "skipped", detail="not in --stages"))
+    if "hw" in plan.stages:
+        gate = _stage("hw", errors, gates, run_hw_suite, plan)
+        if gate is not None:
+            gates.append(gate)
+    if plan.perf is not None or plan.precision:
+        engine = _stage("engine start", errors, gates, Engine, plan.spec)
+        if engine is None:
+            for stage in ("perf", *(p.mode for p in plan.precision)):
+                if stage in plan.stages:
+                    gates.append(R.Gate(f"{stage} stage", "failed", detail="not run: the engine did not start"))
+        else:
+            with engine:
+                env["ranks"] = engine.rank_info
+                if plan.perf is not None:
+                    metrics += _stage("perf", errors, gates, run_perf, plan, engine) or []
+                for p in plan.precision:
+                    found = _stage(p.mode, errors, gates, run_precision_set, plan, p, engine)
+                    if found is not None:
+                        metrics += found[0]
+                        gates += found[1]
+            _write_json(plan.run_dir / ENVIRONMENT_FILE, env)
+
+    status = "error" if errors else "pass"  # pass/fail is the rule's verdict (record_and_report)
+    run = H.RunRecord(
+        started, H.utc_timestamp(), status, ident["model"], ident["device"], ident["device_name"], ident["dtype"],
+        ident["world_size"], ident["batch_size"], git_commit=H.project_commit(), settings=settings_doc,
+        environment=env,
+    )
+    run_id, outcome, report = RP.record_and_report(plan.run_dir, plan.history, run, metrics, gates=gates,
+                                                   files=_files(plan))
+    exit_code = EXIT_ERROR if errors else outcome.exit_code
+    log.info("nightly: run %d %s: %s", run_id, "ERROR" if errors else "PASS" if outcome.passed else "FAIL",
+             outcome.reason)
+    log.info("nightly: wrote %s (history %s)", report, plan.history)
+    return NightlyResult(exit_code, run_id, plan.run_dir, report, "error" if errors else run.status)
+
+
+def report_only(values: dict[str, Any]) -> Path:
+    """--report-only: REPORT.md and the plots of ``--output-dir`` again, from its nightly.json and the history."""
+    if not values.get("output_dir"):
+        raise UserError("--report-only needs --output-dir RUN_DIR (the run directory to rebuild)")
+    run_dir = Path(values["output_dir"])
+    if not run_dir.is_dir():
+        raise UserError(f"--output-dir {run_dir}: no such run directory")
+    return RP.rebuild_report(run_dir, values.get("history"))
+
+
+def main(flags: dict[str, Any]) -> int:
+    """The CLI's handler body: flags by dest (absent when not given) -> exit code 0, 1 or 3 (UserError: 2)."""
+    known = {o.dest for o in options()}
+    flags = {k: v for k, v in flags.items() if k in known}  # not the CLI's own (command, debug)
+    if flags.get("report_only"):
+        path = report_only({"output_dir": flags.get("output_dir"), "history": flags.get("history")})
+        log.info("nightly: rebuilt %s", path)
+        return 0
+    result = run_nightly(resolve_settings(flags))
+    print(result.report)
+    return result.exit_code
