@@ -169,18 +169,26 @@ def parse_lscpu_numa_cpus(text: str) -> dict[int, list[int]]:
 
 # ------------------------------------------------------------------ the split
 
-def cpus_per_device(node_cpus: int, devices_on_node: int, env: Mapping[str, str]) -> int:
-    """CPUs each device on a NUMA node gets: ``CPU_BINDING_NUM`` if set, else an equal share (count)."""
+def binding_num(env: Mapping[str, str]) -> int | None:
+    """``CPU_BINDING_NUM`` (CPUs per device), None when unset; a malformed value is a UserError."""
     raw = env.get("CPU_BINDING_NUM")
     if raw is None or raw.strip() == "":
-        # The vendor's launcher passes ratio 1.0: int(len * 1.0 // n).
-        return int(node_cpus * 1.0 // devices_on_node)
+        return None
     try:
         k = int(raw.strip())
     except ValueError:
         raise UserError(f"CPU_BINDING_NUM={raw!r} is not an integer (valid: a positive number of CPUs per device)") from None
     if k < 1:
         raise UserError(f"CPU_BINDING_NUM={raw!r} must be >= 1 (CPUs per device)")
+    return k
+
+
+def cpus_per_device(node_cpus: int, devices_on_node: int, env: Mapping[str, str]) -> int:
+    """CPUs each device on a NUMA node gets: ``CPU_BINDING_NUM`` if set, else an equal share (count)."""
+    k = binding_num(env)
+    if k is None:
+        # The vendor's launcher passes ratio 1.0: int(len * 1.0 // n).
+        return int(node_cpus * 1.0 // devices_on_node)
     if k * devices_on_node > node_cpus:
         raise BindingFailed(
             f"CPU_BINDING_NUM={k} for {devices_on_node} devices needs {k * devices_on_node} CPUs "

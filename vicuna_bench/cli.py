@@ -76,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .nightly.runner import add_arguments as add_nightly_arguments
 
     add_nightly_arguments(nightly)  # the settings table's model/perf/precision options, and its own
+
+    from .sdk import DEFAULT_DEVICE_TYPE, DEFAULT_TASK, DEFAULT_WORLD_SIZE, TASKS
+    from .vendor import CONFIG_FILE_NAME
+
+    sdk = sub.add_parser("sdk-test", help="the vendor's run_sdk_test.sh: settings from sdk_config.ini",
+                         description="Run the vendor SDK's test with its sdk_config.ini (docs/vendor-dropin.md). "
+                                     "Model flags given here win over the INI.")
+    sdk.add_argument("world_size", nargs="?", type=int, default=DEFAULT_WORLD_SIZE, metavar="WORLD_SIZE",
+                     help=f"ranks (default {DEFAULT_WORLD_SIZE})")
+    sdk.add_argument("device_type", nargs="?", default=DEFAULT_DEVICE_TYPE, choices=("d9", "d3"),
+                     metavar="DEVICE_TYPE", help=f"NPU chip family d9 | d3 (default {DEFAULT_DEVICE_TYPE})")
+    sdk.add_argument("task", nargs="?", default=DEFAULT_TASK, choices=TASKS, metavar="TASK",
+                     help=f"{' | '.join(TASKS)} (default {DEFAULT_TASK})")
+    sdk.add_argument("--config", default=CONFIG_FILE_NAME, help=f"the INI file (default ./{CONFIG_FILE_NAME})")
+    settings.add_to_argparse(sdk, "model", exclude=("world-size", "device-type"), only_given=True)
+    sdk.add_argument("--debug", action="store_true", help="full tracebacks")
+    sdk.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -89,8 +106,9 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="vicuna-bench: %(message)s", stream=sys.stderr)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
-        return {"run": cmd_run, "cut": cmd_cut, "precision": cmd_precision, "perf": cmd_perf,
-                "nightly": cmd_nightly}[ns.command](ns)
+        handlers = {"run": cmd_run, "cut": cmd_cut, "precision": cmd_precision, "perf": cmd_perf,
+                    "sdk-test": cmd_sdk_test, "nightly": cmd_nightly}
+        return handlers[ns.command](ns)
     except VicunaBenchError as exc:
         if ns.debug:
             raise
@@ -246,6 +264,18 @@ def cmd_precision(ns: argparse.Namespace) -> int:
     log.info("precision: wrote %s", cfg.out_dir / "summary.json")
     if ns.gate and summary["gate"]["status"] == "skipped":
         log.warning("gate skipped: %s", summary["gate"]["reason"])
+    return 0
+
+
+def cmd_sdk_test(ns: argparse.Namespace) -> int:
+    from . import sdk
+
+    flags = {s.dest: getattr(ns, s.dest) for s in settings.group("model")
+             if hasattr(ns, s.dest) and s.dest not in ("world_size", "device_type")}  # those are positional
+    test = sdk.prepare(ns.world_size, ns.device_type, ns.task, ns.config, flags=flags, progress=not ns.no_progress)
+    paths = sdk.run(test)
+    if paths:
+        log.info("sdk-test %s: wrote %s", ns.task, ", ".join(str(p) for p in paths.values()))
     return 0
 
 

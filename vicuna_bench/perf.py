@@ -60,10 +60,10 @@ EXTENDED_COLUMNS = [
     "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_s_mean", "response_time_s",
     "peak_memory_mib_max", "peak_memory_mib_per_rank", "weight_mib_per_rank",
     "decode_bytes_per_step", "mem_bandwidth_gbps", "decode_floor_ms", "decode_roofline_fraction",
-    "compile", "compile_s",
+    "compile", "compile_s", "cpu_binding",
 ]
-# Extended CSVs written before the compile columns existed still serve as baselines.
-_EXTENDED_HEADERS = (",".join(EXTENDED_COLUMNS), ",".join(EXTENDED_COLUMNS[:-2]))
+# Extended CSVs written before the compile or binding columns existed still serve as baselines.
+_EXTENDED_HEADERS = (",".join(EXTENDED_COLUMNS), ",".join(EXTENDED_COLUMNS[:-1]), ",".join(EXTENDED_COLUMNS[:-3]))
 
 
 # ---------------------------------------------------------------- cases and settings
@@ -480,6 +480,7 @@ def extended_row(run: PerfRun, r: CaseResult) -> dict:
         "decode_floor_ms": decode_floor_ms(run, case),
         "compile": run.compile,
         "compile_s": r.compile_ms / 1e3,
+        "cpu_binding": cpu_binding_text(run.rank_info),
     }
     if r.has_next:
         next_p50 = percentile(r.step_ms, 50)
@@ -496,6 +497,15 @@ def extended_row(run: PerfRun, r: CaseResult) -> dict:
                     "decode_tokens_per_s", "decode_roofline_fraction"):
             row[key] = ""
     return row
+
+
+def cpu_binding_text(rank_info: Sequence[dict]) -> str:
+    """Each rank's CPUs in rank order, ``;``-separated (``0-23;24-47``); ``unbound`` where a rank is not pinned."""
+    parts = []
+    for info in rank_info:
+        record = info.get("cpu_binding") or {}
+        parts.append(record.get("cpus") or "unbound")
+    return ";".join(parts)
 
 
 def summary_table(run: PerfRun) -> str:
@@ -563,7 +573,10 @@ def write_tables(run: PerfRun, output_dir: Path) -> dict[str, Path]:
         "bandwidth_bytes_per_s": run.bandwidth_bytes_per_s, "bandwidth_source": run.bandwidth_source,
         "rank_info": run.rank_info, "started": run.started, "torch": run.torch_version,
         "compile": run.compile, "warmup_compile_s": run.warmup_compile_ms / 1e3,
-        "host": platform.node(), "cases": [
+        "host": platform.node(),
+        "environment": run.rank_info[0].get("environment") if run.rank_info else None,
+        "cpu_binding": [i.get("cpu_binding") for i in run.rank_info],
+        "cases": [
             {"seq_in": r.case.seq_in, "seq_out": r.case.seq_out, "first_ms": r.first_ms, "next_ms": r.next_ms,
              "step_ms": r.step_ms, "e2e_ms": r.e2e_ms, "response_s": r.response_s,
              "peak_memory_bytes": r.peak_memory_bytes, "compile_s": r.compile_ms / 1e3}

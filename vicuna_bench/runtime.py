@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from . import checkpoint, devices
+from .binding import CpuBinding, bind_rank, binding_num, format_cpu_list, unbound
 from .config import ModelArgs
 from .errors import EngineError, UserError, VicunaBenchError
 from .generation import EAGER, GenerationResult, PrefixKV, SamplingConfig, generate, validate_prompts
@@ -47,6 +49,13 @@ class EngineSpec:
     max_seq_len: int = 2048
     device_type: str = "d9"  # NPU chip family (d9 | d3); carried for the NPU paths, unused elsewhere
     compile: str = "off"  # resolved: on | off (compile the prefill and decode step)
+    bind_cpu: bool = True  # pin each rank's process to CPUs near its device (vicuna_bench.binding)
+    device_ids: tuple[int, ...] | None = None  # rank r runs on device device_ids[r]; None: device r
+    log_dir: str | None = None  # each rank appends what it runs, and its binding, to <log_dir>/rank<r>.log
+
+    def device_index(self, local_rank: int) -> int:
+        """The device index local rank ``local_rank`` runs on."""
+        return local_rank if self.device_ids is None else self.device_ids[local_rank]
 
     def validate(self) -> ModelArgs:
         """Check everything that can be checked before a process starts."""
@@ -60,6 +69,11 @@ class EngineSpec:
             raise UserError(f"--device {self.device!r} is not supported (valid: {', '.join(devices.DEVICE_TYPES)})")
         if self.compile not in ("on", "off"):
             raise UserError(f"--compile {self.compile!r}: the engine takes on or off (auto is resolved before)")
+        if self.device_ids is not None and len(self.device_ids) < self.world_size:
+            raise UserError(f"device ids {','.join(map(str, self.device_ids))} list {len(self.device_ids)} devices "
+                            f"for world size {self.world_size} (valid: at least one device per rank)")
+        if self.bind_cpu and self.device != "cpu":
+            binding_num(os.environ)  # a malformed CPU_BINDING_NUM is refused before any process starts
         if self.max_seq_len < 2:
             raise UserError(f"--max-seq-len {self.max_seq_len} must be >= 2")
         path = Path(self.model_path)
@@ -90,6 +104,9 @@ def resolve_engine_spec(
     device_type: str = "d9",
     compile: str = "off",
     decode_steps: int = 0,
+    bind_cpu: bool = True,
+    device_ids: Sequence[int] | None = None,
+    log_dir: str | os.PathLike | None = None,
 ) -> EngineSpec:
     """An EngineSpec from user-level choices, validated.
 
@@ -107,12 +124,15 @@ def resolve_engine_spec(
         log.info("no --model-path: using the embedded default model %s", model_path)
     args = checkpoint.read_model_args(Path(model_path))
     device = devices.resolve_device_type(device)
+    requested_dtype = dtype
     dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(dtype, args, device))
+    devices.check_dtype_for_chip(device, device_type, dtype, requested_dtype)  # bf16 on d3: before any load
     from .compile import resolve_mode
 
     compile = resolve_mode(compile, device, decode_steps)
     spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args), device_type,
-                      compile)
+                      compile, bool(bind_cpu), None if device_ids is None else tuple(int(d) for d in device_ids),
+                      None if log_dir is None else str(log_dir))
     spec.validate()
     return spec
 
@@ -215,15 +235,26 @@ class RankRunner:
     """
 
     def __init__(self, spec: EngineSpec, rank: int, local_rank: int, tp: TensorParallel,
-                 model_hook: ModelHook | None = None):
+                 model_hook: ModelHook | None = None, binding: CpuBinding | None = None):
         self.spec = spec
         self.rank = rank
-        self.device = devices.device_for_rank(spec.device, local_rank)
+        self.device = devices.device_for_rank(spec.device, spec.device_index(local_rank))
+        self.binding = binding or unbound(local_rank, _device_label(spec, local_rank), "not bound by its caller")
+        self.environment = devices.environment_record(spec.device, spec.device_index(local_rank))
+        rank_log = RankLog(spec, rank)
+        rank_log.write(
+            f"start: model={spec.model_path} world_size={spec.world_size} device={self.device} "
+            f"({self.environment['device_name']}) dtype={spec.dtype} compile={spec.compile} "
+            f"max_seq_len={spec.max_seq_len} threads={torch.get_num_threads()} pid={os.getpid()}"
+        )
+        rank_log.write(f"cpu binding: {self.binding.describe()}")
+        rank_log.write(f"environment: {json.dumps(self.environment, sort_keys=True)}")
         started = time.perf_counter()
         self.model = build_rank_model(spec, rank, tp, self.device)
         if model_hook is not None:
             self.model = model_hook(self.model)
         self.load_s = time.perf_counter() - started
+        rank_log.write(f"loaded rank {rank}'s share in {self.load_s:.2f} s ({weight_bytes(self.model) / 2**20:.1f} MiB)")
         self.args = self.model.args
         self.steps = EAGER
         self._prefix: PrefixKV | None = None
@@ -242,6 +273,9 @@ class RankRunner:
             "load_s": self.load_s,
             "device_name": devices.device_name(self.device),
             "threads": torch.get_num_threads(),
+            "cpu_binding": self.binding.as_record(),
+            "affinity": _affinity_text(),  # read back from this process, not from the plan
+            "environment": self.environment,
         }
 
     def bandwidth(self) -> float:
@@ -297,6 +331,56 @@ def _threads_per_rank(world_size: int) -> int:
     return max(1, usable_cpus() // world_size)
 
 
+def _affinity() -> set[int] | None:
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:  # not on Linux
+        return None
+
+
+def _affinity_text() -> str | None:
+    try:
+        return format_cpu_list(sorted(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return None
+
+
+def _device_label(spec: EngineSpec, local_rank: int) -> str:
+    return "cpu" if spec.device == "cpu" else f"{spec.device}:{spec.device_index(local_rank)}"
+
+
+def bind_this_rank(spec: EngineSpec, local_rank: int, local_world: int, *, set_threads: bool = True) -> CpuBinding:
+    """Before the model loads: pin this process as local rank ``local_rank`` (``spec.bind_cpu``), size torch's threads.
+
+    A failure to bind is one warning line and the rank runs unbound
+    (vicuna_bench.binding); on CPU a bound rank runs one thread per CPU it holds.
+    """
+    ids = [spec.device_index(i) for i in range(local_world)]
+    binding = bind_rank(spec.device, local_rank, local_world, ids, enabled=spec.bind_cpu)
+    if set_threads and spec.device == "cpu":
+        torch.set_num_threads(len(binding.cpus) if binding.cpus else _threads_per_rank(local_world))
+    return binding
+
+
+class RankLog:
+    """``<log_dir>/rank<r>.log``: what a rank runs and where it is bound (appended; nothing when no log_dir)."""
+
+    def __init__(self, spec: EngineSpec, rank: int):
+        self.path = None if spec.log_dir is None else Path(spec.log_dir) / f"rank{rank}.log"
+        self.rank = rank
+
+    def write(self, line: str) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} rank {self.rank}: {line}\n")
+        except OSError as exc:
+            log.warning("rank %d: cannot write %s (%s); logging to it stops", self.rank, self.path, exc.strerror or exc)
+            self.path = None
+
+
 def init_process_group(spec: EngineSpec, rank: int, init_method: str | None, timeout_s: float) -> TensorParallel:
     if spec.world_size == 1:
         return TensorParallel()
@@ -325,11 +409,10 @@ def init_from_env(spec: EngineSpec) -> RankRunner:
         raise UserError(f"--world-size {spec.world_size} disagrees with torchrun's WORLD_SIZE={world}")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if spec.device == "cpu":
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(_threads_per_rank(local_world))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    binding = bind_this_rank(spec, local_rank, local_world)  # before anything is loaded
     tp = init_process_group(spec, rank, None, timeout_s=1800)
-    return RankRunner(spec, rank, local_rank, tp)
+    return RankRunner(spec, rank, local_rank, tp, binding=binding)
 
 
 class SpmdEngine:
@@ -407,11 +490,10 @@ def _worker_main(spec: EngineSpec, rank: int, init_method: str, conn, parent_pid
                  model_hook: ModelHook | None = None) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    if spec.device == "cpu":
-        torch.set_num_threads(_threads_per_rank(spec.world_size))
     try:
+        binding = bind_this_rank(spec, rank, spec.world_size)  # before anything is loaded
         tp = init_process_group(spec, rank, init_method, timeout_s)
-        runner = RankRunner(spec, rank, rank, tp, model_hook)
+        runner = RankRunner(spec, rank, rank, tp, model_hook, binding)
         conn.send(("ready", runner.info()))
     except BaseException as exc:  # report, then exit: the parent raises it
         conn.send(("error", _portable(exc)))
@@ -480,7 +562,14 @@ class Engine:
             spec.model_path, spec.world_size, spec.device, spec.dtype, spec.max_seq_len,
         )
         if not use_workers:
-            self._local = RankRunner(spec, 0, 0, TensorParallel(), model_hook)
+            # This process is the rank: bound while the engine is open, its own affinity given back on close.
+            self._saved_affinity = _affinity()
+            binding = bind_this_rank(spec, 0, 1, set_threads=False)
+            try:
+                self._local = RankRunner(spec, 0, 0, TensorParallel(), model_hook, binding)
+            except BaseException:
+                self._restore_affinity()
+                raise
             self.rank_info = [self._local.info()]
             return
         import torch.multiprocessing as mp
@@ -556,6 +645,8 @@ class Engine:
         if self.closed:
             return
         self.closed = True
+        if self._local is not None:
+            self._restore_affinity()
         self._local = None
         for conn in self._conns:
             try:
@@ -589,6 +680,15 @@ class Engine:
             pass
 
     # -- internals
+    def _restore_affinity(self) -> None:
+        saved = getattr(self, "_saved_affinity", None)
+        if saved is not None:
+            try:
+                os.sched_setaffinity(0, saved)
+            except OSError as exc:
+                log.warning("engine: cannot restore this process's CPU affinity (%s)", exc)
+            self._saved_affinity = None
+
     def _send(self, conn, message) -> None:
         try:
             conn.send(message)

@@ -10,6 +10,7 @@ CLI flag.  A new setting is one line here.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import contextvars
 import dataclasses
@@ -51,6 +52,12 @@ class Setting:
     def pytest_dest(self) -> str:
         return self.pytest_flag[2:].replace("-", "_")
 
+    def argparse_kwargs(self) -> dict[str, Any]:
+        """How argparse (and pytest) take it: a bool is a ``--name/--no-name`` pair, others a typed value."""
+        if self.type is bool:
+            return {"action": argparse.BooleanOptionalAction}
+        return {"type": self.type}
+
     def help_text(self) -> str:
         if self.env is not None:
             return f"{self.help} (default ${self.env}, else {self.default})"
@@ -69,6 +76,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("model", "max-seq-len", int, 2048, "KV cache length", env="MAX_SEQ_LENGTH"),
     S("model", "compile", str, "auto", "compile the prefill and decode step: on | off | auto (on when the decode "
       "steps ahead repay the compile time)", choices=("auto", "on", "off")),
+    S("model", "bind-cpu", bool, True, "pin each rank's process to CPUs near its device before the model loads "
+      "($CPU_BINDING_NUM CPUs each, else an equal share of the device's NUMA node; cpu: of the allowed CPUs)"),
     # The performance test.
     S("perf", "batch-size", int, 1, "rows per generation"),
     S("perf", "case-pair", str, None, "cases as [[seq_in, seq_out], ...]; overrides the sweep "
@@ -148,24 +157,37 @@ def _check_choice(s: Setting, value):
     return value
 
 
-def add_to_argparse(parser, group_name: str) -> None:
-    """Add a group's settings to an argparse parser (an env-backed default stays None: resolved where it is used)."""
+def add_to_argparse(parser, group_name: str, *, exclude: tuple[str, ...] = (), only_given: bool = False) -> None:
+    """Add a group's settings to an argparse parser (an env-backed default stays None: resolved where it is used).
+
+    ``exclude``: names (``world-size``) another argument takes; ``only_given``:
+    no defaults, so the namespace holds just the flags on the command line
+    (for layering them over another source, as ``sdk-test`` does over its INI).
+    """
     g = parser.add_argument_group(group_name)
     for s in group(group_name):
-        g.add_argument(s.cli_flag, dest=s.dest, type=s.type, default=None if s.env else s.default, help=s.help_text())
+        if s.name in exclude:
+            continue
+        default = argparse.SUPPRESS if only_given else None if s.env else s.default
+        g.add_argument(s.cli_flag, dest=s.dest, default=default, help=s.help_text(), **s.argparse_kwargs())
 
 
 def add_to_pytest(parser) -> None:
     """Add every setting to pytest's parser (one 'vicuna-bench' group)."""
     g = parser.getgroup("vicuna-bench")
     for s in SETTINGS:
-        g.addoption(s.pytest_flag, dest=s.pytest_dest, type=s.type, default=None if s.env else s.default,
-                    help=s.help_text())
+        g.addoption(s.pytest_flag, dest=s.pytest_dest, default=None if s.env else s.default, help=s.help_text(),
+                    **s.argparse_kwargs())
 
 
 def values(group_name: str, get: Callable[[Setting], Any]) -> dict[str, Any]:
     """A group's values by dest, read with ``get`` (one front end's reader), choices checked."""
     return {s.dest: _check_choice(s, get(s)) for s in group(group_name)}
+
+
+def defaults(group_name: str) -> dict[str, Any]:
+    """A group's table defaults by dest (an env-backed one None: resolved where it is used)."""
+    return values(group_name, lambda s: None if s.env else s.default)
 
 
 def from_namespace(ns, group_name: str) -> dict[str, Any]:

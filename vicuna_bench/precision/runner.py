@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+from .. import devices
 from ..errors import GateFailed, UserError
 from . import results as R
 from ..settings import flag
@@ -168,9 +169,14 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     engine_s = 0.0
     tokens = {"total": 0, "prefilled": 0}
+    rank_info: list[dict] = []
     if pending:
-        engine_s, tokens = _ask(cfg, spec, engine, tokenizer, letter_ids, pending, existing, settings)
+        engine_s, tokens, rank_info = _ask(cfg, spec, engine, tokenizer, letter_ids, pending, existing, settings)
     summary = finalize(cfg, dataset, fitted, settings, spec, model_key, thresholds)
+    summary["environment"] = (rank_info[0].get("environment") if rank_info
+                              else devices.environment_record(spec.device, spec.device_index(0)))
+    # Where this run's ranks were pinned (none when every question came from the cache).
+    summary["cpu_binding"] = [i.get("cpu_binding") for i in rank_info]
     summary["timing"] = {
         "asked_this_run": len(pending),
         "wall_s": round(time.perf_counter() - started, 3),
@@ -236,11 +242,11 @@ def ask_order(pending: list[FittedPrompt], batch: int, prefix_cache: bool) -> li
 
 
 def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], existing: _Existing,
-         settings) -> tuple[float, dict]:
+         settings) -> tuple[float, dict, list[dict]]:
     """Ask every pending question in batches, recording each answer before the next.
 
-    Returns engine seconds and prompt tokens (``total``; ``prefilled``: what
-    was computed, each shared prefix once).
+    Returns engine seconds, prompt tokens (``total``; ``prefilled``: what
+    was computed, each shared prefix once) and the engine's rank info.
     """
     from tqdm import tqdm
 
@@ -303,7 +309,7 @@ def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], 
             own.close()
         for handle in (answers, device_log, *caches.values()):
             handle.close()
-    return engine_s, tokens
+    return engine_s, tokens, list(getattr(engine, "rank_info", None) or [])
 
 
 def finalize(cfg, dataset: Dataset, fitted: list[FittedPrompt], settings, spec, model_key, thresholds) -> dict:

@@ -1,0 +1,293 @@
+"""`vicuna-bench sdk-test` and the vendor's shell entry points, as a vendor user meets them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+from tests.unit.precision_fixtures import make_synthetic_mmlu
+from tests.unit.test_cli import assert_one_line_error, vb
+from tests.unit.test_precision import assert_same_files
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "scripts"
+
+# Splits 3 ways (6 heads, 3 key/value heads, intermediate 96), with room for the precision test's
+# 2000-token prompt limit. The precision comparison runs on it at world size 3: the embedded model
+# would cost about a minute of CI for the same check (two runs, three ranks on two cores).
+THREE_WAY = dict(
+    hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
+    intermediate_size=96, vocab_size=600, max_position_embeddings=4096, tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="module")
+def three_way(tmp_path_factory):
+    return tiny.make_tiny_llama(tmp_path_factory.mktemp("three-way") / "tiny-3way", THREE_WAY, seed=5)
+
+
+def write_ini(directory: Path, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "sdk_config.ini"
+    path.write_text(text)
+    return path
+
+
+def env_without(*names: str, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update(extra)
+    return env
+
+
+def sdk(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`vicuna-bench sdk-test ...` run from ``cwd`` (where its sdk_config.ini is)."""
+    return subprocess.run(
+        [sys.executable, "-m", "vicuna_bench", "sdk-test", *args, "--no-progress"], cwd=cwd,
+        capture_output=True, text=True, timeout=timeout,
+        env=env or env_without("TIMEIT", "MAX_SEQ_LENGTH", "CPU_BINDING_NUM", PYTHONPATH=str(ROOT)),
+    )
+
+
+def cpu_set(text: str) -> set[int]:
+    """CPU ids of a list such as ``0-3,8``."""
+    cpus: set[int] = set()
+    for item in text.split(","):
+        lo, _, hi = item.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ the same files as the dedicated commands
+
+# Columns of the extended CSV that do not depend on timing or memory.
+FIXED_COLUMNS = ("model_name", "device_name", "device", "dtype", "world_size", "perf_mode", "batch_size", "seq_in",
+                 "seq_out", "repeats", "weight_mib_per_rank", "decode_bytes_per_step", "compile", "cpu_binding")
+
+
+def test_performance_writes_what_vicuna_bench_perf_writes(smollm2_path, tmp_path):
+    """`sdk-test 1 d9 performance` on the embedded model (its default) against `vicuna-bench perf`."""
+    a, b = tmp_path / "sdk", tmp_path / "perf"
+    write_ini(a, "[performance]\nmodel_name = smol\nbatch_size = 2\ncase_pair = [[12, 3], [6, 2]]\n"
+                 "perf_mode = normal\nsave_file_name = ignored.csv\n")
+    proc = sdk(a, "1", "d9", "performance", "--compile", "off")
+    assert proc.returncode == 0, proc.stderr
+    ref = vb("perf", "--model-name", "smol", "--batch-size", "2", "--case-pair", "[[12,3],[6,2]]", "--perf-mode",
+             "normal", "--compile", "off", "--output-dir", str(b), "--no-progress",
+             env={"TIMEIT": "", "MAX_SEQ_LENGTH": ""})
+    assert ref.returncode == 0, ref.stderr
+    names = sorted(p.name for p in a.iterdir() if p.name != "sdk_config.ini")
+    assert names == sorted(p.name for p in b.iterdir())
+    stem = next(n for n in names if n.endswith("_extended.csv"))[: -len("_extended.csv")]
+    assert stem.startswith("performance_test_smol_") and stem.endswith("_bs2")
+    ref_a, ref_b = (d / f"{stem}.csv" for d in (a, b))
+    lines_a, lines_b = ref_a.read_text().splitlines(), ref_b.read_text().splitlines()
+    assert lines_a[0] == lines_b[0] == (
+        "batch_size,input_seq_len(Encoding),output_seq_len(Decoding),ResponseTime(s),forward_first_token_time(ms),"
+        "forward_next_token_time(ms),pre_next_token_time(ms),post_next_token_time_post(ms)")
+    assert [ln.split(",")[:3] for ln in lines_a[1:]] == [ln.split(",")[:3] for ln in lines_b[1:]] == [
+        ["2", "12", "3"], ["2", "6", "2"]]
+    ext_a, ext_b = read_csv(a / f"{stem}_extended.csv"), read_csv(b / f"{stem}_extended.csv")
+    assert list(ext_a[0]) == list(ext_b[0])
+    assert [[r[c] for c in FIXED_COLUMNS] for r in ext_a] == [[r[c] for c in FIXED_COLUMNS] for r in ext_b]
+    assert [(r["perf_mode"], r["world_size"]) for r in ext_a] == [("normal", "1")] * 2
+    # One rank, bound to every CPU this process may use (as the subprocess inherits them).
+    assert [cpu_set(r["cpu_binding"]) for r in ext_a] == [os.sched_getaffinity(0)] * 2
+    doc_a, doc_b = (json.loads((d / f"{stem}_samples.json").read_text()) for d in (a, b))
+    assert sorted(doc_a) == sorted(doc_b)
+    for key in ("model_name", "device", "dtype", "world_size", "batch_size", "perf_mode", "environment",
+                "cpu_binding"):
+        assert doc_a[key] == doc_b[key], key
+    assert doc_a["environment"]["device_type"] == "cpu" and doc_a["environment"]["torch"]
+    assert doc_a["cpu_binding"][0]["rank"] == 0
+
+
+def test_precision_at_world_size_3_writes_what_vicuna_bench_precision_writes(three_way, tmp_path):
+    work = make_synthetic_mmlu(tmp_path / "mmlu")
+    run_dir = tmp_path / "run"
+    write_ini(run_dir, f"[model]\nmodel_path = {three_way}\ndevice_ids = 4,5,6,7\nlog_dir = logs\n"
+                       f"parallel_backend = hccl\n"
+                       f"[precision]\nmode = mmlu\nwork_dir = \"{work}\"\nbatch = 2\nshot = 2\nseq_len_out = 3\n")
+    proc = sdk(run_dir, "3", "d9", "precision", "--compile", "off")
+    assert proc.returncode == 0, proc.stderr
+    sdk_result = work / "sdk_result"
+    (work / "test_result").rename(sdk_result)
+    ref = vb("precision", "--mode", "mmlu", "--work-dir", str(work), "--batch", "2", "--shot", "2",
+             "--seq-len-out", "3", "--world-size", "3", "--model-path", str(three_way), "--compile", "off",
+             "--no-progress", env={"MAX_SEQ_LENGTH": ""})
+    assert ref.returncode == 0, ref.stderr
+    assert_same_files(sdk_result, work / "test_result")
+    summary = json.loads((sdk_result / "summary.json").read_text())
+    assert (summary["world_size"], summary["settings"]["shot"], summary["settings"]["seq_len_out"]) == (3, 2, 3)
+    # The synthetic set's long question (700 words, and its choices as long) fits no 2000-token prompt.
+    assert summary["questions"] == {"in_data": 8, "selected": 8, "answered": 7, "too_long": 1}
+    assert summary["environment"]["device_type"] == "cpu"
+    assert [b["rank"] for b in summary["cpu_binding"]] == [0, 1, 2]
+    # Each rank's log: what ran, and where it was pinned.
+    for rank in range(3):
+        text = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert f"rank {rank}: start: model={three_way} world_size=3 device=cpu" in text
+        assert "dtype=fp32 compile=off" in text
+        assert f"cpu binding: rank {rank} (cpu):" in text
+
+
+# ------------------------------------------------------------------ the shell entry points
+
+def test_run_sdk_test_sh_from_a_directory_holding_only_the_ini(three_way, tmp_path):
+    here = tmp_path / "vendor"
+    write_ini(here, f"[model]\nmodel_path = {three_way}\ndevice_ids = 0,1,2\nlog_dir = ./logs\n")
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "run_sdk_test.sh"), "3", "d9", "run", "--no-progress", "--compile", "off"], cwd=here,
+        capture_output=True, text=True, timeout=600,
+        env=env_without("TIMEIT", "MAX_SEQ_LENGTH", "PYTHONPATH", VICUNA_BENCH_PYTHON=sys.executable),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("--- ") == 3  # one answer per sample prompt
+    doc = json.loads((here / "logs" / "run_outputs.json").read_text())
+    assert (doc["world_size"], doc["device_ids"], doc["dtype"]) == (3, [0, 1, 2], "fp32")
+    assert len(doc["outputs"]) == 3 and all(1 <= len(o["output_ids"]) <= 32 for o in doc["outputs"])
+    assert sorted(p.name for p in (here / "logs").iterdir()) == ["rank0.log", "rank1.log", "rank2.log",
+                                                                 "run_outputs.json"]
+
+
+def test_cut_weight_sh_takes_its_directories_from_the_top_or_flags(three_way, tmp_path):
+    shutil.copytree(three_way, tmp_path / "vicuna-13b-v1.5-16k")
+    env = env_without("PYTHONPATH", "INPUT_DIR", "OUTPUT_DIR", VICUNA_BENCH_PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(SCRIPTS / "cut_weight.sh"), "--float", "3"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "vicuna-13b-v1.5-16k_parallel_3"  # the vendor guide's model_path for --float 3
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (out / "part_model").iterdir()) == ["0", "1", "2"]
+    for rank in range(3):
+        assert json.loads((out / "part_model" / str(rank) / "config.json").read_text())["world_size"] == 3
+    flags = subprocess.run(["bash", str(SCRIPTS / "cut_weight.sh"), "--float=3", "--input-dir", str(three_way),
+                            "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                           env=env)
+    assert flags.returncode == 0, flags.stderr
+    assert sorted(p.name for p in (tmp_path / "two" / "part_model").iterdir()) == ["0", "1", "2"]
+    bare = subprocess.run(["bash", str(SCRIPTS / "cut_weight.sh")], capture_output=True, text=True, env=env)
+    assert bare.returncode == 2 and "--float N" in bare.stderr
+
+
+# ------------------------------------------------------------------ CPU binding at rank start-up
+
+def test_two_ranks_are_pinned_to_disjoint_cpus_covering_the_allowed_set(tiny_models):
+    from vicuna_bench.pytest_plugin import make_engine_spec
+    from vicuna_bench.runtime import Engine
+
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs 2 CPUs")
+
+    def affinities(bind: bool) -> list[set[int]]:
+        spec = make_engine_spec(tiny_models["gqa"], 2, "cpu", "fp32", 64, bind_cpu=bind)
+        with Engine(spec) as engine:
+            return [cpu_set(info["affinity"]) for info in engine.rank_info]  # read in each rank's own process
+
+    bound = affinities(True)
+    assert not bound[0] & bound[1]
+    assert sorted(bound[0] | bound[1]) == allowed
+    assert affinities(False) == [set(allowed), set(allowed)]  # --no-bind-cpu leaves them alone
+
+
+def test_bind_cpu_is_a_flag_of_both_front_ends_and_an_ini_key(tmp_path):
+    from vicuna_bench import sdk, settings
+    from vicuna_bench.cli import build_parser
+    from vicuna_bench.vendor import read_sdk_config
+
+    assert build_parser().parse_args(["perf"]).bind_cpu is True
+    assert build_parser().parse_args(["perf", "--no-bind-cpu"]).bind_cpu is False
+    assert settings.BY_KEY["model.bind_cpu"].pytest_flag == "--bind-cpu"
+    off = read_sdk_config(write_ini(tmp_path / "off", "[model]\nbind_cpu = 0\n"), env={})
+    assert sdk.layered_values(off, "model")["bind_cpu"] is False
+    assert sdk.layered_values(off, "model", {"bind_cpu": True})["bind_cpu"] is True  # a flag wins over the INI
+    unset = read_sdk_config(write_ini(tmp_path / "unset", "[model]\n"), env={})
+    assert sdk.layered_values(unset, "model")["bind_cpu"] is True
+
+
+# ------------------------------------------------------------------ INI values are the flags' settings
+
+def test_ini_values_land_on_the_settings_of_the_same_name(tmp_path):
+    from vicuna_bench import sdk
+    from vicuna_bench.vendor import read_sdk_config
+
+    config = read_sdk_config(write_ini(tmp_path, (
+        "[model]\nmodel_path = /m\n"
+        "[performance]\nbatch_size = 4\ncase_pair = [[256,64],[512,64]]\nperf_mode = normal\nmodel_name = v13\n"
+        "[precision]\nbatch = 3\nshot = 4\nseq_len_out = 32\n")), env={})
+    perf = sdk.layered_values(config, "perf")
+    assert (perf["batch_size"], perf["case_pair"], perf["perf_mode"], perf["model_name"]) == (
+        4, "[[256, 64], [512, 64]]", "normal", "v13")
+    assert (perf["min_len_exp"], perf["max_len_exp"], perf["repeat"]) == (None, None, 1)  # unset: the table's
+    prec = sdk.layered_values(config, "precision")
+    assert (prec["batch"], prec["shot"], prec["seq_len_out"], prec["max_prompt_tokens"]) == (3, 4, 32, 2000)
+    assert sdk.layered_values(config, "model")["model_path"] == "/m"
+    timeit = read_sdk_config(write_ini(tmp_path / "t", "[performance]\nperf_mode = normal\n"), env={"TIMEIT": "1"})
+    assert sdk.layered_values(timeit, "perf")["perf_mode"] == "detail"
+
+
+# ------------------------------------------------------------------ bad input: exit 2, one line, nothing written
+
+def test_device_ids_shorter_than_world_size_exits_2_naming_file_key_and_value(tiny_models, tmp_path):
+    ini = write_ini(tmp_path, f"[model]\nmodel_path = {tiny_models['gqa']}\ndevice_ids = 0,1\nlog_dir = logs\n")
+    proc = sdk(tmp_path, "4", "d9", "performance")
+    assert_one_line_error(proc, str(ini.name), "[model] device_ids='0,1'", "WORLD_SIZE 4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sdk_config.ini"]
+
+
+def test_precision_without_work_dir_and_bad_positionals_exit_2(tiny_models, tmp_path):
+    write_ini(tmp_path, f"[model]\nmodel_path = {tiny_models['gqa']}\nlog_dir = logs\n[precision]\nmode = ceval\n")
+    assert_one_line_error(sdk(tmp_path, "1", "d9", "precision"), "[precision] work_dir is not set")
+    assert_one_line_error(sdk(tmp_path, "1", "d7", "run"), "DEVICE_TYPE", "'d7'")
+    assert_one_line_error(sdk(tmp_path, "1", "d9", "benchmark"), "TASK", "'benchmark'")
+    assert_one_line_error(sdk(tmp_path, "0", "d9", "run"), "WORLD_SIZE 0")
+    assert_one_line_error(sdk(tmp_path, "1", "d9", "run", "--config", "nope.ini"), "nope.ini", "no such file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sdk_config.ini"]
+
+
+@pytest.fixture
+def npu_here(monkeypatch):
+    """Device resolution answers npu (no model is loaded in these tests: they stop before)."""
+    from vicuna_bench import devices
+
+    monkeypatch.setattr(devices, "resolve_device_type", lambda name: "npu")
+
+
+def test_d3_with_bf16_exits_2_before_the_model_loads(npu_here, tiny_models, tmp_path, capsys):
+    from vicuna_bench.cli import main
+
+    ini = write_ini(tmp_path, f"[model]\nmodel_path = {tiny_models['gqa']}\nlog_dir = {tmp_path / 'logs'}\n")
+    assert main(["sdk-test", "1", "d3", "run", "--config", str(ini), "--dtype", "bf16"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(err) == 1 and "--dtype bf16" in err[0] and "d3" in err[0] and "--dtype fp16" in err[0], err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_d3_refuses_auto_resolving_to_bf16_and_d9_takes_it(npu_here, tmp_path, capsys):
+    import torch
+
+    from vicuna_bench import sdk
+    from vicuna_bench.cli import main
+
+    model = tiny.make_tiny_llama(tmp_path / "bf16-model", tiny.GQA, seed=4, dtype=torch.bfloat16)
+    ini = write_ini(tmp_path / "run", f"[model]\nmodel_path = {model}\n")
+    assert main(["sdk-test", "1", "d3", "run", "--config", str(ini)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(err) == 1 and "--dtype auto resolved to bf16" in err[0] and "d3" in err[0], err
+    # The same request on d9 gets through every check (it would then load on the NPU).
+    assert sdk.prepare(1, "d9", "run", ini, env={}).spec.dtype == "bf16"
+    # The normal CLI path refuses it too (before the model loads).
+    assert main(["run", "--model-path", str(model), "--device-type", "d3", "--prompt-ids", "5"]) == 2

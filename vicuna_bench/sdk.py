@@ -1,0 +1,234 @@
+"""``vicuna-bench sdk-test``: the vendor's ``run_sdk_test.sh``, driven by its ``sdk_config.ini``.
+
+``sdk-test [WORLD_SIZE=8] [DEVICE_TYPE=d9] [TASK=run]`` reads the INI
+(:mod:`vicuna_bench.vendor`), lays its values over the settings table
+(:mod:`vicuna_bench.settings`) under the same names the flags fill, and calls
+the drivers the dedicated commands call: :class:`~vicuna_bench.perf.PerfSession`
+for ``performance``, :func:`~vicuna_bench.precision.run_precision` for
+``precision``.  So an INI value and the equivalent flag behave identically,
+and ``sdk-test`` writes the files ``vicuna-bench perf`` / ``precision`` write
+with the same settings.
+
+Precedence, lowest first: the settings table's defaults, the INI's keys, the
+model flags given on the command line (``--device``, ``--dtype``, ...).
+Everything that can be refused is refused in :func:`prepare`, before a file
+is written or a rank starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Mapping
+
+from . import settings
+from .errors import UserError
+from .files import write_atomic
+from .vendor import CONFIG_FILE_NAME, SdkConfig, read_sdk_config
+
+log = logging.getLogger("vicuna_bench")
+
+TASKS = ("run", "performance", "precision")
+# run_sdk_test.sh's defaults (the vendor guide's prose says 1 and d3: the script wins).
+DEFAULT_WORLD_SIZE = 8
+DEFAULT_DEVICE_TYPE = "d9"
+DEFAULT_TASK = "run"
+
+# The ``run`` task: a few completion-style prompts, sent as text without a chat
+# template, greedy, RUN_MAX_NEW_TOKENS tokens each (end of sequence honoured).
+SAMPLE_PROMPTS = (
+    "Common sense questions and answers\n\nQuestion: What is the capital of France?\nFactual answer:",
+    "Hamlet->Shakespeare\nOne Hundred Years of Solitude->",
+    "The three primary colours are",
+)
+RUN_MAX_NEW_TOKENS = 32
+RUN_OUTPUTS = "run_outputs.json"  # the run task's answers, in log_dir
+
+# INI section -> settings-table group whose names its keys share.
+SECTION_GROUPS = (("model", "model"), ("performance", "perf"), ("precision", "precision"))
+
+
+@dataclasses.dataclass
+class SdkTest:
+    """One checked ``sdk-test`` invocation, ready to run."""
+
+    task: str
+    config: SdkConfig
+    spec: object  # runtime.EngineSpec
+    log_dir: Path | None
+    spmd: bool  # launched by torchrun: this process is one rank
+    is_main: bool  # the process that writes (rank 0)
+    perf: object | None = None  # perf.PerfSession for ``performance``
+    precision: object | None = None  # precision.PrecisionConfig for ``precision``
+    prompts: list[list[int]] = dataclasses.field(default_factory=list)  # ``run``
+    tokenizer: object | None = None
+    progress: bool = True
+
+
+def layered_values(config: SdkConfig, group: str, flags: Mapping[str, object] | None = None) -> dict[str, object]:
+    """A settings group's values: table defaults, then the INI's keys of the same name, then ``flags``."""
+    values = settings.defaults(group)
+    for name, value in config.explicit_settings().items():
+        if f"{group}.{name}" in settings.BY_KEY:
+            values[name] = value
+    for name, value in (flags or {}).items():
+        if name in values:
+            values[name] = value
+    if group == "perf" and isinstance(values.get("case_pair"), tuple):
+        values["case_pair"] = json.dumps([list(pair) for pair in values["case_pair"]])  # the flag's text form
+    return settings.values(group, lambda s: values[s.dest])
+
+
+def _device_ids(config: SdkConfig, world_size: int) -> tuple[int, ...] | None:
+    """``[model] device_ids`` when the file sets it (at least one per rank); None: devices 0..N-1."""
+    if "device_ids" not in config.model.explicit:
+        if world_size > 1:
+            log.info("%s: [model] device_ids not set: rank r runs on device r", config.path)
+        return None
+    ids = config.model.device_ids
+    if len(ids) < world_size:
+        raise UserError(
+            f"{config.path}: [model] device_ids={','.join(map(str, ids))!r} lists {len(ids)} device(s) for "
+            f"WORLD_SIZE {world_size} (valid: at least {world_size} comma-separated device ids)"
+        )
+    return ids[:world_size]
+
+
+def _log_dir(config: SdkConfig) -> Path | None:
+    if config.model.log_dir is None:
+        return None
+    path = Path(config.model.log_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{config.path}: [model] log_dir={config.model.log_dir!r} is not a directory")
+    return path
+
+
+def prepare(
+    world_size: int = DEFAULT_WORLD_SIZE,
+    device_type: str = DEFAULT_DEVICE_TYPE,
+    task: str = DEFAULT_TASK,
+    config_path: str | os.PathLike = CONFIG_FILE_NAME,
+    *,
+    flags: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    progress: bool = True,
+) -> SdkTest:
+    """Read the INI, check every setting and build the run: nothing is written, no rank starts.
+
+    ``flags``: model settings given on the command line, by dest (they win
+    over the INI); ``env`` (default ``os.environ``) supplies ``TIMEIT`` and,
+    under torchrun, ``WORLD_SIZE`` / ``RANK``.
+    """
+    from .runtime import launched_by_torchrun, resolve_engine_spec
+
+    env = os.environ if env is None else env
+    if task not in TASKS:
+        raise UserError(f"TASK {task!r} is not supported (valid: {', '.join(TASKS)})")
+    if world_size < 1:
+        raise UserError(f"WORLD_SIZE {world_size} must be >= 1")
+    config = read_sdk_config(config_path, env=env)
+    spmd = launched_by_torchrun()
+    if spmd and int(env.get("WORLD_SIZE", "1")) != world_size:
+        raise UserError(f"WORLD_SIZE {world_size} disagrees with torchrun's WORLD_SIZE={env.get('WORLD_SIZE')}")
+    is_main = not spmd or env.get("RANK", "0") == "0"
+    device_ids = _device_ids(config, world_size)
+    log_dir = _log_dir(config)
+    model = layered_values(config, "model", flags)
+    model.update(world_size=world_size, device_type=device_type)
+
+    test = SdkTest(task, config, None, log_dir, spmd, is_main, progress=progress and is_main)
+    decode_steps = 0
+    if task == "performance":
+        from .perf import PerfSession
+
+        test.perf = PerfSession.from_values(layered_values(config, "perf"), Path("."), write=is_main)
+        decode_steps = test.perf.settings.decode_steps
+    elif task == "precision":
+        from .precision import PrecisionConfig, load_dataset
+
+        if spmd:
+            raise UserError("sdk-test precision under torchrun is not supported: run it without torchrun "
+                            "(the engine starts WORLD_SIZE ranks itself)")
+        section = config.precision
+        if section.work_dir is None:
+            raise UserError(f"{config.path}: [precision] work_dir is not set (valid: a directory holding data/dev "
+                            "and data/val)")
+        test.precision = PrecisionConfig.from_values(layered_values(config, "precision"), mode=section.mode,
+                                                     work_dir=section.work_dir, progress=test.progress)
+        test.precision.check()
+        load_dataset(section.mode, section.work_dir)  # bad data is reported before the model is touched
+    else:
+        decode_steps = RUN_MAX_NEW_TOKENS * len(SAMPLE_PROMPTS)
+
+    test.spec = resolve_engine_spec(**model, decode_steps=decode_steps, device_ids=device_ids, log_dir=log_dir,
+                                    progress=progress)
+    if config.model.parallel_backend and "parallel_backend" in config.model.explicit:
+        from .devices import BACKENDS
+
+        chosen = BACKENDS[test.spec.device]
+        if world_size > 1 and chosen != config.model.parallel_backend:
+            log.info("%s: [model] parallel_backend=%s: the backend follows the device (%s: %s)",
+                     config.path, config.model.parallel_backend, test.spec.device, chosen)
+    if test.perf is not None:
+        test.perf.check_model(test.spec)
+    if task == "run":
+        from . import checkpoint
+        from .chat import encode_prompt, load_tokenizer
+
+        test.tokenizer = load_tokenizer(checkpoint.tokenizer_dir(Path(test.spec.model_path)))
+        test.prompts = [encode_prompt(test.tokenizer, text, chat=False) for text in SAMPLE_PROMPTS]
+    return test
+
+
+def run(test: SdkTest) -> dict[str, Path]:
+    """Run a prepared ``sdk-test``; returns the files written by name (rank 0's; empty on other ranks)."""
+    from .runtime import Engine, SpmdEngine
+
+    if test.log_dir is not None:
+        test.log_dir.mkdir(parents=True, exist_ok=True)
+    spec = test.spec
+    log.info("sdk-test %s: %s, world size %d on %s (%s), dtype %s, device type %s", test.task, test.config.path,
+             spec.world_size, spec.device, "device ids " + ",".join(map(str, spec.device_ids))
+             if spec.device_ids else "devices 0..N-1", spec.dtype, spec.device_type)
+    if test.task == "precision":
+        from .precision import run_precision
+
+        run_precision(test.precision, spec)
+        out = test.precision.out_dir
+        from .precision import results as R
+
+        return {name: out / name for name in (R.SUMMARY, R.DEVICE_LOG, "cache.csv")}
+    with SpmdEngine(spec) if test.spmd else Engine(spec) as engine:
+        if test.task == "performance":
+            from . import perf
+
+            test.perf.run_all(engine, progress=test.progress)
+            if not test.is_main:
+                return {}
+            log.info("perf results:\n%s", perf.summary_table(test.perf.run))
+            test.perf.gate()
+            return dict(test.perf.paths)
+        result = engine.generate(test.prompts, RUN_MAX_NEW_TOKENS)
+    if not test.is_main:
+        return {}
+    outputs = []
+    for text, prompt, ids in zip(SAMPLE_PROMPTS, test.prompts, result.output_ids):
+        answer = test.tokenizer.decode(ids, skip_special_tokens=True)
+        outputs.append({"prompt": text, "prompt_ids": prompt, "output_ids": ids, "text": answer})
+        print(f"--- {text!r}\n{answer}", flush=True)
+    log.info("first token %.1f ms, next token %.1f ms", result.first_token_ms, result.next_token_ms)
+    if test.log_dir is None:
+        return {}
+    doc = {
+        "outputs": outputs, "first_token_ms": round(result.first_token_ms, 3),
+        "next_token_ms": round(result.next_token_ms, 3), "world_size": spec.world_size, "device": spec.device,
+        "device_ids": list(spec.device_ids) if spec.device_ids else None, "dtype": spec.dtype,
+        "model": spec.model_path, "cpu_binding": [i.get("cpu_binding") for i in engine.rank_info],
+        "environment": engine.rank_info[0].get("environment") if engine.rank_info else None,
+    }
+    path = test.log_dir / RUN_OUTPUTS
+    write_atomic(path, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    return {"run_outputs": path}
