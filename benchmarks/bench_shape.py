@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-out", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--compile", default="off,on", help="modes to run (default off,on)")
+    p.add_argument("--inductor-mode", default=None,
+                   help="compile the decode step with this torch.compile mode instead of the engine's (experiments)")
     p.add_argument("--json", default=None)
     ns = p.parse_args(argv)
 
@@ -127,8 +129,15 @@ def main(argv=None) -> int:
         for mode in [m.strip() for m in ns.compile.split(",") if m.strip()]:
             steps = EAGER
             if mode == "on":
-                full = compiled_steps(device.type, 1)
-                steps = CompiledSteps(None, full.decode, full.description + " (decode step only)")
+                if ns.inductor_mode:
+                    from vicuna_bench.compile import captured_step
+                    from vicuna_bench.generation import decode_logits
+
+                    fn = torch.compile(decode_logits, mode=ns.inductor_mode, fullgraph=True, dynamic=False)
+                    steps = CompiledSteps(None, captured_step(fn), f"torch.compile mode={ns.inductor_mode}")
+                else:
+                    full = compiled_steps(device.type, 1)
+                    steps = CompiledSteps(None, full.decode, full.description + " (decode step only)")
             row = timed(model, prompts, ns.seq_out, steps, device, ns.repeat)
             cache_bytes = 2 * args.n_layers * batch * max_seq_len * args.n_kv_heads * args.head_dim * dtype.itemsize
             row.update(batch=batch, compile=mode, floor_ms=floor_ms, floor_with_kv_ms=floor_ms + kv_ms,
