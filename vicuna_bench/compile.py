@@ -7,7 +7,9 @@
   matrix-vector products of a decode step), freezing and weight prepacking
   (the weights become constants laid out for the kernels), and a C++
   wrapper (no Python between the step's kernels);
-* CUDA: ``reduce-overhead`` (CUDA graphs: one launch per step);
+* CUDA: ``max-autotune`` (CUDA graphs: one launch per step, and GEMMs
+  autotuned per shape); the step's one input write (``key_valid``) is done
+  outside the graph, which CUDA graphs would otherwise skip;
 * NPU: torchair's graph backend for the decode step when importable, else
   eager (one log line).
 
@@ -197,9 +199,11 @@ def compiled_steps(device_type: str, world_size: int):
     fullgraph = world_size == 1
     if device_type == "cuda":
         # CUDA graphs capture only a graph that writes no input but the module's buffers (the KV cache).
-        graphed = torch.compile(decode_logits, mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
+        # max-autotune = CUDA graphs + GEMMs autotuned per shape: Vicuna-13B fp16 on an H200, batch 1,
+        # 7.58 -> 7.12 ms a token (1.25x -> 1.18x the copy-bandwidth floor) for ~50 s of compiling, cached.
+        graphed = torch.compile(decode_logits, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
         prefill = torch.compile(prefill_logits, dynamic=True)
-        return CompiledSteps(prefill, captured_step(graphed), "inductor reduce-overhead, CUDA graphs")
+        return CompiledSteps(prefill, captured_step(graphed), "inductor max-autotune, CUDA graphs")
     import torch._inductor.config as inductor
 
     inductor.freezing = True  # weights become constants: prepacked for the CPU GEMM kernels
