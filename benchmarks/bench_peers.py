@@ -120,23 +120,28 @@ def transformers_generate(path: str, dtype: torch.dtype, prompts, seq_out: int, 
     return {"first_token_ms": statistics.median(r[0] for r in runs), "next_token_ms": statistics.median(r[1] for r in runs)}
 
 
-def llama_cpp(gguf: str, prompts, seq_out: int, threads: int) -> dict | None:
-    """First/next-token ms of llama.cpp (batch 1 only), when llama-cpp-python is installed."""
+def llama_cpp(gguf: str, prompts, seq_out: int, threads: int, repeat: int = 3) -> dict | None:
+    """First/next-token ms of llama.cpp (batch 1 only; median over ``repeat`` runs after a warm-up), when installed."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=gguf, n_ctx=len(prompts[0]) + seq_out + 8, n_threads=threads, n_batch=512, verbose=False)
-    llm.eval(prompts[0][:8])
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(prompts[0])
-    first = (time.perf_counter() - t) * 1e3
-    token = 3
-    t = time.perf_counter()
-    for _ in range(seq_out - 1):
-        llm.eval([token])
-    return {"first_token_ms": first, "next_token_ms": (time.perf_counter() - t) * 1e3 / max(1, seq_out - 1)}
+    llm = Llama(model_path=gguf, n_ctx=len(prompts[0]) + seq_out + 8, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, verbose=False)
+
+    def once():
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompts[0])
+        first = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        for _ in range(seq_out - 1):
+            llm.eval([3])  # a fixed token: greedy choice is not what is timed
+        return first, (time.perf_counter() - t) * 1e3 / max(1, seq_out - 1)
+
+    once()
+    runs = [once() for _ in range(repeat)]
+    return {"first_token_ms": statistics.median(r[0] for r in runs), "next_token_ms": statistics.median(r[1] for r in runs)}
 
 
 def main(argv=None) -> int:
@@ -194,7 +199,7 @@ def main(argv=None) -> int:
     if not ns.no_transformers:
         columns["transformers"] = transformers_generate(base.model_path, dtype, prompts, ns.seq_out, ns.repeat)
     if ns.gguf and ns.batch == 1:
-        got = llama_cpp(ns.gguf, prompts, ns.seq_out, threads)
+        got = llama_cpp(ns.gguf, prompts, ns.seq_out, threads, ns.repeat)
         if got is None:
             print("llama.cpp: llama-cpp-python is not installed; column left out", file=sys.stderr)
         else:
