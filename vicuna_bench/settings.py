@@ -52,6 +52,12 @@ class Setting:
     def pytest_dest(self) -> str:
         return self.pytest_flag[2:].replace("-", "_")
 
+    def pytest_args(self, value: Any) -> list[str]:
+        """``value`` as pytest command-line words: ``--name``/``--no-name`` for a bool, else ``--name VALUE``."""
+        if self.type is bool:
+            return [self.pytest_flag if value else f"--no-{self.pytest_flag[2:]}"]
+        return [self.pytest_flag, str(value)]
+
     def argparse_kwargs(self) -> dict[str, Any]:
         """How argparse (and pytest) take it: a bool is a ``--name/--no-name`` pair, others a typed value."""
         if self.type is bool:

@@ -321,3 +321,17 @@ def test_subset_runs_are_kept_apart_from_the_full_set():
     assert a.startswith("mmlu-subset-") and len(a) == len("mmlu-subset-") + 6
     assert a != runner.subset_key("mmlu", ["management"], 5) != runner.subset_key("mmlu", ["anatomy"], 4)
     assert a == runner.subset_key("mmlu", ["management"], 4)
+
+
+@pytest.mark.parametrize("bind_cpu", [True, False])
+def test_hw_command_is_a_pytest_command_line_pytest_accepts(bind_cpu, tmp_path):
+    """Every model setting, bools included, is passed in a form pytest parses (exit 4 is a usage error)."""
+    from vicuna_bench import settings as S
+
+    values = {s.dest: s.default for s in S.group("model")}
+    values.update(model_path="/nowhere/model", world_size=2, bind_cpu=bind_cpu, compile="off")
+    cmd = runner.hw_command(values, tmp_path / "junit.xml", runner.hw_tests_dir())
+    assert ("--bind-cpu" if bind_cpu else "--no-bind-cpu") in cmd
+    done = subprocess.run(cmd + ["--collect-only"], cwd=runner.hw_tests_dir().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -393,7 +393,7 @@ def hw_command(values: dict[str, Any], junit: Path, tests: Path) -> list[str]:
     for s in S.group("model"):
         value = values.get(s.dest)
         if value is not None:
-            cmd += [s.pytest_flag, str(value)]
+            cmd += s.pytest_args(value)
     return cmd
 
 
