@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from vicuna_bench.pytest_plugin import accelerator_available, make_engine_spec
-
-
-@pytest.fixture(scope="module")
-def device_type():
-    kind = accelerator_available()
-    if kind is None:
-        pytest.skip("no NPU or CUDA device")
-    return kind
+from tests.hw.conftest import device_count
+from vicuna_bench.pytest_plugin import make_engine_spec
 
 
-def _device_count(kind: str) -> int:
-    return torch.npu.device_count() if kind == "npu" else torch.cuda.device_count()
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -31,7 +21,7 @@ def test_half_precision_on_device_tracks_cpu_fp32(device_type, dtype, tiny_model
 
 
 def test_device_backend_world_size_2(device_type, tiny_models, engine_factory):
-    if _device_count(device_type) < 2:
+    if device_count(device_type) < 2:
         pytest.skip(f"needs 2 {device_type} devices")
     prompt = [[5, 17, 99, 3, 250, 42], [8, 9]]
     one = engine_factory(make_engine_spec(tiny_models["gqa"], 1, device_type, "fp32", 64))

@@ -18,24 +18,13 @@ import pytest
 import torch
 
 from vicuna_bench import binding
-from vicuna_bench.pytest_plugin import accelerator_available, make_engine_spec
+from tests.hw.conftest import device_count
+from vicuna_bench.pytest_plugin import make_engine_spec
 
 # Per-dtype tolerance on the last-position logits, relative to the logit scale (the max |logit|).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 7, 31], [8, 9, 10]]
 STEPS = 32
-
-
-@pytest.fixture(scope="module")
-def device_type():
-    kind = accelerator_available()
-    if kind is None:
-        pytest.skip("no NPU or CUDA device")
-    return kind
-
-
-def device_count(kind: str) -> int:
-    return torch.npu.device_count() if kind == "npu" else torch.cuda.device_count()
 
 
 def _embedded_or_skip() -> str:

@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests import tiny
 from tests.unit.precision_fixtures import make_synthetic_mmlu
-from vicuna_bench.pytest_plugin import accelerator_available
+from tests.hw.conftest import device_count
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_HEADER = (
@@ -29,20 +28,13 @@ LONG_GQA = {**tiny.GQA, "max_position_embeddings": 4096}
 
 
 @pytest.fixture(scope="module")
-def kind():
-    found = accelerator_available()
-    if found is None:
-        pytest.skip("no NPU or CUDA device")
-    return found
+def kind(device_type):
+    return device_type
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return tiny.make_tiny_llama(tmp_path_factory.mktemp("vendor-hw") / "tiny-gqa", LONG_GQA, seed=21)
-
-
-def device_count(kind: str) -> int:
-    return torch.npu.device_count() if kind == "npu" else torch.cuda.device_count()
 
 
 def sdk_test(cwd: Path, kind: str, *args: str) -> subprocess.CompletedProcess:
