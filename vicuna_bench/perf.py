@@ -262,6 +262,10 @@ def measure_case(engine, case: Case, settings: PerfSettings, generator: torch.Ge
             result.first_ms.append(one.total_ms)
             if case.seq_out > 1:
                 next_ms = (full.total_ms - one.total_ms) / (case.seq_out - 1)
+                if next_ms <= 0:
+                    log.warning("perf: case %s: normal mode's next-token time came out %.3f ms (the two generations' "
+                                "noise exceeds %d decode steps); --perf-mode detail times each step", case, next_ms,
+                                case.seq_out - 1)
                 result.next_ms.append(next_ms)
                 result.step_ms.append(next_ms)
             result.e2e_ms.append(full.total_ms)

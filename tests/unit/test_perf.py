@@ -92,12 +92,13 @@ def test_cli_sweep_writes_reference_csv_in_case_order(tiny_models, tmp_path):
 
 def test_cli_case_pair_overrides_sweep_and_seq_out_one(tiny_models, tmp_path):
     out = tmp_path / "out"
-    code = _perf_cli(tiny_models["vicuna"], out, "--case-pair", "[[40,1],[8,3]]", "--min-len-exp", "5",
+    # [8,24]: normal mode's next-token time is a difference of two generations; 23 steps keep it above the noise.
+    code = _perf_cli(tiny_models["vicuna"], out, "--case-pair", "[[40,1],[8,24]]", "--min-len-exp", "5",
                      "--max-len-exp", "6", "--batch-size", "2", "--perf-mode", "normal", "--model-name", "m")
     assert code == 0
     [ref] = list(out.glob("performance_test_m_*_bs2.csv"))
     rows = _read_csv(ref)[1:]
-    assert [r[:3] for r in rows] == [["2", "40", "1"], ["2", "8", "3"]]
+    assert [r[:3] for r in rows] == [["2", "40", "1"], ["2", "8", "24"]]
     assert rows[0][5] == "0.0"  # next-token time undefined for one output token (no division by zero)
     [ext] = list(out.glob("*_extended.csv"))
     with open(ext, newline="") as f:
