@@ -32,6 +32,19 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def compile_mode(pytestconfig) -> str:
+    """``--compile`` as given (default ``auto``, which a test's short runs resolve to ``off``).
+
+    The conformance and sharding-equivalence suites build their engines with
+    it: ``pytest tests/unit/test_conformance.py tests/unit/test_sharding.py
+    --compile on`` runs them on the compiled prefill and decode step.
+    """
+    from vicuna_bench import settings
+
+    return pytestconfig.getoption(settings.BY_KEY["model.compile"].pytest_dest)
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     """The embedded default model's converted directory (converted once per cache)."""
     from vicuna_bench.embedded import embedded_model_dir

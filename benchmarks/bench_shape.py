@@ -35,6 +35,7 @@ from vicuna_bench.compile import CompiledSteps, compiled_steps
 from vicuna_bench.config import ModelArgs
 from vicuna_bench.generation import EAGER, generate
 from vicuna_bench.model import Transformer, decode_read_bytes, weight_bytes
+from vicuna_bench.runtime import finish_rank_model
 from vicuna_bench.sharding import ShardPlan, TensorParallel
 
 _LLAMA2 = {
@@ -65,10 +66,7 @@ def random_rank_model(args: ModelArgs, max_seq_len: int, device: torch.device, d
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
-    model.tie_weights()
-    model.fuse_projections()
-    model.rotary = type(model.rotary)(args, max_seq_len)
-    return model.to(device).eval()
+    return finish_rank_model(model, device)
 
 
 def timed(model, prompts, seq_out: int, steps, device, repeat: int) -> dict:

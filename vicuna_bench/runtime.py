@@ -154,14 +154,17 @@ def build_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: to
     missing = set(loaded.missing_keys) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
     if missing or loaded.unexpected_keys:  # parameter_names() and the model disagree: a bug
         raise RuntimeError(f"state dict mismatch: missing {sorted(missing)}, unexpected {loaded.unexpected_keys}")
+    return finish_rank_model(model, device, fuse)
+
+
+def finish_rank_model(model: Transformer, device: torch.device, fuse: bool = True) -> Transformer:
+    """What a rank model built on meta needs once its weights are real: tied head, fused projections (``fuse``),
+    rope tables rebuilt off meta, on ``device``, in eval mode."""
     model.tie_weights()
     if fuse:
         model.fuse_projections()
-    # Buffers (rope tables) were created on meta: rebuild them for real.
-    model.rotary = type(model.rotary)(args, spec.max_seq_len)
-    model.to(device)
-    model.eval()
-    return model
+    model.rotary = type(model.rotary)(model.args, model.max_seq_len)
+    return model.to(device).eval()
 
 
 ModelHook = Callable[[Transformer], Transformer]

@@ -25,7 +25,7 @@ def _assert_close_to_scale(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1
     assert diff <= rel * scale, f"max |diff| {diff:.3g} > {rel:g} x logit scale {scale:.3g}"
 
 
-def _check_model(path, prompt, engine_factory):
+def _check_model(path, prompt, engine_factory, compile_mode="off"):
     spec = make_engine_spec(path, 1, "cpu", "fp32", max_seq_len=len(prompt) + DECODE_STEPS + 8)
     ref = tiny.hf_model(path)
 
@@ -41,6 +41,7 @@ def _check_model(path, prompt, engine_factory):
 
     # prefill + 32 decode steps through the engine: logits and greedy tokens
     ref_tokens, ref_logits = tiny.hf_greedy(ref, prompt, DECODE_STEPS)
+    spec = type(spec)(**{**spec.__dict__, "compile": compile_mode})  # --compile on: the compiled prefill and step
     result = engine_factory(spec).generate([prompt], DECODE_STEPS, ignore_eos=True, return_logits=True)
     assert result.output_ids[0] == ref_tokens
     assert result.logits[0].shape == ref_logits.shape
@@ -48,10 +49,10 @@ def _check_model(path, prompt, engine_factory):
 
 
 @pytest.mark.parametrize("name", ["vicuna", "gqa", "dynamic"])
-def test_tiny_models_match_transformers(tiny_models, engine_factory, name):
+def test_tiny_models_match_transformers(tiny_models, engine_factory, compile_mode, name):
     path = tiny_models[name]
     vocab = tiny.hf_model(path).config.vocab_size
-    _check_model(path, _prompt(vocab, 12, seed=7), engine_factory)
+    _check_model(path, _prompt(vocab, 12, seed=7), engine_factory, compile_mode)
 
 
 def test_dynamic_rope_really_extends_past_max_positions(tiny_models, engine_factory, tmp_path):
@@ -82,9 +83,9 @@ def test_dynamic_rope_really_extends_past_max_positions(tiny_models, engine_fact
     assert (ours[native] - plain_logits[native]).abs().max() > 1e-3  # the NTK base took over at 17 positions
 
 
-def test_smollm2_matches_transformers(smollm2_path, engine_factory):
+def test_smollm2_matches_transformers(smollm2_path, engine_factory, compile_mode):
     from vicuna_bench.chat import load_tokenizer
 
     tok = load_tokenizer(smollm2_path)
     prompt = tok("The three primary colours are red, yellow and")["input_ids"]
-    _check_model(smollm2_path, list(prompt), engine_factory)
+    _check_model(smollm2_path, list(prompt), engine_factory, compile_mode)

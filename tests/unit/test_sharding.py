@@ -21,13 +21,13 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_models, engine_factory):
-    """Greedy batch generations of both tiny models at world sizes 1, 2, 4, 8."""
+def runs(tiny_models, engine_factory, compile_mode):
+    """Greedy batch generations of both tiny models at world sizes 1, 2, 4, 8 (``--compile`` as given)."""
     out = {}
     for name in ("vicuna", "gqa"):
         vocab = {"vicuna": 1001, "gqa": 777}[name]
         for ws in (1, 2, 4, 8):
-            spec = make_engine_spec(tiny_models[name], ws, "cpu", "fp32", max_seq_len=64)
+            spec = make_engine_spec(tiny_models[name], ws, "cpu", "fp32", max_seq_len=64, compile=compile_mode)
             engine = engine_factory(spec)
             out[name, ws] = engine.generate(_prompts(vocab), STEPS, ignore_eos=True, return_logits=True)
     return out
@@ -35,8 +35,9 @@ def runs(tiny_models, engine_factory):
 
 @pytest.mark.parametrize("ws", [2, 4, 8])
 @pytest.mark.parametrize("name", ["vicuna", "gqa"])
-def test_world_sizes_agree(runs, name, ws):
+def test_world_sizes_agree(runs, compile_mode, name, ws):
     base, other = runs[name, 1], runs[name, ws]
+    assert (other.compile_ms > 0) == (compile_mode == "on"), "the engines did not run the --compile mode asked for"
     assert other.output_ids == base.output_ids
     for row, (a, b) in enumerate(zip(other.logits, base.logits)):
         assert a.shape == b.shape
@@ -44,8 +45,8 @@ def test_world_sizes_agree(runs, name, ws):
 
 
 @pytest.mark.parametrize("ws", [1, 2])
-def test_batch_rows_equal_lone_rows(tiny_models, engine_factory, runs, ws):
-    spec = make_engine_spec(tiny_models["vicuna"], ws, "cpu", "fp32", max_seq_len=64)
+def test_batch_rows_equal_lone_rows(tiny_models, engine_factory, runs, ws, compile_mode):
+    spec = make_engine_spec(tiny_models["vicuna"], ws, "cpu", "fp32", max_seq_len=64, compile=compile_mode)
     engine = engine_factory(spec)
     batch = runs["vicuna", ws]
     for row, prompt in enumerate(_prompts(1001)):
@@ -84,14 +85,14 @@ def test_kv_heads_replicated_beyond_their_count(tiny_models, ws):
                 torch.testing.assert_close(ours, getattr(ref_layer.self_attn, proj).weight[rows], rtol=0, atol=0)
 
 
-def test_smollm2_world_sizes_1_and_3(smollm2_path, engine_factory):
+def test_smollm2_world_sizes_1_and_3(smollm2_path, engine_factory, compile_mode):
     from vicuna_bench.chat import encode_prompt, load_tokenizer
 
     tok = load_tokenizer(smollm2_path)
     prompts = [encode_prompt(tok, "Name a colour."), encode_prompt(tok, "What is 12 times 12? Explain briefly.")]
     results = {}
     for ws in (1, 3):
-        spec = make_engine_spec(smollm2_path, ws, "cpu", "fp32", max_seq_len=256)
+        spec = make_engine_spec(smollm2_path, ws, "cpu", "fp32", max_seq_len=256, compile=compile_mode)
         results[ws] = engine_factory(spec).generate(prompts, 8, ignore_eos=True, return_logits=True)
     assert results[3].output_ids == results[1].output_ids
     for a, b in zip(results[3].logits, results[1].logits):
