@@ -9,7 +9,12 @@ Measures, on one device with the same weights, prompts and threads:
 * llama.cpp (``llama-cpp-python``) when installed and ``--gguf`` names the
   same weights as a GGUF file.
 
-and prints next-token ms / the decode floor (weight + KV bytes per step over
+With ``--memory``, each of our compile modes also runs in a fresh process
+that reports its resident-set growth over the process before the model was
+loaded, against weights + KV cache (the CPU counterpart of the allocator
+peak a GPU run reports).
+
+Prints next-token ms / the decode floor (weight + KV bytes per step over
 the read bandwidth), ours / transformers, and prefill GFLOP/s against the
 matmul rate.  Never run it beside other busy processes: two torch
 processes on a small machine slow each other several times.
@@ -87,6 +92,59 @@ def ours(spec, prompts, seq_out: int, repeat: int) -> dict:
     }
 
 
+def _rss_bytes(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
+    """Run in a fresh process: RSS growth over the pre-load process while loading (+ compiling) and while serving.
+
+    Serving = one timed generation after the warm-up, peak reset in between
+    (``/proc/self/clear_refs``), as the figures of a perf run are taken.
+    """
+    from vicuna_bench import devices
+    from vicuna_bench.compile import compiled_steps
+    from vicuna_bench.generation import EAGER, generate
+    from vicuna_bench.model import weight_bytes
+    from vicuna_bench.runtime import build_rank_model
+    from vicuna_bench.sharding import TensorParallel
+
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+    steps = compiled_steps("cpu", 1) if spec.compile == "on" else EAGER
+    if steps is not EAGER:
+        from torch._inductor import config as _inductor  # noqa: F401  (loaded before the baseline: not model memory)
+    base = _rss_bytes()
+    devices.reset_peak_memory(cpu)
+    model = build_rank_model(spec, 0, TensorParallel(), cpu)
+    generate(model, prompts, seq_out, ignore_eos=True, steps=steps)  # warm-up: compiles here
+    load_peak = devices.peak_memory_bytes(cpu)
+    devices.reset_peak_memory(cpu)
+    generate(model, prompts, seq_out, ignore_eos=True, steps=steps)
+    serve_peak = devices.peak_memory_bytes(cpu)
+    weights = weight_bytes(model)
+    kv = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith(("cache.k", "cache.v")))
+    return {
+        "baseline_rss_bytes": base, "weight_bytes": weights, "kv_cache_bytes": kv,
+        "load_peak_growth_bytes": load_peak - base, "serve_peak_growth_bytes": serve_peak - base,
+        "serve_over_weights_kv": (serve_peak - base) / (weights + kv),
+        "load_over_weights_kv": (load_peak - base) / (weights + kv),
+    }
+
+
+def memory(spec, prompts, seq_out: int, threads: int) -> dict:
+    """:func:`_memory_probe` in a fresh (spawned) process, so no other engine's memory is counted."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_memory_probe, spec, prompts, seq_out, threads).result()
+
+
 def transformers_generate(path: str, dtype: torch.dtype, prompts, seq_out: int, repeat: int) -> dict:
     """First/next-token ms of transformers ``generate`` from a timestamp per step (a logits processor)."""
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
@@ -156,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default="off,on", help="our engine's modes to run (default off,on)")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--gguf", default=None, help="the same weights as GGUF, for the llama.cpp column")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure each compile mode's resident memory in a fresh process (Linux)")
     p.add_argument("--json", default=None, help="write every figure here")
     ns = p.parse_args(argv)
 
@@ -196,6 +256,8 @@ def main(argv=None) -> int:
     for mode in [m.strip() for m in ns.compile.split(",") if m.strip()]:
         spec = type(base)(**{**base.__dict__, "compile": mode})
         columns[f"vicuna-bench {mode}"] = ours(spec, prompts, ns.seq_out, ns.repeat)
+        if ns.memory:
+            columns[f"vicuna-bench {mode}"]["memory"] = memory(spec, prompts, ns.seq_out, threads)
     if not ns.no_transformers:
         columns["transformers"] = transformers_generate(base.model_path, dtype, prompts, ns.seq_out, ns.repeat)
     if ns.gguf and ns.batch == 1:
@@ -225,6 +287,13 @@ def main(argv=None) -> int:
         print(f"{name:<22}{col['first_token_ms']:>10.1f}{col['next_token_ms']:>10.2f}{col['next_over_floor']:>12.2f}"
               f"{col.get('first_over_transformers', float('nan')):>10.2f}"
               f"{col.get('next_over_transformers', float('nan')):>10.2f}{col['prefill_gflops']:>17.1f}")
+    for name, col in columns.items():
+        if "memory" in col:
+            mem = col["memory"]
+            print(f"{name} memory: weights {mem['weight_bytes'] / 2**20:.0f} MiB + KV {mem['kv_cache_bytes'] / 2**20:.0f}"
+                  f" MiB; RSS growth serving {mem['serve_peak_growth_bytes'] / 2**20:.0f} MiB "
+                  f"({mem['serve_over_weights_kv']:.2f}x), loading/compiling {mem['load_peak_growth_bytes'] / 2**20:.0f}"
+                  f" MiB ({mem['load_over_weights_kv']:.2f}x)")
     if ns.json:
         Path(ns.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0

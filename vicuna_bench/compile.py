@@ -165,6 +165,20 @@ class CompiledSteps:
         return spent
 
 
+CPU_DECODE_MODE = "max-autotune-no-cudagraphs"  # inductor's C++ micro-GEMMs autotuned against MKL per shape
+
+
+def configure_cpu_inductor(world_size: int = 1) -> None:
+    """Inductor settings of a CPU decode step (also what ``benchmarks/bench_gemm.py`` compiles with)."""
+    import torch._inductor.config as inductor
+
+    _configure_inductor()
+    inductor.freezing = True  # weights become constants: prepacked for the CPU GEMM kernels
+    # A C++ wrapper calls the ~200 small kernels of a step without Python between them (bf16: 16.5 -> 14.1 ms).
+    # It cannot wrap the collectives that tensor parallelism puts in the graph (torch 2.13: "arg type Any").
+    inductor.cpp_wrapper = world_size == 1
+
+
 def captured_step(graphed):
     """A decode step around a captured graph of ``generation.decode_logits``.
 
@@ -204,13 +218,8 @@ def compiled_steps(device_type: str, world_size: int):
         graphed = torch.compile(decode_logits, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
         prefill = torch.compile(prefill_logits, dynamic=True)
         return CompiledSteps(prefill, captured_step(graphed), "inductor max-autotune, CUDA graphs")
-    import torch._inductor.config as inductor
-
-    inductor.freezing = True  # weights become constants: prepacked for the CPU GEMM kernels
-    # A C++ wrapper calls the ~200 small kernels of a step without Python between them (bf16: 16.5 -> 14.1 ms).
-    # It cannot wrap the collectives that tensor parallelism puts in the graph (torch 2.13: "arg type Any").
-    inductor.cpp_wrapper = world_size == 1
-    decode = torch.compile(decode_step, mode="max-autotune-no-cudagraphs", fullgraph=fullgraph, dynamic=False)
+    configure_cpu_inductor(world_size)
+    decode = torch.compile(decode_step, mode=CPU_DECODE_MODE, fullgraph=fullgraph, dynamic=False)
     # Prefill GEMMs are large enough for oneDNN/MKL; compiling fuses the elementwise work around them
     # (bf16, 256 tokens: 111 -> 71 ms) in one graph for every prompt length.
     prefill = torch.compile(prefill_logits, dynamic=True)

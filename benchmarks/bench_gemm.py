@@ -1,0 +1,125 @@
+"""How fast a decode step's matrix products stream their weights at M = 1, 2, 4, 8... rows.
+
+A decode step with ``M`` rows (the batch) multiplies [M, K] activations by
+every weight matrix once; at small M that is bound by reading the weights
+from memory, so its time should barely grow with M.  This measures, for
+the model's own projection shapes (fused qkv, o, fused gate/up, down, and
+the head), cycling through enough copies that no weight stays in cache:
+
+* ``F.linear`` eager (what ``--compile off`` calls);
+* the compiled chain, with the engine's own CPU compile settings (inductor
+  ``max-autotune`` choosing between its C++ micro-GEMM and MKL per shape,
+  freezing, weight prepacking, C++ wrapper): what ``--compile on`` gets;
+* the read bandwidth (sum over 256 MB), the ceiling of all of them.
+
+and prints GB/s of weights streamed and the time at M against the first M
+given (M = 1 by default).  It
+is the evidence behind the batch-8 row of docs/PERFORMANCE.md.  Never run
+it beside other busy processes.
+
+    python benchmarks/bench_gemm.py                      # embedded model's shapes, fp32, M = 1,2,4,8
+    python benchmarks/bench_gemm.py --dtype bf16 --rows 1,8 --json gemm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vicuna_bench import checkpoint
+from vicuna_bench.runtime import resolve_engine_spec, usable_cpus
+
+
+class LinearChain(nn.Module):
+    """``copies`` x (qkv, o, gate/up, down) at the model's shapes, then the head: one decode step's GEMMs."""
+
+    def __init__(self, args, copies: int, dtype: torch.dtype):
+        super().__init__()
+        h, i, d = args.hidden_size, args.intermediate_size, args.head_dim
+        qkv = (args.n_heads + 2 * args.n_kv_heads) * d
+        shapes = [(qkv, h), (h, args.n_heads * d), (2 * i, h), (h, i)]
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(nn.Linear(k, n, bias=False, dtype=dtype) for n, k in shapes) for _ in range(copies))
+        self.head = nn.Linear(h, args.vocab_size, bias=False, dtype=dtype)
+        self.q_width, self.inter = args.n_heads * d, i
+        for p in self.parameters():
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for qkv, o, gate_up, down in self.blocks:
+            x = x + o(qkv(x)[..., : self.q_width])
+            gate, up = gate_up(x).split(self.inter, dim=-1)
+            x = x + down(F.silu(gate) * up)
+        return self.head(x)
+
+
+def median_ms(fn, x, repeat: int) -> float:
+    fn(x)
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model-path", default=None, help="HF model dir for the shapes (default: the embedded model)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--rows", default="1,2,4,8", help="comma list of M (batch rows)")
+    p.add_argument("--layers", type=int, default=None, help="copies of a layer's matrices (default: the model's)")
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--json", default=None)
+    ns = p.parse_args(argv)
+
+    from bench_peers import cpu_flags, read_bandwidth  # this folder's probes (the script's folder is on sys.path)
+
+    threads = usable_cpus()
+    torch.set_num_threads(threads)
+    dtype = checkpoint.DTYPES[ns.dtype]
+    spec = resolve_engine_spec(ns.model_path, 1, "cpu", ns.dtype, 64, progress=False)
+    args = checkpoint.read_model_args(Path(spec.model_path))
+    net = LinearChain(args, ns.layers or args.n_layers, dtype).eval()
+    nbytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    read = read_bandwidth()
+    doc = {"model": spec.model_path, "dtype": ns.dtype, "threads": threads, "flags": cpu_flags(),
+           "torch": torch.__version__, "weight_bytes": nbytes, "read_gbps": read / 1e9, "rows": []}
+    print(f"{Path(spec.model_path).name} shapes, {ns.dtype}, {threads} threads, {nbytes / 1e6:.0f} MB of weights; "
+          f"read bandwidth {read / 1e9:.1f} GB/s (floor {nbytes / read * 1e3:.2f} ms)", flush=True)
+    if not ns.no_compile:
+        from vicuna_bench.compile import CPU_DECODE_MODE, configure_cpu_inductor
+
+        configure_cpu_inductor(1)
+    base = {}
+    print(f"{'M':>3} {'kernel':<10}{'ms':>9}{'GB/s':>8}{'x first':>8}")
+    with torch.inference_mode():
+        for m in [int(v) for v in ns.rows.split(",")]:
+            x = torch.randn(m, args.hidden_size, dtype=dtype)
+            kernels = {"eager": net}
+            if not ns.no_compile:
+                # One graph per M (static shapes), as the engine compiles a decode step per batch size.
+                kernels["compiled"] = torch.compile(net, mode=CPU_DECODE_MODE, dynamic=False)
+            for name, fn in kernels.items():
+                ms = median_ms(fn, x, ns.repeat)
+                base.setdefault(name, ms)
+                row = {"m": m, "kernel": name, "ms": ms, "gbps": nbytes / ms / 1e6, "over_m1": ms / base[name]}
+                doc["rows"].append(row)
+                print(f"{m:>3} {name:<10}{ms:>9.2f}{row['gbps']:>8.1f}{row['over_m1']:>8.2f}", flush=True)
+            torch._dynamo.reset()
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

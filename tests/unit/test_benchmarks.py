@@ -1,0 +1,52 @@
+"""The benchmark scripts' own arithmetic, against byte counts worked out by hand from the tiny configs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+from vicuna_bench.pytest_plugin import make_engine_spec
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_memory_probe_counts_weights_and_the_kv_cache(tiny_models, bench):
+    """GQA tiny model: tied 777 x 64 embedding, 2 layers, 2 key/value heads of 8; batch 2 in a 64-slot cache."""
+    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", max_seq_len=64)
+    got = bench("bench_peers")._memory_probe(spec, [[5, 6, 7], [8, 9]], 4, threads=1)
+    h, i, layers, kv_width = 64, 128, 2, 2 * 8
+    per_layer = h * h + 2 * kv_width * h + h * h + 2 * i * h + i * h + 2 * h  # q, k+v, o, gate+up, down, 2 norms
+    assert got["weight_bytes"] == 4 * (777 * h + layers * per_layer + h)
+    assert got["kv_cache_bytes"] == 4 * 2 * layers * 2 * kv_width * 64  # k and v, batch 2, 64 slots
+    assert got["load_peak_growth_bytes"] > 0  # loading allocates; the figures are growth over the pre-load RSS
+    total = got["weight_bytes"] + got["kv_cache_bytes"]
+    assert got["serve_over_weights_kv"] == pytest.approx(got["serve_peak_growth_bytes"] / total)
+
+
+def test_gemm_benchmark_streams_the_models_matrices(tiny_models, bench, tmp_path, capsys):
+    """bench_gemm's chain holds each layer's fused qkv, o, fused gate/up and down once per layer, then the head."""
+    out = tmp_path / "gemm.json"
+    assert bench("bench_gemm").main(["--model-path", str(tiny_models["vicuna"]), "--rows", "1,2", "--repeat", "2",
+                                     "--no-compile", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    h, i, vocab, layers = 64, 128, 1001, 2  # tiny.VICUNA_SHAPED
+    assert tiny.VICUNA_SHAPED["hidden_size"] == h and tiny.VICUNA_SHAPED["vocab_size"] == vocab
+    assert doc["weight_bytes"] == 4 * (layers * (3 * h * h + h * h + 2 * i * h + i * h) + vocab * h)
+    assert [(r["m"], r["kernel"]) for r in doc["rows"]] == [(1, "eager"), (2, "eager")]
+    first = doc["rows"][0]
+    assert first["over_m1"] == 1.0 and first["gbps"] == pytest.approx(doc["weight_bytes"] / first["ms"] / 1e6)
+    assert "GB/s" in capsys.readouterr().out
