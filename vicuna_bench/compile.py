@@ -85,6 +85,7 @@ def _configure_inductor() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
     inductor.fx_graph_cache = True
+    _raise_recompile_limits()
     if hasattr(inductor, "autotune_local_cache"):
         inductor.autotune_local_cache = True
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own use of it
@@ -97,6 +98,24 @@ def _configure_inductor() -> None:
         select_algorithm.PRINT_AUTOTUNE = False
     except ImportError:
         pass
+
+
+# Dynamo keeps one compiled entry per (rank model, batch, KV cache length) of the decode step and per
+# (model, batch > 1) of the prefill.  Its default limit of 8 entries per function is reached by a process that
+# builds several engines or serves many batch shapes (a precision run's buckets, the nightly, a test session), and
+# under fullgraph=True reaching it is an error, not a fallback.
+RECOMPILE_LIMIT = 256
+
+
+def _raise_recompile_limits() -> None:
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(dynamo, name, max(getattr(dynamo, name), RECOMPILE_LIMIT))
+    total = "accumulated_recompile_limit" if hasattr(dynamo, "accumulated_recompile_limit") else \
+        "accumulated_cache_size_limit"
+    if hasattr(dynamo, total):
+        setattr(dynamo, total, max(getattr(dynamo, total), 4 * RECOMPILE_LIMIT))
 
 
 class CompiledSteps:

@@ -183,3 +183,14 @@ def test_compile_auto_decides_by_the_steps_ahead(caplog):
     assert resolve_mode("on", "cpu", 0) == "on"
     with pytest.raises(UserError, match="--compile 'fast'"):
         resolve_mode("fast", "cpu", 0)
+
+
+def test_one_process_may_hold_many_compiled_shapes():
+    """More compiled entries than dynamo's default limit (8) in one process, under fullgraph=True: several engines
+    and a precision run's batch shapes.  Regression: a test session under --compile on failed at its 9th model."""
+    from vicuna_bench.compile import compiled_steps
+
+    compiled_steps("cpu", 1)  # configures dynamo and inductor as --compile on does
+    double_plus_one = torch.compile(lambda x: x * 2 + 1, backend="eager", fullgraph=True, dynamic=False)
+    for n in range(1, 13):  # one static-shape entry each
+        assert torch.equal(double_plus_one(torch.ones(n)), torch.full((n,), 3.0))
