@@ -8,8 +8,8 @@ the head), cycling through enough copies that no weight stays in cache:
 
 * ``F.linear`` eager (what ``--compile off`` calls);
 * the compiled chain, with the engine's own CPU compile settings (inductor
-  ``max-autotune`` choosing between its C++ micro-GEMM and MKL per shape,
-  freezing, weight prepacking, C++ wrapper): what ``--compile on`` gets;
+  ``max-autotune``, C++ wrapper, and in bf16 freezing with weight
+  prepacking: ``compile.cpu_inductor_options``): what ``--compile on`` gets;
 * the read bandwidth (sum over 256 MB), the ceiling of all of them.
 
 and prints GB/s of weights streamed and the time at M against the first M
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     if not ns.no_compile:
         from vicuna_bench.compile import CPU_DECODE_MODE, configure_cpu_inductor
 
-        configure_cpu_inductor(1)
+        configure_cpu_inductor(1, ns.dtype)
     base = {}
     print(f"{'M':>3} {'kernel':<10}{'ms':>9}{'GB/s':>8}{'x first':>8}")
     with torch.inference_mode():

@@ -115,7 +115,7 @@ def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     cpu = torch.device("cpu")
-    steps = compiled_steps("cpu", 1) if spec.compile == "on" else EAGER
+    steps = compiled_steps("cpu", 1, spec.dtype) if spec.compile == "on" else EAGER
     if steps is not EAGER:
         from torch._inductor import config as _inductor  # noqa: F401  (loaded before the baseline: not model memory)
     base = _rss_bytes()

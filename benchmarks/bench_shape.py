@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                     fn = torch.compile(decode_logits, mode=ns.inductor_mode, fullgraph=True, dynamic=False)
                     steps = CompiledSteps(None, captured_step(fn), f"torch.compile mode={ns.inductor_mode}")
                 else:
-                    full = compiled_steps(device.type, 1)
+                    full = compiled_steps(device.type, 1, ns.dtype)
                     steps = CompiledSteps(None, full.decode, full.description + " (decode step only)")
             row = timed(model, prompts, ns.seq_out, steps, device, ns.repeat)
             cache_bytes = 2 * args.n_layers * batch * max_seq_len * args.n_kv_heads * args.head_dim * dtype.itemsize

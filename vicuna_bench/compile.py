@@ -4,9 +4,11 @@
 :func:`~vicuna_bench.generation.decode_step` by compiled ones:
 
 * CPU: inductor with ``max-autotune`` (its C++ micro-GEMMs for the
-  matrix-vector products of a decode step), freezing and weight prepacking
-  (the weights become constants laid out for the kernels), and a C++
-  wrapper (no Python between the step's kernels);
+  matrix-vector products of a decode step), a C++ wrapper (no Python
+  between the step's kernels), and in bf16/fp16 freezing with weight
+  prepacking (the weights become constants laid out for the AMX kernels;
+  not in fp32, where it costs ~4x the weights in memory for little speed:
+  :func:`cpu_inductor_options`);
 * CUDA: ``max-autotune`` (CUDA graphs: one launch per step, and GEMMs
   autotuned per shape); the step's one input write (``key_valid``) is done
   outside the graph, which CUDA graphs would otherwise skip;
@@ -187,15 +189,42 @@ class CompiledSteps:
 CPU_DECODE_MODE = "max-autotune-no-cudagraphs"  # inductor's C++ micro-GEMMs autotuned against MKL per shape
 
 
-def configure_cpu_inductor(world_size: int = 1) -> None:
-    """Inductor settings of a CPU decode step (also what ``benchmarks/bench_gemm.py`` compiles with)."""
+def cpu_inductor_options(world_size: int = 1, dtype: str = "fp32") -> dict:
+    """Inductor settings of a CPU decode step, by dtype and world size.
+
+    * ``freezing`` (weights become constants, prepacked for the GEMM kernels)
+      only for bf16/fp16: there it is what makes a step fast (bf16, SmolLM2,
+      batch 1: 30.1 ms unfrozen, 13.5 frozen: the AMX kernels want packed
+      weights).  In fp32 it buys little at batch 1 (27.0 -> 25.6-26.6 ms) and
+      costs much memory: the frozen graphs keep their own prepacked copies
+      beside the model's tensors (SmolLM2 fp32 decode + prefill: RSS growth
+      3.0 GB against 0.78 GB unfrozen, weights 0.51 GB).
+    * a C++ wrapper: no Python between the ~200 small kernels of a step (bf16:
+      16.5 -> 14.1 ms).  It cannot wrap the collectives that tensor
+      parallelism puts in the graph (torch 2.13: "arg type Any").
+    """
+    return {"freezing": dtype != "fp32", "cpp_wrapper": world_size == 1}
+
+
+def configure_cpu_inductor(world_size: int = 1, dtype: str = "fp32") -> None:
+    """Set :func:`cpu_inductor_options` process-wide (``benchmarks/bench_gemm.py`` compiles under them)."""
     import torch._inductor.config as inductor
 
     _configure_inductor()
-    inductor.freezing = True  # weights become constants: prepacked for the CPU GEMM kernels
-    # A C++ wrapper calls the ~200 small kernels of a step without Python between them (bf16: 16.5 -> 14.1 ms).
-    # It cannot wrap the collectives that tensor parallelism puts in the graph (torch 2.13: "arg type Any").
-    inductor.cpp_wrapper = world_size == 1
+    for key, value in cpu_inductor_options(world_size, dtype).items():
+        setattr(inductor, key, value)
+
+
+def under_inductor_options(fn, **options):
+    """``fn`` called under these inductor settings, so the graphs it compiles (lazily, on a call) get them
+    whatever other engines in the process set."""
+    import torch._inductor.config as inductor
+
+    def call(*args, **kwargs):
+        with inductor.patch(options):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def captured_step(graphed):
@@ -213,7 +242,7 @@ def captured_step(graphed):
     return step
 
 
-def compiled_steps(device_type: str, world_size: int):
+def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32"):
     """The prefill and decode step for ``--compile on`` on ``device_type``: CompiledSteps, or eager (logged)."""
     from .generation import EAGER, decode_logits, decode_step, prefill_logits
 
@@ -237,10 +266,12 @@ def compiled_steps(device_type: str, world_size: int):
         graphed = torch.compile(decode_logits, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
         prefill = torch.compile(prefill_logits, dynamic=True)
         return CompiledSteps(prefill, captured_step(graphed), "inductor max-autotune, CUDA graphs")
-    configure_cpu_inductor(world_size)
+    options = cpu_inductor_options(world_size, dtype)
     decode = torch.compile(decode_step, mode=CPU_DECODE_MODE, fullgraph=fullgraph, dynamic=False)
-    # Prefill GEMMs are large enough for oneDNN/MKL; compiling fuses the elementwise work around them
-    # (bf16, 256 tokens: 111 -> 71 ms) in one graph for every prompt length.
+    # Compiling the prefill fuses the elementwise work around its GEMMs, in one graph for every prompt length
+    # (bf16, 256 tokens: 111 -> 71 ms, frozen; unfrozen bf16 GEMMs would give back most of that).
     prefill = torch.compile(prefill_logits, dynamic=True)
-    wrapper = ", C++ wrapper" if world_size == 1 else ""
-    return CompiledSteps(prefill, decode, f"inductor: decode max-autotune, prefill dynamic, freezing{wrapper}")
+    frozen = ", freezing" if options["freezing"] else ""
+    wrapper = ", C++ wrapper" if options["cpp_wrapper"] else ""
+    return CompiledSteps(under_inductor_options(prefill, **options), under_inductor_options(decode, **options),
+                         f"inductor: decode max-autotune, prefill dynamic{frozen}{wrapper}")

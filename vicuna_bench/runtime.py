@@ -264,7 +264,7 @@ class RankRunner:
         if spec.compile == "on":
             from .compile import compiled_steps
 
-            self.steps = compiled_steps(spec.device, spec.world_size)
+            self.steps = compiled_steps(spec.device, spec.world_size, spec.dtype)
 
     def info(self) -> dict:
         decode_weights, kv_per_token = decode_read_bytes(self.model)
