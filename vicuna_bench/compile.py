@@ -195,10 +195,11 @@ def cpu_inductor_options(world_size: int = 1, dtype: str = "fp32") -> dict:
     * ``freezing`` (weights become constants, prepacked for the GEMM kernels)
       only for bf16/fp16: there it is what makes a step fast (bf16, SmolLM2,
       batch 1: 30.1 ms unfrozen, 13.5 frozen: the AMX kernels want packed
-      weights).  In fp32 it buys little at batch 1 (27.0 -> 25.6-26.6 ms) and
-      costs much memory: the frozen graphs keep their own prepacked copies
-      beside the model's tensors (SmolLM2 fp32 decode + prefill: RSS growth
-      3.0 GB against 0.78 GB unfrozen, weights 0.51 GB).
+      weights).  In fp32 it buys nothing measurable at batch 1 (26.45 ms
+      unfrozen, 25.6-26.6 frozen) and costs much memory: the frozen graphs
+      keep their own prepacked copies beside the model's tensors (SmolLM2
+      fp32 decode + prefill: RSS growth 3.0 GB frozen against 0.66 GB
+      unfrozen, weights 0.51 GB; bf16 still pays it: 1.5 GB for 0.26 GB).
     * a C++ wrapper: no Python between the ~200 small kernels of a step (bf16:
       16.5 -> 14.1 ms).  It cannot wrap the collectives that tensor
       parallelism puts in the graph (torch 2.13: "arg type Any").
