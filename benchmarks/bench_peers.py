@@ -92,14 +92,6 @@ def ours(spec, prompts, seq_out: int, repeat: int) -> dict:
     }
 
 
-def _rss_bytes(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
     """Run in a fresh process: RSS growth over the pre-load process while loading (+ compiling) and while serving.
 
@@ -118,7 +110,9 @@ def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
     steps = compiled_steps("cpu", 1, spec.dtype) if spec.compile == "on" else EAGER
     if steps is not EAGER:
         from torch._inductor import config as _inductor  # noqa: F401  (loaded before the baseline: not model memory)
-    base = _rss_bytes()
+    base = devices.proc_status_bytes("VmRSS")
+    if base is None:
+        raise RuntimeError("--memory reads /proc/self/status (Linux only)")
     devices.reset_peak_memory(cpu)
     model = build_rank_model(spec, 0, TensorParallel(), cpu)
     generate(model, prompts, seq_out, ignore_eos=True, steps=steps)  # warm-up: compiles here

@@ -87,7 +87,6 @@ def _configure_inductor() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
     inductor.fx_graph_cache = True
-    _raise_recompile_limits()
     if hasattr(inductor, "autotune_local_cache"):
         inductor.autotune_local_cache = True
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own use of it
@@ -222,6 +221,8 @@ def under_inductor_options(fn, **options):
     import torch._inductor.config as inductor
 
     def call(*args, **kwargs):
+        if all(getattr(inductor, key) == value for key, value in options.items()):
+            return fn(*args, **kwargs)  # the usual case (one engine): no patch, ~25 us less per decode step
         with inductor.patch(options):
             return fn(*args, **kwargs)
 
@@ -247,6 +248,7 @@ def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32"):
     """The prefill and decode step for ``--compile on`` on ``device_type``: CompiledSteps, or eager (logged)."""
     from .generation import EAGER, decode_logits, decode_step, prefill_logits
 
+    _raise_recompile_limits()
     if device_type == "npu":
         try:
             import torchair
@@ -267,6 +269,7 @@ def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32"):
         graphed = torch.compile(decode_logits, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
         prefill = torch.compile(prefill_logits, dynamic=True)
         return CompiledSteps(prefill, captured_step(graphed), "inductor max-autotune, CUDA graphs")
+    configure_cpu_inductor(world_size, dtype)  # process-wide too, so the per-call check finds nothing to patch
     options = cpu_inductor_options(world_size, dtype)
     decode = torch.compile(decode_step, mode=CPU_DECODE_MODE, fullgraph=fullgraph, dynamic=False)
     # Compiling the prefill fuses the elementwise work around its GEMMs, in one graph for every prompt length

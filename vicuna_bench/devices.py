@@ -247,6 +247,18 @@ def reset_peak_memory(device: torch.device) -> None:
         pass  # not Linux, or not allowed: the peak then covers the whole process life
 
 
+def proc_status_bytes(field: str) -> int | None:
+    """A size from ``/proc/self/status`` (``VmRSS``: resident now, ``VmHWM``: its peak) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process on ``device`` since :func:`reset_peak_memory`.
 
@@ -255,13 +267,9 @@ def peak_memory_bytes(device: torch.device) -> int:
     """
     if device.type in ("cuda", "npu"):
         return int(_device_module(device).max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
     import sys
 

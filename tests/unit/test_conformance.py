@@ -26,7 +26,8 @@ def _assert_close_to_scale(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1
 
 
 def _check_model(path, prompt, engine_factory, compile_mode="off"):
-    spec = make_engine_spec(path, 1, "cpu", "fp32", max_seq_len=len(prompt) + DECODE_STEPS + 8)
+    # --compile on: the engine's compiled prefill and step (auto resolves to off for these short runs)
+    spec = make_engine_spec(path, 1, "cpu", "fp32", max_seq_len=len(prompt) + DECODE_STEPS + 8, compile=compile_mode)
     ref = tiny.hf_model(path)
 
     # prefill: logits at every prompt position
@@ -41,8 +42,6 @@ def _check_model(path, prompt, engine_factory, compile_mode="off"):
 
     # prefill + 32 decode steps through the engine: logits and greedy tokens
     ref_tokens, ref_logits = tiny.hf_greedy(ref, prompt, DECODE_STEPS)
-    # --compile on: the compiled prefill and step (auto resolves to off for these short runs)
-    spec = make_engine_spec(path, 1, "cpu", "fp32", max_seq_len=len(prompt) + DECODE_STEPS + 8, compile=compile_mode)
     result = engine_factory(spec).generate([prompt], DECODE_STEPS, ignore_eos=True, return_logits=True)
     assert result.output_ids[0] == ref_tokens
     assert result.logits[0].shape == ref_logits.shape
