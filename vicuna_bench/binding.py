@@ -17,7 +17,12 @@ The rules, per device type:
 A failure to bind is one warning line and the run goes on unbound, as the
 vendor's launcher does: binding is a speed matter, never a correctness one.
 Where the vendor crashes (a single-CPU item such as ``5`` in ``lscpu``;
-``ASCEND_RT_VISIBLE_DEVICES`` unset) we do not.
+``ASCEND_RT_VISIBLE_DEVICES`` unset) we do not.  Beyond the vendor, for
+hosts as they are: every tool runs in the C locale (a zh_CN server's
+``lscpu`` prints ``NUMA 节点0 CPU：``); the chip table falls back to
+``npu-smi info -m`` when the board query fails, and its columns are found by
+the header's names; the NUMA node comes from sysfs when ``lspci`` is
+missing or fails.
 """
 
 from __future__ import annotations
@@ -41,14 +46,32 @@ Runner = Callable[[Sequence[str]], str]
 TOOL_TIMEOUT_S = 60
 
 
+def c_locale_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default ``os.environ``) with messages forced to the C locale, for a tool whose output is parsed."""
+    env = dict(os.environ if base is None else base)
+    # lscpu (util-linux) translates its labels: under zh_CN "NUMA node0
+    # CPU(s):" is "NUMA 节点0 CPU：" and the parser finds nothing.  LC_ALL
+    # outranks LC_MESSAGES and LANG; LANG too, for programs that read it directly.
+    # GNU gettext ignores LANGUAGE under C; dropped so no tool's rule matters.
+    env["LC_ALL"] = "C"
+    env["LANG"] = "C"
+    env.pop("LANGUAGE", None)
+    return env
+
+
 def run_tool(argv: Sequence[str]) -> str:
-    """Run a system tool and return its stdout (text); raise if it fails."""
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=True)
+    """Run a system tool in the C locale and return its stdout (text); raise if it fails."""
+    done = subprocess.run(list(argv), capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          env=c_locale_env(), timeout=TOOL_TIMEOUT_S, check=True)
     return done.stdout
 
 
 class BindingFailed(Exception):
     """A step of the binding could not be done: the rank runs unbound."""
+
+
+class ToolMissing(BindingFailed):
+    """The tool is not installed: asking it another way cannot help."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,20 +145,42 @@ def format_cpu_list(cpus: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def parse_npu_chip_map(text: str) -> dict[int, tuple[int, int]]:
-    """``npu-smi info -t board -m`` -> {chip logic id: (npu id, chip id)}.
+# Multi-word column names of npu-smi's chip table, joined before splitting the header.
+_CHIP_TABLE_NAMES = ("Chip Logic ID", "Chip Phy-ID", "Chip Name", "Chip ID", "NPU ID", "Slot ID")
 
-    One header line, then rows ``NPU_ID Chip_ID Chip_Logic_ID Chip_Name``;
-    rows whose logic id is not a number (``-``: the board's MCU) are not
-    usable devices and are skipped.
+
+def parse_npu_chip_map(text: str) -> dict[int, tuple[int, int]]:
+    """``npu-smi info -t board -m`` or ``npu-smi info -m`` -> {chip logic id: (npu id, chip id)}.
+
+    A header ``NPU ID  Chip ID  Chip Logic ID  Chip Name`` then one row per
+    chip.  Columns are found by the header's names: npu-smi 25.x on A3 adds
+    ``Chip Phy-ID`` after the logic id, and Ascend 950 tables have ``Slot
+    ID`` and no logic id at all, which read by position would bind the
+    wrong chip (a ValueError instead).  Without a header the vendor's
+    positions (0, 1, 2) are used.  Rows whose logic id is not a number
+    (``-``: the board's MCU) are not usable devices and are skipped.
     """
+    lines = text.splitlines()
+    npu_col, chip_col, logic_col = 0, 1, 2
+    for i, line in enumerate(lines):
+        if "NPU ID" in line and "Chip ID" in line:
+            joined = line
+            for name in _CHIP_TABLE_NAMES:
+                joined = joined.replace(name, name.replace(" ", "_"))
+            columns = joined.split()
+            if "Chip_Logic_ID" not in columns:
+                raise ValueError(f"npu-smi's chip table has no Chip Logic ID column (header: {' '.join(line.split())!r})")
+            npu_col, chip_col, logic_col = (columns.index(c) for c in ("NPU_ID", "Chip_ID", "Chip_Logic_ID"))
+            lines = lines[i + 1:]
+            break
     chips: dict[int, tuple[int, int]] = {}
-    for line in text.splitlines():
-        fields = line.split(None, 3)
-        if len(fields) < 3 or not (fields[0].isdigit() and fields[1].isdigit()):
-            continue  # the header, blank lines
-        if fields[2].isdigit():
-            chips[int(fields[2])] = (int(fields[0]), int(fields[1]))
+    last = max(npu_col, chip_col, logic_col)
+    for line in lines:
+        fields = line.split()
+        if len(fields) <= last or not (fields[npu_col].isdigit() and fields[chip_col].isdigit()):
+            continue  # blank lines, a header we did not recognise
+        if fields[logic_col].isdigit():
+            chips[int(fields[logic_col])] = (int(fields[npu_col]), int(fields[chip_col]))
     return chips
 
 
@@ -154,7 +199,10 @@ def parse_npu_pcie_bus(text: str) -> str | None:
 
 
 def parse_lspci_numa_node(text: str) -> int | None:
-    """``lspci -s BUS -vvv`` -> the device's NUMA node (``NUMA node: 1``), None if absent."""
+    """``lspci -s BUS -vvv`` -> the device's NUMA node (``NUMA node: 1``), None if absent.
+
+    pciutils prints the line only when the kernel knows a node (not -1).
+    """
     m = re.search(r"^\s*NUMA\s+node:\s*(-?\d+)\s*$", text, re.MULTILINE)
     return int(m.group(1)) if m else None
 
@@ -239,28 +287,112 @@ def _npu_logic_ids(device_ids: Sequence[int], env: Mapping[str, str], chip_map: 
 
 
 def _run(run: Runner, argv: Sequence[str]) -> str:
+    shown = " ".join(argv)
     try:
         return run(argv)
     except FileNotFoundError:
-        raise BindingFailed(f"{argv[0]} not found") from None
+        raise ToolMissing(f"{argv[0]} not found") from None
     except subprocess.CalledProcessError as exc:
-        raise BindingFailed(f"`{' '.join(argv)}` exited {exc.returncode}") from None
+        said = _first_line(exc.stderr) or _first_line(exc.output)
+        raise BindingFailed(f"`{shown}` exited {exc.returncode}" + (f": {said}" if said else "")) from None
     except subprocess.TimeoutExpired:
-        raise BindingFailed(f"`{' '.join(argv)}` timed out") from None
+        raise BindingFailed(f"`{shown}` timed out") from None
     except OSError as exc:
-        raise BindingFailed(f"`{' '.join(argv)}` failed: {exc}") from None
+        raise BindingFailed(f"`{shown}` failed: {exc}") from None
 
 
-def _plan_npu(rank: int, device_ids: Sequence[int], env: Mapping[str, str], run: Runner) -> tuple[list[int], int, str]:
-    chip_map = parse_npu_chip_map(_run(run, ["npu-smi", "info", "-t", "board", "-m"]))
-    if not chip_map:
-        # Public tools call the same table ``npu-smi info -m``; some driver
-        # versions print it only there.
-        chip_map = parse_npu_chip_map(_run(run, ["npu-smi", "info", "-m"]))
-    if not chip_map:
-        raise BindingFailed("npu-smi lists no chip with a logic id")
+def _first_line(text: str | bytes | None, limit: int = 120) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    line = next((ln.strip() for ln in (text or "").splitlines() if ln.strip()), "")
+    return line[:limit]
+
+
+# The vendor's query first; ``npu-smi info -m`` is the same table, and the
+# only one some tool versions answer (newer tools such as vllm-ascend ask it).
+CHIP_MAP_QUERIES = (("npu-smi", "info", "-t", "board", "-m"), ("npu-smi", "info", "-m"))
+
+
+def _npu_chip_map(run: Runner) -> tuple[dict[int, tuple[int, int]], str]:
+    """{chip logic id: (npu id, chip id)} from the first query that answers, and a note on fallbacks taken."""
+    failures: list[str] = []
+    for argv in CHIP_MAP_QUERIES:
+        shown = " ".join(argv)
+        try:
+            chips = parse_npu_chip_map(_run(run, argv))
+        except ToolMissing:
+            raise
+        except BindingFailed as exc:
+            failures.append(str(exc))
+            continue
+        except ValueError as exc:
+            failures.append(f"`{shown}`: {exc}")
+            continue
+        if chips:
+            return chips, (f"chips from `{shown}` after {'; '.join(failures)}" if failures else "")
+        failures.append(f"`{shown}` lists no chip with a logic id")
+    raise BindingFailed("; ".join(failures))
+
+
+_PCI_ADDRESS = re.compile(r"(?:([0-9a-f]{1,8}):)?([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])")
+
+
+def sysfs_pci_address(bus: str) -> str:
+    """The sysfs name of a PCI address as tools print it: ``0000:C1:00.0`` or ``C1:00.0`` -> ``0000:c1:00.0``."""
+    m = _PCI_ADDRESS.fullmatch(bus.strip().lower())
+    if m is None:
+        raise BindingFailed(f"not a PCI address: {bus!r}")
+    # sysfs writes the domain with %04x; nvidia-smi prints 8 digits.
+    domain = int(m.group(1) or "0", 16)
+    return f"{domain:04x}:{m.group(2)}:{m.group(3)}.{m.group(4)}"
+
+
+def _read_sysfs(root: Path, bus: str, name: str) -> str:
+    path = root / "sys/bus/pci/devices" / bus / name
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise BindingFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def sysfs_numa_node(root: Path, bus: str) -> int:
+    """The NUMA node the kernel gives PCI device ``bus`` (sysfs name); -1 when the platform reports none."""
+    raw = _read_sysfs(root, bus, "numa_node").strip()
+    try:
+        return int(raw)
+    except ValueError:
+        raise BindingFailed(f"{root / 'sys/bus/pci/devices' / bus / 'numa_node'} holds {raw!r}, not a NUMA node") from None
+
+
+def _npu_numa_node(run: Runner, bus: str, sysfs_root: Path) -> tuple[int, str]:
+    """NUMA node of the device at ``bus`` (-1: none reported) and, when lspci could not say, why sysfs was read."""
+    try:
+        text = _run(run, ["lspci", "-s", bus, "-vvv"])
+    except BindingFailed as exc:
+        lspci_said, listed = str(exc), False
+    else:
+        node = parse_lspci_numa_node(text)
+        if node is not None:
+            return node, ""
+        listed = bool(text.strip())
+        lspci_said = f"lspci shows no NUMA node for {bus}" if listed else f"lspci lists no device {bus}"
+    # lspci reads this same file; it is there without pciutils, and on
+    # pciutils too old to print the node.
+    try:
+        return sysfs_numa_node(sysfs_root, sysfs_pci_address(bus)), lspci_said
+    except BindingFailed as exc:
+        if listed:
+            return -1, ""  # pciutils omits the line exactly when the node is -1
+        raise BindingFailed(f"{lspci_said}; {exc}") from None
+
+
+def _plan_npu(rank: int, device_ids: Sequence[int], env: Mapping[str, str], run: Runner,
+              sysfs_root: Path) -> tuple[list[int], int, str]:
+    chip_map, chips_note = _npu_chip_map(run)
     logic_ids = _npu_logic_ids(device_ids, env, chip_map)
     node_of: dict[int, int] = {}
+    sysfs_notes: list[str] = []
+    notes: list[str] = []  # fallbacks taken, for the rank log
     for logic in sorted(set(logic_ids)):
         if logic not in chip_map:
             raise BindingFailed(f"npu-smi lists no chip with logic id {logic} (known: {sorted(chip_map)})")
@@ -268,18 +400,37 @@ def _plan_npu(rank: int, device_ids: Sequence[int], env: Mapping[str, str], run:
         bus = parse_npu_pcie_bus(_run(run, ["npu-smi", "info", "-t", "board", "-i", str(npu), "-c", str(chip)]))
         if bus is None:
             raise BindingFailed(f"npu-smi shows no PCIe bus for NPU {npu} chip {chip}")
-        node = parse_lspci_numa_node(_run(run, ["lspci", "-s", bus, "-vvv"]))
-        if node is None:
-            raise BindingFailed(f"lspci shows no NUMA node for {bus}")
-        node_of[logic] = node
+        node_of[logic], why_sysfs = _npu_numa_node(run, bus, sysfs_root)
+        if why_sysfs:
+            sysfs_notes.append(why_sysfs)
+    all_nodes = parse_lscpu_numa_cpus(_run(run, ["lscpu"]))
+    nodes = {n: cpus for n, cpus in all_nodes.items() if cpus}
+    unplaced = sorted(logic for logic, n in node_of.items() if n < 0)
+    if unplaced:
+        # -1: the kernel knows no node for the device (one-node hosts, or
+        # firmware without proximity info).  On a one-node host that node is
+        # the answer; on more, choosing one would be a guess.
+        if len(nodes) != 1:
+            raise BindingFailed(f"no NUMA node is known for logic ids {unplaced} (numa_node -1) "
+                                f"on a host with {len(nodes)} NUMA nodes")
+        (only,) = nodes
+        node_of = {logic: (only if n < 0 else n) for logic, n in node_of.items()}
+        notes.append(f"numa_node -1 read as the host's only node {only}")
     mine = logic_ids[rank]
     node = node_of[mine]
-    node_cpus = parse_lscpu_numa_cpus(_run(run, ["lscpu"])).get(node)
+    node_cpus = nodes.get(node)
     if not node_cpus:
         raise BindingFailed(f"lscpu lists no CPUs for NUMA node {node}")
     peers = sorted(d for d, n in node_of.items() if n == node)
     cpus = split_node_cpus(node_cpus, peers, mine, env)
-    how = (f"npu-smi/lspci/lscpu: logic id {mine} on NUMA node {node} "
+    sources = "npu-smi/sysfs/lscpu" if sysfs_notes else "npu-smi/lspci/lscpu"
+    if sysfs_notes:
+        notes.insert(0, f"NUMA node from sysfs: {sysfs_notes[0]}")
+    if chips_note:
+        notes.insert(0, chips_note)
+    if notes:
+        sources += f" ({'; '.join(notes)})"
+    how = (f"{sources}: logic id {mine} on NUMA node {node} "
            f"({len(node_cpus)} CPUs) shared by devices {peers}, {len(cpus)} CPUs each")
     return cpus, node, how
 
@@ -296,22 +447,14 @@ def cuda_pci_bus(device_index: int) -> str:
     return f"{int(domain):04x}:{int(bus):02x}:{int(dev):02x}.0"
 
 
-def _read_sysfs(root: Path, bus: str, name: str) -> str:
-    path = root / "sys/bus/pci/devices" / bus / name
-    try:
-        return path.read_text()
-    except OSError as exc:
-        raise BindingFailed(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
 def _plan_cuda(rank: int, device_ids: Sequence[int], env: Mapping[str, str], sysfs_root: Path,
                pci_bus: Callable[[int], str]) -> tuple[list[int], int | None, str]:
     node_of: dict[int, int] = {}
     cpus_of: dict[int, list[int]] = {}
     for d in sorted(set(device_ids)):
-        bus = pci_bus(d).lower()
+        bus = sysfs_pci_address(pci_bus(d))
+        node_of[d] = sysfs_numa_node(sysfs_root, bus)
         try:
-            node_of[d] = int(_read_sysfs(sysfs_root, bus, "numa_node").strip())
             cpus_of[d] = parse_cpu_list(_read_sysfs(sysfs_root, bus, "local_cpulist"))
         except ValueError as exc:
             raise BindingFailed(f"sysfs of {bus}: {exc}") from None
@@ -359,8 +502,9 @@ def plan_binding(
 
     ``device_ids`` are the job's device indices in rank order (default
     ``0..world_size-1``); ``env`` defaults to ``os.environ``; ``run``,
-    ``sysfs_root``, ``cuda_bus`` and ``allowed`` let tests replace the
-    system.  A malformed ``CPU_BINDING_NUM`` is a :class:`UserError`.
+    ``sysfs_root`` (read on CUDA, and on NPU when lspci cannot say),
+    ``cuda_bus`` and ``allowed`` let tests replace the system.  A malformed
+    ``CPU_BINDING_NUM`` is a :class:`UserError`.
     """
     env = os.environ if env is None else env
     ids = list(range(world_size)) if device_ids is None else [int(d) for d in device_ids]
@@ -371,7 +515,7 @@ def plan_binding(
     label = "cpu" if device_type == "cpu" else f"{device_type}:{ids[rank]}"
     try:
         if device_type == "npu":
-            cpus, node, how = _plan_npu(rank, ids[:world_size], env, run)
+            cpus, node, how = _plan_npu(rank, ids[:world_size], env, run, Path(sysfs_root))
         elif device_type == "cuda":
             cpus, node, how = _plan_cuda(rank, ids[:world_size], env, Path(sysfs_root), cuda_bus)
         elif device_type == "cpu":

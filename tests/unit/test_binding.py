@@ -2,9 +2,10 @@
 sysfs split on a fake tree, the CPU split in real processes.
 
 The tools are replaced only at the subprocess boundary (``subprocess.run``):
-every parser and the whole algorithm run as they would on the server.
-Expected CPU sets are worked out by hand from the files in ``data/npu``
-(see its README for the two machines).
+every parser and the whole algorithm run as they would on the server, with
+the environment run_tool gives each tool.  Expected CPU sets are worked out
+by hand from the files in ``data/npu`` (see its README for the machines and
+where each capture comes from).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -27,17 +29,36 @@ A2_NODE0 = list(range(0, 24)) + list(range(48, 72))
 A2_NODE1 = list(range(24, 48)) + list(range(72, 96))
 
 
-class FakeTools:
-    """``subprocess.run`` answering from captured files; records the calls."""
+def messages_locale(env) -> str:
+    """The locale a C program's gettext uses for messages under ``env`` (glibc's precedence)."""
+    for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        if env.get(name):
+            return env[name]
+    return "C"
 
-    def __init__(self, machine: str, missing: tuple[str, ...] = (), overrides: dict | None = None):
+
+class FakeTools:
+    """``subprocess.run`` answering from captured files; records the calls and the environment each got.
+
+    ``failing`` maps a command line to the exit status it returns; ``lscpu``
+    answers in the locale its environment asks for, as util-linux does:
+    the C capture under C/POSIX, the zh_CN capture otherwise.
+    """
+
+    def __init__(self, machine: str, missing: tuple[str, ...] = (), overrides: dict | None = None,
+                 failing: dict | None = None, lscpu_by_locale: tuple[str, str] | None = None):
         self.machine = machine
         self.missing = missing
         self.overrides = overrides or {}
+        self.failing = failing or {}
+        self.lscpu_by_locale = lscpu_by_locale
         self.calls: list[list[str]] = []
+        self.envs: list[dict] = []
 
-    def file_for(self, argv: list[str]) -> Path:
+    def file_for(self, argv: list[str], env) -> Path:
         m = self.machine
+        if argv == ["npu-smi", "info", "-m"] and (DATA / f"{m}_info_m.txt").exists():
+            return DATA / f"{m}_info_m.txt"
         if argv[:2] == ["npu-smi", "info"] and argv[2:] in (["-t", "board", "-m"], ["-m"]):
             return DATA / f"{m}_board_m.txt"
         if argv[:4] == ["npu-smi", "info", "-t", "board"] and argv[4] == "-i":
@@ -45,18 +66,31 @@ class FakeTools:
         if argv[0] == "lspci":
             bus = argv[2].split(":")[1].lower()
             return DATA / f"{m}_lspci_{bus}.txt"
+        if argv == ["lscpu"] and self.lscpu_by_locale:
+            c_file, translated_file = self.lscpu_by_locale
+            loc = messages_locale(env)
+            return DATA / (c_file if loc in ("C", "POSIX") or loc.startswith("C.") else translated_file)
         if argv == ["lscpu"]:
             return DATA / f"{m}_lscpu.txt"
         raise AssertionError(f"unexpected command {argv}")
 
     def __call__(self, argv, **kwargs):
         argv = list(argv)
+        env = kwargs.get("env")
+        env = dict(os.environ) if env is None else env  # subprocess inherits when env is None
         self.calls.append(argv)
+        self.envs.append(env)
         if argv[0] in self.missing:
             raise FileNotFoundError(2, "No such file or directory", argv[0])
         key = " ".join(argv)
-        text = self.overrides[key] if key in self.overrides else self.file_for(argv).read_text()
-        return subprocess.CompletedProcess(argv, 0, stdout=text, stderr="")
+        if key in self.failing:
+            done = subprocess.CompletedProcess(argv, self.failing[key], stdout="", stderr="")
+        else:
+            text = self.overrides[key] if key in self.overrides else self.file_for(argv, env).read_text()
+            done = subprocess.CompletedProcess(argv, 0, stdout=text, stderr="")
+        if kwargs.get("check"):
+            done.check_returncode()
+        return done
 
 
 @pytest.fixture
@@ -217,9 +251,10 @@ def test_missing_tool_warns_once_and_runs_unbound(tools, caplog):
 
 
 def test_npu_smi_missing_warns(tools):
-    tools("a2", missing=("npu-smi",))
+    fake = tools("a2", missing=("npu-smi",))
     b = binding.plan_binding("npu", 0, 1, [0], env={})
     assert b.cpus is None and "npu-smi not found" in b.warning
+    assert len(fake.calls) == 1  # a missing tool is not asked a second way
 
 
 def test_unknown_logic_id_warns(tools):
@@ -246,6 +281,196 @@ def test_garbled_lscpu_warns_rather_than_crashing(tools):
 def test_short_device_ids_is_a_user_error():
     with pytest.raises(UserError, match="world size 4"):
         binding.plan_binding("npu", 0, 4, [0, 1], env={})
+
+
+# ------------------------------------------------------------------ NPU on real hosts
+
+# npu-smi 25.x on an A3 (Atlas 800 A3, two dies a card) puts Chip Phy-ID after
+# the logic id: the layout of the `npu-smi info -m` outputs in vllm-ascend's
+# tests/ut/test_cpu_binding.py and in an xLLM launcher's test (public GitHub),
+# 31-character columns as npu-smi prints them.
+A3_INFO_M = (
+    "NPU ID                         Chip ID                        Chip Logic ID                  "
+    "Chip Phy-ID                    Chip Name\n"
+    "0                              0                              0                              0                              Ascend910\n"
+    "0                              1                              1                              1                              Ascend910\n"
+    "0                              2                              -                              -                              Mcu\n"
+    "1                              0                              2                              2                              Ascend910\n"
+)
+# Ascend 950PR: Slot ID, and no logic id column (a Rust scheduler's test data
+# on GitHub; a 950DT tool's changelog reports the same five columns).
+ASCEND950_INFO_M = "NPU ID Slot ID Chip ID Chip Phy-ID Chip Name\n7 0 0 5 Ascend950PR\n"
+
+
+def test_chip_map_of_info_m_capture():
+    # a2_info_m.txt: the tab-indented layout of a verbatim npu-smi 25.5.1 capture (see data/npu/README.md).
+    assert binding.parse_npu_chip_map((DATA / "a2_info_m.txt").read_text()) == {n: (n, 0) for n in range(8)}
+
+
+def test_chip_map_columns_found_by_header_name():
+    assert binding.parse_npu_chip_map(A3_INFO_M) == {0: (0, 0), 1: (0, 1), 2: (1, 0)}
+
+
+def test_chip_map_without_logic_id_column_is_refused_not_misread():
+    # Read by position, this row would say logic id 0 is NPU 7 chip 0 (the slot
+    # id taken as the chip id, the chip id as the logic id).
+    with pytest.raises(ValueError, match="no Chip Logic ID column"):
+        binding.parse_npu_chip_map(ASCEND950_INFO_M)
+
+
+def test_failing_board_query_falls_back_to_info_m(tools, caplog):
+    fake = tools("a2", failing={"npu-smi info -t board -m": 255})
+    with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
+        b = binding.plan_binding("npu", 5, 8, list(range(8)), env={})
+    # Same machine, same answer as through the board query: device 5 is third
+    # of node 0's devices [1,3,5,7] -> node-0 list [24:36] = 48..59.
+    assert (b.warning, b.numa_node, list(b.cpus)) == (None, 0, list(range(48, 60)))
+    assert fake.calls[:2] == [["npu-smi", "info", "-t", "board", "-m"], ["npu-smi", "info", "-m"]]
+    assert "npu-smi info -m" in b.how and "exited 255" in b.how
+    assert not caplog.records
+
+
+def test_both_chip_queries_failing_warns_once_naming_both(tools, caplog):
+    tools("a2", failing={"npu-smi info -t board -m": 255, "npu-smi info -m": 2})
+    with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
+        b = binding.plan_binding("npu", 0, 1, [0], env={})
+    assert b.cpus is None
+    assert "`npu-smi info -t board -m` exited 255" in b.warning and "`npu-smi info -m` exited 2" in b.warning
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_chip_table_without_logic_ids_in_both_queries_warns(tools):
+    tools("a2", overrides={"npu-smi info -t board -m": ASCEND950_INFO_M, "npu-smi info -m": ASCEND950_INFO_M})
+    b = binding.plan_binding("npu", 0, 1, [0], env={})
+    assert b.cpus is None and "no Chip Logic ID column" in b.warning
+
+
+def test_exit_status_message_carries_the_tools_first_stderr_line():
+    def failing(argv):
+        raise subprocess.CalledProcessError(1, argv, output="", stderr="\nfirst line\nsecond line\n")
+
+    b = binding.plan_binding("npu", 0, 1, [0], env={}, run=failing)
+    assert "exited 1: first line" in b.warning and "second line" not in b.warning
+
+
+def test_chinese_locale_lscpu_capture_has_no_line_the_parser_reads():
+    # host_lscpu_zh_CN.txt: util-linux 2.38.1's lscpu under zh_CN.UTF-8 (its
+    # Debian zh_CN catalogue: "NUMA node%d CPU(s):" -> "NUMA 节点%d CPU："),
+    # host_lscpu_C.txt the same host under C.
+    zh = (DATA / "host_lscpu_zh_CN.txt").read_text(encoding="utf-8")
+    assert "NUMA 节点0 CPU：" in zh
+    assert binding.parse_lscpu_numa_cpus(zh) == {}
+    assert binding.parse_lscpu_numa_cpus((DATA / "host_lscpu_C.txt").read_text()) == {0: [0, 1]}
+
+
+@pytest.fixture
+def chinese_locale_host(monkeypatch):
+    """The rank's environment on a server installed in Chinese."""
+    monkeypatch.setenv("LANG", "zh_CN.UTF-8")
+    monkeypatch.setenv("LC_ALL", "zh_CN.UTF-8")
+    monkeypatch.setenv("LANGUAGE", "zh_CN:zh")
+
+
+def test_binding_succeeds_on_a_chinese_locale_host(tools, chinese_locale_host):
+    fake = tools("a2", lscpu_by_locale=("host_lscpu_C.txt", "host_lscpu_zh_CN.txt"))
+    # The fake answers in Chinese to an inherited environment:
+    assert "节点" in fake(["lscpu"]).stdout
+    fake.calls.clear()
+    fake.envs.clear()
+    # Devices 1 and 5 sit on node 0 (buses 01, 41), node 0 holds CPUs 0,1:
+    # one each, device 5 second.
+    b = binding.plan_binding("npu", 1, 2, [1, 5], env={})
+    assert (b.warning, b.numa_node, b.cpus) == (None, 0, (1,))
+    assert ["lscpu"] in fake.calls
+    for argv, env in zip(fake.calls, fake.envs):
+        assert (env["LC_ALL"], env["LANG"], "LANGUAGE" in env) == ("C", "C", False), argv
+
+
+@pytest.mark.skipif(shutil.which("env") is None, reason="needs the env tool")
+def test_run_tool_gives_a_real_tool_the_c_locale_and_keeps_the_rest(chinese_locale_host, monkeypatch):
+    monkeypatch.setenv("VB_BINDING_MARKER", "kept")
+    lines = binding.run_tool(["env"]).splitlines()
+    assert "LC_ALL=C" in lines and "LANG=C" in lines and "VB_BINDING_MARKER=kept" in lines
+    assert not any(line.startswith("LANGUAGE=") for line in lines)
+
+
+# PCIe buses the a2 machine's npu-smi prints (data/npu/a2_board_i*_c0.txt), by device.
+A2_BUSES = {0: "0000:C1:00.0", 1: "0000:01:00.0", 2: "0000:C2:00.0", 3: "0000:02:00.0",
+            4: "0000:81:00.0", 5: "0000:41:00.0", 6: "0000:82:00.0", 7: "0000:42:00.0"}
+
+
+def _fake_pci_numa(root: Path, nodes: dict[str, int]) -> None:
+    """A sysfs tree as the kernel names it: lower-case hex, 4-digit domain."""
+    for bus, node in nodes.items():
+        d = root / "sys/bus/pci/devices" / bus
+        d.mkdir(parents=True)
+        (d / "numa_node").write_text(f"{node}\n")
+
+
+def _a2_sysfs(root: Path) -> None:
+    # As lspci says (data/npu/a2_lspci_*.txt): buses below 0x80 on node 0.
+    _fake_pci_numa(root, {bus.lower(): (0 if int(bus[5:7], 16) < 0x80 else 1) for bus in A2_BUSES.values()})
+
+
+def test_sysfs_address_of_what_tools_print():
+    assert binding.sysfs_pci_address("0000:C1:00.0") == "0000:c1:00.0"
+    assert binding.sysfs_pci_address(" C1:00.0\n") == "0000:c1:00.0"
+    assert binding.sysfs_pci_address("00000000:4F:00.0") == "0000:4f:00.0"  # nvidia-smi's 8-digit domain
+    with pytest.raises(binding.BindingFailed, match="not a PCI address"):
+        binding.sysfs_pci_address("0000:C1:00")
+
+
+@pytest.mark.parametrize("lspci", ["missing", "failing"])
+@pytest.mark.parametrize("device, node, cpus", [(0, 1, list(range(24, 36))), (5, 0, list(range(48, 60)))])
+def test_numa_node_from_sysfs_when_lspci_cannot_say(tools, tmp_path, caplog, lspci, device, node, cpus):
+    _a2_sysfs(tmp_path)
+    if lspci == "missing":
+        fake = tools("a2", missing=("lspci",))
+    else:
+        fake = tools("a2", failing={f"lspci -s {A2_BUSES[d]} -vvv": 1 for d in range(8)})
+    with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
+        b = binding.plan_binding("npu", device, 8, list(range(8)), env={}, sysfs_root=tmp_path)
+    # The same split as through lspci (test_npu_eight_device_two_node_split).
+    assert (b.warning, b.numa_node, list(b.cpus)) == (None, node, cpus)
+    assert "sysfs" in b.how
+    assert any(argv[0] == "lspci" for argv in fake.calls)  # lspci first, as the vendor
+    assert not caplog.records
+
+
+def test_lspci_and_sysfs_both_failing_warns_once_naming_both(tools, tmp_path, caplog):
+    tools("a2", missing=("lspci",))
+    with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
+        b = binding.plan_binding("npu", 0, 1, [0], env={}, sysfs_root=tmp_path)
+    assert b.cpus is None and "lspci not found" in b.warning and "cannot read" in b.warning
+    assert "0000:c1:00.0/numa_node" in b.warning
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_no_numa_node_on_a_one_node_host_binds_to_that_node(tools, tmp_path):
+    _fake_pci_numa(tmp_path, {bus.lower(): -1 for bus in A2_BUSES.values()})
+    tools("a2", missing=("lspci",), overrides={"lscpu": (DATA / "host_lscpu_C.txt").read_text()})
+    # One node (CPUs 0,1) for devices [0,1]: one CPU each, device 1 second.
+    b = binding.plan_binding("npu", 1, 2, [0, 1], env={}, sysfs_root=tmp_path)
+    assert (b.warning, b.numa_node, b.cpus) == (None, 0, (1,))
+
+
+def test_lspci_silent_on_numa_means_none_known(tools, tmp_path):
+    # pciutils prints "NUMA node:" only when the kernel's node is not -1.
+    listing = "".join(line for line in (DATA / "a2_lspci_c1.txt").read_text().splitlines(True)
+                      if "NUMA node" not in line)
+    tools("a2", overrides={"lspci -s 0000:C1:00.0 -vvv": listing, "lspci -s 0000:01:00.0 -vvv": listing,
+                           "lscpu": (DATA / "host_lscpu_C.txt").read_text()})
+    b = binding.plan_binding("npu", 0, 2, [0, 1], env={}, sysfs_root=tmp_path)  # no sysfs here
+    assert (b.warning, b.numa_node, b.cpus) == (None, 0, (0,))
+
+
+def test_no_numa_node_on_a_two_node_host_runs_unbound(tools, tmp_path, caplog):
+    _fake_pci_numa(tmp_path, {bus.lower(): -1 for bus in A2_BUSES.values()})
+    tools("a2", missing=("lspci",))
+    with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
+        b = binding.plan_binding("npu", 0, 2, [0, 1], env={}, sysfs_root=tmp_path)
+    assert b.cpus is None and "numa_node -1" in b.warning and "2 NUMA nodes" in b.warning
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
 # ------------------------------------------------------------------ CUDA: sysfs
