@@ -147,8 +147,10 @@ class KVCachePool:
     so far).  A new set first evicts the least recently used ones until it
     fits; the set in use is kept even when it alone exceeds the budget.
     Twice the largest holds, for one batch size, every shorter power-of-two
-    bucket beside the largest (1/2 + 1/4 + ... < 1), at most one largest set
-    more than re-allocating per bucket needed.
+    length bucket beside the largest (1/2 + 1/4 + ... < 1), and costs at most
+    one largest set more than making each bucket's set anew did.  An
+    allocation that runs out of device memory drops every kept set and tries
+    once more (the old peak: one set).
     """
 
     def __init__(self, budget_bytes: int | None = None):

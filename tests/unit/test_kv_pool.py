@@ -129,3 +129,27 @@ def test_the_engine_sets_the_budget(tiny_models):
         assert engine._local.model.kv_pool.budget_bytes is None  # the default: twice the largest set
     with pytest.raises(UserError, match="kv_cache_budget_mb=-1 must be >= 0"):
         type(spec)(**{**spec.__dict__, "kv_cache_budget_mb": -1}).validate()
+
+
+def test_out_of_device_memory_drops_the_kept_sets_and_tries_once_more():
+    from vicuna_bench.model import KVCache, KVCachePool
+
+    pool = KVCachePool(budget_bytes=10**9)
+    pool.get(1, 8, 1, lambda: [KVCache(1, 1, 8, 4, torch.float32, "cpu")])
+    attempts = []
+
+    def make_after_one_oom():
+        attempts.append(len(pool))
+        if len(attempts) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [KVCache(2, 1, 8, 4, torch.float32, "cpu")]
+
+    pool.get(2, 8, 1, make_after_one_oom)
+    assert attempts == [1, 0] and pool.buckets() == [(2, 8)]  # the retry ran with the kept set dropped
+
+    def broken():
+        raise RuntimeError("shape mismatch")  # not a memory error: raised as it is, nothing dropped
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        pool.get(4, 8, 1, broken)
+    assert pool.buckets() == [(2, 8)]
