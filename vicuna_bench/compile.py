@@ -126,12 +126,18 @@ class CompiledSteps:
     length); the prefill with dynamic shapes (any prompt length, one graph
     for batch 1 and one for larger batches).  :meth:`warm` makes the graphs
     a request needs before its timed work; ``compile_s`` accumulates.
+
+    ``warm_calls``: how many calls of a new shape a backend needs before the
+    next call only replays what it made (inductor without graphs: 1, it
+    compiles on the first; CUDA graph trees: 2, the first runs eagerly and
+    the second records).  Set by :func:`compiled_steps` per backend.
     """
 
-    def __init__(self, prefill_fn, decode_fn, description: str):
+    def __init__(self, prefill_fn, decode_fn, description: str, warm_calls: int = 1):
         self._prefill = prefill_fn
         self._decode = decode_fn
         self.description = description
+        self.warm_calls = warm_calls
         self.compile_s = 0.0
         self._seen: set[tuple] = set()
 
@@ -144,25 +150,30 @@ class CompiledSteps:
         return self._decode(model, tokens, positions, state)
 
     def warm(self, model, batch: int, length: int, sync=lambda: None) -> float:
-        """Compile for ``batch`` rows and a cache of ``length`` slots now, once per shape; seconds spent.
+        """Compile and record for ``batch`` rows and a cache of ``length`` slots now, once per shape; seconds spent.
 
-        Runs each graph on scratch inputs.  They write garbage keys/values
-        into the cache (slots 0..1 for the prefill, ``length - 1`` for the
-        decode step) that no real token reads: the real prefill rewrites
-        its slots, and a slot's ``key_valid`` stays false until a real
-        token is written there.
+        Each graph a shape needs is called ``warm_calls`` times, so that the
+        first timed call of that shape replays: no compiling or graph
+        recording inside first/next-token times.  The calls run on scratch
+        inputs and write garbage keys/values into the cache (slots 0..1 for
+        the prefill, ``length - 1`` for the decode step; every repeat the
+        same slots) that no real token reads: the real prefill rewrites its
+        slots, and a slot's ``key_valid`` (the request's own tensor, not the
+        scratch one here) stays false until a real token is written there.
         """
         from .generation import DecodeState
 
         started = time.perf_counter()
         device = model.lm_head.weight.device
+        calls = max(1, int(self.warm_calls))
         made = []
         with torch.inference_mode():
             prefill_key = ("prefill", batch > 1)
             if self._prefill is not None and prefill_key not in self._seen:
                 tokens = torch.zeros((batch, 2), dtype=torch.long, device=device)
                 valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
-                self._prefill(model, tokens, torch.zeros_like(tokens), valid, 0)
+                for _ in range(calls):
+                    self._prefill(model, tokens, torch.zeros_like(tokens), valid, 0)
                 self._seen.add(prefill_key)
                 made.append("prefill")
             decode_key = ("decode", batch, length)
@@ -172,7 +183,9 @@ class CompiledSteps:
                     torch.tensor([length - 1], device=device),
                     torch.zeros((batch, 1), dtype=torch.long, device=device),
                 )
-                self._decode(model, torch.zeros((batch, 1), dtype=torch.long, device=device), state.positions, state)
+                tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+                for _ in range(calls):  # the state is not advanced: every repeat writes the same scratch slot
+                    self._decode(model, tokens, state.positions, state)
                 self._seen.add(decode_key)
                 made.append("decode step")
         if not made:
@@ -180,11 +193,12 @@ class CompiledSteps:
         sync()
         spent = time.perf_counter() - started
         self.compile_s += spent
-        log.info("compiled the %s (%s) for batch %d, cache %d: %.1f s", " and ".join(made), self.description, batch,
-                 length, spent)
+        log.info("compiled the %s (%s) for batch %d, cache %d, %d call(s) each: %.1f s", " and ".join(made),
+                 self.description, batch, length, calls, spent)
         return spent
 
 
+CUDA_GRAPH_TREE_WARM_CALLS = 2  # calls before a CUDA graph tree replays: one eager warm-up, one recording
 CPU_DECODE_MODE = "max-autotune-no-cudagraphs"  # inductor's C++ micro-GEMMs autotuned against MKL per shape
 
 
@@ -268,7 +282,11 @@ def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32"):
         # 7.58 -> 7.12 ms a token (1.25x -> 1.18x the copy-bandwidth floor) for ~50 s of compiling, cached.
         graphed = torch.compile(decode_logits, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
         prefill = torch.compile(prefill_logits, dynamic=True)
-        return CompiledSteps(prefill, captured_step(graphed), "inductor max-autotune, CUDA graphs")
+        steps = CompiledSteps(prefill, captured_step(graphed), "inductor max-autotune, CUDA graphs")
+        # CUDA graph trees (torch/_inductor/cudagraph_trees.py) run a function's first call eagerly as a warm-up
+        # and record on its second; only the third replays.
+        steps.warm_calls = CUDA_GRAPH_TREE_WARM_CALLS
+        return steps
     configure_cpu_inductor(world_size, dtype)  # process-wide too, so the per-call check finds nothing to patch
     options = cpu_inductor_options(world_size, dtype)
     decode = torch.compile(decode_step, mode=CPU_DECODE_MODE, fullgraph=fullgraph, dynamic=False)

@@ -12,6 +12,8 @@ tensor names map one to one.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,6 +128,77 @@ class KVCache(nn.Module):
         """Store k/v [B, H, T, D] at cache slots ``slots`` [T]."""
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class KVCachePool:
+    """One set of KV caches (a :class:`KVCache` per layer) per (batch, length) bucket, kept and reused.
+
+    A compiled decode step (a CUDA graph, a torchair graph) holds the cache
+    tensors' addresses: new tensors for a shape it has seen mean a
+    re-record, a recompile on old torch, or a copy of the whole cache in and
+    out of the graph every step (torchair >= 7.1).  So a bucket's set is made
+    once and handed back on every later request of that bucket.
+
+    ``budget_bytes`` bounds the sets kept (None: twice the largest set made
+    so far).  A new set first evicts the least recently used ones until it
+    fits; the set in use is kept even when it alone exceeds the budget.
+    Twice the largest holds, for one batch size, every shorter power-of-two
+    length bucket beside the largest (1/2 + 1/4 + ... < 1), and costs at most
+    one largest set more than making each bucket's set anew did.  An
+    allocation that runs out of device memory drops every kept set and tries
+    once more (the old peak: one set).
+    """
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.budget_bytes = budget_bytes
+        self._sets: OrderedDict[tuple[int, int], list[KVCache]] = OrderedDict()
+        self._largest = 0  # bytes of the largest set made so far
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """The (batch, length) buckets held, least recently used first."""
+        return list(self._sets)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(_set_bytes(caches) for caches in self._sets.values())
+
+    def budget(self) -> int:
+        """Bytes the sets may hold together."""
+        return 2 * self._largest if self.budget_bytes is None else self.budget_bytes
+
+    def get(self, batch: int, length: int, nbytes: int, make) -> list[KVCache]:
+        """The set for (``batch``, ``length``): the one held, else ``make()`` (a set of ``nbytes``) after evicting."""
+        key = (batch, length)
+        caches = self._sets.get(key)
+        if caches is not None:
+            self._sets.move_to_end(key)
+            return caches
+        self._largest = max(self._largest, nbytes)
+        while self._sets and self.held_bytes + nbytes > self.budget():
+            self._sets.popitem(last=False)
+        try:
+            caches = make()
+        except RuntimeError as exc:  # an accelerator out of memory: drop every kept set, try once more
+            if "out of memory" not in str(exc).lower() or not self._sets:
+                raise
+            self._sets.clear()
+            caches = make()
+        self._sets[key] = caches
+        return caches
+
+    def clear(self) -> None:
+        self._sets.clear()
+
+
+def _set_bytes(caches: list[KVCache]) -> int:
+    return sum(c.nbytes for c in caches)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -277,7 +350,8 @@ class Transformer(nn.Module):
         # one tensor here too (see tie_weights): no second copy to read.
         self.lm_head = nn.Linear(args.hidden_size, plan.local_vocab, bias=False)
         self.rotary = RotaryEmbedding(args, max_seq_len)
-        self.cache_shape = (0, 0)  # (batch, length) of the KV caches
+        self.cache_shape = (0, 0)  # (batch, length) of the KV caches in use
+        self.kv_pool = KVCachePool()  # every bucket's caches, kept (a plain object: not in the module tree)
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -293,16 +367,22 @@ class Transformer(nn.Module):
         """KV caches of exactly ``batch`` rows and ``length`` slots (default max_seq_len); returns the length.
 
         Exact shapes, so a decode step compiled for them is reused while
-        requests keep the same batch and length bucket.
+        requests keep the same batch and length bucket; each bucket's caches
+        come from :attr:`kv_pool`, so a request that returns to a bucket gets
+        the very tensors (the same addresses) it had before.
         """
         length = self.max_seq_len if length is None else min(length, self.max_seq_len)
-        if (batch, length) != self.cache_shape:
-            ref = self.lm_head.weight
-            for layer in self.model.layers:
-                attn = layer.self_attn
-                attn.cache = None  # free the old one before allocating
-                attn.cache = KVCache(batch, attn.n_kv_heads, length, self.args.head_dim, ref.dtype, ref.device)
-            self.cache_shape = (batch, length)
+        layers = [layer.self_attn for layer in self.model.layers]
+        ref = self.lm_head.weight
+        for attn in layers:  # let an evicted set go as soon as the pool drops it
+            attn.cache = None
+        self.cache_shape = (0, 0)
+        nbytes = 2 * batch * length * self.args.head_dim * ref.element_size() * sum(a.n_kv_heads for a in layers)
+        caches = self.kv_pool.get(batch, length, nbytes, lambda: [
+            KVCache(batch, attn.n_kv_heads, length, self.args.head_dim, ref.dtype, ref.device) for attn in layers])
+        for attn, cache in zip(layers, caches):
+            attn.cache = cache
+        self.cache_shape = (batch, length)
         return length
 
     def prefix_kv(self, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -52,6 +52,7 @@ class EngineSpec:
     bind_cpu: bool = True  # pin each rank's process to CPUs near its device (vicuna_bench.binding)
     device_ids: tuple[int, ...] | None = None  # rank r runs on device device_ids[r]; None: device r
     log_dir: str | None = None  # each rank appends what it runs, and its binding, to <log_dir>/rank<r>.log
+    kv_cache_budget_mb: int | None = None  # KV cache sets kept per bucket (model.KVCachePool); None: 2x the largest
 
     def device_index(self, local_rank: int) -> int:
         """The device index local rank ``local_rank`` runs on."""
@@ -76,6 +77,9 @@ class EngineSpec:
             binding_num(os.environ)  # a malformed CPU_BINDING_NUM is refused before any process starts
         if self.max_seq_len < 2:
             raise UserError(f"--max-seq-len {self.max_seq_len} must be >= 2")
+        if self.kv_cache_budget_mb is not None and self.kv_cache_budget_mb < 0:
+            raise UserError(f"kv_cache_budget_mb={self.kv_cache_budget_mb} must be >= 0 "
+                            "(MiB; 0 keeps only the KV caches in use)")
         path = Path(self.model_path)
         args = checkpoint.read_model_args(path)
         ShardPlan(args, self.world_size, 0)  # raises on a world size the model cannot split over
@@ -254,6 +258,8 @@ class RankRunner:
         rank_log.write(f"environment: {json.dumps(self.environment, sort_keys=True)}")
         started = time.perf_counter()
         self.model = build_rank_model(spec, rank, tp, self.device)
+        if spec.kv_cache_budget_mb is not None:
+            self.model.kv_pool.budget_bytes = spec.kv_cache_budget_mb << 20
         if model_hook is not None:
             self.model = model_hook(self.model)
         self.load_s = time.perf_counter() - started
@@ -384,19 +390,50 @@ class RankLog:
             self.path = None
 
 
-def init_process_group(spec: EngineSpec, rank: int, init_method: str | None, timeout_s: float) -> TensorParallel:
+def init_process_group(spec: EngineSpec, rank: int, local_rank: int, init_method: str | None,
+                       timeout_s: float) -> TensorParallel:
+    """Join the ranks' process group as ``rank`` (device ``spec.device_index(local_rank)``), its collectives warmed.
+
+    Every path that starts a rank comes through here (the in-process
+    workers, torchrun, and so sdk-test), in this order: the device is made
+    current, the group is joined, one small collective runs eagerly.  NCCL
+    and HCCL make a rank's communicator on the device current at its first
+    collective, and making one while a stream is capturing a graph is not
+    allowed: without the warm-up that first collective is inside the first
+    compiled (captured) decode step.
+    """
+    device = devices.device_for_rank(spec.device, spec.device_index(local_rank))  # set_device before the group
     if spec.world_size == 1:
         return TensorParallel()
     import torch.distributed as dist
 
     backend = devices.BACKENDS[spec.device]
-    if spec.device == "npu":
-        devices._import_torch_npu()
     kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
     if init_method is not None:
         kwargs.update(init_method=init_method, rank=rank, world_size=spec.world_size)
     dist.init_process_group(**kwargs)
-    return TensorParallel(spec.world_size, dist.get_rank(), None)
+    tp = TensorParallel(spec.world_size, dist.get_rank(), None)
+    spent_ms = warm_collectives(tp, device)
+    RankLog(spec, rank).write(f"process group: {backend}, {spec.world_size} ranks, on {device}; "
+                              f"first collective (warm-up all-reduce) {spent_ms:.1f} ms")
+    return tp
+
+
+def warm_collectives(tp: TensorParallel, device: torch.device) -> float:
+    """Run one all-reduce of a 1-element tensor on ``device`` now, eagerly, and wait for it; ms spent.
+
+    Creates the communicator outside any graph capture (see
+    :func:`init_process_group`); a sum that is not the world size means the
+    group is broken, and says so before a model is loaded.
+    """
+    started = time.perf_counter()
+    probe = torch.ones(1, dtype=torch.float32, device=device)
+    tp.all_reduce(probe)
+    total = float(probe.item())  # waits for the device
+    if total != tp.world_size:
+        raise EngineError(f"rank {tp.rank}: the warm-up all-reduce over {tp.world_size} ranks summed to {total:g} "
+                          f"on {device} (expected {tp.world_size})")
+    return (time.perf_counter() - started) * 1e3
 
 
 # ---------------------------------------------------------------- torchrun
@@ -414,7 +451,7 @@ def init_from_env(spec: EngineSpec) -> RankRunner:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     binding = bind_this_rank(spec, local_rank, local_world)  # before anything is loaded
-    tp = init_process_group(spec, rank, None, timeout_s=1800)
+    tp = init_process_group(spec, rank, local_rank, None, timeout_s=1800)
     return RankRunner(spec, rank, local_rank, tp, binding=binding)
 
 
@@ -495,7 +532,7 @@ def _worker_main(spec: EngineSpec, rank: int, init_method: str, conn, parent_pid
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         binding = bind_this_rank(spec, rank, spec.world_size)  # before anything is loaded
-        tp = init_process_group(spec, rank, init_method, timeout_s)
+        tp = init_process_group(spec, rank, rank, init_method, timeout_s)
         runner = RankRunner(spec, rank, rank, tp, model_hook, binding)
         conn.send(("ready", runner.info()))
     except BaseException as exc:  # report, then exit: the parent raises it

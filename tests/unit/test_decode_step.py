@@ -146,7 +146,7 @@ def test_compiled_decode_matches_eager(tiny_models, world_size):
 
 
 def test_compiled_steps_follow_batch_changes(tiny_models):
-    """A new batch size reallocates the KV caches and compiles anew; back to the first, its graphs serve again."""
+    """A new batch size gets KV caches of its own and compiles anew; back to the first, its caches and graphs serve."""
     spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
     with Engine(spec) as engine:
         eager = [engine.generate(p, 6, ignore_eos=True).output_ids for p in (PROMPTS, PROMPTS[1:])]
