@@ -295,11 +295,12 @@ def perf_measure(perf_session, benchmark):
 def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
     """Run a precision test (``mmlu``/``ceval``) on the session's engine: the gate on the full val set, or the
     scores alone for a subset (--accuracy-subjects / --accuracy-limit-per-subject).  Skips with the reason when
-    there is no data or no threshold; fails with the table when the gate fails."""
+    there is no data; fails, before any model is loaded, when no threshold can judge the model and scoring
+    (a gate that cannot judge is no pass); fails with the table when the gate fails."""
 
     def run(mode: str) -> dict:
-        from .errors import GateFailed
-        from .precision.gates import identify_model, load_thresholds
+        from .errors import GateFailed, UserError
+        from .precision.gates import gate_model_key
         from .precision.runner import PrecisionConfig, run_precision
 
         work = vicuna_options[f"{mode}_dir"]
@@ -307,18 +308,18 @@ def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
             pytest.skip(f"no --{mode}-dir given and no ../shared/datasets/{mode} beside the checkout")
         values = settings.from_pytest(pytestconfig, "precision")
         subset = bool(values["subjects"] or values["limit_per_subject"])
-        key = identify_model(engine_spec.model_path, values["gate_model"])
-        if not subset:
-            if key is None:
-                pytest.skip(f"unknown model {engine_spec.model_path}: no release threshold "
-                            "(name one with --accuracy-model)")
-            scorings = ["generate", "logits"] if values["scoring"] == "both" else [values["scoring"]]
-            thresholds = load_thresholds()["models"][key].get(mode, {})
-            if all(thresholds.get(s) is None for s in scorings):
-                pytest.skip(f"no {mode} threshold for {key} with scoring {values['scoring']!r} in thresholds.json")
         root = Path(values["output_dir"] or Path(pytestconfig.invocation_params.dir) / ACCURACY_RESULTS)
-        cfg = PrecisionConfig.from_values({**values, "output_dir": root / mode, "gate_model": key}, mode=mode,
-                                          work_dir=work, gate=not subset, progress=False)
+        cfg = PrecisionConfig.from_values({**values, "output_dir": root / mode}, mode=mode, work_dir=work,
+                                          gate=not subset, progress=False)
+        if not subset:
+            try:
+                cfg.gate_model = gate_model_key(mode, cfg.scorings, engine_spec.model_path, cfg.gate_model)
+            except UserError as exc:
+                refusal = str(exc)
+            else:
+                refusal = None
+            if refusal is not None:  # outside the except block: one line, unchained
+                pytest.fail(refusal, pytrace=False)
         failure = None
         try:
             summary = run_precision(cfg, engine_spec, engine=engine_factory(engine_spec))
@@ -328,8 +329,6 @@ def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
         pytestconfig.stash[_ACCURACY].append((cfg.out_dir, summary))
         if failure is not None:  # outside the except block, so the table is reported once, unchained
             pytest.fail(failure, pytrace=False)
-        if not subset and summary["gate"]["status"] == "skipped":
-            pytest.skip(summary["gate"]["reason"])
         return summary
 
     return run
