@@ -89,10 +89,10 @@ def junit_gate(summary: JUnitSummary, name: str = "hw suite", skip_reason: str =
         return R.Gate(name, "failed", summary.passed, ran, "tests",
                       f"{summary.failures} failed, {summary.errors} errors: {shown}")
     if ran == 0:
-        skipped = f"all {summary.tests} tests skipped" + (f": {skip_reason}" if skip_reason else "")
         if must_run:
-            return R.Gate(name, "failed", 0, None, "tests", f"no test ran, though {must_run} ({skipped})")
-        return R.Gate(name, "n/a", None, None, "tests", skip_reason or skipped)
+            skipped = f"all {summary.tests} tests skipped" + (f" ({skip_reason})" if skip_reason else "")
+            return R.Gate(name, "failed", 0, None, "tests", f"no test ran, though {must_run}: {skipped}")
+        return R.Gate(name, "n/a", None, None, "tests", skip_reason or f"all {summary.tests} tests skipped")
     return R.Gate(name, "passed", summary.passed, ran, "tests", f"{summary.skipped} skipped")
 
 

@@ -434,7 +434,7 @@ def hw_must_run(device: str) -> str:
 def _hw_not_run(must_run: str, why: str) -> R.Gate:
     """The hw gate when no test ran: failed on an accelerator night, else not applicable."""
     if must_run:
-        return R.Gate("hw suite", "failed", 0, None, "tests", f"no test ran, though {must_run} ({why})")
+        return R.Gate("hw suite", "failed", 0, None, "tests", f"no test ran, though {must_run}: {why}")
     return R.Gate("hw suite", "n/a", unit="tests", detail=why)
 
 
