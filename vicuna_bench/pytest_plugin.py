@@ -3,12 +3,12 @@
 Options come from the settings table (vicuna_bench/settings.py), as the
 CLI's do.  Tests ask for fixtures (``engine``, ``engine_factory``,
 ``engine_spec``, ``perf_case`` + ``perf_measure``, ``release_gate``) and know
-nothing of process groups, drivers or output files.  The hardware suite
-(tests/hw) tests the run's ``--model-path`` / ``--world-size`` / ``--dtype`` /
-``--device-type`` where given (:class:`HwRun`), its tiny models otherwise.  Engines are started
+nothing of process groups, drivers or output files.  Engines are started
 once per session (per xdist worker) for a given model / world size / device
 / dtype and closed at the end.  The terminal summary names every file the
-perf and accuracy layers wrote.
+perf and accuracy layers wrote.  The hardware suite (tests/hw) tests the
+run's ``--model-path`` / ``--world-size`` / ``--dtype`` / ``--device-type``
+where given (:class:`HwRun`), its tiny models otherwise.
 """
 
 from __future__ import annotations
