@@ -6,12 +6,16 @@ CLI's do.  Tests ask for fixtures (``engine``, ``engine_factory``,
 nothing of process groups, drivers or output files.  Engines are started
 once per session (per xdist worker) for a given model / world size / device
 / dtype and closed at the end.  The terminal summary names every file the
-perf and accuracy layers wrote.
+perf and accuracy layers wrote.  The hardware suite (tests/hw) tests the
+run's ``--model-path`` / ``--world-size`` / ``--dtype`` / ``--device-type``
+where given (:class:`HwRun`), its tiny models otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,8 @@ MARKERS = {
     "hw": "needs an NPU or GPU (skipped with a reason otherwise)",
     "accuracy": "needs a model and data; release gate",
     "perf": "benchmarks; record, never fail on absolute time",
+    "hw_matrix": "hw_matrix(model=[...], dtype=[...], world_size=[...]): a hw test's own choices, replaced by the "
+                 "run's --model-path / --dtype / --world-size where given",
 }
 # `pytest -m perf` without --model-path benchmarks the suite's tiny random Llama (tests/perf/conftest.py) on these.
 TINY_PERF_CASES = "[[32,8],[64,8]]"
@@ -211,6 +217,12 @@ def perf_session_of(config):
 
 
 def pytest_generate_tests(metafunc):
+    matrix = metafunc.definition.get_closest_marker("hw_matrix")
+    if matrix is not None:
+        run = hw_run_of(settings.from_pytest(metafunc.config, "model"))
+        choose = {"model": run.models, "dtype": run.dtypes, "world_size": run.world_sizes}
+        for name, own in matrix.kwargs.items():
+            metafunc.parametrize(name, choose[name](own))
     if "perf_case" in metafunc.fixturenames:
         session = perf_session_of(metafunc.config)
         cases = [] if isinstance(session, Exception) else session.settings.cases
@@ -289,17 +301,93 @@ def perf_measure(perf_session, benchmark):
     return measure
 
 
+# ---------------------------------------------------------------- hw
+
+RUN_MODEL = "run"  # the hw suite's name (and test id) for the model given with --model-path
+
+
+@dataclasses.dataclass(frozen=True)
+class HwRun:
+    """What the hardware suite tests: the run's model settings where given, its own tiny models and choices otherwise.
+
+    So ``pytest -m hw --model-path M --world-size 8 --dtype fp16`` (the
+    nightly's hw stage) tests M at 8 ranks in fp16, and plain ``pytest -m hw``
+    the tiny random models at every visible device.
+    """
+
+    model_path: str | None  # --model-path; None: the tests' tiny models
+    world_size: int | None  # --world-size when above 1; None: each test's own (every visible device, up to 8)
+    dtype: str | None  # --dtype unless auto; None: each test's own dtypes
+    chip_family: str  # --device-type: d9 | d3
+    device: str | None  # --device when cuda or npu; None: whichever accelerator is there
+
+    def models(self, own: Sequence[str]) -> list[str]:
+        """Model names a test runs: the run's model alone (:data:`RUN_MODEL`) when given, else its own."""
+        return [RUN_MODEL] if self.model_path else list(own)
+
+    def dtypes(self, own: Sequence[str]) -> list[str]:
+        return [self.dtype] if self.dtype else list(own)
+
+    def world_sizes(self, own: Sequence[int]) -> list[int]:
+        return [self.world_size] if self.world_size else list(own)
+
+    def model_dir(self, model: str, tiny: Mapping[str, object]) -> str:
+        """The directory of a hw test's ``model`` parameter: the run's --model-path, the embedded model (skipped
+        where it cannot be had), or the tiny model of that name."""
+        if model == RUN_MODEL:
+            return str(self.model_path)
+        if model == "embedded":
+            from .embedded import embedded_model_dir
+
+            try:
+                return str(embedded_model_dir(progress=False))
+            except Exception as exc:  # not installed on this machine (a 93 MB wheel), or cannot convert
+                pytest.skip(f"embedded model unavailable here: {str(exc).splitlines()[0]}")
+        return str(tiny[model])
+
+    def spread(self, visible: int) -> int:
+        """Ranks of a test over many devices: the run's world size, else every visible device up to 8."""
+        return self.world_size or min(visible, 8)
+
+    def engine_spec(self, model_path, world_size: int, device: str, dtype: str, compile: str = "off",
+                    max_seq_len: int = 64):
+        """An EngineSpec of this run's chip family (max_seq_len in tokens: the hw tests' prompts are short)."""
+        return make_engine_spec(model_path, world_size, device, dtype, max_seq_len, device_type=self.chip_family,
+                                compile=compile)
+
+
+def hw_run_of(model_options: Mapping[str, object]) -> HwRun:
+    """The hw suite's choices from the model options by dest (``settings.from_pytest(config, "model")``)."""
+    world_size = model_options.get("world_size")
+    dtype = model_options.get("dtype")
+    device = model_options.get("device")
+    return HwRun(
+        model_path=model_options.get("model_path") or None,
+        world_size=int(world_size) if world_size and int(world_size) > 1 else None,
+        dtype=None if dtype in (None, "auto") else str(dtype),
+        chip_family=str(model_options.get("device_type") or "d9"),
+        device=device if device in ("cuda", "npu") else None,
+    )
+
+
+@pytest.fixture(scope="session")
+def hw_run(pytestconfig) -> HwRun:
+    """The hardware suite's model, world size, dtype and chip family (the run's where given)."""
+    return hw_run_of(settings.from_pytest(pytestconfig, "model"))
+
+
 # ---------------------------------------------------------------- accuracy
 
 @pytest.fixture
 def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
     """Run a precision test (``mmlu``/``ceval``) on the session's engine: the gate on the full val set, or the
     scores alone for a subset (--accuracy-subjects / --accuracy-limit-per-subject).  Skips with the reason when
-    there is no data or no threshold; fails with the table when the gate fails."""
+    there is no data; fails, before any model is loaded, when no threshold can judge the model and scoring
+    (a gate that cannot judge is no pass); fails with the table when the gate fails."""
 
     def run(mode: str) -> dict:
-        from .errors import GateFailed
-        from .precision.gates import identify_model, load_thresholds
+        from .errors import GateFailed, UserError
+        from .precision.gates import gate_model_key
         from .precision.runner import PrecisionConfig, run_precision
 
         work = vicuna_options[f"{mode}_dir"]
@@ -307,18 +395,18 @@ def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
             pytest.skip(f"no --{mode}-dir given and no ../shared/datasets/{mode} beside the checkout")
         values = settings.from_pytest(pytestconfig, "precision")
         subset = bool(values["subjects"] or values["limit_per_subject"])
-        key = identify_model(engine_spec.model_path, values["gate_model"])
-        if not subset:
-            if key is None:
-                pytest.skip(f"unknown model {engine_spec.model_path}: no release threshold "
-                            "(name one with --accuracy-model)")
-            scorings = ["generate", "logits"] if values["scoring"] == "both" else [values["scoring"]]
-            thresholds = load_thresholds()["models"][key].get(mode, {})
-            if all(thresholds.get(s) is None for s in scorings):
-                pytest.skip(f"no {mode} threshold for {key} with scoring {values['scoring']!r} in thresholds.json")
         root = Path(values["output_dir"] or Path(pytestconfig.invocation_params.dir) / ACCURACY_RESULTS)
-        cfg = PrecisionConfig.from_values({**values, "output_dir": root / mode, "gate_model": key}, mode=mode,
-                                          work_dir=work, gate=not subset, progress=False)
+        cfg = PrecisionConfig.from_values({**values, "output_dir": root / mode}, mode=mode, work_dir=work,
+                                          gate=not subset, progress=False)
+        if not subset:
+            try:
+                cfg.gate_model = gate_model_key(mode, cfg.scorings, engine_spec.model_path, cfg.gate_model)
+            except UserError as exc:
+                refusal = str(exc)
+            else:
+                refusal = None
+            if refusal is not None:  # outside the except block: one line, unchained
+                pytest.fail(refusal, pytrace=False)
         failure = None
         try:
             summary = run_precision(cfg, engine_spec, engine=engine_factory(engine_spec))
@@ -328,8 +416,6 @@ def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
         pytestconfig.stash[_ACCURACY].append((cfg.out_dir, summary))
         if failure is not None:  # outside the except block, so the table is reported once, unchained
             pytest.fail(failure, pytrace=False)
-        if not subset and summary["gate"]["status"] == "skipped":
-            pytest.skip(summary["gate"]["reason"])
         return summary
 
     return run

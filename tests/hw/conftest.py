@@ -1,4 +1,10 @@
-"""The hardware suite's device: the accelerator this machine has, or a skip saying there is none."""
+"""The hardware suite's device and model: the accelerator this machine has (or a skip), the run's model or a tiny one.
+
+``--model-path``, ``--world-size``, ``--dtype`` and ``--device-type`` given to
+``pytest -m hw`` (the nightly's hw stage passes its own) replace the tests'
+tiny models, world sizes and dtypes (``hw_run``, ``hw_matrix`` marks:
+vicuna_bench/pytest_plugin.py).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,29 @@ from vicuna_bench.pytest_plugin import accelerator_available
 
 
 @pytest.fixture(scope="session")
-def device_type() -> str:
-    """'npu' or 'cuda'; the test is skipped where neither is usable."""
+def device_type(hw_run) -> str:
+    """'npu' or 'cuda' (the run's --device when it names one); the test is skipped where it is not usable."""
     kind = accelerator_available()
     if kind is None:
         pytest.skip("no NPU or CUDA device")
+    if hw_run.device is not None and hw_run.device != kind:
+        pytest.skip(f"--device {hw_run.device}: this machine's accelerator is {kind}")
     return kind
 
 
 def device_count(kind: str) -> int:
     return torch.npu.device_count() if kind == "npu" else torch.cuda.device_count()
+
+
+@pytest.fixture
+def model_path(model, hw_run, tiny_models) -> str:
+    """The directory of a test's ``model`` parameter: the run's --model-path, the embedded model or a tiny one."""
+    return hw_run.model_dir(model, tiny_models)
+
+
+@pytest.fixture(autouse=True)
+def one_run_model_engine_at_a_time(hw_run, engine_factory):
+    """The run's model may fill a device: its engines are closed after each test (tiny ones live for the session)."""
+    yield
+    if hw_run.model_path:
+        engine_factory.close()

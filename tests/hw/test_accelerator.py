@@ -5,27 +5,27 @@ from __future__ import annotations
 import pytest
 
 from tests.hw.conftest import device_count
-from vicuna_bench.pytest_plugin import make_engine_spec
 
 
-
-
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_half_precision_on_device_tracks_cpu_fp32(device_type, dtype, tiny_models, engine_factory):
+@pytest.mark.hw_matrix(model=["vicuna"], dtype=["fp16", "bf16"])
+def test_half_precision_on_device_tracks_cpu_fp32(device_type, dtype, model_path, hw_run, engine_factory):
     prompt = [[5, 17, 99, 3, 250, 42]]
-    ref = engine_factory(make_engine_spec(tiny_models["vicuna"], 1, "cpu", "fp32", 64))
-    dev = engine_factory(make_engine_spec(tiny_models["vicuna"], 1, device_type, dtype, 64))
+    ref = engine_factory(hw_run.engine_spec(model_path, 1, "cpu", "fp32"))
+    dev = engine_factory(hw_run.engine_spec(model_path, 1, device_type, dtype))
     a = ref.generate(prompt, 1, return_logits=True).logits[0][0]
     b = dev.generate(prompt, 1, return_logits=True).logits[0][0]
     assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
 
 
-def test_device_backend_world_size_2(device_type, tiny_models, engine_factory):
-    if device_count(device_type) < 2:
-        pytest.skip(f"needs 2 {device_type} devices")
+@pytest.mark.hw_matrix(model=["gqa"])
+def test_device_backend_world_size_2(device_type, model_path, hw_run, engine_factory):
+    """World size 1 and 2 (the run's world size when given) agree token for token in fp32 over the device backend."""
+    n = hw_run.world_size or 2
+    if device_count(device_type) < n:
+        pytest.skip(f"needs {n} {device_type} devices")
     prompt = [[5, 17, 99, 3, 250, 42], [8, 9]]
-    one = engine_factory(make_engine_spec(tiny_models["gqa"], 1, device_type, "fp32", 64))
-    two = engine_factory(make_engine_spec(tiny_models["gqa"], 2, device_type, "fp32", 64))
+    one = engine_factory(hw_run.engine_spec(model_path, 1, device_type, "fp32"))
+    many = engine_factory(hw_run.engine_spec(model_path, n, device_type, "fp32"))
     a = one.generate(prompt, 8, ignore_eos=True)
-    b = two.generate(prompt, 8, ignore_eos=True)
+    b = many.generate(prompt, 8, ignore_eos=True)
     assert a.output_ids == b.output_ids

@@ -1,6 +1,8 @@
 """On an NPU or GPU: world sizes agree, compiled equals eager, perf writes its files, ranks bind to the device's node.
 
-Skipped with the reason where no NPU or CUDA device is visible.  The
+Skipped with the reason where no NPU or CUDA device is visible.  The models,
+dtypes and world sizes are the run's where given (``--model-path``,
+``--dtype``, ``--world-size``: tests/hw/conftest.py), else the tiny ones below.  The
 expected values come from the engine at world size 1 eager (itself checked
 against transformers by the unit suite), from the CPU fp32 run, from the
 reference CSV header in the spec and from the device's own sysfs entries.
@@ -19,21 +21,11 @@ import torch
 
 from vicuna_bench import binding
 from tests.hw.conftest import device_count
-from vicuna_bench.pytest_plugin import make_engine_spec
 
 # Per-dtype tolerance on the last-position logits, relative to the logit scale (the max |logit|).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 7, 31], [8, 9, 10]]
 STEPS = 32
-
-
-def _embedded_or_skip() -> str:
-    from vicuna_bench import embedded
-
-    try:
-        return str(embedded.embedded_model_dir(progress=False))
-    except Exception as exc:  # not installed on this machine (a 93 MB wheel), or cannot convert
-        pytest.skip(f"embedded model unavailable here: {str(exc).splitlines()[0]}")
 
 
 def _scale(logits: torch.Tensor) -> float:
@@ -66,44 +58,56 @@ def assert_greedy_agree(ref, other, dtype: str) -> None:
                 f"(scale {scale:.3g}, tolerance {tol})")
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-@pytest.mark.parametrize("model", ["vicuna", "gqa", "embedded"])
-def test_all_devices_match_one_device(device_type, model, dtype, tiny_models, engine_factory):
-    """World size 1 against every visible device (up to 8): identical greedy tokens over 32 steps."""
-    n = min(device_count(device_type), 8)
+def _ranks_or_skip(kind: str, ranks: int) -> int:
+    if device_count(kind) < ranks:
+        pytest.skip(f"needs {ranks} {kind} devices, {device_count(kind)} visible")
+    return ranks
+
+
+@pytest.mark.hw_matrix(model=["vicuna", "gqa", "embedded"], dtype=["fp16", "bf16"])
+def test_all_devices_match_one_device(device_type, model_path, dtype, hw_run, engine_factory):
+    """World size 1 against every visible device (up to 8, as many as the model splits over; the run's world size
+    when given): identical greedy tokens over 32 steps."""
+    n = _ranks_or_skip(device_type, hw_run.spread(device_count(device_type)))
+    if not hw_run.world_size:  # the embedded model's 9 heads split 1 or 3 ways, not over 2 or 8 devices
+        from vicuna_bench.checkpoint import read_model_args
+        from vicuna_bench.sharding import valid_world_sizes
+
+        n = max(valid_world_sizes(read_model_args(Path(model_path)), limit=n))
     if n < 2:
         pytest.skip(f"one {device_type} device visible: nothing to shard over")
-    path = _embedded_or_skip() if model == "embedded" else tiny_models[model]
-    one = _generate(engine_factory(make_engine_spec(path, 1, device_type, dtype, 64)))
-    many = _generate(engine_factory(make_engine_spec(path, n, device_type, dtype, 64)))
+    one = _generate(engine_factory(hw_run.engine_spec(model_path, 1, device_type, dtype)))
+    many = _generate(engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype)))
     assert_greedy_agree(one, many, dtype)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("model", ["vicuna", "embedded"])
-def test_device_first_logits_track_cpu_fp32(device_type, model, dtype, tiny_models, engine_factory):
-    path = _embedded_or_skip() if model == "embedded" else tiny_models[model]
-    ref = engine_factory(make_engine_spec(path, 1, "cpu", "fp32", 64)).generate(PROMPTS, 1, return_logits=True)
-    dev = engine_factory(make_engine_spec(path, 1, device_type, dtype, 64)).generate(PROMPTS, 1, return_logits=True)
+@pytest.mark.hw_matrix(model=["vicuna", "embedded"], dtype=["fp32", "fp16", "bf16"])
+def test_device_first_logits_track_cpu_fp32(device_type, model_path, dtype, hw_run, engine_factory):
+    """The device at the run's world size (1 unless given) against world size 1 on the CPU in fp32."""
+    n = _ranks_or_skip(device_type, hw_run.world_size or 1)
+    ref = engine_factory(hw_run.engine_spec(model_path, 1, "cpu", "fp32")).generate(PROMPTS, 1, return_logits=True)
+    dev = engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype)).generate(PROMPTS, 1,
+                                                                                        return_logits=True)
     for a, b in zip(ref.logits, dev.logits):
         assert (a[0] - b[0]).abs().max().item() <= max(TOLERANCE[dtype], 1e-3) * _scale(a[0])
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-@pytest.mark.parametrize("model", ["vicuna", "gqa", "embedded"])
-def test_compiled_decode_matches_eager(device_type, model, dtype, tiny_models, engine_factory):
-    """--compile on (CUDA graphs / torchair) gives eager's greedy tokens and logits."""
-    path = _embedded_or_skip() if model == "embedded" else tiny_models[model]
-    eager = _generate(engine_factory(make_engine_spec(path, 1, device_type, dtype, 64, compile="off")))
-    graphed = _generate(engine_factory(make_engine_spec(path, 1, device_type, dtype, 64, compile="on")))
+@pytest.mark.hw_matrix(model=["vicuna", "gqa", "embedded"], dtype=["fp32", "fp16"])
+def test_compiled_decode_matches_eager(device_type, model_path, dtype, hw_run, engine_factory):
+    """--compile on (CUDA graphs / torchair) gives eager's greedy tokens and logits, at the run's world size."""
+    n = _ranks_or_skip(device_type, hw_run.world_size or 1)
+    eager = _generate(engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype, compile="off")))
+    graphed = _generate(engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype, compile="on")))
     assert_greedy_agree(eager, graphed, dtype)
 
 
-def test_perf_smoke_writes_the_reference_csv(device_type, tiny_models, tmp_path):
+def test_perf_smoke_writes_the_reference_csv(device_type, hw_run, tiny_models, tmp_path):
     out = tmp_path / "perf"
-    cmd = [sys.executable, "-m", "vicuna_bench", "perf", "--model-path", tiny_models["vicuna"], "--device",
-           device_type, "--dtype", "fp16", "--case-pair", "[[16,8],[32,4]]", "--repeat", "2", "--model-name", "hw",
-           "--output-dir", str(out)]
+    ranks = _ranks_or_skip(device_type, hw_run.world_size or 1)
+    model = hw_run.model_path or str(tiny_models["vicuna"])
+    cmd = [sys.executable, "-m", "vicuna_bench", "perf", "--model-path", model, "--world-size", str(ranks),
+           "--device", device_type, "--device-type", hw_run.chip_family, "--dtype", hw_run.dtype or "fp16",
+           "--case-pair", "[[16,8],[32,4]]", "--repeat", "2", "--model-name", "hw", "--output-dir", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     [ref] = list(out.glob("performance_test_hw_*_bs1.csv"))
@@ -130,9 +134,9 @@ def _bus_of(kind: str, index: int) -> str:
     return bus
 
 
-def test_each_rank_binds_within_its_devices_numa_node(device_type):
+def test_each_rank_binds_within_its_devices_numa_node(device_type, hw_run):
     """The planned CPUs of rank r are CPUs of device r's NUMA node (sysfs), and the process may use them."""
-    n = min(device_count(device_type), 8)
+    n = _ranks_or_skip(device_type, hw_run.spread(device_count(device_type)))
     allowed = set(os.sched_getaffinity(0))
     checked = 0
     for rank in range(n):

@@ -1,6 +1,9 @@
-"""On an NPU or GPU: the vendor drop-in (`vicuna-bench sdk-test`) in each task, with a tiny model; the files checked.
+"""On an NPU or GPU: the vendor drop-in (`vicuna-bench sdk-test`) in each task; the files checked.
 
-Self-contained: the model and the MMLU-shaped data are made here (no network).
+``run`` and ``performance`` take the run's ``--model-path``, ``--world-size``,
+``--dtype`` and ``--device-type`` where given; otherwise, and always for
+``precision`` (its expected counts are the tiny tokenizer's), a tiny model
+made here, with MMLU-shaped data made here (no network).
 """
 
 from __future__ import annotations
@@ -33,16 +36,22 @@ def kind(device_type):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def tiny_model(tmp_path_factory):
     return tiny.make_tiny_llama(tmp_path_factory.mktemp("vendor-hw") / "tiny-gqa", LONG_GQA, seed=21)
 
 
-def sdk_test(cwd: Path, kind: str, *args: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def model(hw_run, tiny_model):
+    """The run's --model-path, else the tiny model."""
+    return hw_run.model_path or tiny_model
+
+
+def sdk_test(cwd: Path, kind: str, *args: str, dtype: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("TIMEIT", "MAX_SEQ_LENGTH")}
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-m", "vicuna_bench", "sdk-test", *args, "--device", kind,
-                           "--compile", "off", "--no-progress"], cwd=cwd, capture_output=True, text=True,
-                          timeout=900, env=env)
+                           *(["--dtype", dtype] if dtype else []), "--compile", "off", "--no-progress"], cwd=cwd,
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -59,23 +68,23 @@ def check_rank_logs(log_dir: Path, kind: str, devices_by_rank: list[int]) -> Non
         assert f"cpu binding: rank {rank} ({kind}:{device}):" in text, text
 
 
-def test_run(kind, model, tmp_path):
+def test_run(kind, model, hw_run, tmp_path):
     write_ini(tmp_path, f"[model]\nmodel_path = {model}\ndevice_ids = 0\nlog_dir = logs\n")
-    sdk_test(tmp_path, kind, "1", "d9", "run")
+    sdk_test(tmp_path, kind, "1", hw_run.chip_family, "run", dtype=hw_run.dtype)
     doc = json.loads((tmp_path / "logs" / "run_outputs.json").read_text())
     assert (doc["device"], doc["world_size"], doc["environment"]["device_type"]) == (kind, 1, kind)
     assert len(doc["outputs"]) == 3 and all(o["output_ids"] for o in doc["outputs"])
     check_rank_logs(tmp_path / "logs", kind, [0])
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_performance(kind, model, tmp_path, world_size):
+@pytest.mark.hw_matrix(world_size=[1, 2])
+def test_performance(kind, model, hw_run, tmp_path, world_size):
     if device_count(kind) < world_size:
         pytest.skip(f"needs {world_size} {kind} devices")
-    ids = [1, 0] if world_size == 2 else [0]  # rank 0 on device 1: device_ids decide, not the rank
+    ids = [*range(1, world_size), 0]  # rank 0 on device 1 (of 2 or more): device_ids decide, not the rank
     write_ini(tmp_path, f"[model]\nmodel_path = {model}\ndevice_ids = {','.join(map(str, ids))}\nlog_dir = logs\n"
                         "[performance]\nmodel_name = tiny\nbatch_size = 2\ncase_pair = [[64,8],[32,4]]\n")
-    sdk_test(tmp_path, kind, str(world_size), "d9", "performance")
+    sdk_test(tmp_path, kind, str(world_size), hw_run.chip_family, "performance", dtype=hw_run.dtype)
     [reference] = [p for p in tmp_path.glob("performance_test_tiny_*_bs2.csv")]
     lines = reference.read_text().splitlines()
     assert lines[0] == REFERENCE_HEADER
@@ -92,9 +101,9 @@ def test_performance(kind, model, tmp_path, world_size):
     check_rank_logs(tmp_path / "logs", kind, ids)
 
 
-def test_precision(kind, model, tmp_path):
+def test_precision(kind, tiny_model, tmp_path):
     work = make_synthetic_mmlu(tmp_path / "mmlu")
-    write_ini(tmp_path / "run", f"[model]\nmodel_path = {model}\nlog_dir = logs\n"
+    write_ini(tmp_path / "run", f"[model]\nmodel_path = {tiny_model}\nlog_dir = logs\n"
                                 f"[precision]\nmode = mmlu\nwork_dir = {work}\nbatch = 2\nshot = 5\nseq_len_out = 2\n")
     sdk_test(tmp_path / "run", kind, "1", "d9", "precision")
     out = work / "test_result"

@@ -138,7 +138,7 @@ def test_a_quiet_night_passes(tmp_path):
     db = tmp_path / "history.sqlite"
     run_id = history_with(db, [100.0] * 5 + [104.0])
     text = write_report(tmp_path / "run", db, run_id, gates=[MMLU_GATE]).read_text().splitlines()
-    assert text[0] == "# PASS: 1 gate(s) passed or skipped, no regression in 5 metric(s)"
+    assert text[0] == "# PASS: gates: 1 passed (mmlu/generate accuracy); no regression in 5 metric(s)"
     assert text[text.index("## Regressions and failed gates") + 2] == "None."
 
 
@@ -204,12 +204,16 @@ def test_read_junit_counts_every_outcome(tmp_path):
     assert (gate.status, gate.value, gate.threshold, gate.margin) == ("failed", 1, 3, -2)
 
 
-def test_a_suite_skipped_for_want_of_a_device_is_a_skipped_gate(tmp_path):
+def test_a_suite_skipped_for_want_of_a_device_is_not_applicable_unless_it_had_to_run(tmp_path):
     path = tmp_path / "junit.xml"
     path.write_text('<testsuite tests="2"><testcase name="a"><skipped message="no NPU"/></testcase>'
                     '<testcase name="b"><skipped message="no NPU"/></testcase></testsuite>')
     gate = junit_gate(read_junit(path), skip_reason="no NPU or GPU on this host")
-    assert (gate.status, gate.detail, gate.margin) == ("skipped", "no NPU or GPU on this host", None)
+    assert (gate.status, gate.detail, gate.margin) == ("n/a", "no NPU or GPU on this host", None)
+    # on a night that runs on an NPU the same suite measured nothing: a failed gate saying so
+    gate = junit_gate(read_junit(path), skip_reason="no NPU", must_run="the night's device is npu")
+    assert (gate.status, gate.value, gate.unit) == ("failed", 0, "tests")
+    assert gate.detail == "no test ran, though the night's device is npu: all 2 tests skipped (no NPU)"
 
 
 def test_read_junit_reads_what_pytest_writes(tmp_path):

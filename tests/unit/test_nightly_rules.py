@@ -244,7 +244,7 @@ def test_gates_from_a_precision_summary(tmp_path):
         "mmlu/generate accuracy", "passed", 24.9, "%", "mmlu/generate")
     assert passed.threshold == pytest.approx(23.9)
     assert passed.margin == pytest.approx(1.0)
-    assert (skipped.status, skipped.margin) == ("skipped", None)
+    assert (skipped.status, skipped.margin) == ("n/a", None)
     assert "no mmlu threshold" in skipped.detail
 
 
@@ -252,7 +252,7 @@ def test_a_subset_run_is_not_gated(tmp_path):
     # the precision runner judges every run; without --gate (a --quick subset) it says requested: false
     path = gated_summary(tmp_path, 10.0, "failed", False)
     (gate,) = gates_from_precision_summary(path)
-    assert (gate.status, gate.value, gate.case) == ("skipped", 10.0, "mmlu/generate")
+    assert (gate.status, gate.value, gate.case) == ("n/a", 10.0, "mmlu/generate")
     assert gate.detail.startswith("not a --gate run (would have failed); threshold 24.9")
     (v,) = evaluate_run(tmp_path / "history.sqlite", run_record(), [accuracy(0.10, n=1542)], gates=[gate])
     assert v.status == "insufficient-history"  # not gate-failed

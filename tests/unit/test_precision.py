@@ -494,14 +494,37 @@ def test_gate_thresholds_and_tolerance():
     assert ev("mmlu", "generate", 54.68, "vicuna-13b-v1.5-16k")["status"] == "failed"
     assert ev("ceval", "generate", 39.5, "vicuna-13b-v1.5-16k", tolerance=0.5)["status"] == "failed"
     assert ev("ceval", "generate", 39.5, "vicuna-13b-v1.5-16k", tolerance=0.7)["status"] == "passed"
-    skipped = ev("mmlu", "generate", 10.0, None)
-    assert skipped["status"] == "skipped" and "unknown model" in skipped["reason"]
-    assert ev("mmlu", "logits", 90.0, "vicuna-13b-v1.5-16k")["status"] == "skipped"  # no logits threshold
+    unjudged = ev("mmlu", "generate", 10.0, None)  # a run without --gate keeps its scores, judged by nothing
+    assert unjudged["status"] == "n/a" and "unknown model" in unjudged["reason"]
+    assert ev("mmlu", "logits", 90.0, "vicuna-13b-v1.5-16k")["status"] == "n/a"  # no logits threshold
+
+
+def test_a_gate_names_its_model_or_is_refused(tmp_path):
+    from vicuna_bench import settings
+
+    key = gates.gate_model_key
+    smol = tmp_path / "SmolLM2-135M-Instruct"
+    smol.mkdir()
+    other = tmp_path / "llama-2-13b"
+    other.mkdir()
+    assert key("ceval", ["generate", "logits"], smol) == "SmolLM2-135M-Instruct"
+    assert key("mmlu", ["generate"], other, "vicuna-13b-v1.5-16k") == "vicuna-13b-v1.5-16k"
+    with settings.front_end("cli"), pytest.raises(UserError) as err:
+        key("mmlu", ["generate"], other)
+    assert str(err.value) == (f"mmlu gate: model {other} has no release threshold in thresholds.json (known: "
+                              "vicuna-13b-v1.5-16k, SmolLM2-135M-Instruct); name the model whose thresholds judge it "
+                              "with --gate-model")
+    with settings.front_end("cli"), pytest.raises(
+            UserError, match=r"no ceval threshold for vicuna-13b-v1\.5-16k with --scoring 'logits' \(it has: generate\)"):
+        key("ceval", ["generate", "logits"], other, "vicuna-13b-v1.5-16k")
+    with settings.front_end("pytest"), pytest.raises(UserError) as err:
+        key("mmlu", ["logits"], other, "vicuna-13b-v1.5-16k")
+    assert "--accuracy-scoring 'logits'" in str(err.value) and str(err.value).endswith("with --accuracy-model")
 
 
 def test_embedded_model_has_measured_thresholds():
     # The embedded model's gates are its own full val-set scores (docs/precision.md), recorded as percentages so
-    # its release gates run instead of being skipped: both sets, both scorings, none left null.
+    # its release gates can judge it: both sets, both scorings, none left null.
     entry = gates.load_thresholds()["models"]["SmolLM2-135M-Instruct"]
     assert "measured" in entry["source"]
     for mode in ("mmlu", "ceval"):

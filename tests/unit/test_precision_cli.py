@@ -69,7 +69,11 @@ def test_bad_options_exit_2(tmp_path):
 
 # ------------------------------------------------------------------ gates through the CLI
 
-def test_gate_exit_3_and_skip_for_unknown_model(tmp_path, tiny_models):
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.is_dir() else {}
+
+
+def test_gate_exit_3_below_threshold_and_2_when_nothing_can_judge(tmp_path, tiny_models):
     # A word-level tiny model answers no letter: 0% fails a gate named explicitly.
     work = make_synthetic_mmlu(tmp_path / "work")
     common = ("--model-path", str(tiny_models["gqa"]), "--max-seq-len", "256", "--max-prompt-tokens", "250")
@@ -80,19 +84,65 @@ def test_gate_exit_3_and_skip_for_unknown_model(tmp_path, tiny_models):
     summary = json.loads((work / "test_result" / "summary.json").read_text())
     assert summary["gate"]["status"] == "failed"
     assert summary["model"] == tiny_models["gqa"].name  # what ran, not whose thresholds judged it
-    # The same answers, judged without --gate-model, resume from the cache: the gate names no model, so it is skipped.
+    written = files_in(work / "test_result")
+    # The same run without --gate-model: no threshold names the tiny model, so the gate could not judge it.
+    # Refused before a question is counted (the progress line says how many are left to ask): exit 2, one
+    # line naming the model and --gate-model, the files of the run before untouched.
     proc = precision(work, *common, "--gate")
-    assert proc.returncode == 0, proc.stderr
-    assert "0 to ask" in proc.stderr
+    assert_one_line_error(proc, f"mmlu gate: model {tiny_models['gqa']} has no release threshold in thresholds.json",
+                          "--gate-model")
+    assert "to ask" not in proc.stderr and "engine:" not in proc.stderr
+    assert files_in(work / "test_result") == written
     # A wider tolerance passes the same answers, and the log says by what margin.
     proc = precision(work, *common, "--gate", "--gate-model", "vicuna-13b-v1.5-16k", "--tolerance", "60")
     assert proc.returncode == 0, proc.stderr
     assert "mmlu gate passed for vicuna-13b-v1.5-16k: generate 0.00% >= 55.69 - 60.0" in proc.stderr
-    # Unknown model: the run reports, the gate is skipped with a reason, exit 0.
-    proc = precision(work, *common, "--gate", "--output-dir", str(tmp_path / "out2"))
-    assert proc.returncode == 0, proc.stderr
-    assert "gate skipped: unknown model" in proc.stderr
-    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["gate"]["status"] == "skipped"
+
+
+@pytest.mark.parametrize("args, needles", [
+    ((), ("has no release threshold in thresholds.json (known: vicuna-13b-v1.5-16k, SmolLM2-135M-Instruct)",
+          "--gate-model")),
+    # thresholds.json gives Vicuna a generate threshold only (the reference published no logits score).
+    (("--gate-model", "vicuna-13b-v1.5-16k", "--scoring", "logits"),
+     ("no mmlu threshold for vicuna-13b-v1.5-16k with --scoring 'logits' (it has: generate)", "--gate-model")),
+    # every prompt is longer than 8 tokens: nothing would be scored
+    (("--gate-model", "vicuna-13b-v1.5-16k", "--max-prompt-tokens", "8"),
+     ("all 8 questions are too long for --max-prompt-tokens 8", "--too-long wrong")),
+])
+def test_a_gate_that_cannot_judge_exits_2_and_writes_nothing(tmp_path, tiny_models, args, needles):
+    work = make_synthetic_mmlu(tmp_path / "work")
+    out = tmp_path / "out"
+    proc = precision(work, "--model-path", str(tiny_models["gqa"]), "--max-seq-len", "256", "--max-prompt-tokens",
+                     "250", "--gate", "--output-dir", str(out), *args)
+    assert_one_line_error(proc, "mmlu gate: ", *needles)
+    assert not out.exists() and not (work / "test_result").exists()
+    assert "engine:" not in proc.stderr
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("args, needle", [
+    ((), "has no release threshold in thresholds.json"),
+    (("--accuracy-model", "vicuna-13b-v1.5-16k", "--accuracy-scoring", "logits"),
+     "no mmlu threshold for vicuna-13b-v1.5-16k with --accuracy-scoring 'logits'"),
+])
+def test_pytest_accuracy_fails_before_any_model_loads_when_no_threshold_can_judge(tmp_path, tiny_models, args, needle):
+    """The release gate of ``pytest -m accuracy`` is a failure, not a skip, with the options in pytest's spelling."""
+    work = make_synthetic_mmlu(tmp_path / "work")
+    out = tmp_path / "accuracy-results"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "accuracy", "-k", "mmlu", "-q", "-p", "no:cacheprovider", "-p",
+         "no:randomly", str(ROOT / "tests" / "accuracy"), "--model-path", str(tiny_models["gqa"]), "--device", "cpu",
+         "--max-seq-len", "256", "--accuracy-max-prompt-tokens", "250", "--mmlu-dir", str(work), "--accuracy-output-dir", str(out), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 failed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    assert needle in proc.stdout and "--accuracy-model" in proc.stdout, proc.stdout[-3000:]
+    assert "--gate-model" not in proc.stdout  # a pytest user is told pytest's option
+    assert "engine:" not in proc.stdout + proc.stderr  # no engine started
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------ SIGKILL at any point, then resume

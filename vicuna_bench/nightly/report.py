@@ -77,15 +77,22 @@ def read_junit(path: str | Path) -> JUnitSummary:
     return JUnitSummary(path, tests, failures, errors, skipped, tuple(failed))
 
 
-def junit_gate(summary: JUnitSummary, name: str = "hw suite", skip_reason: str = "") -> R.Gate:
-    """The suite as a gate: failed if any test failed or errored; value passed, threshold the tests that ran."""
+def junit_gate(summary: JUnitSummary, name: str = "hw suite", skip_reason: str = "", must_run: str = "") -> R.Gate:
+    """The suite as a gate: failed if any test failed or errored; value passed, threshold the tests that ran.
+
+    A suite that ran no test is not applicable, unless ``must_run`` says why
+    it had to run (e.g. "the night's device is npu"): then it failed.
+    """
     ran = summary.tests - summary.skipped
     if summary.failures or summary.errors:
         shown = ", ".join(summary.failed[:3]) + (" ..." if len(summary.failed) > 3 else "")
         return R.Gate(name, "failed", summary.passed, ran, "tests",
                       f"{summary.failures} failed, {summary.errors} errors: {shown}")
     if ran == 0:
-        return R.Gate(name, "skipped", None, None, "tests", skip_reason or f"all {summary.tests} tests skipped")
+        if must_run:
+            skipped = f"all {summary.tests} tests skipped" + (f" ({skip_reason})" if skip_reason else "")
+            return R.Gate(name, "failed", 0, None, "tests", f"no test ran, though {must_run}: {skipped}")
+        return R.Gate(name, "n/a", None, None, "tests", skip_reason or f"all {summary.tests} tests skipped")
     return R.Gate(name, "passed", summary.passed, ran, "tests", f"{summary.skipped} skipped")
 
 
@@ -286,7 +293,7 @@ def render_report(
     if short:
         lines += ["", f"{short} metric(s) have fewer than {R.MIN_HISTORY} comparable earlier runs: not judged yet."]
     lines += ["", "## Gates", ""]
-    lines += _gate_rows(gates) if gates else ["No gate ran."]
+    lines += [f"{R.gate_tally(gates)}.", ""] + _gate_rows(gates) if gates else ["No gate ran."]
     lines += ["", "## Trends (last 30 comparable runs)", ""]
     lines += [f"![{p.stem}]({Path(os.path.relpath(p, run_dir)).as_posix()})" for p in plots] or ["No trend to plot."]
     lines += ["", "## Every metric", ""]

@@ -37,6 +37,10 @@ DEFAULT_TOLERANCE = 0.10
 ACCURACY_SE = 2.0  # how many binomial standard errors an accuracy may move before it counts
 STATUSES = ("ok", "improved", "suspicious", "regression", "insufficient-history", "gate-failed")
 FAILING = ("regression", "gate-failed")
+# A gate either measured something (passed, failed) or says why it could not apply (n/a); there is no
+# "skipped" that reads like a pass.
+GATE_STATUSES = ("passed", "failed", "n/a")
+GATE_STATUS_WORDS = {"passed": "passed", "failed": "failed", "n/a": "not applicable"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,15 +70,25 @@ class Verdict:
 
 @dataclasses.dataclass(frozen=True)
 class Gate:
-    """A pass/fail check of the run: an accuracy threshold, the hardware suite; value and threshold in ``unit``."""
+    """A pass/fail check of the run: an accuracy threshold, the hardware suite; value and threshold in ``unit``.
+
+    ``n/a``: the check did not apply to this run (a stage left out, a subset
+    run's accuracy, the hw suite on a CPU night), ``detail`` says why.
+    """
 
     name: str  # e.g. 'mmlu/generate accuracy', 'hw suite'
-    status: str  # passed | failed | skipped
+    status: str  # passed | failed | n/a (GATE_STATUSES)
     value: float | None = None
     threshold: float | None = None
     unit: str = ""
     detail: str = ""  # the skip reason, or what failed
     case: str | None = None  # an accuracy gate's metric case, e.g. 'mmlu/generate'; the rule judges it too
+
+    def __post_init__(self):
+        if self.status == "skipped":  # the word of nightly.json files written before n/a
+            object.__setattr__(self, "status", "n/a")
+        if self.status not in GATE_STATUSES:
+            raise ValueError(f"gate {self.name!r}: status {self.status!r} is not one of {', '.join(GATE_STATUSES)}")
 
     @property
     def margin(self) -> float | None:
@@ -162,7 +176,7 @@ def _judge_accuracy(metric: H.Metric, base: dict, baseline: float) -> Verdict:
 def accuracy_gates(gates: Iterable[Gate]) -> dict[str, float]:
     """The accuracy gates as {case: minimum 0..1}, e.g. {'mmlu/generate': 0.239}, from percent gates."""
     return {g.case: g.threshold / 100 for g in gates
-            if g.case and g.status != "skipped" and g.threshold is not None and g.unit == "%"}
+            if g.case and g.status != "n/a" and g.threshold is not None and g.unit == "%"}
 
 
 def evaluate_run(
@@ -199,7 +213,24 @@ def overall(verdicts: Sequence[Verdict], gates: Sequence[Gate]) -> Outcome:
         # The reason is REPORT.md's first line: two causes, then a count; the tables list them all.
         more = f"; and {len(reasons) - 2} more" if len(reasons) > 2 else ""
         return Outcome(False, "; ".join(reasons[:2]) + more)
-    return Outcome(True, f"{len(gates)} gate(s) passed or skipped, no regression in {len(verdicts)} metric(s)")
+    return _unfailed_outcome(verdicts, gates)
+
+
+def gate_tally(gates: Sequence[Gate]) -> str:
+    """The gates by result, each named: '2 passed (hw suite, mmlu/generate accuracy), 1 not applicable (perf stage)'."""
+    parts = []
+    for status in GATE_STATUSES:
+        names = [g.name for g in gates if g.status == status]
+        if names:
+            parts.append(f"{len(names)} {GATE_STATUS_WORDS[status]} ({', '.join(names)})")
+    return ", ".join(parts) or "no gate"
+
+
+def _unfailed_outcome(verdicts: Sequence[Verdict], gates: Sequence[Gate]) -> Outcome:
+    """Nothing failed: PASS when something was measured (a gate passed or a metric was recorded), else FAIL."""
+    if not verdicts and not any(g.status == "passed" for g in gates):
+        return Outcome(False, f"nothing was measured: no gate passed ({gate_tally(gates)}) and no metric was recorded")
+    return Outcome(True, f"gates: {gate_tally(gates)}; no regression in {len(verdicts)} metric(s)")
 
 
 def show_value(value: float | None, unit: str) -> str:
@@ -228,17 +259,17 @@ def gates_from_precision_summary(path: str | Path) -> list[Gate]:
         raise UserError(f"{path}: key 'gate' must hold a list 'verdicts'")
     mode, out = summary["mode"], []
     # The runner judges every run but only a --gate run (the full val set) is a release gate; a
-    # subset run's verdict is shown, skipped.
+    # subset run's verdict is shown, not applicable.
     requested = gate.get("requested", True)
     for v in gate["verdicts"]:
-        if v.get("status") == "skipped":
-            out.append(Gate(f"{mode} accuracy gate", "skipped", unit="%", detail=v.get("reason", "")))
+        if v.get("status") in ("n/a", "skipped"):  # 'skipped': summaries written before n/a
+            out.append(Gate(f"{mode} accuracy gate", "n/a", unit="%", detail=v.get("reason", "")))
             continue
         try:
             threshold = float(v["threshold"]) - float(v["tolerance"])
             case = f"{mode}/{v['scoring']}"
             detail = f"threshold {v['threshold']} - tolerance {v['tolerance']} ({v.get('model', '?')})"
-            status = v["status"] if requested else "skipped"
+            status = v["status"] if requested else "n/a"
             if not requested:
                 detail = f"not a --gate run (would have {v['status']}); {detail}"
             out.append(Gate(f"{case} accuracy", status, float(v["score"]), threshold, "%", detail, case))

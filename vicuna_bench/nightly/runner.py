@@ -290,6 +290,7 @@ def plan_run(values: dict[str, Any]) -> Plan:
     """Check every setting, input file and length; resolve the model.  Writes nothing but a new history file."""
     from ..perf import PerfSession
     from ..precision import PrecisionConfig, load_dataset
+    from ..precision.gates import gate_model_key
 
     stages = parse_stages(values["stages"])
     history = Path(values["history"])
@@ -337,6 +338,8 @@ def plan_run(values: dict[str, Any]) -> Plan:
         if p.config.max_prompt_tokens + p.config.seq_len_out > plan.spec.max_seq_len:
             raise UserError(f"--max-prompt-tokens {p.config.max_prompt_tokens} + --seq-len-out "
                             f"{p.config.seq_len_out} exceeds --max-seq-len {plan.spec.max_seq_len}")
+        if p.config.gate:  # a full set's release gate must be able to judge the model, or the night does not start
+            p.config.gate_model = gate_model_key(p.mode, p.config.scorings, plan.spec.model_path, p.config.gate_model)
     # Last: a newer schema, a non-SQLite file is refused now, not at the end of the night; a new file is created.
     H.connect(history).close()
     return plan
@@ -386,8 +389,16 @@ class StageFailed(Exception):
     """A stage could not finish; the run goes on and is recorded with status error."""
 
 
+ACCELERATORS = ("cuda", "npu")  # a night on one of these must run hardware tests
+
+
 def hw_command(values: dict[str, Any], junit: Path, tests: Path) -> list[str]:
-    """``pytest -m hw`` on the run's model settings, JUnit XML into the run dir."""
+    """``pytest -m hw`` on the run's model settings, JUnit XML into the run dir.
+
+    The model options (``--model-path``, ``--world-size``, ``--dtype``,
+    ``--device-type``, ...) make the hw suite test the night's model at its
+    world size (tests/hw/conftest.py); without ``--model-path`` it tests its tiny models.
+    """
     cmd = [sys.executable, "-m", "pytest", "-m", "hw", str(tests), f"--junitxml={junit}", "-q", "-rs",
            "-p", "no:cacheprovider"]
     for s in S.group("model"):
@@ -415,24 +426,40 @@ def hw_tests_dir() -> Path | None:
     return None
 
 
+def hw_must_run(device: str) -> str:
+    """Why the hw suite must run tests tonight ('' when it need not): the night runs on an accelerator."""
+    return f"the night's device is {device}" if device in ACCELERATORS else ""
+
+
+def _hw_not_run(must_run: str, why: str) -> R.Gate:
+    """The hw gate when no test ran: failed on an accelerator night, else not applicable."""
+    if must_run:
+        return R.Gate("hw suite", "failed", 0, None, "tests", f"no test ran, though {must_run}: {why}")
+    return R.Gate("hw suite", "n/a", unit="tests", detail=why)
+
+
 def run_hw_suite(plan: Plan) -> R.Gate:
-    """The hardware suite in a subprocess; its JUnit XML judged as a gate (skipped tests keep their reason)."""
+    """The hardware suite in a subprocess, on the night's resolved device; its JUnit XML judged as a gate.
+
+    Skipped tests keep their reason.  A suite that ran no test is a failed
+    gate on a cuda/npu night (it measured nothing there), not applicable on a CPU one.
+    """
+    must_run = hw_must_run(plan.spec.device)
     tests = hw_tests_dir()
     if tests is None:
-        return R.Gate("hw suite", "skipped", unit="tests",
-                      detail="no tests/hw beside the package or in the current directory (run from a checkout)")
+        return _hw_not_run(must_run, "no tests/hw beside the package or in the current directory (run from a checkout)")
     junit = (plan.run_dir / JUNIT).resolve()
-    cmd = hw_command(plan.values, junit, tests)
+    cmd = hw_command({**plan.values, "device": plan.spec.device}, junit, tests)
     log.info("nightly: hw suite: %s", " ".join(cmd[1:]))
     with (plan.run_dir / HW_LOG).open("w", encoding="utf-8") as out:
         rc = subprocess.run(cmd, cwd=tests.parents[1], stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL).returncode
     if rc == 5:  # no test collected
-        return R.Gate("hw suite", "skipped", unit="tests", detail=f"no hw test collected (see {HW_LOG})")
+        return _hw_not_run(must_run, f"no hw test collected, see {HW_LOG}")
     if rc not in (0, 1) or not junit.is_file():
         raise StageFailed(f"pytest exited {rc} (see {HW_LOG})")
     summary = RP.read_junit(junit)
-    gate = RP.junit_gate(summary, skip_reason="; ".join(skip_reasons(junit)))
+    gate = RP.junit_gate(summary, skip_reason="; ".join(skip_reasons(junit)), must_run=must_run)
     log.info("nightly: hw suite: %d passed, %d failed, %d errors, %d skipped", summary.passed, summary.failures,
              summary.errors, summary.skipped)
     return gate
@@ -553,7 +580,7 @@ def _run(plan: Plan, started: str) -> NightlyResult:
     errors: list[str] = []
     for stage in STAGES:
         if stage not in plan.stages:
-            gates.append(R.Gate(f"{stage} stage", "skipped", detail="not in --stages"))
+            gates.append(R.Gate(f"{stage} stage", "n/a", detail="not in --stages"))
     if "hw" in plan.stages:
         gate = _stage("hw", errors, gates, run_hw_suite, plan)
         if gate is not None:

@@ -3,7 +3,9 @@
 Thresholds live in ``vicuna_bench/thresholds.json`` (percent).  A model is
 recognised when one of its ``match`` strings occurs (case-insensitively) in
 the model directory's name, a parent's name (cut dirs), or the config's
-``_name_or_path``; ``--accuracy-model`` / ``--gate-model`` override that.
+``_name_or_path``; ``--accuracy-model`` / ``--gate-model`` override that.  A run that asks for
+the gate is refused (:func:`gate_model_key`) before a question is asked when
+no threshold can judge it: a gate that cannot judge must not look like a pass.
 """
 
 from __future__ import annotations
@@ -51,20 +53,53 @@ def identify_model(model_path: str | Path, override: str | None = None, threshol
     return None
 
 
+def gate_model_key(
+    mode: str, scorings: list[str], model_path: str | Path, override: str | None = None,
+    thresholds: dict | None = None,
+) -> str:
+    """The thresholds.json model a gated run is judged by; UserError when it or a scoring has no threshold.
+
+    Called before anything is written or an engine starts, by every front end
+    that asks for the gate (``precision --gate``, ``pytest -m accuracy``, the nightly).
+    """
+    thresholds = thresholds or load_thresholds()
+    models = thresholds["models"]
+    key = identify_model(model_path, override, thresholds)
+    if key is None:
+        raise UserError(
+            f"{mode} gate: model {model_path} has no release threshold in thresholds.json (known: "
+            f"{', '.join(models)}); name the model whose thresholds judge it with {flag('precision.gate_model')}"
+        )
+    have = {s: t for s, t in models[key].get(mode, {}).items() if t is not None}
+    missing = [s for s in scorings if s not in have]
+    if missing:
+        raise UserError(
+            f"{mode} gate: thresholds.json has no {mode} threshold for {key} with {flag('precision.scoring')} "
+            f"{missing[0]!r} (it has: {', '.join(have) or 'none'}); gate another scoring, or name another model "
+            f"with {flag('precision.gate_model')}"
+        )
+    return key
+
+
 def evaluate_gate(
     mode: str, scoring: str, score_percent: float | None, model_key: str | None,
     tolerance: float | None = None, thresholds: dict | None = None,
 ) -> dict:
-    """``{"status": passed|failed|skipped, ...}`` for one scoring's average (percent)."""
+    """``{"status": passed|failed|n/a, ...}`` for one scoring's average (percent).
+
+    ``n/a`` (with a reason) only where no gate was asked for: a gated run is
+    refused before it starts when it could not be judged (:func:`gate_model_key`).
+    """
     thresholds = thresholds or load_thresholds()
     tol = thresholds["tolerance"] if tolerance is None else tolerance
     if model_key is None:
-        return {"status": "skipped", "reason": "unknown model: no release threshold (pass --gate-model to name one)"}
+        return {"status": "n/a", "reason": f"unknown model: no release threshold (name one with "
+                                           f"{flag('precision.gate_model')})"}
     threshold = thresholds["models"][model_key].get(mode, {}).get(scoring)
     if threshold is None:
-        return {"status": "skipped", "reason": f"no {mode} threshold for {model_key} with scoring {scoring!r}"}
+        return {"status": "n/a", "reason": f"no {mode} threshold for {model_key} with scoring {scoring!r}"}
     if score_percent is None:
-        return {"status": "skipped", "reason": "no question was answered"}
+        return {"status": "n/a", "reason": "no question was answered"}
     verdict = {
         "model": model_key, "scoring": scoring, "score": round(score_percent, 4),
         "threshold": threshold, "tolerance": tol,

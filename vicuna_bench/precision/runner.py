@@ -17,7 +17,7 @@ from ..errors import GateFailed, UserError
 from . import results as R
 from ..settings import flag
 from .data import Dataset, load_dataset, select_subjects
-from .gates import evaluate_gate, identify_model, load_thresholds
+from .gates import evaluate_gate, gate_model_key, identify_model, load_thresholds
 from .prompt import (
     FittedPrompt,
     fit_prompt,
@@ -127,8 +127,9 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
 
     ``spec`` is a resolved EngineSpec; ``engine`` an open Engine for it (one
     is started, only when a question is left to ask, if None).  Raises
-    UserError on bad input before writing anything, GateFailed (after
-    writing every file) when ``cfg.gate`` and the score is below threshold.
+    UserError on bad input before writing anything (with ``cfg.gate``: also
+    when no threshold can judge the run), GateFailed (after writing every
+    file) when ``cfg.gate`` and the score is below threshold.
     """
     from .. import checkpoint
     from ..chat import load_tokenizer
@@ -143,7 +144,9 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
             f"{cfg.seq_len_out} exceeds {flag('model.max_seq_len')} {spec.max_seq_len}"
         )
     thresholds = load_thresholds()
-    model_key = identify_model(spec.model_path, cfg.gate_model, thresholds)  # whose thresholds judge the run
+    # Whose thresholds judge the run; a gate that nothing could judge is refused here, before anything runs.
+    model_key = (gate_model_key(cfg.mode, cfg.scorings, spec.model_path, cfg.gate_model, thresholds) if cfg.gate
+                 else identify_model(spec.model_path, cfg.gate_model, thresholds))
     model = model_label(spec.model_path, identify_model(spec.model_path, None, thresholds))  # what ran
     settings = run_settings(cfg, model, spec.dtype)
     existing = _Existing(cfg, dataset, settings)
@@ -152,6 +155,11 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
     selection = dataset.questions(subjects, cfg.limit_per_subject)
     fitted = [fit_prompt(tokenizer, dataset.dev[q.subject], q, cfg.shot, cfg.max_prompt_tokens) for q in selection]
     too_long = [f for f in fitted if f.too_long]
+    if cfg.gate and cfg.too_long == "exclude" and len(too_long) == len(fitted):
+        raise UserError(
+            f"{cfg.mode} gate: all {len(fitted)} questions are too long for {flag('precision.max_prompt_tokens')} "
+            f"{cfg.max_prompt_tokens}, so no score could be judged (raise it, or {flag('precision.too_long')} wrong)"
+        )
     pending = [f for f in fitted if not f.too_long and not existing.done((f.question.subject, f.question.qid))]
     log.info(
         "precision %s: %d subjects, %d questions, %d already in %s, %d to ask, %d too long for %d tokens",
@@ -194,8 +202,9 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
     if cfg.gate:
         if gate["status"] == "failed":
             raise GateFailed(f"{cfg.mode} gate failed for {model_key}: {_margins(gate, 'failed', '<')}\n{table}")
-        if gate["status"] == "passed":
-            log.info("%s gate passed for %s: %s", cfg.mode, model_key, _margins(gate, "passed", ">="))
+        if gate["status"] != "passed":  # refused up front; should a path be missed, still no pass
+            raise GateFailed(f"{cfg.mode} gate not judged for {model_key}: {gate.get('reason', '')}\n{table}")
+        log.info("%s gate passed for %s: %s", cfg.mode, model_key, _margins(gate, "passed", ">="))
     return summary
 
 
@@ -379,9 +388,9 @@ def finalize(cfg, dataset: Dataset, fitted: list[FittedPrompt], settings, spec, 
         for s in cfg.scorings
     ]
     statuses = [v["status"] for v in verdicts]
-    status = "failed" if "failed" in statuses else "passed" if "passed" in statuses else "skipped"
+    status = "failed" if "failed" in statuses else "passed" if "passed" in statuses else "n/a"
     gate = {"status": status, "verdicts": verdicts, "requested": cfg.gate}
-    if status == "skipped":
+    if status == "n/a":
         gate["reason"] = "; ".join(v["reason"] for v in verdicts)
     summary["gate"] = gate
 
