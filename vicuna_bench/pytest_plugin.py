@@ -129,7 +129,7 @@ def vicuna_options(pytestconfig) -> dict:
 
 
 def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None,
-                     device_type="d9", compile="off", decode_steps=0, bind_cpu=True):
+                     device_type="auto", compile="off", decode_steps=0, bind_cpu=True):
     """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype, CPU binding on), validated."""
     from .runtime import resolve_engine_spec
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.hw.conftest import device_count
+from tests.hw.conftest import device_count, skip_unless_chip_runs
 from vicuna_bench.pytest_plugin import make_engine_spec
 
 
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_half_precision_on_device_tracks_cpu_fp32(device_type, dtype, tiny_models, engine_factory):
+def test_half_precision_on_device_tracks_cpu_fp32(device_type, chip_family, dtype, tiny_models, engine_factory):
+    skip_unless_chip_runs(device_type, chip_family, dtype)
     prompt = [[5, 17, 99, 3, 250, 42]]
     ref = engine_factory(make_engine_spec(tiny_models["vicuna"], 1, "cpu", "fp32", 64))
     dev = engine_factory(make_engine_spec(tiny_models["vicuna"], 1, device_type, dtype, 64))
@@ -20,7 +21,8 @@ def test_half_precision_on_device_tracks_cpu_fp32(device_type, dtype, tiny_model
     assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
 
 
-def test_device_backend_world_size_2(device_type, tiny_models, engine_factory):
+def test_device_backend_world_size_2(device_type, chip_family, tiny_models, engine_factory):
+    skip_unless_chip_runs(device_type, chip_family, "fp32")
     if device_count(device_type) < 2:
         pytest.skip(f"needs 2 {device_type} devices")
     prompt = [[5, 17, 99, 3, 250, 42], [8, 9]]

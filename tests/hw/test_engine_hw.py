@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from vicuna_bench import binding
-from tests.hw.conftest import device_count
+from tests.hw.conftest import device_count, skip_unless_chip_runs
 from vicuna_bench.pytest_plugin import make_engine_spec
 
 # Per-dtype tolerance on the last-position logits, relative to the logit scale (the max |logit|).
@@ -68,8 +68,9 @@ def assert_greedy_agree(ref, other, dtype: str) -> None:
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("model", ["vicuna", "gqa", "embedded"])
-def test_all_devices_match_one_device(device_type, model, dtype, tiny_models, engine_factory):
+def test_all_devices_match_one_device(device_type, chip_family, model, dtype, tiny_models, engine_factory):
     """World size 1 against every visible device (up to 8): identical greedy tokens over 32 steps."""
+    skip_unless_chip_runs(device_type, chip_family, dtype)
     n = min(device_count(device_type), 8)
     if n < 2:
         pytest.skip(f"one {device_type} device visible: nothing to shard over")
@@ -81,7 +82,8 @@ def test_all_devices_match_one_device(device_type, model, dtype, tiny_models, en
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("model", ["vicuna", "embedded"])
-def test_device_first_logits_track_cpu_fp32(device_type, model, dtype, tiny_models, engine_factory):
+def test_device_first_logits_track_cpu_fp32(device_type, chip_family, model, dtype, tiny_models, engine_factory):
+    skip_unless_chip_runs(device_type, chip_family, dtype)
     path = _embedded_or_skip() if model == "embedded" else tiny_models[model]
     ref = engine_factory(make_engine_spec(path, 1, "cpu", "fp32", 64)).generate(PROMPTS, 1, return_logits=True)
     dev = engine_factory(make_engine_spec(path, 1, device_type, dtype, 64)).generate(PROMPTS, 1, return_logits=True)
@@ -91,8 +93,9 @@ def test_device_first_logits_track_cpu_fp32(device_type, model, dtype, tiny_mode
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("model", ["vicuna", "gqa", "embedded"])
-def test_compiled_decode_matches_eager(device_type, model, dtype, tiny_models, engine_factory):
+def test_compiled_decode_matches_eager(device_type, chip_family, model, dtype, tiny_models, engine_factory):
     """--compile on (CUDA graphs / torchair) gives eager's greedy tokens and logits."""
+    skip_unless_chip_runs(device_type, chip_family, dtype)
     path = _embedded_or_skip() if model == "embedded" else tiny_models[model]
     eager = _generate(engine_factory(make_engine_spec(path, 1, device_type, dtype, 64, compile="off")))
     graphed = _generate(engine_factory(make_engine_spec(path, 1, device_type, dtype, 64, compile="on")))

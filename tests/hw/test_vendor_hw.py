@@ -33,6 +33,12 @@ def kind(device_type):
 
 
 @pytest.fixture(scope="module")
+def family(chip_family) -> list[str]:
+    """DEVICE_TYPE and the dtype to pass: the NPU's detected family (a 310P runs fp16 only); d9 elsewhere."""
+    return ["d3", "--dtype", "fp16"] if chip_family == "d3" else ["d9"]
+
+
+@pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return tiny.make_tiny_llama(tmp_path_factory.mktemp("vendor-hw") / "tiny-gqa", LONG_GQA, seed=21)
 
@@ -59,9 +65,9 @@ def check_rank_logs(log_dir: Path, kind: str, devices_by_rank: list[int]) -> Non
         assert f"cpu binding: rank {rank} ({kind}:{device}):" in text, text
 
 
-def test_run(kind, model, tmp_path):
+def test_run(kind, family, model, tmp_path):
     write_ini(tmp_path, f"[model]\nmodel_path = {model}\ndevice_ids = 0\nlog_dir = logs\n")
-    sdk_test(tmp_path, kind, "1", "d9", "run")
+    sdk_test(tmp_path, kind, "1", family[0], "run", *family[1:])
     doc = json.loads((tmp_path / "logs" / "run_outputs.json").read_text())
     assert (doc["device"], doc["world_size"], doc["environment"]["device_type"]) == (kind, 1, kind)
     assert len(doc["outputs"]) == 3 and all(o["output_ids"] for o in doc["outputs"])
@@ -69,13 +75,13 @@ def test_run(kind, model, tmp_path):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_performance(kind, model, tmp_path, world_size):
+def test_performance(kind, family, model, tmp_path, world_size):
     if device_count(kind) < world_size:
         pytest.skip(f"needs {world_size} {kind} devices")
     ids = [1, 0] if world_size == 2 else [0]  # rank 0 on device 1: device_ids decide, not the rank
     write_ini(tmp_path, f"[model]\nmodel_path = {model}\ndevice_ids = {','.join(map(str, ids))}\nlog_dir = logs\n"
                         "[performance]\nmodel_name = tiny\nbatch_size = 2\ncase_pair = [[64,8],[32,4]]\n")
-    sdk_test(tmp_path, kind, str(world_size), "d9", "performance")
+    sdk_test(tmp_path, kind, str(world_size), family[0], "performance", *family[1:])
     [reference] = [p for p in tmp_path.glob("performance_test_tiny_*_bs2.csv")]
     lines = reference.read_text().splitlines()
     assert lines[0] == REFERENCE_HEADER
@@ -92,11 +98,11 @@ def test_performance(kind, model, tmp_path, world_size):
     check_rank_logs(tmp_path / "logs", kind, ids)
 
 
-def test_precision(kind, model, tmp_path):
+def test_precision(kind, family, model, tmp_path):
     work = make_synthetic_mmlu(tmp_path / "mmlu")
     write_ini(tmp_path / "run", f"[model]\nmodel_path = {model}\nlog_dir = logs\n"
                                 f"[precision]\nmode = mmlu\nwork_dir = {work}\nbatch = 2\nshot = 5\nseq_len_out = 2\n")
-    sdk_test(tmp_path / "run", kind, "1", "d9", "precision")
+    sdk_test(tmp_path / "run", kind, "1", family[0], "precision", *family[1:])
     out = work / "test_result"
     for name in ("cache.csv", "result_subject_acc.json", "result_classes_acc.json", "device.log", "summary.json"):
         assert (out / name).is_file(), name
