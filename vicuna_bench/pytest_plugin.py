@@ -129,13 +129,13 @@ def vicuna_options(pytestconfig) -> dict:
 
 
 def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None,
-                     device_type="auto", compile="off", decode_steps=0, bind_cpu=True):
+                     device_type="auto", compile="off", decode_steps=0, bind_cpu=True, npu_graph="auto"):
     """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype, CPU binding on), validated."""
     from .runtime import resolve_engine_spec
 
     return resolve_engine_spec(model_path, world_size, device, dtype, max_seq_len, progress=False,
                                device_type=device_type, compile=compile, decode_steps=decode_steps,
-                               bind_cpu=bind_cpu)
+                               bind_cpu=bind_cpu, npu_graph=npu_graph)
 
 
 class EngineFactory:

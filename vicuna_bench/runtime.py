@@ -145,7 +145,7 @@ def resolve_engine_spec(
                            chip_family=device_type if device == "npu" else None)
     spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args), device_type,
                       compile, bool(bind_cpu), None if device_ids is None else tuple(int(d) for d in device_ids),
-                      None if log_dir is None else str(log_dir), npu_graph)
+                      None if log_dir is None else str(log_dir), npu_graph=npu_graph)
     spec.validate()
     return spec
 
