@@ -50,10 +50,10 @@ class EngineSpec:
     max_seq_len: int = 2048
     device_type: str | None = None  # NPU chip family (d9 | d3), detected on NPU; None: unknown or not an NPU
     compile: str = "off"  # resolved: on | off (compile the prefill and decode step)
+    npu_graph: str = "auto"  # NPU graph mode for compile on: auto | ge | aclgraph (vicuna_bench.npu_graph)
     bind_cpu: bool = True  # pin each rank's process to CPUs near its device (vicuna_bench.binding)
     device_ids: tuple[int, ...] | None = None  # rank r runs on device device_ids[r]; None: device r
     log_dir: str | None = None  # each rank appends what it runs, and its binding, to <log_dir>/rank<r>.log
-    npu_graph: str = "auto"  # NPU graph mode for compile on: auto | ge | aclgraph (vicuna_bench.npu_graph)
 
     def device_index(self, local_rank: int) -> int:
         """The device index local rank ``local_rank`` runs on."""
@@ -143,9 +143,10 @@ def resolve_engine_spec(
 
     compile = resolve_mode(compile, device, decode_steps, npu_graph=npu_graph,
                            chip_family=device_type if device == "npu" else None)
-    spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args), device_type,
-                      compile, bool(bind_cpu), None if device_ids is None else tuple(int(d) for d in device_ids),
-                      None if log_dir is None else str(log_dir), npu_graph=npu_graph)
+    spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args),
+                      device_type=device_type, compile=compile, npu_graph=npu_graph, bind_cpu=bool(bind_cpu),
+                      device_ids=None if device_ids is None else tuple(int(d) for d in device_ids),
+                      log_dir=None if log_dir is None else str(log_dir))
     spec.validate()
     return spec
 
