@@ -127,8 +127,11 @@ def fake_torchair(monkeypatch, surface: dict, backend_error: Exception | None = 
         def npugraph_ex(gm, example_inputs, **kwargs):
             return gm.forward
 
-        monkeypatch.setitem(registry._BACKENDS, npu_graph.NPUGRAPH_EX, None)
-        monkeypatch.setitem(registry._COMPILER_FNS, npu_graph.NPUGRAPH_EX, npugraph_ex)
+        # As register_backend does: torch >= 2.2 keeps the function in _COMPILER_FNS, torch 2.1 in _BACKENDS.
+        compiler_fns = getattr(registry, "_COMPILER_FNS", None)
+        monkeypatch.setitem(registry._BACKENDS, npu_graph.NPUGRAPH_EX, None if compiler_fns is not None else npugraph_ex)
+        if compiler_fns is not None:
+            monkeypatch.setitem(compiler_fns, npu_graph.NPUGRAPH_EX, npugraph_ex)
     fake_torch_npu_version(monkeypatch, surface["torch_npu"])
     return module
 
