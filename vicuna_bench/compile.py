@@ -12,8 +12,9 @@
 * CUDA: ``max-autotune`` (CUDA graphs: one launch per step, and GEMMs
   autotuned per shape); the step's one input write (``key_valid``) is done
   outside the graph, which CUDA graphs would otherwise skip;
-* NPU: torchair's graph backend for the decode step when importable, else
-  eager (one log line).
+* NPU: torchair's GE or ACL graph for the decode step, through the API the
+  installed torchair version has (:mod:`vicuna_bench.npu_graph`); any
+  configuration it refuses leaves the step eager, with one log line.
 
 The prefill is compiled with dynamic shapes (one graph for every prompt
 length); the decode step's graphs depend on the batch and the KV cache
@@ -52,11 +53,24 @@ def check_mode(mode: str, option: str = "--compile") -> str:
     return mode
 
 
-def resolve_mode(mode: str, device_type: str, decode_steps: int, option: str = "--compile") -> str:
-    """``on`` or ``off``: ``auto`` compiles when ``decode_steps`` steps repay the compile time (logged)."""
+def resolve_mode(mode: str, device_type: str, decode_steps: int, option: str = "--compile",
+                 npu_graph: str = "auto", chip_family: str | None = None) -> str:
+    """``on`` or ``off``: ``auto`` compiles when ``decode_steps`` steps repay the compile time (logged).
+
+    On an NPU ``auto`` stays off where the torchair version is unknown or
+    lacks the graph mode ``npu_graph`` chooses for ``chip_family``
+    (:func:`vicuna_bench.npu_graph.auto_compile_blocker`).
+    """
     check_mode(mode, option)
     if mode != "auto":
         return mode
+    if device_type == "npu":
+        from .npu_graph import auto_compile_blocker
+
+        blocker = auto_compile_blocker(npu_graph, chip_family)
+        if blocker is not None:
+            log.info("%s auto: off (%s)", option, blocker)
+            return "off"
     saved = decode_steps * _AUTO_SAVING_S.get(device_type, 0.0)
     cost = _AUTO_COMPILE_S.get(device_type, float("inf"))
     chosen = "on" if saved > cost else "off"
@@ -258,21 +272,26 @@ def captured_step(graphed):
     return step
 
 
-def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32"):
-    """The prefill and decode step for ``--compile on`` on ``device_type``: CompiledSteps, or eager (logged)."""
+def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32", npu_graph: str = "auto",
+                   chip_family: str | None = None):
+    """The prefill and decode step for ``--compile on`` on ``device_type``: CompiledSteps, or eager (logged).
+
+    NPU: ``npu_graph`` (auto | ge | aclgraph) for ``chip_family`` through
+    the API the installed torchair has (:mod:`vicuna_bench.npu_graph`).
+    """
     from .generation import EAGER, decode_logits, decode_step, prefill_logits
 
     _raise_recompile_limits()
     if device_type == "npu":
-        try:
-            import torchair
-        except ImportError:
-            log.info("--compile on: torchair is not importable; the NPU runs eager")
+        from .npu_graph import compile_decode
+
+        graph = compile_decode(decode_logits, npu_graph, chip_family, world_size)
+        if graph is None:
             return EAGER
-        config = torchair.CompilerConfig()
-        config.mode = "reduce-overhead"
-        fn = torch.compile(decode_logits, backend=torchair.get_npu_backend(compiler_config=config), dynamic=False)
-        return CompiledSteps(None, captured_step(fn), "torchair reduce-overhead (decode step)")
+        steps = CompiledSteps(None, captured_step(graph.step), f"{graph.description} (decode step)")
+        steps.warm_calls = graph.warm_calls  # the calls a new shape needs before the next one replays
+        graph.step.on_fallback = lambda why: setattr(steps, "description", f"eager after {graph.description} failed")
+        return steps
     _configure_inductor()
     # Collectives (world size > 1) may break the graph; one rank's step must be whole.
     fullgraph = world_size == 1

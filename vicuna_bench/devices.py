@@ -24,11 +24,14 @@ DEVICE_TYPES = ("cpu", "cuda", "npu")
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
 # NPU chip families (the vendor's DEVICE_TYPE): the dtypes each runs.  The
-# 310P has no bf16 (Huawei's own model code sets support_bf16 = False there).
+# 310P has no bf16 (Huawei's own model code sets support_bf16 = False there)
+# and its cube unit no fp32 (CANN's aclnn matmul docs: "Atlas inference
+# products: the Cube unit does not support FLOAT32", only a cast to fp16).
 CHIP_FAMILIES = {
-    "d9": ("Atlas 800I A2 (Ascend 910B)", ("fp16", "bf16")),
+    "d9": ("Atlas 800I A2 (Ascend 910B)", ("fp16", "bf16", "fp32")),
     "d3": ("Atlas 300I DUO (Ascend 310P)", ("fp16",)),
 }
+CHIP_CHOICES = ("auto", *CHIP_FAMILIES)  # --device-type: auto = detected from the NPU's name
 
 # Environment that changes NPU behaviour or timings (shared/spec/NPU.md):
 # recorded with every result so two runs can be compared honestly.
@@ -44,17 +47,33 @@ NPU_TIMING_ENV = (
 CUDA_TIMING_ENV = ("CUDA_VISIBLE_DEVICES",)
 
 
-def _import_torch_npu():
+def _import_torch_npu(option: str = "--device npu"):
     try:
         import torch_npu  # noqa: F401  (registers the 'npu' device with torch)
-    except ImportError as exc:
-        raise UserError(f"--device npu: torch_npu cannot be imported ({exc}); install torch + torch_npu as a pair") from None
+    except Exception as exc:  # noqa: BLE001  (a broken install raises ImportError, OSError, RuntimeError...)
+        failure = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"{option}: torch_npu is installed but cannot be imported ({type(exc).__name__}: {failure}); "
+                        f"install torch + torch_npu as a pair, or pass --device cpu|cuda") from None
 
 
-def npu_available() -> bool:
-    if importlib.util.find_spec("torch_npu") is None:
+def torch_npu_installed() -> bool:
+    """Whether torch_npu is installed: importable by name, or known to the package metadata."""
+    if importlib.util.find_spec("torch_npu") is not None:
+        return True
+    for name in ("torch_npu", "torch-npu"):
+        try:
+            importlib.metadata.distribution(name)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return False
+
+
+def npu_available(option: str = "--device npu") -> bool:
+    """Whether an NPU is usable; torch_npu installed but failing to import is a UserError naming the failure."""
+    if not torch_npu_installed():
         return False
-    _import_torch_npu()
+    _import_torch_npu(option)
     return bool(torch.npu.is_available())
 
 
@@ -67,19 +86,19 @@ class DeviceChoice:
 
 
 def select_device(name: str) -> DeviceChoice:
-    """``auto`` -> npu if available, else cuda, else cpu, with the reason; other names are checked."""
+    """``auto`` -> npu if available, else cuda, else cpu, with the reason; other names are checked.
+
+    A torch_npu that is installed but fails to import is a UserError naming
+    the failure: falling back to another device would hide a broken NPU host.
+    """
     if name != "auto":
         return DeviceChoice(resolve_device_type(name), f"--device {name}")
-    if importlib.util.find_spec("torch_npu") is None:
+    if not torch_npu_installed():
         npu_note = "torch_npu is not installed"
     else:
-        try:
-            if npu_available():
-                return DeviceChoice("npu", f"--device auto: npu ({_count('npu')} visible through torch_npu)")
-            npu_note = "torch_npu reports no NPU"
-        except UserError as exc:
-            # A broken torch_npu install must not stop a run that can use another device.
-            npu_note = str(exc).split(": ", 1)[-1]
+        if npu_available("--device auto"):
+            return DeviceChoice("npu", f"--device auto: npu ({_count('npu')} visible through torch_npu)")
+        npu_note = "torch_npu reports no NPU"
     if torch.cuda.is_available():
         return DeviceChoice("cuda", f"--device auto: cuda ({_count('cuda')} visible; {npu_note})")
     return DeviceChoice("cpu", f"--device auto: cpu (no CUDA device; {npu_note})")
@@ -133,6 +152,45 @@ def check_dtype_for_chip(device_type: str, chip: str | None, dtype_name: str, re
         raise UserError(
             f"{how} is not supported on --device-type {chip} ({product} runs {', '.join(dtypes)} only): pass --dtype {dtypes[0]}"
         )
+
+
+def resolve_chip_family(device_type: str, requested: str = "auto", device_index: int = 0) -> str | None:
+    """The NPU chip family a run uses (d9 | d3), from ``torch.npu.get_device_name``.
+
+    ``requested`` is ``--device-type``: ``auto`` takes the detected family
+    (None for a chip that is neither a 910B nor a 310P); d9/d3 that
+    contradicts the chip is a UserError.  Off NPU nothing is detected:
+    ``auto`` gives None, d9/d3 are carried as given.
+    """
+    if requested not in CHIP_CHOICES:
+        valid = ", ".join(["auto (detected)"] + [f"{k} = {v[0]}" for k, v in CHIP_FAMILIES.items()])
+        raise UserError(f"--device-type {requested!r} is not supported (valid: {valid})")
+    if device_type != "npu":
+        return None if requested == "auto" else requested
+    try:
+        name = device_name_of("npu", device_index)
+    except Exception as exc:  # noqa: BLE001  (a name is what detection needs, not what the run needs)
+        log.info("--device-type %s: the NPU's name cannot be read (%s); no chip family detected", requested, exc)
+        return None if requested == "auto" else requested
+    detected = chip_family_of(name)
+    if requested == "auto":
+        if detected is None:
+            log.info("--device-type auto: %s is neither a 910B (d9) nor a 310P (d3); no chip rule applies", name)
+        return detected
+    if detected is not None and detected != requested:
+        raise UserError(f"--device-type {requested} contradicts NPU {device_index}: {name} is {detected} "
+                        f"({CHIP_FAMILIES[detected][0]}); pass --device-type {detected} or auto")
+    return requested
+
+
+def dtype_skip_reason(device_type: str, chip: str | None, dtype_name: str) -> str | None:
+    """Why ``dtype_name`` cannot run on this device's chip family (None: it can, or no chip rule applies)."""
+    if device_type != "npu" or chip not in CHIP_FAMILIES:
+        return None
+    product, dtypes = CHIP_FAMILIES[chip]
+    if dtype_name in dtypes:
+        return None
+    return f"{chip} ({product}) runs {', '.join(dtypes)} only, not {dtype_name}"
 
 
 def chip_family_of(name: str) -> str | None:
@@ -204,18 +262,24 @@ def _package_version(name: str) -> str | None:
 
 
 def environment_record(device_type: str, device_index: int = 0) -> dict:
-    """What a result depends on besides the code: device name, torch / torch_npu / CUDA versions, timing env vars.
+    """What a result depends on besides the code: device name and NPU chip family, torch / torch_npu / torchair /
+    CUDA versions, timing env vars.
 
     ``device_index`` names the device (this rank's).  Environment variables
-    that are unset are recorded as None (their default applies).
+    that are unset are recorded as None (their default applies); so is
+    torchair off NPU (``unknown``: a torch_npu release not in
+    ``npu_graph.TORCHAIR_OF_TORCH_NPU``).
     """
     if device_type == "npu":
         _import_torch_npu()
+    name = device_name_of(device_type, device_index)
     record = {
         "device_type": device_type,
-        "device_name": device_name_of(device_type, device_index),
+        "device_name": name,
+        "chip_family": chip_family_of(name) if device_type == "npu" else None,
         "torch": torch.__version__,
         "torch_npu": _package_version("torch_npu") if device_type == "npu" else None,
+        "torchair": _torchair_record() if device_type == "npu" else None,
         "cuda": torch.version.cuda if device_type == "cuda" else None,
         "python": platform.python_version(),
         "env": {},
@@ -223,6 +287,12 @@ def environment_record(device_type: str, device_index: int = 0) -> dict:
     names = NPU_TIMING_ENV if device_type == "npu" else CUDA_TIMING_ENV if device_type == "cuda" else ()
     record["env"] = {k: os.environ.get(k) for k in names}
     return record
+
+
+def _torchair_record() -> str | None:
+    from .npu_graph import torchair_status
+
+    return torchair_status().record()
 
 
 # ---------------------------------------------------------------- memory

@@ -60,10 +60,10 @@ EXTENDED_COLUMNS = [
     "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_s_mean", "response_time_s",
     "peak_memory_mib_max", "peak_memory_mib_per_rank", "weight_mib_per_rank",
     "decode_bytes_per_step", "mem_bandwidth_gbps", "decode_floor_ms", "decode_roofline_fraction",
-    "compile", "compile_s", "cpu_binding",
+    "compile", "compile_s", "cpu_binding", "chip_family",
 ]
-# Extended CSVs written before the compile or binding columns existed still serve as baselines.
-_EXTENDED_HEADERS = (",".join(EXTENDED_COLUMNS), ",".join(EXTENDED_COLUMNS[:-1]), ",".join(EXTENDED_COLUMNS[:-3]))
+# Extended CSVs written before the compile, binding or chip family columns existed still serve as baselines.
+_EXTENDED_HEADERS = tuple(",".join(EXTENDED_COLUMNS[:len(EXTENDED_COLUMNS) - k]) for k in (0, 1, 2, 4))
 
 
 # ---------------------------------------------------------------- cases and settings
@@ -225,6 +225,7 @@ class PerfRun:
     generator: torch.Generator | None = None  # the input ids' random stream
     warmup_compile_ms: float = 0.0  # compiling during the warm-up (--compile on)
     compile: str = "off"  # the engine's --compile, resolved (on | off)
+    chip_family: str | None = None  # NPU chip family (d9 | d3); None off NPU or for a chip of neither
 
     @property
     def stem(self) -> str:
@@ -313,6 +314,7 @@ def start_run(engine, settings: PerfSettings, announce: bool = True) -> PerfRun:
         settings.model_name, spec.model_path, spec.device, device_name, spec.dtype, spec.world_size, settings,
         info, bandwidth, source, warm, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         generator=torch.Generator().manual_seed(settings.seed), compile=spec.compile,
+        chip_family=getattr(spec, "chip_family", None),
     )
     say = log.info if announce else log.debug
     say(
@@ -485,6 +487,7 @@ def extended_row(run: PerfRun, r: CaseResult) -> dict:
         "compile": run.compile,
         "compile_s": r.compile_ms / 1e3,
         "cpu_binding": cpu_binding_text(run.rank_info),
+        "chip_family": run.chip_family or "",
     }
     if r.has_next:
         next_p50 = percentile(r.step_ms, 50)
@@ -571,8 +574,8 @@ def write_tables(run: PerfRun, output_dir: Path) -> dict[str, Path]:
     write_atomic(paths["extended_csv"], buf.getvalue())
     doc = {
         "model_name": run.model_name, "model_path": run.model_path, "device": run.device,
-        "device_name": run.device_name, "dtype": run.dtype, "world_size": run.world_size,
-        "batch_size": run.settings.batch_size, "perf_mode": run.settings.mode, "repeat": run.settings.repeat,
+        "device_name": run.device_name, "chip_family": run.chip_family, "dtype": run.dtype,
+        "world_size": run.world_size, "batch_size": run.settings.batch_size, "perf_mode": run.settings.mode, "repeat": run.settings.repeat,
         "seed": run.settings.seed, "warmup": [run.warmup.seq_in, run.warmup.seq_out],
         "bandwidth_bytes_per_s": run.bandwidth_bytes_per_s, "bandwidth_source": run.bandwidth_source,
         "rank_info": run.rank_info, "started": run.started, "torch": run.torch_version,

@@ -135,13 +135,13 @@ def vicuna_options(pytestconfig) -> dict:
 
 
 def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None,
-                     device_type="d9", compile="off", decode_steps=0, bind_cpu=True):
+                     device_type="auto", compile="off", decode_steps=0, bind_cpu=True, npu_graph="auto"):
     """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype, CPU binding on), validated."""
     from .runtime import resolve_engine_spec
 
     return resolve_engine_spec(model_path, world_size, device, dtype, max_seq_len, progress=False,
                                device_type=device_type, compile=compile, decode_steps=decode_steps,
-                               bind_cpu=bind_cpu)
+                               bind_cpu=bind_cpu, npu_graph=npu_graph)
 
 
 class EngineFactory:
@@ -318,7 +318,7 @@ class HwRun:
     model_path: str | None  # --model-path; None: the tests' tiny models
     world_size: int | None  # --world-size when above 1; None: each test's own (every visible device, up to 8)
     dtype: str | None  # --dtype unless auto; None: each test's own dtypes
-    chip_family: str  # --device-type: d9 | d3
+    chip_family: str  # --device-type: auto (detected on an NPU) | d9 | d3
     device: str | None  # --device when cuda or npu; None: whichever accelerator is there
 
     def models(self, own: Sequence[str]) -> list[str]:
@@ -365,7 +365,7 @@ def hw_run_of(model_options: Mapping[str, object]) -> HwRun:
         model_path=model_options.get("model_path") or None,
         world_size=int(world_size) if world_size and int(world_size) > 1 else None,
         dtype=None if dtype in (None, "auto") else str(dtype),
-        chip_family=str(model_options.get("device_type") or "d9"),
+        chip_family=str(model_options.get("device_type") or "auto"),
         device=device if device in ("cuda", "npu") else None,
     )
 

@@ -32,6 +32,7 @@ from .binding import CpuBinding, bind_rank, binding_num, format_cpu_list, unboun
 from .config import ModelArgs
 from .errors import EngineError, UserError, VicunaBenchError
 from .generation import EAGER, GenerationResult, PrefixKV, SamplingConfig, generate, validate_prompts
+from .npu_graph import GRAPH_MODES
 from .model import Transformer, decode_read_bytes, weight_bytes
 from .sharding import ShardPlan, TensorParallel
 
@@ -47,8 +48,9 @@ class EngineSpec:
     device: str = "cpu"  # resolved: cpu | cuda | npu
     dtype: str = "fp32"  # resolved: fp32 | fp16 | bf16
     max_seq_len: int = 2048
-    device_type: str = "d9"  # NPU chip family (d9 | d3); carried for the NPU paths, unused elsewhere
+    device_type: str | None = None  # NPU chip family (d9 | d3), detected on NPU; None: unknown or not an NPU
     compile: str = "off"  # resolved: on | off (compile the prefill and decode step)
+    npu_graph: str = "auto"  # NPU graph mode for compile on: auto | ge | aclgraph (vicuna_bench.npu_graph)
     bind_cpu: bool = True  # pin each rank's process to CPUs near its device (vicuna_bench.binding)
     device_ids: tuple[int, ...] | None = None  # rank r runs on device device_ids[r]; None: device r
     log_dir: str | None = None  # each rank appends what it runs, and its binding, to <log_dir>/rank<r>.log
@@ -58,10 +60,17 @@ class EngineSpec:
         """The device index local rank ``local_rank`` runs on."""
         return local_rank if self.device_ids is None else self.device_ids[local_rank]
 
+    @property
+    def chip_family(self) -> str | None:
+        """The NPU chip family the run is on (d9 | d3); None off NPU or for a chip of neither family."""
+        return self.device_type if self.device == "npu" else None
+
     def validate(self) -> ModelArgs:
         """Check everything that can be checked before a process starts."""
-        if self.device_type not in DEVICE_TYPES:
+        if self.device_type is not None and self.device_type not in DEVICE_TYPES:
             raise UserError(f"--device-type {self.device_type!r} is not supported (valid: {', '.join(DEVICE_TYPES)})")
+        if self.npu_graph not in GRAPH_MODES:
+            raise UserError(f"--npu-graph {self.npu_graph!r} is not supported (valid: {', '.join(GRAPH_MODES)})")
         if self.world_size < 1:
             raise UserError(f"--world-size {self.world_size} must be >= 1")
         if self.dtype not in checkpoint.DTYPES:
@@ -105,19 +114,21 @@ def resolve_engine_spec(
     dtype: str = "auto",
     max_seq_len: int | None = None,
     progress: bool = True,
-    device_type: str = "d9",
+    device_type: str = "auto",
     compile: str = "off",
     decode_steps: int = 0,
     bind_cpu: bool = True,
     device_ids: Sequence[int] | None = None,
     log_dir: str | os.PathLike | None = None,
+    npu_graph: str = "auto",
 ) -> EngineSpec:
     """An EngineSpec from user-level choices, validated.
 
     No ``model_path`` (or ``"embedded"`` where no such directory exists): the
     embedded default model (announced on the log).
     ``device``/``dtype`` may be ``auto``; ``max_seq_len`` None takes the default;
-    ``compile`` ``auto`` is decided by the ``decode_steps`` the caller expects to run.
+    ``compile`` ``auto`` is decided by the ``decode_steps`` the caller expects to run;
+    ``device_type`` ``auto`` is the NPU's detected chip family (an explicit one must match it).
     """
     from .config import resolve_max_seq_len
 
@@ -130,13 +141,16 @@ def resolve_engine_spec(
     device = devices.resolve_device_type(device)
     requested_dtype = dtype
     dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(dtype, args, device))
+    device_type = devices.resolve_chip_family(device, device_type, int(device_ids[0]) if device_ids else 0)
     devices.check_dtype_for_chip(device, device_type, dtype, requested_dtype)  # bf16 on d3: before any load
     from .compile import resolve_mode
 
-    compile = resolve_mode(compile, device, decode_steps)
-    spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args), device_type,
-                      compile, bool(bind_cpu), None if device_ids is None else tuple(int(d) for d in device_ids),
-                      None if log_dir is None else str(log_dir))
+    compile = resolve_mode(compile, device, decode_steps, npu_graph=npu_graph,
+                           chip_family=device_type if device == "npu" else None)
+    spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args),
+                      device_type=device_type, compile=compile, npu_graph=npu_graph, bind_cpu=bool(bind_cpu),
+                      device_ids=None if device_ids is None else tuple(int(d) for d in device_ids),
+                      log_dir=None if log_dir is None else str(log_dir))
     spec.validate()
     return spec
 
@@ -270,7 +284,7 @@ class RankRunner:
         if spec.compile == "on":
             from .compile import compiled_steps
 
-            self.steps = compiled_steps(spec.device, spec.world_size, spec.dtype)
+            self.steps = compiled_steps(spec.device, spec.world_size, spec.dtype, spec.npu_graph, spec.chip_family)
 
     def info(self) -> dict:
         decode_weights, kv_per_token = decode_read_bytes(self.model)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.hw.conftest import device_count
+from tests.hw.conftest import device_count, skip_unless_chip_runs
 
 
 @pytest.mark.hw_matrix(model=["vicuna"], dtype=["fp16", "bf16"])
-def test_half_precision_on_device_tracks_cpu_fp32(device_type, dtype, model_path, hw_run, engine_factory):
+def test_half_precision_on_device_tracks_cpu_fp32(device_type, chip_family, dtype, model_path, hw_run, engine_factory):
+    skip_unless_chip_runs(device_type, chip_family, dtype)
     prompt = [[5, 17, 99, 3, 250, 42]]
     ref = engine_factory(hw_run.engine_spec(model_path, 1, "cpu", "fp32"))
     dev = engine_factory(hw_run.engine_spec(model_path, 1, device_type, dtype))
@@ -18,8 +19,9 @@ def test_half_precision_on_device_tracks_cpu_fp32(device_type, dtype, model_path
 
 
 @pytest.mark.hw_matrix(model=["gqa"])
-def test_device_backend_world_size_2(device_type, model_path, hw_run, engine_factory):
+def test_device_backend_world_size_2(device_type, chip_family, model_path, hw_run, engine_factory):
     """World size 1 and 2 (the run's world size when given) agree token for token in fp32 over the device backend."""
+    skip_unless_chip_runs(device_type, chip_family, "fp32")
     n = hw_run.world_size or 2
     if device_count(device_type) < n:
         pytest.skip(f"needs {n} {device_type} devices")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from vicuna_bench import binding
-from tests.hw.conftest import device_count
+from tests.hw.conftest import device_count, skip_unless_chip_runs
 
 # Per-dtype tolerance on the last-position logits, relative to the logit scale (the max |logit|).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
@@ -65,9 +65,10 @@ def _ranks_or_skip(kind: str, ranks: int) -> int:
 
 
 @pytest.mark.hw_matrix(model=["vicuna", "gqa", "embedded"], dtype=["fp16", "bf16"])
-def test_all_devices_match_one_device(device_type, model_path, dtype, hw_run, engine_factory):
+def test_all_devices_match_one_device(device_type, chip_family, model_path, dtype, hw_run, engine_factory):
     """World size 1 against every visible device (up to 8, as many as the model splits over; the run's world size
     when given): identical greedy tokens over 32 steps."""
+    skip_unless_chip_runs(device_type, chip_family, dtype)
     n = _ranks_or_skip(device_type, hw_run.spread(device_count(device_type)))
     if not hw_run.world_size:  # the embedded model's 9 heads split 1 or 3 ways, not over 2 or 8 devices
         from vicuna_bench.checkpoint import read_model_args
@@ -82,8 +83,9 @@ def test_all_devices_match_one_device(device_type, model_path, dtype, hw_run, en
 
 
 @pytest.mark.hw_matrix(model=["vicuna", "embedded"], dtype=["fp32", "fp16", "bf16"])
-def test_device_first_logits_track_cpu_fp32(device_type, model_path, dtype, hw_run, engine_factory):
+def test_device_first_logits_track_cpu_fp32(device_type, chip_family, model_path, dtype, hw_run, engine_factory):
     """The device at the run's world size (1 unless given) against world size 1 on the CPU in fp32."""
+    skip_unless_chip_runs(device_type, chip_family, dtype)
     n = _ranks_or_skip(device_type, hw_run.world_size or 1)
     ref = engine_factory(hw_run.engine_spec(model_path, 1, "cpu", "fp32")).generate(PROMPTS, 1, return_logits=True)
     dev = engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype)).generate(PROMPTS, 1,
@@ -93,8 +95,9 @@ def test_device_first_logits_track_cpu_fp32(device_type, model_path, dtype, hw_r
 
 
 @pytest.mark.hw_matrix(model=["vicuna", "gqa", "embedded"], dtype=["fp32", "fp16"])
-def test_compiled_decode_matches_eager(device_type, model_path, dtype, hw_run, engine_factory):
+def test_compiled_decode_matches_eager(device_type, chip_family, model_path, dtype, hw_run, engine_factory):
     """--compile on (CUDA graphs / torchair) gives eager's greedy tokens and logits, at the run's world size."""
+    skip_unless_chip_runs(device_type, chip_family, dtype)
     n = _ranks_or_skip(device_type, hw_run.world_size or 1)
     eager = _generate(engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype, compile="off")))
     graphed = _generate(engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype, compile="on")))

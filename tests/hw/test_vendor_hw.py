@@ -41,6 +41,14 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def family(hw_run, chip_family) -> tuple[str, str | None]:
+    """sdk-test's DEVICE_TYPE and --dtype: the run's --device-type, else the NPU's detected family (d9 elsewhere);
+    the run's --dtype, else fp16 on a 310P (it runs nothing else) and the engine's choice otherwise."""
+    chosen = hw_run.chip_family if hw_run.chip_family in ("d9", "d3") else (chip_family or "d9")
+    return chosen, hw_run.dtype or ("fp16" if chosen == "d3" else None)
+
+
+@pytest.fixture(scope="module")
 def model(hw_run, tiny_model):
     """The run's --model-path, else the tiny model."""
     return hw_run.model_path or tiny_model
@@ -68,9 +76,9 @@ def check_rank_logs(log_dir: Path, kind: str, devices_by_rank: list[int]) -> Non
         assert f"cpu binding: rank {rank} ({kind}:{device}):" in text, text
 
 
-def test_run(kind, model, hw_run, tmp_path):
+def test_run(kind, family, model, tmp_path):
     write_ini(tmp_path, f"[model]\nmodel_path = {model}\ndevice_ids = 0\nlog_dir = logs\n")
-    sdk_test(tmp_path, kind, "1", hw_run.chip_family, "run", dtype=hw_run.dtype)
+    sdk_test(tmp_path, kind, "1", family[0], "run", dtype=family[1])
     doc = json.loads((tmp_path / "logs" / "run_outputs.json").read_text())
     assert (doc["device"], doc["world_size"], doc["environment"]["device_type"]) == (kind, 1, kind)
     assert len(doc["outputs"]) == 3 and all(o["output_ids"] for o in doc["outputs"])
@@ -78,13 +86,13 @@ def test_run(kind, model, hw_run, tmp_path):
 
 
 @pytest.mark.hw_matrix(world_size=[1, 2])
-def test_performance(kind, model, hw_run, tmp_path, world_size):
+def test_performance(kind, family, model, tmp_path, world_size):
     if device_count(kind) < world_size:
         pytest.skip(f"needs {world_size} {kind} devices")
     ids = [*range(1, world_size), 0]  # rank 0 on device 1 (of 2 or more): device_ids decide, not the rank
     write_ini(tmp_path, f"[model]\nmodel_path = {model}\ndevice_ids = {','.join(map(str, ids))}\nlog_dir = logs\n"
                         "[performance]\nmodel_name = tiny\nbatch_size = 2\ncase_pair = [[64,8],[32,4]]\n")
-    sdk_test(tmp_path, kind, str(world_size), hw_run.chip_family, "performance", dtype=hw_run.dtype)
+    sdk_test(tmp_path, kind, str(world_size), family[0], "performance", dtype=family[1])
     [reference] = [p for p in tmp_path.glob("performance_test_tiny_*_bs2.csv")]
     lines = reference.read_text().splitlines()
     assert lines[0] == REFERENCE_HEADER
@@ -101,11 +109,11 @@ def test_performance(kind, model, hw_run, tmp_path, world_size):
     check_rank_logs(tmp_path / "logs", kind, ids)
 
 
-def test_precision(kind, tiny_model, tmp_path):
+def test_precision(kind, family, tiny_model, tmp_path):
     work = make_synthetic_mmlu(tmp_path / "mmlu")
     write_ini(tmp_path / "run", f"[model]\nmodel_path = {tiny_model}\nlog_dir = logs\n"
                                 f"[precision]\nmode = mmlu\nwork_dir = {work}\nbatch = 2\nshot = 5\nseq_len_out = 2\n")
-    sdk_test(tmp_path / "run", kind, "1", "d9", "precision")
+    sdk_test(tmp_path / "run", kind, "1", family[0], "precision", dtype="fp16" if family[0] == "d3" else None)
     out = work / "test_result"
     for name in ("cache.csv", "result_subject_acc.json", "result_classes_acc.json", "device.log", "summary.json"):
         assert (out / name).is_file(), name

@@ -62,12 +62,36 @@ def test_auto_with_npu_installed_but_none_present_picks_cuda(monkeypatch):
     assert choice.device == "cuda" and "torch_npu reports no NPU" in choice.reason
 
 
-def test_auto_with_broken_torch_npu_falls_back_to_cpu(monkeypatch):
-    fake_npu(monkeypatch, importable=False)
+def broken_torch_npu(monkeypatch, tmp_path, failure: str):
+    """A torch_npu package on sys.path whose import raises ImportError(``failure``), as a bad CANN install does."""
+    package = tmp_path / "site" / "torch_npu"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f"raise ImportError({failure!r})\n")
+    monkeypatch.syspath_prepend(str(package.parent))
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+
+
+def test_auto_with_torch_npu_installed_but_failing_to_import_is_an_error_showing_why(monkeypatch, tmp_path):
+    broken_torch_npu(monkeypatch, tmp_path, "libhccl.so: cannot open shared object file: No such file or directory")
+    fake_cuda(monkeypatch, True)  # a usable GPU does not hide the broken NPU install
+    with pytest.raises(UserError) as err:
+        devices.select_device("auto")
+    assert str(err.value) == (
+        "--device auto: torch_npu is installed but cannot be imported (ImportError: libhccl.so: cannot open shared "
+        "object file: No such file or directory); install torch + torch_npu as a pair, or pass --device cpu|cuda")
+
+
+def test_torch_npu_known_to_pip_but_missing_its_files_is_installed(monkeypatch):
+    """``pip`` lists torch-npu yet the module is gone: still installed, so the failed import is an error."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torch_npu" else _real_find_spec(n, *a))
+    real_distribution = importlib.metadata.distribution
+    monkeypatch.setattr(importlib.metadata, "distribution",
+                        lambda n: object() if n in ("torch_npu", "torch-npu") else real_distribution(n))
+    monkeypatch.setitem(sys.modules, "torch_npu", None)
     fake_cuda(monkeypatch, False)
-    choice = devices.select_device("auto")
-    assert choice.device == "cpu"
-    assert "no CUDA device" in choice.reason and "torch_npu cannot be imported" in choice.reason
+    with pytest.raises(UserError, match=r"^--device auto: torch_npu is installed but cannot be imported \("
+                                        r"ModuleNotFoundError: "):
+        devices.select_device("auto")
 
 
 def test_auto_on_a_plain_machine_is_cpu(monkeypatch):
@@ -90,8 +114,8 @@ def test_explicit_devices_are_checked(monkeypatch):
         devices.resolve_device_type("tpu")
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_d9_runs_fp16_and_bf16(dtype):
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_d9_runs_fp16_bf16_and_fp32(dtype):
     devices.check_dtype_for_chip("npu", "d9", dtype)
 
 
@@ -162,3 +186,78 @@ def test_cpu_environment_record(monkeypatch):
     assert rec["device_name"] == devices.cpu_model_name()
     assert (rec["torch_npu"], rec["cuda"], rec["env"]) == (None, None, {})
     assert rec["torch"] == torch.__version__
+
+
+# ---------------------------------------------------------------- chip detection (--device-type auto)
+
+@pytest.mark.parametrize("name, family", [("Ascend910B3", "d9"), ("Ascend910B2C", "d9"), ("Ascend310P3", "d3")])
+def test_device_type_auto_detects_the_family(monkeypatch, name, family):
+    fake_npu(monkeypatch, name=name)
+    assert devices.resolve_chip_family("npu", "auto") == family
+    assert devices.resolve_chip_family("npu", family) == family  # the matching explicit value is kept
+
+
+def test_a_device_type_that_contradicts_the_chip_is_a_one_line_error(monkeypatch):
+    fake_npu(monkeypatch, name="Ascend310P3")
+    with pytest.raises(UserError) as err:
+        devices.resolve_chip_family("npu", "d9", 1)
+    assert str(err.value) == ("--device-type d9 contradicts NPU 1: Ascend310P3 is d3 (Atlas 300I DUO (Ascend 310P)); "
+                              "pass --device-type d3 or auto")
+
+
+def test_a_chip_of_neither_family_has_no_rule(monkeypatch, caplog):
+    fake_npu(monkeypatch, name="Ascend910_9392")
+    with caplog.at_level(logging.INFO, logger="vicuna_bench"):
+        assert devices.resolve_chip_family("npu", "auto") is None
+    assert "Ascend910_9392 is neither a 910B (d9) nor a 310P (d3)" in caplog.text
+    assert devices.resolve_chip_family("npu", "d9") == "d9"  # nothing to contradict
+
+
+def test_off_npu_nothing_is_detected(monkeypatch):
+    monkeypatch.setattr(torch, "npu", None, raising=False)  # any use would raise
+    assert devices.resolve_chip_family("cpu", "auto") is None
+    assert devices.resolve_chip_family("cuda", "d3") == "d3"  # carried as given, ignored
+    with pytest.raises(UserError, match=r"^--device-type 'd5' is not supported \(valid: auto \(detected\), d9 = "):
+        devices.resolve_chip_family("cpu", "d5")
+
+
+@pytest.mark.parametrize("device, chip, dtype, reason", [
+    ("npu", "d3", "bf16", "d3 (Atlas 300I DUO (Ascend 310P)) runs fp16 only, not bf16"),
+    ("npu", "d3", "fp32", "d3 (Atlas 300I DUO (Ascend 310P)) runs fp16 only, not fp32"),
+    ("npu", "d3", "fp16", None),
+    ("npu", "d9", "bf16", None),
+    ("npu", "d9", "fp32", None),
+    ("npu", None, "bf16", None),  # a chip of neither family: no rule to skip by
+    ("cuda", "d3", "bf16", None),
+])
+def test_hw_dtype_skip_reason(device, chip, dtype, reason):
+    assert devices.dtype_skip_reason(device, chip, dtype) == reason
+
+
+def test_device_type_reaches_the_spec_and_contradiction_stops_the_cli(monkeypatch, tiny_models, capsys):
+    from vicuna_bench.cli import main
+    from vicuna_bench.runtime import resolve_engine_spec
+
+    fake_npu(monkeypatch, name="Ascend310P3")
+    fake_torch_npu = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda n: "2.1.0.post12" if n in ("torch_npu", "torch-npu") else fake_torch_npu(n))
+    spec = resolve_engine_spec(str(tiny_models["gqa"]), 1, "npu", "fp16", 64, progress=False, compile="auto",
+                               decode_steps=10**7)
+    assert (spec.device_type, spec.chip_family, spec.compile) == ("d3", "d3", "off")  # d3 runs eager
+    assert main(["run", "--model-path", str(tiny_models["gqa"]), "--device", "npu", "--device-type", "d9",
+                 "--dtype", "fp16", "--prompt-ids", "5"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert err == ["vicuna-bench run: error: --device-type d9 contradicts NPU 0: Ascend310P3 is d3 "
+                   "(Atlas 300I DUO (Ascend 310P)); pass --device-type d3 or auto"]
+
+
+def test_npu_environment_record_has_the_family_and_torchair(monkeypatch):
+    fake_npu(monkeypatch, name="Ascend910B3")
+    real_version = importlib.metadata.version
+    for wheel, torchair in (("2.1.0.post10", "6.0.0"), ("2.14.0", "unknown")):
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda n, w=wheel: w if n in ("torch_npu", "torch-npu") else real_version(n))
+        rec = devices.environment_record("npu")
+        assert (rec["chip_family"], rec["torch_npu"], rec["torchair"]) == ("d9", wheel, torchair)
+    assert (devices.environment_record("cpu")["chip_family"], devices.environment_record("cpu")["torchair"]) == (None, None)

@@ -27,7 +27,7 @@ def model_options(**given) -> dict:
 
 def test_without_options_the_tests_keep_their_own_models_dtypes_and_world_sizes():
     run = hw_run_of(model_options())
-    assert run == HwRun(model_path=None, world_size=None, dtype=None, chip_family="d9", device=None)
+    assert run == HwRun(model_path=None, world_size=None, dtype=None, chip_family="auto", device=None)
     assert run.models(["vicuna", "gqa", "embedded"]) == ["vicuna", "gqa", "embedded"]
     assert run.dtypes(["fp16", "bf16"]) == ["fp16", "bf16"]
     assert run.world_sizes([1, 2]) == [1, 2]

@@ -355,6 +355,7 @@ def finalize(cfg, dataset: Dataset, fitted: list[FittedPrompt], settings, spec, 
         "model_path": str(spec.model_path),
         "dtype": spec.dtype,
         "device": spec.device,
+        "chip_family": getattr(spec, "chip_family", None),  # NPU d9 | d3; None off NPU
         "world_size": spec.world_size,
         "scoring": cfg.scoring,
         "primary_scoring": primary,
