@@ -29,14 +29,19 @@ def _generate(spec, steps: int, hook=None):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_fused_projections_give_bit_identical_logits(tiny_models, world_size):
-    """Each rank fuses its own q/k/v and gate/up slices: the logits are those of the separate matrices, bit for bit."""
+def test_fused_projections_give_the_separate_matrices_logits(tiny_models, world_size):
+    """Each rank fuses its own q/k/v and gate/up slices: the logits are those of the separate matrices.
+
+    To fp32 rounding, not bit for bit: BLAS may block a wider (fused) GEMM's
+    reduction differently from a narrower one (bit-identical on an AMX host,
+    6e-7 and 8e-7 of the logit scale apart at world sizes 2 and 4 on an avx512_bf16 host without AMX).
+    """
     spec = make_engine_spec(str(tiny_models["gqa"]), world_size, "cpu", "fp32")
     fused = _generate(spec, 6)
     unfused = _generate(spec, 6, hook=tiny.unfused_model)
     assert fused.output_ids == unfused.output_ids
     for a, b in zip(fused.logits, unfused.logits):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
 
 
 def _tiny_rank_model(path, max_seq_len: int = 64):
