@@ -153,8 +153,11 @@ def one_run(out: Path, index: int, kind: str, state: dict) -> dict:
     if runs and report.exists():
         run_id = runs[-1].id
         run, metrics = H.load_run(history, run_id)
-        row["run_id"] = run_id
-        for v in R.evaluate_run(history, run, metrics, before_run_id=run_id):
+        nightly = json.loads((run_dir / "nightly.json").read_text())  # the band and gates the run was judged with
+        row.update(run_id=run_id, band=nightly["tolerance"])
+        gates = [R.Gate(**g) for g in nightly["gates"]]
+        for v in R.evaluate_run(history, run, metrics, gates=gates, tolerance=nightly["tolerance"],
+                                before_run_id=run_id):
             row["metrics"].append({"name": v.name, "case": v.case, "status": v.status, "value": v.value,
                                    "baseline": v.baseline, "ratio": v.ratio, "p": v.p_value,
                                    "band": list(v.band) if v.band else None, "reason": v.reason})
@@ -205,7 +208,9 @@ def summary(state: dict) -> str:
     def slow(r):
         return sum(m["status"] in ("suspicious", "regression") for m in r["metrics"])
 
-    lines = [f"CPU flags: {state['cpu_flags']}; {state['cpu_count']} CPUs; hogs: {state['hogs']} x {state['hog']}",
+    bands = sorted({r["band"] for r in runs if "band" in r})
+    lines = [f"CPU flags: {state['cpu_flags']}; {state['cpu_count']} CPUs; hogs: {state['hogs']} x {state['hog']}; "
+             f"band {', '.join(f'{b:.0%}' for b in bands) or '?'}",
              f"clean runs: {len(clean)} ({len(judged_clean)} judged against >= {R.MIN_HISTORY} earlier runs): "
              f"{sum(map(failed, clean))} failed, {sum(1 for r in clean if slow(r))} with a suspicious metric"]
     if slowed:
@@ -244,7 +249,8 @@ def replay(out: Path, state: dict, bands: list[float]) -> str:
                 gates = [R.Gate(**g) for g in nightly["gates"]]
                 verdicts = R.evaluate_run(db, run, metrics, gates=gates, tolerance=band)
                 outcome = R.overall(verdicts, gates)
-                H.record_run(db, dataclasses.replace(run, status="pass" if outcome.passed else "fail"), metrics)
+                H.record_run(db, dataclasses.replace(run, status="pass" if outcome.passed else "fail"), metrics,
+                             {(v.name, v.case): v.status for v in verdicts})
                 slow = any(v.status in ("suspicious", "regression") for v in verdicts)
                 results[kinds.get(s.id, "clean")].append((not outcome.passed, slow))
         clean = results["clean"]

@@ -41,7 +41,7 @@ def test_a_new_history_gets_schema_version_2(tmp_path):
         runs = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
         metrics = [r[1] for r in conn.execute("PRAGMA table_info(metrics)")]
     assert runs[-4:] == ["compile_mode", "perf_mode", "perf_repeat", "perf_cases"]
-    assert metrics[-1] == "samples_json"
+    assert metrics[-2:] == ["samples_json", "verdict"]
 
 
 # The version-1 schema as vicuna-bench wrote it before samples and setup fields (history.py at 23a0aa4).
@@ -171,7 +171,11 @@ def test_samples_and_the_setup_read_back_as_written(tmp_path):
     assert back == run
     assert back_metrics == metrics and back_metrics[0].samples == tuple(steps)
     (point,) = H.comparable_values(path, run, "next_token_ms_p50", "256x64")
-    assert (point.status, point.samples, point.n) == ("pass", tuple(steps), 4)
+    assert (point.status, point.samples, point.n, point.verdict) == ("pass", tuple(steps), 4, None)
+    H.record_run(path, run_record(1, status="fail"), [latency(90.0, case="256x64")],
+                 {("next_token_ms_p50", "256x64"): "regression", ("unused", "x"): "ok"})
+    newest = H.comparable_values(path, run_record(), "next_token_ms_p50", "256x64")[0]
+    assert (newest.value, newest.status, newest.verdict, newest.samples) == (90.0, "fail", "regression", None)
 
 
 @pytest.mark.parametrize("samples, shown", [([], "none"), ([1.0, float("inf")], "inf"), ([-1.0], "-1.0"),

@@ -197,24 +197,28 @@ def test_the_tolerance_is_a_setting():
 
 # ---------------------------------------------------------------- which runs make the baseline
 
-def point(value: float, status: str = "pass", samples=None, run_id: int = 0) -> HistoryPoint:
-    return HistoryPoint(run_id, "", None, value, None if samples is None else len(samples), status,
-                        None if samples is None else tuple(samples))
+def point(value: float, status: str = "pass", samples=None, verdict: str | None = None) -> HistoryPoint:
+    return HistoryPoint(0, "", None, value, None if samples is None else len(samples), status,
+                        None if samples is None else tuple(samples), verdict)
 
 
-def test_failed_and_crashed_runs_are_not_in_the_baseline():
-    # newest first: two failed runs at 200, a crashed one at 300, then 100s: the baseline is the 100s,
-    # and the previous (failed) run was out against them too, so 200 is still a regression.
-    earlier = [point(200.0, "fail"), point(200.0, "fail"), point(300.0, "error")] + [point(100.0)] * 7
+def test_values_called_worse_and_crashed_runs_are_not_in_the_baseline():
+    # newest first: a regression at 200, a suspicious 190, a crashed run at 300, a run that failed for
+    # another reason (its 101 was ok: it counts), then 100s: the baseline is 101 and six 100s.
+    earlier = [point(200.0, "fail", verdict="regression"), point(190.0, verdict="suspicious"),
+               point(300.0, "error", verdict="ok"), point(101.0, "fail", verdict="ok")] + [point(100.0, verdict="ok")] * 7
     v = judge(latency(200.0), earlier)
+    # and the previous run was recorded as a regression: this one is too
     assert (v.status, v.baseline, v.history, v.previous) == ("regression", 100.0, 7, 200.0)
+    # a previous run recorded ok is not re-judged, whatever its value
+    assert judge(latency(200.0), [point(200.0, verdict="ok")] + earlier[4:]).status == "suspicious"
 
 
 def test_a_lasting_change_becomes_the_baseline_after_the_lookback():
-    # The baseline is looked for among the newest 28 (4 x window) comparable runs.  After 26 failing
-    # runs only 2 passing ones are left in reach: no baseline, and nothing fails from then on (the new
-    # level passes and becomes the baseline).  After 25, three are: still a regression.
-    earlier = [point(200.0, "fail")] * 26 + [point(100.0)] * 7
+    # The baseline is looked for among the newest 28 (4 x window) comparable runs.  After 26 runs called
+    # worse only 2 usable ones are left in reach: no baseline, nothing is judged (the new level is then
+    # recorded as such and becomes the baseline).  After 25, three are: still a regression.
+    earlier = [point(200.0, "fail", verdict="regression")] * 26 + [point(100.0, verdict="ok")] * 7
     assert judge(latency(200.0), earlier).status == "insufficient-history"
     assert judge(latency(200.0), earlier[1:]).status == "regression"
 
@@ -248,12 +252,16 @@ def test_a_2x_slowdown_is_suspicious_then_a_regression():
 
 
 def test_the_clean_run_after_two_slow_ones_is_not_a_regression():
-    # the first slow run passed (suspicious), the second failed (regression): the baseline is the first
-    # slow run and the newest six clean ones, medians sorted 58.8, 59.4, 60, 60.6, 61.2, 61.8, 120:
-    # 60.6.  A clean run sits inside the band whatever came before.
-    earlier = [point(120.0, "fail", steps(120.0)), point(120.0, "pass", steps(120.0))] + CLEAN
-    v = judge(next_token(61.0), earlier)
-    assert (v.status, v.history) == ("ok", 7)
+    # the first slow run was suspicious, the second a regression: both stay out of the baseline (the
+    # seven clean runs, median 60).  A clean run sits inside the band whatever came before.
+    earlier = [point(120.0, "fail", steps(120.0), "regression"), point(120.0, "pass", steps(120.0), "suspicious")]
+    v = judge(next_token(61.0), earlier + CLEAN)
+    assert (v.status, v.baseline, v.history) == ("ok", 60.0, 7)
+    # recorded without verdicts (the rule unknown), the slow runs' values count: medians sorted 58.8,
+    # 59.4, 60, 60.6, 61.2, 61.8, 120 -> 60.6, and the clean run is still ok.
+    unknown = [point(120.0, "fail", steps(120.0)), point(120.0, "pass", steps(120.0))]
+    v = judge(next_token(61.0), unknown + CLEAN)
+    assert v.status == "ok"
     assert v.baseline == pytest.approx(60.6)
 
 
@@ -411,13 +419,14 @@ def test_runs_of_another_compile_mode_perf_mode_repeat_count_or_cases_are_not_co
 
 
 def test_nights_recorded_with_their_verdicts(tmp_path):
-    """The nightly's sequence: judge, record with the verdict's status; 5 clean, 2 at 2x, 1 clean."""
+    """The nightly's sequence: judge, record with the verdicts; 5 clean, 2 at 2x, 1 clean."""
     db = tmp_path / "history.sqlite"
     statuses, runs = [], []
     for night, level in enumerate([60.0, 61.0, 59.0, 60.5, 59.5, 120.0, 121.0, 60.2]):
         verdicts = evaluate_run(db, run_record(night), [next_token(level)])
         outcome = overall(verdicts, [])
-        record_run(db, run_record(night, status="pass" if outcome.passed else "fail"), [next_token(level)])
+        record_run(db, run_record(night, status="pass" if outcome.passed else "fail"), [next_token(level)],
+                   {(v.name, v.case): v.status for v in verdicts})
         statuses.append(verdicts[0].status)
         runs.append(outcome.exit_code)
     assert statuses == ["insufficient-history"] * 3 + ["ok", "ok", "suspicious", "regression", "ok"]

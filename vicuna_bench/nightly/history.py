@@ -13,6 +13,7 @@ Schema version 2 (docs/nightly.md has the same text)::
     metrics(run_id INTEGER REFERENCES runs(id), kind TEXT, name TEXT, case_key TEXT,
             value REAL, unit TEXT, n INTEGER NULL, better TEXT,
             samples_json TEXT NULL,                 -- version 2: the samples behind the figure (ms)
+            verdict TEXT NULL,                      -- version 2: the rule's status for it when the run was recorded
             PRIMARY KEY (run_id, name, case_key))
 
 Version 1 files are migrated when opened (:data:`_MIGRATIONS`).
@@ -34,7 +35,7 @@ import json
 import math
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import UserError
@@ -81,6 +82,7 @@ CREATE TABLE metrics (
     n INTEGER,
     better TEXT NOT NULL CHECK (better IN ('lower', 'higher')),
     samples_json TEXT,
+    verdict TEXT,
     PRIMARY KEY (run_id, name, case_key)
 );
 CREATE INDEX runs_comparable ON runs (model, device, device_name, dtype, world_size, batch_size);
@@ -88,7 +90,7 @@ CREATE INDEX runs_comparable ON runs (model, device, device_name, dtype, world_s
 
 
 def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
-    """Add the setup fields and the samples column; fill the setup fields of old runs from their settings.
+    """Add the setup fields, the samples and verdict columns; fill the setup fields of old runs from their settings.
 
     A version-1 run's settings hold ``compile_resolved``, ``perf_mode``,
     ``repeat`` and ``case_pair``; a run without the perf stage, or whose cases
@@ -99,6 +101,7 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
                          ("perf_repeat", "INTEGER NOT NULL DEFAULT 0"), ("perf_cases", "TEXT NOT NULL DEFAULT ''")):
         conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
     conn.execute("ALTER TABLE metrics ADD COLUMN samples_json TEXT")
+    conn.execute("ALTER TABLE metrics ADD COLUMN verdict TEXT")
     for run_id, settings_json in conn.execute("SELECT id, settings_json FROM runs").fetchall():
         try:
             settings = json.loads(settings_json)
@@ -190,6 +193,7 @@ class HistoryPoint:
     n: int | None
     status: str = "pass"  # the run's: pass | fail | error
     samples: tuple[float, ...] | None = None
+    verdict: str | None = None  # the rule's status for this metric in that run (None: not recorded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,8 +304,15 @@ def _check_metric(m: Metric) -> None:
                             f"numbers (got {got})")
 
 
-def record_run(db: str | Path | sqlite3.Connection, run: RunRecord, metrics: Iterable[Metric]) -> int:
-    """Write a run and all its metrics in one transaction; return the run's id."""
+def record_run(db: str | Path | sqlite3.Connection, run: RunRecord, metrics: Iterable[Metric],
+               verdicts: Mapping[tuple[str, str], str] | None = None) -> int:
+    """Write a run and all its metrics in one transaction; return the run's id.
+
+    ``verdicts``: the rule's status of each metric, by (name, case), as the
+    run was judged (rules.Verdict.status); later runs leave a metric the rule
+    called worse out of their baseline.
+    """
+    verdicts = dict(verdicts or {})
     if run.status not in RUN_STATUSES:
         raise UserError(f"run status {run.status!r} is not one of {', '.join(RUN_STATUSES)}")
     metrics = list(metrics)
@@ -326,10 +337,11 @@ def record_run(db: str | Path | sqlite3.Connection, run: RunRecord, metrics: Ite
             run_id = cur.lastrowid
             for m in metrics:
                 conn.execute(
-                    "INSERT INTO metrics (run_id, kind, name, case_key, value, unit, n, better, samples_json)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO metrics (run_id, kind, name, case_key, value, unit, n, better, samples_json, verdict)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, m.kind, m.name, m.case, float(m.value), m.unit, m.n, m.better,
-                     None if m.samples is None else json.dumps([float(v) for v in m.samples])),
+                     None if m.samples is None else json.dumps([float(v) for v in m.samples]),
+                     verdicts.get((m.name, m.case))),
                 )
         return run_id
     finally:
@@ -408,7 +420,7 @@ def comparable_values(
         where = " AND ".join(f"r.{f} = ?" for f in COMPARABLE_FIELDS)
         params = [*run.comparable_key(), name, case]
         sql = (
-            "SELECT r.id, r.started_utc, r.git_commit, m.value, m.n, r.status, m.samples_json"
+            "SELECT r.id, r.started_utc, r.git_commit, m.value, m.n, r.status, m.samples_json, m.verdict"
             f" FROM runs r JOIN metrics m ON m.run_id = r.id WHERE {where} AND m.name = ? AND m.case_key = ?"
         )
         if before_run_id is not None:
@@ -416,7 +428,7 @@ def comparable_values(
             params.append(before_run_id)
         sql += " ORDER BY r.id DESC LIMIT ?"
         params.append(limit)
-        return [HistoryPoint(*row[:6], _samples(row[6])) for row in conn.execute(sql, params)]
+        return [HistoryPoint(*row[:6], _samples(row[6]), row[7]) for row in conn.execute(sql, params)]
     finally:
         if own:
             conn.close()

@@ -248,7 +248,7 @@ def record_and_report(
     outcome = R.overall(verdicts, gates)
     if run.status != "error":  # a run that did not finish keeps saying so
         run = dataclasses.replace(run, status="pass" if outcome.passed else "fail")
-    run_id = H.record_run(history, run, metrics)
+    run_id = H.record_run(history, run, metrics, {(v.name, v.case): v.status for v in verdicts})
     report = write_report(run_dir, history, run_id, gates=gates, files=files, window=window, tolerance=tolerance)
     return run_id, outcome, report
 

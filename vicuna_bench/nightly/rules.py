@@ -1,8 +1,11 @@
 """The regression rule: a run's metrics against comparable earlier runs.
 
-Baseline: the last ``window`` (7) comparable runs that passed, among the
-last ``4 x window`` comparable runs (a failed or crashed run never sets what
-normal is); fewer than 3: *insufficient history*.
+Baseline: the metric in the last ``window`` (7) comparable runs, among the
+last ``4 x window``, where the rule did not call it worse (suspicious or
+regression, as recorded with each run) and the run did not crash: a slow
+night never sets what normal is.  Fewer than 3: *insufficient history*.  A
+slowdown that lasts beyond the lookback leaves no baseline, is not judged,
+and so becomes the new baseline 3 runs later.
 
 A latency with samples (next token: every decode step; first token: every
 repeat) is *slow* when all hold:
@@ -184,14 +187,19 @@ def min_p(n: int, m: int) -> float:
 
 # ---------------------------------------------------------------- judging one metric
 
+WORSE = ("suspicious", "regression")
+
+
 def _points(earlier: Sequence) -> list[H.HistoryPoint]:
-    """HistoryPoints as given; a plain number is a passing run's value without samples."""
+    """HistoryPoints as given; a plain number is a passing run's value without samples or recorded verdict."""
     return [p if isinstance(p, H.HistoryPoint) else H.HistoryPoint(0, "", None, float(p), None) for p in earlier]
 
 
 def _baseline_runs(earlier: Sequence[H.HistoryPoint], window: int) -> list[H.HistoryPoint]:
-    """The newest ``window`` passing runs among the newest ``LOOKBACK x window`` (newest first)."""
-    return [p for p in earlier[:LOOKBACK * window] if p.status == "pass"][:window]
+    """The newest ``window`` runs among the newest ``LOOKBACK x window`` whose value was not called worse
+    and whose run did not crash (newest first)."""
+    usable = [p for p in earlier[:LOOKBACK * window] if p.status != "error" and p.verdict not in WORSE]
+    return usable[:window]
 
 
 def _spread(values: Sequence[float]) -> float:
@@ -328,10 +336,13 @@ def judge(
 
 
 def _previous_was_slow(metric: H.Metric, earlier: Sequence[H.HistoryPoint], window: int, tolerance: float) -> bool:
-    """Was the newest earlier comparable run worse than *its own* baseline (the runs before it)?"""
+    """Was the newest earlier comparable run worse than *its own* baseline?  Its recorded verdict says;
+    without one (a run recorded without verdicts), it is judged again against the runs before it."""
     if not earlier:
         return False
     previous = earlier[0]
+    if previous.verdict is not None:
+        return previous.verdict in WORSE
     shown = dataclasses.replace(metric, value=previous.value, n=previous.n, samples=previous.samples)
     if _not_judged_why(shown) is not None:
         return False
