@@ -265,9 +265,10 @@ def render_report(
         "",
         f"Nightly run {run_id}: {run.model} on {run.device} ({run.device_name}), {run.dtype}, "
         f"world size {run.world_size}, batch {run.batch_size}; {run.started_utc} to {run.finished_utc}; commit {commit}.",
-        f"Baseline: median of the last {window} passing comparable runs in `{history}`; latency, throughput, memory "
-        f"and rate: worse beyond the ±{tolerance:.0%} band (wider where those runs wander) and, with samples, by a rank "
-        f"test at p < {R.ALPHA:g} (worse twice in a row: regression); accuracy band ±{R.ACCURACY_SE:g} binomial SE.",
+        f"Baseline: median of the last {window} comparable runs in `{history}` not called worse; latency, "
+        f"throughput, memory and rate: worse beyond the ±{tolerance:.0%} band (wider where those runs wander) and, "
+        f"with samples, by a rank test at p < {R.ALPHA:g} (worse twice in a row: regression); accuracy band "
+        f"±{R.ACCURACY_SE:g} binomial SE.",
         "",
         "## Regressions and failed gates",
         "",

@@ -282,7 +282,8 @@ def _describe(shift: _Shift, tolerance: float) -> str:
     band = f"band {shift.tolerance:.0%}"
     if shift.tolerance > tolerance:
         band += f" ({SPREAD_Z:g} x spread {shift.spread / shift.baseline:.1%})"
-    test = "" if shift.p_value is None else f", rank test p={shift.p_value:.2g} ({shift.samples[0]} vs {shift.samples[1]} samples)"
+    test = "" if shift.p_value is None else \
+        f", rank test p={shift.p_value:.2g} ({shift.samples[0]} vs {shift.samples[1]} samples)"
     return f"{change} vs {band}{test}"
 
 
