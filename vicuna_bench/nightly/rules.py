@@ -20,8 +20,8 @@ repeat) is *slow* when all hold:
 A figure without samples (memory; a rate over >= 100 questions; a p90 of
 >= 64 samples; histories from before samples were stored) is slow on the
 first condition alone.  Slow in this run and in the previous comparable run
-(judged against *its* baseline): *regression*; in this run only:
-*suspicious*.  A run that is not slow is never a regression, whatever the
+(its recorded verdict; judged again against *its* baseline when it has
+none): *regression*; in this run only: *suspicious*.  A run that is not slow is never a regression, whatever the
 run before it did.  As far the other way: *improved*.
 
 Too noisy to judge at the run's size, so *report-only*: a p50 over fewer
@@ -54,7 +54,7 @@ from ..errors import UserError
 from . import history as H
 
 DEFAULT_WINDOW = 7
-LOOKBACK = 4  # x window: how far back passing runs are looked for
+LOOKBACK = 4  # x window: how far back runs for the baseline are looked for
 MIN_HISTORY = 3
 DEFAULT_TOLERANCE = 0.10
 SPREAD_Z = 4.0  # a median must move by this many robust SDs of the baseline runs' medians, besides the band
@@ -314,7 +314,7 @@ def judge(
             return Verdict(**base, status="report-only", history=len(runs), reason=why)
     if len(runs) < MIN_HISTORY:
         return Verdict(**base, status="insufficient-history", history=len(runs),
-                       reason=f"{len(runs)} comparable earlier passing run(s), {MIN_HISTORY} needed")
+                       reason=f"{len(runs)} comparable earlier run(s) not called worse, {MIN_HISTORY} needed")
     if metric.kind == "accuracy":
         baseline = statistics.median(p.value for p in runs)
         base.update(baseline=baseline, history=len(runs), delta=metric.value - baseline,
