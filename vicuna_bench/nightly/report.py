@@ -255,7 +255,7 @@ def record_and_report(
     outcome = R.overall(verdicts, gates)
     if run.status != "error":  # a run that did not finish keeps saying so
         run = dataclasses.replace(run, status="pass" if outcome.passed else "fail")
-    run_id = H.record_run(history, run, metrics)
+    run_id = H.record_run(history, run, metrics, {(v.name, v.case): v.status for v in verdicts})
     report = write_report(run_dir, history, run_id, gates=gates, files=files, window=window, tolerance=tolerance)
     return run_id, outcome, report
 
@@ -272,8 +272,10 @@ def render_report(
         "",
         f"Nightly run {run_id}: {run.model} on {run.device} ({run.device_name}), {run.dtype}, "
         f"world size {run.world_size}, batch {run.batch_size}; {run.started_utc} to {run.finished_utc}; commit {commit}.",
-        f"Baseline: median of up to {window} earlier comparable runs in `{history}`; latency, throughput, memory "
-        f"and rate band ±{tolerance:.0%} (out twice in a row: regression); accuracy band ±{R.ACCURACY_SE:g} binomial SE.",
+        f"Baseline: median of the last {window} comparable runs in `{history}` not called worse; latency, "
+        f"throughput, memory and rate: worse beyond the ±{tolerance:.0%} band (wider where those runs wander) and, "
+        f"with samples, by a rank test at p < {R.ALPHA:g} (worse twice in a row: regression); accuracy band "
+        f"±{R.ACCURACY_SE:g} binomial SE.",
         "",
         "## Regressions and failed gates",
         "",

@@ -1,21 +1,43 @@
-"""The regression rule: a run's metrics against a window of comparable earlier runs.
+"""The regression rule: a run's metrics against comparable earlier runs.
 
-Baseline: the median of the metric in the last ``window`` (7) comparable runs
-before this one; fewer than 3 such runs: *insufficient history*.
+Baseline: the metric in the last ``window`` (7) comparable runs, among the
+last ``4 x window``, where the rule did not call it worse (suspicious or
+regression, as recorded with each run) and the run did not crash: a slow
+night never sets what normal is.  Fewer than 3: *insufficient history*.  A
+slowdown that lasts beyond the lookback leaves no baseline, is not judged,
+and so becomes the new baseline 3 runs later.
 
-Ratio metrics (latency, throughput, memory, rate): the band is
-``[baseline / (1 + tol), baseline * (1 + tol)]`` (tol 10%).  Worse than the
-band (above it when lower is better, below it when higher is better) in this
-run *and* in the previous comparable run, judged against the same baseline:
-*regression*; in this run only: *suspicious*.  Better than the band:
-*improved*.  The band is symmetric in ratio, so a 10% slower next token is
-exactly as far out as the 1/1.1 lower tokens/s it implies.
+A latency with samples (next token: every decode step; first token: every
+repeat) is *slow* when all hold:
+
+* its median moved worse by more than the band: beyond ``baseline x (1 +
+  t)``, ``t = max(tolerance, Z x spread / baseline)``, where the baseline is
+  the median of the baseline runs' medians and the spread 1.4826 x their
+  median absolute deviation (how far clean runs of this host wander);
+* a one-sided Mann-Whitney U test of this run's samples against the baseline
+  runs' pooled samples gives p < ALPHA.
+
+A figure without samples (memory; a rate over >= 100 questions; a p90 of
+>= 64 samples; histories from before samples were stored) is slow on the
+first condition alone.  Slow in this run and in the previous comparable run
+(its recorded verdict; judged again against *its* baseline when it has
+none): *regression*; in this run only: *suspicious*.  A run that is not slow is never a regression, whatever the
+run before it did.  As far the other way: *improved*.
+
+Too noisy to judge at the run's size, so *report-only*: a p50 over fewer
+than 5 samples (or too few for the rank test to reach ALPHA), a p90 of
+fewer than 64 samples (p99: 662), a rate over fewer than 100 questions,
+decode tokens/s (the decode steps' p50 judges it), a baseline whose spread
+exceeds 20%.
 
 Accuracy (a 0..1 fraction over n questions): below its release gate:
 *gate-failed*; else more than two binomial standard errors
 ``sqrt(p (1 - p) / n)`` (p the baseline, n this run's questions) below the
 baseline: *regression* (one run suffices: the error bar already accounts
 for noise); as far above: *improved*.
+
+shared/spec/REGRESSION.md is the survey this follows (asv, Chromium,
+Perfherder, MLPerf); docs/nightly.md has the noise measured with it.
 """
 
 from __future__ import annotations
@@ -32,10 +54,20 @@ from ..errors import UserError
 from . import history as H
 
 DEFAULT_WINDOW = 7
+LOOKBACK = 4  # x window: how far back runs for the baseline are looked for
 MIN_HISTORY = 3
 DEFAULT_TOLERANCE = 0.10
+SPREAD_Z = 4.0  # a median must move by this many robust SDs of the baseline runs' medians, besides the band
+MAD_SD = 1.4826  # MAD -> standard deviation for normal data
+ALPHA = 0.001  # the rank test's one-sided significance level
+MAX_SPREAD = 0.20  # a baseline whose runs wander more than this (spread / baseline) judges nothing
+MIN_SAMPLES = 5  # a median over fewer samples is reported, not judged
+# A percentile needs this many samples before it is judged (MLPerf's early-stopping counts at 99% confidence).
+PERCENTILE_MIN_SAMPLES = {"p90": 64, "p99": 662}
+MIN_QUESTIONS = 100  # a rate over fewer questions is reported, not judged
+DERIVED = {"decode_tokens_per_s": "next_token_ms_p50"}  # judged through the metric it is computed from
 ACCURACY_SE = 2.0  # how many binomial standard errors an accuracy may move before it counts
-STATUSES = ("ok", "improved", "suspicious", "regression", "insufficient-history", "gate-failed")
+STATUSES = ("ok", "improved", "suspicious", "regression", "insufficient-history", "report-only", "gate-failed")
 FAILING = ("regression", "gate-failed")
 # A gate either measured something (passed, failed) or says why it could not apply (n/a); there is no
 # "skipped" that reads like a pass.
@@ -54,14 +86,16 @@ class Verdict:
     better: str
     value: float
     status: str  # one of STATUSES
-    baseline: float | None = None  # median of the window
-    ratio: float | None = None  # value / baseline
+    baseline: float | None = None  # median of the baseline runs' values (or of their samples' medians)
+    ratio: float | None = None  # value / baseline (samples: this run's median / baseline)
     delta: float | None = None  # value - baseline
     band: tuple[float, float] | None = None  # (low, high): inside is ok
     history: int = 0  # comparable earlier runs used for the baseline
     previous: float | None = None  # the value in the newest comparable earlier run
     gate: float | None = None  # an accuracy's release gate (0..1), if any
     reason: str = ""
+    p_value: float | None = None  # the rank test's one-sided p in the direction the median moved
+    spread: float | None = None  # 1.4826 x MAD of the baseline runs' values, in the unit
 
     @property
     def failing(self) -> bool:
@@ -110,55 +144,228 @@ class Outcome:
         return 0 if self.passed else 3
 
 
+# ---------------------------------------------------------------- the rank test
+
+@dataclasses.dataclass(frozen=True)
+class RankTest:
+    """A Mann-Whitney U test of samples x against y: U and the one-sided p-values (normal approximation)."""
+
+    u: float  # pairs (x_i, y_j) with x_i > y_j, ties counted one half
+    n: int  # len(x)
+    m: int  # len(y)
+    p_greater: float  # p that x is not stochastically larger than y (small: x tends larger)
+    p_less: float  # the other tail (small: x tends smaller)
+
+
+def rank_test(x: Sequence[float], y: Sequence[float]) -> RankTest:
+    """Mann-Whitney U of x against y, with tie-corrected variance and a continuity correction.
+
+    U from the rank sum of x (average ranks for ties): U = R_x - n (n + 1) / 2.
+    Var U = n m / 12 x ((N + 1) - sum(t^3 - t) / (N (N - 1))), N = n + m,
+    t the size of each group of tied values.  p = 1 - Phi((U - n m / 2 - 1/2) / sd)
+    for "x larger"; the other tail with + 1/2.  Good for n, m >= ~8 (the
+    exact distribution is enumerable below that; min_p() bounds it).
+    """
+    n, m = len(x), len(y)
+    if n == 0 or m == 0:
+        raise ValueError("rank_test needs samples on both sides")
+    pooled = sorted([(float(v), 0) for v in x] + [(float(v), 1) for v in y])
+    total = n + m
+    rank_sum_x = 0.0
+    ties = 0.0
+    i = 0
+    while i < total:
+        j = i
+        while j + 1 < total and pooled[j + 1][0] == pooled[i][0]:
+            j += 1
+        average_rank = (i + j) / 2 + 1  # ranks are 1-based
+        rank_sum_x += average_rank * sum(1 for k in range(i, j + 1) if pooled[k][1] == 0)
+        t = j - i + 1
+        ties += t ** 3 - t
+        i = j + 1
+    u = rank_sum_x - n * (n + 1) / 2
+    mean = n * m / 2
+    variance = n * m / 12 * ((total + 1) - ties / (total * (total - 1))) if total > 1 else 0.0
+    if variance <= 0:  # every value tied: no evidence either way
+        return RankTest(u, n, m, 1.0, 1.0)
+    sd = math.sqrt(variance)
+    p_greater = 0.5 * math.erfc((u - mean - 0.5) / sd / math.sqrt(2))
+    p_less = 0.5 * math.erfc(-(u - mean + 0.5) / sd / math.sqrt(2))
+    return RankTest(u, n, m, min(1.0, p_greater), min(1.0, p_less))
+
+
+def min_p(n: int, m: int) -> float:
+    """The smallest one-sided p any rank test of n against m samples can give: 1 / C(n + m, n) (no ties)."""
+    return 1.0 / math.comb(n + m, n)
+
+
+# ---------------------------------------------------------------- judging one metric
+
+WORSE = ("suspicious", "regression")
+
+
+def _points(earlier: Sequence) -> list[H.HistoryPoint]:
+    """HistoryPoints as given; a plain number is a passing run's value without samples or recorded verdict."""
+    return [p if isinstance(p, H.HistoryPoint) else H.HistoryPoint(0, "", None, float(p), None) for p in earlier]
+
+
+def _baseline_runs(earlier: Sequence[H.HistoryPoint], window: int) -> list[H.HistoryPoint]:
+    """The newest ``window`` runs among the newest ``LOOKBACK x window`` whose value was not called worse
+    and whose run did not crash (newest first)."""
+    usable = [p for p in earlier[:LOOKBACK * window] if p.status != "error" and p.verdict not in WORSE]
+    return usable[:window]
+
+
+def _spread(values: Sequence[float]) -> float:
+    centre = statistics.median(values)
+    return MAD_SD * statistics.median(abs(v - centre) for v in values)
+
+
+def _not_judged_why(metric: H.Metric) -> str | None:
+    """Why a figure is too noisy to judge at this run's size (report-only), or None."""
+    if metric.name in DERIVED:
+        return f"derived from the decode steps: judged as {DERIVED[metric.name]}"
+    suffix = metric.name.rsplit("_", 1)[-1]
+    count = len(metric.samples) if metric.samples is not None else metric.n
+    if suffix in PERCENTILE_MIN_SAMPLES:
+        needed = PERCENTILE_MIN_SAMPLES[suffix]
+        if count is None or count < needed:
+            return f"a {suffix} of {count if count is not None else 'an unknown number of'} samples ({needed} needed)"
+    elif metric.kind == "latency" and count is not None and count < MIN_SAMPLES:
+        return f"{count} sample(s) ({MIN_SAMPLES} needed)"
+    if metric.kind == "rate" and (metric.n is None or metric.n < MIN_QUESTIONS):
+        return (f"a rate over {metric.n if metric.n is not None else 'an unknown number of'} questions "
+                f"({MIN_QUESTIONS} needed)")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shift:
+    """How one run's figure sits against its baseline runs."""
+
+    level: float  # this run's value, or its samples' median
+    baseline: float
+    spread: float
+    tolerance: float  # the band actually applied: max(tolerance, SPREAD_Z x spread / baseline)
+    direction: int  # +1 worse, -1 better, 0 inside the band (or not significant)
+    p_value: float | None  # the rank test's p in the direction of the move (None: no samples)
+    samples: tuple[int, int] | None  # (this run's, the baseline's pooled) sample counts
+
+
+def _shift(metric_value: float, samples, better: str, baseline_runs: Sequence[H.HistoryPoint],
+           tolerance: float) -> _Shift | str:
+    """Where a value (or a sample set) sits against baseline runs; a string says why it cannot be judged."""
+    with_samples = [p for p in baseline_runs if p.samples]
+    use_samples = samples is not None and len(with_samples) >= MIN_HISTORY
+    if use_samples:
+        baseline_runs = with_samples
+        level = statistics.median(samples)
+        levels = [statistics.median(p.samples) for p in baseline_runs]
+    else:
+        level = metric_value
+        levels = [p.value for p in baseline_runs]
+    baseline = statistics.median(levels)
+    spread = _spread(levels)
+    if baseline <= 0:
+        return f"baseline {baseline:g}: no ratio to judge"
+    if spread / baseline > MAX_SPREAD:
+        return f"the baseline runs wander {spread / baseline:.0%} (over {MAX_SPREAD:.0%}): too noisy to judge"
+    band = max(tolerance, SPREAD_Z * spread / baseline)
+    sign = 1 if better == "lower" else -1
+    if level > baseline * (1 + band):
+        direction = sign
+    elif level < baseline / (1 + band):
+        direction = -sign
+    else:
+        direction = 0
+    p_value, counts = None, None
+    if use_samples:
+        pooled = [v for p in baseline_runs for v in p.samples]
+        counts = (len(samples), len(pooled))
+        if min_p(*counts) >= ALPHA:
+            return f"{len(samples)} vs {len(pooled)} samples: too few for the rank test (p >= {ALPHA:g} at best)"
+        test = rank_test(samples, pooled)
+        p_value = test.p_greater if level >= baseline else test.p_less
+        if p_value >= ALPHA:
+            direction = 0
+    return _Shift(level, baseline, spread, band, direction, p_value, counts)
+
+
+def _describe(shift: _Shift, tolerance: float) -> str:
+    change = f"{'median' if shift.samples else 'value'} {100 * (shift.level / shift.baseline - 1):+.1f}%"
+    band = f"band {shift.tolerance:.0%}"
+    if shift.tolerance > tolerance:
+        band += f" ({SPREAD_Z:g} x spread {shift.spread / shift.baseline:.1%})"
+    test = "" if shift.p_value is None else \
+        f", rank test p={shift.p_value:.2g} ({shift.samples[0]} vs {shift.samples[1]} samples)"
+    return f"{change} vs {band}{test}"
+
+
 def judge(
-    metric: H.Metric, earlier: Sequence[float], *, window: int = DEFAULT_WINDOW,
+    metric: H.Metric, earlier: Sequence, *, window: int = DEFAULT_WINDOW,
     tolerance: float = DEFAULT_TOLERANCE, gate: float | None = None,
 ) -> Verdict:
-    """Judge one metric against its comparable earlier values (newest first); a Verdict.
+    """Judge one metric against its comparable earlier runs (newest first, any status); a Verdict.
 
-    ``gate`` is an accuracy's minimum (0..1 fraction) from its release threshold.
+    ``earlier``: HistoryPoints (comparable_values' order), or plain numbers
+    for passing runs without samples.  ``gate`` is an accuracy's minimum
+    (0..1 fraction) from its release threshold.
     """
     if window < MIN_HISTORY:
         raise UserError(f"window {window}: the baseline needs at least {MIN_HISTORY} runs")
     if not tolerance > 0:
         raise UserError(f"tolerance {tolerance}: must be above 0 (e.g. 0.10 for 10%)")
+    earlier = _points(earlier)
     base = dict(name=metric.name, case=metric.case, kind=metric.kind, unit=metric.unit, better=metric.better,
-                value=metric.value, gate=gate)
+                value=metric.value, gate=gate, previous=earlier[0].value if earlier else None)
+    runs = _baseline_runs(earlier, window)
     if gate is not None and metric.value < gate:
-        return Verdict(**base, status="gate-failed", history=min(len(earlier), window),
-                       previous=earlier[0] if earlier else None,
+        return Verdict(**base, status="gate-failed", history=len(runs),
                        reason=f"below the release gate {show_value(gate, metric.unit)}")
-    earlier = list(earlier)[:window]
-    if len(earlier) < MIN_HISTORY:
-        return Verdict(**base, status="insufficient-history", history=len(earlier),
-                       previous=earlier[0] if earlier else None,
-                       reason=f"{len(earlier)} comparable earlier run(s), {MIN_HISTORY} needed")
-    baseline = statistics.median(earlier)
-    base.update(baseline=baseline, history=len(earlier), previous=earlier[0], delta=metric.value - baseline,
-                ratio=metric.value / baseline if baseline else None)
+    if metric.kind != "accuracy":
+        why = _not_judged_why(metric)
+        if why is not None:
+            return Verdict(**base, status="report-only", history=len(runs), reason=why)
+    if len(runs) < MIN_HISTORY:
+        return Verdict(**base, status="insufficient-history", history=len(runs),
+                       reason=f"{len(runs)} comparable earlier run(s) not called worse, {MIN_HISTORY} needed")
     if metric.kind == "accuracy":
+        baseline = statistics.median(p.value for p in runs)
+        base.update(baseline=baseline, history=len(runs), delta=metric.value - baseline,
+                    ratio=metric.value / baseline if baseline else None)
         return _judge_accuracy(metric, base, baseline)
-    return _judge_ratio(metric, base, baseline, earlier[0], tolerance)
+    shift = _shift(metric.value, metric.samples, metric.better, runs, tolerance)
+    if isinstance(shift, str):
+        return Verdict(**base, status="report-only", history=len(runs), reason=shift)
+    base.update(baseline=shift.baseline, history=len(runs), delta=shift.level - shift.baseline,
+                ratio=shift.level / shift.baseline, p_value=shift.p_value, spread=shift.spread,
+                band=(shift.baseline / (1 + shift.tolerance), shift.baseline * (1 + shift.tolerance)))
+    why = _describe(shift, tolerance)
+    if shift.direction < 0:
+        return Verdict(**base, status="improved", reason=f"better: {why}")
+    if shift.direction == 0:
+        return Verdict(**base, status="ok", reason=why if shift.p_value is not None else "")
+    if _previous_was_slow(metric, earlier, window, tolerance):
+        return Verdict(**base, status="regression", reason=f"worse in this run and the previous one: {why}")
+    return Verdict(**base, status="suspicious", reason=f"worse in this run only: {why}")
 
 
-def _judge_ratio(metric: H.Metric, base: dict, baseline: float, previous: float, tolerance: float) -> Verdict:
-    band = (baseline / (1 + tolerance), baseline * (1 + tolerance))
-
-    def worse(v: float) -> bool:
-        return v > band[1] if metric.better == "lower" else v < band[0]
-
-    def better(v: float) -> bool:
-        return v < band[0] if metric.better == "lower" else v > band[1]
-
-    if worse(metric.value):
-        if worse(previous):
-            return Verdict(**base, band=band, status="regression",
-                           reason=f"outside the {tolerance:.0%} band in this run and the previous one")
-        return Verdict(**base, band=band, status="suspicious",
-                       reason=f"outside the {tolerance:.0%} band in this run only")
-    if better(metric.value):
-        return Verdict(**base, band=band, status="improved", reason=f"better than the {tolerance:.0%} band")
-    return Verdict(**base, band=band, status="ok")
+def _previous_was_slow(metric: H.Metric, earlier: Sequence[H.HistoryPoint], window: int, tolerance: float) -> bool:
+    """Was the newest earlier comparable run worse than *its own* baseline?  Its recorded verdict says;
+    without one (a run recorded without verdicts), it is judged again against the runs before it."""
+    if not earlier:
+        return False
+    previous = earlier[0]
+    if previous.verdict is not None:
+        return previous.verdict in WORSE
+    shown = dataclasses.replace(metric, value=previous.value, n=previous.n, samples=previous.samples)
+    if _not_judged_why(shown) is not None:
+        return False
+    runs = _baseline_runs(earlier[1:], window)
+    if len(runs) < MIN_HISTORY:
+        return False
+    shift = _shift(previous.value, previous.samples, metric.better, runs, tolerance)
+    return not isinstance(shift, str) and shift.direction > 0
 
 
 def _judge_accuracy(metric: H.Metric, base: dict, baseline: float) -> Verdict:
@@ -190,9 +397,10 @@ def evaluate_run(
     run is earlier); to judge a recorded run again, pass its id.
     """
     minimum = accuracy_gates(gates)
-    earlier = H.comparable_values_by_metric(db, run, metrics, window, before_run_id)
+    # One run more than the lookback: the previous run is judged against the runs before it.
+    earlier = H.comparable_values_by_metric(db, run, metrics, LOOKBACK * window + 1, before_run_id)
     return [
-        judge(m, [p.value for p in earlier[(m.name, m.case)]], window=window, tolerance=tolerance,
+        judge(m, earlier[(m.name, m.case)], window=window, tolerance=tolerance,
               gate=minimum.get(m.case) if m.kind == "accuracy" else None)
         for m in metrics
     ]

@@ -67,6 +67,7 @@ QUICK = {
     "model_path": None, "device": "cpu", "world_size": 1, "dtype": "auto", "compile": "off",
     "case_pair": "[[32,8],[64,8]]", "min_len_exp": None, "max_len_exp": None, "repeat": 2,
     "mmlu_subjects": "management", "ceval_subjects": "discrete_mathematics", "limit_per_subject": 4,
+    "regression_band": 0.5,  # clean runs on a shared 2-core host drift up to ~+40%; docs/nightly.md has the figures
 }
 
 
@@ -106,6 +107,8 @@ def _own_options() -> list[Option]:
         Option("mmlu-subjects", str, None, "comma list of MMLU subjects (default: all)"),
         Option("ceval-subjects", str, None, "comma list of C-Eval subjects (default: all)"),
         Option("no-progress", None, False, "no progress bars"),
+        Option("regression-band", float, R.DEFAULT_TOLERANCE, "how far (0.10 = 10%) a latency, throughput, memory or "
+               "rate must move, significantly, to count as slower or faster (--quick: 0.5)"),
     ]
 
 
@@ -340,6 +343,8 @@ def plan_run(values: dict[str, Any]) -> Plan:
                             f"{p.config.seq_len_out} exceeds --max-seq-len {plan.spec.max_seq_len}")
         if p.config.gate:  # a full set's release gate must be able to judge the model, or the night does not start
             p.config.gate_model = gate_model_key(p.mode, p.config.scorings, plan.spec.model_path, p.config.gate_model)
+    if not values["regression_band"] > 0:
+        raise UserError(f"--regression-band {values['regression_band']}: must be above 0 (e.g. 0.10 for 10%)")
     # Last: a newer schema, a non-SQLite file is refused now, not at the end of the night; a new file is created.
     H.connect(history).close()
     return plan
@@ -472,7 +477,8 @@ def run_perf(plan: Plan, engine) -> list[H.Metric]:
     from ..perf import summary_table
 
     log.info("perf results:\n%s", summary_table(session.run))
-    return H.metrics_from_perf_extended_csv(session.paths["extended_csv"])
+    return H.metrics_with_perf_samples(H.metrics_from_perf_extended_csv(session.paths["extended_csv"]),
+                                       session.paths["samples_json"])
 
 
 def run_precision_set(plan: Plan, p: PrecisionPlan, engine) -> tuple[list[H.Metric], list[R.Gate]]:
@@ -607,10 +613,10 @@ def _run(plan: Plan, started: str) -> NightlyResult:
     run = H.RunRecord(
         started, H.utc_timestamp(), status, ident["model"], ident["device"], ident["device_name"], ident["dtype"],
         ident["world_size"], ident["batch_size"], git_commit=H.project_commit(), settings=settings_doc,
-        environment=env,
+        environment=env, **H.perf_setup(ident["compile"], plan.perf.settings if plan.perf is not None else None),
     )
     run_id, outcome, report = RP.record_and_report(plan.run_dir, plan.history, run, metrics, gates=gates,
-                                                   files=_files(plan))
+                                                   files=_files(plan), tolerance=plan.values["regression_band"])
     exit_code = EXIT_ERROR if errors else outcome.exit_code
     log.info("nightly: run %d %s: %s", run_id, "ERROR" if errors else "PASS" if outcome.passed else "FAIL",
              outcome.reason)
