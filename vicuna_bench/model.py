@@ -47,7 +47,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.args = args
         self.max_seq_len = max_seq_len
-        inv_freq = self._inv_freq(args.rope_theta)
+        # On the CPU whatever device is ambient: a model laid out on meta for loading would otherwise run
+        # arange on meta, whose first use imports sympy (~2.5 s and ~70 MB in every rank process).
+        inv_freq = self._inv_freq(args.rope_theta, device="cpu")
         if args.rope_type == "linear":
             inv_freq = inv_freq / args.rope_factor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
