@@ -309,3 +309,34 @@ def test_a_rank_killed_while_loading_is_named(tiny_models):
         r"engine failed: worker rank 1 \(pid \d+\) was killed by SIGKILL while loading: likely the kernel's "
         r"out-of-memory killer \(each rank holds 0\.00 GiB of weights in fp32 \+ 0\.00 GiB of KV cache; see dmesg\); "
         r"all workers stopped", str(err.value)), str(err.value)
+
+
+# ---------------------------------------------------------------- the real-size benchmark's checkpoint
+
+def test_bench_load_writes_the_lmsys_layout(tmp_path):
+    """benchmarks/bench_load.py make: two zip .bin shards, their index, the legacy config; what each tensor holds
+    is what was written (norms ones, matrices N(0, 0.02)), read back through the engine's reader."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_load
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from vicuna_bench.checkpoint import TensorReader, read_model_args
+
+    path = tmp_path / "ckpt"
+    index = bench_load.make_checkpoint(path, "test")
+    h, i, v, layers = 256, 688, 32000, 2
+    params = 2 * v * h + layers * (4 * h * h + 3 * i * h + 2 * h) + h
+    assert index["metadata"]["total_size"] == 2 * params
+    assert sorted(set(index["weight_map"].values())) == ["pytorch_model-00001-of-00002.bin",
+                                                          "pytorch_model-00002-of-00002.bin"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json", "generation_config.json", "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"]
+    args = read_model_args(path)
+    assert (args.hidden_size, args.n_layers, args.intermediate_size, args.vocab_size) == (h, layers, i, v)
+    reader = TensorReader(path)
+    assert torch.equal(reader.read("model.layers.1.post_attention_layernorm.weight"), torch.ones(h, dtype=torch.float16))
+    q = reader.read("model.layers.1.self_attn.q_proj.weight").float()
+    assert q.shape == (h, h) and abs(float(q.std()) - 0.02) < 0.001 and abs(float(q.mean())) < 0.001
+    assert bench_load.weight_bytes(path, "bf16") == 2 * params
