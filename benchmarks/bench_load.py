@@ -165,7 +165,7 @@ def in_use_bytes() -> int:
     return m["MemTotal"] - m["MemAvailable"]
 
 
-def measure(command: list[str], env: dict, interval_s: float = 0.2) -> dict:
+def measure(command: list[str], env: dict, interval_s: float = 0.2, cwd: str | None = None) -> dict:
     """Run ``command``, sampling the host's memory in use; wall time (s), peak growth (bytes), exit code."""
     before = in_use_bytes()
     peak = before
@@ -179,7 +179,7 @@ def measure(command: list[str], env: dict, interval_s: float = 0.2) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     started = time.monotonic()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
     wall = time.monotonic() - started
     done.set()
     thread.join()
@@ -190,6 +190,8 @@ def measure(command: list[str], env: dict, interval_s: float = 0.2) -> dict:
 
 
 def _cli(code: Path, args: list[str]) -> tuple[list[str], dict]:
+    """The CLI of checkout ``code``: run it with ``cwd=code`` too, since ``python -m`` puts the working
+    directory before PYTHONPATH."""
     env = dict(os.environ, PYTHONPATH=str(code), PYTHONUNBUFFERED="1")
     return [sys.executable, "-m", "vicuna_bench", *args], env
 
@@ -231,7 +233,7 @@ def step_run(ns) -> dict:
             "--dtype", ns.dtype, "--max-seq-len", str(ns.max_seq_len), "--prompt-ids", "1,450,7483,310,3444,338",
             "--max-new-tokens", "4", "--ignore-eos", "--compile", "off", "--json"]
     command, env = _cli(Path(ns.code), args)
-    row = measure(command, env)
+    row = measure(command, env, cwd=ns.code)
     weights = weight_bytes(directory, ns.dtype)
     goal = 1.2 * weights + 1 * GB * ns.world_size
     row.update(step="run", dir=str(directory), code=str(ns.code), world_size=ns.world_size, dtype=ns.dtype,
@@ -249,7 +251,7 @@ def step_cut(ns) -> dict:
     out = Path(ns.output_dir or f"{directory}-cut{ns.world_size}")
     command, env = _cli(Path(ns.code), ["cut", "--input-dir", str(directory), "--output-dir", str(out),
                                         "--world-size", str(ns.world_size)])
-    row = measure(command, env)
+    row = measure(command, env, cwd=ns.code)
     row.update(step="cut", dir=str(directory), output=str(out), code=str(ns.code), world_size=ns.world_size,
                peak_gib=round(row["peak_growth_bytes"] / GIB, 2), goal="<= 2 GB",
                met=row["exit"] == 0 and row["peak_growth_bytes"] <= 2 * GB)

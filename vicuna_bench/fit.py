@@ -155,7 +155,11 @@ def host_available_bytes() -> int | None:
 
 
 def device_free_bytes(device: torch.device) -> int:
-    """Free memory of ``device`` (CUDA/NPU) as its driver reports it, from inside the rank that uses it."""
+    """Free memory of ``device`` (CUDA/NPU) as its driver reports it, from inside the rank that uses it.
+
+    ``torch.npu.mem_get_info(device)`` returns ``(free, total)`` as CUDA's does (torch_npu 2.1.0.post8
+    ``npu/utils.py`` through 2.12.0.post3 ``npu/memory.py``).
+    """
     module = torch.cuda if device.type == "cuda" else getattr(torch, "npu")
     free, _total = module.mem_get_info(device)
     return int(free)

@@ -169,7 +169,7 @@ def load_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: tor
     plan = ShardPlan(args, spec.world_size, rank)
     dtype = checkpoint.DTYPES[spec.dtype]
     if device.type in ("cuda", "npu"):  # before anything is allocated on it
-        count = torch.cuda.device_count() if device.type == "cuda" else None
+        count = (torch.cuda if device.type == "cuda" else getattr(torch, "npu")).device_count()
         fit.check_device_fit(args, spec.world_size, spec.dtype, spec.max_seq_len, spec.fit_batch, device, count)
     with torch.device("meta"):
         model = Transformer(args, plan, tp, spec.max_seq_len)

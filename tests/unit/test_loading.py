@@ -340,3 +340,21 @@ def test_bench_load_writes_the_lmsys_layout(tmp_path):
     q = reader.read("model.layers.1.self_attn.q_proj.weight").float()
     assert q.shape == (h, h) and abs(float(q.std()) - 0.02) < 0.001 and abs(float(q.mean())) < 0.001
     assert bench_load.weight_bytes(path, "bf16") == 2 * params
+
+
+def test_device_fit_reads_the_devices_free_memory(monkeypatch):
+    """CUDA and NPU (torch_npu's mem_get_info(device) -> (free, total), faked): 7B fp16 over 2 ranks on 5 GiB
+    devices is refused with the device named; on 16 GiB it fits."""
+    from types import SimpleNamespace
+
+    gib = 1 << 30
+    free = {"value": 5 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["value"], 141 * gib))
+    monkeypatch.setattr(torch, "npu", SimpleNamespace(mem_get_info=lambda device=None: (free["value"], 64 * gib)),
+                        raising=False)
+    for device in (torch.device("cuda", 1), SimpleNamespace(type="npu", index=0)):
+        with pytest.raises(UserError, match=r"has 5\.00 GiB \(5\.00 GiB free on .*\); would fit: --world-size 4/8"):
+            fit.check_device_fit(LLAMA2_7B, 2, "fp16", 2048, 1, device, device_count=8)
+    free["value"] = 16 * gib
+    need = fit.check_device_fit(LLAMA2_7B, 2, "fp16", 2048, 1, torch.device("cuda", 1))
+    assert need.runtime_bytes > fit.RUNTIME_BYTES["cuda"]
