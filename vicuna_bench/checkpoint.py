@@ -3,7 +3,10 @@
 A rank reads only its slices: safetensors files are memory-mapped and sliced
 with ``get_slice``, ``pytorch_model.bin`` files are opened with
 ``torch.load(weights_only=True, mmap=True)``.  Pickled weights are never
-unpickled beyond what ``weights_only`` allows.
+unpickled beyond what ``weights_only`` allows.  A slice is a view on the
+mapped file; :func:`load_rank_weights` converts it straight into its final
+place in the model (one pass, no intermediate copy), so loading a rank needs
+its share of memory and not more.
 
 Two directory kinds load:
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,7 +35,9 @@ from safetensors.torch import save_file
 
 from .config import ModelArgs
 from .errors import UserError
-from .sharding import ShardPlan
+from .sharding import VOCAB_PARALLEL, ShardPlan
+
+log = logging.getLogger("vicuna_bench")
 
 MANIFEST = "manifest.json"
 CUT_FORMAT = "vicuna-bench-cut/1"
@@ -128,7 +134,7 @@ class TensorReader:
         return name in self._where
 
     def read(self, name: str, spec: tuple[int, int, int] | None = None) -> torch.Tensor:
-        """The tensor ``name``, or its ``(dim, start, stop)`` slice, read from disk."""
+        """The tensor ``name``, or its ``(dim, start, stop)`` slice: a view on the memory-mapped file (no copy)."""
         if name not in self._where:
             raise UserError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
         path = self._where[name]
@@ -144,6 +150,10 @@ class TensorReader:
         except Exception as exc:
             raise UserError(f"{path}: cannot read tensor {name!r} ({exc})") from None
 
+    def close(self) -> None:
+        """Drop the open files (a mapping lives on while a view read from it does)."""
+        self._open.clear()
+
 
 class _BinFile:
     """``pytorch_model.bin`` behind the same small interface as ``safe_open``."""
@@ -156,12 +166,14 @@ class _BinFile:
             return list(self.tensor.shape)
 
         def __getitem__(self, index):
-            return self.tensor[index].clone()
+            return self.tensor[index]  # a view on the mapped file, as safetensors' slices are
 
     def __init__(self, path: Path):
         try:
             self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+        except RuntimeError:  # legacy (pre-zip) files cannot be memory-mapped: every rank reads the whole file
+            log.warning("%s: legacy (pre-zip) torch file: read whole into memory by every rank; "
+                        "re-save it with torch.save or as safetensors to load only each rank's share", path)
             self.state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(self.state, dict):
             raise UserError(f"{path}: expected a state dict, got {type(self.state).__name__}")
@@ -275,55 +287,90 @@ def parameter_names(args: ModelArgs) -> list[str]:
     return names
 
 
-def iter_rank_tensors(model_path: Path, plan: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, this rank's tensor) for every model parameter, read from disk.
-
-    ``lm_head.weight`` is left out when the embeddings are tied.
-
-    From an uncut directory each tensor is sliced by ``plan``.  From a cut one,
-    part ``plan.rank`` is read (checksums verified first); its column/row
-    parallel tensors are already this rank's share, the vocabulary-parallel
-    ones are still whole (vendor layout) and are sliced here.
-    """
-    cut = is_cut_dir(model_path)
-    if cut:
+def _open_rank_reader(model_path: Path, plan: ShardPlan) -> tuple[TensorReader, bool]:
+    """The reader rank ``plan.rank`` reads from, and whether it is a cut part (checksums verified first)."""
+    if is_cut_dir(model_path):
         manifest = check_cut_dir(model_path, plan.world_size)
         verify_files(model_path, manifest["files"], f"part_model/{plan.rank}/")
-        reader = TensorReader(model_path / "part_model" / str(plan.rank))
-    else:
-        reader = TensorReader(model_path)
-    args = plan.args
-    for name in parameter_names(args):
-        if name == "lm_head.weight" and args.tie_word_embeddings:
-            continue  # the model shares the embedding's tensor
-        if cut and plan.is_tp_sliced(name):
-            tensor = reader.read(name)
-        else:
-            tensor = plan.take(name, lambda spec, name=name: reader.read(name, spec))
-        yield name, tensor
+        return TensorReader(model_path / "part_model" / str(plan.rank)), True
+    return TensorReader(model_path), False
 
 
-def load_rank_state(
-    model_path: Path, plan: ShardPlan, dtype: torch.dtype, expected: dict[str, torch.Size], progress: bool = False
-):
-    """This rank's state dict in ``dtype``, shapes checked against ``expected``."""
+def _rank_names(args: ModelArgs) -> list[str]:
+    """The tensors a rank reads (``lm_head.weight`` left out when the embeddings are tied)."""
+    return [n for n in parameter_names(args) if not (n == "lm_head.weight" and args.tie_word_embeddings)]
+
+
+def _rank_view(reader: TensorReader, plan: ShardPlan, name: str, cut: bool) -> torch.Tensor:
+    """This rank's part of ``name`` as a view on the file: a cut part's column/row-parallel tensors are
+    already the share, everything else is sliced by ``plan`` (vocabulary padding rows not included)."""
+    if cut and plan.is_tp_sliced(name):
+        return reader.read(name)
+    return reader.read(name, plan.slice_of(name))
+
+
+def iter_rank_tensors(model_path: Path, plan: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, this rank's tensor) for every model parameter, as views on the checkpoint's files.
+
+    ``lm_head.weight`` is left out when the embeddings are tied.  From an
+    uncut directory each tensor is sliced by ``plan``; from a cut one, part
+    ``plan.rank`` is read (checksums verified first).  Vocabulary-parallel
+    tensors come padded to the rank's rows (a copy only where padding is due).
+    """
+    reader, cut = _open_rank_reader(model_path, plan)
+    for name in _rank_names(plan.args):
+        yield name, plan.take(name, lambda spec, name=name: _rank_view(reader, plan, name, cut))
+
+
+@dataclasses.dataclass
+class LoadStats:
+    """What loading one rank read: bytes of checkpoint data (in the file's dtype) and tensors."""
+
+    bytes_read: int = 0
+    tensors: int = 0
+
+
+def load_rank_weights(model_path: Path, plan: ShardPlan, targets: dict[str, torch.Tensor],
+                      progress: bool = False) -> LoadStats:
+    """Read rank ``plan.rank``'s share into ``targets`` (name -> preallocated tensor of its final dtype/device).
+
+    Each tensor is read from the mapped file, converted and written once,
+    straight into its target (rows of a fused matrix included): the rank
+    needs its share of memory, plus on an accelerator one tensor in flight
+    on the host.  Vocabulary padding rows are zeroed.  A target left
+    unwritten, or a shape that disagrees with config.json, is an error.
+    """
     from tqdm import tqdm
 
-    state = {}
-    tensors = tqdm(
-        iter_rank_tensors(model_path, plan), total=len(expected), desc=f"load rank {plan.rank}/{plan.world_size}",
-        unit="tensor", disable=not progress, leave=False,
-    )
-    for name, tensor in tensors:
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise UserError(
-                f"{model_path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])} "
-                f"for rank {plan.rank} of {plan.world_size} (config.json and weights disagree)"
-            )
-        # A fresh, aligned copy: kernels pick code paths by alignment, and a
-        # memory-mapped slice would make results depend on the file layout.
-        state[name] = tensor.to(dtype=dtype, copy=True)
-    return state
+    reader, cut = _open_rank_reader(model_path, plan)
+    names = _rank_names(plan.args)
+    missing = set(targets) - set(names)
+    if missing:  # the model has a parameter the checkpoint layout does not name: a bug
+        raise RuntimeError(f"model parameters with no checkpoint tensor: {sorted(missing)}")
+    stats = LoadStats()
+    bar = tqdm(names, desc=f"load rank {plan.rank}/{plan.world_size}", unit="tensor", disable=not progress,
+               leave=False)
+    with torch.no_grad():
+        for name in bar:
+            target = targets[name]
+            src = _rank_view(reader, plan, name, cut)
+            rows = target.shape[0]
+            if name in VOCAB_PARALLEL:  # the last ranks' rows may run past the vocabulary: zero padding
+                dim, start, stop = plan.slice_of(name)
+                rows = stop - start
+            if tuple(src.shape) != (rows,) + tuple(target.shape[1:]):
+                raise UserError(
+                    f"{model_path}: tensor {name!r} has shape {tuple(src.shape)}, expected "
+                    f"{(rows,) + tuple(target.shape[1:])} for rank {plan.rank} of {plan.world_size} "
+                    "(config.json and weights disagree)"
+                )
+            target[:rows].copy_(src)
+            if rows < target.shape[0]:
+                target[rows:].zero_()
+            stats.bytes_read += src.numel() * src.element_size()
+            stats.tensors += 1
+    reader.close()
+    return stats
 
 
 def cut_checkpoint(input_dir: Path, output_dir: Path, world_size: int, progress: bool = True) -> dict:
@@ -390,8 +437,9 @@ def cut_checkpoint(input_dir: Path, output_dir: Path, world_size: int, progress:
 __all__ = [
     "TensorReader",
     "cut_checkpoint",
+    "LoadStats",
     "iter_rank_tensors",
-    "load_rank_state",
+    "load_rank_weights",
     "read_model_args",
     "resolve_dtype",
 ]

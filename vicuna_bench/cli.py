@@ -7,6 +7,7 @@ and precision modules that the pytest layer calls too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -181,6 +182,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if not prompts:
         prompts = [encode_prompt(tokenizer, DEFAULT_PROMPT, chat=not ns.no_chat)]
     stream = _TextStream(tokenizer) if (tokenizer and not ns.json and len(prompts) == 1) else None
+    spec = dataclasses.replace(spec, fit_batch=len(prompts))  # the fit check's KV cache: one row a prompt
     with SpmdEngine(spec) if launched_by_torchrun() else Engine(spec) as engine:
         result = engine.generate(prompts, ns.max_new_tokens, on_tokens=stream, ignore_eos=ns.ignore_eos,
                                  sampling=sampling)
@@ -244,6 +246,7 @@ def cmd_perf(ns: argparse.Namespace) -> int:
                                            write=is_main)
     spec = resolve_engine_spec(ns, decode_steps=session.settings.decode_steps)
     session.check_model(spec)
+    spec = dataclasses.replace(spec, fit_batch=session.settings.batch_size)
     with SpmdEngine(spec) if spmd else Engine(spec) as engine:
         session.run_all(engine, progress=is_main and not ns.no_progress)
     if not is_main:

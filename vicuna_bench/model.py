@@ -49,7 +49,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.args = args
         self.max_seq_len = max_seq_len
-        inv_freq = self._inv_freq(args.rope_theta)
+        # On the CPU whatever device is ambient: a model laid out on meta for loading would otherwise run
+        # arange on meta, whose first use imports sympy (~2.5 s and ~70 MB in every rank process).
+        inv_freq = self._inv_freq(args.rope_theta, device="cpu")
         if args.rope_type == "linear":
             inv_freq = inv_freq / args.rope_factor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -221,6 +223,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.reshape(batch, heads, steps, dim)
 
 
+def _stacked_linear(parts: list[torch.Tensor]) -> nn.Linear:
+    """One bias-free linear layer whose weight is ``parts`` stacked by output rows, allocated once."""
+    first = parts[0]
+    with torch.device("meta"):  # no initialisation of a weight about to be replaced
+        layer = nn.Linear(first.shape[1], sum(p.shape[0] for p in parts), bias=False)
+    weight = torch.empty((layer.out_features, layer.in_features), dtype=first.dtype, device=first.device)
+    if not first.is_meta:
+        with torch.no_grad():
+            torch.cat([p.detach() for p in parts], dim=0, out=weight)
+    layer.weight = nn.Parameter(weight, requires_grad=first.requires_grad)
+    return layer
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, plan: ShardPlan, tp: TensorParallel):
         super().__init__()
@@ -237,13 +252,15 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def fuse(self) -> None:
-        """Replace q/k/v_proj by one ``qkv_proj`` (this rank's slices, concatenated by output rows)."""
-        parts = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
-        fused = nn.Linear(parts[0].shape[1], sum(p.shape[0] for p in parts), bias=False, device=parts[0].device,
-                          dtype=parts[0].dtype)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat(parts, dim=0))
-        self.qkv_proj = fused
+        """Replace q/k/v_proj by one ``qkv_proj`` (this rank's slices, stacked by output rows: q, k, v).
+
+        On meta (before loading) this only lays out the fused shape, which the
+        loader then fills row range by row range; on real weights the parts are
+        written into one preallocated matrix (no concatenated temporary).
+        """
+        if self.qkv_proj is not None:
+            return
+        self.qkv_proj = _stacked_linear([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         self.q_proj = self.k_proj = self.v_proj = None
 
     def forward(self, x, cos, sin, mask, slots: torch.Tensor, kv_len: int | None):
@@ -279,12 +296,10 @@ class FeedForward(nn.Module):
         self.gate_up_proj: nn.Linear | None = None  # set by fuse()
 
     def fuse(self) -> None:
-        """Replace gate/up_proj by one ``gate_up_proj`` (this rank's slices, gate rows first)."""
-        gate, up = self.gate_proj.weight, self.up_proj.weight
-        fused = nn.Linear(gate.shape[1], 2 * gate.shape[0], bias=False, device=gate.device, dtype=gate.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([gate, up], dim=0))
-        self.gate_up_proj = fused
+        """Replace gate/up_proj by one ``gate_up_proj`` (this rank's slices, gate rows first); see Attention.fuse."""
+        if self.gate_up_proj is not None:
+            return
+        self.gate_up_proj = _stacked_linear([self.gate_proj.weight, self.up_proj.weight])
         self.gate_proj = self.up_proj = None
 
     def forward(self, x):
@@ -362,6 +377,43 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+
+    def allocate_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Give every parameter of a model built on meta uninitialised storage of ``dtype`` on ``device``.
+
+        Tied parameters stay one tensor.  Buffers are left alone (the rotary
+        tables are rebuilt when the model is finished, KV caches come later).
+        """
+        made: dict[int, nn.Parameter] = {}
+        for module in self.modules():
+            for key, param in module._parameters.items():
+                if param is None:
+                    continue
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
+                                                   requires_grad=param.requires_grad)
+                module._parameters[key] = made[id(param)]
+
+    def checkpoint_targets(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensor name -> where it loads: a parameter, or its rows in a fused one (detached views).
+
+        A tied ``lm_head.weight`` has no entry of its own (the embedding is it).
+        """
+        targets: dict[str, torch.Tensor] = {}
+        for name, param in self.named_parameters():
+            weight = param.detach()
+            prefix = name.rsplit(".", 2)[0] + "."
+            if name.endswith(".qkv_proj.weight"):
+                attn = self.get_submodule(name.rsplit(".", 2)[0])
+                q, k, v = weight.split([attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim,
+                                        attn.n_kv_heads * attn.head_dim])
+                targets.update({prefix + "q_proj.weight": q, prefix + "k_proj.weight": k, prefix + "v_proj.weight": v})
+            elif name.endswith(".gate_up_proj.weight"):
+                gate, up = weight.chunk(2)
+                targets.update({prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up})
+            else:
+                targets[name] = weight
+        return targets
 
     def setup_caches(self, batch: int, length: int | None = None) -> int:
         """KV caches of exactly ``batch`` rows and ``length`` slots (default max_seq_len); returns the length.

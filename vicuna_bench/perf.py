@@ -60,10 +60,12 @@ EXTENDED_COLUMNS = [
     "prefill_tokens_per_s", "decode_tokens_per_s", "e2e_s_mean", "response_time_s",
     "peak_memory_mib_max", "peak_memory_mib_per_rank", "weight_mib_per_rank",
     "decode_bytes_per_step", "mem_bandwidth_gbps", "decode_floor_ms", "decode_roofline_fraction",
-    "compile", "compile_s", "cpu_binding", "chip_family",
+    "compile", "compile_s", "cpu_binding",
+    "load_s", "load_gb_per_s", "load_peak_host_mib_per_rank", "load_peak_device_mib_per_rank",
+    "chip_family",
 ]
-# Extended CSVs written before the compile, binding or chip family columns existed still serve as baselines.
-_EXTENDED_HEADERS = tuple(",".join(EXTENDED_COLUMNS[:len(EXTENDED_COLUMNS) - k]) for k in (0, 1, 2, 4))
+# Extended CSVs written before the compile, binding, load or chip family columns existed still serve as baselines.
+_EXTENDED_HEADERS = tuple(",".join(EXTENDED_COLUMNS[:len(EXTENDED_COLUMNS) - n]) for n in (0, 1, 5, 6, 8))
 
 
 # ---------------------------------------------------------------- cases and settings
@@ -487,6 +489,7 @@ def extended_row(run: PerfRun, r: CaseResult) -> dict:
         "compile": run.compile,
         "compile_s": r.compile_ms / 1e3,
         "cpu_binding": cpu_binding_text(run.rank_info),
+        **load_columns(run.rank_info),
         "chip_family": run.chip_family or "",
     }
     if r.has_next:
@@ -504,6 +507,20 @@ def extended_row(run: PerfRun, r: CaseResult) -> dict:
                     "decode_tokens_per_s", "decode_roofline_fraction"):
             row[key] = ""
     return row
+
+
+def load_columns(rank_info: Sequence[dict]) -> dict:
+    """Loading, from each rank's record: the slowest rank's seconds, all ranks' bytes read over that time
+    (GB/s), and each rank's peak memory growth while loading (MiB; the device's only on accelerators)."""
+    seconds = max((i.get("load_s") or 0.0 for i in rank_info), default=0.0)
+    read = sum(i.get("load_bytes_read") or 0 for i in rank_info)
+    device = [i.get("load_peak_device_bytes") for i in rank_info]
+    return {
+        "load_s": seconds,
+        "load_gb_per_s": read / 1e9 / seconds if seconds and read else "",
+        "load_peak_host_mib_per_rank": _mib([i.get("load_peak_host_bytes") or 0 for i in rank_info]),
+        "load_peak_device_mib_per_rank": _mib(device) if all(d is not None for d in device) else "",
+    }
 
 
 def cpu_binding_text(rank_info: Sequence[dict]) -> str:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from . import checkpoint, devices
+from . import checkpoint, devices, fit
 from .binding import CpuBinding, bind_rank, binding_num, format_cpu_list, unbound
 from .config import ModelArgs
 from .errors import EngineError, UserError, VicunaBenchError
@@ -55,6 +55,7 @@ class EngineSpec:
     device_ids: tuple[int, ...] | None = None  # rank r runs on device device_ids[r]; None: device r
     log_dir: str | None = None  # each rank appends what it runs, and its binding, to <log_dir>/rank<r>.log
     kv_cache_budget_mb: int | None = None  # KV cache sets kept per bucket (model.KVCachePool); None: 2x the largest
+    fit_batch: int = 1  # the largest batch a request will carry: the fit check sizes the KV cache by it
 
     def device_index(self, local_rank: int) -> int:
         """The device index local rank ``local_rank`` runs on."""
@@ -89,6 +90,8 @@ class EngineSpec:
         if self.kv_cache_budget_mb is not None and self.kv_cache_budget_mb < 0:
             raise UserError(f"kv_cache_budget_mb={self.kv_cache_budget_mb} must be >= 0 "
                             "(MiB; 0 keeps only the KV caches in use)")
+        if self.fit_batch < 1:
+            raise UserError(f"batch {self.fit_batch} must be >= 1")
         path = Path(self.model_path)
         args = checkpoint.read_model_args(path)
         ShardPlan(args, self.world_size, 0)  # raises on a world size the model cannot split over
@@ -100,7 +103,16 @@ class EngineSpec:
                 f"({checkpoint.config_path(path)}: max_position_embeddings={args.max_position_embeddings}, "
                 f"rope {args.rope_type} x{args.rope_factor:g})"
             )
+        if self.device == "cpu":  # accelerators: each rank checks its device's free memory before loading
+            fit.check_host_fit(args, self.world_size, self.dtype, self.max_seq_len, self.fit_batch,
+                               ranks_on_host=self.ranks_on_host())
         return args
+
+    def ranks_on_host(self) -> int:
+        """How many of the ranks share this host: torchrun's local world, else all of them (in-process workers)."""
+        if launched_by_torchrun():
+            return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        return self.world_size
 
 
 EMBEDDED = "embedded"  # --model-path value naming the embedded default model
@@ -158,26 +170,40 @@ def resolve_engine_spec(
 def build_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: torch.device,
                      fuse: bool = True) -> Transformer:
     """Load rank ``rank``'s share of the model onto ``device`` (``fuse``: fused qkv and gate/up projections)."""
+    return load_rank_model(spec, rank, tp, device, fuse)[0]
+
+
+def load_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: torch.device,
+                    fuse: bool = True) -> tuple[Transformer, checkpoint.LoadStats]:
+    """Rank ``rank``'s model on ``device`` and what loading it read.
+
+    The model is laid out on meta (fused where ``fuse``), its parameters are
+    allocated once in the run's dtype on ``device``, and each checkpoint
+    tensor is written straight into its place: the rank needs its share of
+    memory and no second copy, on the host or the device.
+    """
     path = Path(spec.model_path)
     args = checkpoint.read_model_args(path)
     plan = ShardPlan(args, spec.world_size, rank)
     dtype = checkpoint.DTYPES[spec.dtype]
+    if device.type in ("cuda", "npu"):  # before anything is allocated on it
+        count = (torch.cuda if device.type == "cuda" else getattr(torch, "npu")).device_count()
+        fit.check_device_fit(args, spec.world_size, spec.dtype, spec.max_seq_len, spec.fit_batch, device, count)
     with torch.device("meta"):
         model = Transformer(args, plan, tp, spec.max_seq_len)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+    model.tie_weights()
+    if fuse:
+        model.fuse_projections()
+    model.allocate_parameters(device, dtype)
     # One bar, from rank 0, and only for checkpoints big enough to wait for.
     big = sum(p.numel() for p in model.parameters()) * spec.world_size > 1_000_000_000
-    state = checkpoint.load_rank_state(path, plan, dtype, expected, progress=rank == 0 and big)
-    loaded = model.load_state_dict(state, assign=True, strict=False)
-    missing = set(loaded.missing_keys) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
-    if missing or loaded.unexpected_keys:  # parameter_names() and the model disagree: a bug
-        raise RuntimeError(f"state dict mismatch: missing {sorted(missing)}, unexpected {loaded.unexpected_keys}")
-    return finish_rank_model(model, device, fuse)
+    stats = checkpoint.load_rank_weights(path, plan, model.checkpoint_targets(), progress=rank == 0 and big)
+    return finish_rank_model(model, device, fuse), stats
 
 
 def finish_rank_model(model: Transformer, device: torch.device, fuse: bool = True) -> Transformer:
-    """What a rank model built on meta needs once its weights are real: tied head, fused projections (``fuse``),
-    rope tables rebuilt off meta, on ``device``, in eval mode."""
+    """What a rank model needs once its weights are real: tied head, fused projections (``fuse``; done already
+    where it was loaded fused), rope tables rebuilt off meta, on ``device``, in eval mode."""
     model.tie_weights()
     if fuse:
         model.fuse_projections()
@@ -270,14 +296,28 @@ class RankRunner:
         )
         rank_log.write(f"cpu binding: {self.binding.describe()}")
         rank_log.write(f"environment: {json.dumps(self.environment, sort_keys=True)}")
+        accelerator = self.device.type in ("cuda", "npu")
+        if accelerator:
+            devices.reset_peak_memory(self.device)
         started = time.perf_counter()
-        self.model = build_rank_model(spec, rank, tp, self.device)
+        with fit.LoadPeak() as peak:
+            self.model, stats = load_rank_model(spec, rank, tp, self.device)
+            if accelerator:
+                devices.synchronize(self.device)
         if spec.kv_cache_budget_mb is not None:
             self.model.kv_pool.budget_bytes = spec.kv_cache_budget_mb << 20
+        self.load_s = time.perf_counter() - started
+        self.load_bytes_read = stats.bytes_read
+        self.load_peak_host_bytes = peak.peak_growth
+        self.load_peak_device_bytes = devices.peak_memory_bytes(self.device) if accelerator else None
+        rank_log.write(
+            f"loaded rank {rank}'s share in {self.load_s:.2f} s: {weight_bytes(self.model) / 2**20:.1f} MiB of weights, "
+            f"{stats.bytes_read / 2**20:.1f} MiB read ({stats.bytes_read / 1e9 / max(self.load_s, 1e-9):.2f} GB/s), "
+            f"peak host memory growth {peak.peak_growth / 2**20:.1f} MiB"
+            + (f", peak device memory {self.load_peak_device_bytes / 2**20:.1f} MiB" if accelerator else "")
+        )
         if model_hook is not None:
             self.model = model_hook(self.model)
-        self.load_s = time.perf_counter() - started
-        rank_log.write(f"loaded rank {rank}'s share in {self.load_s:.2f} s ({weight_bytes(self.model) / 2**20:.1f} MiB)")
         self.args = self.model.args
         self.steps = EAGER
         self._prefix: PrefixKV | None = None
@@ -294,6 +334,10 @@ class RankRunner:
             "decode_weight_bytes": decode_weights,
             "kv_bytes_per_token": kv_per_token,
             "load_s": self.load_s,
+            "load_bytes_read": self.load_bytes_read,
+            "load_gb_per_s": self.load_bytes_read / 1e9 / max(self.load_s, 1e-9),
+            "load_peak_host_bytes": self.load_peak_host_bytes,  # growth of anonymous memory while loading
+            "load_peak_device_bytes": self.load_peak_device_bytes,  # accelerators: allocator peak; CPU: None
             "device_name": devices.device_name(self.device),
             "threads": torch.get_num_threads(),
             "cpu_binding": self.binding.as_record(),
@@ -579,6 +623,13 @@ def _worker_main(spec: EngineSpec, rank: int, init_method: str, conn, parent_pid
             conn.send(("error", _portable(exc)))
 
 
+def _collective_broke(exc: BaseException) -> bool:
+    """Whether a rank's error reads as a collective whose peer went away (gloo/NCCL/HCCL transport errors)."""
+    text = str(exc).lower()
+    return not isinstance(exc, UserError) and any(
+        word in text for word in ("gloo", "nccl", "hccl", "connection", "broken pipe", "timed out"))
+
+
 def _portable(exc: BaseException) -> BaseException:
     """Keep our own errors as they are; wrap others with their traceback."""
     if isinstance(exc, VicunaBenchError):
@@ -747,16 +798,53 @@ class Engine:
         try:
             conn.send(message)
         except (OSError, ValueError, BrokenPipeError):
-            self._fail("a worker's pipe is closed")
+            rank = self._conns.index(conn)
+            self._fail(self._death(rank))
 
     def _check_alive(self) -> None:
         for rank, proc in enumerate(self._procs):
             if not proc.is_alive():
-                self._fail(f"worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+                self._fail(self._death(rank))
 
     def _fail(self, why: str):
         self.close()
         raise EngineError(f"engine failed: {why}; all workers stopped")
+
+    def _death(self, rank: int) -> str:
+        """How worker ``rank`` ended: its exit code, or the signal that killed it and, for SIGKILL, the likely
+        cause (the kernel's out-of-memory killer) with the rank's memory need."""
+        proc = self._procs[rank]
+        proc.join(timeout=5.0)  # its pipe closes a moment before its exit status is there
+        who = f"worker rank {rank} (pid {proc.pid})"
+        when = "while loading" if not self.rank_info else "while serving"
+        code = proc.exitcode
+        if code is None:
+            return f"{who} closed its pipe {when} but is still running"
+        if code >= 0:
+            return f"{who} exited with code {code} {when}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        line = f"{who} was killed by {name} {when}"
+        if -code == signal.SIGKILL:
+            spec = self.spec
+            need = fit.rank_need(self.args, spec.world_size, spec.dtype, spec.max_seq_len, spec.fit_batch,
+                                 spec.device)
+            line += (f": likely the kernel's out-of-memory killer (each rank holds {need.weight_bytes / 2**30:.2f} GiB "
+                     f"of weights in {spec.dtype} + {need.kv_bytes / 2**30:.2f} GiB of KV cache; see dmesg)")
+        return line
+
+    def _signalled_rank(self, grace_s: float) -> int | None:
+        """A worker a signal ended, waiting up to ``grace_s`` for one: the cause behind a peer's broken collective."""
+        end = time.monotonic() + grace_s
+        while True:
+            for rank, proc in enumerate(self._procs):
+                if proc.exitcode is not None and proc.exitcode < 0:
+                    return rank
+            if time.monotonic() >= end:
+                return None
+            wait([p.sentinel for p in self._procs], timeout=max(0.0, end - time.monotonic()))
 
     def _collect(self, deadline: float | None, on_tokens=None) -> list:
         """One reply per rank; raises as soon as any worker dies or reports an error."""
@@ -774,12 +862,15 @@ class Engine:
                 try:
                     kind, payload = obj.recv()
                 except (EOFError, OSError):
-                    self._fail(f"worker rank {rank} (pid {self._procs[rank].pid}) closed its pipe")
+                    self._fail(self._death(rank))
                 if kind == "tokens":
                     if on_tokens is not None:
                         on_tokens(payload)
                     continue
                 if kind == "error":
+                    killed = self._signalled_rank(grace_s=1.0 if _collective_broke(payload) else 0.0)
+                    if killed is not None:  # the peer's error is only the echo of the killed rank
+                        self._fail(self._death(killed))
                     self.close()
                     raise payload
                 replies[rank] = payload

@@ -115,8 +115,13 @@ def _torchrun_rank(rank: int, spec: EngineSpec, port: int, events: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="test")
     _record_collectives(events)
-    build = runtime.build_rank_model
-    runtime.build_rank_model = lambda *a, **k: _record_model_calls(build(*a, **k), events)
+    load = runtime.load_rank_model
+
+    def logged_load(*a, **k):
+        model, stats = load(*a, **k)
+        return _record_model_calls(model, events), stats
+
+    runtime.load_rank_model = logged_load
     with runtime.SpmdEngine(spec) as engine:
         engine.generate(PROMPTS, 3, ignore_eos=True)
 
