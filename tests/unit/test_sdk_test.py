@@ -182,6 +182,54 @@ def test_cut_weight_sh_takes_its_directories_from_the_top_or_flags(three_way, tm
     assert bare.returncode == 2 and "--float N" in bare.stderr
 
 
+@pytest.mark.parametrize("script,words", [
+    ("cut_weight.sh", ("--float N", "--input-dir", "--output-dir", "part_model")),
+    ("run_sdk_test.sh", ("WORLD_SIZE", "DEVICE_TYPE", "TASK", "MAX_SEQ_LENGTH", "sdk_config.ini")),
+])
+@pytest.mark.parametrize("option", ["--help", "-h"])
+def test_scripts_print_usage_on_help_and_exit_0(script, words, option, tmp_path):
+    # No python is looked for: an unusable VICUNA_BENCH_PYTHON would make any later step exit 2.
+    proc = subprocess.run(["bash", str(SCRIPTS / script), option], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30, env=env_without("PYTHONPATH", VICUNA_BENCH_PYTHON="/nonexistent/python"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: {script} ") and proc.stderr == ""
+    for word in words:
+        assert word in proc.stdout, word
+    assert list(tmp_path.iterdir()) == []  # nothing ran
+
+
+def _scripts_with_a_python_that_reports(tmp_path: Path) -> Path:
+    """A copy of scripts/ whose python prints MAX_SEQ_LENGTH and its arguments instead of running anything."""
+    copy = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, copy)
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\necho "MAX_SEQ_LENGTH=${MAX_SEQ_LENGTH-unset} $*"\n')
+    fake.chmod(0o755)
+    return copy
+
+
+def test_run_sdk_test_sh_sets_max_seq_length_at_its_top_and_the_environment_wins(tmp_path):
+    copy = _scripts_with_a_python_that_reports(tmp_path)
+    script = copy / "run_sdk_test.sh"
+
+    def run(**extra) -> str:
+        env = env_without("MAX_SEQ_LENGTH", "PYTHONPATH", VICUNA_BENCH_PYTHON=str(tmp_path / "python"), **extra)
+        proc = subprocess.run(["bash", str(script), "1", "d9", "performance"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=30, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert run() == "MAX_SEQ_LENGTH=2048 -m vicuna_bench sdk-test 1 d9 performance"  # the vendor's value
+    assert run(MAX_SEQ_LENGTH="4096").startswith("MAX_SEQ_LENGTH=4096 ")
+    # The line a user edits, as the guide says to for the long case.
+    lines = script.read_text().splitlines()
+    (edit,) = [i for i, ln in enumerate(lines) if ln.startswith("export MAX_SEQ_LENGTH=")]
+    lines[edit] = lines[edit].replace("2048", "16512")
+    script.write_text("\n".join(lines) + "\n")
+    assert run().startswith("MAX_SEQ_LENGTH=16512 ")
+    assert run(MAX_SEQ_LENGTH="300").startswith("MAX_SEQ_LENGTH=300 ")
+
+
 # ------------------------------------------------------------------ CPU binding at rank start-up
 
 def test_two_ranks_are_pinned_to_disjoint_cpus_covering_the_allowed_set(tiny_models):
