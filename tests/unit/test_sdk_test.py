@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny
-from tests.unit.precision_fixtures import make_synthetic_mmlu
+from tests.unit.precision_fixtures import make_synthetic_ceval, make_synthetic_mmlu
 from tests.unit.test_cli import assert_one_line_error, vb
 from tests.unit.test_precision import assert_same_files
 
@@ -141,6 +142,60 @@ def test_precision_at_world_size_3_writes_what_vicuna_bench_precision_writes(thr
         assert f"rank {rank}: start: model={three_way} world_size=3 device=cpu" in text
         assert "dtype=fp32 compile=off" in text
         assert f"cpu binding: rank {rank} (cpu):" in text
+
+
+# ------------------------------------------------------------------ the guide's INI as written, both data sets
+
+def test_precision_with_an_ini_setting_only_work_dir_runs_ceval(three_way, tmp_path, caplog):
+    """The guide's C-Eval steps set only work_dir: the data says C-Eval, and the run says so."""
+    from vicuna_bench.cli import main
+
+    work = make_synthetic_ceval(tmp_path / "ceval")
+    ini = write_ini(tmp_path / "run", f"[precision]\nwork_dir = {work}\n")
+    with caplog.at_level(logging.INFO, logger="vicuna_bench"):
+        # The model by flag: the INI's default (the embedded model) costs seconds more for the same check.
+        assert main(["sdk-test", "1", "d9", "precision", "--config", str(ini), "--model-path", str(three_way),
+                     "--compile", "off", "--no-progress"]) == 0
+    said = [r.getMessage() for r in caplog.records if "mode not set" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{ini}: [precision] mode not set: ceval (") and (
+        "row 1 is the C-Eval header" in said[0])
+    summary = json.loads((work / "test_result" / "summary.json").read_text())
+    assert summary["mode"] == "ceval"
+    assert summary["questions"]["answered"] == 3  # SYNTHETIC_CEVAL's three val rows, ids from the id column
+    cache = (work / "test_result" / "cache.csv").read_text().splitlines()
+    assert [row.split(",")[:3] for row in cache] == [["3", "delta_law", "A"], ["10", "gamma_medicine", "B"],
+                                                    ["11", "gamma_medicine", "D"]]
+
+
+def test_precision_mode_mmlu_on_ceval_data_exits_2_naming_both(tmp_path, capsys):
+    from vicuna_bench.cli import main
+
+    work = make_synthetic_ceval(tmp_path / "ceval")
+    ini = write_ini(tmp_path / "run", f"[model]\nlog_dir = logs\n[precision]\nmode = mmlu\nwork_dir = {work}\n")
+    assert main(["sdk-test", "1", "d9", "precision", "--config", str(ini)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(err) == 1, err
+    assert f"{ini}: [precision] mode=mmlu contradicts the data" in err[0]
+    assert "C-Eval header" in err[0] and "so it is ceval data" in err[0]
+    assert not (work / "test_result").exists() and not (tmp_path / "run" / "logs").exists()
+
+
+def test_precision_section_model_path_is_the_precision_model(three_way, tmp_path, caplog):
+    """The guide lists model_path under [precision]: it wins there, and a different [model] one is said."""
+    from vicuna_bench.cli import main
+
+    work = make_synthetic_ceval(tmp_path / "ceval")
+    ini = write_ini(tmp_path / "run", f"[model]\nmodel_path = {tmp_path / 'not-this-one'}\n"
+                                      f"[precision]\nmode = ceval\nmodel_path = \"{three_way}\"\nwork_dir = {work}\n"
+                                      "device = 0\nseq_len_out = 1\n")
+    with caplog.at_level(logging.INFO, logger="vicuna_bench"):
+        assert main(["sdk-test", "1", "d9", "precision", "--config", str(ini), "--compile", "off",
+                     "--no-progress"]) == 0
+    summary = json.loads((work / "test_result" / "summary.json").read_text())
+    assert summary["model_path"] == str(three_way) and summary["settings"]["seq_len_out"] == 1
+    conflicts = [r for r in caplog.records if "differs from [model] model_path" in r.getMessage()]
+    assert len(conflicts) == 1 and conflicts[0].levelno == logging.WARNING
+    assert f"[precision] model_path={three_way} differs" in conflicts[0].getMessage()
 
 
 # ------------------------------------------------------------------ the shell entry points
