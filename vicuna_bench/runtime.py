@@ -81,13 +81,20 @@ class EngineSpec:
         ShardPlan(args, self.world_size, 0)  # raises on a world size the model cannot split over
         if checkpoint.is_cut_dir(path):
             checkpoint.check_cut_dir(path, self.world_size)
-        if self.max_seq_len > args.context_len:
-            raise UserError(
-                f"--max-seq-len {self.max_seq_len} exceeds the model's context of {args.context_len} tokens "
-                f"({checkpoint.config_path(path)}: max_position_embeddings={args.max_position_embeddings}, "
-                f"rope {args.rope_type} x{args.rope_factor:g})"
+        if self.max_seq_len > args.context_len and (str(path), self.max_seq_len) not in _WARNED_BEYOND_CONTEXT:
+            # The vendor sizes its rope tables to MAX_SEQ_LENGTH and runs: measuring past the trained
+            # context is the user's choice.  Said once per process (validate runs again at engine start).
+            _WARNED_BEYOND_CONTEXT.add((str(path), self.max_seq_len))
+            log.warning(
+                "--max-seq-len %d is beyond the model's context of %d tokens (%s: max_position_embeddings=%d, "
+                "rope %s x%g): rope tables and KV cache are sized to %d; positions past %d were never trained",
+                self.max_seq_len, args.context_len, checkpoint.config_path(path), args.max_position_embeddings,
+                args.rope_type, args.rope_factor, self.max_seq_len, args.context_len,
             )
         return args
+
+
+_WARNED_BEYOND_CONTEXT: set[tuple[str, int]] = set()  # (model path, --max-seq-len) pairs already warned about
 
 
 EMBEDDED = "embedded"  # --model-path value naming the embedded default model
