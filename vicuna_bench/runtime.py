@@ -78,9 +78,9 @@ class EngineSpec:
             raise UserError(f"--max-seq-len {self.max_seq_len} must be >= 2")
         path = Path(self.model_path)
         args = checkpoint.read_model_args(path)
-        ShardPlan(args, self.world_size, 0)  # raises on a world size the model cannot split over
-        if checkpoint.is_cut_dir(path):
+        if checkpoint.is_cut_dir(path):  # first: a cut's own world size is the useful message
             checkpoint.check_cut_dir(path, self.world_size)
+        ShardPlan(args, self.world_size, 0)  # raises on a world size the model cannot split over
         if self.max_seq_len > args.context_len and (str(path), self.max_seq_len) not in _WARNED_BEYOND_CONTEXT:
             # The vendor sizes its rope tables to MAX_SEQ_LENGTH and runs: measuring past the trained
             # context is the user's choice.  Said once per process (validate runs again at engine start).
