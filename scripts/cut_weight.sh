@@ -7,21 +7,39 @@ set -euo pipefail
 INPUT_DIR="${INPUT_DIR:-./vicuna-13b-v1.5-16k}"
 OUTPUT_DIR="${OUTPUT_DIR:-}"  # empty: ${INPUT_DIR}_parallel_N (the vendor guide's model_path)
 
-usage() { echo "usage: $(basename "$0") --float N [--input-dir IN] [--output-dir OUT]" >&2; exit 2; }
+usage() {
+    cat <<USAGE
+usage: $(basename "$0") --float N [--input-dir IN] [--output-dir OUT]
+
+Cut the Hugging Face model directory IN into N tensor-parallel parts for
+'run_sdk_test.sh N ...': OUT/tokenizer/ and OUT/part_model/<rank>/ (the
+vendor's layout) plus OUT/manifest.json (each file's sha256, checked at load).
+
+  --float N         the number of parts (the world size the parts run at)
+  --input-dir IN    the model to cut (default \$INPUT_DIR, else ./vicuna-13b-v1.5-16k)
+  --output-dir OUT  where the parts go; must be absent or empty
+                    (default \$OUTPUT_DIR, else IN_parallel_N)
+  -h, --help        this text
+
+Runs: vicuna-bench cut --input-dir IN --output-dir OUT --world-size N
+USAGE
+}
+fail() { echo "$(basename "$0"): error: $1" >&2; echo "usage: $(basename "$0") --float N [--input-dir IN] [--output-dir OUT] (--help for more)" >&2; exit 2; }
+
 WORLD_SIZE=""
 while [ $# -gt 0 ]; do
     case "$1" in
-        --float) [ $# -ge 2 ] || usage; WORLD_SIZE="$2"; shift 2 ;;
+        --float) [ $# -ge 2 ] || fail "--float needs a value"; WORLD_SIZE="$2"; shift 2 ;;
         --float=*) WORLD_SIZE="${1#*=}"; shift ;;
-        --input-dir) [ $# -ge 2 ] || usage; INPUT_DIR="$2"; shift 2 ;;
+        --input-dir) [ $# -ge 2 ] || fail "--input-dir needs a value"; INPUT_DIR="$2"; shift 2 ;;
         --input-dir=*) INPUT_DIR="${1#*=}"; shift ;;
-        --output-dir) [ $# -ge 2 ] || usage; OUTPUT_DIR="$2"; shift 2 ;;
+        --output-dir) [ $# -ge 2 ] || fail "--output-dir needs a value"; OUTPUT_DIR="$2"; shift 2 ;;
         --output-dir=*) OUTPUT_DIR="${1#*=}"; shift ;;
-        -h|--help) usage ;;
-        *) echo "$(basename "$0"): error: unknown argument '$1'" >&2; usage ;;
+        -h|--help) usage; exit 0 ;;
+        *) fail "unknown argument '$1'" ;;
     esac
 done
-[ -n "$WORLD_SIZE" ] || { echo "$(basename "$0"): error: --float N (the number of parts) is required" >&2; usage; }
+[ -n "$WORLD_SIZE" ] || fail "--float N (the number of parts) is required"
 OUTPUT_DIR="${OUTPUT_DIR:-${INPUT_DIR%/}_parallel_${WORLD_SIZE}}"
 
 source "$(dirname "${BASH_SOURCE[0]}")/_find_python.sh"

@@ -13,6 +13,8 @@ VICUNA_SHAPED = dict(  # multi-head attention, rope linear x4 (as Vicuna-13B-v1.
     intermediate_size=128, vocab_size=1001, max_position_embeddings=64,
     rope_scaling={"type": "linear", "factor": 4.0}, tie_word_embeddings=False,
 )
+# Vicuna-13B-v1.5-16k's context at a tiny size: 4096 positions x linear 4 = 16384 (use with legacy_config=True).
+VICUNA_16K_SHAPED = dict(VICUNA_SHAPED, max_position_embeddings=4096)
 GQA = dict(  # grouped-query attention, 2 key/value heads (replicated over 4 and 8 ranks), tied embeddings
     hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
     intermediate_size=96 + 32, vocab_size=777, max_position_embeddings=256,

@@ -14,7 +14,9 @@ Two directory kinds load:
   sharded index or ``pytorch_model.bin``): every rank slices what it needs;
 * a *cut* directory in the vendor layout (``tokenizer/``,
   ``part_model/<rank>/``, ``manifest.json``): rank r reads part r, checked
-  against the manifest's sha256 and world size.
+  against the manifest's sha256 and world size; without ``manifest.json``
+  it is the vendor tool's own cut, read the same way without checksums
+  (:mod:`vicuna_bench.vendor_cut`).
 """
 
 from __future__ import annotations
@@ -224,8 +226,12 @@ def read_model_args(model_path: Path) -> ModelArgs:
 
 
 def check_cut_dir(model_path: Path, world_size: int) -> dict:
-    """Check a cut directory's manifest against ``world_size``; return the manifest."""
+    """Check a cut directory's manifest (or the vendor's layout) against ``world_size``; return the manifest."""
     manifest_path = model_path / MANIFEST
+    from .vendor_cut import check_vendor_cut, is_vendor_cut
+
+    if is_vendor_cut(model_path):  # cut by the vendor's cut_weight.sh: no manifest, no checksums
+        return check_vendor_cut(model_path, world_size, read_model_args(model_path))
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path}: missing (a cut directory needs the manifest written by 'vicuna-bench cut')")
     try:

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prec = sub.add_parser("precision", help="MMLU / C-Eval 5-shot accuracy (the reference's precision test)")
     _add_model_options(prec)
-    prec.add_argument("--mode", required=True, help="mmlu | ceval")
+    prec.add_argument("--mode", help="mmlu | ceval (default: chosen from the work dir's data, and said)")
     prec.add_argument("--work-dir", required=True, help="dir holding data/dev and data/val")
     settings.add_to_argparse(prec, "precision")
     prec.add_argument("--gate", action="store_true", help="exit 3 when below the model's release threshold "
@@ -259,8 +259,10 @@ def cmd_perf(ns: argparse.Namespace) -> int:
 
 def cmd_precision(ns: argparse.Namespace) -> int:
     from .precision import PrecisionConfig, load_dataset, run_precision
+    from .precision.data import resolve_mode
 
-    cfg = PrecisionConfig.from_values(settings.from_namespace(ns, "precision"), mode=ns.mode, work_dir=ns.work_dir,
+    mode = resolve_mode(ns.mode, ns.work_dir)
+    cfg = PrecisionConfig.from_values(settings.from_namespace(ns, "precision"), mode=mode, work_dir=ns.work_dir,
                                       gate=ns.gate, progress=not ns.no_progress)
     cfg.check()
     load_dataset(cfg.mode, cfg.work_dir)  # bad data is reported before the model is touched

@@ -147,7 +147,7 @@ def resolve_max_seq_len(explicit: int | None, args: ModelArgs) -> int:
     """``--max-seq-len`` if given, else ``$MAX_SEQ_LENGTH``, else 2048 capped at the model's context.
 
     Only the unasked-for default is capped; an explicit value above the
-    context is an error (raised by ``EngineSpec.validate``).
+    context runs, with a warning (``EngineSpec.validate``), as the vendor's does.
     """
     if explicit is not None:
         return explicit

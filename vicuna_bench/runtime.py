@@ -94,14 +94,18 @@ class EngineSpec:
             raise UserError(f"batch {self.fit_batch} must be >= 1")
         path = Path(self.model_path)
         args = checkpoint.read_model_args(path)
-        ShardPlan(args, self.world_size, 0)  # raises on a world size the model cannot split over
-        if checkpoint.is_cut_dir(path):
+        if checkpoint.is_cut_dir(path):  # first: a cut's own world size is the useful message
             checkpoint.check_cut_dir(path, self.world_size)
-        if self.max_seq_len > args.context_len:
-            raise UserError(
-                f"--max-seq-len {self.max_seq_len} exceeds the model's context of {args.context_len} tokens "
-                f"({checkpoint.config_path(path)}: max_position_embeddings={args.max_position_embeddings}, "
-                f"rope {args.rope_type} x{args.rope_factor:g})"
+        ShardPlan(args, self.world_size, 0)  # raises on a world size the model cannot split over
+        if self.max_seq_len > args.context_len and (str(path), self.max_seq_len) not in _WARNED_BEYOND_CONTEXT:
+            # The vendor sizes its rope tables to MAX_SEQ_LENGTH and runs: measuring past the trained
+            # context is the user's choice.  Said once per process (validate runs again at engine start).
+            _WARNED_BEYOND_CONTEXT.add((str(path), self.max_seq_len))
+            log.warning(
+                "--max-seq-len %d is beyond the model's context of %d tokens (%s: max_position_embeddings=%d, "
+                "rope %s x%g): rope tables and KV cache are sized to %d; positions past %d were never trained",
+                self.max_seq_len, args.context_len, checkpoint.config_path(path), args.max_position_embeddings,
+                args.rope_type, args.rope_factor, self.max_seq_len, args.context_len,
             )
         if self.device == "cpu":  # accelerators: each rank checks its device's free memory before loading
             fit.check_host_fit(args, self.world_size, self.dtype, self.max_seq_len, self.fit_batch,
@@ -113,6 +117,9 @@ class EngineSpec:
         if launched_by_torchrun():
             return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
         return self.world_size
+
+
+_WARNED_BEYOND_CONTEXT: set[tuple[str, int]] = set()  # (model path, --max-seq-len) pairs already warned about
 
 
 EMBEDDED = "embedded"  # --model-path value naming the embedded default model

@@ -68,10 +68,14 @@ class SdkTest:
     progress: bool = True
 
 
-def layered_values(config: SdkConfig, group: str, flags: Mapping[str, object] | None = None) -> dict[str, object]:
-    """A settings group's values: table defaults, then the INI's keys of the same name, then ``flags``."""
+def layered_values(config: SdkConfig, group: str, flags: Mapping[str, object] | None = None,
+                   task: str | None = None) -> dict[str, object]:
+    """A settings group's values: table defaults, then the INI's keys of the same name, then ``flags``.
+
+    ``task``: the task whose model settings apply (``precision`` takes ``[precision]``'s model_path / device).
+    """
     values = settings.defaults(group)
-    for name, value in config.explicit_settings().items():
+    for name, value in config.explicit_settings(task).items():
         if f"{group}.{name}" in settings.BY_KEY:
             values[name] = value
     for name, value in (flags or {}).items():
@@ -82,16 +86,18 @@ def layered_values(config: SdkConfig, group: str, flags: Mapping[str, object] | 
     return settings.values(group, lambda s: values[s.dest])
 
 
-def _device_ids(config: SdkConfig, world_size: int) -> tuple[int, ...] | None:
-    """``[model] device_ids`` when the file sets it (at least one per rank); None: devices 0..N-1."""
-    if "device_ids" not in config.model.explicit:
+def _device_ids(config: SdkConfig, world_size: int, task: str) -> tuple[int, ...] | None:
+    """``device_ids`` when the file sets it for ``task`` (at least one per rank); None: devices 0..N-1."""
+    model = config.model_for(task)
+    if "device_ids" not in model.explicit:
         if world_size > 1:
             log.info("%s: [model] device_ids not set: rank r runs on device r", config.path)
         return None
-    ids = config.model.device_ids
+    ids = model.device_ids
     if len(ids) < world_size:
         raise UserError(
-            f"{config.path}: [model] device_ids={','.join(map(str, ids))!r} lists {len(ids)} device(s) for "
+            f"{config.path}: {config.model_key_source(task, 'device_ids')} device_ids={','.join(map(str, ids))!r} "
+            f"lists {len(ids)} device(s) for "
             f"WORLD_SIZE {world_size} (valid: at least {world_size} comma-separated device ids)"
         )
     return ids[:world_size]
@@ -134,9 +140,12 @@ def prepare(
     if spmd and int(env.get("WORLD_SIZE", "1")) != world_size:
         raise UserError(f"WORLD_SIZE {world_size} disagrees with torchrun's WORLD_SIZE={env.get('WORLD_SIZE')}")
     is_main = not spmd or env.get("RANK", "0") == "0"
-    device_ids = _device_ids(config, world_size)
+    if task == "precision":
+        for line in config.model_conflicts():
+            log.warning("%s", line)
+    device_ids = _device_ids(config, world_size, task)
     log_dir = _log_dir(config)
-    model = layered_values(config, "model", flags)
+    model = layered_values(config, "model", flags, task)
     model.update(world_size=world_size, device_type=device_type)
 
     test = SdkTest(task, config, None, log_dir, spmd, is_main, progress=progress and is_main)
@@ -148,6 +157,7 @@ def prepare(
         decode_steps = test.perf.settings.decode_steps
     elif task == "precision":
         from .precision import PrecisionConfig, load_dataset
+        from .precision.data import resolve_mode
 
         if spmd:
             raise UserError("sdk-test precision under torchrun is not supported: run it without torchrun "
@@ -156,10 +166,13 @@ def prepare(
         if section.work_dir is None:
             raise UserError(f"{config.path}: [precision] work_dir is not set (valid: a directory holding data/dev "
                             "and data/val)")
-        test.precision = PrecisionConfig.from_values(layered_values(config, "precision"), mode=section.mode,
+        # No mode in the file (the guide's C-Eval steps set only work_dir): the data says which it is.
+        source = f"{config.path}: [precision] mode"
+        mode = resolve_mode(section.mode, section.work_dir, source)
+        test.precision = PrecisionConfig.from_values(layered_values(config, "precision"), mode=mode,
                                                      work_dir=section.work_dir, progress=test.progress)
         test.precision.check()
-        load_dataset(section.mode, section.work_dir)  # bad data is reported before the model is touched
+        load_dataset(mode, section.work_dir, source)  # bad data is reported before the model is touched
     else:
         decode_steps = RUN_MAX_NEW_TOKENS * len(SAMPLE_PROMPTS)
 

@@ -10,7 +10,10 @@ vendor dies with a bare TypeError); quotes around a value are stripped even
 when unbalanced (the public Vicuna guide opens one it never closes);
 ``case_pair`` is read as a literal, never evaluated; the guide's spellings
 ``device_id`` / ``device`` and the legacy ``[ceval]`` section are accepted
-with a warning.
+with a warning.  The guide lists ``model_path`` and ``device`` under
+``[precision]`` too: there they set the precision task's model and devices
+(:meth:`SdkConfig.model_for`).  A ``mode`` left out is chosen from the data
+(:func:`vicuna_bench.precision.data.detect_mode`), not defaulted to mmlu.
 """
 
 from __future__ import annotations
@@ -61,11 +64,14 @@ class PerformanceSection:
 class PrecisionSection:
     """``[precision]`` (legacy ``[ceval]``): the MMLU / C-Eval test."""
 
-    mode: str = "mmlu"  # mmlu | ceval
+    mode: str | None = None  # mmlu | ceval; None: chosen from work_dir's data (the vendor's default is mmlu)
     work_dir: str | None = None
     batch: int = 1
     shot: int = 5
     seq_len_out: int = 32  # the vendor's default; its shipped example sets 2
+    # The guide lists these under [precision]: for the precision task they win over [model]'s.
+    model_path: str | None = None
+    device_ids: tuple[int, ...] | None = None  # the guide's `device`
     explicit: frozenset[str] = frozenset()
 
 
@@ -79,18 +85,57 @@ class SdkConfig:
     precision: PrecisionSection = PrecisionSection()
     warnings: tuple[str, ...] = ()
 
-    def explicit_settings(self) -> dict[str, object]:
-        """The values the file (or ``TIMEIT``) set, by option name; defaults left out (for layering over flags)."""
+    def model_for(self, task: str | None) -> ModelSection:
+        """``[model]`` as ``task`` uses it: for ``precision``, ``[precision]``'s model_path / device_ids laid over."""
+        if task != "precision":
+            return self.model
+        over = {k: getattr(self.precision, k) for k in PRECISION_MODEL_KEYS if k in self.precision.explicit}
+        if not over:
+            return self.model
+        return dataclasses.replace(self.model, **over, explicit=self.model.explicit | frozenset(over))
+
+    def model_key_source(self, task: str | None, key: str) -> str:
+        """The section a model key of ``task`` comes from, for messages: ``[precision]`` or ``[model]``."""
+        if task == "precision" and key in PRECISION_MODEL_KEYS and key in self.precision.explicit:
+            return "[precision]"
+        return "[model]"
+
+    def model_conflicts(self) -> list[str]:
+        """One line per key that ``[precision]`` and ``[model]`` both set to different values."""
+        lines = []
+        for key in PRECISION_MODEL_KEYS:
+            if key in self.precision.explicit and key in self.model.explicit:
+                ours, theirs = getattr(self.precision, key), getattr(self.model, key)
+                if ours != theirs:
+                    lines.append(f"{self.path}: [precision] {key}={_shown(ours)} differs from [model] {key}="
+                                 f"{_shown(theirs)}: the precision task uses [precision]'s")
+        return lines
+
+    def explicit_settings(self, task: str | None = None) -> dict[str, object]:
+        """The values the file (or ``TIMEIT``) set, by option name; defaults left out (for layering over flags).
+
+        ``task``: whose model settings (``precision`` takes ``[precision]``'s model_path / device_ids).
+        """
         out: dict[str, object] = {}
-        for section in (self.model, self.performance, self.precision):
+        for section in (self.model_for(task), self.performance, self.precision):
             for name in sorted(section.explicit):
+                if section is self.precision and name in PRECISION_MODEL_KEYS:
+                    continue  # in model_for's section already, where the task uses them
                 out[name] = getattr(section, name)
         return out
 
 
+def _shown(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 SECTIONS = {"model": ModelSection, "performance": PerformanceSection, "precision": PrecisionSection}
 LEGACY_SECTIONS = {"ceval": "precision"}
-KEY_ALIASES = {"model": {"device_id": "device_ids", "device": "device_ids"}}
+KEY_ALIASES = {
+    "model": {"device_id": "device_ids", "device": "device_ids"},
+    "precision": {"device_id": "device_ids", "device": "device_ids"},
+}
+PRECISION_MODEL_KEYS = ("model_path", "device_ids")  # [model] keys the guide also lists under [precision]
 
 PERF_MODES = ("normal", "detail")
 PRECISION_MODES = ("mmlu", "ceval")
@@ -213,6 +258,8 @@ _FIELD_PARSERS = {
         "batch": lambda w: _int(w, 1),
         "shot": lambda w: _int(w, 0),
         "seq_len_out": lambda w: _int(w, 1),
+        "model_path": _text,
+        "device_ids": _device_ids,
     },
 }
 

@@ -56,6 +56,40 @@ def make_synthetic_mmlu(root: Path, subjects: dict = SYNTHETIC_MMLU, mapping: bo
     return root
 
 
+CEVAL_DEV_HEADER = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]  # the C-Eval archive's
+CEVAL_VAL_HEADER = ["id", "question", "A", "B", "C", "D", "answer"]
+
+
+def ceval_row(qid: int, question: str, answer: str, explanation: str | None = None) -> list[str]:
+    row = [str(qid), question, f"{question} 甲", f"{question} 乙", f"{question} 丙", f"{question} 丁", answer]
+    return row if explanation is None else row + [explanation]
+
+
+# Two subjects in the C-Eval layout: a header row in every file, an id column, dev rows with an explanation.
+SYNTHETIC_CEVAL = {
+    "gamma_medicine": {
+        "category": "Other",
+        "dev": [ceval_row(i, f"gamma shot {i}", "ABCDA"[i], "因为") for i in range(5)],
+        "val": [ceval_row(10, "gamma q0", "B"), ceval_row(11, "gamma q1", "D")],
+    },
+    "delta_law": {
+        "category": "Social Science",
+        "dev": [ceval_row(i, f"delta shot {i}", "DCBAD"[i], "") for i in range(5)],
+        "val": [ceval_row(3, "delta q0", "A")],
+    },
+}
+
+
+def make_synthetic_ceval(root: Path, subjects: dict = SYNTHETIC_CEVAL) -> Path:
+    """A C-Eval-shaped work dir, with a subject_mapping.json in C-Eval's form (subject -> [en, zh, category])."""
+    for subject, spec in subjects.items():
+        write_csv(root / "data" / "dev" / f"{subject}_dev.csv", [CEVAL_DEV_HEADER] + spec["dev"])
+        write_csv(root / "data" / "val" / f"{subject}_val.csv", [CEVAL_VAL_HEADER] + spec["val"])
+    doc = {s: [s.replace("_", " "), s, spec["category"]] for s, spec in subjects.items()}
+    (root / "subject_mapping.json").write_text(json.dumps(doc, ensure_ascii=False))
+    return root
+
+
 class ScriptedEngine:
     """Answers by the asked question's text: the test decides every generation and logit.
 

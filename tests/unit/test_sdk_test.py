@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny
-from tests.unit.precision_fixtures import make_synthetic_mmlu
+from tests.unit.precision_fixtures import make_synthetic_ceval, make_synthetic_mmlu
 from tests.unit.test_cli import assert_one_line_error, vb
 from tests.unit.test_precision import assert_same_files
 
@@ -143,6 +144,60 @@ def test_precision_at_world_size_3_writes_what_vicuna_bench_precision_writes(thr
         assert f"cpu binding: rank {rank} (cpu):" in text
 
 
+# ------------------------------------------------------------------ the guide's INI as written, both data sets
+
+def test_precision_with_an_ini_setting_only_work_dir_runs_ceval(three_way, tmp_path, caplog):
+    """The guide's C-Eval steps set only work_dir: the data says C-Eval, and the run says so."""
+    from vicuna_bench.cli import main
+
+    work = make_synthetic_ceval(tmp_path / "ceval")
+    ini = write_ini(tmp_path / "run", f"[precision]\nwork_dir = {work}\n")
+    with caplog.at_level(logging.INFO, logger="vicuna_bench"):
+        # The model by flag: the INI's default (the embedded model) costs seconds more for the same check.
+        assert main(["sdk-test", "1", "d9", "precision", "--config", str(ini), "--model-path", str(three_way),
+                     "--compile", "off", "--no-progress"]) == 0
+    said = [r.getMessage() for r in caplog.records if "mode not set" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{ini}: [precision] mode not set: ceval (") and (
+        "row 1 is the C-Eval header" in said[0])
+    summary = json.loads((work / "test_result" / "summary.json").read_text())
+    assert summary["mode"] == "ceval"
+    assert summary["questions"]["answered"] == 3  # SYNTHETIC_CEVAL's three val rows, ids from the id column
+    cache = (work / "test_result" / "cache.csv").read_text().splitlines()
+    assert [row.split(",")[:3] for row in cache] == [["3", "delta_law", "A"], ["10", "gamma_medicine", "B"],
+                                                    ["11", "gamma_medicine", "D"]]
+
+
+def test_precision_mode_mmlu_on_ceval_data_exits_2_naming_both(tmp_path, capsys):
+    from vicuna_bench.cli import main
+
+    work = make_synthetic_ceval(tmp_path / "ceval")
+    ini = write_ini(tmp_path / "run", f"[model]\nlog_dir = logs\n[precision]\nmode = mmlu\nwork_dir = {work}\n")
+    assert main(["sdk-test", "1", "d9", "precision", "--config", str(ini)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(err) == 1, err
+    assert f"{ini}: [precision] mode=mmlu contradicts the data" in err[0]
+    assert "C-Eval header" in err[0] and "so it is ceval data" in err[0]
+    assert not (work / "test_result").exists() and not (tmp_path / "run" / "logs").exists()
+
+
+def test_precision_section_model_path_is_the_precision_model(three_way, tmp_path, caplog):
+    """The guide lists model_path under [precision]: it wins there, and a different [model] one is said."""
+    from vicuna_bench.cli import main
+
+    work = make_synthetic_ceval(tmp_path / "ceval")
+    ini = write_ini(tmp_path / "run", f"[model]\nmodel_path = {tmp_path / 'not-this-one'}\n"
+                                      f"[precision]\nmode = ceval\nmodel_path = \"{three_way}\"\nwork_dir = {work}\n"
+                                      "device = 0\nseq_len_out = 1\n")
+    with caplog.at_level(logging.INFO, logger="vicuna_bench"):
+        assert main(["sdk-test", "1", "d9", "precision", "--config", str(ini), "--compile", "off",
+                     "--no-progress"]) == 0
+    summary = json.loads((work / "test_result" / "summary.json").read_text())
+    assert summary["model_path"] == str(three_way) and summary["settings"]["seq_len_out"] == 1
+    conflicts = [r for r in caplog.records if "differs from [model] model_path" in r.getMessage()]
+    assert len(conflicts) == 1 and conflicts[0].levelno == logging.WARNING
+    assert f"[precision] model_path={three_way} differs" in conflicts[0].getMessage()
+
+
 # ------------------------------------------------------------------ the shell entry points
 
 def test_run_sdk_test_sh_from_a_directory_holding_only_the_ini(three_way, tmp_path):
@@ -180,6 +235,54 @@ def test_cut_weight_sh_takes_its_directories_from_the_top_or_flags(three_way, tm
     assert sorted(p.name for p in (tmp_path / "two" / "part_model").iterdir()) == ["0", "1", "2"]
     bare = subprocess.run(["bash", str(SCRIPTS / "cut_weight.sh")], capture_output=True, text=True, env=env)
     assert bare.returncode == 2 and "--float N" in bare.stderr
+
+
+@pytest.mark.parametrize("script,words", [
+    ("cut_weight.sh", ("--float N", "--input-dir", "--output-dir", "part_model")),
+    ("run_sdk_test.sh", ("WORLD_SIZE", "DEVICE_TYPE", "TASK", "MAX_SEQ_LENGTH", "sdk_config.ini")),
+])
+@pytest.mark.parametrize("option", ["--help", "-h"])
+def test_scripts_print_usage_on_help_and_exit_0(script, words, option, tmp_path):
+    # No python is looked for: an unusable VICUNA_BENCH_PYTHON would make any later step exit 2.
+    proc = subprocess.run(["bash", str(SCRIPTS / script), option], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30, env=env_without("PYTHONPATH", VICUNA_BENCH_PYTHON="/nonexistent/python"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: {script} ") and proc.stderr == ""
+    for word in words:
+        assert word in proc.stdout, word
+    assert list(tmp_path.iterdir()) == []  # nothing ran
+
+
+def _scripts_with_a_python_that_reports(tmp_path: Path) -> Path:
+    """A copy of scripts/ whose python prints MAX_SEQ_LENGTH and its arguments instead of running anything."""
+    copy = tmp_path / "scripts"
+    shutil.copytree(SCRIPTS, copy)
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\necho "MAX_SEQ_LENGTH=${MAX_SEQ_LENGTH-unset} $*"\n')
+    fake.chmod(0o755)
+    return copy
+
+
+def test_run_sdk_test_sh_sets_max_seq_length_at_its_top_and_the_environment_wins(tmp_path):
+    copy = _scripts_with_a_python_that_reports(tmp_path)
+    script = copy / "run_sdk_test.sh"
+
+    def run(**extra) -> str:
+        env = env_without("MAX_SEQ_LENGTH", "PYTHONPATH", VICUNA_BENCH_PYTHON=str(tmp_path / "python"), **extra)
+        proc = subprocess.run(["bash", str(script), "1", "d9", "performance"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=30, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert run() == "MAX_SEQ_LENGTH=2048 -m vicuna_bench sdk-test 1 d9 performance"  # the vendor's value
+    assert run(MAX_SEQ_LENGTH="4096").startswith("MAX_SEQ_LENGTH=4096 ")
+    # The line a user edits, as the guide says to for the long case.
+    lines = script.read_text().splitlines()
+    (edit,) = [i for i, ln in enumerate(lines) if ln.startswith("export MAX_SEQ_LENGTH=")]
+    lines[edit] = lines[edit].replace("2048", "16512")
+    script.write_text("\n".join(lines) + "\n")
+    assert run().startswith("MAX_SEQ_LENGTH=16512 ")
+    assert run(MAX_SEQ_LENGTH="300").startswith("MAX_SEQ_LENGTH=300 ")
 
 
 # ------------------------------------------------------------------ CPU binding at rank start-up

@@ -183,3 +183,55 @@ def test_malformed_files_are_one_line_errors(tmp_path, text, expected):
 def test_missing_file_names_it(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         vendor.read_sdk_config(tmp_path / "sdk_config.ini", env={})
+
+
+# ------------------------------------------------------------------ the guide's [precision] keys
+
+GUIDE_PRECISION = """[model]
+model_path=./vicuna-13b-v1.5-16k_parallel_8
+device_ids=0,1,2,3,4,5,6,7
+[precision]
+model_path=./vicuna-13b-v1.5-16k_parallel_4
+work_dir=./ceval
+device=4,5,6,7
+batch=1
+"""
+
+
+def test_precision_lists_model_path_and_device_as_the_guide_does(tmp_path):
+    cfg = vendor.read_sdk_config(write_ini(tmp_path, GUIDE_PRECISION), env={})
+    q = cfg.precision
+    assert (q.model_path, q.device_ids, q.work_dir) == ("./vicuna-13b-v1.5-16k_parallel_4", (4, 5, 6, 7), "./ceval")
+    assert q.mode is None  # left out: chosen from the data when the run starts
+    assert cfg.warnings == (f"{tmp_path / 'sdk_config.ini'}: [precision] device is read as device_ids "
+                            "(the key the vendor's loader uses)",)
+    # For the precision task [precision]'s values win; for the others [model]'s stay.
+    assert cfg.explicit_settings("precision")["model_path"] == "./vicuna-13b-v1.5-16k_parallel_4"
+    assert cfg.explicit_settings("precision")["device_ids"] == (4, 5, 6, 7)
+    for task in (None, "run", "performance"):
+        assert cfg.explicit_settings(task)["model_path"] == "./vicuna-13b-v1.5-16k_parallel_8"
+        assert cfg.explicit_settings(task)["device_ids"] == tuple(range(8))
+    assert cfg.model_key_source("precision", "device_ids") == "[precision]"
+    assert cfg.model_key_source("run", "device_ids") == "[model]"
+    # The disagreement is said, once per key.
+    assert cfg.model_conflicts() == [
+        f"{tmp_path / 'sdk_config.ini'}: [precision] model_path=./vicuna-13b-v1.5-16k_parallel_4 differs from "
+        "[model] model_path=./vicuna-13b-v1.5-16k_parallel_8: the precision task uses [precision]'s",
+        f"{tmp_path / 'sdk_config.ini'}: [precision] device_ids=4,5,6,7 differs from [model] "
+        "device_ids=0,1,2,3,4,5,6,7: the precision task uses [precision]'s",
+    ]
+
+
+def test_precision_model_path_alone_and_agreeing_values_are_no_conflict(tmp_path):
+    alone = vendor.read_sdk_config(write_ini(tmp_path, "[precision]\nmodel_path=/m\nwork_dir=/w\n"), env={})
+    assert alone.explicit_settings("precision")["model_path"] == "/m"
+    assert "model_path" not in alone.explicit_settings("run")
+    assert alone.model_conflicts() == []
+    same = vendor.read_sdk_config(write_ini(tmp_path, "[model]\nmodel_path=/m\n[precision]\nmodel_path=\"/m\"\n"),
+                                  env={})
+    assert same.model_conflicts() == []
+
+
+def test_precision_mode_is_still_checked_when_given(tmp_path):
+    with pytest.raises(UserError, match=r"\[precision\] mode='mlu' is not valid \(mmlu \| ceval\)"):
+        vendor.read_sdk_config(write_ini(tmp_path, "[precision]\nmode=mlu\n"), env={})

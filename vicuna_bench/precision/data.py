@@ -13,6 +13,10 @@ fields keep their commas, quotes and newlines, and any defect is a
 
 Categories come from ``<work_dir>/subject_mapping.json`` when present (the
 shared data sets ship one), else from the copy in this package.
+
+Which of the two a work dir holds is read off the data (:func:`detect_mode`):
+the first row of every ``data/val/*_val.csv`` is the C-Eval header, or none
+is.  A mode given that the data contradicts is an error naming both.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
 from ..errors import UserError
 from ..settings import flag
+
+log = logging.getLogger("vicuna_bench")
 
 MODES = ("mmlu", "ceval")
 LETTERS = ("A", "B", "C", "D")
@@ -141,11 +148,8 @@ def load_mapping(mode: str, work_dir: Path) -> tuple[dict[str, str], str]:
     return categories, source
 
 
-def load_dataset(mode: str, work_dir: str | Path) -> Dataset:
-    """Read and check every dev/val csv of ``work_dir`` (a dir holding ``data/``)."""
-    if mode not in MODES:
-        raise UserError(f"--mode {mode!r} is not supported (valid: {', '.join(MODES)})")
-    work_dir = Path(work_dir)
+def _val_files(work_dir: Path) -> list[Path]:
+    """The ``data/val/<subject>_val.csv`` files, sorted; UserError when the layout is not there."""
     data = work_dir / "data"
     for split in SPLITS:
         if not (data / split).is_dir():
@@ -153,6 +157,67 @@ def load_dataset(mode: str, work_dir: str | Path) -> Dataset:
     val_files = sorted((data / "val").glob("*_val.csv"))
     if not val_files:
         raise UserError(f"{data / 'val'}: no <subject>_val.csv files")
+    return val_files
+
+
+def _first_row(path: Path) -> list[str] | None:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return next(csv.reader(handle), None)
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable csv ({exc})") from None
+
+
+def detect_mode(work_dir: str | Path) -> tuple[str, str]:
+    """(``mmlu`` | ``ceval``, the evidence in words) from the val files' first rows.
+
+    C-Eval's files open with the header ``id,question,A,B,C,D,answer``;
+    MMLU's have none.  A work dir that mixes the two is a UserError.
+    """
+    val_files = _val_files(Path(work_dir))
+    header = CEVAL_HEADERS["val"]
+    with_header = [p for p in val_files if _first_row(p) == header]
+    if not with_header:
+        return "mmlu", f"{val_files[0]} has no header row (MMLU's files have none)"
+    if len(with_header) == len(val_files):
+        return "ceval", f"{with_header[0]} row 1 is the C-Eval header {','.join(header)}"
+    without = next(p for p in val_files if p not in with_header)
+    raise UserError(f"{with_header[0]} has the C-Eval header row but {without} has none: "
+                    f"{Path(work_dir)} mixes C-Eval and MMLU files (valid: one data set per work dir)")
+
+
+def check_mode(mode: str, work_dir: str | Path, source: str = "--mode") -> None:
+    """UserError naming ``source`` and both modes when ``work_dir``'s data is the other data set."""
+    if mode not in MODES:
+        raise UserError(f"{source} {mode!r} is not supported (valid: {', '.join(MODES)})")
+    found, evidence = detect_mode(work_dir)
+    if found != mode:
+        raise UserError(f"{source}={mode} contradicts the data: {evidence}, so it is {found} data "
+                        f"(set it to {found}, or leave it out to choose it from the data)")
+
+
+def resolve_mode(mode: str | None, work_dir: str | Path, source: str = "--mode") -> str:
+    """``mode`` checked against the data, or (None) chosen from it and announced on the log."""
+    if mode is not None:
+        check_mode(mode, work_dir, source)
+        return mode
+    found, evidence = detect_mode(work_dir)
+    log.info("%s not set: %s (%s)", source, found, evidence)
+    return found
+
+
+def load_dataset(mode: str, work_dir: str | Path, source: str = "--mode") -> Dataset:
+    """Read and check every dev/val csv of ``work_dir`` (a dir holding ``data/``).
+
+    ``source`` names where ``mode`` was given, in the error when the data is
+    the other data set.
+    """
+    if mode not in MODES:
+        raise UserError(f"{source} {mode!r} is not supported (valid: {', '.join(MODES)})")
+    work_dir = Path(work_dir)
+    data = work_dir / "data"
+    val_files = _val_files(work_dir)
+    check_mode(mode, work_dir, source)
     categories, mapping_file = load_mapping(mode, work_dir)
     subjects = sorted(p.name[: -len("_val.csv")] for p in val_files)
     dev: dict[str, list[Question]] = {}
