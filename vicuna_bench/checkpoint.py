@@ -162,7 +162,8 @@ class _BinFile:
 
     def __init__(self, path: Path):
         try:
-            self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # str: torch 2.1 memory-maps only a file given by name (a Path is refused there).
+            self.state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
             self.state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(self.state, dict):
