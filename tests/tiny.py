@@ -27,6 +27,25 @@ DYNAMIC = dict(  # dynamic NTK scaling, exercised past max_position_embeddings
 )
 
 
+def _old_stack() -> tuple[bool, bool]:
+    """(torch older than 2.1.1, transformers older than 4.56): the compat tier's stack (tox -e compat)."""
+    import transformers
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+
+    return version(torch.__version__) < (2, 1, 1), version(transformers.__version__) < (4, 56)
+
+
+# transformers' SDPA path needs torch >= 2.1.1: on torch 2.1.0 the reference runs its eager attention.
+REFERENCE_KWARGS = {"attn_implementation": "eager"} if _old_stack()[0] else {}
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype argument: ``dtype=`` (transformers >= 4.56), ``torch_dtype=`` before."""
+    return {"torch_dtype": dtype} if _old_stack()[1] else {"dtype": dtype}
+
+
 def make_tiny_llama(
     path: Path,
     shape: dict,
@@ -47,7 +66,8 @@ def make_tiny_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5, initializer_range=0.2, **shape)
+    cfg = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5, initializer_range=0.2,
+                      **REFERENCE_KWARGS, **shape)
     model = LlamaForCausalLM(cfg).to(dtype)
     with torch.no_grad():  # non-trivial norms, so a mix-up of norm weights shows
         for name, p in model.named_parameters():
@@ -69,7 +89,11 @@ def make_tiny_llama(
         model.save_pretrained(str(path))
     if legacy_config:
         conf = json.loads((path / "config.json").read_text())
-        rope = conf.pop("rope_parameters")
+        rope = conf.pop("rope_parameters", None)
+        if rope is None:  # transformers 4.x (the compat tier) writes rope_scaling and rope_theta
+            scaling = conf.pop("rope_scaling")
+            rope = {"rope_type": scaling.get("rope_type") or scaling["type"], "factor": scaling["factor"],
+                    "rope_theta": conf.get("rope_theta", 10000.0)}
         conf.pop("rope_theta", None)
         assert rope["rope_theta"] == 10000.0, "the legacy dialect implies the default base"
         conf["rope_scaling"] = {"type": rope["rope_type"], "factor": rope["factor"]}
@@ -100,7 +124,7 @@ def save_word_tokenizer(path: Path, vocab_size: int) -> None:
 def hf_model(path: Path, dtype=torch.float32):
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = LlamaForCausalLM.from_pretrained(str(path), **dtype_kwarg(dtype), **REFERENCE_KWARGS)
     model.eval()
     return model
 

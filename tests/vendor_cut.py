@@ -36,7 +36,9 @@ def make_vendor_cut(source: Path, out: Path, world_size: int) -> Path:
     """Cut the HF model directory ``source`` ``world_size`` ways into ``out`` as the vendor's tool does."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    from tests.tiny import REFERENCE_KWARGS, dtype_kwarg
+
+    model = LlamaForCausalLM.from_pretrained(str(source), **dtype_kwarg(torch.float32), **REFERENCE_KWARGS)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # save_pretrained stores a tied head once, as the embedding

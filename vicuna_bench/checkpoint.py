@@ -172,7 +172,8 @@ class _BinFile:
 
     def __init__(self, path: Path):
         try:
-            self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # str: torch 2.1 memory-maps only a file given by name (a Path is refused there).
+            self.state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (pre-zip) files cannot be memory-mapped: every rank reads the whole file
             log.warning("%s: legacy (pre-zip) torch file: read whole into memory by every rank; "
                         "re-save it with torch.save or as safetensors to load only each rank's share", path)

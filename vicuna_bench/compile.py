@@ -100,7 +100,8 @@ def _configure_inductor() -> None:
     if chosen is None or (default_cache_dir and os.path.abspath(chosen) == os.path.abspath(default_cache_dir())):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
-    inductor.fx_graph_cache = True
+    if hasattr(inductor, "fx_graph_cache"):  # torch >= 2.2
+        inductor.fx_graph_cache = True
     if hasattr(inductor, "autotune_local_cache"):
         inductor.autotune_local_cache = True
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own use of it

@@ -89,8 +89,15 @@ def convert_gguf(source: Path, target: Path, progress: bool = True) -> None:
     try:
         if not progress:
             hf_logging.set_verbosity_error()
+        # Eager attention: converting runs no attention, and transformers refuses its SDPA path on torch < 2.1.1.
+        # The dtype keyword is `dtype` from transformers 4.56, `torch_dtype` before (the torch 2.1 stack's).
+        import transformers
+
+        major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+        dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
         model = AutoModelForCausalLM.from_pretrained(
-            str(source.parent), gguf_file=source.name, dtype=torch.float32, local_files_only=True
+            str(source.parent), gguf_file=source.name, local_files_only=True, attn_implementation="eager",
+            **{dtype_key: torch.float32},
         )
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
         # The GGUF quantizer marks the model unserializable; after dequantisation

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -92,6 +93,9 @@ class EngineSpec:
                             "(MiB; 0 keeps only the KV caches in use)")
         if self.fit_batch < 1:
             raise UserError(f"batch {self.fit_batch} must be >= 1")
+        if self.device == "cpu" and self.dtype == "fp16" and not cpu_fp16_matmul():
+            raise UserError(f"--dtype fp16 on --device cpu: torch {torch.__version__} has no fp16 matrix multiply on "
+                            "CPU (valid here: fp32, bf16; newer torch has it)")
         path = Path(self.model_path)
         args = checkpoint.read_model_args(path)
         if checkpoint.is_cut_dir(path):  # first: a cut's own world size is the useful message
@@ -117,6 +121,16 @@ class EngineSpec:
         if launched_by_torchrun():
             return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
         return self.world_size
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_fp16_matmul() -> bool:
+    """Whether this torch multiplies fp16 matrices on CPU (torch 2.1 does not: 'addmm_impl_cpu_' for 'Half')."""
+    try:
+        torch.nn.functional.linear(torch.ones(1, 2, dtype=torch.float16), torch.ones(2, 2, dtype=torch.float16))
+    except RuntimeError:
+        return False
+    return True
 
 
 _WARNED_BEYOND_CONTEXT: set[tuple[str, int]] = set()  # (model path, --max-seq-len) pairs already warned about

@@ -160,6 +160,8 @@ class TensorParallel:
             return x
         import torch.distributed as dist
 
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        # Not inference tensors: torch < 2.2's gloo copies into them from its own thread, outside inference mode.
+        with torch.inference_mode(False):
+            parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)

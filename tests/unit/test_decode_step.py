@@ -133,7 +133,8 @@ def test_the_no_host_read_check_can_fail(tiny_models):
     compiled = torch.compile(reading_step, fullgraph=True, backend="eager", dynamic=False)
     with torch.inference_mode():
         token, state = _prefilled(model, [5, 6, 7])
-        with pytest.raises(Exception, match="(?i)data-dependent|graph break|Unsupported"):
+        # torch 2.1 words it "call_function BuiltinVariable(bool) [TensorVariable()]".
+        with pytest.raises(Exception, match=r"(?i)data-dependent|graph break|Unsupported|BuiltinVariable\(bool\)"):
             _run_steps(compiled, model, token, state, 1)
 
 
