@@ -33,7 +33,6 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import ModelArgs
 from .errors import UserError
@@ -380,6 +379,37 @@ def load_rank_weights(model_path: Path, plan: ShardPlan, targets: dict[str, torc
     return stats
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      on_tensor=lambda: None) -> None:
+    """Write ``tensors`` (views on mapped files welcome) as one safetensors file, a tensor at a time.
+
+    The header is known from the shapes alone, so each tensor is made
+    contiguous and written in turn: writing needs the memory of one tensor,
+    not of the whole file (safetensors' ``save_file`` wants every tensor
+    contiguous at once: a part's column-sliced matrices all copied together).
+    """
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise UserError(f"{path}: tensor {name!r} has dtype {t.dtype} (supported: fp32, fp16, bf16)")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in tensors.values():
+            f.write(memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B") if t.numel() else b"")
+            on_tensor()
+
+
 def cut_checkpoint(input_dir: Path, output_dir: Path, world_size: int, progress: bool = True) -> dict:
     """Write ``input_dir`` cut ``world_size`` ways in the vendor layout; return the manifest.
 
@@ -416,14 +446,11 @@ def cut_checkpoint(input_dir: Path, output_dir: Path, world_size: int, progress:
         for plan in plans:
             part = tmp / "part_model" / str(plan.rank)
             part.mkdir(parents=True)
-            state = {}
-            for name in names:
-                spec = plan.slice_of(name) if plan.is_tp_sliced(name) else None
-                state[name] = reader.read(name, spec).contiguous()
-                bar.update(1)
-            save_file(state, str(part / "model.safetensors"), metadata={"format": "pt"})
+            views = {name: reader.read(name, plan.slice_of(name) if plan.is_tp_sliced(name) else None)
+                     for name in names}
+            write_safetensors(part / "model.safetensors", views, {"format": "pt"}, on_tensor=lambda: bar.update(1))
             (part / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            del state
+            del views
         bar.close()
         files = {
             str(p.relative_to(tmp)): sha256_file(p)
