@@ -319,8 +319,13 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def proc_status_bytes(field: str) -> int | None:
     """A size from ``/proc/self/status`` (``VmRSS``: resident now, ``VmHWM``: its peak) in bytes; None off Linux."""
+    return proc_file_bytes("/proc/self/status", field)
+
+
+def proc_file_bytes(path: str, field: str) -> int | None:
+    """A ``Field:  N kB`` size from a /proc file (``/proc/meminfo``, ``/proc/self/status``) in bytes; None if absent."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024

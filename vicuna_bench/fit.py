@@ -107,14 +107,9 @@ def rank_need(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, ba
 # ---------------------------------------------------------------- the memory a rank will have
 
 def _meminfo_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from .devices import proc_file_bytes
+
+    return proc_file_bytes("/proc/meminfo", field)
 
 
 def _read_int(path: Path) -> int | None:

@@ -381,8 +381,8 @@ def hw_run(pytestconfig) -> HwRun:
 @pytest.fixture
 def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
     """Run a precision test (``mmlu``/``ceval``) on the session's engine: the gate on the full val set, or the
-    scores alone for a subset (--accuracy-subjects / --accuracy-limit-per-subject).  Skips with the reason when
-    there is no data; fails, before any model is loaded, when no threshold can judge the model and scoring
+    scores alone for a subset (--accuracy-subjects / --accuracy-limit-per-subject).  Fails when there is no
+    data; fails, before any model is loaded, when no threshold can judge the model and scoring
     (a gate that cannot judge is no pass); fails with the table when the gate fails."""
 
     def run(mode: str) -> dict:
@@ -392,7 +392,8 @@ def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
 
         work = vicuna_options[f"{mode}_dir"]
         if work is None:
-            pytest.skip(f"no --{mode}-dir given and no ../shared/datasets/{mode} beside the checkout")
+            # The user asked for a judgement (-m accuracy): no data is no verdict, so a failure, not a skip.
+            pytest.fail(f"no --{mode}-dir given and no ../shared/datasets/{mode} beside the checkout", pytrace=False)
         values = settings.from_pytest(pytestconfig, "precision")
         subset = bool(values["subjects"] or values["limit_per_subject"])
         root = Path(values["output_dir"] or Path(pytestconfig.invocation_params.dir) / ACCURACY_RESULTS)

@@ -5,7 +5,7 @@ data from ``--mmlu-dir`` / ``--ceval-dir`` (default ../shared/datasets), the
 thresholds from vicuna_bench/thresholds.json; ``--accuracy-model`` names the
 thresholds to use, ``--accuracy-tolerance`` overrides the tolerance.  A model
 or scoring without a threshold fails the test before any model is loaded (a
-gate that cannot judge is no pass); no data skips it.  With
+gate that cannot judge is no pass); so does missing data.  With
 ``--accuracy-subjects`` or ``--accuracy-limit-per-subject`` it scores a subset
 (no gate).  Results go to ``--accuracy-output-dir`` (default
 ``accuracy-results/``), named in the terminal summary with the scores.

@@ -145,6 +145,24 @@ def test_pytest_accuracy_fails_before_any_model_loads_when_no_threshold_can_judg
     assert not out.exists()
 
 
+
+def test_pytest_accuracy_fails_without_data(tmp_path, tiny_models):
+    """``pytest -m accuracy`` where no data can be found (no --mmlu-dir, no ../shared/datasets beside the tests):
+    a failure naming the option, not a skip, and no engine started."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_release_gate.py").write_text((ROOT / "tests" / "accuracy" / "test_release_gate.py").read_text())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "--rootdir", str(suite), "-k", "mmlu", str(suite), "--model-path", str(tiny_models["gqa"]),
+         "--device", "cpu"],
+        cwd=suite, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 failed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    assert "no --mmlu-dir given" in proc.stdout, proc.stdout[-3000:]
+    assert "engine:" not in proc.stdout + proc.stderr
+
 # ------------------------------------------------------------------ SIGKILL at any point, then resume
 
 KILL_SUBJECTS = {  # short questions: ~0.2 s each with the embedded model
