@@ -304,14 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dir", required=True)
         p.add_argument("--world-size", type=int, required=True)
         p.add_argument("--code", default=str(ROOT), help="the checkout whose vicuna_bench runs (default: this one)")
-        p.add_argument("--results", default=str(ROOT / "bench_load.jsonl"))
+        p.add_argument("--results", default="bench_load.jsonl", help="JSON lines, appended (default: ./bench_load.jsonl)")
     sub.choices["cut"].add_argument("--output-dir")
     run = sub.choices["run"]
     run.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     run.add_argument("--max-seq-len", type=int, default=512)
     run.add_argument("--expect", default="exit 0", help="'refused': the step should be refused before loading")
     tab = sub.add_parser("table")
-    tab.add_argument("--results", default=str(ROOT / "bench_load.jsonl"))
+    tab.add_argument("--results", default="bench_load.jsonl")
     ns = parser.parse_args(argv)
     if ns.step == "make":
         make_checkpoint(Path(ns.dir), ns.shape)
