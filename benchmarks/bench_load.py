@@ -165,28 +165,50 @@ def in_use_bytes() -> int:
     return m["MemTotal"] - m["MemAvailable"]
 
 
+def _tree_anon_bytes(pid: int) -> int:
+    """Anonymous memory (RssAnon) of process ``pid`` and all its descendants, bytes (0 once gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:")), 0)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def measure(command: list[str], env: dict, interval_s: float = 0.2, cwd: str | None = None) -> dict:
-    """Run ``command``, sampling the host's memory in use; wall time (s), peak growth (bytes), exit code."""
+    """Run ``command``, sampling every ``interval_s``: the host's memory in use (its growth over the start: the
+    goal's figure, which other processes on the host disturb) and the anonymous memory of the command's own
+    process tree (undisturbed); wall time (s), exit code."""
     before = in_use_bytes()
     peak = before
+    tree_peak = 0
     done = threading.Event()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
 
     def sample():
-        nonlocal peak
+        nonlocal peak, tree_peak
         while not done.wait(interval_s):
             peak = max(peak, in_use_bytes())
+            tree_peak = max(tree_peak, _tree_anon_bytes(proc.pid))
 
     thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     started = time.monotonic()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
+    thread.start()
+    _, stderr = proc.communicate()
     wall = time.monotonic() - started
     done.set()
     thread.join()
     peak = max(peak, in_use_bytes())
-    tail = [line for line in proc.stderr.splitlines() if line.strip() and "%|" not in line]
+    tail = [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
     return {"exit": proc.returncode, "wall_s": round(wall, 1), "in_use_before_gib": round(before / GIB, 2),
-            "peak_growth_bytes": peak - before, "last_line": tail[-1] if tail else "", "stderr": proc.stderr[-4000:]}
+            "peak_growth_bytes": peak - before, "tree_anon_peak_gib": round(tree_peak / GIB, 2),
+            "last_line": tail[-1] if tail else "", "stderr": stderr[-4000:]}
 
 
 def _cli(code: Path, args: list[str]) -> tuple[list[str], dict]:
@@ -260,14 +282,14 @@ def step_cut(ns) -> dict:
 
 def table(results: Path) -> str:
     """The results file as a markdown table."""
-    lines = ["| step | code | dir | ws | dtype | exit | wall s | peak GiB | peak / weights | goal | met |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| step | code | dir | ws | dtype | exit | wall s | peak GiB | peak / weights | processes' anon GiB | goal "
+             "| met |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for line in results.read_text().splitlines():
         r = json.loads(line)
         lines.append(
             f"| {r['step']} | {Path(r['code']).name} | {Path(r['dir']).name} | {r['world_size']} | "
             f"{r.get('dtype', '')} | {r['exit']} | {r['wall_s']} | {r['peak_gib']} | "
-            f"{r.get('peak_over_weights', '')} | {r['goal']} | {r['met']} |")
+            f"{r.get('peak_over_weights', '')} | {r.get('tree_anon_peak_gib', '')} | {r['goal']} | {r['met']} |")
     return "\n".join(lines)
 
 
@@ -282,14 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dir", required=True)
         p.add_argument("--world-size", type=int, required=True)
         p.add_argument("--code", default=str(ROOT), help="the checkout whose vicuna_bench runs (default: this one)")
-        p.add_argument("--results", default=str(ROOT / "bench_load.jsonl"))
+        p.add_argument("--results", default="bench_load.jsonl", help="JSON lines, appended (default: ./bench_load.jsonl)")
     sub.choices["cut"].add_argument("--output-dir")
     run = sub.choices["run"]
     run.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     run.add_argument("--max-seq-len", type=int, default=512)
     run.add_argument("--expect", default="exit 0", help="'refused': the step should be refused before loading")
     tab = sub.add_parser("table")
-    tab.add_argument("--results", default=str(ROOT / "bench_load.jsonl"))
+    tab.add_argument("--results", default="bench_load.jsonl")
     ns = parser.parse_args(argv)
     if ns.step == "make":
         make_checkpoint(Path(ns.dir), ns.shape)

@@ -863,9 +863,10 @@ class Engine:
             for rank, proc in enumerate(self._procs):
                 if proc.exitcode is not None and proc.exitcode < 0:
                     return rank
-            if time.monotonic() >= end:
+            alive = [p.sentinel for p in self._procs if p.exitcode is None]
+            if not alive or time.monotonic() >= end:
                 return None
-            wait([p.sentinel for p in self._procs], timeout=max(0.0, end - time.monotonic()))
+            wait(alive, timeout=max(0.0, end - time.monotonic()))
 
     def _collect(self, deadline: float | None, on_tokens=None) -> list:
         """One reply per rank; raises as soon as any worker dies or reports an error."""

@@ -57,7 +57,7 @@ def test_worker_killed_during_a_call(tiny_models):
     try:
         killer.start()
         start = time.monotonic()
-        with pytest.raises(EngineError):
+        with pytest.raises(EngineError, match=r"worker rank 0 \(pid \d+\) was killed by SIGKILL while serving"):
             # long enough to be running when the kill lands; a surviving rank is
             # stuck in a collective and must be ended by the engine, not waited for
             for _ in range(100):

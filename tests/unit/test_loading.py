@@ -358,3 +358,27 @@ def test_device_fit_reads_the_devices_free_memory(monkeypatch):
     free["value"] = 16 * gib
     need = fit.check_device_fit(LLAMA2_7B, 2, "fp16", 2048, 1, torch.device("cuda", 1))
     assert need.runtime_bytes > fit.RUNTIME_BYTES["cuda"]
+
+
+def test_load_is_recorded_in_rank_info_the_log_and_the_perf_columns(tiny_models, tmp_path):
+    """rank_info and the rank log carry the bytes read (the tiny model's parameters in fp32, counted by hand), the
+    rate and the peak; perf's columns take the slowest rank's seconds and all ranks' bytes over them."""
+    import dataclasses
+
+    from vicuna_bench import perf
+
+    spec = dataclasses.replace(make_engine_spec(str(tiny_models["vicuna"]), 1, "cpu", "bf16", 64),
+                               log_dir=str(tmp_path))
+    with Engine(spec) as engine:
+        info = engine.rank_info[0]
+    h, i, v, layers = 64, 128, 1001, 2  # VICUNA_SHAPED: untied, so embedding and head both read
+    assert info["load_bytes_read"] == 4 * (2 * v * h + layers * (4 * h * h + 3 * i * h + 2 * h) + h)
+    assert info["load_gb_per_s"] == pytest.approx(info["load_bytes_read"] / 1e9 / info["load_s"])
+    assert info["load_peak_host_bytes"] >= 0 and info["load_peak_device_bytes"] is None
+    log = (tmp_path / "rank0.log").read_text()
+    assert re.search(r"loaded rank 0's share in [\d.]+ s: [\d.]+ MiB of weights, 0\.8 MiB read \([\d.]+ GB/s\), "
+                     r"peak host memory growth [\d.]+ MiB", log), log
+    ranks = [dict(load_s=2.0, load_bytes_read=3_000_000_000, load_peak_host_bytes=1 << 30, load_peak_device_bytes=None),
+             dict(load_s=4.0, load_bytes_read=5_000_000_000, load_peak_host_bytes=3 << 29, load_peak_device_bytes=None)]
+    assert perf.load_columns(ranks) == {"load_s": 4.0, "load_gb_per_s": 2.0, "load_peak_host_mib_per_rank": "1024.0;1536.0",
+                                        "load_peak_device_mib_per_rank": ""}
