@@ -11,7 +11,7 @@ NIGHTLY_ARGS ?= --quick
 
 # The oldest supported stack (tox.ini [testenv:compat] says why each pin): its own venv and model cache.
 COMPAT_VENV ?= .venv-compat
-COMPAT_SPEC ?= torch==2.1.0 "numpy<2" transformers==4.55.4
+COMPAT_SPEC ?= torch==2.1.0 "numpy<2" transformers==4.55.4 "setuptools<82"
 COMPAT_TESTS ?= tests/unit/test_conformance.py tests/unit/test_decode_step.py tests/unit/test_generation.py \
 	tests/unit/test_sharding.py tests/unit/test_prefix_reuse.py tests/unit/test_cut.py tests/unit/test_faults.py \
 	tests/unit/test_vendor_cut.py tests/unit/test_long_context.py tests/unit/test_stack.py
