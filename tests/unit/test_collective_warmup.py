@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vicuna_bench import runtime
+from vicuna_bench import rank_model, rank_setup, spmd
 from vicuna_bench.errors import EngineError
 from vicuna_bench.pytest_plugin import make_engine_spec
-from vicuna_bench.runtime import Engine, EngineSpec
+from vicuna_bench.spec import EngineSpec
+from vicuna_bench.workers import Engine
 from vicuna_bench.sharding import TensorParallel
 
 PROMPTS = [[5, 6, 7, 8], [9, 10]]
@@ -115,14 +116,14 @@ def _torchrun_rank(rank: int, spec: EngineSpec, port: int, events: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="test")
     _record_collectives(events)
-    load = runtime.load_rank_model
+    load = rank_model.load_rank_model
 
     def logged_load(*a, **k):
         model, stats = load(*a, **k)
         return _record_model_calls(model, events), stats
 
-    runtime.load_rank_model = logged_load
-    with runtime.SpmdEngine(spec) as engine:
+    rank_model.load_rank_model = logged_load
+    with spmd.SpmdEngine(spec) as engine:
         engine.generate(PROMPTS, 3, ignore_eos=True)
 
 
@@ -159,9 +160,9 @@ def test_device_is_set_before_the_group_and_warmed_on_it(monkeypatch):
     monkeypatch.setattr(torch, device, _FakeDeviceModule(calls))
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init_process_group", kw["backend"])))
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
-    monkeypatch.setattr(runtime, "warm_collectives", lambda tp, dev: calls.append(("warm", str(dev))) or 1.0)
+    monkeypatch.setattr(rank_setup, "warm_collectives", lambda tp, dev: calls.append(("warm", str(dev))) or 1.0)
     spec = EngineSpec("unused", world_size=2, device=device, device_ids=(3, 5))
-    tp = runtime.init_process_group(spec, 1, 1, "tcp://127.0.0.1:1", 10.0)
+    tp = rank_setup.init_process_group(spec, 1, 1, "tcp://127.0.0.1:1", 10.0)
     assert calls == [("set_device", 5), ("init_process_group", "nccl"), ("warm", "cuda:5")]
     assert (tp.world_size, tp.rank) == (2, 1)
 
@@ -173,12 +174,12 @@ def test_torchrun_path_sets_its_local_rank_device(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(runtime, "bind_this_rank", lambda *a, **k: None)
-    monkeypatch.setattr(runtime, "init_process_group",
+    monkeypatch.setattr(spmd, "bind_this_rank", lambda *a, **k: None)
+    monkeypatch.setattr(spmd, "init_process_group",
                         lambda spec, rank, local_rank, init_method, timeout_s: seen.append((rank, local_rank)))
-    monkeypatch.setattr(runtime, "RankRunner", lambda *a, **k: "runner")
+    monkeypatch.setattr(spmd, "RankRunner", lambda *a, **k: "runner")
     spec = dataclasses.replace(EngineSpec("unused"), world_size=4)
-    assert runtime.init_from_env(spec) == "runner"
+    assert spmd.init_from_env(spec) == "runner"
     assert seen == [(3, 1)]
 
 
@@ -189,5 +190,5 @@ class _BrokenSum(TensorParallel):
 
 def test_a_warm_up_sum_that_is_wrong_is_an_error():
     with pytest.raises(EngineError, match="warm-up all-reduce over 2 ranks summed to 1 .*expected 2"):
-        runtime.warm_collectives(_BrokenSum(2, 0), torch.device("cpu"))
-    assert runtime.warm_collectives(TensorParallel(), torch.device("cpu")) >= 0.0  # one rank: 1 == world size
+        rank_setup.warm_collectives(_BrokenSum(2, 0), torch.device("cpu"))
+    assert rank_setup.warm_collectives(TensorParallel(), torch.device("cpu")) >= 0.0  # one rank: 1 == world size

@@ -99,7 +99,7 @@ def test_a_misspelt_generation_option_is_an_error(tiny_models):
 
 
 def test_ranks_split_the_cpus_this_process_may_use():
-    code = ("import os; from vicuna_bench.runtime import usable_cpus, _threads_per_rank; "
+    code = ("import os; from vicuna_bench.rank_setup import usable_cpus, _threads_per_rank; "
             "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
             "print(usable_cpus(), _threads_per_rank(1))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout

@@ -259,7 +259,7 @@ def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], 
     """
     from tqdm import tqdm
 
-    from ..runtime import Engine
+    from ..workers import Engine
 
     out = cfg.out_dir
     files = R.cache_files(cfg.scoring)
