@@ -213,8 +213,6 @@ def load_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel, device: tor
     with torch.device("meta"):
         model = Transformer(args, plan, tp, spec.max_seq_len)
     model.tie_weights()
-    if fuse:
-        model.fuse_projections()
     model.allocate_parameters(device, dtype)
     # One bar, from rank 0, and only for checkpoints big enough to wait for.
     big = sum(p.numel() for p in model.parameters()) * spec.world_size > 1_000_000_000
@@ -226,8 +224,6 @@ def finish_rank_model(model: Transformer, device: torch.device, fuse: bool = Tru
     """What a rank model needs once its weights are real: tied head, fused projections (``fuse``; done already
     where it was loaded fused), rope tables rebuilt off meta, on ``device``, in eval mode."""
     model.tie_weights()
-    if fuse:
-        model.fuse_projections()
     model.rotary = type(model.rotary)(model.args, model.max_seq_len)
     return model.to(device).eval()
 

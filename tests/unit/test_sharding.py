@@ -74,14 +74,15 @@ def test_kv_heads_replicated_beyond_their_count(tiny_models, ws):
     ref = tiny.hf_model(tiny_models["gqa"])
     head_dim, q_per_kv = 8, 4
     spec = make_engine_spec(tiny_models["gqa"], ws, "cpu", "fp32", max_seq_len=64)
+    q_rows = (8 // ws) * head_dim  # the rank's query heads come first in its fused q/k/v rows
     for rank in range(ws):
-        # The sharding rule's own tensors: before the load-time q/k/v fusion (checked bit for bit elsewhere).
-        model = build_rank_model(spec, rank, TensorParallel(), device_for_rank("cpu", 0), fuse=False)
+        model = build_rank_model(spec, rank, TensorParallel(), device_for_rank("cpu", 0))
         kv = rank * (8 // ws) // q_per_kv
         rows = slice(kv * head_dim, (kv + 1) * head_dim)
         for layer, ref_layer in zip(model.model.layers, ref.model.layers):
-            for proj in ("k_proj", "v_proj"):
-                ours = getattr(layer.self_attn, proj).weight
+            qkv = layer.self_attn.qkv_proj.weight
+            for ours, proj in ((qkv[q_rows:q_rows + head_dim], "k_proj"),
+                               (qkv[q_rows + head_dim:q_rows + 2 * head_dim], "v_proj")):
                 torch.testing.assert_close(ours, getattr(ref_layer.self_attn, proj).weight[rows], rtol=0, atol=0)
 
 

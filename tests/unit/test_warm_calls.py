@@ -41,10 +41,10 @@ class GraphTreeFake:
         self.log.append((key, self._phase(key)))
         return prefill_logits(model, tokens, positions, key_valid, start)
 
-    def decode(self, model, tokens, positions, state):
-        key = ("decode", tokens.shape[0], state.key_valid.shape[1])
+    def decode(self, model, tokens, positions, key_valid, slot):
+        key = ("decode", tokens.shape[0], key_valid.shape[1])
         self.log.append((key, self._phase(key)))
-        return decode_step(model, tokens, positions, state)
+        return decode_step(model, tokens, positions, key_valid, slot)
 
 
 @pytest.fixture(scope="module")
