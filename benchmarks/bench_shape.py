@@ -128,14 +128,13 @@ def main(argv=None) -> int:
             steps = EAGER
             if mode == "on":
                 if ns.inductor_mode:
-                    from vicuna_bench.compile import captured_step
-                    from vicuna_bench.generation import decode_logits
+                    from vicuna_bench.generation import decode_step
 
-                    fn = torch.compile(decode_logits, mode=ns.inductor_mode, fullgraph=True, dynamic=False)
-                    steps = CompiledSteps(None, captured_step(fn), f"torch.compile mode={ns.inductor_mode}")
+                    fn = torch.compile(decode_step, mode=ns.inductor_mode, fullgraph=True, dynamic=False)
+                    steps = CompiledSteps(None, fn, f"torch.compile mode={ns.inductor_mode}")
                 else:
                     full = compiled_steps(device.type, 1, ns.dtype)
-                    steps = CompiledSteps(None, full.decode, full.description + " (decode step only)")
+                    steps = CompiledSteps(None, full.decode_fn, full.description + " (decode step only)")
             row = timed(model, prompts, ns.seq_out, steps, device, ns.repeat)
             cache_bytes = 2 * args.n_layers * batch * max_seq_len * args.n_kv_heads * args.head_dim * dtype.itemsize
             row.update(batch=batch, compile=mode, floor_ms=floor_ms, floor_with_kv_ms=floor_ms + kv_ms,

@@ -174,26 +174,6 @@ def sleepy_model(model, prefill_s: float, decode_s: float, per_rank: float = 0.0
     return model
 
 
-def unfused_model(model):
-    """Model hook: undo the load-time fusion (qkv, gate/up) by splitting the fused weights back, bit for bit."""
-    from torch import nn
-
-    def linear(weight):
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-        layer.weight = nn.Parameter(weight.clone(), requires_grad=False)
-        return layer
-
-    for block in model.model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        q, k, v = attn.qkv_proj.weight.split(
-            [attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim]
-        )
-        attn.q_proj, attn.k_proj, attn.v_proj, attn.qkv_proj = linear(q), linear(k), linear(v), None
-        gate, up = mlp.gate_up_proj.weight.chunk(2)
-        mlp.gate_proj, mlp.up_proj, mlp.gate_up_proj = linear(gate), linear(up), None
-    return model
-
-
 # ---------------------------------------------------------------- the real Vicuna layout
 
 LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "models" / "llama2-tokenizer"

@@ -1,7 +1,9 @@
 """Compiling the decode step per device, and caching what compiling makes.
 
 ``--compile on`` replaces the eager prefill and
-:func:`~vicuna_bench.generation.decode_step` by compiled ones:
+:func:`~vicuna_bench.generation.decode_step` by compiled ones.  Every device
+compiles that same function, which writes no argument (its inputs advance in
+``generation.DecodeState.advance``, outside any graph):
 
 * CPU: inductor with ``max-autotune`` (its C++ micro-GEMMs for the
   matrix-vector products of a decode step), a C++ wrapper (no Python
@@ -10,8 +12,7 @@
   not in fp32, where it costs ~4x the weights in memory for little speed:
   :func:`cpu_inductor_options`);
 * CUDA: ``max-autotune`` (CUDA graphs: one launch per step, and GEMMs
-  autotuned per shape); the step's one input write (``key_valid``) is done
-  outside the graph, which CUDA graphs would otherwise skip;
+  autotuned per shape);
 * NPU: torchair's GE or ACL graph for the decode step, through the API the
   installed torchair version has (:mod:`vicuna_bench.npu_graph`); any
   configuration it refuses leaves the step eager, with one log line.
@@ -150,7 +151,7 @@ class CompiledSteps:
 
     def __init__(self, prefill_fn, decode_fn, description: str, warm_calls: int = 1):
         self._prefill = prefill_fn
-        self._decode = decode_fn
+        self.decode_fn = decode_fn  # generation.decode_step, compiled
         self.description = description
         self.warm_calls = warm_calls
         self.compile_s = 0.0
@@ -161,8 +162,9 @@ class CompiledSteps:
 
         return (self._prefill or prefill_logits)(model, tokens, positions, key_valid, start)
 
-    def decode(self, model, tokens, positions, state):
-        return self._decode(model, tokens, positions, state)
+    def decode(self, model, state):
+        """The compiled :func:`~vicuna_bench.generation.decode_step` on ``state``'s inputs (advances nothing)."""
+        return self.decode_fn(model, *state.step_inputs())
 
     def warm(self, model, batch: int, length: int, sync=lambda: None) -> float:
         """Compile and record for ``batch`` rows and a cache of ``length`` slots now, once per shape; seconds spent.
@@ -174,7 +176,8 @@ class CompiledSteps:
         the prefill, ``length - 1`` for the decode step; every repeat the
         same slots) that no real token reads: the real prefill rewrites its
         slots, and a slot's ``key_valid`` (the request's own tensor, not the
-        scratch one here) stays false until a real token is written there.
+        scratch one here) stays false until :meth:`DecodeState.advance` marks
+        it for the real token written there.
         """
         from .generation import DecodeState
 
@@ -193,14 +196,14 @@ class CompiledSteps:
                 made.append("prefill")
             decode_key = ("decode", batch, length)
             if decode_key not in self._seen:
-                state = DecodeState(
-                    torch.zeros((batch, length), dtype=torch.bool, device=device),
-                    torch.tensor([length - 1], device=device),
-                    torch.zeros((batch, 1), dtype=torch.long, device=device),
-                )
-                tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
-                for _ in range(calls):  # the state is not advanced: every repeat writes the same scratch slot
-                    self._decode(model, tokens, state.positions, state)
+                scratch_valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
+                # advance() marks the scratch slot valid: a row with no valid key attends over nothing (NaN), the
+                # next layers write NaN keys/values, and a later read of that masked slot multiplies NaN by 0.
+                state = DecodeState.after_prefill(scratch_valid, length - 2,
+                                                  torch.zeros((batch, 1), dtype=torch.long, device=device))
+                state.advance(torch.zeros(batch, dtype=torch.long, device=device))
+                for _ in range(calls):  # not advanced again: every repeat writes the same scratch slot
+                    self.decode(model, state)
                 self._seen.add(decode_key)
                 made.append("decode step")
         if not made:
@@ -258,21 +261,6 @@ def under_inductor_options(fn, **options):
     return call
 
 
-def captured_step(graphed):
-    """A decode step around a captured graph of ``generation.decode_logits``.
-
-    The one input a step writes (``key_valid``) is written here, outside the
-    graph: CUDA graphs skip (and say so) a graph that mutates an input.
-    """
-
-    def step(model, tokens, positions, state):
-        state.key_valid.index_fill_(1, state.slot, True)
-        # A replay overwrites its outputs in place: copy the logits out.
-        return graphed(model, tokens, positions, state.key_valid, state.slot).clone()
-
-    return step
-
-
 def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32", npu_graph: str = "auto",
                    chip_family: str | None = None):
     """The prefill and decode step for ``--compile on`` on ``device_type``: CompiledSteps, or eager (logged).
@@ -280,16 +268,16 @@ def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32", npu_g
     NPU: ``npu_graph`` (auto | ge | aclgraph) for ``chip_family`` through
     the API the installed torchair has (:mod:`vicuna_bench.npu_graph`).
     """
-    from .generation import EAGER, decode_logits, decode_step, prefill_logits
+    from .generation import EAGER, decode_step, prefill_logits
 
     _raise_recompile_limits()
     if device_type == "npu":
         from .npu_graph import compile_decode
 
-        graph = compile_decode(decode_logits, npu_graph, chip_family, world_size)
+        graph = compile_decode(decode_step, npu_graph, chip_family, world_size)
         if graph is None:
             return EAGER
-        steps = CompiledSteps(None, captured_step(graph.step), f"{graph.description} (decode step)")
+        steps = CompiledSteps(None, graph.step, f"{graph.description} (decode step)")
         steps.warm_calls = graph.warm_calls  # the calls a new shape needs before the next one replays
         graph.step.on_fallback = lambda why: setattr(steps, "description", f"eager after {graph.description} failed")
         return steps
@@ -297,12 +285,12 @@ def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32", npu_g
     # Collectives (world size > 1) may break the graph; one rank's step must be whole.
     fullgraph = world_size == 1
     if device_type == "cuda":
-        # CUDA graphs capture only a graph that writes no input but the module's buffers (the KV cache).
         # max-autotune = CUDA graphs + GEMMs autotuned per shape: Vicuna-13B fp16 on an H200, batch 1,
         # 7.58 -> 7.12 ms a token (1.25x -> 1.18x the copy-bandwidth floor) for ~50 s of compiling, cached.
-        graphed = torch.compile(decode_logits, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
+        # The graph is recorded because the step writes no input but the module's buffers (the KV cache).
+        graphed = torch.compile(decode_step, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
         prefill = torch.compile(prefill_logits, dynamic=True)
-        steps = CompiledSteps(prefill, captured_step(graphed), "inductor max-autotune, CUDA graphs")
+        steps = CompiledSteps(prefill, graphed, "inductor max-autotune, CUDA graphs")
         # CUDA graph trees (torch/_inductor/cudagraph_trees.py) run a function's first call eagerly as a warm-up
         # and record on its second; only the third replays.
         steps.warm_calls = CUDA_GRAPH_TREE_WARM_CALLS

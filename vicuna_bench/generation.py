@@ -9,7 +9,8 @@ Prompts are left-padded; rotary positions come from the attention mask, so
 a padded row computes exactly what it would alone.  The prefill is an
 ordinary forward; every later token is one :func:`decode_step`, a function
 of fixed-shape tensors (the position, the cache slot and the valid-key mask
-live on the device), so it can be compiled or captured as a graph.  The
+live on the device), so it can be compiled or captured as a graph; its
+inputs advance in one place, :meth:`DecodeState.advance`.  The
 loop reads the device only for the "all rows finished?" check (every
 ``EOS_CHECK_EVERY`` steps on accelerators, never when EOS is ignored) and
 for streaming; step times come from device events read once at the end.
@@ -139,34 +140,64 @@ class StepClock:
 
 @dataclasses.dataclass
 class DecodeState:
-    """What a decode step reads and advances, all on the device: no host ints in the step.
+    """The inputs of the next decode step, on the device; :meth:`advance` is the one place they change.
 
-    ``key_valid`` [B, cache length] marks cache slots holding real tokens;
-    ``slot`` [1] is the slot the next token is written to; ``positions``
-    [B, 1] its rotary position per row.
+    ``tokens`` [B, 1]: the ids the step feeds; ``positions`` [B, 1]: their
+    rotary positions; ``slot`` [1]: the cache slot they are written to;
+    ``key_valid`` [B, cache length] (bool): the cache slots holding real
+    tokens, ``slot`` included.  No host ints, so one compiled step serves
+    every position.
     """
 
-    key_valid: torch.Tensor
-    slot: torch.Tensor
+    tokens: torch.Tensor
     positions: torch.Tensor
+    slot: torch.Tensor
+    key_valid: torch.Tensor
+
+    @classmethod
+    def after_prefill(cls, key_valid: torch.Tensor, last_slot: int, last_positions: torch.Tensor) -> "DecodeState":
+        """The state at the prompt's last token (cache slot ``last_slot``, rotary positions ``last_positions`` [B, 1]).
+
+        :meth:`advance` moves it to the first generated token.
+        """
+        batch = key_valid.shape[0]
+        device = key_valid.device
+        return cls(torch.zeros((batch, 1), dtype=torch.long, device=device), last_positions.clone(),
+                   torch.tensor([last_slot], device=device), key_valid)
+
+    def advance(self, next_ids: torch.Tensor) -> None:
+        """Feed ``next_ids`` [B] at the next slot and position, and mark that slot valid.
+
+        In place: the step's inputs stay the same tensors (a captured graph's
+        inputs keep their addresses).  Here, outside the compiled step, on
+        every device: CUDA graph trees run eagerly a graph that writes an input
+        other than the module's parameters and buffers
+        (``torch/_inductor/cudagraph_utils.py``,
+        ``check_for_mutation_ignore_cuda_graph_managed_tensor``), so the one
+        step that every backend compiles writes none of its arguments.
+        """
+        self.tokens.copy_(next_ids[:, None])
+        self.positions += 1
+        self.slot += 1
+        self.key_valid.index_fill_(1, self.slot, True)
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(tokens, positions, key_valid, slot)``: the tensor arguments of :func:`decode_step`."""
+        return self.tokens, self.positions, self.key_valid, self.slot
 
 
-def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, state: DecodeState) -> torch.Tensor:
-    """Next-token logits [B, vocab] (float32) for ``tokens`` [B, 1]; writes the cache at ``state.slot``.
+def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                slot: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [B, vocab] (float32) for ``tokens`` [B, 1] at rotary ``positions`` [B, 1], cache ``slot`` [1].
 
-    A pure tensor function of fixed shapes (what ``--compile on`` compiles);
-    the caller advances ``state``.
-    """
-    state.key_valid.index_fill_(1, state.slot, True)
-    return decode_logits(model, tokens, positions, state.key_valid, state.slot)
-
-
-def decode_logits(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
-                  slot: torch.Tensor) -> torch.Tensor:
-    """:func:`decode_step` after its ``key_valid`` update: mutates only the model's own cache buffers.
-
-    What a graph capture (CUDA graphs, torchair) takes: a graph may write the
-    module's static buffers, but one that writes an input is not captured.
+    The one decode step, eager or compiled on every device (``--compile
+    on`` hands this very function to inductor on CPU and CUDA and to
+    torchair on NPU).  Writes only the model's KV cache buffers: every
+    layer's key and value rows at ``slot``.  Reads ``key_valid`` [B, cache
+    length] (``slot`` already marked, by :meth:`DecodeState.advance`) and
+    writes none of its arguments.  Fixed shapes and no host reads.  A
+    graph backend may reuse the returned tensor's memory in its next call:
+    copy logits that must outlive it.
     """
     return model.decode(tokens, positions, key_valid, slot)[:, -1].float()
 
@@ -194,6 +225,9 @@ def prefill_logits(model: Transformer, tokens, positions, key_valid, start: int)
 class EagerSteps:
     """How a generation runs its two kinds of forward: prefill and :func:`decode_step`, eagerly.
 
+    ``decode(model, state)`` runs :func:`decode_step` on ``state``'s inputs; it
+    advances nothing (the caller does, through :meth:`DecodeState.advance`).
+
     ``--compile on`` swaps in :class:`vicuna_bench.compile.CompiledSteps`,
     which compiles both and makes its graphs in :meth:`warm`, before the
     timed work starts.
@@ -204,8 +238,8 @@ class EagerSteps:
     def prefill(self, model: Transformer, tokens, positions, key_valid, start: int) -> torch.Tensor:
         return prefill_logits(model, tokens, positions, key_valid, start)
 
-    def decode(self, model: Transformer, tokens, positions, state: DecodeState) -> torch.Tensor:
-        return decode_step(model, tokens, positions, state)
+    def decode(self, model: Transformer, state: DecodeState) -> torch.Tensor:
+        return decode_step(model, *state.step_inputs())
 
     def warm(self, model: Transformer, batch: int, length: int, sync=lambda: None) -> float:
         """Make whatever these steps need for ``batch`` rows and a cache of ``length`` slots; seconds spent."""
@@ -312,20 +346,20 @@ def generate(
     logits = steps.prefill(model, tokens, positions, key_valid, shared)
     next_ids = select_tokens(logits, sampling, generator)
     clock.mark()
-    state = DecodeState(key_valid, torch.tensor([length], device=device), positions[:, -1:].clone())
+    state = DecodeState.after_prefill(key_valid, length - 1, positions[:, -1:])
 
     for step in range(max_new_tokens):
         if step > 0:
-            state.positions += 1
-            logits = steps.decode(model, next_ids[:, None], state.positions, state)
+            state.advance(next_ids)
+            logits = steps.decode(model, state)
             next_ids = select_tokens(logits, sampling, generator)
-            state.slot += 1
             clock.mark()
         live = ~finished
         out[:, step] = torch.where(live, next_ids, out[:, step])
         made += live.long()
         if kept_logits is not None:
-            kept_logits.append(logits if keep is None else logits.index_select(-1, keep))
+            # A copy: a graph backend's next decode step may write over the step's output (decode_step).
+            kept_logits.append(logits.clone() if keep is None else logits.index_select(-1, keep))
         if on_tokens is not None:
             on_tokens([int(t) if alive else -1 for t, alive in zip(next_ids.tolist(), live.tolist())])
         if eos.numel():

@@ -6,8 +6,11 @@ module calls ``tp.all_reduce`` after ``o_proj`` and ``down_proj`` and
 ``tp`` collectives around the vocabulary-parallel embedding and ``lm_head``.
 With ``world_size == 1`` those are no-ops and this is an ordinary model.
 
-Module names mirror Hugging Face's ``LlamaForCausalLM`` so that checkpoint
-tensor names map one to one.
+Module names mirror Hugging Face's ``LlamaForCausalLM``, except two fused
+projections per layer: ``qkv_proj`` (q, k, v rows stacked) and
+``gate_up_proj`` (gate, then up rows), one matrix-vector product each in a
+decode step.  :meth:`Transformer.checkpoint_targets` maps each checkpoint
+tensor name to its rows, which the loader fills in place.
 """
 
 from __future__ import annotations
@@ -223,19 +226,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.reshape(batch, heads, steps, dim)
 
 
-def _stacked_linear(parts: list[torch.Tensor]) -> nn.Linear:
-    """One bias-free linear layer whose weight is ``parts`` stacked by output rows, allocated once."""
-    first = parts[0]
-    with torch.device("meta"):  # no initialisation of a weight about to be replaced
-        layer = nn.Linear(first.shape[1], sum(p.shape[0] for p in parts), bias=False)
-    weight = torch.empty((layer.out_features, layer.in_features), dtype=first.dtype, device=first.device)
-    if not first.is_meta:
-        with torch.no_grad():
-            torch.cat([p.detach() for p in parts], dim=0, out=weight)
-    layer.weight = nn.Parameter(weight, requires_grad=first.requires_grad)
-    return layer
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, plan: ShardPlan, tp: TensorParallel):
         super().__init__()
@@ -244,33 +234,21 @@ class Attention(nn.Module):
         self.n_heads = plan.local_heads
         self.n_kv_heads = plan.local_kv_heads
         hd = args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
+        # This rank's q, k and v rows stacked: one matrix-vector product instead of three.
+        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=False)
-        self.qkv_proj: nn.Linear | None = None  # set by fuse(): one matrix-vector product instead of three
         self.cache: KVCache | None = None
 
-    def fuse(self) -> None:
-        """Replace q/k/v_proj by one ``qkv_proj`` (this rank's slices, stacked by output rows: q, k, v).
-
-        On meta (before loading) this only lays out the fused shape, which the
-        loader then fills row range by row range; on real weights the parts are
-        written into one preallocated matrix (no concatenated temporary).
-        """
-        if self.qkv_proj is not None:
-            return
-        self.qkv_proj = _stacked_linear([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        self.q_proj = self.k_proj = self.v_proj = None
+    def qkv_rows(self) -> list[int]:
+        """Rows of ``qkv_proj.weight`` per part: q, k, v."""
+        hd = self.head_dim
+        return [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd]
 
     def forward(self, x, cos, sin, mask, slots: torch.Tensor, kv_len: int | None):
         """``slots`` [T]: cache slots of these tokens; attend over slots < ``kv_len`` (None: the whole cache)."""
         batch, steps, _ = x.shape
         hd = self.head_dim
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv_proj(x).split(self.qkv_rows(), dim=-1)
         q = q.reshape(batch, steps, self.n_heads, hd).transpose(1, 2)
         k = k.reshape(batch, steps, self.n_kv_heads, hd).transpose(1, 2)
         v = v.reshape(batch, steps, self.n_kv_heads, hd).transpose(1, 2)
@@ -289,24 +267,12 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, plan: ShardPlan, tp: TensorParallel):
         super().__init__()
         self.tp = tp
-        self.gate_proj = nn.Linear(args.hidden_size, plan.local_intermediate, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, plan.local_intermediate, bias=False)
+        # This rank's gate rows, then its up rows.
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * plan.local_intermediate, bias=False)
         self.down_proj = nn.Linear(plan.local_intermediate, args.hidden_size, bias=False)
 
-        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
-
-    def fuse(self) -> None:
-        """Replace gate/up_proj by one ``gate_up_proj`` (this rank's slices, gate rows first); see Attention.fuse."""
-        if self.gate_up_proj is not None:
-            return
-        self.gate_up_proj = _stacked_linear([self.gate_proj.weight, self.up_proj.weight])
-        self.gate_proj = self.up_proj = None
-
     def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
@@ -372,12 +338,6 @@ class Transformer(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def fuse_projections(self) -> None:
-        """Load-time transform: fused ``qkv_proj`` and ``gate_up_proj`` per layer (same logits, fewer kernels)."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-
     def allocate_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
         """Give every parameter of a model built on meta uninitialised storage of ``dtype`` on ``device``.
 
@@ -404,9 +364,7 @@ class Transformer(nn.Module):
             weight = param.detach()
             prefix = name.rsplit(".", 2)[0] + "."
             if name.endswith(".qkv_proj.weight"):
-                attn = self.get_submodule(name.rsplit(".", 2)[0])
-                q, k, v = weight.split([attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim,
-                                        attn.n_kv_heads * attn.head_dim])
+                q, k, v = weight.split(self.get_submodule(name.rsplit(".", 2)[0]).qkv_rows())
                 targets.update({prefix + "q_proj.weight": q, prefix + "k_proj.weight": k, prefix + "v_proj.weight": v})
             elif name.endswith(".gate_up_proj.weight"):
                 gate, up = weight.chunk(2)

@@ -196,7 +196,7 @@ class EagerOnFirstFailure:
 
 @dataclasses.dataclass
 class NpuGraph:
-    """A compiled decode step (the signature of ``generation.decode_logits``) and what made it."""
+    """A compiled decode step (``generation.decode_step``, same signature) and what made it."""
 
     step: EagerOnFirstFailure
     description: str

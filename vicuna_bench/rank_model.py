@@ -53,7 +53,6 @@ def load_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel,
     with torch.device("meta"):
         model = Transformer(args, plan, tp, spec.max_seq_len)
     model.tie_weights()
-    model.fuse_projections()
     model.allocate_parameters(device, dtype)
     # One bar, from rank 0, and only for checkpoints big enough to wait for.
     big = sum(p.numel() for p in model.parameters()) * spec.world_size > 1_000_000_000
@@ -62,10 +61,9 @@ def load_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel,
 
 
 def finish_rank_model(model: Transformer, device: torch.device) -> Transformer:
-    """What a rank model needs once its weights are real: tied head, fused projections (done already where it
-    was loaded), rope tables rebuilt off meta, on ``device``, in eval mode."""
+    """What a rank model needs once its weights are real: tied head, rope tables rebuilt off meta, on ``device``,
+    in eval mode."""
     model.tie_weights()
-    model.fuse_projections()
     model.rotary = type(model.rotary)(model.args, model.max_seq_len)
     return model.to(device).eval()
 

@@ -1,21 +1,20 @@
-"""The static-shape decode step: fused projections, compiled vs eager, no host reads, no per-position shapes.
+"""The one decode step: fused projections against transformers, what it writes, how its inputs advance, compiled
+vs eager, no host reads, no per-position shapes.
 
-References: the unfused model (the checkpoint's own matrices), the eager
-step, and transformers' ``generate`` through the conformance tests.
-Compiled runs use the product's own compile settings (inductor
-``max-autotune`` with freezing on CPU); inductor's cache keeps repeat runs
-short.
+References: transformers' ``LlamaForCausalLM`` on the same weights (its own
+q/k/v and gate/up matrices), cache rows and decode inputs computed by hand
+from the prompt lengths, and the eager step.  Compiled runs use the
+product's own compile settings (inductor ``max-autotune`` on CPU);
+inductor's cache keeps repeat runs short.
 """
 
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
 
 from tests import tiny
-from vicuna_bench.generation import DecodeState, decode_step
+from vicuna_bench.generation import DecodeState, EagerSteps, decode_step, generate
 from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import Engine, build_rank_model
 from vicuna_bench.sharding import TensorParallel
@@ -29,19 +28,18 @@ def _generate(spec, steps: int, hook=None):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_fused_projections_give_the_separate_matrices_logits(tiny_models, world_size):
-    """Each rank fuses its own q/k/v and gate/up slices: the logits are those of the separate matrices.
-
-    To fp32 rounding, not bit for bit: BLAS may block a wider (fused) GEMM's
-    reduction differently from a narrower one (bit-identical on an AMX host,
-    6e-7 and 8e-7 of the logit scale apart at world sizes 2 and 4 on an avx512_bf16 host without AMX).
-    """
-    spec = make_engine_spec(str(tiny_models["gqa"]), world_size, "cpu", "fp32")
-    fused = _generate(spec, 6)
-    unfused = _generate(spec, 6, hook=tiny.unfused_model)
-    assert fused.output_ids == unfused.output_ids
-    for a, b in zip(fused.logits, unfused.logits):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+def test_each_ranks_fused_projections_give_transformers_logits(tiny_models, world_size):
+    """Each rank's qkv_proj / gate_up_proj hold its own slices of q, k, v, gate, up: batched, left-padded, sharded
+    generation gives transformers' greedy tokens and logits (within 1e-4 of their scale) on every row."""
+    path = tiny_models["gqa"]
+    spec = make_engine_spec(str(path), world_size, "cpu", "fp32")
+    ours = _generate(spec, 6)
+    ref = tiny.hf_model(path)
+    for row, prompt in enumerate(PROMPTS):
+        ref_tokens, ref_logits = tiny.hf_greedy(ref, prompt, 6)
+        assert ours.output_ids[row] == ref_tokens, f"row {row}"
+        scale = ref_logits.abs().max().item()
+        assert (ours.logits[row] - ref_logits).abs().max().item() <= 1e-4 * scale, f"row {row}"
 
 
 def _tiny_rank_model(path, max_seq_len: int = 64):
@@ -50,26 +48,75 @@ def _tiny_rank_model(path, max_seq_len: int = 64):
 
 
 def _prefilled(model, prompt: list[int]):
-    """The model after a prefill of ``prompt`` (batch 1), and the decode state that follows it."""
+    """The model after a prefill of ``prompt`` (batch 1), its greedy next token, and the decode state at its end."""
     length = len(prompt)
     slots = model.setup_caches(1, 64)
     key_valid = torch.zeros((1, slots), dtype=torch.bool)
     key_valid[:, :length] = True
     positions = torch.arange(length)[None]
     logits = model(torch.tensor([prompt]), positions, key_valid, start=0)[:, -1]
-    return logits.argmax(-1), DecodeState(key_valid, torch.tensor([length]), positions[:, -1:].clone())
+    return logits.argmax(-1), DecodeState.after_prefill(key_valid, length - 1, positions[:, -1:])
 
 
 def _run_steps(step, model, token, state, n: int) -> list[torch.Tensor]:
     out = []
     with torch.inference_mode():
         for _ in range(n):
-            state.positions += 1
-            logits = step(model, token[:, None], state.positions, state)
+            state.advance(token)
+            logits = step(model, *state.step_inputs())
             token = logits.argmax(-1)
-            state.slot += 1
-            out.append(logits)
+            out.append(logits.clone())
     return out
+
+
+def test_the_step_writes_the_cache_at_its_slot_and_nothing_else(tiny_models):
+    """What decode_step's docstring says it writes: every layer's key and value rows at ``slot``, in every batch
+    row; its arguments, the other cache slots and the weights stay as they were."""
+    model = _tiny_rank_model(tiny_models["gqa"])
+    with torch.inference_mode():
+        token, state = _prefilled(model, [5, 6, 7, 8])
+        state.advance(token)
+        inputs = [t.clone() for t in state.step_inputs()]
+        caches = [(layer.self_attn.cache.k.clone(), layer.self_attn.cache.v.clone()) for layer in model.model.layers]
+        weights = {name: p.clone() for name, p in model.named_parameters()}
+        decode_step(model, *state.step_inputs())
+    for before, after in zip(inputs, state.step_inputs()):
+        assert torch.equal(before, after)
+    for name, p in model.named_parameters():
+        assert torch.equal(weights[name], p), name
+    slot = 4  # the prompt filled slots 0..3
+    for (k0, v0), layer in zip(caches, model.model.layers):
+        for before, after in ((k0, layer.self_attn.cache.k), (v0, layer.self_attn.cache.v)):
+            changed = (before != after).any(dim=-1).any(dim=1)  # [batch, slots]
+            assert changed.nonzero().tolist() == [[0, slot]]
+
+
+def test_generate_advances_the_inputs_once_per_step(tiny_models):
+    """Each decode step is fed the token picked before it, at the next position and cache slot, with that slot (and
+    no later one) marked valid: for two left-padded rows of 7 and 3 tokens, slots 7, 8, ... and positions 7, 8, ...
+    and 3, 4, ...  The state moves only between steps (DecodeState.advance), never inside one."""
+
+    class Recording(EagerSteps):
+        def __init__(self):
+            self.fed = []
+
+        def decode(self, model, state):
+            tokens, positions, key_valid, slot = (t.clone() for t in state.step_inputs())
+            logits = super().decode(model, state)
+            assert all(torch.equal(a, b) for a, b in zip((tokens, positions, key_valid, slot), state.step_inputs()))
+            self.fed.append((tokens[:, 0].tolist(), positions[:, 0].tolist(), slot.tolist(), key_valid.tolist()))
+            return logits
+
+    model = _tiny_rank_model(tiny_models["gqa"])
+    steps = Recording()
+    result = generate(model, PROMPTS, 4, ignore_eos=True, steps=steps)
+    assert len(steps.fed) == 3
+    slots = 256 if model.max_seq_len >= 256 else model.max_seq_len
+    for n, (tokens, positions, slot, key_valid) in enumerate(steps.fed):
+        assert tokens == [result.output_ids[0][n], result.output_ids[1][n]]
+        assert positions == [7 + n, 3 + n] and slot == [7 + n]
+        assert key_valid[0] == [True] * (8 + n) + [False] * (slots - 8 - n)
+        assert key_valid[1] == [False] * 4 + [True] * (4 + n) + [False] * (slots - 8 - n)
 
 
 def test_decode_step_has_no_host_reads_and_one_graph_for_every_position(tiny_models):
@@ -90,32 +137,59 @@ def test_decode_step_has_no_host_reads_and_one_graph_for_every_position(tiny_mod
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
-def test_captured_step_writes_no_input_inside_the_graph(tiny_models):
-    """CUDA graphs / torchair capture decode_logits: it must leave its inputs as they were, and the step around it
-    must equal decode_step (key_valid written outside the graph)."""
+def _mutated_inputs(step, model, state) -> list[torch.Tensor]:
+    """The tensors a compiled ``step`` writes among its graph's inputs, as AOT autograd's functionalization
+    reports them (``fw_metadata.input_info[i].mutates_data``): what inductor's CUDA graph check reads."""
     import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
 
-    from vicuna_bench.compile import captured_step
-    from vicuna_bench.generation import decode_logits
+    found = {}
 
+    def backend(gm, example_inputs):
+        def forward_compiler(graph, inputs):
+            info = torch._guards.TracingContext.try_get().fw_metadata.input_info
+            # AOT's flat inputs: the graph module's own parameters and buffers (torch < 2.5 lifts them),
+            # then dynamo's example inputs (everything, the module's tensors included, where torch inlines it).
+            flat = [*gm.parameters(), *gm.buffers(), *example_inputs]
+            flat = flat[len(flat) - len(info):]
+            found["mutated"] = [t for t, i in zip(flat, info) if i.mutates_data]
+            return graph.forward
+
+        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend, dynamic=False)
+    compiled(model, *state.step_inputs())
+    return found["mutated"]
+
+
+def test_the_compiled_step_mutates_no_graph_input_but_the_cache(tiny_models):
+    """What CUDA graph trees need to record the step (a graph that writes an input other than the module's
+    parameters and buffers runs eagerly): the step's graph writes every layer's k and v cache and nothing else."""
     model = _tiny_rank_model(tiny_models["gqa"])
     with torch.inference_mode():
         token, state = _prefilled(model, [5, 6, 7, 8])
-        inputs = (token[:, None] + 0, state.positions + 1, state.key_valid, state.slot)
-        before = [t.clone() for t in inputs]
-        decode_logits(model, *inputs)
-        for a, b in zip(before, inputs):
-            assert torch.equal(a, b)
-        torch._dynamo.reset()
-        step = captured_step(torch.compile(decode_logits, fullgraph=True, backend="eager", dynamic=False))
+        state.advance(token)
+        mutated = _mutated_inputs(decode_step, model, state)
+    caches = {t.data_ptr() for layer in model.model.layers for t in (layer.self_attn.cache.k, layer.self_attn.cache.v)}
+    assert sorted(t.data_ptr() for t in mutated) == sorted(caches)
+
+
+def test_the_mutation_check_can_fail(tiny_models):
+    """The check above has teeth: a step that marks its own slot valid inside the graph (the old CPU step) is
+    reported writing ``key_valid``."""
+    model = _tiny_rank_model(tiny_models["gqa"])
+
+    def marking_step(model, tokens, positions, key_valid, slot):
+        key_valid.index_fill_(1, slot, True)
+        return decode_step(model, tokens, positions, key_valid, slot)
+
+    with torch.inference_mode():
         token, state = _prefilled(model, [5, 6, 7, 8])
-        eager = _run_steps(decode_step, model, token, state, 5)
-        eager_valid = state.key_valid.clone()
-        token, state = _prefilled(model, [5, 6, 7, 8])
-        graphed = _run_steps(step, model, token, state, 5)
-    assert torch.equal(state.key_valid, eager_valid)
-    for a, b in zip(eager, graphed):
-        assert torch.equal(a, b)
+        state.advance(token)
+        mutated = _mutated_inputs(marking_step, model, state)
+    assert state.key_valid.data_ptr() in {t.data_ptr() for t in mutated}
+    assert len(mutated) == 2 * len(model.model.layers) + 1
 
 
 def test_the_no_host_read_check_can_fail(tiny_models):
@@ -124,10 +198,10 @@ def test_the_no_host_read_check_can_fail(tiny_models):
 
     model = _tiny_rank_model(tiny_models["gqa"])
 
-    def reading_step(model, tokens, positions, state):
-        if bool(state.key_valid.all()):  # a host read
-            return decode_step(model, tokens, positions, state) * 2
-        return decode_step(model, tokens, positions, state)
+    def reading_step(model, tokens, positions, key_valid, slot):
+        if bool(key_valid.all()):  # a host read
+            return decode_step(model, tokens, positions, key_valid, slot) * 2
+        return decode_step(model, tokens, positions, key_valid, slot)
 
     torch._dynamo.reset()
     compiled = torch.compile(reading_step, fullgraph=True, backend="eager", dynamic=False)

@@ -89,17 +89,16 @@ def concat_loader(spec):
         model = Transformer(args, plan, TensorParallel(), spec.max_seq_len)
     dtype = checkpoint.DTYPES[spec.dtype]
     state = {name: t.to(dtype=dtype, copy=True) for name, t in checkpoint.iter_rank_tensors(path, plan)}
-    model.load_state_dict(state, assign=True, strict=False)
-    for layer in model.model.layers:
-        for owner, names, fused_name in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
-                                         (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
-            parts = [getattr(owner, n).weight for n in names]
-            fused = nn.Linear(parts[0].shape[1], sum(p.shape[0] for p in parts), bias=False, dtype=dtype)
+    for n, layer in enumerate(model.model.layers):
+        p = f"model.layers.{n}."
+        for owner, names, fused_name in ((layer.self_attn, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                          "qkv_proj"), (layer.mlp, ("mlp.gate_proj", "mlp.up_proj"), "gate_up_proj")):
+            parts = [state[p + name + ".weight"] for name in names]
+            fused = nn.Linear(parts[0].shape[1], sum(t.shape[0] for t in parts), bias=False, dtype=dtype)
             with torch.no_grad():
                 fused.weight.copy_(torch.cat(parts, dim=0))
             setattr(owner, fused_name, fused)
-            for n in names:
-                setattr(owner, n, None)
+    model.load_state_dict(state, assign=True, strict=False)  # the rest; the parts stay held by ``state``
     return model
 
 out = []

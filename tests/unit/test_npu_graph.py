@@ -392,6 +392,41 @@ def test_compiled_steps_on_npu_never_raise(monkeypatch, compiles, caplog):
     assert len(warnings_of(caplog)) == 1
 
 
+def test_every_device_compiles_the_one_decode_step(monkeypatch):
+    """CPU inductor, CUDA graph trees and torchair's GE and ACL graphs are handed the same function,
+    generation.decode_step, and each engine step calls what that compile returned with the state's inputs."""
+    from vicuna_bench import generation
+
+    handed, called = [], []
+
+    def fake_compile(fn, **kwargs):
+        handed.append(fn)
+
+        def compiled(*args):
+            called.append((fn, args))
+            return torch.zeros(1)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fake_torchair(monkeypatch, SURFACE_26)
+    state = generation.DecodeState.after_prefill(torch.zeros((1, 8), dtype=torch.bool), 2, torch.tensor([[2]]))
+    model = object()
+    warm_calls = {}
+    for device, graph in (("cpu", "auto"), ("cuda", "auto"), ("npu", "ge"), ("npu", "aclgraph")):
+        handed.clear()
+        called.clear()
+        steps = compile_mod.compiled_steps(device, 1, "fp32", graph, "d9")
+        assert [fn for fn in handed if fn is not generation.prefill_logits] == [generation.decode_step], device
+        steps.decode(model, state)
+        [(fn, args)] = called
+        assert fn is generation.decode_step and args[0] is model
+        assert all(a is b for a, b in zip(args[1:], state.step_inputs())) and len(args) == 5
+        warm_calls[device, graph] = steps.warm_calls
+    # CUDA graph trees: an eager warm-up call, then the recording; torchair and CPU inductor: one call.
+    assert warm_calls == {("cpu", "auto"): 1, ("cuda", "auto"): 2, ("npu", "ge"): 1, ("npu", "aclgraph"): 1}
+
+
 def test_decode_falls_back_to_eager_logits_when_torchair_refuses_at_first_call(monkeypatch, tiny_models, caplog):
     """The engine's own decode step on a tiny model: the first compiled call raises, the logits are eager's."""
     from vicuna_bench.generation import DecodeState
@@ -407,10 +442,12 @@ def test_decode_falls_back_to_eager_logits_when_torchair_refuses_at_first_call(m
 
     def one_step(run):
         model.setup_caches(1, 64)
-        state = DecodeState(torch.zeros((1, 64), dtype=torch.bool), torch.tensor([3]), torch.tensor([[3]]))
-        state.key_valid[:, :3] = True
+        key_valid = torch.zeros((1, 64), dtype=torch.bool)
+        key_valid[:, :3] = True
+        state = DecodeState.after_prefill(key_valid, 2, torch.tensor([[2]]))
+        state.advance(torch.tensor([5]))
         with torch.inference_mode():
-            return run(model, torch.tensor([[5]]), state.positions, state)
+            return run(model, state)
 
     expected = one_step(EAGER.decode)
     assert torch.equal(one_step(steps.decode), expected)

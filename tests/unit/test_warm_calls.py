@@ -41,10 +41,10 @@ class GraphTreeFake:
         self.log.append((key, self._phase(key)))
         return prefill_logits(model, tokens, positions, key_valid, start)
 
-    def decode(self, model, tokens, positions, state):
-        key = ("decode", tokens.shape[0], state.key_valid.shape[1])
+    def decode(self, model, tokens, positions, key_valid, slot):
+        key = ("decode", tokens.shape[0], key_valid.shape[1])
         self.log.append((key, self._phase(key)))
-        return decode_step(model, tokens, positions, state)
+        return decode_step(model, tokens, positions, key_valid, slot)
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,21 @@ def test_backends_ask_for_the_calls_they_need():
     """CUDA graph trees: an eager warm-up call and a recording call; CPU inductor (no graphs) compiles on the first."""
     assert compiled_steps("cuda", 1).warm_calls == 2
     assert compiled_steps("cpu", 1).warm_calls == 1
+
+
+def test_kept_logits_survive_a_backend_that_reuses_its_output(rank_model):
+    """CUDA graph trees hand every replay of a graph the same output memory (a replay writes over the previous
+    call's logits): the logits generate returns are still each step's own, equal to eager's bit for bit."""
+    outputs: dict = {}
+
+    def reusing_decode(model, tokens, positions, key_valid, slot):
+        logits = decode_step(model, tokens, positions, key_valid, slot)
+        static = outputs.setdefault((tokens.shape[0], key_valid.shape[1]), torch.empty_like(logits))
+        return static.copy_(logits)
+
+    eager = generate(rank_model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True)
+    reused = generate(rank_model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True,
+                      steps=CompiledSteps(prefill_logits, reusing_decode, "one output buffer per shape"))
+    assert reused.output_ids == eager.output_ids
+    for a, b in zip(reused.logits, eager.logits):
+        assert torch.equal(a, b)
