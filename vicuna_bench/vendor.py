@@ -18,7 +18,6 @@ with a warning.  The guide lists ``model_path`` and ``device`` under
 
 from __future__ import annotations
 
-import ast
 import configparser
 import dataclasses
 import logging
@@ -137,7 +136,7 @@ KEY_ALIASES = {
 }
 PRECISION_MODEL_KEYS = ("model_path", "device_ids")  # [model] keys the guide also lists under [precision]
 
-PERF_MODES = ("normal", "detail")
+PERF_MODES = ("normal", "detail")  # the vendor's order; the same choices as the settings table's perf-mode
 PRECISION_MODES = ("mmlu", "ceval")
 BACKENDS = ("hccl", "nccl", "gloo")
 
@@ -174,12 +173,12 @@ def _int(where: _Where, minimum: int) -> int:
 
 
 def _flag(where: _Where) -> bool:
-    value = strip_quotes(where.raw).lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise where.fail("1 or 0")
+    from .settings import FALSE_WORDS, TRUE_WORDS, parse_bool
+
+    try:
+        return parse_bool(strip_quotes(where.raw), where.key)  # the settings' one bool parser
+    except UserError:
+        raise where.fail(" | ".join(TRUE_WORDS + FALSE_WORDS)) from None
 
 
 def _choice(where: _Where, choices: tuple[str, ...]) -> str:
@@ -201,33 +200,21 @@ def _device_ids(where: _Where) -> tuple[int, ...]:
 
 
 def parse_case_pair(text: str) -> tuple[tuple[int, int], ...]:
-    """A case list literal ``[[256,256],[512,512]]`` -> ((input tokens, output tokens), ...); ValueError if malformed.
+    """A case list literal ``[[256,256],[512,512]]`` -> ((input tokens, output tokens), ...); UserError if malformed.
 
-    Read with ``ast.literal_eval`` (literals only: nothing is executed).
+    The perf test's own parser (:func:`vicuna_bench.perf.parse_case_pair`: literals only, nothing executed).
     """
-    try:
-        value = ast.literal_eval(strip_quotes(text))
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        raise ValueError("not a literal list") from None
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError("not a non-empty list")
-    pairs = []
-    for item in value:
-        if (
-            not isinstance(item, (list, tuple))
-            or len(item) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in item)
-        ):
-            raise ValueError(f"item {item!r} is not a pair of positive integers")
-        pairs.append((int(item[0]), int(item[1])))
-    return tuple(pairs)
+    from .perf import parse_case_pair as parse
+
+    return tuple((c.seq_in, c.seq_out) for c in parse(strip_quotes(text), "case_pair"))
 
 
 def _case_pair(where: _Where) -> tuple[tuple[int, int], ...]:
     try:
         return parse_case_pair(where.raw)
-    except ValueError as exc:
-        raise where.fail(f"{exc}; expected a list of [input_len, output_len] pairs such as [[256,256],[512,512]]") from None
+    except UserError as exc:
+        raise where.fail(f"{str(exc).split(': ', 1)[-1]}; expected a list of [input_len, output_len] pairs such as "
+                         "[[256,256],[512,512]]") from None
 
 
 def _text(where: _Where) -> str:
