@@ -76,8 +76,7 @@ def layered_values(config: SdkConfig, group: str, flags: Mapping[str, object] | 
     ``task``: the task whose model settings apply (``precision`` takes ``[precision]``'s model_path / device).
     """
     offered = settings.select((group,))
-    ini = {name: value for name, value in config.explicit_settings(task).items()
-           if f"{group}.{name}" in settings.BY_KEY}
+    ini = config.setting_values(group, task)  # the vendor's keys onto the table (vendor.SETTING_OF)
     return settings.resolve(offered, ini, settings.from_environment(offered, env), dict(flags or {}))
 
 

@@ -111,17 +111,25 @@ class SdkConfig:
         return lines
 
     def explicit_settings(self, task: str | None = None) -> dict[str, object]:
-        """The values the file (or ``TIMEIT``) set, by option name; defaults left out (for layering over flags).
+        """The values the file (or ``TIMEIT``) set, by the setting's dest (:data:`SETTING_OF`; the vendor's own keys
+        by their name); defaults left out (for layering over flags).
 
         ``task``: whose model settings (``precision`` takes ``[precision]``'s model_path / device_ids).
         """
         out: dict[str, object] = {}
-        for section in (self.model_for(task), self.performance, self.precision):
+        sections = (("model", self.model_for(task)), ("performance", self.performance), ("precision", self.precision))
+        for section_name, section in sections:
             for name in sorted(section.explicit):
                 if section is self.precision and name in PRECISION_MODEL_KEYS:
                     continue  # in model_for's section already, where the task uses them
-                out[name] = getattr(section, name)
+                key = SETTING_OF[section_name].get(name)
+                out[key.split(".", 1)[1] if key else name] = getattr(section, name)
         return out
+
+    def setting_values(self, group: str, task: str | None = None) -> dict[str, object]:
+        """The values the file set for the settings table's ``group``, by dest (what sdk-test layers)."""
+        mapped = {key for keys in SETTING_OF.values() for key in keys.values() if key}
+        return {dest: value for dest, value in self.explicit_settings(task).items() if f"{group}.{dest}" in mapped}
 
 
 def _shown(value: object) -> str:
@@ -136,9 +144,28 @@ KEY_ALIASES = {
 }
 PRECISION_MODEL_KEYS = ("model_path", "device_ids")  # [model] keys the guide also lists under [precision]
 
-PERF_MODES = ("normal", "detail")  # the vendor's order; the same choices as the settings table's perf-mode
 PRECISION_MODES = ("mmlu", "ceval")
 BACKENDS = ("hccl", "nccl", "gloo")
+
+# The vendor's keys onto the settings table (vicuna_bench/settings.py): [section] key -> the setting it sets
+# (group.dest); None: the vendor's own key, with no setting of that meaning (read by sdk-test itself).
+# The guide's spellings (KEY_ALIASES, [ceval]) are read as these keys first; TIMEIT=1 sets perf.perf_mode.
+SETTING_OF = {
+    "model": {"model_path": "model.model_path", "device_ids": None, "parallel_backend": None, "log_dir": None,
+              "bind_cpu": "model.bind_cpu"},
+    "performance": {"model_name": "perf.model_name", "batch_size": "perf.batch_size",
+                    "max_len_exp": "perf.max_len_exp", "min_len_exp": "perf.min_len_exp",
+                    "case_pair": "perf.case_pair", "save_file_name": None, "perf_mode": "perf.perf_mode",
+                    "skip_decode": None},
+    "precision": {"mode": None, "work_dir": None, "batch": "precision.batch", "shot": "precision.shot",
+                  "seq_len_out": "precision.seq_len_out", "model_path": "model.model_path", "device_ids": None},
+}
+
+
+def _table_choices(key: str) -> tuple[str, ...]:
+    from .settings import BY_KEY
+
+    return BY_KEY[key].choices
 
 
 def _valid_keys(section: str) -> list[str]:
@@ -236,7 +263,7 @@ _FIELD_PARSERS = {
         "min_len_exp": lambda w: _int(w, 0),
         "case_pair": _case_pair,
         "save_file_name": _text,
-        "perf_mode": lambda w: _choice(w, PERF_MODES),
+        "perf_mode": lambda w: _choice(w, _table_choices("perf.perf_mode")),
         "skip_decode": _flag,
     },
     "precision": {
@@ -249,6 +276,9 @@ _FIELD_PARSERS = {
         "device_ids": _device_ids,
     },
 }
+
+
+assert {k: set(v) for k, v in _FIELD_PARSERS.items()} == {k: set(v) for k, v in SETTING_OF.items()}
 
 
 # ------------------------------------------------------------------ the reader

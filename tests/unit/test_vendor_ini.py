@@ -133,7 +133,7 @@ def test_timeit_means_detail():
     [
         ("performance", "batch_size=0", "[performance] batch_size='0' is not valid (an integer >= 1)"),
         ("performance", "batch_size=one", "[performance] batch_size='one' is not valid (an integer >= 1)"),
-        ("performance", "perf_mode=fast", "[performance] perf_mode='fast' is not valid (normal | detail)"),
+        ("performance", "perf_mode=fast", "[performance] perf_mode='fast' is not valid (detail | normal)"),
         ("performance", "skip_decode=2", "[performance] skip_decode='2' is not valid (1 | true | yes | on | 0 | false | no | off)"),
         ("precision", "mode=gsm8k", "[precision] mode='gsm8k' is not valid (mmlu | ceval)"),
         ("precision", "seq_len_out=0", "[precision] seq_len_out='0' is not valid (an integer >= 1)"),

@@ -228,10 +228,13 @@ def _same_on_every_rank(engine, keys: list) -> None:
     gather = getattr(engine, "_gather", None)  # SpmdEngine's all_gather_object; in-process engines have one view
     if gather is None:
         return
-    seen = gather(hash(tuple(keys)))
+    import hashlib
+    import json
+
+    seen = gather(hashlib.sha1(json.dumps(keys).encode()).hexdigest())  # hash() of str differs per process
     if len(set(seen)) != 1:
-        raise EngineError(f"torchrun ranks disagree on the questions left to ask in {keys and 'the cache'}: "
-                          "each rank must see the same output dir (a shared filesystem)")
+        raise EngineError("torchrun ranks disagree on the questions left to ask: each rank must see the same "
+                          "output dir (a shared filesystem)")
 
 
 def common_prefix_len(prompts: list[list[int]]) -> int:
