@@ -9,10 +9,12 @@ others still run.  The run reaches the history in one transaction at the
 very end (:func:`vicuna_bench.nightly.report.record_and_report`), so a night
 killed at any point before leaves the history as it was.
 
-Settings, lowest precedence first: the settings table's defaults, the
-``--quick`` presets when the config file asks for them, the config file
-(``--config``, INI ``[nightly]`` section or TOML), the ``--quick`` presets
-when given as a flag, the command-line flags.
+Settings (the settings table's model, perf, precision and nightly groups), lowest
+precedence first: the table's defaults, the ``--quick`` presets when the config
+file asks for them, the config file (``--config``, INI ``[nightly]`` section or
+TOML), the environment, the ``--quick`` presets when given as a flag, the
+command-line flags.  The stages call the drivers (:mod:`vicuna_bench.drivers`)
+and record what they return; no result file is read back.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import subprocess
 import sys
 import time
 import traceback
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable
 
@@ -290,16 +291,6 @@ def hw_command(values: dict[str, Any], junit: Path, tests: Path) -> list[str]:
     return cmd
 
 
-def skip_reasons(junit: Path) -> list[str]:
-    """The distinct skip messages of a JUnit XML file, in order."""
-    reasons: list[str] = []
-    for skipped in ET.parse(junit).getroot().iter("skipped"):
-        text = (skipped.get("message") or skipped.text or "").strip()
-        if text and text not in reasons:
-            reasons.append(text)
-    return reasons
-
-
 def hw_tests_dir() -> Path | None:
     """``tests/hw`` of this checkout, else of the checkout the command was started in (tox installs a copy)."""
     for base in (PROJECT_ROOT, Path.cwd()):
@@ -341,7 +332,7 @@ def run_hw_suite(plan: Plan) -> R.Gate:
     if rc not in (0, 1) or not junit.is_file():
         raise StageFailed(f"pytest exited {rc} (see {HW_LOG})")
     summary = RP.read_junit(junit)
-    gate = RP.junit_gate(summary, skip_reason="; ".join(skip_reasons(junit)), must_run=must_run)
+    gate = RP.junit_gate(summary, skip_reason="; ".join(summary.skip_reasons), must_run=must_run)
     log.info("nightly: hw suite: %d passed, %d failed, %d errors, %d skipped", summary.passed, summary.failures,
              summary.errors, summary.skipped)
     return gate
