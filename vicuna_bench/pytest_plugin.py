@@ -372,7 +372,7 @@ def hw_run(pytestconfig) -> HwRun:
 # ---------------------------------------------------------------- accuracy
 
 @pytest.fixture
-def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
+def release_gate(vicuna_options, engine_factory, pytestconfig):
     """Run a precision test (``mmlu``/``ceval``) on the session's engine: the gate on the full val set, or the
     scores alone for a subset (--accuracy-subjects / --accuracy-limit-per-subject).  Fails when there is no
     data; fails, before any model is loaded, when no threshold can judge the model and scoring
@@ -393,16 +393,19 @@ def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
         root = Path(values["output_dir"] or Path(pytestconfig.invocation_params.dir) / ACCURACY_RESULTS)
         cfg = PrecisionConfig.from_values({**values, "output_dir": root / mode}, mode=mode, work_dir=work,
                                           gate=not subset, progress=False)
+        # The spec for this set's work, as the CLI resolves it for the same settings (--compile auto included).
+        spec = make_engine_spec(**settings.from_pytest(pytestconfig, "model"),
+                                work=drivers.Work(precision=(drivers.precision_work(cfg),)))
         if not subset:
             try:
-                cfg.gate_model = gate_model_key(mode, cfg.scorings, engine_spec.model_path, cfg.gate_model)
+                cfg.gate_model = gate_model_key(mode, cfg.scorings, spec.model_path, cfg.gate_model)
             except UserError as exc:
                 refusal = str(exc)
             else:
                 refusal = None
             if refusal is not None:  # outside the except block: one line, unchained
                 pytest.fail(refusal, pytrace=False)
-        result = drivers.run_precision(cfg, engine_spec, engine=engine_factory(engine_spec), raise_gate=False)
+        result = drivers.run_precision(cfg, spec, engine=engine_factory(spec), raise_gate=False)
         pytestconfig.stash[_ACCURACY].append(result)
         if result.gate_failure is not None:  # the table is reported once, unchained
             pytest.fail(result.gate_failure, pytrace=False)

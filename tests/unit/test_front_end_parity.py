@@ -232,3 +232,68 @@ def test_the_environment_sits_between_the_file_and_the_flags(tmp_path):
     assert settings.resolve(offered, file, env)["max_seq_len"] == 256
     assert settings.resolve(offered, file, env, {"max_seq_len": 128})["max_seq_len"] == 128
     assert settings.resolve(offered)["max_seq_len"] is None  # none given: resolved at the model (2048 capped)
+
+
+# ---------------------------------------------------------------- precision: the same work, the same compile decision
+
+SUBJECTS = "alpha_studies,beta_facts,college_physics"  # every subject of the synthetic set: the same 8 questions
+
+
+@pytest.fixture(scope="module")
+def talking_model(tmp_path_factory):
+    return tiny.make_tiny_llama(tmp_path_factory.mktemp("parity") / "gqa-tok", tiny.GQA, seed=2)
+
+
+def precision_spec(front_end, model, work, tmp_path, opened, monkeypatch):
+    """The spec each front end opens its engine for, for 8 questions x 300 tokens (--compile auto)."""
+    if front_end == "cli":
+        with pytest.raises(Opened):
+            main(["precision", "--mode", "mmlu", "--work-dir", str(work), "--model-path", str(model), "--device",
+                  "cpu", "--device-type", "d9", "--compile", "auto", "--seq-len-out", "300", "--subjects", SUBJECTS,
+                  "--output-dir", str(tmp_path / "out"), "--no-progress"])
+        return opened[-1]
+    if front_end == "sdk-test":
+        ini = tmp_path / "sdk_config.ini"
+        ini.write_text(f"[model]\nmodel_path = {model}\n[precision]\nmode = mmlu\nwork_dir = {work}\nseq_len_out = 300\n")
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(Opened):
+            main(["sdk-test", "1", "d9", "precision", "--config", str(ini), "--device", "cpu", "--compile", "auto",
+                  "--no-progress"])
+        return opened[-1]
+    if front_end == "nightly":
+        from vicuna_bench.nightly import runner
+
+        ns = build_parser().parse_args([
+            "nightly", "--model-path", str(model), "--device", "cpu", "--device-type", "d9", "--compile", "auto",
+            "--stages", "mmlu", "--mmlu-dir", str(work), "--mmlu-subjects", SUBJECTS, "--seq-len-out", "300",
+            "--output-dir", str(tmp_path / "night"), "--history", str(tmp_path / "h.sqlite")])
+        return runner.plan_run(runner.resolve_settings(
+            {k: v for k, v in vars(ns).items() if k not in ("command", "debug")})).spec
+    from _pytest.config.argparsing import Parser
+
+    from vicuna_bench import pytest_plugin
+
+    parser = Parser(_ispytest=True)
+    settings.add_to_pytest(parser)
+    ns = parser.parse_known_args(["--model-path", str(model), "--device", "cpu", "--device-type", "d9", "--compile",
+                                  "auto", "--accuracy-seq-len-out", "300", "--accuracy-subjects", SUBJECTS,
+                                  "--accuracy-output-dir", str(tmp_path / "acc")])
+    run = pytest_plugin.release_gate.__wrapped__({"mmlu_dir": work}, lambda spec, workers=None: drivers.open_engine(
+        spec, workers=workers), FakeConfig(ns, tmp_path))
+    with pytest.raises(Opened):
+        run("mmlu")
+    return opened[-1]
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_the_same_precision_work_compiles_alike_in_every_front_end(front_end, talking_model, tmp_path, opened,
+                                                                     monkeypatch):
+    from tests.unit.precision_fixtures import make_synthetic_mmlu
+
+    monkeypatch.setenv("MAX_SEQ_LENGTH", "2400")  # the prompts' 2000 tokens + 300 answer tokens fit
+    work = make_synthetic_mmlu(tmp_path / "mmlu")
+    spec = precision_spec(front_end, talking_model, work, tmp_path, opened, monkeypatch)
+    # 8 questions x 300 tokens = 2400 decode steps ahead: 84 s saved on CPU repays the compile, so "on" in every
+    # front end (CLI, sdk-test and pytest used to weigh 0 steps, the nightly 8 x 300).
+    assert (spec.compile, spec.max_seq_len, spec.device, spec.device_type, spec.fit_batch) == ("on", 2400, "cpu",
+                                                                                              "d9", 1)
