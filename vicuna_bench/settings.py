@@ -59,7 +59,7 @@ class Setting:
 
     @property
     def pytest_flag(self) -> str:
-        return f"--{self.pytest_name or PYTEST_PREFIX[self.group] + self.name}"
+        return f"--{self.pytest_name or PYTEST_PREFIX.get(self.group, '') + self.name}"
 
     @property
     def pytest_dest(self) -> str:
