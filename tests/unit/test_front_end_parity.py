@@ -11,7 +11,6 @@ on each command line / in each file, and spec/CLI.md's flag names.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import pytest
 

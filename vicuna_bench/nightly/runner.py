@@ -20,7 +20,6 @@ and record what they return; no result file is read back.
 from __future__ import annotations
 
 import argparse
-import configparser
 import dataclasses
 import datetime
 import hashlib
