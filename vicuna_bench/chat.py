@@ -27,6 +27,9 @@ VICUNA_SYSTEM = (
 
 # The files any tokenizer we can load would consist of (generation_config.json is not one).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+# What travels with them when a checkpoint is cut (vicuna_bench.checkpoint): templates, merges, special tokens.
+TOKENIZER_COMPANIONS = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                        "merges.txt", "generation_config.json")
 
 
 class SentencePieceTokenizer:

@@ -42,18 +42,6 @@ log = logging.getLogger("vicuna_bench")
 
 MANIFEST = "manifest.json"
 CUT_FORMAT = "vicuna-bench-cut/1"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CONFIG_DTYPES = {
@@ -434,7 +422,9 @@ def cut_checkpoint(input_dir: Path, output_dir: Path, world_size: int, progress:
     try:
         tok = tmp / "tokenizer"
         tok.mkdir()
-        for fname in TOKENIZER_FILES:
+        from .chat import TOKENIZER_COMPANIONS, TOKENIZER_FILES
+
+        for fname in TOKENIZER_FILES + TOKENIZER_COMPANIONS:
             if (input_dir / fname).is_file():
                 shutil.copy2(input_dir / fname, tok / fname)
         config = json.loads((input_dir / "config.json").read_text())

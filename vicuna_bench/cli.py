@@ -1,20 +1,19 @@
 """The ``vicuna-bench`` command line (contract: shared/spec/CLI.md).
 
-Handlers parse and print; the work lives in the engine, checkpoint, perf
-and precision modules that the pytest layer calls too.
+Handlers parse and print; the work lives in the drivers
+(:mod:`vicuna_bench.drivers`) that sdk-test, the nightly and the pytest
+plugin call too.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from . import settings
+from . import drivers, settings
 from .errors import UserError, VicunaBenchError
 
 log = logging.getLogger("vicuna_bench")
@@ -87,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Model flags given here win over the INI.")
     sdk.add_argument("world_size", nargs="?", type=int, default=DEFAULT_WORLD_SIZE, metavar="WORLD_SIZE",
                      help=f"ranks (default {DEFAULT_WORLD_SIZE})")
-    sdk.add_argument("device_type", nargs="?", default=DEFAULT_DEVICE_TYPE, choices=("d9", "d3"),
+    sdk.add_argument("device_type", nargs="?", default=DEFAULT_DEVICE_TYPE, choices=settings.DEVICE_TYPES,
                      metavar="DEVICE_TYPE", help=f"NPU chip family d9 | d3 (default {DEFAULT_DEVICE_TYPE})")
     sdk.add_argument("task", nargs="?", default=DEFAULT_TASK, choices=TASKS, metavar="TASK",
                      help=f"{' | '.join(TASKS)} (default {DEFAULT_TASK})")
@@ -124,15 +123,9 @@ def _main(argv: list[str] | None) -> int:
 
 # ------------------------------------------------------------------ helpers
 
-def resolve_engine_spec(ns: argparse.Namespace, decode_steps: int = 0):
-    """EngineSpec from the common model options (embedded model when no path).
-
-    ``decode_steps``: the decode steps the command expects to run, which
-    ``--compile auto`` weighs against the compile time.
-    """
-    from .runtime import resolve_engine_spec as resolve
-
-    return resolve(**settings.from_namespace(ns, "model"), decode_steps=decode_steps)
+def model_settings(ns: argparse.Namespace) -> dict:
+    """The model options of a command (the settings table's model group, by dest)."""
+    return settings.from_namespace(ns, "model")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -166,10 +159,10 @@ def _sampling(ns):
 def cmd_run(ns: argparse.Namespace) -> int:
     from . import checkpoint
     from .chat import encode_prompt, load_tokenizer
-    from .runtime import Engine, SpmdEngine, launched_by_torchrun
 
-    spec = resolve_engine_spec(ns, decode_steps=ns.max_new_tokens)
     sampling = _sampling(ns)
+    rows = max(len(ns.prompt) + len(ns.prompt_ids), 1)
+    spec = drivers.resolve_spec(model_settings(ns), drivers.Work(generate=(rows, ns.max_new_tokens)))
     tokenizer_dir = checkpoint.tokenizer_dir(Path(spec.model_path))
     tokenizer = load_tokenizer(tokenizer_dir, required=False)
     if tokenizer is None:
@@ -182,8 +175,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if not prompts:
         prompts = [encode_prompt(tokenizer, DEFAULT_PROMPT, chat=not ns.no_chat)]
     stream = _TextStream(tokenizer) if (tokenizer and not ns.json and len(prompts) == 1) else None
-    spec = dataclasses.replace(spec, fit_batch=len(prompts))  # the fit check's KV cache: one row a prompt
-    with SpmdEngine(spec) if launched_by_torchrun() else Engine(spec) as engine:
+    with drivers.open_engine(spec) as engine:
         result = engine.generate(prompts, ns.max_new_tokens, on_tokens=stream, ignore_eos=ns.ignore_eos,
                                  sampling=sampling)
     if engine.rank != 0:
@@ -238,35 +230,36 @@ class _TextStream:
 
 def cmd_perf(ns: argparse.Namespace) -> int:
     from . import perf
-    from .runtime import Engine, SpmdEngine, launched_by_torchrun
 
-    spmd = launched_by_torchrun()
-    is_main = not spmd or os.environ.get("RANK", "0") == "0"
+    is_main = drivers.is_writer()
     session = perf.PerfSession.from_values(settings.from_namespace(ns, "perf"), Path(ns.output_dir or "."),
                                            write=is_main)
-    spec = resolve_engine_spec(ns, decode_steps=session.settings.decode_steps)
+    spec = drivers.resolve_spec(model_settings(ns), drivers.Work(perf=session.settings))
     session.check_model(spec)
-    spec = dataclasses.replace(spec, fit_batch=session.settings.batch_size)
-    with SpmdEngine(spec) if spmd else Engine(spec) as engine:
-        session.run_all(engine, progress=is_main and not ns.no_progress)
+    with drivers.open_engine(spec) as engine:
+        run = drivers.run_perf(engine, session, progress=not ns.no_progress)
     if not is_main:
         return 0
-    log.info("perf results:\n%s", perf.summary_table(session.run))
-    log.info("perf: wrote %s", ", ".join(str(p) for p in session.paths.values()))
+    log.info("perf results:\n%s", perf.summary_table(run))
+    log.info("perf: wrote %s", ", ".join(str(p) for p in run.paths.values()))
     session.gate()
     return 0
 
 
 def cmd_precision(ns: argparse.Namespace) -> int:
-    from .precision import PrecisionConfig, load_dataset, run_precision
+    from .precision import PrecisionConfig
     from .precision.data import resolve_mode
 
     mode = resolve_mode(ns.mode, ns.work_dir)
     cfg = PrecisionConfig.from_values(settings.from_namespace(ns, "precision"), mode=mode, work_dir=ns.work_dir,
                                       gate=ns.gate, progress=not ns.no_progress)
     cfg.check()
-    load_dataset(cfg.mode, cfg.work_dir)  # bad data is reported before the model is touched
-    run_precision(cfg, resolve_engine_spec(ns))  # --gate: refused before any question when nothing can judge it
+    work = drivers.Work(precision=(drivers.precision_work(cfg),))  # bad data is reported before the model loads
+    spec = drivers.resolve_spec(model_settings(ns), work)
+    # --gate: refused before any question when nothing can judge it; under torchrun every rank asks, rank 0 writes.
+    result = drivers.run_precision(cfg, spec)
+    if result.summary is None:
+        return 0
     log.info("precision: wrote %s", cfg.out_dir / "summary.json")
     return 0
 

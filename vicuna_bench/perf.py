@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .errors import GateFailed, UserError
-from .settings import flag
+from .settings import BY_KEY, flag
 from .files import write_atomic
 
 log = logging.getLogger("vicuna_bench")
@@ -47,7 +47,7 @@ REFERENCE_HEADER = (
     "forward_first_token_time(ms),forward_next_token_time(ms),pre_next_token_time(ms),"
     "post_next_token_time_post(ms)"
 )
-MODES = ("detail", "normal")
+MODES = BY_KEY["perf.perf_mode"].choices  # declared once, in the settings table
 DEFAULT_MIN_LEN_EXP = 5
 DEFAULT_MAX_LEN_EXP = 10  # the vendor guide's value (its code says 11, which overflows MAX_SEQ_LENGTH=2048)
 MAX_LEN_EXP_LIMIT = 24  # 16M tokens: beyond any context we can hold
@@ -118,10 +118,12 @@ def select_cases(case_pair: str | None, min_exp: int | None, max_exp: int | None
     """The run's cases: ``case_pair`` when given (the exponents are then
     ignored, as the reference does); else ``default_case_pair`` when neither
     exponent is given; else the sweep (missing exponents take the defaults)."""
-    if case_pair is not None and case_pair.strip():
+    if case_pair is not None and (not isinstance(case_pair, str) or case_pair.strip()):
         if min_exp is not None or max_exp is not None:
             log.info("%s given: %s/%s are ignored (as the reference does)", flag("perf.case_pair"),
                      flag("perf.min_len_exp"), flag("perf.max_len_exp"))
+        if not isinstance(case_pair, str):  # already parsed (the vendor INI's pairs)
+            return [Case(int(i), int(o)) for i, o in case_pair]
         return parse_case_pair(case_pair)
     if min_exp is None and max_exp is None and default_case_pair is not None:
         return parse_case_pair(default_case_pair, "default case pair")
@@ -144,11 +146,11 @@ def warmup_case(cases: Sequence[Case], max_seq_len: int) -> Case:
 @dataclasses.dataclass
 class PerfSettings:
     cases: list[Case]
-    batch_size: int = 1
-    mode: str = "detail"
-    repeat: int = 1
+    batch_size: int = BY_KEY["perf.batch_size"].default
+    mode: str = BY_KEY["perf.perf_mode"].default
+    repeat: int = BY_KEY["perf.repeat"].default
     model_name: str | None = None  # None: the model directory's (resolved by PerfSession.check_model)
-    seed: int = 0
+    seed: int = BY_KEY["perf.seed"].default
     mem_bandwidth_gbps: float | None = None  # None: probe it
 
     @property
@@ -228,6 +230,7 @@ class PerfRun:
     warmup_compile_ms: float = 0.0  # compiling during the warm-up (--compile on)
     compile: str = "off"  # the engine's --compile, resolved (on | off)
     chip_family: str | None = None  # NPU chip family (d9 | d3); None off NPU or for a chip of neither
+    paths: dict[str, Path] = dataclasses.field(default_factory=dict)  # the files written (rank 0), by name
 
     @property
     def stem(self) -> str:
@@ -586,10 +589,20 @@ def write_tables(run: PerfRun, output_dir: Path) -> dict[str, Path]:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=EXTENDED_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for r in run.results:
-        writer.writerow({k: _fmt(v) for k, v in extended_row(run, r).items()})
+    writer.writerows(extended_rows(run))
     write_atomic(paths["extended_csv"], buf.getvalue())
-    doc = {
+    write_atomic(paths["samples_json"], json.dumps(samples_doc(run), indent=1) + "\n")
+    return paths
+
+
+def extended_rows(run: PerfRun) -> list[dict[str, str]]:
+    """The extended CSV's rows, cells as written: what the nightly records, without reading the file back."""
+    return [{k: _fmt(v) for k, v in extended_row(run, r).items()} for r in run.results]
+
+
+def samples_doc(run: PerfRun) -> dict:
+    """The samples JSON's content: the run's context and every raw sample (ms) of every case."""
+    return {
         "model_name": run.model_name, "model_path": run.model_path, "device": run.device,
         "device_name": run.device_name, "chip_family": run.chip_family, "dtype": run.dtype,
         "world_size": run.world_size, "batch_size": run.settings.batch_size, "perf_mode": run.settings.mode, "repeat": run.settings.repeat,
@@ -607,8 +620,6 @@ def write_tables(run: PerfRun, output_dir: Path) -> dict[str, Path]:
             for r in run.results
         ],
     }
-    write_atomic(paths["samples_json"], json.dumps(doc, indent=1) + "\n")
-    return paths
 
 
 def write_plot(run: PerfRun, path: Path) -> Path:

@@ -100,27 +100,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 def shared_dataset_dir(starts: list[Path], name: str) -> Path | None:
-    """``shared/datasets/<name>`` beside a checkout: ``<parent>/shared/datasets/<name>`` for the parent of each start.
+    """``shared/datasets/<name>`` beside a checkout (:func:`vicuna_bench.drivers.shared_dataset_dir`).
 
-    Each start is pytest's rootdir or the invocation dir; only its own parent is tried (walking further up
-    would find unrelated folders such as /tmp/shared).  The rootdir alone is not enough: pytest picks it
-    before plugins register their options, so in ``pytest -m accuracy --accuracy-output-dir /tmp/x`` the
-    option's value counts as a path argument and the rootdir becomes /tmp/x.
+    The starts are pytest's rootdir and the invocation dir: the rootdir alone is not enough, since pytest
+    picks it before plugins register their options, so in ``pytest -m accuracy --accuracy-output-dir /tmp/x``
+    the option's value counts as a path argument and the rootdir becomes /tmp/x.
     """
-    for start in starts:
-        checkout = _checkout_of(start)
-        candidate = checkout.parent / "shared" / "datasets" / name
-        if (candidate / "data").is_dir():
-            return candidate
-    return None
+    from .drivers import shared_dataset_dir as find
 
-
-def _checkout_of(folder: Path) -> Path:
-    """The nearest folder at or above ``folder`` holding pyproject.toml or .git (else ``folder``)."""
-    for candidate in (folder, *folder.parents):
-        if (candidate / "pyproject.toml").is_file() or (candidate / ".git").exists():
-            return candidate
-    return folder
+    return find(starts, name)
 
 
 @pytest.fixture(scope="session")
@@ -128,20 +116,23 @@ def vicuna_options(pytestconfig) -> dict:
     """Every setting by its pytest dest (``world_size``, ``perf_repeat``, ``accuracy_batch``...), data dirs resolved."""
     opt = pytestconfig.getoption
     starts = [Path(str(pytestconfig.rootpath)).resolve(), Path(pytestconfig.invocation_params.dir).resolve()]
-    options = {s.pytest_dest: opt(s.pytest_dest) for s in settings.SETTINGS}
+    options = {s.pytest_dest: opt(s.pytest_dest) for s in settings.SETTINGS if s.group in settings.PYTEST_PREFIX}
     options["mmlu_dir"] = opt("--mmlu-dir") or shared_dataset_dir(starts, "mmlu")
     options["ceval_dir"] = opt("--ceval-dir") or shared_dataset_dir(starts, "ceval")
     return options
 
 
 def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None,
-                     device_type="auto", compile="off", decode_steps=0, bind_cpu=True, npu_graph="auto"):
-    """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype, CPU binding on), validated."""
-    from .runtime import resolve_engine_spec
+                     device_type="auto", compile="off", bind_cpu=True, npu_graph="auto", work=None):
+    """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype, CPU binding on), validated.
 
-    return resolve_engine_spec(model_path, world_size, device, dtype, max_seq_len, progress=False,
-                               device_type=device_type, compile=compile, decode_steps=decode_steps,
-                               bind_cpu=bind_cpu, npu_graph=npu_graph)
+    ``work``: a :class:`vicuna_bench.drivers.Work`, what ``--compile auto`` weighs (none: auto is off).
+    """
+    from . import drivers
+
+    model = dict(model_path=model_path, world_size=world_size, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                 device_type=device_type, compile=compile, bind_cpu=bind_cpu, npu_graph=npu_graph)
+    return drivers.resolve_spec(model, work or drivers.Work(), progress=False)
 
 
 class EngineFactory:
@@ -151,12 +142,12 @@ class EngineFactory:
         self._engines: dict = {}
 
     def __call__(self, spec, workers: bool | None = None):
-        from .runtime import Engine
+        from .drivers import open_engine
 
         key = (spec, workers)
         engine = self._engines.get(key)
         if engine is None or engine.closed:
-            engine = Engine(spec, workers=workers)
+            engine = open_engine(spec, workers=workers)
             self._engines[key] = engine
         return engine
 
@@ -246,7 +237,9 @@ def perf_session(request, pytestconfig, engine_factory):
         model["model_path"] = request.getfixturevalue("perf_default_model")
         if model["max_seq_len"] is None:  # the tiny model's context holds just the cases
             model["max_seq_len"] = max(c.seq_in + c.seq_out for c in session.settings.cases)
-    spec = make_engine_spec(**model, decode_steps=session.settings.decode_steps)
+    from .drivers import Work
+
+    spec = make_engine_spec(**model, work=Work(perf=session.settings))
     session.check_model(spec)
     session.start(engine_factory(spec))
     return session
@@ -379,16 +372,17 @@ def hw_run(pytestconfig) -> HwRun:
 # ---------------------------------------------------------------- accuracy
 
 @pytest.fixture
-def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
+def release_gate(vicuna_options, engine_factory, pytestconfig):
     """Run a precision test (``mmlu``/``ceval``) on the session's engine: the gate on the full val set, or the
     scores alone for a subset (--accuracy-subjects / --accuracy-limit-per-subject).  Fails when there is no
     data; fails, before any model is loaded, when no threshold can judge the model and scoring
     (a gate that cannot judge is no pass); fails with the table when the gate fails."""
 
     def run(mode: str) -> dict:
-        from .errors import GateFailed, UserError
+        from . import drivers
+        from .errors import UserError
         from .precision.gates import gate_model_key
-        from .precision.runner import PrecisionConfig, run_precision
+        from .precision.runner import PrecisionConfig
 
         work = vicuna_options[f"{mode}_dir"]
         if work is None:
@@ -399,38 +393,25 @@ def release_gate(vicuna_options, engine_spec, engine_factory, pytestconfig):
         root = Path(values["output_dir"] or Path(pytestconfig.invocation_params.dir) / ACCURACY_RESULTS)
         cfg = PrecisionConfig.from_values({**values, "output_dir": root / mode}, mode=mode, work_dir=work,
                                           gate=not subset, progress=False)
+        # The spec for this set's work, as the CLI resolves it for the same settings (--compile auto included).
+        spec = make_engine_spec(**settings.from_pytest(pytestconfig, "model"),
+                                work=drivers.Work(precision=(drivers.precision_work(cfg),)))
         if not subset:
             try:
-                cfg.gate_model = gate_model_key(mode, cfg.scorings, engine_spec.model_path, cfg.gate_model)
+                cfg.gate_model = gate_model_key(mode, cfg.scorings, spec.model_path, cfg.gate_model)
             except UserError as exc:
                 refusal = str(exc)
             else:
                 refusal = None
             if refusal is not None:  # outside the except block: one line, unchained
                 pytest.fail(refusal, pytrace=False)
-        failure = None
-        try:
-            summary = run_precision(cfg, engine_spec, engine=engine_factory(engine_spec))
-        except GateFailed as exc:
-            failure = str(exc)
-            summary = _read_summary(cfg.out_dir)
-        pytestconfig.stash[_ACCURACY].append((cfg.out_dir, summary))
-        if failure is not None:  # outside the except block, so the table is reported once, unchained
-            pytest.fail(failure, pytrace=False)
-        return summary
+        result = drivers.run_precision(cfg, spec, engine=engine_factory(spec), raise_gate=False)
+        pytestconfig.stash[_ACCURACY].append(result)
+        if result.gate_failure is not None:  # the table is reported once, unchained
+            pytest.fail(result.gate_failure, pytrace=False)
+        return result.summary
 
     return run
-
-
-def _read_summary(out_dir: Path) -> dict | None:
-    import json
-
-    from .precision import results
-
-    try:
-        return json.loads((out_dir / results.SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------- terminal summary
@@ -453,24 +434,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         from .precision import results
 
         terminalreporter.write_sep("=", "vicuna-bench accuracy")
-        for out_dir, summary in runs:
-            if summary is not None:
-                terminalreporter.write_line(results.category_table(summary))
-                for line in gate_lines(summary["gate"]):
+        for run in runs:
+            if run.summary is not None:
+                terminalreporter.write_line(results.category_table(run.summary))
+                for line in run.gate_lines:
                     terminalreporter.write_line(line)
+            out_dir = run.out_dir
             files = sorted(p.name for p in out_dir.iterdir() if p.is_file()) if out_dir.is_dir() else []
             terminalreporter.write_line(f"results in {out_dir}: {', '.join(files)}")
-
-
-def gate_lines(gate: dict) -> list[str]:
-    """The gate's verdicts, one line per scoring."""
-    if not gate.get("requested"):
-        return ["gate: not judged (a subset run; the gate needs the full val set)"]
-    lines = []
-    for v in gate.get("verdicts") or []:
-        if "score" in v:
-            lines.append(f"gate {v['scoring']}: {v['status']} ({v['score']:.2f}% vs threshold {v['threshold']} "
-                         f"- tolerance {v['tolerance']})")
-        else:
-            lines.append(f"gate: {v['status']} ({v.get('reason', '')})")
-    return lines or [f"gate: {gate['status']}"]

@@ -3,13 +3,14 @@
 ``sdk-test [WORLD_SIZE=8] [DEVICE_TYPE=d9] [TASK=run]`` reads the INI
 (:mod:`vicuna_bench.vendor`), lays its values over the settings table
 (:mod:`vicuna_bench.settings`) under the same names the flags fill, and calls
-the drivers the dedicated commands call: :class:`~vicuna_bench.perf.PerfSession`
-for ``performance``, :func:`~vicuna_bench.precision.run_precision` for
-``precision``.  So an INI value and the equivalent flag behave identically,
-and ``sdk-test`` writes the files ``vicuna-bench perf`` / ``precision`` write
-with the same settings.
+the drivers the dedicated commands call (:mod:`vicuna_bench.drivers`).  So
+an INI value and the equivalent flag behave identically, and ``sdk-test``
+writes the files ``vicuna-bench perf`` / ``precision`` write with the same
+settings; ``precision`` under torchrun works as ``vicuna-bench precision``
+does there (every rank asks, rank 0 writes).
 
-Precedence, lowest first: the settings table's defaults, the INI's keys, the
+Precedence, lowest first (:func:`vicuna_bench.settings.resolve`): the settings
+table's defaults, the INI's keys, the environment (``$MAX_SEQ_LENGTH``), the
 model flags given on the command line (``--device``, ``--dtype``, ...).
 Everything that can be refused is refused in :func:`prepare`, before a file
 is written or a rank starts.
@@ -69,21 +70,14 @@ class SdkTest:
 
 
 def layered_values(config: SdkConfig, group: str, flags: Mapping[str, object] | None = None,
-                   task: str | None = None) -> dict[str, object]:
-    """A settings group's values: table defaults, then the INI's keys of the same name, then ``flags``.
+                   task: str | None = None, env: Mapping[str, str] | None = None) -> dict[str, object]:
+    """A settings group's values: table defaults < the INI's keys of the same name < the environment < ``flags``.
 
     ``task``: the task whose model settings apply (``precision`` takes ``[precision]``'s model_path / device).
     """
-    values = settings.defaults(group)
-    for name, value in config.explicit_settings(task).items():
-        if f"{group}.{name}" in settings.BY_KEY:
-            values[name] = value
-    for name, value in (flags or {}).items():
-        if name in values:
-            values[name] = value
-    if group == "perf" and isinstance(values.get("case_pair"), tuple):
-        values["case_pair"] = json.dumps([list(pair) for pair in values["case_pair"]])  # the flag's text form
-    return settings.values(group, lambda s: values[s.dest])
+    offered = settings.select((group,))
+    ini = config.setting_values(group, task)  # the vendor's keys onto the table (vendor.SETTING_OF)
+    return settings.resolve(offered, ini, settings.from_environment(offered, env), dict(flags or {}))
 
 
 def _device_ids(config: SdkConfig, world_size: int, task: str) -> tuple[int, ...] | None:
@@ -128,7 +122,8 @@ def prepare(
     over the INI); ``env`` (default ``os.environ``) supplies ``TIMEIT`` and,
     under torchrun, ``WORLD_SIZE`` / ``RANK``.
     """
-    from .runtime import launched_by_torchrun, resolve_engine_spec
+    from . import drivers
+    from .runtime import launched_by_torchrun
 
     env = os.environ if env is None else env
     if task not in TASKS:
@@ -145,23 +140,19 @@ def prepare(
             log.warning("%s", line)
     device_ids = _device_ids(config, world_size, task)
     log_dir = _log_dir(config)
-    model = layered_values(config, "model", flags, task)
+    model = layered_values(config, "model", flags, task, env)
     model.update(world_size=world_size, device_type=device_type)
 
     test = SdkTest(task, config, None, log_dir, spmd, is_main, progress=progress and is_main)
-    decode_steps = 0
     if task == "performance":
         from .perf import PerfSession
 
-        test.perf = PerfSession.from_values(layered_values(config, "perf"), Path("."), write=is_main)
-        decode_steps = test.perf.settings.decode_steps
+        test.perf = PerfSession.from_values(layered_values(config, "perf", env=env), Path("."), write=is_main)
+        work = drivers.Work(perf=test.perf.settings)
     elif task == "precision":
-        from .precision import PrecisionConfig, load_dataset
+        from .precision import PrecisionConfig
         from .precision.data import resolve_mode
 
-        if spmd:
-            raise UserError("sdk-test precision under torchrun is not supported: run it without torchrun "
-                            "(the engine starts WORLD_SIZE ranks itself)")
         section = config.precision
         if section.work_dir is None:
             raise UserError(f"{config.path}: [precision] work_dir is not set (valid: a directory holding data/dev "
@@ -169,15 +160,15 @@ def prepare(
         # No mode in the file (the guide's C-Eval steps set only work_dir): the data says which it is.
         source = f"{config.path}: [precision] mode"
         mode = resolve_mode(section.mode, section.work_dir, source)
-        test.precision = PrecisionConfig.from_values(layered_values(config, "precision"), mode=mode,
+        test.precision = PrecisionConfig.from_values(layered_values(config, "precision", env=env), mode=mode,
                                                      work_dir=section.work_dir, progress=test.progress)
         test.precision.check()
-        load_dataset(mode, section.work_dir, source)  # bad data is reported before the model is touched
+        # The data read and checked (bad data is reported before the model is touched) and counted.
+        work = drivers.Work(precision=(drivers.precision_work(test.precision, source),))
     else:
-        decode_steps = RUN_MAX_NEW_TOKENS * len(SAMPLE_PROMPTS)
+        work = drivers.Work(generate=(len(SAMPLE_PROMPTS), RUN_MAX_NEW_TOKENS))
 
-    test.spec = resolve_engine_spec(**model, decode_steps=decode_steps, device_ids=device_ids, log_dir=log_dir,
-                                    progress=progress)
+    test.spec = drivers.resolve_spec(model, work, device_ids=device_ids, log_dir=log_dir, progress=progress)
     if config.model.parallel_backend and "parallel_backend" in config.model.explicit:
         from .devices import BACKENDS
 
@@ -198,7 +189,7 @@ def prepare(
 
 def run(test: SdkTest) -> dict[str, Path]:
     """Run a prepared ``sdk-test``; returns the files written by name (rank 0's; empty on other ranks)."""
-    from .runtime import Engine, SpmdEngine
+    from . import drivers
 
     if test.log_dir is not None:
         test.log_dir.mkdir(parents=True, exist_ok=True)
@@ -207,23 +198,18 @@ def run(test: SdkTest) -> dict[str, Path]:
              spec.world_size, spec.device, "device ids " + ",".join(map(str, spec.device_ids))
              if spec.device_ids else "devices 0..N-1", spec.dtype, spec.device_type)
     if test.task == "precision":
-        from .precision import run_precision
-
-        run_precision(test.precision, spec)
-        out = test.precision.out_dir
-        from .precision import results as R
-
-        return {name: out / name for name in (R.SUMMARY, R.DEVICE_LOG, "cache.csv")}
-    with SpmdEngine(spec) if test.spmd else Engine(spec) as engine:
+        result = drivers.run_precision(test.precision, spec)
+        return result.files if result.summary is not None else {}
+    with drivers.open_engine(spec) as engine:
         if test.task == "performance":
             from . import perf
 
-            test.perf.run_all(engine, progress=test.progress)
+            run = drivers.run_perf(engine, test.perf, progress=test.progress)
             if not test.is_main:
                 return {}
-            log.info("perf results:\n%s", perf.summary_table(test.perf.run))
+            log.info("perf results:\n%s", perf.summary_table(run))
             test.perf.gate()
-            return dict(test.perf.paths)
+            return dict(run.paths)
         result = engine.generate(test.prompts, RUN_MAX_NEW_TOKENS)
     if not test.is_main:
         return {}

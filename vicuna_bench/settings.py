@@ -1,11 +1,19 @@
-"""The settings table: every model, perf and precision option, once.
+"""The settings table: every model, perf, precision and nightly option, once.
 
-Both front ends are built from :data:`SETTINGS`: the argparse CLI
-(``--repeat``) and the pytest plugin (``--perf-repeat``: the group's prefix,
-unless a setting names its own pytest spelling).  Same names, same defaults,
-same help.  Library code names an option with :func:`flag`, which spells it
-the way the front end in use does, so a pytest user is never told about a
-CLI flag.  A new setting is one line here.
+Every front end is built from :data:`SETTINGS`: the argparse CLI
+(``--repeat``), ``sdk-test``'s INI (vendor key aliases, vicuna_bench/vendor.py),
+the nightly's flags and config file, and the pytest plugin (``--perf-repeat``:
+the group's prefix, unless a setting names its own pytest spelling).  Same
+names, same defaults, same choices, same help.  Library code names an option
+with :func:`flag`, which spells it the way the front end in use does, so a
+pytest user is never told about a CLI flag.  A new setting is one line here.
+
+Sources, lowest precedence first (:func:`resolve`): the table's default, a
+config file (INI or TOML; :func:`read_config_file`), the environment (the
+settings that name a variable, e.g. ``$MAX_SEQ_LENGTH``), the command-line
+flags.  A bool is ``--x`` / ``--no-x`` on a command line and
+``0/1/true/false/yes/no/on/off`` (any case) or a TOML boolean in a file:
+one parser, :func:`parse_bool`.
 """
 
 from __future__ import annotations
@@ -16,13 +24,17 @@ import contextvars
 import dataclasses
 from typing import Any, Callable, Iterator
 
-# How each group's settings are spelt in pytest (the CLI uses the bare name).
+# How each group's settings are spelt in pytest (the CLI uses the bare name); the nightly group is CLI-only.
 PYTEST_PREFIX = {"model": "", "perf": "perf-", "precision": "accuracy-"}
+NIGHTLY_STAGES = ("hw", "perf", "mmlu", "ceval")
+DEVICE_TYPES = ("d9", "d3")  # NPU chip families
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    group: str  # model | perf | precision
+    group: str  # model | perf | precision | nightly
     name: str  # the CLI flag without "--"
     type: Callable | None
     default: Any
@@ -30,6 +42,7 @@ class Setting:
     env: str | None = None  # the environment variable a None default falls back to
     choices: tuple[str, ...] | None = None
     pytest_name: str | None = None  # when the prefixed name would read badly
+    in_file: bool = True  # may a config file set it
 
     @property
     def key(self) -> str:
@@ -46,7 +59,7 @@ class Setting:
 
     @property
     def pytest_flag(self) -> str:
-        return f"--{self.pytest_name or PYTEST_PREFIX[self.group] + self.name}"
+        return f"--{self.pytest_name or PYTEST_PREFIX.get(self.group, '') + self.name}"
 
     @property
     def pytest_dest(self) -> str:
@@ -78,7 +91,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("model", "world-size", int, 1, "tensor-parallel ranks"),
     S("model", "device", str, "auto", "cpu | cuda | npu | auto (npu, else cuda, else cpu)"),
     S("model", "device-type", str, "auto", "NPU chip family: auto (detected: 910B -> d9, 310P -> d3) | d9 | d3; "
-      "one that contradicts the NPU is an error (ignored elsewhere)", choices=("auto", "d9", "d3")),
+      "one that contradicts the NPU is an error (ignored elsewhere)", choices=("auto", *DEVICE_TYPES)),
     S("model", "npu-graph", str, "auto", "NPU graph mode for --compile on: auto (GE on d9, eager on d3) | ge "
       "(torchair max-autotune) | aclgraph (npugraph_ex / reduce-overhead)", choices=("auto", "ge", "aclgraph")),
     S("model", "dtype", str, "auto", "auto | fp32 | fp16 | bf16 (auto: checkpoint dtype, fp32 on CPU)"),
@@ -122,6 +135,24 @@ SETTINGS: tuple[Setting, ...] = (
     S("precision", "gate-model", str, None, "thresholds.json model to gate against (default: recognised)",
       pytest_name="accuracy-model"),
     S("precision", "tolerance", float, None, "gate tolerance in points (default thresholds.json)"),
+    # The nightly run's own (vicuna-bench nightly; its config file's keys are these names).
+    S("nightly", "quick", bool, False, "a CPU-sized run: embedded model, 2 short perf cases, a few questions of "
+      "2 subjects per set, compile off"),
+    S("nightly", "output-dir", str, None, "the run directory (default nightly/<date>-<time>/; must be new or empty; "
+      "with --report-only: the run to rebuild)"),
+    S("nightly", "history", str, "nightly/history.sqlite", "the SQLite history"),
+    S("nightly", "report-only", bool, False, "rebuild REPORT.md and the plots of --output-dir from the history",
+      in_file=False),
+    S("nightly", "config", str, None, "an INI ([nightly] section) or TOML file of these settings "
+      "(keys: the flags without --)", in_file=False),
+    S("nightly", "stages", str, ",".join(NIGHTLY_STAGES), f"comma list of stages to run ({', '.join(NIGHTLY_STAGES)})"),
+    S("nightly", "mmlu-dir", str, None, "MMLU work dir holding data/ (default ../shared/datasets/mmlu beside the checkout)"),
+    S("nightly", "ceval-dir", str, None, "C-Eval work dir holding data/ (default ../shared/datasets/ceval)"),
+    S("nightly", "mmlu-subjects", str, None, "comma list of MMLU subjects (default: all)"),
+    S("nightly", "ceval-subjects", str, None, "comma list of C-Eval subjects (default: all)"),
+    S("nightly", "progress", bool, True, "progress bars (--no-progress: none)"),
+    S("nightly", "regression-band", float, 0.10, "how far (0.10 = 10%%) a latency, throughput, memory or rate must "
+      "move, significantly, to count as slower or faster (--quick: 0.5)"),
 )
 del S
 
@@ -166,6 +197,124 @@ def _check_choice(s: Setting, value):
     return value
 
 
+def parse_bool(value, where: str) -> bool:
+    """The one bool parser of files and the environment: a bool, or 0/1/true/false/yes/no/on/off in any case."""
+    from .errors import UserError
+
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().strip("\"'").strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().strip("\"'").strip().lower() in TRUE_WORDS
+    raise UserError(f"{where} = {value!r} is not a true or false (valid: {', '.join(TRUE_WORDS + FALSE_WORDS)})")
+
+
+def convert(s: Setting, value, where: str):
+    """A file's or the environment's value as setting ``s``'s type, choices checked; one UserError naming ``where``.
+
+    TOML arrays: a case list for ``case-pair`` (kept as its text, the flag's form), a comma list for a text setting.
+    """
+    import json
+
+    from .errors import UserError
+
+    if s.type is bool:
+        return parse_bool(value, where)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, list) and s.name == "case-pair":
+            value = json.dumps(value)
+        elif isinstance(value, list) and s.type is str:
+            value = ",".join(str(v) for v in value)  # subjects, stages as a TOML array
+        elif isinstance(value, float) and s.type is int:
+            raise ValueError
+        else:
+            value = s.type(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        kind = getattr(s.type, "__name__", "value")
+        raise UserError(f"{where} = {value!r} is not {'an' if kind == 'int' else 'a'} {kind}") from None
+    if s.choices is not None and value not in s.choices:
+        raise UserError(f"{where} = {value!r} is not supported (valid: {', '.join(s.choices)})")
+    return value
+
+
+def select(groups: tuple[str, ...], exclude: frozenset[str] | set[str] = frozenset()) -> list[Setting]:
+    """The settings of ``groups`` less the keys (``group.dest``) in ``exclude``: what one front end offers."""
+    return [s for g in groups for s in group(g) if s.key not in exclude]
+
+
+def read_config_file(path, section: str, offered: list[Setting]) -> dict[str, Any]:
+    """A config file's settings by dest: INI (``[section]``) or TOML (top level or a ``[section]`` table).
+
+    Keys are the flags without ``--`` (``-`` or ``_``); a setting with ``in_file`` False, or an unknown key,
+    is one UserError naming the file and the valid keys.
+    """
+    import configparser
+    from pathlib import Path
+
+    from .errors import UserError
+
+    path = Path(path)
+    where = f"--config {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{where}: cannot read ({exc.strerror})") from exc
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise UserError(f"{where}: TOML needs Python 3.11 (tomllib); use an INI file") from None
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{where}: not TOML ({exc})") from None
+        raw = doc.get(section, doc)
+        if not isinstance(raw, dict):
+            raise UserError(f"{where}: [{section}] must be a table")
+    else:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read_string(text, source=str(path))
+        except configparser.Error as exc:
+            raise UserError(f"{where}: not an INI file ({str(exc).splitlines()[0]})") from None
+        if not parser.has_section(section):
+            raise UserError(f"{where}: no [{section}] section (INI), or name the file *.toml")
+        raw = dict(parser.items(section))
+    by_name = {s.name: s for s in offered if s.in_file}
+    out = {}
+    for key, value in raw.items():
+        s = by_name.get(key.replace("_", "-"))
+        if s is None:
+            raise UserError(f"{where}: unknown key {key!r} (valid: {', '.join(sorted(by_name))})")
+        out[s.dest] = convert(s, value, f"{where}: {s.name}")
+    return out
+
+
+def from_environment(offered: list[Setting], env=None) -> dict[str, Any]:
+    """The settings whose variable is set in ``env`` (default ``os.environ``), by dest, parsed."""
+    import os
+
+    env = os.environ if env is None else env
+    return {s.dest: convert(s, env[s.env], f"${s.env}") for s in offered if s.env and env.get(s.env, "").strip()}
+
+
+def resolve(offered: list[Setting], *layers: dict[str, Any]) -> dict[str, Any]:
+    """Every offered setting by dest: the table's defaults, then each layer in order (lowest first).
+
+    The documented order is ``resolve(offered, file, from_environment(offered), flags)``; a layer holds only
+    what its source set.  Choices are checked whichever layer a value came from.
+    """
+    values = {s.dest: (None if s.env else s.default) for s in offered}
+    for layer in layers:
+        values.update({k: v for k, v in layer.items() if k in values})
+    for s in offered:
+        _check_choice(s, values[s.dest])
+    return values
+
+
 def add_to_argparse(parser, group_name: str, *, exclude: tuple[str, ...] = (), only_given: bool = False) -> None:
     """Add a group's settings to an argparse parser (an env-backed default stays None: resolved where it is used).
 
@@ -175,7 +324,7 @@ def add_to_argparse(parser, group_name: str, *, exclude: tuple[str, ...] = (), o
     """
     g = parser.add_argument_group(group_name)
     for s in group(group_name):
-        if s.name in exclude:
+        if s.name in exclude or s.key in exclude:
             continue
         default = argparse.SUPPRESS if only_given else None if s.env else s.default
         g.add_argument(s.cli_flag, dest=s.dest, default=default, help=s.help_text(), **s.argparse_kwargs())
@@ -184,7 +333,7 @@ def add_to_argparse(parser, group_name: str, *, exclude: tuple[str, ...] = (), o
 def add_to_pytest(parser) -> None:
     """Add every setting to pytest's parser (one 'vicuna-bench' group)."""
     g = parser.getgroup("vicuna-bench")
-    for s in SETTINGS:
+    for s in (s for s in SETTINGS if s.group in PYTEST_PREFIX):
         g.addoption(s.pytest_flag, dest=s.pytest_dest, default=None if s.env else s.default, help=s.help_text(),
                     **s.argparse_kwargs())
 

@@ -18,7 +18,6 @@ with a warning.  The guide lists ``model_path`` and ``device`` under
 
 from __future__ import annotations
 
-import ast
 import configparser
 import dataclasses
 import logging
@@ -112,17 +111,25 @@ class SdkConfig:
         return lines
 
     def explicit_settings(self, task: str | None = None) -> dict[str, object]:
-        """The values the file (or ``TIMEIT``) set, by option name; defaults left out (for layering over flags).
+        """The values the file (or ``TIMEIT``) set, by the setting's dest (:data:`SETTING_OF`; the vendor's own keys
+        by their name); defaults left out (for layering over flags).
 
         ``task``: whose model settings (``precision`` takes ``[precision]``'s model_path / device_ids).
         """
         out: dict[str, object] = {}
-        for section in (self.model_for(task), self.performance, self.precision):
+        sections = (("model", self.model_for(task)), ("performance", self.performance), ("precision", self.precision))
+        for section_name, section in sections:
             for name in sorted(section.explicit):
                 if section is self.precision and name in PRECISION_MODEL_KEYS:
                     continue  # in model_for's section already, where the task uses them
-                out[name] = getattr(section, name)
+                key = SETTING_OF[section_name].get(name)
+                out[key.split(".", 1)[1] if key else name] = getattr(section, name)
         return out
+
+    def setting_values(self, group: str, task: str | None = None) -> dict[str, object]:
+        """The values the file set for the settings table's ``group``, by dest (what sdk-test layers)."""
+        mapped = {key for keys in SETTING_OF.values() for key in keys.values() if key}
+        return {dest: value for dest, value in self.explicit_settings(task).items() if f"{group}.{dest}" in mapped}
 
 
 def _shown(value: object) -> str:
@@ -137,9 +144,28 @@ KEY_ALIASES = {
 }
 PRECISION_MODEL_KEYS = ("model_path", "device_ids")  # [model] keys the guide also lists under [precision]
 
-PERF_MODES = ("normal", "detail")
 PRECISION_MODES = ("mmlu", "ceval")
 BACKENDS = ("hccl", "nccl", "gloo")
+
+# The vendor's keys onto the settings table (vicuna_bench/settings.py): [section] key -> the setting it sets
+# (group.dest); None: the vendor's own key, with no setting of that meaning (read by sdk-test itself).
+# The guide's spellings (KEY_ALIASES, [ceval]) are read as these keys first; TIMEIT=1 sets perf.perf_mode.
+SETTING_OF = {
+    "model": {"model_path": "model.model_path", "device_ids": None, "parallel_backend": None, "log_dir": None,
+              "bind_cpu": "model.bind_cpu"},
+    "performance": {"model_name": "perf.model_name", "batch_size": "perf.batch_size",
+                    "max_len_exp": "perf.max_len_exp", "min_len_exp": "perf.min_len_exp",
+                    "case_pair": "perf.case_pair", "save_file_name": None, "perf_mode": "perf.perf_mode",
+                    "skip_decode": None},
+    "precision": {"mode": None, "work_dir": None, "batch": "precision.batch", "shot": "precision.shot",
+                  "seq_len_out": "precision.seq_len_out", "model_path": "model.model_path", "device_ids": None},
+}
+
+
+def _table_choices(key: str) -> tuple[str, ...]:
+    from .settings import BY_KEY
+
+    return BY_KEY[key].choices
 
 
 def _valid_keys(section: str) -> list[str]:
@@ -174,12 +200,12 @@ def _int(where: _Where, minimum: int) -> int:
 
 
 def _flag(where: _Where) -> bool:
-    value = strip_quotes(where.raw).lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise where.fail("1 or 0")
+    from .settings import FALSE_WORDS, TRUE_WORDS, parse_bool
+
+    try:
+        return parse_bool(strip_quotes(where.raw), where.key)  # the settings' one bool parser
+    except UserError:
+        raise where.fail(" | ".join(TRUE_WORDS + FALSE_WORDS)) from None
 
 
 def _choice(where: _Where, choices: tuple[str, ...]) -> str:
@@ -201,33 +227,21 @@ def _device_ids(where: _Where) -> tuple[int, ...]:
 
 
 def parse_case_pair(text: str) -> tuple[tuple[int, int], ...]:
-    """A case list literal ``[[256,256],[512,512]]`` -> ((input tokens, output tokens), ...); ValueError if malformed.
+    """A case list literal ``[[256,256],[512,512]]`` -> ((input tokens, output tokens), ...); UserError if malformed.
 
-    Read with ``ast.literal_eval`` (literals only: nothing is executed).
+    The perf test's own parser (:func:`vicuna_bench.perf.parse_case_pair`: literals only, nothing executed).
     """
-    try:
-        value = ast.literal_eval(strip_quotes(text))
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        raise ValueError("not a literal list") from None
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError("not a non-empty list")
-    pairs = []
-    for item in value:
-        if (
-            not isinstance(item, (list, tuple))
-            or len(item) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in item)
-        ):
-            raise ValueError(f"item {item!r} is not a pair of positive integers")
-        pairs.append((int(item[0]), int(item[1])))
-    return tuple(pairs)
+    from .perf import parse_case_pair as parse
+
+    return tuple((c.seq_in, c.seq_out) for c in parse(strip_quotes(text), "case_pair"))
 
 
 def _case_pair(where: _Where) -> tuple[tuple[int, int], ...]:
     try:
         return parse_case_pair(where.raw)
-    except ValueError as exc:
-        raise where.fail(f"{exc}; expected a list of [input_len, output_len] pairs such as [[256,256],[512,512]]") from None
+    except UserError as exc:
+        raise where.fail(f"{str(exc).split(': ', 1)[-1]}; expected a list of [input_len, output_len] pairs such as "
+                         "[[256,256],[512,512]]") from None
 
 
 def _text(where: _Where) -> str:
@@ -249,7 +263,7 @@ _FIELD_PARSERS = {
         "min_len_exp": lambda w: _int(w, 0),
         "case_pair": _case_pair,
         "save_file_name": _text,
-        "perf_mode": lambda w: _choice(w, PERF_MODES),
+        "perf_mode": lambda w: _choice(w, _table_choices("perf.perf_mode")),
         "skip_decode": _flag,
     },
     "precision": {
@@ -262,6 +276,9 @@ _FIELD_PARSERS = {
         "device_ids": _device_ids,
     },
 }
+
+
+assert {k: set(v) for k, v in _FIELD_PARSERS.items()} == {k: set(v) for k, v in SETTING_OF.items()}
 
 
 # ------------------------------------------------------------------ the reader

@@ -45,7 +45,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_every_setting_in_both_front_ends_with_the_same_default(pytestconfig):
     perf_ns = build_parser().parse_args(["perf"])
     prec_ns = build_parser().parse_args(["precision", "--mode", "mmlu", "--work-dir", "."])
-    for s in settings.SETTINGS:
+    for s in (s for s in settings.SETTINGS if s.group in settings.PYTEST_PREFIX):
         ns = prec_ns if s.group == "precision" else perf_ns
         assert hasattr(ns, s.dest), s.cli_flag
         pytestconfig.getoption(s.pytest_dest)  # raises when pytest lacks it
@@ -53,7 +53,22 @@ def test_every_setting_in_both_front_ends_with_the_same_default(pytestconfig):
         expected = None if s.env else s.default
         if s.key not in ("perf.output_dir", "precision.output_dir"):  # spec/CLI.md: each front end its own place
             assert getattr(ns, s.dest) == expected, s.cli_flag
-    names = {s.pytest_flag for s in settings.SETTINGS}
+    # spec/CLI.md's CLI names (hand-copied), on the parser of each command that takes them, nightly included.
+    nightly = build_parser().parse_args(["nightly", "--no-bind-cpu", "--no-quick", "--no-progress", "--world-size", "2",
+                                         "--device-type", "d3", "--case-pair", "[[1,1]]", "--repeat", "3",
+                                         "--batch", "4", "--scoring", "both", "--prefix-cache", "off"])
+    assert (nightly.bind_cpu, nightly.quick, nightly.progress, nightly.world_size, nightly.device_type) == (
+        False, False, False, 2, "d3")
+    assert (nightly.case_pair, nightly.repeat, nightly.batch, nightly.scoring, nightly.prefix_cache) == (
+        "[[1,1]]", 3, 4, "both", "off")
+    for flag in ("--model-path", "--world-size", "--device", "--device-type", "--dtype", "--max-seq-len", "--compile",
+                 "--batch-size", "--case-pair", "--min-len-exp", "--max-len-exp", "--perf-mode", "--repeat",
+                 "--model-name", "--output-dir", "--baseline", "--tolerance"):
+        assert flag in build_parser()._subparsers._group_actions[0].choices["perf"]._option_string_actions, flag
+    for flag in ("--batch", "--shot", "--seq-len-out", "--max-prompt-tokens", "--scoring", "--subjects",
+                 "--limit-per-subject", "--prefix-cache", "--output-dir", "--gate", "--mode", "--work-dir"):
+        assert flag in build_parser()._subparsers._group_actions[0].choices["precision"]._option_string_actions, flag
+    names = {s.pytest_flag for s in settings.SETTINGS if s.group in settings.PYTEST_PREFIX}
     for required in ("--perf-repeat", "--perf-seed", "--perf-mem-bandwidth", "--perf-model-name", "--device-type",
                      "--perf-case-pair", "--perf-baseline", "--perf-tolerance", "--perf-output-dir",
                      "--accuracy-batch", "--accuracy-scoring", "--accuracy-model", "--accuracy-output-dir"):

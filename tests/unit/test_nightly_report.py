@@ -200,6 +200,7 @@ def test_read_junit_counts_every_outcome(tmp_path):
     s = read_junit(path)
     assert (s.tests, s.failures, s.errors, s.skipped, s.passed) == (4, 1, 1, 1, 1)
     assert s.failed == ("tests.hw.test_a::test_bad", "tests.hw.test_b::test_setup")
+    assert s.skip_reasons == ("no NPU",)  # read in the same pass (the file is parsed once)
     gate = junit_gate(s)
     assert (gate.status, gate.value, gate.threshold, gate.margin) == ("failed", 1, 3, -2)
 
@@ -230,6 +231,7 @@ def test_read_junit_reads_what_pytest_writes(tmp_path):
     s = read_junit(xml)
     assert (s.tests, s.failures, s.errors, s.skipped, s.passed) == (3, 1, 0, 1, 1)
     assert s.failed == ("test_three::test_fail",)
+    assert s.skip_reasons == ("no device",)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -512,7 +512,7 @@ def test_a_subset_run_is_not_gated(tmp_path):
     path = gated_summary(tmp_path, 10.0, "failed", False)
     (gate,) = gates_from_precision_summary(path)
     assert (gate.status, gate.value, gate.case) == ("n/a", 10.0, "mmlu/generate")
-    assert gate.detail.startswith("not a --gate run (would have failed); threshold 24.9")
+    assert gate.detail.startswith("not a --gate run (would have failed); generate 10.00% < 24.9 - 1.0")
     (v,) = evaluate_run(tmp_path / "history.sqlite", run_record(), [accuracy(0.10, n=1542)], gates=[gate])
     assert v.status == "insufficient-history"  # not gate-failed
     assert overall([v], [gate]).passed

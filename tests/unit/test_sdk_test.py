@@ -333,7 +333,7 @@ def test_ini_values_land_on_the_settings_of_the_same_name(tmp_path):
         "[precision]\nbatch = 3\nshot = 4\nseq_len_out = 32\n")), env={})
     perf = sdk.layered_values(config, "perf")
     assert (perf["batch_size"], perf["case_pair"], perf["perf_mode"], perf["model_name"]) == (
-        4, "[[256, 64], [512, 64]]", "normal", "v13")
+        4, ((256, 64), (512, 64)), "normal", "v13")  # the pairs as read, no text round trip
     assert (perf["min_len_exp"], perf["max_len_exp"], perf["repeat"]) == (None, None, 1)  # unset: the table's
     prec = sdk.layered_values(config, "precision")
     assert (prec["batch"], prec["shot"], prec["seq_len_out"], prec["max_prompt_tokens"]) == (3, 4, 32, 2000)

@@ -133,13 +133,13 @@ def test_timeit_means_detail():
     [
         ("performance", "batch_size=0", "[performance] batch_size='0' is not valid (an integer >= 1)"),
         ("performance", "batch_size=one", "[performance] batch_size='one' is not valid (an integer >= 1)"),
-        ("performance", "perf_mode=fast", "[performance] perf_mode='fast' is not valid (normal | detail)"),
-        ("performance", "skip_decode=2", "[performance] skip_decode='2' is not valid (1 or 0)"),
+        ("performance", "perf_mode=fast", "[performance] perf_mode='fast' is not valid (detail | normal)"),
+        ("performance", "skip_decode=2", "[performance] skip_decode='2' is not valid (1 | true | yes | on | 0 | false | no | off)"),
         ("precision", "mode=gsm8k", "[precision] mode='gsm8k' is not valid (mmlu | ceval)"),
         ("precision", "seq_len_out=0", "[precision] seq_len_out='0' is not valid (an integer >= 1)"),
         ("model", "device_ids=0,0", "[model] device_ids='0,0' is not valid"),
         ("model", "device_ids=a,b", "[model] device_ids='a,b' is not valid"),
-        ("model", "bind_cpu=maybe", "[model] bind_cpu='maybe' is not valid (1 or 0)"),
+        ("model", "bind_cpu=maybe", "[model] bind_cpu='maybe' is not valid (1 | true | yes | on | 0 | false | no | off)"),
     ],
 )
 def test_bad_values_name_section_key_and_value(tmp_path, section, line, expected):

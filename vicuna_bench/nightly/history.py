@@ -518,8 +518,14 @@ def metrics_from_perf_extended_csv(path: str | Path) -> list[Metric]:
     missing = [c for c in needed if c not in (reader.fieldnames or [])]
     if missing:
         raise UserError(f"{path}: not a perf extended CSV: missing column(s) {', '.join(missing)}")
+    return metrics_from_perf_rows(reader, path)
+
+
+def metrics_from_perf_rows(rows, path: str | Path) -> list[Metric]:
+    """:func:`metrics_from_perf_extended_csv` of the rows themselves (``perf.extended_rows``: the CSV's cells)."""
+    path = Path(path)
     metrics = []
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(rows, start=2):
         seq_in = _number(path, line, "seq_in", row["seq_in"], int)
         seq_out = _number(path, line, "seq_out", row["seq_out"], int)
         case = perf_case(seq_in, seq_out)
@@ -553,6 +559,11 @@ def metrics_with_perf_samples(metrics: Sequence[Metric], path: str | Path) -> li
     cases = doc.get("cases") if isinstance(doc, dict) else None
     if not isinstance(cases, list):
         raise UserError(f"{path}: not a perf samples JSON: no list 'cases'")
+    return metrics_with_samples(metrics, cases, path)
+
+
+def metrics_with_samples(metrics: Sequence[Metric], cases: list, path: str | Path) -> list[Metric]:
+    """:func:`metrics_with_perf_samples` of the samples JSON's ``cases`` list itself (``path`` names it in errors)."""
     by_key: dict[tuple[str, str], tuple[float, ...]] = {}
     for i, entry in enumerate(cases):
         try:
@@ -608,7 +619,11 @@ def read_precision_summary(path: str | Path) -> dict:
 
 def metrics_from_precision_summary(path: str | Path) -> list[Metric]:
     """Accuracy (0..1, with n questions) per scoring and questions/s of a precision ``summary.json``."""
-    summary = read_precision_summary(path)
+    return metrics_from_summary(read_precision_summary(path), path)
+
+
+def metrics_from_summary(summary: dict, path: str | Path) -> list[Metric]:
+    """:func:`metrics_from_precision_summary` of the runner's summary dict (``path`` names it in errors)."""
     mode = summary["mode"]
     metrics = []
     for scoring, counts in summary["results"].items():

@@ -34,7 +34,7 @@ HIGHLIGHT = {"regression": "**REGRESSION**", "gate-failed": "**GATE FAILED**", "
 
 @dataclasses.dataclass(frozen=True)
 class JUnitSummary:
-    """Counts of a JUnit XML file's test cases, and the ids of those that failed or errored."""
+    """Counts of a JUnit XML file's test cases, the ids of those that failed or errored, the distinct skip messages."""
 
     path: Path
     tests: int
@@ -42,6 +42,7 @@ class JUnitSummary:
     errors: int
     skipped: int
     failed: tuple[str, ...] = ()
+    skip_reasons: tuple[str, ...] = ()  # in order of first appearance
 
     @property
     def passed(self) -> int:
@@ -74,7 +75,12 @@ def read_junit(path: str | Path) -> JUnitSummary:
             failed.append(name)
         elif "skipped" in tags:
             skipped += 1
-    return JUnitSummary(path, tests, failures, errors, skipped, tuple(failed))
+    reasons: list[str] = []
+    for element in root.iter("skipped"):
+        text = (element.get("message") or element.text or "").strip()
+        if text and text not in reasons:
+            reasons.append(text)
+    return JUnitSummary(path, tests, failures, errors, skipped, tuple(failed), tuple(reasons))
 
 
 def junit_gate(summary: JUnitSummary, name: str = "hw suite", skip_reason: str = "", must_run: str = "") -> R.Gate:

@@ -459,7 +459,13 @@ def show_change(v: Verdict) -> str:
 
 def gates_from_precision_summary(path: str | Path) -> list[Gate]:
     """The release-gate verdicts in a precision ``summary.json``, one Gate per scoring (percent)."""
-    summary = H.read_precision_summary(path)
+    return gates_from_summary(H.read_precision_summary(path), path)
+
+
+def gates_from_summary(summary: dict, path: str | Path) -> list[Gate]:
+    """The release-gate verdicts of a precision summary (the runner's dict; ``path`` names it in errors)."""
+    from ..precision.gates import format_verdict
+
     gate = summary.get("gate")
     if gate is None:
         return []
@@ -476,7 +482,7 @@ def gates_from_precision_summary(path: str | Path) -> list[Gate]:
         try:
             threshold = float(v["threshold"]) - float(v["tolerance"])
             case = f"{mode}/{v['scoring']}"
-            detail = f"threshold {v['threshold']} - tolerance {v['tolerance']} ({v.get('model', '?')})"
+            detail = f"{format_verdict(v)} ({v.get('model', '?')})"
             status = v["status"] if requested else "n/a"
             if not requested:
                 detail = f"not a --gate run (would have {v['status']}); {detail}"

@@ -9,16 +9,17 @@ others still run.  The run reaches the history in one transaction at the
 very end (:func:`vicuna_bench.nightly.report.record_and_report`), so a night
 killed at any point before leaves the history as it was.
 
-Settings, lowest precedence first: the settings table's defaults, the
-``--quick`` presets when the config file asks for them, the config file
-(``--config``, INI ``[nightly]`` section or TOML), the ``--quick`` presets
-when given as a flag, the command-line flags.
+Settings (the settings table's model, perf, precision and nightly groups), lowest
+precedence first: the table's defaults, the ``--quick`` presets when the config
+file asks for them, the config file (``--config``, INI ``[nightly]`` section or
+TOML), the environment, the ``--quick`` presets when given as a flag, the
+command-line flags.  The stages call the drivers (:mod:`vicuna_bench.drivers`)
+and record what they return; no result file is read back.
 """
 
 from __future__ import annotations
 
 import argparse
-import configparser
 import dataclasses
 import datetime
 import hashlib
@@ -31,7 +32,6 @@ import subprocess
 import sys
 import time
 import traceback
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,159 +71,38 @@ QUICK = {
 }
 
 
-# ---------------------------------------------------------------- the options
+# ---------------------------------------------------------------- the settings (the table's, vicuna_bench/settings.py)
 
-@dataclasses.dataclass(frozen=True)
-class Option:
-    """One nightly setting: from the shared table (``key`` set) or the nightly's own."""
-
-    name: str  # the CLI flag without "--", and the config file's key
-    type: Callable | None  # None: an on/off flag
-    default: Any
-    help: str
-    choices: tuple[str, ...] | None = None
-    key: str | None = None  # settings.py's group.dest
-    in_file: bool = True  # may a config file set it
-
-    @property
-    def dest(self) -> str:
-        return self.name.replace("-", "_")
+GROUPS = ("model", "perf", "precision", "nightly")
 
 
-def _own_options() -> list[Option]:
-    return [
-        Option("quick", None, False, "a CPU-sized run: embedded model, 2 short perf cases, a few questions of "
-               "2 subjects per set, compile off"),
-        Option("output-dir", str, None, "the run directory (default nightly/<date>-<time>/; must be new or empty; "
-               "with --report-only: the run to rebuild)"),
-        Option("history", str, str(DEFAULT_ROOT / "history.sqlite"), "the SQLite history"),
-        Option("report-only", None, False, "rebuild REPORT.md and the plots of --output-dir from the history",
-               in_file=False),
-        Option("config", str, None, "an INI ([nightly] section) or TOML file of these settings "
-               "(keys: the flags without --)", in_file=False),
-        Option("stages", str, ",".join(STAGES), f"comma list of stages to run ({', '.join(STAGES)})"),
-        Option("mmlu-dir", str, None, "MMLU work dir holding data/ (default ../shared/datasets/mmlu beside the checkout)"),
-        Option("ceval-dir", str, None, "C-Eval work dir holding data/ (default ../shared/datasets/ceval)"),
-        Option("mmlu-subjects", str, None, "comma list of MMLU subjects (default: all)"),
-        Option("ceval-subjects", str, None, "comma list of C-Eval subjects (default: all)"),
-        Option("no-progress", None, False, "no progress bars"),
-        Option("regression-band", float, R.DEFAULT_TOLERANCE, "how far (0.10 = 10%) a latency, throughput, memory or "
-               "rate must move, significantly, to count as slower or faster (--quick: 0.5)"),
-    ]
-
-
-def options() -> list[Option]:
-    """Every nightly setting: the shared table's model, perf and precision groups (less NOT_FROM_TABLE), then its own."""
-    table = [
-        Option(s.name, s.type, None if s.env else s.default, s.help_text(), s.choices, s.key)
-        for group in ("model", "perf", "precision") for s in S.group(group) if s.key not in NOT_FROM_TABLE
-    ]
-    return table + _own_options()
+def offered() -> list[S.Setting]:
+    """Every nightly setting: the table's model, perf and precision groups (less NOT_FROM_TABLE) and its nightly group."""
+    return S.select(GROUPS, exclude=NOT_FROM_TABLE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The nightly's flags on an argparse parser; an absent flag stays absent (so a config file can set it)."""
-    for opt in options():
-        if opt.type is None:
-            parser.add_argument(f"--{opt.name}", dest=opt.dest, action="store_true", default=argparse.SUPPRESS,
-                                help=opt.help)
-        else:
-            default = f" (default {opt.default})" if opt.default is not None and "default" not in opt.help else ""
-            parser.add_argument(f"--{opt.name}", dest=opt.dest, type=opt.type, default=argparse.SUPPRESS,
-                                help=opt.help + default)
+    for group in GROUPS:
+        S.add_to_argparse(parser, group, exclude=tuple(NOT_FROM_TABLE), only_given=True)
     parser.add_argument("--debug", action="store_true", help="full tracebacks")
 
 
-# ---------------------------------------------------------------- settings from flags and a config file
-
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def _convert(opt: Option, value, where: str):
-    """A config file's value as the option's type; one UserError naming the file and key."""
-    try:
-        if opt.type is None:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-                return value.strip().lower() in _TRUE
-            raise ValueError
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, list) and opt.name == "case-pair":
-            return json.dumps(value)
-        if isinstance(value, list) and opt.type is str:
-            return ",".join(str(v) for v in value)  # subjects, stages as a TOML array
-        if isinstance(value, float) and opt.type is int:
-            raise ValueError
-        value = opt.type(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        kind = "true or false" if opt.type is None else getattr(opt.type, "__name__", "value")
-        raise UserError(f"{where}: {opt.name} = {value!r} is not {'an' if kind == 'int' else 'a'} {kind}") from None
-    if opt.choices is not None and value not in opt.choices:
-        raise UserError(f"{where}: {opt.name} = {value!r} is not supported (valid: {', '.join(opt.choices)})")
-    return value
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    """A config file's settings by dest: INI (section [nightly]) or TOML (top level or a [nightly] table)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"--config {path}: cannot read ({exc.strerror})") from exc
-    if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            raise UserError(f"--config {path}: TOML needs Python 3.11 (tomllib); use an INI file") from None
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"--config {path}: not TOML ({exc})") from None
-        raw = doc.get("nightly", doc)
-        if not isinstance(raw, dict):
-            raise UserError(f"--config {path}: [nightly] must be a table")
-    else:
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            parser.read_string(text, source=str(path))
-        except configparser.Error as exc:
-            raise UserError(f"--config {path}: not an INI file ({str(exc).splitlines()[0]})") from None
-        if not parser.has_section("nightly"):
-            raise UserError(f"--config {path}: no [nightly] section (INI), or name the file *.toml")
-        raw = dict(parser.items("nightly"))
-    by_name = {o.name: o for o in options() if o.in_file}
-    values = {}
-    for key, value in raw.items():
-        opt = by_name.get(key.replace("_", "-"))
-        if opt is None:
-            raise UserError(f"--config {path}: unknown key {key!r} (valid: {', '.join(sorted(by_name))})")
-        values[opt.dest] = _convert(opt, value, f"--config {path}")
-    return values
-
-
-def resolve_settings(flags: dict[str, Any]) -> dict[str, Any]:
-    """Every nightly setting by dest, layered: defaults < file's quick < file < flag's quick < flags."""
-    values = {o.dest: o.default for o in options()}
-    config = read_config(flags["config"]) if flags.get("config") else {}
-    if config.get("quick"):
-        values.update(QUICK)
-    values.update(config)
-    if flags.get("quick"):
-        values.update(QUICK)
-    values.update(flags)
-    values["quick"] = bool(config.get("quick") or flags.get("quick"))
-    for opt in options():  # the table's choices, whichever layer the value came from
-        value = values[opt.dest]
-        if opt.choices is not None and value is not None and value not in opt.choices:
-            raise UserError(f"--{opt.name} {value!r} is not supported (valid: {', '.join(opt.choices)})")
+def resolve_settings(flags: dict[str, Any], env=None) -> dict[str, Any]:
+    """Every nightly setting by dest, layered (settings.resolve): defaults < file's quick < file < environment <
+    flag's quick < flags."""
+    settings = offered()
+    config = S.read_config_file(flags["config"], "nightly", settings) if flags.get("config") else {}
+    quick = bool(flags.get("quick", config.get("quick", False)))
+    values = S.resolve(settings, QUICK if config.get("quick") else {}, config, S.from_environment(settings, env),
+                       QUICK if flags.get("quick") else {}, flags)
+    values["quick"] = quick
     return values
 
 
 def group_values(values: dict[str, Any], group: str, **fixed) -> dict[str, Any]:
     """A settings-table group's values (what PerfSession/PrecisionConfig.from_values read), ``fixed`` for the rest."""
-    out = {s.dest: values.get(s.dest) for s in S.group(group) if s.key not in NOT_FROM_TABLE}
+    out = {s.dest: values.get(s.dest) for s in S.select((group,), exclude=NOT_FROM_TABLE)}
     out.update(fixed)
     return out
 
@@ -270,12 +149,10 @@ def default_run_dir(root: Path = DEFAULT_ROOT, now: datetime.datetime | None = N
 
 
 def shared_dataset_dir(name: str) -> Path | None:
-    """``../shared/datasets/<name>`` beside the checkout (or the current directory), when it holds data/."""
-    for base in (PROJECT_ROOT, Path.cwd()):
-        candidate = base.parent / "shared" / "datasets" / name
-        if (candidate / "data").is_dir():
-            return candidate
-    return None
+    """``../shared/datasets/<name>`` beside this checkout or the current directory's (drivers.shared_dataset_dir)."""
+    from ..drivers import shared_dataset_dir as find
+
+    return find([PROJECT_ROOT, Path.cwd()], name)
 
 
 def subset_key(mode: str, subjects: list[str] | None, limit: int | None) -> str:
@@ -291,6 +168,7 @@ def subset_key(mode: str, subjects: list[str] | None, limit: int | None) -> str:
 
 def plan_run(values: dict[str, Any]) -> Plan:
     """Check every setting, input file and length; resolve the model.  Writes nothing but a new history file."""
+    from ..drivers import PrecisionWork, Work, resolve_spec
     from ..perf import PerfSession
     from ..precision import PrecisionConfig, load_dataset
     from ..precision.gates import gate_model_key
@@ -304,12 +182,11 @@ def plan_run(values: dict[str, Any]) -> Plan:
                             "written once; use --report-only to rebuild its report)")
     else:
         run_dir = default_run_dir()
-    plan = Plan(values, stages, run_dir, history, progress=not values["no_progress"])
-    decode_steps = 0
+    plan = Plan(values, stages, run_dir, history, progress=bool(values["progress"]))
+    works = []
     if "perf" in stages:
         plan.perf = PerfSession.from_values(group_values(values, "perf", baseline=None, tolerance=0.10,
                                                          output_dir=None), run_dir / "perf")
-        decode_steps += plan.perf.settings.decode_steps
     for mode in (s for s in stages if s in PRECISION_SETS):
         work_dir = values[f"{mode}_dir"] or shared_dataset_dir(mode)
         if work_dir is None:
@@ -329,12 +206,12 @@ def plan_run(values: dict[str, Any]) -> Plan:
         cfg.check()
         questions = len(dataset.questions(subjects or list(dataset.subjects), limit))
         plan.precision.append(PrecisionPlan(mode, cfg, questions, subset))
-        decode_steps += questions * cfg.seq_len_out
-    from ..runtime import resolve_engine_spec
+        works.append(PrecisionWork.of(cfg, questions))
 
     # Resolved even for the hw suite alone: the model settings are checked, and the history's record says
     # what they resolved to (the engine itself starts only for perf and precision).
-    plan.spec = resolve_engine_spec(**group_values(values, "model"), progress=plan.progress, decode_steps=decode_steps)
+    work = Work(perf=plan.perf.settings if plan.perf is not None else None, precision=tuple(works))
+    plan.spec = resolve_spec(group_values(values, "model"), work, progress=plan.progress)
     if plan.perf is not None:
         plan.perf.check_model(plan.spec)
     for p in plan.precision:
@@ -413,16 +290,6 @@ def hw_command(values: dict[str, Any], junit: Path, tests: Path) -> list[str]:
     return cmd
 
 
-def skip_reasons(junit: Path) -> list[str]:
-    """The distinct skip messages of a JUnit XML file, in order."""
-    reasons: list[str] = []
-    for skipped in ET.parse(junit).getroot().iter("skipped"):
-        text = (skipped.get("message") or skipped.text or "").strip()
-        if text and text not in reasons:
-            reasons.append(text)
-    return reasons
-
-
 def hw_tests_dir() -> Path | None:
     """``tests/hw`` of this checkout, else of the checkout the command was started in (tox installs a copy)."""
     for base in (PROJECT_ROOT, Path.cwd()):
@@ -464,35 +331,33 @@ def run_hw_suite(plan: Plan) -> R.Gate:
     if rc not in (0, 1) or not junit.is_file():
         raise StageFailed(f"pytest exited {rc} (see {HW_LOG})")
     summary = RP.read_junit(junit)
-    gate = RP.junit_gate(summary, skip_reason="; ".join(skip_reasons(junit)), must_run=must_run)
+    gate = RP.junit_gate(summary, skip_reason="; ".join(summary.skip_reasons), must_run=must_run)
     log.info("nightly: hw suite: %d passed, %d failed, %d errors, %d skipped", summary.passed, summary.failures,
              summary.errors, summary.skipped)
     return gate
 
 
 def run_perf(plan: Plan, engine) -> list[H.Metric]:
-    """The perf cases on the shared engine; their metrics from the extended CSV."""
-    session = plan.perf
-    session.run_all(engine, progress=plan.progress)
-    from ..perf import summary_table
+    """The perf cases on the shared engine; their metrics from the run itself (the files are outputs)."""
+    from .. import drivers, perf
 
-    log.info("perf results:\n%s", summary_table(session.run))
-    return H.metrics_with_perf_samples(H.metrics_from_perf_extended_csv(session.paths["extended_csv"]),
-                                       session.paths["samples_json"])
+    run = drivers.run_perf(engine, plan.perf, progress=plan.progress)
+    log.info("perf results:\n%s", perf.summary_table(run))
+    where = run.paths.get("extended_csv", "perf run")
+    metrics = H.metrics_from_perf_rows(perf.extended_rows(run), where)
+    return H.metrics_with_samples(metrics, perf.samples_doc(run)["cases"], run.paths.get("samples_json", where))
 
 
 def run_precision_set(plan: Plan, p: PrecisionPlan, engine) -> tuple[list[H.Metric], list[R.Gate]]:
     """One precision set on the shared engine; its metrics (a subset under its own name) and gates."""
-    from ..errors import GateFailed
-    from ..precision import run_precision
+    from .. import drivers
 
-    try:
-        run_precision(p.config, plan.spec, engine=engine)
-    except GateFailed as exc:  # every file is written first; the gate below says the same
-        log.warning("%s", str(exc).splitlines()[0])
-    summary = p.config.out_dir / "summary.json"
-    metrics = H.metrics_from_precision_summary(summary)
-    gates = R.gates_from_precision_summary(summary)
+    result = drivers.run_precision(p.config, plan.spec, engine=engine, raise_gate=False)
+    if result.gate_failure is not None:  # every file is written first; the gate below says the same
+        log.warning("%s", result.gate_failure.splitlines()[0])
+    where = result.files["summary.json"]
+    metrics = H.metrics_from_summary(result.summary, where)
+    gates = R.gates_from_summary(result.summary, where)
     if p.subset:
         key = subset_key(p.mode, p.config.subjects, p.config.limit_per_subject)
         metrics = [dataclasses.replace(m, case=key + m.case[len(p.mode):]) for m in metrics]
@@ -568,7 +433,7 @@ def run_nightly(values: dict[str, Any]) -> NightlyResult:
 
 
 def _run(plan: Plan, started: str) -> NightlyResult:
-    from ..runtime import Engine
+    from ..drivers import open_engine
 
     ident = run_identity(plan)
     env = environment(ident["device"], ident["world_size"])
@@ -592,7 +457,7 @@ def _run(plan: Plan, started: str) -> NightlyResult:
         if gate is not None:
             gates.append(gate)
     if plan.perf is not None or plan.precision:
-        engine = _stage("engine start", errors, gates, Engine, plan.spec)
+        engine = _stage("engine start", errors, gates, open_engine, plan.spec)
         if engine is None:
             for stage in ("perf", *(p.mode for p in plan.precision)):
                 if stage in plan.stages:
@@ -636,7 +501,7 @@ def report_only(values: dict[str, Any]) -> Path:
 
 def main(flags: dict[str, Any]) -> int:
     """The CLI's handler body: flags by dest (absent when not given) -> exit code 0, 1 or 3 (UserError: 2)."""
-    known = {o.dest for o in options()}
+    known = {s.dest for s in offered()}
     flags = {k: v for k, v in flags.items() if k in known}  # not the CLI's own (command, debug)
     if flags.get("report_only"):
         path = report_only({"output_dir": flags.get("output_dir"), "history": flags.get("history")})

@@ -106,3 +106,27 @@ def evaluate_gate(
     }
     verdict["status"] = "passed" if score_percent >= threshold - tol else "failed"
     return verdict
+
+
+RELATION = {"passed": ">=", "failed": "<"}
+
+
+def format_verdict(v: dict) -> str:
+    """One scoring's verdict as a person reads it: 'generate 25.71% >= 25.71 - 1.0' (n/a: its reason)."""
+    if "score" not in v:
+        return f"n/a ({v.get('reason', '')})"
+    return f"{v['scoring']} {v['score']:.2f}% {RELATION[v['status']]} {v['threshold']} - {v['tolerance']}"
+
+
+def format_verdicts(gate: dict, status: str) -> str:
+    """The verdicts of a summary's gate with ``status``, '; '-joined (the GateFailed message's margins)."""
+    return "; ".join(format_verdict(v) for v in gate["verdicts"] if v["status"] == status)
+
+
+def gate_lines(gate: dict) -> list[str]:
+    """A summary's gate, one line per scoring: what every front end prints (pytest's summary, the CLI log)."""
+    if not gate.get("requested"):
+        return ["gate: not judged (a subset run; the gate needs the full val set)"]
+    lines = [f"gate {v['scoring']}: {v['status']} ({format_verdict(v)})" if "score" in v
+             else f"gate: {v['status']} ({v.get('reason', '')})" for v in gate.get("verdicts") or []]
+    return lines or [f"gate: {gate['status']}"]

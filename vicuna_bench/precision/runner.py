@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from .. import devices
-from ..errors import GateFailed, UserError
+from ..errors import EngineError, GateFailed, UserError
 from . import results as R
-from ..settings import flag
+from ..settings import BY_KEY, flag
 from .data import Dataset, load_dataset, select_subjects
-from .gates import evaluate_gate, gate_model_key, identify_model, load_thresholds
+from .gates import evaluate_gate, format_verdicts, gate_model_key, identify_model, load_thresholds
 from .prompt import (
     FittedPrompt,
     fit_prompt,
@@ -28,29 +28,30 @@ from .prompt import (
 
 log = logging.getLogger("vicuna_bench")
 
-SCORINGS = ("generate", "logits", "both")
+SCORINGS = BY_KEY["precision.scoring"].choices  # declared once, in the settings table
 TOO_LONG_POLICIES = {
     "exclude": "excluded from the denominator (as the reference does, but counted and listed)",
     "wrong": "counted as wrong answers",
 }
+assert tuple(TOO_LONG_POLICIES) == BY_KEY["precision.too_long"].choices
 
 
 @dataclasses.dataclass
 class PrecisionConfig:
-    """The knobs of one run (``vicuna-bench precision`` flags)."""
+    """The knobs of one run (``vicuna-bench precision`` flags; defaults: the settings table's)."""
 
     mode: str
     work_dir: str | Path
     output_dir: str | Path | None = None  # default <work_dir>/test_result
-    batch: int = 1
-    shot: int = 5
-    seq_len_out: int = 2
-    max_prompt_tokens: int = 2000
-    scoring: str = "generate"  # generate | logits | both
+    batch: int = BY_KEY["precision.batch"].default
+    shot: int = BY_KEY["precision.shot"].default
+    seq_len_out: int = BY_KEY["precision.seq_len_out"].default
+    max_prompt_tokens: int = BY_KEY["precision.max_prompt_tokens"].default
+    scoring: str = BY_KEY["precision.scoring"].default  # generate | logits | both
     subjects: list[str] | None = None
     limit_per_subject: int | None = None
-    prefix_cache: str = "on"  # on: each subject's shared prefix prefilled once | off: every prompt whole
-    too_long: str = "exclude"  # exclude | wrong
+    prefix_cache: str = BY_KEY["precision.prefix_cache"].default  # on: shared prefix prefilled once | off
+    too_long: str = BY_KEY["precision.too_long"].default  # exclude | wrong
     gate: bool = False
     gate_model: str | None = None
     tolerance: float | None = None  # percentage points; None: thresholds.json's
@@ -126,7 +127,9 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
     """Run (or resume) a precision test; returns the summary (also written to summary.json).
 
     ``spec`` is a resolved EngineSpec; ``engine`` an open Engine for it (one
-    is started, only when a question is left to ask, if None).  Raises
+    is started, only when a question is left to ask, if None), or this rank's
+    SpmdEngine under torchrun: then every rank asks the same questions and only
+    rank 0 writes (the others return None).  Raises
     UserError on bad input before writing anything (with ``cfg.gate``: also
     when no threshold can judge the run), GateFailed (after writing every
     file) when ``cfg.gate`` and the score is below threshold.
@@ -135,6 +138,7 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
     from ..chat import load_tokenizer
 
     started = time.perf_counter()
+    writer = getattr(engine, "rank", 0) == 0
     cfg.check()
     dataset = load_dataset(cfg.mode, cfg.work_dir)
     subjects = select_subjects(dataset, cfg.subjects)
@@ -166,20 +170,25 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
         cfg.mode, len(subjects), len(selection), len(selection) - len(pending) - len(too_long),
         cfg.out_dir / "cache.csv", len(pending), len(too_long), cfg.max_prompt_tokens,
     )
-    for f in too_long:
+    _same_on_every_rank(engine, [(f.question.subject, f.question.qid) for f in pending])
+    for f in too_long if writer else ():
         log.warning(
             "too long: %s %s needs %d tokens with 1 shot (> %d); %s",
             f.question.subject, f.question.qid, f.tokens, cfg.max_prompt_tokens, TOO_LONG_POLICIES[cfg.too_long],
         )
 
-    # From here on files are written.
+    # From here on files are written (by rank 0 alone under torchrun; the others ask and return).
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     engine_s = 0.0
     tokens = {"total": 0, "prefilled": 0}
     rank_info: list[dict] = []
     if pending:
-        engine_s, tokens, rank_info = _ask(cfg, spec, engine, tokenizer, letter_ids, pending, existing, settings)
+        engine_s, tokens, rank_info = _ask(cfg, spec, engine, tokenizer, letter_ids, pending, existing, settings,
+                                           writer)
+    if not writer:
+        return None
     summary = finalize(cfg, dataset, fitted, settings, spec, model_key, thresholds)
     summary["environment"] = (rank_info[0].get("environment") if rank_info
                               else devices.environment_record(spec.device, spec.device_index(0)))
@@ -201,20 +210,31 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
     gate = summary["gate"]
     if cfg.gate:
         if gate["status"] == "failed":
-            raise GateFailed(f"{cfg.mode} gate failed for {model_key}: {_margins(gate, 'failed', '<')}\n{table}")
+            failed = GateFailed(f"{cfg.mode} gate failed for {model_key}: {format_verdicts(gate, 'failed')}\n{table}")
+            failed.summary = summary
+            raise failed
         if gate["status"] != "passed":  # refused up front; should a path be missed, still no pass
             raise GateFailed(f"{cfg.mode} gate not judged for {model_key}: {gate.get('reason', '')}\n{table}")
-        log.info("%s gate passed for %s: %s", cfg.mode, model_key, _margins(gate, "passed", ">="))
+        log.info("%s gate passed for %s: %s", cfg.mode, model_key, format_verdicts(gate, "passed"))
     return summary
 
 
-def _margins(gate: dict, status: str, relation: str) -> str:
-    """The verdicts with this status, as 'generate 25.71% >= 25.71 - 1.0; ...'."""
-    return "; ".join(
-        f"{v['scoring']} {v['score']:.2f}% {relation} {v['threshold']} - {v['tolerance']}"
-        for v in gate["verdicts"]
-        if v["status"] == status
-    )
+def _same_on_every_rank(engine, keys: list) -> None:
+    """Under torchrun, check every rank is about to ask the same questions (a collective: all ranks call it).
+
+    Every rank reads the cache before any rank writes, and a rank that saw another cache would
+    otherwise deadlock the collectives of the first generate.
+    """
+    gather = getattr(engine, "_gather", None)  # SpmdEngine's all_gather_object; in-process engines have one view
+    if gather is None:
+        return
+    import hashlib
+    import json
+
+    seen = gather(hashlib.sha1(json.dumps(keys).encode()).hexdigest())  # hash() of str differs per process
+    if len(set(seen)) != 1:
+        raise EngineError("torchrun ranks disagree on the questions left to ask: each rank must see the same "
+                          "output dir (a shared filesystem)")
 
 
 def common_prefix_len(prompts: list[list[int]]) -> int:
@@ -250,8 +270,18 @@ def ask_order(pending: list[FittedPrompt], batch: int, prefix_cache: bool) -> li
     return out
 
 
+class _NoFile:
+    """Where a torchrun rank other than 0 writes its answers: nowhere (rank 0 writes the same answers)."""
+
+    def write(self, text: str, sync: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], existing: _Existing,
-         settings) -> tuple[float, dict, list[dict]]:
+         settings, writer: bool = True) -> tuple[float, dict, list[dict]]:
     """Ask every pending question in batches, recording each answer before the next.
 
     Returns engine seconds, prompt tokens (``total``; ``prefilled``: what
@@ -259,13 +289,12 @@ def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], 
     """
     from tqdm import tqdm
 
-    from ..workers import Engine
-
     out = cfg.out_dir
     files = R.cache_files(cfg.scoring)
-    answers = R.AppendLog(out / R.ANSWERS)
-    caches = {s: R.AppendLog(out / f) for s, f in files.items()}
-    device_log = R.AppendLog(out / R.DEVICE_LOG)
+    open_log = R.AppendLog if writer else (lambda path: _NoFile())
+    answers = open_log(out / R.ANSWERS)
+    caches = {s: open_log(out / f) for s, f in files.items()}
+    device_log = open_log(out / R.DEVICE_LOG)
     primary = cfg.scorings[0]
     correct = sum(truth == pred for truth, pred in existing.caches[primary].values())
     counted = len(existing.caches[primary])
@@ -275,10 +304,13 @@ def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], 
     # Only the letters' logits cross back from the ranks, in this column order.
     columns = {letter: i for i, letter in enumerate(letter_ids)} if letter_ids is not None else None
     logit_ids = list(letter_ids.values()) if letter_ids is not None else None
-    bar = tqdm(total=len(pending), unit="q", desc=f"{cfg.mode} {cfg.scoring}", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=len(pending), unit="q", desc=f"{cfg.mode} {cfg.scoring}", disable=not (cfg.progress and writer),
+               dynamic_ncols=True)
     try:
         if engine is None:
-            own = engine = Engine(spec)
+            from ..drivers import open_engine
+
+            own = engine = open_engine(spec)
         max_new = cfg.seq_len_out if "generate" in cfg.scorings else 1
         last_prefix = None
         for chunk, shared in ask_order(pending, cfg.batch, cfg.prefix_cache == "on"):
