@@ -22,6 +22,8 @@ import pytest
 from vicuna_bench import binding
 from vicuna_bench.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 DATA = Path(__file__).parent / "data" / "npu"
 
 # node 0 of the A2 host: 0-23,48-71; node 1: 24-47,72-95.

@@ -25,6 +25,8 @@ from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import Engine, EngineSpec
 from vicuna_bench.sharding import TensorParallel
 
+pytestmark = pytest.mark.unit
+
 PROMPTS = [[5, 6, 7, 8], [9, 10]]
 
 

@@ -11,6 +11,8 @@ from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
+pytestmark = pytest.mark.unit
+
 DECODE_STEPS = 32
 
 

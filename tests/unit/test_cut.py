@@ -18,6 +18,8 @@ from vicuna_bench.config import ModelArgs
 from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.sharding import valid_world_sizes
 
+pytestmark = pytest.mark.unit
+
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
 

@@ -25,6 +25,8 @@ from vicuna_bench.errors import UserError
 from vicuna_bench.generation import GenerationResult
 from vicuna_bench.runtime import merge_rank_results
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

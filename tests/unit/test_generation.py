@@ -10,6 +10,8 @@ from vicuna_bench.generation import SamplingConfig, select_tokens
 from vicuna_bench.errors import UserError
 from vicuna_bench.pytest_plugin import make_engine_spec
 
+pytestmark = pytest.mark.unit
+
 PROMPTS = [[5, 17, 99, 3], [8, 9], [250, 42, 7, 7, 7, 100]]
 
 

@@ -16,6 +16,8 @@ import pytest
 from vicuna_bench import settings
 from vicuna_bench.pytest_plugin import RUN_MODEL, HwRun, hw_run_of
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"vicuna": Path("/tiny/vicuna"), "gqa": Path("/tiny/gqa")}
 

@@ -26,6 +26,8 @@ from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import Engine, build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # A mid-size checkpoint: 67.8 M parameters, 271 MB in fp32, few layers so that one layer is a large part of it.

@@ -22,6 +22,8 @@ from vicuna_bench.errors import UserError
 from vicuna_bench.nightly import history as H
 from vicuna_bench.nightly.history import Metric
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

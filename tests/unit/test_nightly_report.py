@@ -19,6 +19,8 @@ from vicuna_bench.nightly.report import (
 )
 from vicuna_bench.nightly.rules import Gate
 
+pytestmark = pytest.mark.unit
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MMLU_GATE = Gate("mmlu/generate accuracy", "passed", 24.9, 23.9, "%", "threshold 24.9 - tolerance 1.0", "mmlu/generate")
 

@@ -18,6 +18,8 @@ from vicuna_bench.nightly import runner
 from vicuna_bench.nightly.history import list_runs
 from vicuna_bench.nightly.rules import Gate, gate_tally, judge, overall
 
+pytestmark = pytest.mark.unit
+
 HW = Gate("hw suite", "passed", 12, 12, "tests", "0 skipped")
 MMLU = Gate("mmlu/generate accuracy", "passed", 24.9, 23.9, "%", "threshold 24.9 - tolerance 1.0", "mmlu/generate")
 PERF_LEFT_OUT = Gate("perf stage", "n/a", detail="not in --stages")

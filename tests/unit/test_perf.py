@@ -22,6 +22,8 @@ from vicuna_bench.errors import GateFailed
 from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import Engine
 
+pytestmark = pytest.mark.unit
+
 # Copied by hand from shared/spec/REFERENCE.md (and the vendor's source).
 HEADER = (
     "batch_size,input_seq_len(Encoding),output_seq_len(Decoding),ResponseTime(s),forward_first_token_time(ms),"

@@ -16,6 +16,8 @@ from tests.unit.precision_fixtures import make_synthetic_mmlu, mmlu_row, write_c
 from tests.unit.test_cli import assert_one_line_error, vb
 from tests.unit.test_precision import assert_same_files
 
+pytestmark = pytest.mark.unit
+
 # ------------------------------------------------------------------ bad input: exit 2, one line, nothing written
 
 

@@ -15,6 +15,8 @@ from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
+pytestmark = pytest.mark.unit
+
 PREFIX = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
 PROMPTS = [PREFIX + [30, 31, 32], PREFIX + [40], PREFIX + [50, 51, 52, 53, 54, 55], PREFIX + [60, 61]]
 

@@ -18,6 +18,8 @@ from tests.unit.precision_fixtures import make_synthetic_ceval, make_synthetic_m
 from tests.unit.test_cli import assert_one_line_error, vb
 from tests.unit.test_precision import assert_same_files
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
 

@@ -22,6 +22,8 @@ from vicuna_bench.errors import UserError
 from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.vendor_cut import cut_world_size, is_vendor_cut
 
+pytestmark = pytest.mark.unit
+
 PROMPT = [5, 17, 99, 3, 250, 42]
 STEPS = 6
 NO_CHECKSUMS = "no checksums to verify"

@@ -29,6 +29,8 @@ from vicuna_bench.precision.prompt import build_prompt, fit_prompt, letter_token
 from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import Engine
 
+pytestmark = pytest.mark.unit
+
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 VECTORS = SHARED / "models" / "llama2-tokenizer"
 SEPARATOR = "\n__ggml_vocab_test__\n"
