@@ -17,7 +17,8 @@ collection with one line per test.
 In the unit tier, while a test's setup, call and teardown run (session
 fixtures it is the first to ask for included), starting a process is refused:
 ``subprocess`` (every ``Popen``), ``os.fork`` / ``forkpty`` / ``posix_spawn`` /
-``system``, and ``multiprocessing`` (every context's ``Process.start``, hence
+``system``, and ``multiprocessing`` (every context's ``Process.start`` and its
+helper processes, hence
 ``torch.multiprocessing`` and process pools).  The call raises
 :class:`ProcessInUnitTier` naming the test; should the code under test swallow
 that error, the test fails anyway when the phase ends.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing.process
+import multiprocessing.util
 import os
 import subprocess
 from pathlib import Path
@@ -85,6 +87,8 @@ def _refuser(nodeid: str, what: str, attempts: list[str]):
 PROCESS_STARTS = (
     (subprocess.Popen, "_execute_child", "subprocess.Popen"),
     (multiprocessing.process.BaseProcess, "start", "multiprocessing Process.start"),
+    # multiprocessing's helper processes (resource tracker, forkserver) start through here, not Popen.
+    (multiprocessing.util, "spawnv_passfds", "multiprocessing.util.spawnv_passfds"),
     (os, "fork", "os.fork"),
     (os, "forkpty", "os.forkpty"),
     (os, "posix_spawn", "os.posix_spawn"),

@@ -80,13 +80,6 @@ def test_vicuna_v11_format_without_a_chat_template(tiny_models):
     assert encode_prompt(tok, "w5 w6", chat=False) == [1, 5, 6]
 
 
-def test_checkpoint_chat_template_is_used(smollm2_path):
-    tok = load_tokenizer(smollm2_path)
-    ids = encode_prompt(tok, "Hi")
-    text = tok.decode(ids)
-    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-
-
 def test_prompt_token_outside_vocabulary(tiny_models, engine_factory):
     engine = engine_factory(make_engine_spec(tiny_models["vicuna"], 1, "cpu", "fp32", 64))
     with pytest.raises(UserError, match="token id 1001 is outside the vocabulary"):

@@ -7,7 +7,7 @@ import torch
 
 from vicuna_bench.pytest_plugin import make_engine_spec
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 STEPS = 12
 
