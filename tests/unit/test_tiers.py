@@ -89,3 +89,15 @@ def test_a_test_without_a_tier_stops_the_collection(pytester):
         "test_inner.py::test_a: no tier marker; mark it with exactly one of pytest.mark.unit | integration | *",
         "test_inner.py::test_b: tier markers integration, unit; *",
     ])
+
+
+def test_a_tier_its_folder_contradicts_is_named():
+    def item(folder: str, tier: str, name: str):
+        mark = types.SimpleNamespace(name=tier)
+        return types.SimpleNamespace(nodeid=f"tests/{folder}/test_x.py::{name}", path=tiers.SUITE / folder / "test_x.py",
+                                     iter_markers=lambda: iter([mark]))
+
+    assert tiers.tier_errors([item("unit", "unit", "test_a"), item("integration", "integration", "test_b")]) == []
+    assert tiers.tier_errors([item("unit", "integration", "test_a"), item("unit", "integration", "test_b")]) == [
+        "tests/unit/test_x.py (2 tests): marked integration but in tests/unit; move it to tests/integration "
+        "or mark it unit"]
