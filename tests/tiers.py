@@ -3,7 +3,7 @@
 A pytest plugin (the root conftest.py loads it).  Tiers, by marker:
 
 * ``unit``: in-process, tiny models, no subprocess, no multiprocessing, no real
-  data; ``pytest -m unit -n 2`` runs in a few minutes on 2 cores.
+  data; ``pytest -m unit -n 2`` takes well under a minute on 2 cores.
 * ``integration``: subprocess CLI runs, nested pytest runs, multi-rank engines
   (worker processes over gloo), torch.compile (inductor runs a C++ compiler),
   the real model and data, kill tests.
@@ -12,14 +12,14 @@ A pytest plugin (the root conftest.py loads it).  Tiers, by marker:
 A test module says its tier itself (``pytestmark = pytest.mark.unit``); the
 folder it lives in must agree (``tests/unit`` holds unit tests only, and so on).
 A test with no tier, two tiers, or a tier its folder contradicts stops the
-collection with one line per test.
+collection with one line per module (or test) at fault.
 
 In the unit tier, while a test's setup, call and teardown run (session
 fixtures it is the first to ask for included), starting a process is refused:
 ``subprocess`` (every ``Popen``), ``os.fork`` / ``forkpty`` / ``posix_spawn`` /
 ``system``, and ``multiprocessing`` (every context's ``Process.start`` and its
-helper processes, hence
-``torch.multiprocessing`` and process pools).  The call raises
+helper processes, hence ``torch.multiprocessing`` and process pools); threads
+are allowed.  The call raises
 :class:`ProcessInUnitTier` naming the test; should the code under test swallow
 that error, the test fails anyway when the phase ends.
 """
