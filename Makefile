@@ -12,11 +12,13 @@ NIGHTLY_ARGS ?= --quick
 # The oldest supported stack (tox.ini [testenv:compat] says why each pin): its own venv and model cache.
 COMPAT_VENV ?= .venv-compat
 COMPAT_SPEC ?= torch==2.1.0 "numpy<2" transformers==4.55.4 "setuptools<82"
-COMPAT_TESTS ?= tests/unit/test_conformance.py tests/unit/test_decode_step.py tests/unit/test_generation.py \
-	tests/unit/test_sharding.py tests/unit/test_prefix_reuse.py tests/unit/test_cut.py tests/unit/test_faults.py \
-	tests/unit/test_vendor_cut.py tests/unit/test_long_context.py tests/unit/test_stack.py
+COMPAT_TESTS ?= tests/unit/test_conformance.py tests/integration/test_conformance.py tests/unit/test_decode_step.py \
+	tests/integration/test_decode_step.py tests/unit/test_generation.py tests/integration/test_generation.py \
+	tests/integration/test_sharding.py tests/unit/test_prefix_reuse.py tests/integration/test_prefix_reuse.py \
+	tests/unit/test_cut.py tests/integration/test_cut.py tests/integration/test_faults.py tests/unit/test_vendor_cut.py \
+	tests/integration/test_vendor_cut.py tests/unit/test_long_context.py tests/unit/test_stack.py
 
-.PHONY: setup demo test test-compat test-perf test-accuracy test-hw nightly clean
+.PHONY: setup demo test test-unit test-integration test-perf-smoke test-compat test-perf test-accuracy test-hw nightly clean
 
 setup: $(VENV)/.installed
 
@@ -32,15 +34,25 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/vicuna-bench run --prompt "What is the capital of France? Answer in one sentence."
 
-# The unit suite, then the perf suite's CI-sized run: a tiny model over 8 CPU ranks.
-test: setup
-	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+# CI: the unit tier (in-process, ~3 min on 2 cores with 2 xdist workers), the integration tier (subprocesses,
+# multi-rank engines, real model and data), then the perf suite's CI-sized run: a tiny model over 8 CPU ranks.
+# Each stage fails on its own, "no tests collected" (pytest's exit 5) included.
+test: test-unit test-integration test-perf-smoke
+
+UNIT_WORKERS ?= 2
+test-unit: setup
+	$(BIN)/python -m pytest -m unit -n $(UNIT_WORKERS) $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+test-perf-smoke: setup
 	$(BIN)/python -m pytest -m perf tests/perf/test_latency.py --world-size 8 --perf-repeat 2 \
 		--perf-output-dir build/perf-ci $(PYTEST_ARGS)
 
 # The engine, compile, decode-step, TP and checkpoint tests on the oldest supported torch (~2.5 GB to install).
 test-compat: $(COMPAT_VENV)/.installed
-	VICUNA_BENCH_CACHE=$(abspath $(COMPAT_VENV))/cache $(COMPAT_VENV)/bin/python -m pytest -m unit $(COMPAT_TESTS) \
+	VICUNA_BENCH_CACHE=$(abspath $(COMPAT_VENV))/cache $(COMPAT_VENV)/bin/python -m pytest -m "unit or integration" $(COMPAT_TESTS) \
 		$(PYTEST_ARGS)
 
 $(COMPAT_VENV)/.installed: pyproject.toml Makefile

@@ -1,21 +1,21 @@
-"""Suite-wide test setup: markers by folder, and tiny random Llama checkpoints."""
+"""Suite-wide test setup: the tiers (tests/tiers.py), and tiny random Llama checkpoints."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pytest
 
-FOLDER_MARKERS = {"unit": "unit", "hw": "hw", "accuracy": "accuracy", "perf": "perf"}
+pytest_plugins = ["tests.tiers"]
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        parts = Path(str(item.fspath)).parts
-        for folder, marker in FOLDER_MARKERS.items():
-            if "tests" in parts and folder in parts:
-                item.add_marker(getattr(pytest.mark, marker))
+def pytest_sessionstart(session):
+    # A test's subprocesses (nested pytest runs, the nightly's pytest stages, CLI runs) are fresh runs, not
+    # xdist workers: pytest-benchmark disables itself where PYTEST_XDIST_WORKER is set, and PYTEST_ADDOPTS
+    # would hand them the outer run's options.  Both were read by this run's
+    # configure hooks already (the plugin's CPU share, pytest-benchmark).
+    for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")] + ["PYTEST_ADDOPTS"]:
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")

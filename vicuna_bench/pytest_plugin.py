@@ -23,7 +23,9 @@ import pytest
 from . import settings
 
 MARKERS = {
-    "unit": "CPU, fast, always run",
+    "unit": "in-process on CPU: tiny models, no subprocess or multiprocessing, no real data (minutes)",
+    "integration": "subprocess CLI and nested pytest runs, multi-rank engines, torch.compile, the real model and "
+                   "data, kill tests (CPU)",
     "hw": "needs an NPU or GPU (skipped with a reason otherwise)",
     "accuracy": "needs a model and data; release gate",
     "perf": "benchmarks; record, never fail on absolute time",

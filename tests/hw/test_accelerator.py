@@ -6,6 +6,8 @@ import pytest
 
 from tests.hw.conftest import device_count, skip_unless_chip_runs
 
+pytestmark = pytest.mark.hw
+
 
 @pytest.mark.hw_matrix(model=["vicuna"], dtype=["fp16", "bf16"])
 def test_half_precision_on_device_tracks_cpu_fp32(device_type, chip_family, dtype, model_path, hw_run, engine_factory):

@@ -22,6 +22,8 @@ import torch
 from vicuna_bench import binding
 from tests.hw.conftest import device_count, skip_unless_chip_runs
 
+pytestmark = pytest.mark.hw
+
 # Per-dtype tolerance on the last-position logits, relative to the logit scale (the max |logit|).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 7, 31], [8, 9, 10]]

@@ -21,6 +21,8 @@ from tests import tiny
 from tests.unit.precision_fixtures import make_synthetic_mmlu
 from tests.hw.conftest import device_count
 
+pytestmark = pytest.mark.hw
+
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_HEADER = (
     "batch_size,input_seq_len(Encoding),output_seq_len(Decoding),ResponseTime(s),forward_first_token_time(ms),"

@@ -18,6 +18,8 @@ import torch
 
 from vicuna_bench.pytest_plugin import make_engine_spec
 
+pytestmark = pytest.mark.perf
+
 SEQ_IN, SEQ_OUT, REPEATS = 256, 64, 3
 
 

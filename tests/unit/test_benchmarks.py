@@ -12,6 +12,8 @@ import pytest
 from tests import tiny
 from vicuna_bench.pytest_plugin import make_engine_spec
 
+pytestmark = pytest.mark.unit
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 

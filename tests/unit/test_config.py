@@ -8,6 +8,8 @@ from vicuna_bench.config import ModelArgs, default_max_seq_len
 from vicuna_bench.errors import UserError
 from vicuna_bench.sharding import ShardPlan, valid_world_sizes
 
+pytestmark = pytest.mark.unit
+
 # config.json as lmsys/vicuna-13b-v1.5-16k ships it (older dialect)
 VICUNA_16K = {
     "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",

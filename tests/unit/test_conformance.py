@@ -11,6 +11,8 @@ from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
+pytestmark = pytest.mark.unit
+
 DECODE_STEPS = 32
 
 
@@ -81,11 +83,3 @@ def test_dynamic_rope_really_extends_past_max_positions(tiny_models, engine_fact
     assert runs["dynamic"].output_ids[0][:native] == runs["plain"].output_ids[0][:native]
     torch.testing.assert_close(ours[:native], plain_logits[:native], rtol=1e-5, atol=1e-5)
     assert (ours[native] - plain_logits[native]).abs().max() > 1e-3  # the NTK base took over at 17 positions
-
-
-def test_smollm2_matches_transformers(smollm2_path, engine_factory, compile_mode):
-    from vicuna_bench.chat import load_tokenizer
-
-    tok = load_tokenizer(smollm2_path)
-    prompt = tok("The three primary colours are red, yellow and")["input_ids"]
-    _check_model(smollm2_path, list(prompt), engine_factory, compile_mode)

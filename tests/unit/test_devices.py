@@ -5,8 +5,10 @@ availability faked (no NPU or GPU here): a fake ``torch_npu`` module, a fake
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import importlib.util
 import logging
+import platform
 import sys
 import types
 
@@ -16,7 +18,12 @@ import torch
 from vicuna_bench import devices
 from vicuna_bench.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 _real_find_spec = importlib.util.find_spec
+# shared/spec/NPU.md, "Environment that changes behaviour or timings (record it with results)".
+NPU_ENV_IN_SPEC = ("ASCEND_RT_VISIBLE_DEVICES", "TASK_QUEUE_ENABLE", "CPU_AFFINITY_CONF", "PYTORCH_NPU_ALLOC_CONF",
+                   "HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT", "HCCL_BUFFSIZE")
 
 
 def fake_npu(monkeypatch, *, installed=True, importable=True, available=True, count=8, name="Ascend910B3"):
@@ -154,38 +161,59 @@ def test_npu_environment_record(monkeypatch):
     monkeypatch.setattr(
         importlib.metadata, "version", lambda n: "2.1.0.post8" if n == "torch_npu" else real_version(n)
     )
-    for k in devices.NPU_TIMING_ENV:
+    for k in NPU_ENV_IN_SPEC:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("TASK_QUEUE_ENABLE", "1")
     monkeypatch.setenv("HCCL_BUFFSIZE", "110")
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "0,1,2,3")
-    rec = devices.environment_record("npu", 1)
-    assert rec["device_name"] == "Ascend910B2C"
-    assert rec["torch_npu"] == "2.1.0.post8"
-    assert rec["torch"] == torch.__version__
-    assert rec["cuda"] is None
-    assert rec["env"] == {
-        "TASK_QUEUE_ENABLE": "1",
-        "CPU_AFFINITY_CONF": None,
-        "PYTORCH_NPU_ALLOC_CONF": None,
-        "HCCL_CONNECT_TIMEOUT": None,
-        "HCCL_EXEC_TIMEOUT": None,
-        "HCCL_BUFFSIZE": "110",
-        "ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3",
+    assert devices.environment_record("npu", 1) == {
+        "device_type": "npu",
+        "device_name": "Ascend910B2C",
+        "chip_family": "d9",  # a 910B: Atlas 800I A2 (shared/spec/NPU.md)
+        "torch": torch.__version__,
+        "torch_npu": "2.1.0.post8",
+        "torchair": "6.0.rc3",  # Huawei's release notes: torch_npu 2.1.0.post8 ships torchair 6.0.rc3
+        "cuda": None,
+        "python": platform.python_version(),
+        # Every variable shared/spec/NPU.md says to record with results; unset ones as None.
+        "env": {k: None for k in NPU_ENV_IN_SPEC} | {
+            "TASK_QUEUE_ENABLE": "1", "HCCL_BUFFSIZE": "110", "ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"},
     }
 
 
-def test_npu_device_name_comes_from_torch_npu(monkeypatch):
-    fake_npu(monkeypatch, name="Ascend310P3")
-    assert devices.device_name_of("npu", 0) == "Ascend310P3"
+def test_the_record_names_the_ranks_own_device(monkeypatch):
+    """Rank 1's record describes device 1, with the chip family of that device's name."""
+    fake_npu(monkeypatch)
+    names = {0: "Ascend910B3", 1: "Ascend310P3"}
+    monkeypatch.setattr(torch.npu, "get_device_name", lambda index=0: names[index])
+    record = devices.environment_record("npu", 1)
+    assert (record["device_name"], record["chip_family"]) == ("Ascend310P3", "d3")
+
+
+# Captured from a Xeon E5620 host: the kernel pads the name as the CPU reports it.
+CPUINFO_E5620 = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 44
+model name\t: Intel(R) Xeon(R) CPU           E5620  @ 2.40GHz
+stepping\t: 2
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) CPU           E5620  @ 2.40GHz
+"""
 
 
 def test_cpu_environment_record(monkeypatch):
+    real_open = open
+    monkeypatch.setattr(devices, "open", lambda path, *a, **k: io.StringIO(CPUINFO_E5620)
+                        if path == "/proc/cpuinfo" else real_open(path, *a, **k), raising=False)
     monkeypatch.setenv("TASK_QUEUE_ENABLE", "1")  # an NPU setting: not recorded off NPU
-    rec = devices.environment_record("cpu")
-    assert rec["device_name"] == devices.cpu_model_name()
-    assert (rec["torch_npu"], rec["cuda"], rec["env"]) == (None, None, {})
-    assert rec["torch"] == torch.__version__
+    assert devices.environment_record("cpu") == {
+        "device_type": "cpu", "device_name": "Intel(R) Xeon(R) CPU E5620 @ 2.40GHz", "chip_family": None,
+        "torch": torch.__version__, "torch_npu": None, "torchair": None, "cuda": None,
+        "python": platform.python_version(), "env": {},
+    }
 
 
 # ---------------------------------------------------------------- chip detection (--device-type auto)

@@ -10,6 +10,8 @@ from vicuna_bench.generation import SamplingConfig, select_tokens
 from vicuna_bench.errors import UserError
 from vicuna_bench.pytest_plugin import make_engine_spec
 
+pytestmark = pytest.mark.unit
+
 PROMPTS = [[5, 17, 99, 3], [8, 9], [250, 42, 7, 7, 7, 100]]
 
 
@@ -76,13 +78,6 @@ def test_vicuna_v11_format_without_a_chat_template(tiny_models):
     assert expected[0] == 1  # BOS from the Llama-style tokenizer
     assert VICUNA_SYSTEM.endswith("answers to the user's questions.")
     assert encode_prompt(tok, "w5 w6", chat=False) == [1, 5, 6]
-
-
-def test_checkpoint_chat_template_is_used(smollm2_path):
-    tok = load_tokenizer(smollm2_path)
-    ids = encode_prompt(tok, "Hi")
-    text = tok.decode(ids)
-    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_prompt_token_outside_vocabulary(tiny_models, engine_factory):

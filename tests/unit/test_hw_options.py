@@ -6,9 +6,6 @@ real tests/hw are collected (not run) with and without those options.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,8 @@ import pytest
 from vicuna_bench import settings
 from vicuna_bench.pytest_plugin import RUN_MODEL, HwRun, hw_run_of
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.unit
+
 TINY = {"vicuna": Path("/tiny/vicuna"), "gqa": Path("/tiny/gqa")}
 
 
@@ -53,21 +51,3 @@ def test_world_size_1_and_auto_dtype_and_a_cpu_device_leave_the_choice_to_the_te
 def test_an_engine_spec_carries_the_chip_family(tiny_models):
     spec = hw_run_of(model_options(device_type="d3")).engine_spec(tiny_models["gqa"], 1, "cpu", "fp32")
     assert (spec.device_type, spec.world_size, spec.dtype, spec.max_seq_len) == ("d3", 1, "fp32", 64)
-
-
-def collect_hw(*options: str) -> list[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "hw",
-                           "tests/hw", *options], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return [line for line in done.stdout.splitlines() if "::" in line]
-
-
-def test_the_collected_hw_tests_follow_the_options():
-    ids = collect_hw("--model-path", "/models/vicuna_parallel_8", "--world-size", "4", "--dtype", "fp16")
-    names = {i.split("/")[-1] for i in ids}
-    assert "test_engine_hw.py::test_all_devices_match_one_device[run-fp16]" in names
-    assert "test_engine_hw.py::test_compiled_decode_matches_eager[run-fp16]" in names
-    assert "test_accelerator.py::test_device_backend_world_size_2[run]" in names
-    assert "test_vendor_hw.py::test_performance[4]" in names
-    assert not [n for n in names if "[vicuna" in n or "gqa" in n or "embedded" in n or "bf16" in n], names

@@ -17,6 +17,8 @@ from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import Engine, build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
+pytestmark = pytest.mark.unit
+
 # tests/tiny.py GQA: 2 layers, 2 key/value heads, head_dim 64 / 8 = 8, fp32: a set holds k and v per layer.
 SET_BYTES_PER_SLOT_ROW = 2 * 2 * 2 * 8 * 4  # (k, v) x layers x kv heads x head_dim x 4 bytes = 256
 

@@ -18,6 +18,8 @@ from tests import tiny
 from vicuna_bench.config import ModelArgs
 from vicuna_bench.runtime import EngineSpec
 
+pytestmark = pytest.mark.unit
+
 BEYOND = "beyond the model's context"
 # Vicuna-16k's rope and context, at the smallest size that still has every tensor.
 TINY_16K = dict(tiny.VICUNA_16K_SHAPED, hidden_size=8, num_attention_heads=1, num_key_value_heads=1,

@@ -22,6 +22,8 @@ from vicuna_bench.nightly.rules import (
     Gate, evaluate_run, gates_from_precision_summary, judge, min_p, overall, rank_test,
 )
 
+pytestmark = pytest.mark.unit
+
 FLAT = [100.0] * 7  # seven earlier runs at 100 ms: baseline 100, band (100/1.1, 110)
 
 

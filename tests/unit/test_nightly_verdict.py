@@ -8,15 +8,16 @@ making device resolution say it is there (nothing here runs on it).
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 
 from tests.unit.nightly_fixtures import latency
 from vicuna_bench.cli import main
 from vicuna_bench.nightly import runner
-from vicuna_bench.nightly.history import list_runs
+
 from vicuna_bench.nightly.rules import Gate, gate_tally, judge, overall
+
+pytestmark = pytest.mark.unit
 
 HW = Gate("hw suite", "passed", 12, 12, "tests", "0 skipped")
 MMLU = Gate("mmlu/generate accuracy", "passed", 24.9, 23.9, "%", "threshold 24.9 - tolerance 1.0", "mmlu/generate")
@@ -62,23 +63,6 @@ def test_gate_statuses_are_passed_failed_or_not_applicable():
 
 # ---------------------------------------------------------------- nights with no hw test
 
-ONE_HW_TEST = "import pytest\n\npytestmark = pytest.mark.hw\n\n\ndef test_on_the_device():\n    pass\n"
-
-
-@pytest.fixture
-def hw_suite(tmp_path, monkeypatch):
-    """A hw suite of one test (``tests/hw`` in a folder of its own), or of none: what the night's stage runs."""
-
-    def make(tests: int):
-        folder = tmp_path / "checkout" / "tests" / "hw"
-        folder.mkdir(parents=True)
-        if tests:
-            (folder / "test_device.py").write_text(ONE_HW_TEST)
-        monkeypatch.setattr(runner, "hw_tests_dir", lambda: folder)
-        return folder
-
-    return make
-
 
 @pytest.fixture
 def accelerator(monkeypatch):
@@ -106,39 +90,6 @@ def night(tmp_path, *args: str) -> tuple[int, list[str]]:
     code = main(["nightly", "--stages", "hw", "--compile", "off", "--output-dir", str(tmp_path / "run"),
                  "--history", str(tmp_path / "h.sqlite"), "--no-progress", *args])
     return code, (tmp_path / "run" / "REPORT.md").read_text().splitlines()
-
-
-@pytest.mark.parametrize("device", ["cuda", "npu"])
-def test_an_accelerator_night_whose_hw_suite_ran_no_test_fails(tmp_path, tiny_models, hw_suite, accelerator, device):
-    # The suite's one test is skipped in its own pytest process, which sees no accelerator (the plugin's skip).
-    hw_suite(tests=1)
-    accelerator(device)
-    code, report = night(tmp_path, "--device", device, "--dtype", "fp16", "--model-path", str(tiny_models["gqa"]))
-    assert code == 3
-    assert report[0] == (f"# FAIL: gate failed: hw suite (no test ran, though the night's device is {device}: all 1 "
-                         "tests skipped (hw test: no NPU or CUDA device on this machine))")
-    (stored,) = list_runs(tmp_path / "h.sqlite")
-    assert (stored.run.status, stored.run.device) == ("fail", device)
-
-
-def test_an_accelerator_night_whose_hw_suite_collected_nothing_fails(tmp_path, tiny_models, hw_suite, accelerator):
-    hw_suite(tests=0)
-    accelerator("npu")
-    code, report = night(tmp_path, "--device", "auto", "--dtype", "fp16", "--model-path", str(tiny_models["gqa"]))
-    assert code == 3
-    assert report[0] == ("# FAIL: gate failed: hw suite (no test ran, though the night's device is npu: no hw test "
-                         "collected, see hw-pytest.log)")
-
-
-def test_a_cpu_night_with_only_the_hw_stage_measured_nothing(tmp_path, tiny_models, hw_suite):
-    hw_suite(tests=1)
-    code, report = night(tmp_path, "--device", "cpu", "--model-path", str(tiny_models["gqa"]))
-    assert code == 3
-    assert report[0] == ("# FAIL: nothing was measured: no gate passed (4 not applicable (perf stage, mmlu stage, "
-                         "ceval stage, hw suite)) and no metric was recorded")
-    gates = report[report.index("## Gates") + 2:]
-    assert gates[0] == "4 not applicable (perf stage, mmlu stage, ceval stage, hw suite)."
-    assert "| hw suite | n/a | - | - | - | hw test: no NPU or CUDA device on this machine |" in gates
 
 
 # ---------------------------------------------------------------- a full set's gate is checked before the night
@@ -172,19 +123,3 @@ def test_the_hw_stage_command_carries_the_nights_model_world_size_dtype_and_chip
     assert pairs["--model-path"] == "/models/vicuna_parallel_8" and pairs["--world-size"] == "8"
     assert pairs["--dtype"] == "fp16" and pairs["--device-type"] == "d3" and pairs["--device"] == "npu"
     assert cmd[:5] == [cmd[0], "-m", "pytest", "-m", "hw"]
-
-
-def test_the_hw_stage_runs_on_the_nights_resolved_device(tmp_path, monkeypatch):
-    seen = {}
-
-    def record(values, junit, tests):
-        seen.update(values)
-        return ["false"]  # exits 1 without a JUnit file: the stage then fails, which is not what is checked here
-
-    monkeypatch.setattr(runner, "hw_command", record)
-    monkeypatch.setattr(runner, "hw_tests_dir", lambda: tmp_path / "tests" / "hw")
-    plan = runner.Plan({"device": "auto", "world_size": 1}, ["hw"], tmp_path, tmp_path / "h.sqlite",
-                       spec=dataclasses.make_dataclass("Spec", ["device"])("cuda"))
-    with pytest.raises(runner.StageFailed):
-        runner.run_hw_suite(plan)
-    assert seen["device"] == "cuda"  # 'auto' resolved once, by the night, not again by the suite

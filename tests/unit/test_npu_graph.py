@@ -27,6 +27,8 @@ from vicuna_bench import npu_graph
 from vicuna_bench.errors import UserError
 from vicuna_bench.generation import EAGER
 
+pytestmark = pytest.mark.unit
+
 
 class _Option:
     """torchair ``OptionValue``: a value, from ``optional`` when that is a list."""

@@ -33,6 +33,8 @@ from vicuna_bench.precision.prompt import (
 from vicuna_bench.precision.runner import PrecisionConfig, run_precision
 from vicuna_bench.runtime import EngineSpec
 
+pytestmark = pytest.mark.unit
+
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 needs_shared = pytest.mark.skipif(not (SHARED / "mmlu" / "data").is_dir(), reason="no ../shared/datasets beside the checkout")
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vicuna_bench.precision import results as R
+
+pytestmark = pytest.mark.unit
 
 
 def _write(dir_, records):

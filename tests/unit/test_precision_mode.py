@@ -11,6 +11,8 @@ from tests.unit.precision_fixtures import make_synthetic_ceval, make_synthetic_m
 from vicuna_bench.errors import UserError
 from vicuna_bench.precision.data import check_mode, detect_mode, load_dataset, resolve_mode
 
+pytestmark = pytest.mark.unit
+
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 
 

@@ -15,6 +15,8 @@ from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
+pytestmark = pytest.mark.unit
+
 PREFIX = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
 PROMPTS = [PREFIX + [30, 31, 32], PREFIX + [40], PREFIX + [50, 51, 52, 53, 54, 55], PREFIX + [60, 61]]
 
@@ -64,43 +66,3 @@ def test_a_prompt_that_does_not_extend_the_prefix_is_refused(rank_model):
 
 
 # ------------------------------------------------------------------ through the engine, on every rank
-
-def _last_position_logits(engine, prompts, prefix_len: int) -> list[torch.Tensor]:
-    res = engine.generate(prompts, 1, ignore_eos=True, return_logits=True, prefix_len=prefix_len)
-    return [row[0] for row in res.logits]
-
-
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_engine_prefix_len_matches_full_prefill(tiny_models, world_size):
-    from vicuna_bench.runtime import Engine
-
-    spec = make_engine_spec(str(tiny_models["gqa"]), world_size, "cpu", "fp32", 64)
-    with Engine(spec, workers=world_size > 1) as engine:
-        full = _last_position_logits(engine, PROMPTS, 0)
-        reused = _last_position_logits(engine, PROMPTS, len(PREFIX))
-        again = _last_position_logits(engine, PROMPTS[2:], len(PREFIX))  # the rank keeps the prefix it made
-    for a, b in zip(reused + again, full + full[2:]):
-        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
-
-
-def test_smollm2_prefix_ending_mid_word(smollm2_path):
-    """Real tokenizer: the texts' common prefix is "...Answer: cat", ending mid-word (" cathedral", " catalog",
-    " cat" are each one token); the common token prefix stops before the word, and reuse gives the full prefill's
-    logits."""
-    from vicuna_bench.chat import load_tokenizer
-    from vicuna_bench.precision.runner import common_prefix_len
-    from vicuna_bench.runtime import Engine
-
-    tok = load_tokenizer(smollm2_path)
-    head = "The following are multiple choice questions (with answers) about  biology.\n\nWhich is a mammal?\nAnswer:"
-    texts = [head + " cathedral", head + " catalog of", head + " cat sat"]
-    prompts = [tok(t)["input_ids"] for t in texts]
-    shared = common_prefix_len(prompts)
-    assert shared == len(tok(head)["input_ids"])  # the common text prefix (head + " cat") ends inside a token
-    assert len({p[shared] for p in prompts}) == 3
-    spec = make_engine_spec(str(smollm2_path), 1, "cpu", "fp32", 256)
-    with Engine(spec) as engine:
-        full = _last_position_logits(engine, prompts, 0)
-        reused = _last_position_logits(engine, prompts, shared)
-    for a, b in zip(reused, full):
-        assert (a - b).abs().max() <= 1e-4 * b.abs().max()

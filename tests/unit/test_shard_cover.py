@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,8 @@ from safetensors.torch import save_file
 
 from vicuna_bench.checkpoint import cut_checkpoint, iter_rank_tensors, read_model_args
 from vicuna_bench.sharding import ShardPlan, valid_world_sizes
+
+pytestmark = pytest.mark.unit
 
 MAX_WORLD = 8
 

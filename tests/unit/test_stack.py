@@ -8,6 +8,8 @@ from vicuna_bench import spec
 from vicuna_bench.errors import UserError
 from vicuna_bench.pytest_plugin import make_engine_spec
 
+pytestmark = pytest.mark.unit
+
 
 def test_fp16_on_cpu_is_refused_where_torch_cannot_multiply_it(tiny_models, monkeypatch):
     monkeypatch.setattr(spec, "cpu_fp16_matmul", lambda: False)  # torch 2.1: "addmm_impl_cpu_" for 'Half'

@@ -11,6 +11,8 @@ import pytest
 from vicuna_bench import vendor
 from vicuna_bench.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 GUIDE = Path(__file__).parent / "data" / "sdk_config_guide.ini"
 
 

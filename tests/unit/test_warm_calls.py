@@ -21,6 +21,8 @@ from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
+pytestmark = pytest.mark.unit
+
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
 NEW_TOKENS = 5
 

@@ -18,12 +18,14 @@ import pytest
 
 from tests import tiny
 from tests.unit.precision_fixtures import make_synthetic_mmlu
-from tests.unit.test_cli import assert_one_line_error, vb
+from tests.integration.test_cli import assert_one_line_error, vb
 from vicuna_bench import perf, settings
 from vicuna_bench.cli import build_parser, main
 from vicuna_bench.errors import UserError
 from vicuna_bench.generation import GenerationResult
 from vicuna_bench.runtime import merge_rank_results
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,6 +12,8 @@ import pytest
 
 from vicuna_bench.checkpoint import cut_checkpoint
 
+pytestmark = pytest.mark.integration
+
 
 def vb(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     import os

@@ -30,7 +30,7 @@ SUBJECT_STRIDE = 9  # ... of every ninth subject in sorted order ...
 EXTRA_SUBJECTS = ("high_school_european_history", "professional_law", "high_school_chinese")  # ... and these
 MODES = ("mmlu", "ceval")
 
-pytestmark = pytest.mark.skipif(not (SHARED / "mmlu" / "data").is_dir(), reason="no ../shared/datasets beside the checkout")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not (SHARED / "mmlu" / "data").is_dir(), reason="no ../shared/datasets beside the checkout")]
 
 
 def subset_subjects(mode: str) -> list[str]:

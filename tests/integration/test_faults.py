@@ -13,6 +13,8 @@ from vicuna_bench.errors import EngineError
 from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import Engine
 
+pytestmark = pytest.mark.integration
+
 
 def _gone(pid: int) -> bool:
     try:

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.unit.precision_fixtures import make_synthetic_mmlu, mmlu_row, write_csv
-from tests.unit.test_cli import assert_one_line_error, vb
+from tests.integration.test_cli import assert_one_line_error, vb
 from tests.unit.test_precision import assert_same_files
+
+pytestmark = pytest.mark.integration
 
 # ------------------------------------------------------------------ bad input: exit 2, one line, nothing written
 

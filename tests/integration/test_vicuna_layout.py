@@ -21,13 +21,15 @@ import pytest
 import torch
 
 from tests import tiny
-from tests.unit.test_cli import assert_one_line_error, vb
+from tests.integration.test_cli import assert_one_line_error, vb
 from vicuna_bench.chat import load_tokenizer, vicuna_v11_prompt
 from vicuna_bench.checkpoint import cut_checkpoint
 from vicuna_bench.precision.data import load_dataset
 from vicuna_bench.precision.prompt import build_prompt, fit_prompt, letter_token_ids
 from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import Engine
+
+pytestmark = pytest.mark.integration
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 VECTORS = SHARED / "models" / "llama2-tokenizer"

@@ -25,6 +25,8 @@ from vicuna_bench.cli import main
 from vicuna_bench.nightly import runner
 from vicuna_bench.nightly.history import list_runs, load_run, record_run
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 QUICK_SECONDS = 600  # a guard against a hung run, not a timing
 

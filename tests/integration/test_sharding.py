@@ -7,6 +7,8 @@ import torch
 
 from vicuna_bench.pytest_plugin import make_engine_spec
 
+pytestmark = pytest.mark.integration
+
 STEPS = 12
 
 

@@ -15,8 +15,10 @@ import pytest
 
 from tests import tiny
 from tests.unit.precision_fixtures import make_synthetic_ceval, make_synthetic_mmlu
-from tests.unit.test_cli import assert_one_line_error, vb
+from tests.integration.test_cli import assert_one_line_error, vb
 from tests.unit.test_precision import assert_same_files
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
