@@ -12,8 +12,10 @@ import os
 import pytest
 
 from tests import tiny
-from tests.unit.test_sdk_test import cpu_set
+from tests.integration.test_sdk_test import cpu_set
 from vicuna_bench import drivers
+
+pytestmark = pytest.mark.integration
 
 
 def nightly_spec(model, tmp_path, bind: bool):

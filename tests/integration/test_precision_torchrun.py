@@ -6,6 +6,8 @@ every rank asks the same questions, rank 0 alone writes.
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from pathlib import Path
 
 from tests import tiny
 from tests.unit.precision_fixtures import make_synthetic_mmlu
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPARED = ("cache.csv", "result_subject_acc.json", "result_classes_acc.json")

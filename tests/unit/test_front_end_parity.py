@@ -18,6 +18,8 @@ from tests import tiny
 from vicuna_bench import drivers, settings
 from vicuna_bench.cli import build_parser, main
 
+pytestmark = pytest.mark.unit
+
 
 class Opened(Exception):
     """Raised by the recorder in place of opening an engine."""

@@ -6,7 +6,11 @@ compiles when the decode steps ahead repay the compile time (docs/engine.md, ``-
 
 from __future__ import annotations
 
+import pytest
+
 from vicuna_bench.spec import resolve_engine_spec
+
+pytestmark = pytest.mark.unit
 
 
 def test_compile_left_out_is_auto_decided_by_the_work_ahead(tiny_models):
