@@ -35,11 +35,12 @@ import warnings
 
 import torch
 
+from . import settings
 from .errors import UserError
 
 log = logging.getLogger("vicuna_bench")
 
-MODES = ("auto", "on", "off")
+MODES = settings.BY_KEY["model.compile"].choices  # declared once, in the settings table
 
 # A rough CPU compile cost (max-autotune, the embedded model's shapes, measured
 # ~70 s) and what a compiled step saves there (~35 ms of ~56): `auto` compiles

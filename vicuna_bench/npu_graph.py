@@ -30,11 +30,12 @@ from typing import Callable
 
 import torch
 
+from . import settings
 from .errors import UserError
 
 log = logging.getLogger("vicuna_bench")
 
-GRAPH_MODES = ("auto", "ge", "aclgraph")
+GRAPH_MODES = settings.BY_KEY["model.npu_graph"].choices  # declared once, in the settings table
 NPUGRAPH_EX = "npugraph_ex"  # the torch.compile backend name torch_npu registers from torchair 7.3.0
 
 # torch_npu wheel version -> the Ascend Extension for PyTorch release (= the torchair it carries), from

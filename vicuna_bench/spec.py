@@ -129,7 +129,7 @@ _WARNED_BEYOND_CONTEXT: set[tuple[str, int]] = set()  # (model path, --max-seq-l
 
 
 EMBEDDED = "embedded"  # --model-path value naming the embedded default model
-DEVICE_TYPES = ("d9", "d3")  # NPU chip families
+DEVICE_TYPES = settings.DEVICE_TYPES  # NPU chip families: declared once, in the settings table
 
 
 _DEFAULT = settings.defaults("model")  # the settings table's model defaults, by parameter name
