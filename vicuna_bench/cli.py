@@ -28,9 +28,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    settings.add_to_argparse(p, "model")
+CONFIG_HELP = ("an INI ([{0}] section) or TOML file of this command's settings, keys the flags without -- "
+               "(order: table default < this file < environment < flags)")
+
+
+def _add_model_options(p: argparse.ArgumentParser, command: str) -> None:
+    """The model settings as flags that stay absent unless given (a --config file may set them), and --config."""
+    settings.add_to_argparse(p, "model", only_given=True)
+    p.add_argument("--config", help=CONFIG_HELP.format(command))
     p.add_argument("--debug", action="store_true", help="full tracebacks")
+
+
+# The settings-table groups each command offers (flags, --config keys, environment).
+COMMAND_GROUPS = {"run": ("model",), "perf": ("model", "perf"), "precision": ("model", "precision")}
+
+
+def layer_settings(ns: argparse.Namespace, env=None) -> argparse.Namespace:
+    """Fill ``ns`` with every offered setting, layered: table default < --config file < environment < flags."""
+    offered = settings.select(COMMAND_GROUPS[ns.command])
+    flags = {s.dest: getattr(ns, s.dest) for s in offered if hasattr(ns, s.dest)}
+    file = settings.read_config_file(ns.config, ns.command, offered) if ns.config else {}
+    for dest, value in settings.resolve(offered, file, settings.from_environment(offered, env), flags).items():
+        setattr(ns, dest, value)
+    return ns
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="generate text for prompts")
-    _add_model_options(run)
+    _add_model_options(run, "run")
     run.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     run.add_argument("--prompt-ids", action="append", default=[],
                      help="raw token ids '1,2,3' (repeatable; no template, no BOS; no tokenizer needed)")
@@ -54,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     perf = sub.add_parser("perf", help="first-token and per-token latency into CSV (the reference's performance test)")
-    _add_model_options(perf)
-    settings.add_to_argparse(perf, "perf")
+    _add_model_options(perf, "perf")
+    settings.add_to_argparse(perf, "perf", only_given=True)
     perf.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     cut = sub.add_parser("cut", help="cut a HF checkpoint N ways (vendor layout)")
@@ -65,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--debug", action="store_true")
 
     prec = sub.add_parser("precision", help="MMLU / C-Eval 5-shot accuracy (the reference's precision test)")
-    _add_model_options(prec)
+    _add_model_options(prec, "precision")
     prec.add_argument("--mode", help="mmlu | ceval (default: chosen from the work dir's data, and said)")
     prec.add_argument("--work-dir", required=True, help="dir holding data/dev and data/val")
-    settings.add_to_argparse(prec, "precision")
+    settings.add_to_argparse(prec, "precision", only_given=True)
     prec.add_argument("--gate", action="store_true", help="exit 3 when below the model's release threshold "
                       "(exit 2, before any question, when the model or scoring has none)")
     prec.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -97,18 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None, env=None) -> argparse.Namespace:
+    """The command line parsed, a command's settings layered over its --config file and the environment."""
+    ns = build_parser().parse_args(argv)
+    return layer_settings(ns, env) if ns.command in COMMAND_GROUPS else ns
+
+
 def main(argv: list[str] | None = None) -> int:
     with settings.front_end("cli"):
         return _main(argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = build_parser().parse_args(argv)  # layered below, where a bad --config is a one-line error
     logging.basicConfig(level=logging.INFO, format="vicuna-bench: %(message)s", stream=sys.stderr)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         handlers = {"run": cmd_run, "cut": cmd_cut, "precision": cmd_precision, "perf": cmd_perf,
                     "sdk-test": cmd_sdk_test, "nightly": cmd_nightly}
+        if ns.command in COMMAND_GROUPS:
+            layer_settings(ns)
         return handlers[ns.command](ns)
     except VicunaBenchError as exc:
         if ns.debug:

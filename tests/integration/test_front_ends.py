@@ -20,7 +20,7 @@ from tests import tiny
 from tests.unit.precision_fixtures import make_synthetic_mmlu
 from tests.integration.test_cli import assert_one_line_error, vb
 from vicuna_bench import perf, settings
-from vicuna_bench.cli import build_parser, main
+from vicuna_bench.cli import build_parser, main, parse_args
 from vicuna_bench.errors import UserError
 from vicuna_bench.generation import GenerationResult
 from vicuna_bench.runtime import merge_rank_results
@@ -45,8 +45,8 @@ def read_csv(path: Path) -> list[dict]:
 # ---------------------------------------------------------------- the settings table
 
 def test_every_setting_in_both_front_ends_with_the_same_default(pytestconfig):
-    perf_ns = build_parser().parse_args(["perf"])
-    prec_ns = build_parser().parse_args(["precision", "--mode", "mmlu", "--work-dir", "."])
+    perf_ns = parse_args(["perf"], env={})
+    prec_ns = parse_args(["precision", "--mode", "mmlu", "--work-dir", "."], env={})
     for s in (s for s in settings.SETTINGS if s.group in settings.PYTEST_PREFIX):
         ns = prec_ns if s.group == "precision" else perf_ns
         assert hasattr(ns, s.dest), s.cli_flag

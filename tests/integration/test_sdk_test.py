@@ -310,11 +310,11 @@ def test_two_ranks_are_pinned_to_disjoint_cpus_covering_the_allowed_set(tiny_mod
 
 def test_bind_cpu_is_a_flag_of_both_front_ends_and_an_ini_key(tmp_path):
     from vicuna_bench import sdk, settings
-    from vicuna_bench.cli import build_parser
+    from vicuna_bench.cli import parse_args
     from vicuna_bench.vendor import read_sdk_config
 
-    assert build_parser().parse_args(["perf"]).bind_cpu is True
-    assert build_parser().parse_args(["perf", "--no-bind-cpu"]).bind_cpu is False
+    assert parse_args(["perf"], env={}).bind_cpu is True
+    assert parse_args(["perf", "--no-bind-cpu"], env={}).bind_cpu is False
     assert settings.BY_KEY["model.bind_cpu"].pytest_flag == "--bind-cpu"
     off = read_sdk_config(write_ini(tmp_path / "off", "[model]\nbind_cpu = 0\n"), env={})
     assert sdk.layered_values(off, "model")["bind_cpu"] is False

@@ -298,3 +298,38 @@ def test_the_same_precision_work_compiles_alike_in_every_front_end(front_end, ta
     # front end (CLI, sdk-test and pytest used to weigh 0 steps, the nightly 8 x 300).
     assert (spec.compile, spec.max_seq_len, spec.device, spec.device_type, spec.fit_batch) == ("on", 2400, "cpu",
                                                                                               "d9", 1)
+
+
+# ---------------------------------------------------------------- run / perf / precision take a --config file too
+
+@pytest.mark.parametrize("kind", ["toml", "ini"])
+def test_cli_commands_layer_default_file_environment_flags(tmp_path, kind):
+    """table default < --config file < environment < flags, for the CLI's own commands (spelt as each source is)."""
+    from vicuna_bench.cli import parse_args
+
+    if kind == "toml":
+        path = tmp_path / "perf.toml"
+        path.write_text('world-size = 2\nbind-cpu = false\nmax-seq-len = 512\nrepeat = 3\ncase-pair = [[16, 4]]\n')
+    else:
+        path = tmp_path / "perf.ini"
+        path.write_text("[perf]\nworld_size = 2\nbind_cpu = no\nmax_seq_len = 512\nrepeat = 3\ncase_pair = [[16,4]]\n")
+    ns = parse_args(["perf", "--config", str(path)], env={})
+    assert (ns.world_size, ns.bind_cpu, ns.max_seq_len, ns.repeat, ns.dtype) == (2, False, 512, 3, "auto")
+    assert ns.case_pair.replace(" ", "") == "[[16,4]]"
+    ns = parse_args(["perf", "--config", str(path)], env={"MAX_SEQ_LENGTH": "1024"})
+    assert ns.max_seq_len == 1024  # the environment over the file
+    ns = parse_args(["perf", "--config", str(path), "--max-seq-len", "256", "--bind-cpu", "--repeat", "1"],
+                    env={"MAX_SEQ_LENGTH": "1024"})
+    assert (ns.max_seq_len, ns.bind_cpu, ns.repeat, ns.world_size) == (256, True, 1, 2)  # flags over everything
+    ns = parse_args(["perf"], env={})
+    assert (ns.world_size, ns.bind_cpu, ns.repeat, ns.max_seq_len) == (1, True, 1, None)  # the table's defaults
+
+
+def test_a_cli_config_file_with_an_unknown_key_is_one_line_exit_2(tmp_path, capsys):
+    from vicuna_bench.cli import main
+
+    path = tmp_path / "p.toml"
+    path.write_text("wold-size = 2\n")
+    assert main(["precision", "--work-dir", str(tmp_path), "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "'wold-size'" in err[0] and "world-size" in err[0], err
