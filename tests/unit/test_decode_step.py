@@ -119,6 +119,13 @@ def test_decode_step_has_no_host_reads_and_one_graph_for_every_position(tiny_mod
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
+# torch 2.1's AOT metadata lists no mutated input at all here (not even the control's key_valid), so the check
+# cannot judge there; it is verified on torch 2.13, and the versions between are not tested.
+_AOT_MUTATIONS = pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5),
+                                    reason=f"torch {torch.__version__}: AOT metadata does not report input mutations "
+                                           "this check reads (verified on torch 2.13)")
+
+
 def _mutated_inputs(step, model, state) -> list[torch.Tensor]:
     """The tensors a compiled ``step`` writes among its graph's inputs, as AOT autograd's functionalization
     reports them (``fw_metadata.input_info[i].mutates_data``): what inductor's CUDA graph check reads."""
@@ -129,7 +136,8 @@ def _mutated_inputs(step, model, state) -> list[torch.Tensor]:
 
     def backend(gm, example_inputs):
         def forward_compiler(graph, inputs):
-            info = torch._guards.TracingContext.try_get().fw_metadata.input_info
+            context = torch._guards.TracingContext
+            info = (context.try_get() if hasattr(context, "try_get") else context.get()).fw_metadata.input_info  # 2.1
             # AOT's flat inputs: the graph module's own parameters and buffers (torch < 2.5 lifts them),
             # then dynamo's example inputs (everything, the module's tensors included, where torch inlines it).
             flat = [*gm.parameters(), *gm.buffers(), *example_inputs]
@@ -145,6 +153,7 @@ def _mutated_inputs(step, model, state) -> list[torch.Tensor]:
     return found["mutated"]
 
 
+@_AOT_MUTATIONS
 def test_the_compiled_step_mutates_no_graph_input_but_the_cache(tiny_models):
     """What CUDA graph trees need to record the step (a graph that writes an input other than the module's
     parameters and buffers runs eagerly): the step's graph writes every layer's k and v cache and nothing else."""
@@ -157,6 +166,7 @@ def test_the_compiled_step_mutates_no_graph_input_but_the_cache(tiny_models):
     assert sorted(t.data_ptr() for t in mutated) == sorted(caches)
 
 
+@_AOT_MUTATIONS
 def test_the_mutation_check_can_fail(tiny_models):
     """The check above has teeth: a step that marks its own slot valid inside the graph (the old CPU step) is
     reported writing ``key_valid``."""

@@ -143,7 +143,8 @@ def test_out_of_device_memory_drops_the_kept_sets_and_tries_once_more():
     def make_after_one_oom():
         attempts.append(len(pool))
         if len(attempts) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)(  # torch 2.1: only torch.cuda's
+                "CUDA out of memory. Tried to allocate 2.00 GiB")
         return [KVCache(2, 1, 8, 4, torch.float32, "cpu")]
 
     pool.get(2, 8, 1, make_after_one_oom)
