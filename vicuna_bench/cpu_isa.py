@@ -124,7 +124,7 @@ class CpuDtypeChoice:
         return {"dtype": self.dtype, "cpu_isa": self.isa, "probe": self.probe.record() if self.probe else None}
 
 
-def choose_cpu_dtype(flags: frozenset[str] | None, probe=gemm_probe, torchrun: bool = False) -> CpuDtypeChoice:
+def choose_cpu_dtype(flags: frozenset[str] | None, probe=None, torchrun: bool = False) -> CpuDtypeChoice:
     """The faster of fp32 and bf16 for a CPU with ``flags`` (the rule in the module docstring); ``probe`` runs only
     when the flags cannot decide, and not under ``torchrun`` (ranks there decide apart: fp32, the same on all)."""
     isa = isa_of(flags)
@@ -137,7 +137,7 @@ def choose_cpu_dtype(flags: frozenset[str] | None, probe=gemm_probe, torchrun: b
                               "avx512_bf16 without AMX under torchrun: each rank resolves its own spec, and a measured "
                               "choice could differ between ranks; pass --dtype bf16 to run bf16")
     if isa == "avx512_bf16":
-        measured = probe()
+        measured = (probe or gemm_probe)()
         faster = "bf16" if measured.bf16_gflops > measured.fp32_gflops else "fp32"
         return CpuDtypeChoice(faster, isa, present, measured,
                               f"avx512_bf16 without AMX: a [{PROBE_M}x{PROBE_K}]@[{PROBE_K}x{PROBE_N}] GEMM ran "
