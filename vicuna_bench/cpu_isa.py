@@ -151,16 +151,30 @@ def choose_cpu_dtype(flags: frozenset[str] | None, probe=None, torchrun: bool = 
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_auto_dtype() -> CpuDtypeChoice:
-    """This host's :func:`choose_cpu_dtype`, decided (and said on the log) once per process."""
+def host_cpu_dtype() -> CpuDtypeChoice:
+    """This host's :func:`choose_cpu_dtype`, decided once per process (the probe runs at most once)."""
     from .spmd import launched_by_torchrun
 
-    choice = choose_cpu_dtype(read_cpu_flags(), torchrun=launched_by_torchrun())
-    log.info("--dtype auto on cpu: %s (%s)", choice.dtype, choice.reason)
+    return choose_cpu_dtype(read_cpu_flags(), torchrun=launched_by_torchrun())
+
+
+_SAID: set[str] = set()  # log lines already said in this process
+
+
+def cpu_auto_dtype() -> CpuDtypeChoice:
+    """What ``--dtype auto`` runs on this CPU (:func:`host_cpu_dtype`), said on the log once per process."""
+    choice = host_cpu_dtype()
+    line = f"--dtype auto on cpu: {choice.dtype} ({choice.reason})"
+    if line not in _SAID:
+        _SAID.add(line)
+        log.info("%s", line)
     return choice
 
 
-_WARNED_SLOW_BF16: set[str] = set()
+def forget_host_decision() -> None:
+    """Decide and say again on the next call (for tests that fake another host's flags or probe)."""
+    host_cpu_dtype.cache_clear()
+    _SAID.clear()
 
 
 def warn_if_bf16_slow() -> None:
@@ -169,12 +183,13 @@ def warn_if_bf16_slow() -> None:
     if isa in ("avx2", "avx512f"):
         why = f"this CPU has {isa} but no avx512_bf16/AMX: bf16 matrix multiplies are several times slower than fp32"
     elif isa == "avx512_bf16":
-        choice = cpu_auto_dtype()
+        choice = host_cpu_dtype()
         if choice.dtype != "fp32":
             return
         why = f"on this CPU {choice.reason}: bf16 is the slower dtype here"
     else:
         return
-    if why not in _WARNED_SLOW_BF16:
-        _WARNED_SLOW_BF16.add(why)
-        log.warning("--dtype bf16 on cpu: %s (--dtype auto would run fp32)", why)
+    line = f"--dtype bf16 on cpu: {why} (--dtype auto would run fp32)"
+    if line not in _SAID:
+        _SAID.add(line)
+        log.warning("%s", line)

@@ -132,9 +132,9 @@ def avx2_host(monkeypatch):
     from vicuna_bench import cpu_isa
 
     monkeypatch.setattr(cpu_isa, "CPUINFO", Path(__file__).parent / "data" / "cpu_flags" / "haswell_e5_2680_v3.cpuinfo")
-    cpu_isa.cpu_auto_dtype.cache_clear()
+    cpu_isa.forget_host_decision()
     yield
-    cpu_isa.cpu_auto_dtype.cache_clear()  # the next test decides for the real host again
+    cpu_isa.forget_host_decision()  # the next test decides for the real host again
 
 
 @pytest.mark.parametrize("bind", [True, False], ids=["bind", "no-bind"])
