@@ -34,6 +34,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
+from . import cpu_isa
 from .config import ModelArgs
 from .errors import UserError
 from .sharding import VOCAB_PARALLEL, ShardPlan
@@ -52,13 +53,16 @@ _CONFIG_DTYPES = {
 
 
 def resolve_dtype(name: str, args: ModelArgs, device_type: str) -> torch.dtype:
-    """``auto`` is the checkpoint's dtype on accelerators and fp32 on CPU."""
+    """``auto`` is the checkpoint's dtype on accelerators and, on CPU, the faster of fp32 and bf16 for this host
+    (:func:`vicuna_bench.cpu_isa.cpu_auto_dtype`); an explicit bf16 on a CPU where it is the slower dtype warns."""
     if name == "auto":
         if device_type == "cpu":
-            return torch.float32
+            return DTYPES[cpu_isa.cpu_auto_dtype().dtype]
         return _CONFIG_DTYPES.get((args.torch_dtype or "").replace("torch.", ""), torch.float16)
     if name not in DTYPES:
         raise UserError(f"--dtype {name!r} is not supported (valid: auto, {', '.join(DTYPES)})")
+    if name == "bf16" and device_type == "cpu":
+        cpu_isa.warn_if_bf16_slow()
     return DTYPES[name]
 
 

@@ -16,6 +16,7 @@ import re
 
 import torch
 
+from . import cpu_isa
 from .errors import UserError
 
 log = logging.getLogger("vicuna_bench")
@@ -261,9 +262,12 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def environment_record(device_type: str, device_index: int = 0) -> dict:
-    """What a result depends on besides the code: device name and NPU chip family, torch / torch_npu / torchair /
-    CUDA versions, timing env vars.
+def environment_record(device_type: str, device_index: int = 0, cpu_dtype_auto=None) -> dict:
+    """What a result depends on besides the code: device name and NPU chip family, the host CPU's matrix ISA,
+    torch / torch_npu / torchair / CUDA versions, timing env vars.
+
+    ``cpu_dtype_auto``: the spec's :class:`vicuna_bench.cpu_isa.CpuDtypeChoice` where ``--dtype auto`` chose the
+    CPU dtype (recorded with the probe's GFLOP/s); None: the dtype was given, or the device is an accelerator.
 
     ``device_index`` names the device (this rank's).  Environment variables
     that are unset are recorded as None (their default applies); so is
@@ -282,6 +286,8 @@ def environment_record(device_type: str, device_index: int = 0) -> dict:
         "torchair": _torchair_record() if device_type == "npu" else None,
         "cuda": torch.version.cuda if device_type == "cuda" else None,
         "python": platform.python_version(),
+        **cpu_isa.isa_record(cpu_isa.read_cpu_flags()),
+        "cpu_dtype_auto": cpu_dtype_auto.record() if cpu_dtype_auto is not None else None,
         "env": {},
     }
     names = NPU_TIMING_ENV if device_type == "npu" else CUDA_TIMING_ENV if device_type == "cuda" else ()

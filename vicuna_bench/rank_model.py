@@ -124,7 +124,8 @@ class RankRunner:
         self.rank = rank
         self.device = devices.device_for_rank(spec.device, spec.device_index(local_rank))
         self.binding = binding or unbound(local_rank, device_label(spec, local_rank), "not bound by its caller")
-        self.environment = devices.environment_record(spec.device, spec.device_index(local_rank))
+        self.environment = devices.environment_record(spec.device, spec.device_index(local_rank),
+                                                      spec.cpu_dtype_auto)
         rank_log = RankLog(spec, rank)
         rank_log.write(
             f"start: model={spec.model_path} world_size={spec.world_size} device={self.device} "

@@ -94,7 +94,8 @@ SETTINGS: tuple[Setting, ...] = (
       "one that contradicts the NPU is an error (ignored elsewhere)", choices=("auto", *DEVICE_TYPES)),
     S("model", "npu-graph", str, "auto", "NPU graph mode for --compile on: auto (GE on d9, eager on d3) | ge "
       "(torchair max-autotune) | aclgraph (npugraph_ex / reduce-overhead)", choices=("auto", "ge", "aclgraph")),  # npu_graph.GRAPH_MODES
-    S("model", "dtype", str, "auto", "auto | fp32 | fp16 | bf16 (auto: checkpoint dtype, fp32 on CPU)"),
+    S("model", "dtype", str, "auto", "auto | fp32 | fp16 | bf16 (auto: checkpoint dtype; on CPU the faster of "
+      "fp32/bf16 for the host, docs/PERFORMANCE.md)"),
     S("model", "max-seq-len", int, 2048, "KV cache length", env="MAX_SEQ_LENGTH"),
     S("model", "compile", str, "auto", "compile the prefill and decode step: on | off | auto (on when the decode "
       "steps ahead repay the compile time)", choices=("auto", "on", "off")),

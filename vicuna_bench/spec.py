@@ -22,6 +22,7 @@ import torch
 from . import checkpoint, devices, fit, settings
 from .binding import binding_num
 from .config import ModelArgs
+from .cpu_isa import CpuDtypeChoice, cpu_auto_dtype
 from .errors import UserError
 from .generation import GenerationResult
 from .npu_graph import GRAPH_MODES
@@ -47,6 +48,7 @@ class EngineSpec:
     log_dir: str | None = None  # each rank appends what it runs, and its binding, to <log_dir>/rank<r>.log
     kv_cache_budget_mb: int | None = None  # KV cache sets kept per bucket (model.KVCachePool); None: 2x the largest
     fit_batch: int = 1  # the largest batch a request will carry: the fit check sizes the KV cache by it
+    cpu_dtype_auto: CpuDtypeChoice | None = None  # --dtype auto on CPU: why this dtype (ISA, probe); None otherwise
 
     def device_index(self, local_rank: int) -> int:
         """The device index local rank ``local_rank`` runs on."""
@@ -169,6 +171,8 @@ def resolve_engine_spec(
     device = devices.resolve_device_type(device)
     requested_dtype = dtype
     dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(dtype, args, device))
+    # Decided once, here: worker ranks read the dtype and the probe's figures from the spec, never probe again.
+    cpu_dtype_auto = cpu_auto_dtype() if requested_dtype == "auto" and device == "cpu" else None
     device_type = devices.resolve_chip_family(device, device_type, int(device_ids[0]) if device_ids else 0)
     devices.check_dtype_for_chip(device, device_type, dtype, requested_dtype)  # bf16 on d3: before any load
     from .compile import resolve_mode
@@ -178,7 +182,7 @@ def resolve_engine_spec(
     spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args),
                       device_type=device_type, compile=compile, npu_graph=npu_graph, bind_cpu=bool(bind_cpu),
                       device_ids=None if device_ids is None else tuple(int(d) for d in device_ids),
-                      log_dir=None if log_dir is None else str(log_dir))
+                      log_dir=None if log_dir is None else str(log_dir), cpu_dtype_auto=cpu_dtype_auto)
     spec.validate()
     return spec
 

@@ -26,7 +26,8 @@ def precision(launcher: list[str], model: Path, work: Path, out: Path) -> subpro
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     args = ["precision", "--mode", "mmlu", "--work-dir", str(work), "--model-path", str(model), "--world-size", "2",
             "--device", "cpu", "--max-seq-len", "256", "--max-prompt-tokens", "200", "--shot", "1",
-            "--output-dir", str(out), "--no-progress", "--no-bind-cpu"]
+            "--output-dir", str(out), "--no-progress", "--no-bind-cpu",
+            "--dtype", "fp32"]  # under torchrun --dtype auto never probes (fp32); in-process it may pick bf16
     return subprocess.run([*launcher, "-m", "vicuna_bench", *args], env=env, capture_output=True, text=True,
                           timeout=600)
 

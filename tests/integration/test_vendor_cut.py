@@ -46,7 +46,7 @@ def test_greedy_tokens_equal_the_uncut_models(tiny_models, vendor_cuts, referenc
 def test_run_command_loads_it_and_says_once_there_are_no_checksums(vendor_cuts, reference_tokens):
     proc = vb("run", "--model-path", str(vendor_cuts[2]), "--world-size", "2", "--prompt-ids",
               ",".join(map(str, PROMPT)), "--max-new-tokens", str(STEPS), "--ignore-eos", "--json",
-              "--compile", "off", env={"MAX_SEQ_LENGTH": "64"})
+              "--compile", "off", "--dtype", "fp32", env={"MAX_SEQ_LENGTH": "64"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["outputs"][0]["output_ids"] == reference_tokens
     said = [ln for ln in proc.stderr.splitlines() if NO_CHECKSUMS in ln]

@@ -155,7 +155,7 @@ def test_chip_family_of_device_names(name, family):
     assert devices.chip_family_of(name) == family
 
 
-def test_npu_environment_record(monkeypatch):
+def test_npu_environment_record(monkeypatch, tmp_path):
     fake_npu(monkeypatch, name="Ascend910B2C")
     real_version = importlib.metadata.version
     monkeypatch.setattr(
@@ -166,6 +166,7 @@ def test_npu_environment_record(monkeypatch):
     monkeypatch.setenv("TASK_QUEUE_ENABLE", "1")
     monkeypatch.setenv("HCCL_BUFFSIZE", "110")
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setattr(devices.cpu_isa, "CPUINFO", tmp_path / "no-cpuinfo")  # the host CPU's ISA: unknown
     assert devices.environment_record("npu", 1) == {
         "device_type": "npu",
         "device_name": "Ascend910B2C",
@@ -175,6 +176,7 @@ def test_npu_environment_record(monkeypatch):
         "torchair": "6.0.rc3",  # Huawei's release notes: torch_npu 2.1.0.post8 ships torchair 6.0.rc3
         "cuda": None,
         "python": platform.python_version(),
+        "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
         # Every variable shared/spec/NPU.md says to record with results; unset ones as None.
         "env": {k: None for k in NPU_ENV_IN_SPEC} | {
             "TASK_QUEUE_ENABLE": "1", "HCCL_BUFFSIZE": "110", "ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"},
@@ -204,7 +206,9 @@ model name\t: Intel(R) Xeon(R) CPU           E5620  @ 2.40GHz
 """
 
 
-def test_cpu_environment_record(monkeypatch):
+def test_cpu_environment_record(monkeypatch, tmp_path):
+    (tmp_path / "cpuinfo").write_text(CPUINFO_E5620)
+    monkeypatch.setattr(devices.cpu_isa, "CPUINFO", tmp_path / "cpuinfo")  # no flags line: ISA unknown
     real_open = open
     monkeypatch.setattr(devices, "open", lambda path, *a, **k: io.StringIO(CPUINFO_E5620)
                         if path == "/proc/cpuinfo" else real_open(path, *a, **k), raising=False)
@@ -212,7 +216,8 @@ def test_cpu_environment_record(monkeypatch):
     assert devices.environment_record("cpu") == {
         "device_type": "cpu", "device_name": "Intel(R) Xeon(R) CPU E5620 @ 2.40GHz", "chip_family": None,
         "torch": torch.__version__, "torch_npu": None, "torchair": None, "cuda": None,
-        "python": platform.python_version(), "env": {},
+        "python": platform.python_version(), "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
+        "env": {},
     }
 
 

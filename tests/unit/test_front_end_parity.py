@@ -11,6 +11,7 @@ on each command line / in each file, and spec/CLI.md's flag names.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -125,13 +126,24 @@ def resolve(front_end, model, tmp_path, bind, opened, monkeypatch):
 FRONT_ENDS = ("cli", "sdk-test", "nightly", "pytest")
 
 
+@pytest.fixture
+def avx2_host(monkeypatch):
+    """--dtype auto as on a captured AVX2-only CPU (fp32, no probe), whatever this host is."""
+    from vicuna_bench import cpu_isa
+
+    monkeypatch.setattr(cpu_isa, "CPUINFO", Path(__file__).parent / "data" / "cpu_flags" / "haswell_e5_2680_v3.cpuinfo")
+    cpu_isa.forget_host_decision()
+    yield
+    cpu_isa.forget_host_decision()  # the next test decides for the real host again
+
+
 @pytest.mark.parametrize("bind", [True, False], ids=["bind", "no-bind"])
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
 def test_the_same_inputs_resolve_to_the_same_spec_in_every_front_end(front_end, bind, model, tmp_path, opened,
-                                                                       monkeypatch):
+                                                                       monkeypatch, avx2_host):
     monkeypatch.setenv("MAX_SEQ_LENGTH", "64")  # the one env-backed setting, the same for all
     spec = resolve(front_end, model, tmp_path, bind, opened, monkeypatch)
-    # What the inputs say, by hand: cpu, the checkpoint's fp32, 64 tokens, d9 carried off NPU, batch 2 for the
+    # What the inputs say, by hand: cpu, fp32 (--dtype auto on an AVX2-only CPU), 64 tokens, d9 carried off NPU, batch 2 for the
     # fit check, binding as asked, and 16 x 600 decode steps on CPU repay the compile: on.
     assert (spec.model_path, spec.world_size, spec.device, spec.dtype, spec.max_seq_len) == (str(model), 1, "cpu",
                                                                                              "fp32", 64)

@@ -78,8 +78,8 @@ def accelerator(monkeypatch):
         monkeypatch.setattr(devices, "resolve_device_type", lambda name: kind if name in (kind, "auto") else resolve(name))
         monkeypatch.setattr(devices, "device_name_of", lambda t, i=0: names[t] if t in names else name_of(t, i))
         monkeypatch.setattr(devices, "environment_record",
-                            lambda t, i=0: {**record_of("cpu"), "device_type": t, "device_name": names[t]}
-                            if t in names else record_of(t, i))
+                            lambda t, i=0, *choice: {**record_of("cpu"), "device_type": t, "device_name": names[t]}
+                            if t in names else record_of(t, i, *choice))
         monkeypatch.setattr(binding, "plan_binding", lambda t, rank, n, *a, **k: binding.unbound(rank, f"{t}:{rank}")
                             if t in names else plan_binding(t, rank, n, *a, **k))
 

@@ -374,6 +374,10 @@ def strip_timing(path: Path) -> dict:
     doc.pop("timing")
     # Where this invocation's ranks were pinned: none when a resumed run found every answer in the cache.
     doc.pop("cpu_binding")
+    # --dtype auto's probe rates (GFLOP/s) are a measurement too; the dtype and ISA they decided stay compared.
+    auto = (doc.get("environment") or {}).get("cpu_dtype_auto")
+    if auto:
+        auto.pop("probe")
     return doc
 
 

@@ -242,11 +242,12 @@ def run_identity(plan: Plan) -> dict[str, Any]:
     }
 
 
-def environment(device: str, world_size: int) -> dict[str, Any]:
-    """Versions, device names, host, and the CPU binding each rank would get (vicuna_bench.binding)."""
+def environment(device: str, world_size: int, cpu_dtype_auto=None) -> dict[str, Any]:
+    """Versions, device names, host, and the CPU binding each rank would get (vicuna_bench.binding);
+    ``cpu_dtype_auto``: the spec's --dtype auto choice on CPU (devices.environment_record)."""
     from .. import binding, devices
 
-    record = devices.environment_record(device)
+    record = devices.environment_record(device, 0, cpu_dtype_auto)
     packages = {}
     for name in ("vicuna-bench", "transformers", "numpy", "safetensors", "pytest", "matplotlib"):
         try:
@@ -436,7 +437,7 @@ def _run(plan: Plan, started: str) -> NightlyResult:
     from ..drivers import open_engine
 
     ident = run_identity(plan)
-    env = environment(ident["device"], ident["world_size"])
+    env = environment(ident["device"], ident["world_size"], plan.spec.cpu_dtype_auto)
     settings_doc = {k: v for k, v in plan.values.items() if k not in ("report_only",)}
     settings_doc.update(stages=plan.stages, run_dir=str(plan.run_dir), history=str(plan.history),
                         compile_resolved=ident["compile"])

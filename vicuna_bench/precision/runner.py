@@ -191,7 +191,7 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
         return None
     summary = finalize(cfg, dataset, fitted, settings, spec, model_key, thresholds)
     summary["environment"] = (rank_info[0].get("environment") if rank_info
-                              else devices.environment_record(spec.device, spec.device_index(0)))
+                              else devices.environment_record(spec.device, spec.device_index(0), spec.cpu_dtype_auto))
     # Where this run's ranks were pinned (none when every question came from the cache).
     summary["cpu_binding"] = [i.get("cpu_binding") for i in rank_info]
     summary["timing"] = {

@@ -1,0 +1,195 @@
+"""The host CPU's matrix ISA (from ``/proc/cpuinfo``) and the dtype ``--dtype auto`` runs on it.
+
+The rule (docs/PERFORMANCE.md, "CPU dtype by host"):
+
+* ``amx_bf16``: bf16 (AMX bf16 GEMMs far outrun fp32 and a decode step reads half the bytes);
+* no ``avx512_bf16`` (AVX2 or plain AVX-512 only): fp32 (bf16 GEMMs are emulated, several times slower);
+* ``avx512_bf16`` without AMX: a measured probe decides (:func:`gemm_probe`, a prefill-shaped GEMM in both
+  dtypes); bf16 only when it is faster;
+* flags unknown (not Linux, unreadable): fp32, the dtype that is never the slow one by much.
+
+The choice is made once per process (:func:`cpu_auto_dtype`), in the process that resolves the engine
+spec; worker ranks inherit the resolved dtype name and the probe's figures through the spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("vicuna_bench")
+
+CPUINFO = Path("/proc/cpuinfo")
+
+# The flags that decide the CPU dtype, best first; the record lists those present.
+ISA_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+UNKNOWN = "unknown"
+
+# The probe's GEMM: [PROBE_M x PROBE_K] @ [PROBE_K x PROBE_N], a 256-token prefill through a 2048-wide
+# projection (Llama-2/SmolLM2-class hidden sizes): 2*M*K*N = 2.15 GFLOP a call.
+PROBE_M, PROBE_K, PROBE_N = 256, 2048, 2048
+PROBE_REPEATS = 3  # best of, after one warm-up call per dtype
+
+
+def read_cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
+    """The first ``flags`` line of ``/proc/cpuinfo`` as a set; None where there is no such file or line."""
+    try:
+        text = (cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+def isa_of(flags: frozenset[str] | None) -> str:
+    """The best matrix ISA of ``flags``: amx_bf16 | avx512_bf16 | avx512f | avx2 | unknown (no flags, or none of them)."""
+    if flags is None:
+        return UNKNOWN
+    for name in ("amx_bf16", "avx512_bf16", "avx512f", "avx2"):
+        if name in flags:
+            return name
+    return UNKNOWN
+
+
+def isa_record(flags: frozenset[str] | None) -> dict:
+    """For the environment record: ``cpu_isa`` (see :func:`isa_of`) and ``cpu_isa_flags`` (those of ISA_FLAGS present)."""
+    return {"cpu_isa": isa_of(flags), "cpu_isa_flags": [f for f in ISA_FLAGS if flags and f in flags]}
+
+
+def gflops(flop: float, seconds: float) -> float:
+    """GFLOP/s of ``flop`` floating-point operations done in ``seconds``."""
+    return flop / seconds / 1e9
+
+
+def gemm_flop(m: int, k: int, n: int) -> int:
+    """Floating-point operations of an [m x k] @ [k x n] product: one multiply and one add per term."""
+    return 2 * m * k * n
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmProbe:
+    """The probe's best-of rates, GFLOP/s, with torch's thread count when measured."""
+
+    fp32_gflops: float
+    bf16_gflops: float
+    threads: int
+
+    def record(self) -> dict:
+        return {"fp32_gflops": round(self.fp32_gflops, 1), "bf16_gflops": round(self.bf16_gflops, 1),
+                "threads": self.threads}
+
+
+def _best_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
+    torch.matmul(a, b)  # warm-up: oneDNN picks and caches its kernel on the first call
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_probe(m: int = PROBE_M, k: int = PROBE_K, n: int = PROBE_N, repeats: int = PROBE_REPEATS) -> GemmProbe:
+    """fp32 and bf16 GFLOP/s of one prefill-shaped GEMM (best of ``repeats``) at torch's current thread count."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator)
+    b = torch.randn(k, n, generator=generator)
+    flop = gemm_flop(m, k, n)
+    with torch.inference_mode():
+        fp32 = gflops(flop, _best_seconds(a, b, repeats))
+        bf16 = gflops(flop, _best_seconds(a.bfloat16(), b.bfloat16(), repeats))
+    return GemmProbe(fp32, bf16, torch.get_num_threads())
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuDtypeChoice:
+    """What ``--dtype auto`` runs on this CPU, and why."""
+
+    dtype: str  # fp32 | bf16
+    isa: str  # isa_of(flags)
+    isa_flags: tuple[str, ...]
+    probe: GemmProbe | None  # measured only on avx512_bf16 without AMX
+    reason: str
+
+    def record(self) -> dict:
+        """The environment record's ``cpu_dtype_auto``: the dtype, the ISA that decided it, the probe's figures."""
+        return {"dtype": self.dtype, "cpu_isa": self.isa, "probe": self.probe.record() if self.probe else None}
+
+
+def choose_cpu_dtype(flags: frozenset[str] | None, probe=None, torchrun: bool = False) -> CpuDtypeChoice:
+    """The faster of fp32 and bf16 for a CPU with ``flags`` (the rule in the module docstring); ``probe`` runs only
+    when the flags cannot decide, and not under ``torchrun`` (ranks there decide apart: fp32, the same on all)."""
+    isa = isa_of(flags)
+    present = tuple(f for f in ISA_FLAGS if flags and f in flags)
+    if isa == "amx_bf16":
+        return CpuDtypeChoice("bf16", isa, present, None, "AMX (amx_bf16): bf16 GEMMs outrun fp32 and decode reads "
+                                                           "half the bytes")
+    if isa == "avx512_bf16" and torchrun:
+        return CpuDtypeChoice("fp32", isa, present, None,
+                              "avx512_bf16 without AMX under torchrun: each rank resolves its own spec, and a measured "
+                              "choice could differ between ranks; pass --dtype bf16 to run bf16")
+    if isa == "avx512_bf16":
+        measured = (probe or gemm_probe)()
+        faster = "bf16" if measured.bf16_gflops > measured.fp32_gflops else "fp32"
+        return CpuDtypeChoice(faster, isa, present, measured,
+                              f"avx512_bf16 without AMX: a [{PROBE_M}x{PROBE_K}]@[{PROBE_K}x{PROBE_N}] GEMM ran "
+                              f"bf16 {measured.bf16_gflops:.0f} vs fp32 {measured.fp32_gflops:.0f} GFLOP/s "
+                              f"({measured.threads} threads)")
+    if isa == UNKNOWN:
+        why = "CPU flags unknown (no /proc/cpuinfo flags line)" if flags is None else "no AVX2/AVX-512/AMX flags"
+        return CpuDtypeChoice("fp32", isa, present, None, why)
+    return CpuDtypeChoice("fp32", isa, present, None,
+                          f"{isa} without avx512_bf16/AMX: bf16 GEMMs are emulated, several times slower than fp32")
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpu_dtype() -> CpuDtypeChoice:
+    """This host's :func:`choose_cpu_dtype`, decided once per process (the probe runs at most once)."""
+    from .spmd import launched_by_torchrun
+
+    return choose_cpu_dtype(read_cpu_flags(), torchrun=launched_by_torchrun())
+
+
+_SAID: set[str] = set()  # log lines already said in this process
+
+
+def cpu_auto_dtype() -> CpuDtypeChoice:
+    """What ``--dtype auto`` runs on this CPU (:func:`host_cpu_dtype`), said on the log once per process."""
+    choice = host_cpu_dtype()
+    line = f"--dtype auto on cpu: {choice.dtype} ({choice.reason})"
+    if line not in _SAID:
+        _SAID.add(line)
+        log.info("%s", line)
+    return choice
+
+
+def forget_host_decision() -> None:
+    """Decide and say again on the next call (for tests that fake another host's flags or probe)."""
+    host_cpu_dtype.cache_clear()
+    _SAID.clear()
+
+
+def warn_if_bf16_slow() -> None:
+    """One warning (once per process) when an explicit bf16 on CPU is the slower dtype on this host."""
+    isa = isa_of(read_cpu_flags())
+    if isa in ("avx2", "avx512f"):
+        why = f"this CPU has {isa} but no avx512_bf16/AMX: bf16 matrix multiplies are several times slower than fp32"
+    elif isa == "avx512_bf16":
+        choice = host_cpu_dtype()
+        if choice.dtype != "fp32":
+            return
+        why = f"on this CPU {choice.reason}: bf16 is the slower dtype here"
+    else:
+        return
+    line = f"--dtype bf16 on cpu: {why} (--dtype auto would run fp32)"
+    if line not in _SAID:
+        _SAID.add(line)
+        log.warning("%s", line)
