@@ -69,20 +69,16 @@ def test_no_cpuinfo_or_no_flags_line_is_unknown(tmp_path):
         assert cpu_isa.isa_record(None) == {"cpu_isa": "unknown", "cpu_isa_flags": []}
 
 
-def test_amx_runs_bf16_without_probing(host, caplog):
-    host(SAPPHIRE_RAPIDS)
+@pytest.mark.parametrize("flags, dtype, why", [
+    (SAPPHIRE_RAPIDS, torch.bfloat16, ("bf16", "AMX")),
+    (HASWELL, torch.float32, ("fp32", "avx2 without avx512_bf16")),
+])
+def test_amx_and_avx2_only_hosts_decide_without_probing(host, caplog, flags, dtype, why):
+    host(flags)
     with caplog.at_level(logging.INFO, logger="vicuna_bench"):
-        assert auto_cpu_dtype() == torch.bfloat16
+        assert auto_cpu_dtype() == dtype
     said = [r.getMessage() for r in caplog.records if "--dtype auto" in r.getMessage()]
-    assert len(said) == 1 and "bf16" in said[0] and "AMX" in said[0], said
-
-
-def test_avx2_only_runs_fp32_without_probing(host, caplog):
-    host(HASWELL)
-    with caplog.at_level(logging.INFO, logger="vicuna_bench"):
-        assert auto_cpu_dtype() == torch.float32
-    said = [r.getMessage() for r in caplog.records if "--dtype auto" in r.getMessage()]
-    assert len(said) == 1 and "fp32" in said[0] and "avx2 without avx512_bf16" in said[0], said
+    assert len(said) == 1 and all(w in said[0] for w in why), said
 
 
 @pytest.mark.parametrize("probe, dtype", [(BF16_FASTER, torch.bfloat16), (FP32_FASTER, torch.float32)])
