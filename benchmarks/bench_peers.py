@@ -7,7 +7,10 @@ Measures, on one device with the same weights, prompts and threads:
 * our engine, ``--compile off`` and ``on``: first-token and next-token ms;
 * transformers ``generate``: the same, from per-step timestamps;
 * llama.cpp (``llama-cpp-python``) when installed and ``--gguf`` names the
-  same weights as a GGUF file.
+  same weights as a GGUF file: at ``--batch B``, B parallel sequences in one
+  context (llama.cpp's own batching, as its ``batched-bench`` does; KV cache
+  f16, its default, no flash attention, n_batch 512); at B > 1 it also
+  checks that sequence 0's greedy tokens equal a batch-1 context's.
 
 With ``--memory``, each of our compile modes also runs in a fresh process
 that reports its resident-set growth over the process before the model was
@@ -21,6 +24,18 @@ processes on a small machine slow each other several times.
 
     python benchmarks/bench_peers.py                       # embedded SmolLM2-135M, fp32, 256 in / 64 out
     python benchmarks/bench_peers.py --dtype bf16 --batch 8 --seq-in 1024 --json out.json
+
+llama.cpp and the GGUF files (llama-cpp-python 0.3.36 built from its sdist,
+~5 min on 2 cores; the converter and its ``gguf-py`` come in that sdist)::
+
+    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/pip install llama-cpp-python==0.3.36
+    .venv/bin/pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d /tmp/llsdist
+    tar xzf /tmp/llsdist/llama_cpp_python-0.3.36.tar.gz -C /tmp/llsdist
+    cd /tmp/llsdist/llama_cpp_python-0.3.36/vendor/llama.cpp
+    M=$(python -c "from vicuna_bench.runtime import resolve_engine_spec as r; print(r(None, 1, 'cpu', 'fp32', 64).model_path)")
+    PYTHONPATH=gguf-py python convert_hf_to_gguf.py $M --outtype f32 --outfile /work/gguf/smollm2-f32.gguf
+    PYTHONPATH=gguf-py python convert_hf_to_gguf.py $M --outtype bf16 --outfile /work/gguf/smollm2-bf16.gguf
+    python benchmarks/bench_peers.py --dtype bf16 --batch 8 --gguf /work/gguf/smollm2-bf16.gguf
 """
 
 from __future__ import annotations
@@ -172,28 +187,177 @@ def transformers_generate(path: str, dtype: torch.dtype, prompts, seq_out: int, 
     return {"first_token_ms": statistics.median(r[0] for r in runs), "next_token_ms": statistics.median(r[1] for r in runs)}
 
 
-def llama_cpp(gguf: str, prompts, seq_out: int, threads: int, repeat: int = 3) -> dict | None:
-    """First/next-token ms of llama.cpp (batch 1 only; median over ``repeat`` runs after a warm-up), when installed."""
+class GGUFUnusable(Exception):
+    """The --gguf file passed the magic check but llama.cpp would not load it."""
+
+
+LLAMA_N_BATCH = 512  # tokens per llama_decode call, as the batch-1 column has always used (Llama(n_batch=512))
+
+
+def llama_prefill_rows(prompts) -> list[tuple[int, int, int, bool]]:
+    """Every prompt as llama.cpp batch rows (token, position, sequence id, wants logits), logits at each prompt's end."""
+    return [(tok, pos, seq, pos == len(prompt) - 1)
+            for seq, prompt in enumerate(prompts) for pos, tok in enumerate(prompt)]
+
+
+def llama_step_rows(tokens, positions) -> list[tuple[int, int, int, bool]]:
+    """One decode step as batch rows: token ``tokens[s]`` at ``positions[s]`` of sequence ``s``, every row's logits."""
+    return [(tok, pos, seq, True) for seq, (tok, pos) in enumerate(zip(tokens, positions, strict=True))]
+
+
+def chunks(rows: list, size: int) -> list[list]:
+    """``rows`` in order, cut into runs of at most ``size`` (how llama.cpp's batched-bench feeds n_batch)."""
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+class LlamaCppContext:
+    """One llama.cpp context holding ``n_seq`` parallel sequences, driven through llama-cpp-python's low-level API.
+
+    Settings as ``Llama(n_batch=512, flash_attn=False)`` makes them for batch 1
+    (the column's history), plus ``n_seq_max`` sequences with a KV stream
+    each (llama.cpp's default, ``kv_unified=False``).
+    """
+
+    def __init__(self, lib, model, n_seq: int, n_ctx: int, threads: int):
+        self.lib = lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = LLAMA_N_BATCH
+        params.n_ubatch = LLAMA_N_BATCH
+        params.n_seq_max = n_seq
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = lib.llama_init_from_model(model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not make a context of {n_ctx} tokens, {n_seq} sequences")
+        self.params = params
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+        self.batch = lib.llama_batch_init(LLAMA_N_BATCH, 0, 1)
+
+    def clear(self) -> None:
+        """Forget every sequence (the KV cache's metadata, as batched-bench does between runs)."""
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), False)
+
+    def decode(self, rows, keep_logits: bool = False) -> dict:
+        """Run ``rows`` in n_batch chunks; with ``keep_logits``, a copy of each logits row asked for, by sequence id."""
+        import numpy as np
+
+        kept: dict = {}
+        b = self.batch
+        for part in chunks(rows, LLAMA_N_BATCH):
+            for i, (tok, pos, seq, logits) in enumerate(part):
+                b.token[i] = tok
+                b.pos[i] = pos
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = logits
+            b.n_tokens = len(part)
+            ret = self.lib.llama_decode(self.ctx, b)
+            if ret != 0:
+                raise RuntimeError(f"llama_decode returned {ret} on {len(part)} rows")
+            self.lib.llama_synchronize(self.ctx)
+            if keep_logits:  # read before the next chunk's decode overwrites them
+                for i, (_, _, seq, logits) in enumerate(part):
+                    if logits:
+                        row = self.lib.llama_get_logits_ith(self.ctx, i)
+                        kept[seq] = np.ctypeslib.as_array(row, shape=(self.n_vocab,)).copy()
+        return kept
+
+    def greedy(self, prompts, steps: int) -> tuple[list[list[int]], list]:
+        """Each sequence's ``steps`` greedy tokens after its prompt, and sequence 0's logits row at each of them."""
+        self.clear()
+        logits = self.decode(llama_prefill_rows(prompts), keep_logits=True)
+        out = [[int(logits[s].argmax())] for s in range(len(prompts))]
+        seq0 = [logits[0]]
+        for step in range(steps - 1):
+            rows = llama_step_rows([o[-1] for o in out], [len(p) + step for p in prompts])
+            logits = self.decode(rows, keep_logits=True)
+            for s, o in enumerate(out):
+                o.append(int(logits[s].argmax()))
+            seq0.append(logits[0])
+        return out, seq0
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
+
+
+def llama_cpp(gguf: str, prompts, seq_out: int, threads: int, repeat: int = 3, check_steps: int = 8) -> dict | None:
+    """First/next-token ms of llama.cpp with ``len(prompts)`` parallel sequences in one context, when installed.
+
+    first = the prefill of every prompt (batch x seq_in tokens, n_batch
+    chunks); next = the mean of one llama_decode carrying one token per
+    sequence, over seq_out - 1 steps; median over ``repeat`` runs after a
+    warm-up, the KV cache cleared before each.  At batch > 1 it also checks
+    that sequence 0's greedy tokens over ``check_steps`` steps, with every
+    sequence given the same prompt, equal a batch-1 context's.
+    """
     try:
-        from llama_cpp import Llama
+        import llama_cpp as lib
+        from llama_cpp import _logger
     except ImportError:
         return None
-    llm = Llama(model_path=gguf, n_ctx=len(prompts[0]) + seq_out + 8, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, verbose=False)
+    _logger.set_verbose(False)  # llama.cpp logs every load to stderr otherwise
+    lib.llama_backend_init()
+    model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
+    if not model:
+        raise GGUFUnusable(f"--gguf {gguf}: llama.cpp could not load it as a model")
+    batch, seq_in = len(prompts), len(prompts[0])
+    # llama.cpp rounds each sequence's KV stream up to 256 cells (and warns when n_ctx / n_seq_max is not so)
+    per_seq = -(-(seq_in + max(seq_out, check_steps) + 8) // 256) * 256
+    out: dict = {"batch": batch, "llama_cpp_python": lib.__version__, "gguf": str(gguf), "n_batch": LLAMA_N_BATCH,
+                 "n_ctx": batch * per_seq, "flash_attn": False, "kv_unified": False,
+                 "system_info": lib.llama_print_system_info().decode(errors="replace").strip()}
+    try:
+        ctx = LlamaCppContext(lib, model, batch, batch * per_seq, threads)
+        try:
+            prefill = llama_prefill_rows(prompts)
+            fixed = [3] * batch  # a fixed token: greedy choice is not what is timed
 
-    def once():
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(prompts[0])
-        first = (time.perf_counter() - t) * 1e3
-        t = time.perf_counter()
-        for _ in range(seq_out - 1):
-            llm.eval([3])  # a fixed token: greedy choice is not what is timed
-        return first, (time.perf_counter() - t) * 1e3 / max(1, seq_out - 1)
+            def once():
+                ctx.clear()
+                t = time.perf_counter()
+                ctx.decode(prefill)
+                first = (time.perf_counter() - t) * 1e3
+                t = time.perf_counter()
+                for step in range(seq_out - 1):
+                    ctx.decode(llama_step_rows(fixed, [seq_in + step] * batch))
+                return first, (time.perf_counter() - t) * 1e3 / max(1, seq_out - 1)
 
-    once()
-    runs = [once() for _ in range(repeat)]
-    return {"first_token_ms": statistics.median(r[0] for r in runs), "next_token_ms": statistics.median(r[1] for r in runs)}
+            once()
+            runs = [once() for _ in range(repeat)]
+            out["first_token_ms"] = statistics.median(r[0] for r in runs)
+            out["next_token_ms"] = statistics.median(r[1] for r in runs)
+            if batch > 1:
+                same = [prompts[0][:64]] * batch
+                batched, batched_logits = ctx.greedy(same, check_steps)
+        finally:
+            ctx.close()
+        if batch > 1:
+            single = LlamaCppContext(lib, model, 1, per_seq, threads)
+            try:
+                alone, alone_logits = single.greedy(same[:1], check_steps)
+            finally:
+                single.close()
+            out["greedy_check"] = {
+                "steps": check_steps, "prompt_tokens": len(same[0]), "batch_1": alone[0], "batch_seq_0": batched[0],
+                "seq_0_agrees": batched[0] == alone[0], "every_seq_agrees": all(b == alone[0] for b in batched),
+                "seq_0_max_abs_logit_diff": max(float(abs(a - b).max()) for a, b in zip(alone_logits, batched_logits)),
+            }
+    finally:
+        lib.llama_model_free(model)
+    return out
+
+
+def gguf_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a GGUF file (missing, unreadable, no ``GGUF`` magic), or None; checked before timing."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None if magic == b"GGUF" else f"not a GGUF file (starts {magic!r}, not b'GGUF')"
 
 
 def main(argv=None) -> int:
@@ -212,6 +376,10 @@ def main(argv=None) -> int:
                    help="also measure each compile mode's resident memory in a fresh process (Linux)")
     p.add_argument("--json", default=None, help="write every figure here")
     ns = p.parse_args(argv)
+    if ns.gguf:
+        problem = gguf_problem(ns.gguf)
+        if problem:
+            p.error(f"--gguf {ns.gguf}: {problem}")
 
     threads = ns.threads or usable_cpus()
     torch.set_num_threads(threads)
@@ -254,8 +422,11 @@ def main(argv=None) -> int:
             columns[f"vicuna-bench {mode}"]["memory"] = memory(spec, prompts, ns.seq_out, threads)
     if not ns.no_transformers:
         columns["transformers"] = transformers_generate(base.model_path, dtype, prompts, ns.seq_out, ns.repeat)
-    if ns.gguf and ns.batch == 1:
-        got = llama_cpp(ns.gguf, prompts, ns.seq_out, threads, ns.repeat)
+    if ns.gguf:
+        try:
+            got = llama_cpp(ns.gguf, prompts, ns.seq_out, threads, ns.repeat)
+        except GGUFUnusable as e:
+            p.error(str(e))
         if got is None:
             print("llama.cpp: llama-cpp-python is not installed; column left out", file=sys.stderr)
         else:
@@ -281,6 +452,16 @@ def main(argv=None) -> int:
         print(f"{name:<22}{col['first_token_ms']:>10.1f}{col['next_token_ms']:>10.2f}{col['next_over_floor']:>12.2f}"
               f"{col.get('first_over_transformers', float('nan')):>10.2f}"
               f"{col.get('next_over_transformers', float('nan')):>10.2f}{col['prefill_gflops']:>17.1f}")
+    lc = columns.get("llama.cpp")
+    if lc is not None:
+        print(f"llama.cpp: llama-cpp-python {lc['llama_cpp_python']}, {lc['batch']} parallel sequence(s), "
+              f"{Path(lc['gguf']).name}")
+        if "greedy_check" in lc:
+            g = lc["greedy_check"]
+            print(f"llama.cpp batch {lc['batch']}: sequence 0's greedy tokens over {g['steps']} steps equal batch 1's: "
+                  f"{'yes' if g['seq_0_agrees'] else 'NO'}; "
+                  f"every sequence's: {'yes' if g['every_seq_agrees'] else 'NO'}; "
+                  f"largest logit difference {g['seq_0_max_abs_logit_diff']:.2g}")
     for name, col in columns.items():
         if "memory" in col:
             mem = col["memory"]
