@@ -236,7 +236,11 @@ def cpu_inductor_options(world_size: int = 1, dtype: str = "fp32") -> dict:
       16.5 -> 14.1 ms).  It cannot wrap the collectives that tensor
       parallelism puts in the graph (torch 2.13: "arg type Any").
     """
-    return {"freezing": dtype != "fp32", "cpp_wrapper": world_size == 1}
+    from . import cpu_kernels
+
+    # With the small-M GEMM every decode-step product reads the model's own weights: nothing to prepack.
+    freeze = dtype != "fp32" and not cpu_kernels.loaded()
+    return {"freezing": freeze, "cpp_wrapper": world_size == 1}
 
 
 def configure_cpu_inductor(world_size: int = 1, dtype: str = "fp32") -> None:

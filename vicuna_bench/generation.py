@@ -162,7 +162,10 @@ class DecodeState:
         """
         batch = key_valid.shape[0]
         device = key_valid.device
-        return cls(torch.zeros((batch, 1), dtype=torch.long, device=device), last_positions.clone(),
+        # Fresh standard strides: a [B, 1] slice of the prompt's positions keeps the prompt's row stride, and a
+        # compiled step guards on strides (a recompile inside the timed steps).
+        positions = last_positions.clone(memory_format=torch.contiguous_format)
+        return cls(torch.zeros((batch, 1), dtype=torch.long, device=device), positions,
                    torch.tensor([last_slot], device=device), key_valid)
 
     def advance(self, next_ids: torch.Tensor) -> None:

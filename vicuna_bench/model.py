@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .config import ModelArgs
 from .sharding import ShardPlan, TensorParallel
 
@@ -206,6 +207,19 @@ def _set_bytes(caches: list[KVCache]) -> int:
     return sum(c.nbytes for c in caches)
 
 
+class Linear(nn.Linear):
+    """A bias-free ``nn.Linear`` whose product is :func:`vicuna_bench.cpu_kernels.linear`.
+
+    On CPU (fp32/bf16, the kernel built) a decode step's few rows go through
+    the small-M GEMM that streams the weight once for all rows; eager calls and
+    compiled graphs read this same ``weight`` tensor (no packed copy). Anywhere
+    else, ``F.linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear(x, self.weight)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SDPA of q [B, H, T, D] over k/v [B, Hkv, L, D], grouped-query without copying the cache.
 
@@ -235,8 +249,8 @@ class Attention(nn.Module):
         self.n_kv_heads = plan.local_kv_heads
         hd = args.head_dim
         # This rank's q, k and v rows stacked: one matrix-vector product instead of three.
-        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=False)
+        self.qkv_proj = Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
+        self.o_proj = Linear(self.n_heads * hd, args.hidden_size, bias=False)
         self.cache: KVCache | None = None
 
     def qkv_rows(self) -> list[int]:
@@ -268,8 +282,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.tp = tp
         # This rank's gate rows, then its up rows.
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * plan.local_intermediate, bias=False)
-        self.down_proj = nn.Linear(plan.local_intermediate, args.hidden_size, bias=False)
+        self.gate_up_proj = Linear(args.hidden_size, 2 * plan.local_intermediate, bias=False)
+        self.down_proj = Linear(plan.local_intermediate, args.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -329,7 +343,7 @@ class Transformer(nn.Module):
         self.model = LlamaModel(args, plan, tp)
         # Both are cut by the same vocabulary rows, so a tied checkpoint shares
         # one tensor here too (see tie_weights): no second copy to read.
-        self.lm_head = nn.Linear(args.hidden_size, plan.local_vocab, bias=False)
+        self.lm_head = Linear(args.hidden_size, plan.local_vocab, bias=False)
         self.rotary = RotaryEmbedding(args, max_seq_len)
         self.cache_shape = (0, 0)  # (batch, length) of the KV caches in use
         self.kv_pool = KVCachePool()  # every bucket's caches, kept (a plain object: not in the module tree)

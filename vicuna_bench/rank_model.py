@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import checkpoint, devices, fit
+from . import checkpoint, cpu_kernels, devices, fit
 from .binding import CpuBinding, unbound
 from .errors import UserError
 from .generation import EAGER, GenerationResult, PrefixKV, SamplingConfig, generate
@@ -126,6 +126,9 @@ class RankRunner:
         self.binding = binding or unbound(local_rank, device_label(spec, local_rank), "not bound by its caller")
         self.environment = devices.environment_record(spec.device, spec.device_index(local_rank),
                                                       spec.cpu_dtype_auto)
+        if self.device.type == "cpu":
+            cpu_kernels.load()  # the small-M GEMM of every CPU linear layer, or F.linear (its log line says which)
+            self.environment.update(cpu_kernels.status())
         rank_log = RankLog(spec, rank)
         rank_log.write(
             f"start: model={spec.model_path} world_size={spec.world_size} device={self.device} "
