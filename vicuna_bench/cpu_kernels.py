@@ -1,12 +1,21 @@
 """Our CPU kernels: built once per host (``-march=native``) into the cache, loaded without a compiler after that.
 
-``small_m_linear(x, weight)`` (``csrc/small_m_linear.cpp``) is ``x @ weight.T``
-for at most :data:`MAX_ROWS` rows of ``x`` that reads each weight row from
-memory once for all rows (BLAS re-reads weight panels as the rows grow: a
-batch-8 decode step cost ~2x a batch-1 one).  It reads the model's own
-[out, in] weight tensor: no packed copy exists beside it, so eager calls and
-every compiled graph (where it is an extern kernel) share one copy of the
-weights.  More rows (a prefill), other dtypes or another device: ``F.linear``.
+Two ops in ``csrc/cpu_kernels.cpp``, registered as ``vicuna_bench::*`` (CPU):
+
+* ``small_m_linear(x, weight)``: ``x @ weight.T`` for at most :data:`MAX_ROWS`
+  rows of ``x``, reading each weight row from memory once for all rows (BLAS
+  re-reads weight panels as the rows grow: a batch-8 decode step cost ~2x a
+  batch-1 one).  It reads the model's own [out, in] weight tensor: no packed
+  copy exists beside it, so eager calls and every compiled graph (where it is
+  an extern kernel, called from inductor's C++ wrapper through the
+  dispatcher) share one copy of the weights.  More rows (a prefill): the op
+  hands the product to ``at::linear``.
+* ``decode_attention(q, k, v, key_valid)``: a decode step's attention that
+  reads only the cache slots holding tokens (SDPA reads the whole cache
+  bucket under a mask), so its cost follows the filled length with one
+  compiled graph for every length.
+
+Other dtypes, other devices, or the library not loaded: ``F.linear`` and SDPA.
 
 Building: :func:`build` runs the host's C++ compiler once (``make setup`` does
 it at install time; ``python -m vicuna_bench.cpu_kernels``), into
@@ -37,7 +46,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("vicuna_bench")
 
-SOURCE = Path(__file__).with_name("csrc") / "small_m_linear.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 MAX_ROWS = 16  # the kernel's kMaxRows: above it the op itself calls at::linear
 ENV_SWITCH = "VICUNA_BENCH_CPU_KERNELS"
 # The target ISA (gcc's -march): the host's own by default; tests build the AVX2 path with ``haswell``.
@@ -83,6 +92,7 @@ def compile_command(output: Path) -> list[str]:
     compiler = os.environ.get("CXX", "c++")
     march = os.environ.get(ENV_MARCH, "native")
     command = [compiler, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+               "-fno-math-errno",  # lets the softmax's exp vectorize (glibc's libmvec)
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     command += [f"-I{p}" for p in include_paths()]
     command += [f"-I{sysconfig.get_paths()['include']}"]
@@ -119,15 +129,18 @@ def _compile_into(target: Path) -> Path:
     return target
 
 
-def _register_fake() -> None:
-    def fake(x, weight):
+def _register_fakes() -> None:
+    """Output shapes for the compiler (it traces with fake tensors; the ops run only on real ones)."""
+
+    def linear_fake(x, weight):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
-    register = getattr(torch.library, "register_fake", None)  # torch >= 2.4
-    if register is not None:
-        register("vicuna_bench::small_m_linear")(fake)
-    else:
-        torch.library.impl_abstract("vicuna_bench::small_m_linear")(fake)
+    def attention_fake(q, k, v, key_valid):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract  # torch >= 2.4 / 2.2
+    register("vicuna_bench::small_m_linear")(linear_fake)
+    register("vicuna_bench::decode_attention")(attention_fake)
 
 
 def load(build_if_missing: bool = True) -> bool:
@@ -148,7 +161,7 @@ def load(build_if_missing: bool = True) -> bool:
                         raise RuntimeError(f"not built for this host ({target}); run python -m vicuna_bench.cpu_kernels")
                     build()
                 torch.ops.load_library(str(target))
-                _register_fake()
+                _register_fakes()
                 _state["isa"] = torch.ops.vicuna_bench.small_m_isa()
             except Exception as err:  # noqa: BLE001 - any failure leaves F.linear, said once
                 why = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -179,10 +192,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     dynamic-shape prefill graph gets no guard on its length): the op itself
     hands more than :data:`MAX_ROWS` rows to ``at::linear``.
     """
-    if (_state["loaded"] and x.device.type == "cpu" and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16)):
+    if handles(x) and x.dtype == weight.dtype:
         return torch.ops.vicuna_bench.small_m_linear(x, weight)
     return F.linear(x, weight)
+
+
+def handles(x: torch.Tensor) -> bool:
+    """True where our CPU kernels take ``x``: the library loaded, a CPU tensor, fp32 or bf16."""
+    return bool(_state["loaded"]) and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """One query token per row ``q`` [B, H, 1, D] over the cache ``k``/``v`` [B, Hkv, L, D] where ``key_valid``
+    [B, L] is set, reading only those slots (callers check :func:`handles` first).  A row with no valid slot
+    gives zeros, where SDPA gives NaN."""
+    return torch.ops.vicuna_bench.decode_attention(q, k, v, key_valid)
 
 
 def main(argv=None) -> int:

@@ -272,7 +272,11 @@ class Attention(nn.Module):
         keys, values = self.cache.k, self.cache.v
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-        out = attend(q, keys, values, mask)
+        if steps == 1 and kv_len is None and cpu_kernels.handles(q):
+            # A decode step on CPU: only the filled slots of the cache are read (``mask`` is [B, 1, 1, L]).
+            out = cpu_kernels.decode_attention(q, keys, values, mask.reshape(batch, mask.shape[-1]))
+        else:
+            out = attend(q, keys, values, mask)
         out = out.transpose(1, 2).reshape(batch, steps, self.n_heads * hd)
         return self.tp.all_reduce(self.o_proj(out))
 

@@ -1,7 +1,7 @@
-"""The small-M CPU GEMM in the engine: other ISA builds, logits against the F.linear model, one weight copy.
+"""Our CPU kernels in the engine: other ISA builds, logits against the F.linear / SDPA model, one weight copy.
 
 * the AVX2 and AVX-512-without-BF16 paths, built with gcc's -march for those CPUs into a scratch cache (this
-  host runs both), against torch.matmul;
+  host runs both), against torch.matmul and SDPA;
 * eager and compiled logits of the engine with the kernel equal those of the same engine on F.linear (the
   kernel switched off) within 1e-4 of their scale, fp32, world sizes 1 and 2;
 * one copy of the weights: the bytes of every live CPU tensor after loading and after compiling and serving
@@ -42,6 +42,19 @@ CHECK = textwrap.dedent("""
             if dtype == torch.bfloat16:
                 bound = bound + 2.0 ** -8 * ref.abs()
             worst[str(dtype)] = max(worst.get(str(dtype), -1e30), ((got - ref).abs() - bound).max().item())
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2.0 ** -6)):
+        for heads, kv_heads, dim in ((9, 3, 64), (4, 4, 24)):  # the generic path's head sizes too
+            g = torch.Generator().manual_seed(heads * dim)
+            q = torch.randn(3, heads, 1, dim, generator=g).to(dtype)
+            k, v = (torch.randn(3, kv_heads, 37, dim, generator=g).to(dtype) for _ in range(2))
+            valid = torch.rand(3, 37, generator=g) < 0.6
+            valid[:, 0] = True
+            rep = heads // kv_heads
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1),
+                attn_mask=valid[:, None, None, :])
+            err = (cpu_kernels.decode_attention(q, k, v, valid).double() - ref).abs().max().item()
+            worst["attention " + str(dtype)] = max(worst.get("attention " + str(dtype), -1e30), err - tol)
     print(json.dumps({"isa": cpu_kernels.status()["small_m_gemm_isa"], "worst_excess": worst}))
 """)
 
@@ -72,7 +85,8 @@ def _run(spec, compile_mode: str, kernel: bool, monkeypatch):
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_kernel_logits_equal_the_f_linear_model(tiny_models, world_size, monkeypatch):
-    """Eager and compiled, with the kernel: the F.linear model's greedy tokens, logits within 1e-4 of their scale."""
+    """Eager and compiled, with the kernels (GEMM and decode attention): the greedy tokens of the model on F.linear and
+    SDPA, logits within 1e-4 of their scale."""
     spec = make_engine_spec(str(tiny_models["gqa"]), world_size, "cpu", "fp32", 64)
     reference, used = _run(spec, "off", False, monkeypatch)
     assert used == [False] * world_size

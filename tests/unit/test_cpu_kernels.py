@@ -1,9 +1,10 @@
-"""The small-M CPU GEMM (vicuna_bench/csrc/small_m_linear.cpp) against torch.matmul.
+"""Our CPU kernels (vicuna_bench/csrc/cpu_kernels.cpp): the small-M GEMM against torch.matmul, decode attention
+against SDPA.
 
 The library is built by ``make kernels`` (the unit tier may not start a
 compiler); a missing build fails here rather than skipping.  The other ISA
 paths (AVX2, AVX-512 without BF16) are built and checked in
-tests/integration/test_small_m_gemm.py.
+tests/integration/test_cpu_kernels.py.
 """
 from __future__ import annotations
 
@@ -117,3 +118,71 @@ def test_linear_dispatches_by_device_and_dtype(monkeypatch):
     monkeypatch.setitem(cpu_kernels._state, "loaded", False)
     cpu_kernels.linear(torch.ones(1, 8), torch.ones(4, 8))
     assert calls == [torch.float32, torch.bfloat16]
+
+
+def sdpa_reference(q, k, v, key_valid):
+    """SDPA in float64 of the same inputs, each query head on its kv head (h // (H / Hkv)), over valid slots."""
+    rep = q.shape[1] // k.shape[1]
+    kd = k.double().repeat_interleave(rep, dim=1)
+    vd = v.double().repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q.double(), kd, vd, attn_mask=key_valid[:, None, None, :])
+
+
+@settings(max_examples=80, deadline=None)
+@given(batch=st.integers(1, 8), kv_heads=st.integers(1, 4), rep=st.integers(1, 6),
+       head_dim=st.sampled_from([16, 24, 64, 80, 128, 7]), length=st.integers(1, 70),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_decode_attention_matches_sdpa(batch, kv_heads, rep, head_dim, length, dtype, seed):
+    """Any batch, GQA ratio (1 = MHA), head size (whole AVX-512 vectors or not) and cache length; each row valid
+    over a random left-padded span with random holes, at least one slot."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * rep, 1, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, length, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, length, head_dim, generator=gen).to(dtype)
+    valid = torch.rand(batch, length, generator=gen) < 0.7
+    valid[torch.arange(batch), torch.randint(0, length, (batch,), generator=gen)] = True
+    got = cpu_kernels.decode_attention(q, k, v, valid)
+    assert got.shape == q.shape and got.dtype == dtype
+    ref = sdpa_reference(q, k, v, valid)
+    # fp32: softmax and sums in fp32; bf16: the output rounded to 8 significant bits, the values |v| <~ 4.
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-8 * 4
+    assert (got.double() - ref).abs().max().item() <= tol
+
+
+def test_decode_attention_reads_only_valid_slots():
+    """Slots outside key_valid do not matter, even NaN or huge (SDPA under a mask still reads them)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 1, 64, generator=gen)
+    k = torch.randn(2, 2, 40, 64, generator=gen)
+    v = torch.randn(2, 2, 40, 64, generator=gen)
+    valid = torch.zeros(2, 40, dtype=torch.bool)
+    valid[0, 5:17] = True
+    valid[1, :33] = True
+    clean = cpu_kernels.decode_attention(q, k, v, valid)
+    k[~valid.unsqueeze(1).expand_as(k[..., 0])] = float("nan")
+    v[~valid.unsqueeze(1).expand_as(v[..., 0])] = 1e30
+    assert torch.equal(cpu_kernels.decode_attention(q, k, v, valid), clean)
+    assert torch.allclose(clean.double(), sdpa_reference(q, k.nan_to_num(0.0), v, valid), atol=1e-5)
+
+
+def test_decode_attention_on_the_cache_layout():
+    """The model's call: q a transposed view [B, H, 1, D] of [B, 1, H, D], k/v a slice of a longer cache."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 1, 6, 64, generator=gen).transpose(1, 2)
+    cache_k = torch.randn(3, 2, 64, 64, generator=gen)
+    cache_v = torch.randn(3, 2, 64, 64, generator=gen)
+    k, v = cache_k[:, :, :48], cache_v[:, :, :48]
+    valid = torch.ones(3, 48, dtype=torch.bool)
+    valid[1, :20] = False
+    got = cpu_kernels.decode_attention(q, k, v, valid)
+    assert (got.double() - sdpa_reference(q, k, v, valid)).abs().max().item() <= 1e-5
+
+
+def test_decode_attention_refuses_what_it_cannot_do():
+    q, kv = torch.randn(1, 4, 2, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match=r"q must be \[B, H, 1, D\]"):
+        cpu_kernels.decode_attention(q, kv, kv, torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="key_valid must be bool"):
+        cpu_kernels.decode_attention(q[:, :, :1], kv, kv, torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="does not fit the cache"):
+        cpu_kernels.decode_attention(torch.randn(1, 3, 1, 8), kv, kv, torch.ones(1, 5, dtype=torch.bool))

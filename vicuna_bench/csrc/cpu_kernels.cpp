@@ -1,0 +1,453 @@
+// y = x @ w.T for a few rows of x: every weight row is read from memory once for all rows.
+//
+// A decode step multiplies M (the batch) activation rows by each weight
+// matrix; for M <= 16 that is bound by reading the weights.  BLAS kernels
+// here re-read weight panels as M grows (MKL sgemm: 21 GB/s at M = 1, 14 at
+// M = 8 on a 2-core AVX-512 host), so a batch-8 step cost ~2x a batch-1 one.
+// This kernel walks the weight in its stored [N, K] row-major layout (the
+// model's own tensor: nothing packed beside it) in panels of NR rows; each
+// panel stays in L1/L2 while MR-row blocks of x are multiplied against it, so
+// memory traffic is the weight once plus x (tiny).  Accumulation is fp32;
+// bf16 uses AVX512-BF16 dot products where the host has them.
+//
+// Built by vicuna_bench/cpu_kernels.py with -march=native for the host it
+// runs on; registered as vicuna_bench::small_m_linear (CPU), so eager calls
+// and inductor graphs (an extern kernel) call the same code.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxRows = 16;
+
+inline float bf16_to_float(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+// One lane type per (dtype, ISA): Acc holds fp32 partial sums; mac() adds
+// x[k:k+Step] * w[k:k+Step] (both loaded by load_w) into it; sum() reduces it to one float.
+#if defined(__AVX512F__)
+struct F32Lane {
+  using T = float;
+  using Acc = __m512;
+  static constexpr int Step = 16;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Acc load_w(const T* w) { return _mm512_loadu_ps(w); }
+  static void mac(Acc& acc, Acc x, Acc w) { acc = _mm512_fmadd_ps(x, w, acc); }
+  static float sum(Acc acc) { return _mm512_reduce_add_ps(acc); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+inline float hsum256(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+struct F32Lane {
+  using T = float;
+  using Acc = __m256;
+  static constexpr int Step = 8;
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static Acc load_w(const T* w) { return _mm256_loadu_ps(w); }
+  static void mac(Acc& acc, Acc x, Acc w) { acc = _mm256_fmadd_ps(x, w, acc); }
+  static float sum(Acc acc) { return hsum256(acc); }
+};
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// 32 bf16 pairs per instruction, products summed in fp32 (vdpbf16ps).
+struct BF16Lane {
+  using T = uint16_t;
+  using Acc = __m512;
+  static constexpr int Step = 32;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static __m512i load_w(const T* w) { return _mm512_loadu_si512(w); }
+  static void mac(Acc& acc, __m512i x, __m512i w) { acc = _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
+  static float sum(Acc acc) { return _mm512_reduce_add_ps(acc); }
+};
+#elif defined(__AVX512F__)
+inline __m512 widen16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+struct BF16Lane {
+  using T = uint16_t;
+  using Acc = __m512;
+  static constexpr int Step = 16;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static __m512 load_w(const T* w) { return widen16(w); }
+  static void mac(Acc& acc, __m512 x, __m512 w) { acc = _mm512_fmadd_ps(x, w, acc); }
+  static float sum(Acc acc) { return _mm512_reduce_add_ps(acc); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+inline __m256 widen8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+struct BF16Lane {
+  using T = uint16_t;
+  using Acc = __m256;
+  static constexpr int Step = 8;
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static __m256 load_w(const T* w) { return widen8(w); }
+  static void mac(Acc& acc, __m256 x, __m256 w) { acc = _mm256_fmadd_ps(x, w, acc); }
+  static float sum(Acc acc) { return hsum256(acc); }
+};
+#endif
+
+inline float scalar_of(float v) { return v; }
+inline float scalar_of(uint16_t v) { return bf16_to_float(v); }
+
+// Prefetch (into L2) the weight panel this many panels ahead while the current one is multiplied: the
+// hardware prefetcher alone left the loads exposed (fp32 M = 1: 21.5 -> 17 ms over SmolLM2's 538 MB;
+// M = 8: 36 -> 26 ms; bf16 M = 1: 14 -> 10 ms; 2-core AVX-512 host, benchmarks/bench_gemm.py). 2, 4 and 8
+// panels measured the same; L1 (T0) prefetch did worse than L2.
+constexpr int64_t kPrefetchPanels = 2;
+
+// out[i * N + j] = dot(x[i], w[j]) for i < MR, j < NR: one register block; prefetches pf's NR rows.
+
+template <typename Lane, int MR, int NR>
+inline void block(const typename Lane::T* x, const typename Lane::T* w, int64_t K, float* out, int64_t N,
+                  const typename Lane::T* pf = nullptr) {
+  typename Lane::Acc acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = Lane::zero();
+  const int64_t whole = K - K % Lane::Step;
+  for (int64_t k = 0; k < whole; k += Lane::Step) {
+    // Every operand loaded once into a register (MR + NR loads for MR * NR products): folded into the
+    // products, as the compiler otherwise does, each would be loaded NR or MR times.
+    decltype(Lane::load_w(w)) wv[NR], xv[MR];
+    for (int j = 0; j < NR; ++j) {
+      if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf + j * K + k), _MM_HINT_T1);
+      wv[j] = Lane::load_w(w + j * K + k);
+      asm volatile("" : "+v"(wv[j]));
+    }
+    for (int i = 0; i < MR; ++i) {
+      xv[i] = Lane::load_w(x + i * K + k);
+      asm volatile("" : "+v"(xv[i]));
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) Lane::mac(acc[i][j], xv[i], wv[j]);
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      float total = Lane::sum(acc[i][j]);
+      for (int64_t k = whole; k < K; ++k) total += scalar_of(x[i * K + k]) * scalar_of(w[j * K + k]);
+      out[i * N + j] = total;
+    }
+  }
+}
+
+// Rows [n0, n1) of the output for all M rows: panels of NR weight rows, MR x-rows at a time.
+template <typename Lane, int NR>
+void panel_rows(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_t K, int64_t N, int64_t n0,
+                int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; n += NR) {
+    const typename Lane::T* wp = w + n * K;
+    int64_t m = 0;
+    // Only the first row block prefetches: the others find the panel in cache.
+    const typename Lane::T* pf = n + (kPrefetchPanels + 1) * NR <= n1 ? wp + kPrefetchPanels * NR * K : nullptr;
+    if (M >= 4) { block<Lane, 4, NR>(x, wp, K, out + n, N, pf); m = 4; pf = nullptr; }
+    for (; m + 4 <= M; m += 4) block<Lane, 4, NR>(x + m * K, wp, K, out + m * N + n, N);
+    switch (M - m) {
+      case 3: block<Lane, 3, NR>(x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 2: block<Lane, 2, NR>(x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 1: block<Lane, 1, NR>(x + m * K, wp, K, out + m * N + n, N, pf); break;
+      default: break;
+    }
+  }
+}
+
+template <typename Lane>
+void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_t K, int64_t N, float* out) {
+  // One row at a time needs more independent accumulators to hide FMA latency than four rows do.
+  constexpr int NR_ONE = 8, NR = 4;
+  const int64_t nr = M == 1 ? NR_ONE : NR;
+  const int64_t panels = N / nr;
+  // Each task at least ~64 KB of weights: below that the thread hand-off costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, nr * K * (int64_t)sizeof(typename Lane::T)));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    if (M == 1)
+      panel_rows<Lane, NR_ONE>(x, w, M, K, N, p0 * nr, p1 * nr, out);
+    else
+      panel_rows<Lane, NR>(x, w, M, K, N, p0 * nr, p1 * nr, out);
+  });
+  if (panels * nr < N) panel_rows<Lane, 1>(x, w, M, K, N, panels * nr, N, out);
+}
+
+at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "small_m_linear: weight must be 2-D, got ", weight.dim(), "-D");
+  TORCH_CHECK(x.size(-1) == weight.size(1), "small_m_linear: x has ", x.size(-1), " features, weight ", weight.size(1));
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "small_m_linear: x is ", x.scalar_type(), ", weight ",
+              weight.scalar_type());
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t M = K == 0 ? 0 : x.numel() / K;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  const bool supported = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  if (M > kMaxRows || M == 0 || K == 0 || !supported) return at::linear(x, weight);  // BLAS is right there
+  at::Tensor xc = x.reshape({M, K}).contiguous();
+  at::Tensor wc = weight.contiguous();
+  at::Tensor acc = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kFloat) {
+    run<F32Lane>(xc.data_ptr<float>(), wc.data_ptr<float>(), M, K, N, acc.data_ptr<float>());
+    return acc.view(out_shape);
+  }
+  run<BF16Lane>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+                reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), M, K, N, acc.data_ptr<float>());
+  return acc.to(at::kBFloat16).view(out_shape);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decode attention: one query token per row over the slots of its KV cache that hold tokens.
+//
+// q [B, H, 1, D]; k, v [B, Hkv, L, D] (the cache, any L); key_valid [B, L] (bool).  Query head h uses kv head
+// h / (H / Hkv).  Only slots with key_valid set are read: a row's cost follows its filled length, not the cache
+// bucket's (SDPA reads all L slots under a mask: at batch 8, 512 slots, 30 layers of SmolLM2 it took 19-22 ms
+// where reading the keys and values takes 3-6).  Scores and softmax in fp32; a row with no valid slot gives 0.
+
+template <typename T>
+inline float to_f(T v);
+template <>
+inline float to_f<float>(float v) { return v; }
+template <>
+inline float to_f<c10::BFloat16>(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// scores[r * n + i] = q[r] . k[slots[i]] for r < rep, i < n.
+template <typename T>
+void scores_generic(const float* q, const T* k, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
+                    int64_t D, float* scores) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* kl = k + slots[i] * row_stride;
+    for (int64_t r = 0; r < rep; ++r) {
+      const float* qr = q + r * D;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += qr[d] * to_f(kl[d]);
+      scores[r * n + i] = dot;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16f(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// The 16 horizontal sums of v[0..15], in order, as one vector: pairwise unpacks and adds (~45 instructions for
+// 16 sums, where reducing each alone costs ~8 and a dependent chain).
+inline __m512 sum16(const __m512* v) {
+  __m512 pair[8], quad[4];
+  for (int j = 0; j < 8; ++j)
+    pair[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  for (int j = 0; j < 4; ++j) {
+    const __m512d a = _mm512_castps_pd(pair[2 * j]), b = _mm512_castps_pd(pair[2 * j + 1]);
+    quad[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // quad[j]'s 128-bit lane c holds partial sums of v[4j..4j+3] over elements 4c..4c+3.
+  const __m512 h01 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], 0x88), _mm512_shuffle_f32x4(quad[0], quad[1], 0xDD));
+  const __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], 0x88), _mm512_shuffle_f32x4(quad[2], quad[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, 0x88), _mm512_shuffle_f32x4(h01, h23, 0xDD));
+}
+
+// Sixteen keys at a time, their 16 dot products with one query row summed together by sum16.  A last group of
+// fewer keys repeats its last key (a constant trip count keeps the 16 accumulators in registers).
+template <typename T>
+void scores_avx512(const float* q, const T* k, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
+                   int64_t D, float* scores) {
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const int64_t count = std::min<int64_t>(16, n - i0);
+    const T* rows[16];
+    for (int j = 0; j < 16; ++j) rows[j] = k + slots[i0 + std::min<int64_t>(j, count - 1)] * row_stride;
+    for (int64_t r = 0; r < rep; ++r) {
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 qv = _mm512_loadu_ps(q + r * D + d);
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, load16f(rows[j] + d), acc[j]);
+      }
+      _mm512_mask_storeu_ps(scores + r * n + i0, (__mmask16)((1u << count) - 1), sum16(acc));
+    }
+  }
+}
+
+// acc[r * D + d] = sum_i p[r * n + i] * v[slots[i]][d]: 64 columns and up to 4 query rows at a time, the sums
+// in registers across all slots.
+template <typename T>
+void weighted_values_avx512(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n,
+                            int64_t rep, int64_t D, float* acc) {
+  for (int64_t r0 = 0; r0 < rep; r0 += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, rep - r0));
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const int chunks = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
+      __m512 sum[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) sum[r][c] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        const T* vi = v + slots[i] * row_stride + d0;
+        __m512 vv[4];
+        for (int c = 0; c < 4; ++c) vv[c] = c < chunks ? load16f(vi + 16 * c) : _mm512_setzero_ps();
+        for (int r = 0; r < 4; ++r) {
+          if (r >= rows) break;
+          const __m512 pr = _mm512_set1_ps(p[(r0 + r) * n + i]);
+          for (int c = 0; c < 4; ++c) sum[r][c] = _mm512_fmadd_ps(pr, vv[c], sum[r][c]);
+        }
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(acc + (r0 + r) * D + d0 + 16 * c, sum[r][c]);
+    }
+  }
+}
+#endif
+
+template <typename T>
+void scores_of(const float* q, const T* k, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
+               int64_t D, float* scores) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0) return scores_avx512<T>(q, k, row_stride, slots, n, rep, D, scores);
+#endif
+  scores_generic<T>(q, k, row_stride, slots, n, rep, D, scores);
+}
+
+template <typename T>
+void values_of(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
+               int64_t D, float* acc) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0) return weighted_values_avx512<T>(p, v, row_stride, slots, n, rep, D, acc);
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const T* vl = v + slots[i] * row_stride;
+    for (int64_t r = 0; r < rep; ++r) {
+      const float pr = p[r * n + i];
+      float* ar = acc + r * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) ar[d] += pr * to_f(vl[d]);
+    }
+  }
+}
+
+template <typename T>
+void decode_attention_rows(const T* q, const T* k, const T* v, const bool* valid, T* out, int64_t B, int64_t H,
+                           int64_t Hkv, int64_t L, int64_t D, const int64_t* qs, const int64_t* ks, const int64_t* vs,
+                           const int64_t* os, int64_t valid_stride) {
+  const int64_t rep = H / Hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores, qf(rep * D), acc(rep * D);
+    std::vector<int64_t> slots;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, g = t % Hkv;
+      slots.clear();
+      const bool* row_valid = valid + b * valid_stride;
+      for (int64_t l = 0; l < L; ++l)
+        if (row_valid[l]) slots.push_back(l);
+      const int64_t n = static_cast<int64_t>(slots.size());
+      for (int64_t r = 0; r < rep; ++r) {
+        const T* qr = q + b * qs[0] + (g * rep + r) * qs[1];
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f(qr[d * qs[3]]) * scale;
+      }
+      scores.assign(rep * std::max<int64_t>(n, 1), 0.0f);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      if (n > 0) {
+        const T* kb = k + b * ks[0] + g * ks[1];
+        const T* vb = v + b * vs[0] + g * vs[1];
+        scores_of<T>(qf.data(), kb, ks[2], slots.data(), n, rep, D, scores.data());
+        for (int64_t r = 0; r < rep; ++r) {
+          float* sr = scores.data() + r * n;
+          float top = sr[0];
+          for (int64_t i = 1; i < n; ++i) top = std::max(top, sr[i]);
+          float total = 0.0f;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) sr[i] = std::exp(sr[i] - top);
+#pragma omp simd reduction(+ : total)
+          for (int64_t i = 0; i < n; ++i) total += sr[i];
+          const float inv = 1.0f / total;
+          for (int64_t i = 0; i < n; ++i) sr[i] *= inv;
+        }
+        values_of<T>(scores.data(), vb, vs[2], slots.data(), n, rep, D, acc.data());
+      }
+      for (int64_t r = 0; r < rep; ++r) {
+        T* orow = out + b * os[0] + (g * rep + r) * os[1];
+        for (int64_t d = 0; d < D; ++d) orow[d * os[3]] = static_cast<T>(acc[r * D + d]);
+      }
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& key_valid) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be [B, H, 1, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: k and v must be the same [B, Hkv, L, D]");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0,
+              "decode_attention: q ", q.sizes(), " does not fit the cache ", k.sizes());
+  TORCH_CHECK(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == q.size(0) &&
+                  key_valid.size(1) == k.size(2),
+              "decode_attention: key_valid must be bool [B, L], got ", key_valid.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "decode_attention: q, k, v dtypes differ");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: the cache's last dimension must be dense");
+  at::Tensor valid = key_valid.stride(1) == 1 ? key_valid : key_valid.contiguous();
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  const int64_t qs[4] = {q.stride(0), q.stride(1), q.stride(2), q.stride(3)};
+  const int64_t ks[4] = {k.stride(0), k.stride(1), k.stride(2), k.stride(3)};
+  const int64_t vs[4] = {v.stride(0), v.stride(1), v.stride(2), v.stride(3)};
+  const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), L = k.size(2), D = q.size(3);
+  if (q.scalar_type() == at::kFloat) {
+    decode_attention_rows<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                                 valid.data_ptr<bool>(), out.data_ptr<float>(), B, H, Hkv, L, D, qs, ks, vs, os,
+                                 valid.stride(0));
+  } else if (q.scalar_type() == at::kBFloat16) {
+    decode_attention_rows<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(),
+                                         v.data_ptr<c10::BFloat16>(), valid.data_ptr<bool>(),
+                                         out.data_ptr<c10::BFloat16>(), B, H, Hkv, L, D, qs, ks, vs, os,
+                                         valid.stride(0));
+  } else {
+    TORCH_CHECK(false, "decode_attention: fp32 or bf16 only, got ", q.scalar_type());
+  }
+  return out;
+}
+
+// Which code paths this build has, for the log line and the environment record.
+std::string small_m_isa() {
+  std::string f32, bf16;
+#if defined(__AVX512F__)
+  f32 = "avx512f";
+#else
+  f32 = "avx2";
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  bf16 = "avx512_bf16";
+#elif defined(__AVX512F__)
+  bf16 = "avx512f (widened)";
+#else
+  bf16 = "avx2 (widened)";
+#endif
+  return "fp32 " + f32 + ", bf16 " + bf16;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vicuna_bench, m) {
+  m.def("small_m_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor key_valid) -> Tensor");
+  m.def("small_m_isa() -> str", &small_m_isa);  // no tensor argument: a catch-all kernel
+}
+
+TORCH_LIBRARY_IMPL(vicuna_bench, CPU, m) {
+  m.impl("small_m_linear", &small_m_linear);
+  m.impl("decode_attention", &decode_attention);
+}
