@@ -6,10 +6,11 @@ from memory, so its time should barely grow with M.  This measures, for
 the model's own projection shapes (fused qkv, o, fused gate/up, down, and
 the head), cycling through enough copies that no weight stays in cache:
 
-* ``F.linear`` eager (what ``--compile off`` calls);
-* the compiled chain, with the engine's own CPU compile settings (inductor
-  ``max-autotune``, C++ wrapper, and in bf16 freezing with weight
-  prepacking: ``compile.cpu_inductor_options``): what ``--compile on`` gets;
+* ``F.linear`` eager (BLAS: what the engine called before its own kernel);
+* ``small-M``: our kernel (``vicuna_bench/cpu_kernels.py``, built for this
+  host), eager: what every CPU linear layer calls now, eager or compiled;
+* the compiled chain on our kernel, with the engine's own CPU compile settings
+  (``compile.cpu_inductor_options``): what ``--compile on`` gets;
 * the read bandwidth (sum over 256 MB), the ceiling of all of them.
 
 and prints GB/s of weights streamed and the time at M against the first M
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vicuna_bench import checkpoint
+from vicuna_bench import checkpoint, cpu_kernels
 from vicuna_bench.runtime import resolve_engine_spec, usable_cpus
 
 
@@ -53,12 +54,21 @@ class LinearChain(nn.Module):
         for p in self.parameters():
             nn.init.normal_(p, std=0.02)
 
+    product = staticmethod(lambda x, weight: F.linear(x, weight))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mm = self.product
         for qkv, o, gate_up, down in self.blocks:
-            x = x + o(qkv(x)[..., : self.q_width])
-            gate, up = gate_up(x).split(self.inter, dim=-1)
-            x = x + down(F.silu(gate) * up)
-        return self.head(x)
+            x = x + mm(mm(x, qkv.weight)[..., : self.q_width], o.weight)
+            gate, up = mm(x, gate_up.weight).split(self.inter, dim=-1)
+            x = x + mm(F.silu(gate) * up, down.weight)
+        return mm(x, self.head.weight)
+
+
+class SmallMChain(LinearChain):
+    """The same chain through our small-M kernel."""
+
+    product = staticmethod(lambda x, weight: cpu_kernels.linear(x, weight))
 
 
 def median_ms(fn, x, repeat: int) -> float:
@@ -89,7 +99,12 @@ def main(argv=None) -> int:
     dtype = checkpoint.DTYPES[ns.dtype]
     spec = resolve_engine_spec(ns.model_path, 1, "cpu", ns.dtype, 64, progress=False)
     args = checkpoint.read_model_args(Path(spec.model_path))
+    if not cpu_kernels.load():
+        print(f"our kernel is unavailable: {cpu_kernels.status()['small_m_gemm_why_not']}", file=sys.stderr)
+        return 1
     net = LinearChain(args, ns.layers or args.n_layers, dtype).eval()
+    small_m = SmallMChain.__new__(SmallMChain)
+    small_m.__dict__ = net.__dict__  # the same weight tensors
     nbytes = sum(p.numel() * p.element_size() for p in net.parameters())
     read = read_bandwidth()
     doc = {"model": spec.model_path, "dtype": ns.dtype, "threads": threads, "flags": cpu_flags(),
@@ -102,13 +117,14 @@ def main(argv=None) -> int:
         configure_cpu_inductor(1, ns.dtype)
     base = {}
     print(f"{'M':>3} {'kernel':<10}{'ms':>9}{'GB/s':>8}{'x first':>8}")
+    doc["kernel_isa"] = cpu_kernels.status()["small_m_gemm_isa"]
     with torch.inference_mode():
         for m in [int(v) for v in ns.rows.split(",")]:
             x = torch.randn(m, args.hidden_size, dtype=dtype)
-            kernels = {"eager": net}
+            kernels = {"F.linear": net, "small-M": small_m}
             if not ns.no_compile:
                 # One graph per M (static shapes), as the engine compiles a decode step per batch size.
-                kernels["compiled"] = torch.compile(net, mode=CPU_DECODE_MODE, dynamic=False)
+                kernels["compiled"] = torch.compile(small_m, mode=CPU_DECODE_MODE, dynamic=False)
             for name, fn in kernels.items():
                 ms = median_ms(fn, x, ns.repeat)
                 base.setdefault(name, ms)
