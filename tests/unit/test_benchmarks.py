@@ -48,7 +48,8 @@ def test_gemm_benchmark_streams_the_models_matrices(tiny_models, bench, tmp_path
     h, i, vocab, layers = 64, 128, 1001, 2  # tiny.VICUNA_SHAPED
     assert tiny.VICUNA_SHAPED["hidden_size"] == h and tiny.VICUNA_SHAPED["vocab_size"] == vocab
     assert doc["weight_bytes"] == 4 * (layers * (3 * h * h + h * h + 2 * i * h + i * h) + vocab * h)
-    assert [(r["m"], r["kernel"]) for r in doc["rows"]] == [(1, "eager"), (2, "eager")]
+    assert [(r["m"], r["kernel"]) for r in doc["rows"]] == [(1, "F.linear"), (1, "small-M"), (2, "F.linear"),
+                                                           (2, "small-M")]
     first = doc["rows"][0]
     assert first["over_m1"] == 1.0 and first["gbps"] == pytest.approx(doc["weight_bytes"] / first["ms"] / 1e6)
     assert "GB/s" in capsys.readouterr().out
