@@ -210,11 +210,32 @@ class CompiledSteps:
         if not made:
             return 0.0
         sync()
+        release_freed_heap()
         spent = time.perf_counter() - started
         self.compile_s += spent
         log.info("compiled the %s (%s) for batch %d, cache %d, %d call(s) each: %.1f s", " and ".join(made),
                  self.description, batch, length, calls, spent)
         return spent
+
+
+def release_freed_heap() -> None:
+    """Hand the heap pages compiling freed back to the OS (glibc ``malloc_trim``; elsewhere nothing).
+
+    Tracing and code generation allocate and free a few hundred MB of small
+    objects; glibc keeps those pages resident, so a compiled engine held
+    ~240 MB more than an eager one (SmolLM2 fp32: RSS growth 1.45x weights + KV
+    against 1.06x eager) with nothing live in them.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
 
 
 CUDA_GRAPH_TREE_WARM_CALLS = 2  # calls before a CUDA graph tree replays: one eager warm-up, one recording
@@ -239,7 +260,7 @@ def cpu_inductor_options(world_size: int = 1, dtype: str = "fp32") -> dict:
     from . import cpu_kernels
 
     # With the small-M GEMM every decode-step product reads the model's own weights: nothing to prepack.
-    freeze = dtype != "fp32" and not cpu_kernels.loaded()
+    freeze = dtype != "fp32" and not cpu_kernels.load()  # loaded here too: the model may be built after this
     return {"freezing": freeze, "cpp_wrapper": world_size == 1}
 
 

@@ -47,6 +47,8 @@ def load_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel,
     args = checkpoint.read_model_args(path)
     plan = ShardPlan(args, spec.world_size, rank)
     dtype = checkpoint.DTYPES[spec.dtype]
+    if device.type == "cpu":
+        cpu_kernels.load()  # every CPU linear layer's GEMM and the decode attention, or F.linear/SDPA (logged)
     if device.type in ("cuda", "npu"):  # before anything is allocated on it
         count = (torch.cuda if device.type == "cuda" else getattr(torch, "npu")).device_count()
         fit.check_device_fit(args, spec.world_size, spec.dtype, spec.max_seq_len, spec.fit_batch, device, count)
@@ -127,7 +129,7 @@ class RankRunner:
         self.environment = devices.environment_record(spec.device, spec.device_index(local_rank),
                                                       spec.cpu_dtype_auto)
         if self.device.type == "cpu":
-            cpu_kernels.load()  # the small-M GEMM of every CPU linear layer, or F.linear (its log line says which)
+            cpu_kernels.load()  # before the record: it says whether our kernels run (loading the model loads them)
             self.environment.update(cpu_kernels.status())
         rank_log = RankLog(spec, rank)
         rank_log.write(
