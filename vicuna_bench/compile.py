@@ -227,15 +227,15 @@ def release_freed_heap() -> None:
     against 1.06x eager) with nothing live in them.
     """
     import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own libc (find_library forks)
+    except OSError:
+        trim = None
+    if trim is not None:  # glibc; elsewhere the allocator decides
+        trim(0)
 
 
 CUDA_GRAPH_TREE_WARM_CALLS = 2  # calls before a CUDA graph tree replays: one eager warm-up, one recording
