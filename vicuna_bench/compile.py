@@ -5,12 +5,12 @@
 compiles that same function, which writes no argument (its inputs advance in
 ``generation.DecodeState.advance``, outside any graph):
 
-* CPU: inductor with ``max-autotune`` (its C++ micro-GEMMs for the
-  matrix-vector products of a decode step), a C++ wrapper (no Python
-  between the step's kernels), and in bf16/fp16 freezing with weight
-  prepacking (the weights become constants laid out for the AMX kernels;
-  not in fp32, where it costs ~4x the weights in memory for little speed:
-  :func:`cpu_inductor_options`);
+* CPU: inductor with ``max-autotune`` and a C++ wrapper (no Python
+  between the step's kernels).  Its GEMMs and the decode attention are our
+  kernels (:mod:`vicuna_bench.cpu_kernels`), extern calls that read the
+  model's own weights, so nothing is frozen; only where those kernels are
+  unavailable do bf16/fp16 freeze and prepack the weights
+  (:func:`cpu_inductor_options`);
 * CUDA: ``max-autotune`` (CUDA graphs: one launch per step, and GEMMs
   autotuned per shape);
 * NPU: torchair's GE or ACL graph for the decode step, through the API the
@@ -245,8 +245,11 @@ CPU_DECODE_MODE = "max-autotune-no-cudagraphs"  # inductor's C++ micro-GEMMs aut
 def cpu_inductor_options(world_size: int = 1, dtype: str = "fp32") -> dict:
     """Inductor settings of a CPU decode step, by dtype and world size.
 
-    * ``freezing`` (weights become constants, prepacked for the GEMM kernels)
-      only for bf16/fp16: there it is what makes a step fast (bf16, SmolLM2,
+    * ``freezing`` (weights become constants, prepacked for the GEMM kernels):
+      never while our CPU kernels are loaded (they read the model's weights as
+      they are: one copy for eager and every graph, docs/PERFORMANCE.md "CPU
+      kernels").  Without them, only for bf16/fp16, where it was what made a
+      step fast (bf16, SmolLM2,
       batch 1: 30.1 ms unfrozen, 13.5 frozen: the AMX kernels want packed
       weights).  In fp32 it buys nothing measurable at batch 1 (26.45 ms
       unfrozen, 25.6-26.6 frozen) and costs much memory: the frozen graphs
