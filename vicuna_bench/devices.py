@@ -264,7 +264,7 @@ def _package_version(name: str) -> str | None:
 
 def environment_record(device_type: str, device_index: int = 0, cpu_dtype_auto=None) -> dict:
     """What a result depends on besides the code: device name and NPU chip family, the host CPU's matrix ISA,
-    torch / torch_npu / torchair / CUDA versions, timing env vars.
+    whether our CPU kernels run (CPU), torch / torch_npu / torchair / CUDA versions, timing env vars.
 
     ``cpu_dtype_auto``: the spec's :class:`vicuna_bench.cpu_isa.CpuDtypeChoice` where ``--dtype auto`` chose the
     CPU dtype (recorded with the probe's GFLOP/s); None: the dtype was given, or the device is an accelerator.
@@ -290,6 +290,11 @@ def environment_record(device_type: str, device_index: int = 0, cpu_dtype_auto=N
         "cpu_dtype_auto": cpu_dtype_auto.record() if cpu_dtype_auto is not None else None,
         "env": {},
     }
+    if device_type == "cpu":
+        from . import cpu_kernels
+
+        cpu_kernels.load()  # whether our CPU kernels run is part of what a CPU result depends on (once per process)
+        record.update(cpu_kernels.status())
     names = NPU_TIMING_ENV if device_type == "npu" else CUDA_TIMING_ENV if device_type == "cuda" else ()
     record["env"] = {k: os.environ.get(k) for k in names}
     return record

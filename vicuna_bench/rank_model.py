@@ -128,9 +128,6 @@ class RankRunner:
         self.binding = binding or unbound(local_rank, device_label(spec, local_rank), "not bound by its caller")
         self.environment = devices.environment_record(spec.device, spec.device_index(local_rank),
                                                       spec.cpu_dtype_auto)
-        if self.device.type == "cpu":
-            cpu_kernels.load()  # before the record: it says whether our kernels run (loading the model loads them)
-            self.environment.update(cpu_kernels.status())
         rank_log = RankLog(spec, rank)
         rank_log.write(
             f"start: model={spec.model_path} world_size={spec.world_size} device={self.device} "

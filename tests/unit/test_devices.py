@@ -207,6 +207,10 @@ model name\t: Intel(R) Xeon(R) CPU           E5620  @ 2.40GHz
 
 
 def test_cpu_environment_record(monkeypatch, tmp_path):
+    from vicuna_bench import cpu_kernels
+
+    # Loaded once per process, for this host's real flags (make kernels built it), before cpuinfo is faked below.
+    assert cpu_kernels.load(build_if_missing=False), cpu_kernels.status()
     (tmp_path / "cpuinfo").write_text(CPUINFO_E5620)
     monkeypatch.setattr(devices.cpu_isa, "CPUINFO", tmp_path / "cpuinfo")  # no flags line: ISA unknown
     real_open = open
@@ -217,7 +221,8 @@ def test_cpu_environment_record(monkeypatch, tmp_path):
         "device_type": "cpu", "device_name": "Intel(R) Xeon(R) CPU E5620 @ 2.40GHz", "chip_family": None,
         "torch": torch.__version__, "torch_npu": None, "torchair": None, "cuda": None,
         "python": platform.python_version(), "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
-        "env": {},
+        "small_m_gemm": True, "small_m_gemm_isa": cpu_kernels.status()["small_m_gemm_isa"],
+        "small_m_gemm_why_not": None, "env": {},
     }
 
 
