@@ -54,10 +54,11 @@ class LinearChain(nn.Module):
         for p in self.parameters():
             nn.init.normal_(p, std=0.02)
 
-    product = staticmethod(lambda x, weight: F.linear(x, weight))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mm = self.product
+        return self.run(x, F.linear)
+
+    def run(self, x: torch.Tensor, mm) -> torch.Tensor:
+        """The chain with ``mm(x, weight)`` as every product."""
         for qkv, o, gate_up, down in self.blocks:
             x = x + mm(mm(x, qkv.weight)[..., : self.q_width], o.weight)
             gate, up = mm(x, gate_up.weight).split(self.inter, dim=-1)
@@ -65,10 +66,15 @@ class LinearChain(nn.Module):
         return mm(x, self.head.weight)
 
 
-class SmallMChain(LinearChain):
-    """The same chain through our small-M kernel."""
+class SmallMChain(nn.Module):
+    """``chain``'s own weights through our small-M kernel."""
 
-    product = staticmethod(lambda x, weight: cpu_kernels.linear(x, weight))
+    def __init__(self, chain: LinearChain):
+        super().__init__()
+        self.chain = chain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.chain.run(x, cpu_kernels.linear)
 
 
 def median_ms(fn, x, repeat: int) -> float:
@@ -103,8 +109,7 @@ def main(argv=None) -> int:
         print(f"our kernel is unavailable: {cpu_kernels.status()['small_m_gemm_why_not']}", file=sys.stderr)
         return 1
     net = LinearChain(args, ns.layers or args.n_layers, dtype).eval()
-    small_m = SmallMChain.__new__(SmallMChain)
-    small_m.__dict__ = net.__dict__  # the same weight tensors
+    small_m = SmallMChain(net)
     nbytes = sum(p.numel() * p.element_size() for p in net.parameters())
     read = read_bandwidth()
     doc = {"model": spec.model_path, "dtype": ns.dtype, "threads": threads, "flags": cpu_flags(),

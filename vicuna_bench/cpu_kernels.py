@@ -174,11 +174,6 @@ def load(build_if_missing: bool = True) -> bool:
         return _state["loaded"]
 
 
-def loaded() -> bool:
-    """True once :func:`load` succeeded in this process (the small-M GEMM is what CPU linear layers call)."""
-    return bool(_state["loaded"])
-
-
 def status() -> dict:
     """For the environment record: whether the kernel is in use, its ISA paths, or why not."""
     return {"small_m_gemm": bool(_state["loaded"]), "small_m_gemm_isa": _state["isa"],

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.unit.test_benchmarks import bench  # noqa: F401  (the fixture that imports a benchmark script)
 
 pytestmark = pytest.mark.unit
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def peers():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("bench_peers")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def peers(bench):  # noqa: F811
+    return bench("bench_peers")
 
 
 def test_prefill_rows_put_each_prompt_in_its_own_sequence_with_logits_at_its_end(peers):
