@@ -49,6 +49,48 @@ def test_compiled_steps_follow_batch_changes(tiny_models):
     assert two_again.output_ids == eager[0] and two_again.compile_ms == 0.0 and one.compile_ms > 0
 
 
+def test_warmed_decode_skips_guards_without_mixing_models_or_shapes(tiny_models, tmp_path, monkeypatch):
+    """Two engines of one architecture with different weights, open at once: dynamo keeps both models' decode
+    graphs in one cache (one decode_step code object).  A warmed (model, batch, cache length) decodes under
+    skip_guard_eval_unsafe; alternating models and batch sizes, every generation still equals its own eager one
+    (a step run on the other model's graph, or another shape's, would give the other tokens and logits)."""
+    from vicuna_bench import compile as vb_compile
+
+    if not vb_compile.SKIP_GUARD_EVAL_SUPPORTED:
+        pytest.fail(f"torch {torch.__version__} has no skip_guard_eval_unsafe: this stack cannot run this check")
+    other = tiny.make_tiny_llama(tmp_path / "other", tiny.GQA, seed=11)
+    specs = [make_engine_spec(str(p), 1, "cpu", "fp32", 64) for p in (tiny_models["gqa"], other)]
+    requests = [PROMPTS, PROMPTS[1:]]
+    eager = {}
+    for i, spec in enumerate(specs):
+        with Engine(spec) as engine:
+            for j, prompts in enumerate(requests):
+                eager[i, j] = engine.generate(prompts, 6, ignore_eos=True, return_logits=True)
+    assert eager[0, 0].output_ids != eager[1, 0].output_ids  # the two models are told apart by their tokens
+    skipped = []
+    real_stance = torch.compiler.set_stance
+
+    def spy(*args, **kwargs):
+        skipped.append(kwargs.get("skip_guard_eval_unsafe", False))
+        return real_stance(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", spy)
+    on = [Engine(type(s)(**{**s.__dict__, "compile": "on"})) for s in specs]
+    try:
+        for _ in range(2):
+            for j, prompts in enumerate(requests):
+                for i, engine in enumerate(on):
+                    got = engine.generate(prompts, 6, ignore_eos=True, return_logits=True)
+                    assert got.output_ids == eager[i, j].output_ids, (i, j)
+                    for a, b in zip(got.logits, eager[i, j].logits):
+                        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    finally:
+        for engine in on:
+            engine.close()
+    assert skipped and all(skipped)  # 2 models x 2 batches x 2 rounds x 5 decode steps, each on a warmed shape
+    assert len(skipped) == 2 * 2 * 2 * 5
+
+
 def test_compiled_decode_matches_eager_on_smollm2(smollm2_path):
     spec = make_engine_spec(str(smollm2_path), 1, "cpu", "fp32", 256)
     prompts = [[1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47], [1, 4093, 28]]

@@ -149,6 +149,34 @@ def test_decode_attention_matches_sdpa(batch, kv_heads, rep, head_dim, length, d
     assert (got.double() - ref).abs().max().item() <= tol
 
 
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), rep=st.integers(1, 4),
+       head_dim=st.sampled_from([64, 80, 128]), threads=st.sampled_from([2, 3]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_decode_attention_split_rows_merge_like_sdpa(batch, kv_heads, rep, head_dim, threads, dtype, seed):
+    """Few (row, kv head) pairs on several threads: each row's slots are cut into parts whose softmax partials are
+    merged (flash-decoding). Rows of very different fill (one a single slot, so some of its parts are empty), long
+    enough for the prefetch to run ahead, against float64 SDPA."""
+    gen = torch.Generator().manual_seed(seed)
+    length = 700
+    q = torch.randn(batch, kv_heads * rep, 1, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, length, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, length, head_dim, generator=gen).to(dtype)
+    valid = torch.rand(batch, length, generator=gen) < 0.9
+    valid[0, 600:] = False
+    if batch > 1:
+        valid[-1] = False
+        valid[-1, int(torch.randint(0, length, (1,), generator=gen))] = True
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels.decode_attention(q, k, v, valid)
+    finally:
+        torch.set_num_threads(before)
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-8 * 4
+    assert (got.double() - sdpa_reference(q, k, v, valid)).abs().max().item() <= tol
+
+
 def test_decode_attention_reads_only_valid_slots():
     """Slots outside key_valid do not matter, even NaN or huge (SDPA under a mask still reads them)."""
     gen = torch.Generator().manual_seed(3)

@@ -134,8 +134,8 @@ constexpr int64_t kPrefetchPanels = 2;
 
 // out[i * N + j] = dot(x[i], w[j]) for i < MR, j < NR: one register block; prefetches pf's NR rows.
 
-template <typename Lane, int MR, int NR>
-inline void block(const typename Lane::T* x, const typename Lane::T* w, int64_t K, float* out, int64_t N,
+template <typename Lane, int MR, int NR, typename O>
+inline void block(const typename Lane::T* x, const typename Lane::T* w, int64_t K, O* out, int64_t N,
                   const typename Lane::T* pf = nullptr) {
   typename Lane::Acc acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -171,33 +171,33 @@ inline void block(const typename Lane::T* x, const typename Lane::T* w, int64_t 
     for (int j = 0; j < NR; ++j) {
       float total = sums[i][j];
       for (int64_t k = whole; k < K; ++k) total += scalar_of(x[i * K + k]) * scalar_of(w[j * K + k]);
-      out[i * N + j] = total;
+      out[i * N + j] = static_cast<O>(total);  // bf16: round to nearest even, as Tensor.to does
     }
   }
 }
 
 // Rows [n0, n1) of the output for all M rows: panels of NR weight rows, MR x-rows at a time.
-template <typename Lane, int NR>
+template <typename Lane, int NR, typename O>
 void panel_rows(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_t K, int64_t N, int64_t n0,
-                int64_t n1, float* out) {
+                int64_t n1, O* out) {
   for (int64_t n = n0; n < n1; n += NR) {
     const typename Lane::T* wp = w + n * K;
     int64_t m = 0;
     // Only the first row block prefetches: the others find the panel in cache.
     const typename Lane::T* pf = n + (kPrefetchPanels + 1) * NR <= n1 ? wp + kPrefetchPanels * NR * K : nullptr;
-    if (M >= 4) { block<Lane, 4, NR>(x, wp, K, out + n, N, pf); m = 4; pf = nullptr; }
-    for (; m + 4 <= M; m += 4) block<Lane, 4, NR>(x + m * K, wp, K, out + m * N + n, N);
+    if (M >= 4) { block<Lane, 4, NR, O>(x, wp, K, out + n, N, pf); m = 4; pf = nullptr; }
+    for (; m + 4 <= M; m += 4) block<Lane, 4, NR, O>(x + m * K, wp, K, out + m * N + n, N);
     switch (M - m) {
-      case 3: block<Lane, 3, NR>(x + m * K, wp, K, out + m * N + n, N, pf); break;
-      case 2: block<Lane, 2, NR>(x + m * K, wp, K, out + m * N + n, N, pf); break;
-      case 1: block<Lane, 1, NR>(x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 3: block<Lane, 3, NR, O>(x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 2: block<Lane, 2, NR, O>(x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 1: block<Lane, 1, NR, O>(x + m * K, wp, K, out + m * N + n, N, pf); break;
       default: break;
     }
   }
 }
 
-template <typename Lane>
-void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_t K, int64_t N, float* out) {
+template <typename Lane, typename O>
+void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_t K, int64_t N, O* out) {
   // One row at a time needs more independent accumulators to hide FMA latency than four rows do.
   constexpr int NR_ONE = 8, NR = 4;
   const int64_t nr = M == 1 ? NR_ONE : NR;
@@ -206,11 +206,11 @@ void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, nr * K * (int64_t)sizeof(typename Lane::T)));
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
     if (M == 1)
-      panel_rows<Lane, NR_ONE>(x, w, M, K, N, p0 * nr, p1 * nr, out);
+      panel_rows<Lane, NR_ONE, O>(x, w, M, K, N, p0 * nr, p1 * nr, out);
     else
-      panel_rows<Lane, NR>(x, w, M, K, N, p0 * nr, p1 * nr, out);
+      panel_rows<Lane, NR, O>(x, w, M, K, N, p0 * nr, p1 * nr, out);
   });
-  if (panels * nr < N) panel_rows<Lane, 1>(x, w, M, K, N, panels * nr, N, out);
+  if (panels * nr < N) panel_rows<Lane, 1, O>(x, w, M, K, N, panels * nr, N, out);
 }
 
 at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
@@ -226,14 +226,17 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
   if (M > kMaxRows || M == 0 || K == 0 || !supported) return at::linear(x, weight);  // BLAS is right there
   at::Tensor xc = x.reshape({M, K}).contiguous();
   at::Tensor wc = weight.contiguous();
-  at::Tensor acc = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // The output in x's dtype, written by the kernel (bf16 rounded there): no fp32 buffer and no conversion op
+  // after it (~121 products a SmolLM2 step, each a dispatcher call and an allocation less).
+  at::Tensor out = at::empty({M, N}, x.options());
   if (x.scalar_type() == at::kFloat) {
-    run<F32Lane>(xc.data_ptr<float>(), wc.data_ptr<float>(), M, K, N, acc.data_ptr<float>());
-    return acc.view(out_shape);
+    run<F32Lane, float>(xc.data_ptr<float>(), wc.data_ptr<float>(), M, K, N, out.data_ptr<float>());
+    return out.view(out_shape);
   }
-  run<BF16Lane>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
-                reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), M, K, N, acc.data_ptr<float>());
-  return acc.to(at::kBFloat16).view(out_shape);
+  run<BF16Lane, c10::BFloat16>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+                               reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), M, K, N,
+                               out.data_ptr<c10::BFloat16>());
+  return out.view(out_shape);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -243,6 +246,14 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
 // h / (H / Hkv).  Only slots with key_valid set are read: a row's cost follows its filled length, not the cache
 // bucket's (SDPA reads all L slots under a mask: at batch 8, 512 slots, 30 layers of SmolLM2 it took 19-22 ms
 // where reading the keys and values takes 3-6).  Scores and softmax in fp32; a row with no valid slot gives 0.
+//
+// One task is (row b, kv head g, part s): the H / Hkv query heads of group g against part s of row b's valid
+// slots, so each key and value is read once for all heads that share it.  A row is cut into parts only when
+// there are fewer (b, g) pairs than threads can share evenly (batch 1); the parts' softmax partials (max, sum,
+// unnormalised output) are then merged as in flash-decoding.  On AVX-512 the scores take 8-16 keys at a time
+// for up to 3 heads (keys loaded once per head block, the sums reduced 16 at a time), bf16 scores use
+// vdpbf16ps where the host has it, exp is a vector polynomial, and the next keys and values are prefetched
+// (the loads were left exposed: 30 layers at batch 8 took 10.3 ms from memory against 3.3 ms from cache).
 
 template <typename T>
 inline float to_f(T v);
@@ -251,7 +262,15 @@ inline float to_f<float>(float v) { return v; }
 template <>
 inline float to_f<c10::BFloat16>(c10::BFloat16 v) { return static_cast<float>(v); }
 
-// scores[r * n + i] = q[r] . k[slots[i]] for r < rep, i < n.
+// Keys or values this many slots ahead are prefetched into L2 while the current ones are used.
+constexpr int64_t kAttnPrefetchSlots = 32;
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+}
+
+// scores[r * n + i] = q[r] . k[slots[i]] for r < rep, i < n (q in fp32).
 template <typename T>
 void scores_generic(const float* q, const T* k, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
                     int64_t D, float* scores) {
@@ -267,77 +286,10 @@ void scores_generic(const float* q, const T* k, int64_t row_stride, const int64_
   }
 }
 
-#if defined(__AVX512F__)
-inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16f(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-// Sixteen keys at a time, their 16 dot products with one query row summed together by sum16.  A last group of
-// fewer keys repeats its last key (a constant trip count keeps the 16 accumulators in registers).
+// acc[r * D + d] += sum_i p[r * n + i] * v[slots[i]][d].
 template <typename T>
-void scores_avx512(const float* q, const T* k, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
-                   int64_t D, float* scores) {
-  for (int64_t i0 = 0; i0 < n; i0 += 16) {
-    const int64_t count = std::min<int64_t>(16, n - i0);
-    const T* rows[16];
-    for (int j = 0; j < 16; ++j) rows[j] = k + slots[i0 + std::min<int64_t>(j, count - 1)] * row_stride;
-    for (int64_t r = 0; r < rep; ++r) {
-      __m512 acc[16];
-      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m512 qv = _mm512_loadu_ps(q + r * D + d);
-        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, load16f(rows[j] + d), acc[j]);
-      }
-      _mm512_mask_storeu_ps(scores + r * n + i0, (__mmask16)((1u << count) - 1), sum16(acc));
-    }
-  }
-}
-
-// acc[r * D + d] = sum_i p[r * n + i] * v[slots[i]][d]: 64 columns and up to 4 query rows at a time, the sums
-// in registers across all slots.
-template <typename T>
-void weighted_values_avx512(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n,
-                            int64_t rep, int64_t D, float* acc) {
-  for (int64_t r0 = 0; r0 < rep; r0 += 4) {
-    const int rows = static_cast<int>(std::min<int64_t>(4, rep - r0));
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-      const int chunks = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
-      __m512 sum[4][4];
-      for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 4; ++c) sum[r][c] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < n; ++i) {
-        const T* vi = v + slots[i] * row_stride + d0;
-        __m512 vv[4];
-        for (int c = 0; c < 4; ++c) vv[c] = c < chunks ? load16f(vi + 16 * c) : _mm512_setzero_ps();
-        for (int r = 0; r < 4; ++r) {
-          if (r >= rows) break;
-          const __m512 pr = _mm512_set1_ps(p[(r0 + r) * n + i]);
-          for (int c = 0; c < 4; ++c) sum[r][c] = _mm512_fmadd_ps(pr, vv[c], sum[r][c]);
-        }
-      }
-      for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(acc + (r0 + r) * D + d0 + 16 * c, sum[r][c]);
-    }
-  }
-}
-#endif
-
-template <typename T>
-void scores_of(const float* q, const T* k, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
-               int64_t D, float* scores) {
-#if defined(__AVX512F__)
-  if (D % 16 == 0) return scores_avx512<T>(q, k, row_stride, slots, n, rep, D, scores);
-#endif
-  scores_generic<T>(q, k, row_stride, slots, n, rep, D, scores);
-}
-
-template <typename T>
-void values_of(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
-               int64_t D, float* acc) {
-#if defined(__AVX512F__)
-  if (D % 16 == 0) return weighted_values_avx512<T>(p, v, row_stride, slots, n, rep, D, acc);
-#endif
+void values_generic(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
+                    int64_t D, float* acc) {
   for (int64_t i = 0; i < n; ++i) {
     const T* vl = v + slots[i] * row_stride;
     for (int64_t r = 0; r < rep; ++r) {
@@ -349,52 +301,300 @@ void values_of(const float* p, const T* v, int64_t row_stride, const int64_t* sl
   }
 }
 
+// In place: s[i] = exp(s[i] * scale - max); returns (max, sum) of the scaled scores.
+inline void softmax_generic(float* s, int64_t n, float scale, float* top_out, float* total_out) {
+  float top = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, s[i] * scale);
+  float total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = std::exp(s[i] * scale - top);
+    total += s[i];
+  }
+  *top_out = top;
+  *total_out = total;
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16f(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), within ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r)
+// by Cephes' expf polynomial, times 2^n by vscalefps (which flushes to 0 far below the fp32 range).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline void softmax_avx512(float* s, int64_t n, float scale, float* top_out, float* total_out) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 topv = _mm512_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) topv = _mm512_max_ps(topv, _mm512_mul_ps(_mm512_loadu_ps(s + i), sc));
+  float top = _mm512_reduce_max_ps(topv);
+  for (int64_t j = i; j < n; ++j) top = std::max(top, s[j] * scale);
+  const __m512 tv = _mm512_set1_ps(top);
+  __m512 totv = _mm512_setzero_ps();
+  for (i = 0; i + 16 <= n; i += 16) {
+    const __m512 e = exp512(_mm512_fmsub_ps(_mm512_loadu_ps(s + i), sc, tv));
+    _mm512_storeu_ps(s + i, e);
+    totv = _mm512_add_ps(totv, e);
+  }
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    const __m512 e = exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + i), sc, tv));
+    _mm512_mask_storeu_ps(s + i, m, e);
+    totv = _mm512_add_ps(totv, _mm512_maskz_mov_ps(m, e));
+  }
+  *top_out = top;
+  *total_out = _mm512_reduce_add_ps(totv);
+}
+
+// How a key row is read for scores: fp32 q against fp32 keys or widened bf16 keys, 16 elements a step; or
+// (AVX512-BF16) bf16 q against bf16 keys, 32 a step by vdpbf16ps (products exact, sums in fp32).
+template <typename T>
+struct WideKey {
+  using Q = float;
+  using Vec = __m512;
+  static constexpr int Step = 16;
+  static Vec load_q(const Q* q) { return _mm512_loadu_ps(q); }
+  static Vec load_k(const T* k) { return load16f(k); }
+  static __m512 mac(__m512 acc, Vec q, Vec k) { return _mm512_fmadd_ps(q, k, acc); }
+};
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+struct DotBF16Key {
+  using Q = c10::BFloat16;
+  using Vec = __m512i;
+  static constexpr int Step = 32;
+  static Vec load_q(const Q* q) { return _mm512_loadu_si512(q); }
+  static Vec load_k(const c10::BFloat16* k) { return _mm512_loadu_si512(k); }
+  static __m512 mac(__m512 acc, Vec q, Vec k) { return _mm512_dpbf16_ps(acc, (__m512bh)q, (__m512bh)k); }
+};
+#endif
+
+// Scores of RB query heads against KB keys at a time: RB * KB accumulators (<= 24 of the 32 registers), each
+// key chunk loaded once for the RB heads; the partial sums reduced 16 at a time by sum16.
+template <typename KL, typename T, int RB, int KB>
+void scores_block_rows(const typename KL::Q* q, const T* k, int64_t row_stride, const int64_t* slots, int64_t n,
+                       int64_t D, float* scores, int64_t score_stride) {
+  static_assert(RB * KB <= 32 && (RB * KB) % 8 == 0, "register block");
+  constexpr int NA = RB * KB, NG = (NA + 15) / 16;
+  for (int64_t i0 = 0; i0 < n; i0 += KB) {
+    const int count = static_cast<int>(std::min<int64_t>(KB, n - i0));
+    const T* rows[KB];
+    for (int j = 0; j < KB; ++j) rows[j] = k + slots[i0 + std::min(j, count - 1)] * row_stride;
+    if (i0 + kAttnPrefetchSlots < n) {
+      const int64_t ahead = std::min<int64_t>(KB, n - i0 - kAttnPrefetchSlots);
+      for (int64_t j = 0; j < ahead; ++j)
+        prefetch_row(k + slots[i0 + kAttnPrefetchSlots + j] * row_stride, D * (int64_t)sizeof(T));
+    }
+    __m512 acc[NG * 16];
+    for (int a = 0; a < NG * 16; ++a) acc[a] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += KL::Step) {
+      typename KL::Vec qv[RB];
+      for (int r = 0; r < RB; ++r) qv[r] = KL::load_q(q + r * D + d);
+      for (int j = 0; j < KB; ++j) {
+        const typename KL::Vec kv = KL::load_k(rows[j] + d);
+        for (int r = 0; r < RB; ++r) acc[r * KB + j] = KL::mac(acc[r * KB + j], qv[r], kv);
+      }
+    }
+    alignas(64) float sums[NG * 16];
+    for (int g = 0; g < NG; ++g) _mm512_store_ps(sums + 16 * g, sum16(acc + 16 * g));
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < count; ++j) scores[r * score_stride + i0 + j] = sums[r * KB + j];
+  }
+}
+
+template <typename KL, typename T>
+void scores_avx512(const typename KL::Q* q, const T* k, int64_t row_stride, const int64_t* slots, int64_t n,
+                   int64_t rep, int64_t D, float* scores) {
+  int64_t r = 0;
+  for (; r + 3 <= rep; r += 3)
+    scores_block_rows<KL, T, 3, 8>(q + r * D, k, row_stride, slots, n, D, scores + r * n, n);
+  if (rep - r == 2) scores_block_rows<KL, T, 2, 8>(q + r * D, k, row_stride, slots, n, D, scores + r * n, n);
+  if (rep - r == 1) scores_block_rows<KL, T, 1, 16>(q + r * D, k, row_stride, slots, n, D, scores + r * n, n);
+}
+
+// acc[r * D + d] += sum_i p[r * n + i] * v[slots[i]][d] for RB heads: 64 columns at a time, the sums in
+// registers across all slots, each value chunk loaded once for the RB heads.
+template <typename T, int RB>
+void values_block_rows(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t D,
+                       float* acc, int64_t p_stride) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int chunks = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
+    __m512 sum[RB][4];
+    for (int r = 0; r < RB; ++r)
+      for (int c = 0; c < 4; ++c) sum[r][c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      if (d0 == 0 && i + kAttnPrefetchSlots < n)
+        prefetch_row(v + slots[i + kAttnPrefetchSlots] * row_stride, D * (int64_t)sizeof(T));
+      const T* vi = v + slots[i] * row_stride + d0;
+      __m512 vv[4];
+      for (int c = 0; c < 4; ++c) vv[c] = c < chunks ? load16f(vi + 16 * c) : _mm512_setzero_ps();
+      for (int r = 0; r < RB; ++r) {
+        const __m512 pr = _mm512_set1_ps(p[r * p_stride + i]);
+        for (int c = 0; c < 4; ++c) sum[r][c] = _mm512_fmadd_ps(pr, vv[c], sum[r][c]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(acc + r * D + d0 + 16 * c, sum[r][c]);
+  }
+}
+
+template <typename T>
+void values_avx512(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
+                   int64_t D, float* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rep; r += 4) values_block_rows<T, 4>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n);
+  switch (rep - r) {
+    case 3: values_block_rows<T, 3>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n); break;
+    case 2: values_block_rows<T, 2>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n); break;
+    case 1: values_block_rows<T, 1>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n); break;
+    default: break;
+  }
+}
+#endif
+
+// The partial softmax of one task: per head, the max and sum of exp over its slots and the unnormalised output.
+struct Partial {
+  float* top;    // [rep]
+  float* total;  // [rep]
+  float* acc;    // [rep * D]
+};
+
+template <typename T>
+void attend_part(const T* qrow, int64_t q_head_stride, int64_t q_d_stride, const T* kb, const T* vb,
+                 int64_t k_row_stride, int64_t v_row_stride, const int64_t* slots, int64_t n, int64_t rep, int64_t D,
+                 float scale, std::vector<float>& qf, std::vector<c10::BFloat16>& qh, std::vector<float>& scores,
+                 Partial out) {
+  std::fill(out.acc, out.acc + rep * D, 0.0f);
+  for (int64_t r = 0; r < rep; ++r) {
+    out.top[r] = -INFINITY;
+    out.total[r] = 0.0f;
+  }
+  if (n == 0) return;
+  scores.resize(rep * n);
+  bool done = false;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    if (D % 32 == 0) {
+      qh.resize(rep * D);
+      for (int64_t r = 0; r < rep; ++r)
+        for (int64_t d = 0; d < D; ++d) qh[r * D + d] = qrow[r * q_head_stride + d * q_d_stride];
+      scores_avx512<DotBF16Key, T>(qh.data(), kb, k_row_stride, slots, n, rep, D, scores.data());
+      done = true;
+    }
+#endif
+  }
+#endif
+  if (!done) {
+    qf.resize(rep * D);
+    for (int64_t r = 0; r < rep; ++r)
+      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f(qrow[r * q_head_stride + d * q_d_stride]);
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+      scores_avx512<WideKey<T>, T>(qf.data(), kb, k_row_stride, slots, n, rep, D, scores.data());
+      done = true;
+    }
+#endif
+    if (!done) scores_generic<T>(qf.data(), kb, k_row_stride, slots, n, rep, D, scores.data());
+  }
+  for (int64_t r = 0; r < rep; ++r) {
+#if defined(__AVX512F__)
+    softmax_avx512(scores.data() + r * n, n, scale, out.top + r, out.total + r);
+#else
+    softmax_generic(scores.data() + r * n, n, scale, out.top + r, out.total + r);
+#endif
+  }
+#if defined(__AVX512F__)
+  if (D % 16 == 0) return values_avx512<T>(scores.data(), vb, v_row_stride, slots, n, rep, D, out.acc);
+#endif
+  values_generic<T>(scores.data(), vb, v_row_stride, slots, n, rep, D, out.acc);
+}
+
 template <typename T>
 void decode_attention_rows(const T* q, const T* k, const T* v, const bool* valid, T* out, int64_t B, int64_t H,
                            int64_t Hkv, int64_t L, int64_t D, const int64_t* qs, const int64_t* ks, const int64_t* vs,
                            const int64_t* os, int64_t valid_stride) {
   const int64_t rep = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores, qf(rep * D), acc(rep * D);
-    std::vector<int64_t> slots;
+  // Every row's valid slots, once.
+  std::vector<int64_t> slots, start(B + 1, 0);
+  slots.reserve(B * L);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const bool* row_valid = valid + b * valid_stride;
+    for (int64_t l = 0; l < L; ++l)
+      if (row_valid[l]) slots.push_back(l);
+    start[b + 1] = static_cast<int64_t>(slots.size());
+    longest = std::max(longest, start[b + 1] - start[b]);
+  }
+  // Parts per row: 1 when the (b, g) pairs already keep every thread busy, else enough that the tasks split
+  // evenly over the threads (batch 1 of SmolLM2: 3 kv heads on 2 threads -> 2 parts each), each >= 64 slots.
+  const int64_t threads = at::get_num_threads(), pairs = B * Hkv;
+  int64_t parts = 1;
+  if (threads > 1 && pairs < 4 * threads) {
+    while ((pairs * parts) % threads != 0 && parts < threads) ++parts;
+    while (pairs * parts < 2 * threads) parts *= 2;
+    parts = std::max<int64_t>(1, std::min(parts, longest / 64));
+  }
+  std::vector<float> partials;
+  if (parts > 1) partials.resize(pairs * parts * rep * (D + 2));
+  at::parallel_for(0, pairs * parts, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf, scores, own(rep * (D + 2));
+    std::vector<c10::BFloat16> qh;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / Hkv, g = t % Hkv;
-      slots.clear();
-      const bool* row_valid = valid + b * valid_stride;
-      for (int64_t l = 0; l < L; ++l)
-        if (row_valid[l]) slots.push_back(l);
-      const int64_t n = static_cast<int64_t>(slots.size());
-      for (int64_t r = 0; r < rep; ++r) {
-        const T* qr = q + b * qs[0] + (g * rep + r) * qs[1];
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f(qr[d * qs[3]]) * scale;
-      }
-      scores.assign(rep * std::max<int64_t>(n, 1), 0.0f);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      if (n > 0) {
-        const T* kb = k + b * ks[0] + g * ks[1];
-        const T* vb = v + b * vs[0] + g * vs[1];
-        scores_of<T>(qf.data(), kb, ks[2], slots.data(), n, rep, D, scores.data());
+      const int64_t pair = t / parts, s = t % parts, b = pair / Hkv, g = pair % Hkv;
+      const int64_t n_row = start[b + 1] - start[b];
+      const int64_t lo = n_row * s / parts, hi = n_row * (s + 1) / parts;
+      float* base = parts > 1 ? partials.data() + t * rep * (D + 2) : own.data();
+      const Partial part{base, base + rep, base + 2 * rep};
+      attend_part<T>(q + b * qs[0] + g * rep * qs[1], qs[1], qs[3], k + b * ks[0] + g * ks[1],
+                     v + b * vs[0] + g * vs[1], ks[2], vs[2], slots.data() + start[b] + lo, hi - lo, rep, D, scale,
+                     qf, qh, scores, part);
+      if (parts == 1) {
         for (int64_t r = 0; r < rep; ++r) {
-          float* sr = scores.data() + r * n;
-          float top = sr[0];
-          for (int64_t i = 1; i < n; ++i) top = std::max(top, sr[i]);
-          float total = 0.0f;
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) sr[i] = std::exp(sr[i] - top);
-#pragma omp simd reduction(+ : total)
-          for (int64_t i = 0; i < n; ++i) total += sr[i];
-          const float inv = 1.0f / total;
-          for (int64_t i = 0; i < n; ++i) sr[i] *= inv;
+          const float inv = part.total[r] > 0.0f ? 1.0f / part.total[r] : 0.0f;
+          T* orow = out + b * os[0] + (g * rep + r) * os[1];
+          for (int64_t d = 0; d < D; ++d) orow[d * os[3]] = static_cast<T>(part.acc[r * D + d] * inv);
         }
-        values_of<T>(scores.data(), vb, vs[2], slots.data(), n, rep, D, acc.data());
-      }
-      for (int64_t r = 0; r < rep; ++r) {
-        T* orow = out + b * os[0] + (g * rep + r) * os[1];
-        for (int64_t d = 0; d < D; ++d) orow[d * os[3]] = static_cast<T>(acc[r * D + d]);
       }
     }
   });
+  if (parts == 1) return;
+  // Merge the parts of each (b, g, head): rescale each part's sums to the common max.
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t b = pair / Hkv, g = pair % Hkv;
+    for (int64_t r = 0; r < rep; ++r) {
+      float top = -INFINITY;
+      for (int64_t s = 0; s < parts; ++s) top = std::max(top, partials[(pair * parts + s) * rep * (D + 2) + r]);
+      std::vector<float> merged(D, 0.0f);
+      float total = 0.0f;
+      for (int64_t s = 0; s < parts; ++s) {
+        const float* base = partials.data() + (pair * parts + s) * rep * (D + 2);
+        if (base[rep + r] == 0.0f) continue;  // a part with no slot
+        const float w = std::exp(base[r] - top);
+        total += w * base[rep + r];
+        for (int64_t d = 0; d < D; ++d) merged[d] += w * base[2 * rep + r * D + d];
+      }
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+      T* orow = out + b * os[0] + (g * rep + r) * os[1];
+      for (int64_t d = 0; d < D; ++d) orow[d * os[3]] = static_cast<T>(merged[d] * inv);
+    }
+  }
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
