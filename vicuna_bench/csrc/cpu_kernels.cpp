@@ -150,17 +150,32 @@ inline void block(const typename Lane::T* x, const typename Lane::T* w, int64_t 
       wv[j] = Lane::load_w(w + j * K + k);
       asm volatile("" : "+v"(wv[j]));
     }
-    for (int i = 0; i < MR; ++i) {
-      xv[i] = Lane::load_w(x + i * K + k);
-      asm volatile("" : "+v"(xv[i]));
+    if constexpr (MR * NR > 16) {
+      // A wide block (all 5-8 rows x 3 weight rows: up to 24 accumulators) has no registers left for every row
+      // of x at once: each is loaded just before its NR products.
+      for (int i = 0; i < MR; ++i) {
+        const auto xi = Lane::load_w(x + i * K + k);
+        for (int j = 0; j < NR; ++j) Lane::mac(acc[i][j], xi, wv[j]);
+      }
+    } else {
+      for (int i = 0; i < MR; ++i) {
+        xv[i] = Lane::load_w(x + i * K + k);
+        asm volatile("" : "+v"(xv[i]));
+      }
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) Lane::mac(acc[i][j], xv[i], wv[j]);
     }
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) Lane::mac(acc[i][j], xv[i], wv[j]);
   }
   float sums[MR][NR];
 #if defined(__AVX512F__)
-  if constexpr (MR * NR == 16 && std::is_same_v<typename Lane::Acc, __m512>) {
-    _mm512_storeu_ps(&sums[0][0], sum16(&acc[0][0]));  // 16 reductions at once: ~45 instructions, not ~160
+  if constexpr (MR * NR >= 16 && std::is_same_v<typename Lane::Acc, __m512>) {
+    // 16 reductions at once: ~45 instructions, not ~160; a last group of fewer than 16 padded with zeros.
+    constexpr int NA = MR * NR, NG = (NA + 15) / 16;
+    __m512 flat[NG * 16];
+    for (int a = 0; a < NG * 16; ++a) flat[a] = a < NA ? (&acc[0][0])[a] : _mm512_setzero_ps();
+    alignas(64) float all[NG * 16];
+    for (int g = 0; g < NG; ++g) _mm512_store_ps(all + 16 * g, sum16(flat + 16 * g));
+    std::memcpy(&sums[0][0], all, sizeof(sums));
   } else
 #endif
   {
@@ -196,15 +211,47 @@ void panel_rows(const typename Lane::T* x, const typename Lane::T* w, int64_t M,
   }
 }
 
+#if defined(__AVX512F__)
+// 5-8 rows: every row against a panel of NR_WIDE weight rows in one register block, so the panel is used the
+// moment it arrives and memory streams while the FMAs run.  (Two 4-row blocks per panel, the second from cache,
+// alternated memory-bound and FMA-bound phases: fp32 M = 8 took 1.50x M = 1, 16 GB/s.)
+constexpr int NR_WIDE = 3;
+
+template <typename Lane, int MR, typename O>
+void panel_all_rows(const typename Lane::T* x, const typename Lane::T* w, int64_t K, int64_t N, int64_t n0,
+                    int64_t n1, O* out) {
+  for (int64_t n = n0; n < n1; n += NR_WIDE) {
+    const typename Lane::T* wp = w + n * K;
+    const typename Lane::T* pf =
+        n + (kPrefetchPanels + 1) * NR_WIDE <= n1 ? wp + kPrefetchPanels * NR_WIDE * K : nullptr;
+    block<Lane, MR, NR_WIDE, O>(x, wp, K, out + n, N, pf);
+  }
+}
+#endif
+
 template <typename Lane, typename O>
 void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_t K, int64_t N, O* out) {
   // One row at a time needs more independent accumulators to hide FMA latency than four rows do.
   constexpr int NR_ONE = 8, NR = 4;
-  const int64_t nr = M == 1 ? NR_ONE : NR;
+  bool wide = false;
+#if defined(__AVX512F__)
+  wide = M >= 5 && M <= 8;
+#endif
+  const int64_t nr = M == 1 ? NR_ONE : wide ? 3 : NR;
   const int64_t panels = N / nr;
   // Each task at least ~64 KB of weights: below that the thread hand-off costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, nr * K * (int64_t)sizeof(typename Lane::T)));
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+#if defined(__AVX512F__)
+    if (wide) {
+      switch (M) {
+        case 5: return panel_all_rows<Lane, 5, O>(x, w, K, N, p0 * nr, p1 * nr, out);
+        case 6: return panel_all_rows<Lane, 6, O>(x, w, K, N, p0 * nr, p1 * nr, out);
+        case 7: return panel_all_rows<Lane, 7, O>(x, w, K, N, p0 * nr, p1 * nr, out);
+        default: return panel_all_rows<Lane, 8, O>(x, w, K, N, p0 * nr, p1 * nr, out);
+      }
+    }
+#endif
     if (M == 1)
       panel_rows<Lane, NR_ONE, O>(x, w, M, K, N, p0 * nr, p1 * nr, out);
     else
