@@ -12,6 +12,16 @@ Measures, on one device with the same weights, prompts and threads:
   f16, its default, no flash attention, n_batch 512); at B > 1 it also
   checks that sequence 0's greedy tokens equal a batch-1 context's.
 
+This host's speed drifts between minutes (memory bandwidth shared with
+other tenants), so engines timed one after another are compared at
+different moments.  With ``--rounds R`` (R > 1) our modes and llama.cpp are
+opened and warmed once, then timed in alternation: each round runs each of
+ours ``--repeat`` times, then llama.cpp.  Each column's figures are medians
+over every run of every round (its per-round medians kept as ``rounds``);
+for each of our modes, ``versus_llama_cpp`` holds the ratio ours /
+llama.cpp in each round, their median and in how many rounds ours was
+faster.  transformers is timed once, as with R = 1.
+
 With ``--memory``, each of our compile modes also runs in a fresh process
 that reports its resident-set growth over the process before the model was
 loaded, against weights + KV cache (the CPU counterpart of the allocator
@@ -24,6 +34,7 @@ processes on a small machine slow each other several times.
 
     python benchmarks/bench_peers.py                       # embedded SmolLM2-135M, fp32, 256 in / 64 out
     python benchmarks/bench_peers.py --dtype bf16 --batch 8 --seq-in 1024 --json out.json
+    python benchmarks/bench_peers.py --dtype bf16 --compile on --gguf /work/gguf/smollm2-bf16.gguf --rounds 5
 
 llama.cpp and the GGUF files (llama-cpp-python 0.3.36 built from its sdist,
 ~5 min on 2 cores; the converter and its ``gguf-py`` come in that sdist)::
@@ -41,6 +52,7 @@ llama.cpp and the GGUF files (llama-cpp-python 0.3.36 built from its sdist,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -95,16 +107,45 @@ def prompts_for(vocab: int, batch: int, seq_in: int, seed: int = 0) -> list[list
     return torch.randint(3, vocab, (batch, seq_in), generator=g).tolist()
 
 
+def median_figures(runs) -> dict:
+    """First/next-token ms: the median of each over ``runs``, a list of (first_ms, next_ms)."""
+    return {"first_token_ms": statistics.median(r[0] for r in runs),
+            "next_token_ms": statistics.median(r[1] for r in runs)}
+
+
+class OursTimer:
+    """Our engine opened and warmed once (compiling happens in the warm-up); :meth:`run` times generations."""
+
+    def __init__(self, spec, prompts, seq_out: int):
+        self.prompts, self.seq_out = prompts, seq_out
+        self.engine = Engine(spec)
+        try:
+            warm = self.engine.generate(prompts, seq_out, ignore_eos=True)
+        except BaseException:
+            self.engine.close()
+            raise
+        self.compile_s = warm.compile_ms / 1e3
+
+    def run(self, repeat: int) -> list[tuple[float, float]]:
+        """(first_ms, next_ms) of ``repeat`` generations, in order."""
+        runs = [self.engine.generate(self.prompts, self.seq_out, ignore_eos=True) for _ in range(repeat)]
+        return [(r.first_token_ms, r.next_token_ms) for r in runs]
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def ours(spec, prompts, seq_out: int, repeat: int) -> dict:
     """First/next-token ms of our engine (median over ``repeat`` runs after one warm-up)."""
-    with Engine(spec) as engine:
-        warm = engine.generate(prompts, seq_out, ignore_eos=True)
-        runs = [engine.generate(prompts, seq_out, ignore_eos=True) for _ in range(repeat)]
-    return {
-        "first_token_ms": statistics.median(r.first_token_ms for r in runs),
-        "next_token_ms": statistics.median(r.next_token_ms for r in runs),
-        "compile_s": warm.compile_ms / 1e3,
-    }
+    with OursTimer(spec, prompts, seq_out) as timer:
+        runs = timer.run(repeat)
+    return {**median_figures(runs), "compile_s": timer.compile_s}
 
 
 def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
@@ -183,8 +224,7 @@ def transformers_generate(path: str, dtype: torch.dtype, prompts, seq_out: int, 
         return (t[1] - t[0]) * 1e3, statistics.mean(steps) if steps else 0.0
 
     once()
-    runs = [once() for _ in range(repeat)]
-    return {"first_token_ms": statistics.median(r[0] for r in runs), "next_token_ms": statistics.median(r[1] for r in runs)}
+    return median_figures([once() for _ in range(repeat)])
 
 
 class GGUFUnusable(Exception):
@@ -283,71 +323,168 @@ class LlamaCppContext:
         self.lib.llama_free(self.ctx)
 
 
-def llama_cpp(gguf: str, prompts, seq_out: int, threads: int, repeat: int = 3, check_steps: int = 8) -> dict | None:
-    """First/next-token ms of llama.cpp with ``len(prompts)`` parallel sequences in one context, when installed.
-
-    first = the prefill of every prompt (batch x seq_in tokens, n_batch
-    chunks); next = the mean of one llama_decode carrying one token per
-    sequence, over seq_out - 1 steps; median over ``repeat`` runs after a
-    warm-up, the KV cache cleared before each.  At batch > 1 it also checks
-    that sequence 0's greedy tokens over ``check_steps`` steps, with every
-    sequence given the same prompt, equal a batch-1 context's.
-    """
+def load_llama_cpp():
+    """llama-cpp-python's low-level module with its logging off, or None when it is not installed."""
     try:
         import llama_cpp as lib
         from llama_cpp import _logger
     except ImportError:
         return None
     _logger.set_verbose(False)  # llama.cpp logs every load to stderr otherwise
-    lib.llama_backend_init()
-    model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
-    if not model:
-        raise GGUFUnusable(f"--gguf {gguf}: llama.cpp could not load it as a model")
-    batch, seq_in = len(prompts), len(prompts[0])
-    # llama.cpp rounds each sequence's KV stream up to 256 cells (and warns when n_ctx / n_seq_max is not so)
-    per_seq = -(-(seq_in + max(seq_out, check_steps) + 8) // 256) * 256
-    out: dict = {"batch": batch, "llama_cpp_python": lib.__version__, "gguf": str(gguf), "n_batch": LLAMA_N_BATCH,
-                 "n_ctx": batch * per_seq, "flash_attn": False, "kv_unified": False,
-                 "system_info": lib.llama_print_system_info().decode(errors="replace").strip()}
-    try:
-        ctx = LlamaCppContext(lib, model, batch, batch * per_seq, threads)
+    return lib
+
+
+class LlamaCppTimer:
+    """llama.cpp with ``len(prompts)`` parallel sequences in one context, loaded and warmed once; :meth:`run` times it.
+
+    first = the prefill of every prompt (batch x seq_in tokens, n_batch
+    chunks); next = the mean of one llama_decode carrying one token per
+    sequence, over seq_out - 1 steps; the KV cache cleared before each run.
+    Closed after clean use at batch > 1, it checks that sequence 0's greedy
+    tokens over ``check_steps`` steps, with every sequence given the same
+    prompt, equal a batch-1 context's (``greedy_check``).
+    """
+
+    def __init__(self, lib, gguf: str, prompts, seq_out: int, threads: int, check_steps: int = 8):
+        self.lib, self.prompts, self.seq_out, self.threads, self.check_steps = lib, prompts, seq_out, threads, check_steps
+        lib.llama_backend_init()
+        self.model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
+        if not self.model:
+            raise GGUFUnusable(f"--gguf {gguf}: llama.cpp could not load it as a model")
+        self.batch, self.seq_in = len(prompts), len(prompts[0])
+        # llama.cpp rounds each sequence's KV stream up to 256 cells (and warns when n_ctx / n_seq_max is not so)
+        self.per_seq = -(-(self.seq_in + max(seq_out, check_steps) + 8) // 256) * 256
+        self.info = {"batch": self.batch, "llama_cpp_python": lib.__version__, "gguf": str(gguf),
+                     "n_batch": LLAMA_N_BATCH, "n_ctx": self.batch * self.per_seq, "flash_attn": False,
+                     "kv_unified": False, "system_info": lib.llama_print_system_info().decode(errors="replace").strip()}
+        self.greedy_check: dict | None = None
+        self.ctx = None
         try:
-            prefill = llama_prefill_rows(prompts)
-            fixed = [3] * batch  # a fixed token: greedy choice is not what is timed
+            self.ctx = LlamaCppContext(lib, self.model, self.batch, self.batch * self.per_seq, threads)
+            self._prefill = llama_prefill_rows(prompts)
+            self._once()
+        except BaseException:
+            self.close(check=False)
+            raise
 
-            def once():
-                ctx.clear()
-                t = time.perf_counter()
-                ctx.decode(prefill)
-                first = (time.perf_counter() - t) * 1e3
-                t = time.perf_counter()
-                for step in range(seq_out - 1):
-                    ctx.decode(llama_step_rows(fixed, [seq_in + step] * batch))
-                return first, (time.perf_counter() - t) * 1e3 / max(1, seq_out - 1)
+    def _once(self) -> tuple[float, float]:
+        fixed = [3] * self.batch  # a fixed token: greedy choice is not what is timed
+        self.ctx.clear()
+        t = time.perf_counter()
+        self.ctx.decode(self._prefill)
+        first = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        for step in range(self.seq_out - 1):
+            self.ctx.decode(llama_step_rows(fixed, [self.seq_in + step] * self.batch))
+        return first, (time.perf_counter() - t) * 1e3 / max(1, self.seq_out - 1)
 
-            once()
-            runs = [once() for _ in range(repeat)]
-            out["first_token_ms"] = statistics.median(r[0] for r in runs)
-            out["next_token_ms"] = statistics.median(r[1] for r in runs)
-            if batch > 1:
-                same = [prompts[0][:64]] * batch
-                batched, batched_logits = ctx.greedy(same, check_steps)
+    def run(self, repeat: int) -> list[tuple[float, float]]:
+        """(first_ms, next_ms) of ``repeat`` runs, in order."""
+        return [self._once() for _ in range(repeat)]
+
+    def close(self, check: bool = True) -> None:
+        """Free the context and the model; first, with ``check`` at batch > 1, the greedy check."""
+        if self.model is None:
+            return
+        check = check and self.batch > 1 and self.ctx is not None
+        try:
+            if self.ctx is not None:
+                try:
+                    if check:
+                        same = [self.prompts[0][:64]] * self.batch
+                        batched, batched_logits = self.ctx.greedy(same, self.check_steps)
+                finally:
+                    self.ctx.close()
+                    self.ctx = None
+            if check:
+                single = LlamaCppContext(self.lib, self.model, 1, self.per_seq, self.threads)
+                try:
+                    alone, alone_logits = single.greedy(same[:1], self.check_steps)
+                finally:
+                    single.close()
+                self.greedy_check = {
+                    "steps": self.check_steps, "prompt_tokens": len(same[0]), "batch_1": alone[0],
+                    "batch_seq_0": batched[0], "seq_0_agrees": batched[0] == alone[0],
+                    "every_seq_agrees": all(b == alone[0] for b in batched),
+                    "seq_0_max_abs_logit_diff": max(float(abs(a - b).max())
+                                                    for a, b in zip(alone_logits, batched_logits)),
+                }
         finally:
-            ctx.close()
-        if batch > 1:
-            single = LlamaCppContext(lib, model, 1, per_seq, threads)
-            try:
-                alone, alone_logits = single.greedy(same[:1], check_steps)
-            finally:
-                single.close()
-            out["greedy_check"] = {
-                "steps": check_steps, "prompt_tokens": len(same[0]), "batch_1": alone[0], "batch_seq_0": batched[0],
-                "seq_0_agrees": batched[0] == alone[0], "every_seq_agrees": all(b == alone[0] for b in batched),
-                "seq_0_max_abs_logit_diff": max(float(abs(a - b).max()) for a, b in zip(alone_logits, batched_logits)),
-            }
-    finally:
-        lib.llama_model_free(model)
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(check=exc_type is None)  # after a failure, free only
+
+
+def llama_cpp(gguf: str, prompts, seq_out: int, threads: int, repeat: int = 3, check_steps: int = 8) -> dict | None:
+    """First/next-token ms of llama.cpp (:class:`LlamaCppTimer`, median over ``repeat`` runs), when installed."""
+    lib = load_llama_cpp()
+    if lib is None:
+        return None
+    with LlamaCppTimer(lib, gguf, prompts, seq_out, threads, check_steps) as timer:
+        out = {**timer.info, **median_figures(timer.run(repeat))}
+    if timer.greedy_check is not None:
+        out["greedy_check"] = timer.greedy_check
     return out
+
+
+def timed_rounds(timers: dict, rounds: int, repeat: int) -> dict[str, list[list[tuple[float, float]]]]:
+    """Each timer's (first_ms, next_ms) runs by round: a round runs every timer ``repeat`` times, in ``timers``' order."""
+    by_round: dict = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            by_round[name].append(timer.run(repeat))
+    return by_round
+
+
+def round_figures(by_round: list[list[tuple[float, float]]]) -> dict:
+    """A column's first/next-token ms: the median over every run of every round, and each round's medians (``rounds``)."""
+    return {**median_figures([r for runs in by_round for r in runs]),
+            "rounds": [median_figures(runs) for runs in by_round]}
+
+
+def versus_by_round(ours_rounds: list[dict], peer_rounds: list[dict]) -> dict:
+    """Ours / peer ms per round for first and next token, the median ratio, and in how many rounds ours took less time."""
+    out = {}
+    for key in ("first_token_ms", "next_token_ms"):
+        ratios = [o[key] / q[key] for o, q in zip(ours_rounds, peer_rounds, strict=True)]
+        out[key.removesuffix("_ms")] = {"ratio_by_round": ratios, "median_ratio": statistics.median(ratios),
+                                        "faster_rounds": sum(r < 1 for r in ratios), "rounds": len(ratios)}
+    return out
+
+
+def versus_line(what: str, ratios: dict) -> str:
+    """One of :func:`versus_by_round`'s figures as a line: each round's ratio, the median, the rounds ours was faster."""
+    return (f"{what} by round: {' '.join(f'{r:.2f}' for r in ratios['ratio_by_round'])} "
+            f"(median {ratios['median_ratio']:.2f}; faster in {ratios['faster_rounds']} of {ratios['rounds']})")
+
+
+def interleaved(specs: dict, lib, gguf: str | None, prompts, seq_out: int, threads: int, rounds: int,
+                repeat: int) -> dict:
+    """Columns of our modes (``specs``: column name -> spec) and llama.cpp (when ``lib``), timed in alternation.
+
+    Every engine is opened and warmed first; then each round times each of
+    ours ``repeat`` times, then llama.cpp, so a slow minute of a host whose
+    speed drifts touches every column alike.  llama.cpp's greedy check runs
+    once, after the last round.
+    """
+    with contextlib.ExitStack() as stack:  # closes in reverse: each in-process engine restores the affinity it saw
+        # llama.cpp first: an unloadable GGUF stops the run before anything compiles
+        peer = stack.enter_context(LlamaCppTimer(lib, gguf, prompts, seq_out, threads)) if lib is not None else None
+        timers = {name: stack.enter_context(OursTimer(spec, prompts, seq_out)) for name, spec in specs.items()}
+        if peer is not None:
+            timers["llama.cpp"] = peer
+        by_round = timed_rounds(timers, rounds, repeat)
+    columns = {name: {**round_figures(by_round[name]), "compile_s": timers[name].compile_s} for name in specs}
+    if peer is not None:
+        columns["llama.cpp"] = {**peer.info, **round_figures(by_round["llama.cpp"])}
+        if peer.greedy_check is not None:
+            columns["llama.cpp"]["greedy_check"] = peer.greedy_check
+    return columns
 
 
 def gguf_problem(path: str) -> str | None:
@@ -358,6 +495,17 @@ def gguf_problem(path: str) -> str | None:
     except OSError as e:
         return e.strerror or str(e)
     return None if magic == b"GGUF" else f"not a GGUF file (starts {magic!r}, not b'GGUF')"
+
+
+def whole_rounds(text: str) -> int:
+    """--rounds' parser: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rounds (a whole number >= 1)")
+    return value
 
 
 def main(argv=None) -> int:
@@ -374,6 +522,9 @@ def main(argv=None) -> int:
     p.add_argument("--gguf", default=None, help="the same weights as GGUF, for the llama.cpp column")
     p.add_argument("--memory", action="store_true",
                    help="also measure each compile mode's resident memory in a fresh process (Linux)")
+    p.add_argument("--rounds", type=whole_rounds, default=1,
+                   help="R > 1: open our modes and llama.cpp once, then time them in alternation, R rounds of "
+                        "--repeat runs each (default 1: each engine timed to completion in turn)")
     p.add_argument("--json", default=None, help="write every figure here")
     ns = p.parse_args(argv)
     if ns.gguf:
@@ -414,23 +565,31 @@ def main(argv=None) -> int:
     doc["decode_floor_ms"] = step_bytes / (doc["read_gbps"] * 1e9) * 1e3
     prefill_flops = 2 * params * ns.batch * ns.seq_in + 2 * args.n_layers * ns.batch * ns.seq_in**2 * args.hidden_size
 
-    columns = {}
-    for mode in [m.strip() for m in ns.compile.split(",") if m.strip()]:
-        spec = type(base)(**{**base.__dict__, "compile": mode})
-        columns[f"vicuna-bench {mode}"] = ours(spec, prompts, ns.seq_out, ns.repeat)
-        if ns.memory:
-            columns[f"vicuna-bench {mode}"]["memory"] = memory(spec, prompts, ns.seq_out, threads)
-    if not ns.no_transformers:
-        columns["transformers"] = transformers_generate(base.model_path, dtype, prompts, ns.seq_out, ns.repeat)
-    if ns.gguf:
-        try:
-            got = llama_cpp(ns.gguf, prompts, ns.seq_out, threads, ns.repeat)
-        except GGUFUnusable as e:
-            p.error(str(e))
-        if got is None:
-            print("llama.cpp: llama-cpp-python is not installed; column left out", file=sys.stderr)
+    specs = {f"vicuna-bench {mode}": type(base)(**{**base.__dict__, "compile": mode})
+             for mode in [m.strip() for m in ns.compile.split(",") if m.strip()]}
+    try:
+        if ns.rounds == 1:
+            columns = {name: ours(spec, prompts, ns.seq_out, ns.repeat) for name, spec in specs.items()}
         else:
-            columns["llama.cpp"] = got
+            lib = load_llama_cpp() if ns.gguf else None
+            columns = interleaved(specs, lib, ns.gguf, prompts, ns.seq_out, threads, ns.rounds, ns.repeat)
+            got = columns.pop("llama.cpp", None)  # its column stays last
+            doc["rounds"] = ns.rounds
+        if ns.memory:
+            for name, spec in specs.items():
+                columns[name]["memory"] = memory(spec, prompts, ns.seq_out, threads)
+        if not ns.no_transformers:
+            columns["transformers"] = transformers_generate(base.model_path, dtype, prompts, ns.seq_out, ns.repeat)
+        if ns.rounds == 1:  # timed after transformers, as always
+            got = llama_cpp(ns.gguf, prompts, ns.seq_out, threads, ns.repeat) if ns.gguf else None
+    except GGUFUnusable as e:
+        p.error(str(e))
+    if ns.gguf and got is None:
+        print("llama.cpp: llama-cpp-python is not installed; column left out", file=sys.stderr)
+    elif got is not None:
+        columns["llama.cpp"] = got
+        if "rounds" in got:
+            doc["versus_llama_cpp"] = {name: versus_by_round(columns[name]["rounds"], got["rounds"]) for name in specs}
     ref = columns.get("transformers")
     for name, col in columns.items():
         col["next_over_floor"] = col["next_token_ms"] / doc["decode_floor_ms"]
@@ -462,6 +621,12 @@ def main(argv=None) -> int:
                   f"{'yes' if g['seq_0_agrees'] else 'NO'}; "
                   f"every sequence's: {'yes' if g['every_seq_agrees'] else 'NO'}; "
                   f"largest logit difference {g['seq_0_max_abs_logit_diff']:.2g}")
+    if "rounds" in doc:
+        print(f"{doc['rounds']} rounds of {ns.repeat} run(s), in alternation: "
+              f"{', '.join(n for n, c in columns.items() if 'rounds' in c)}; figures are medians over every run")
+    for name, vs in doc.get("versus_llama_cpp", {}).items():
+        for token in ("next", "first"):
+            print(versus_line(f"{name} / llama.cpp {token} token", vs[f"{token}_token"]))
     for name, col in columns.items():
         if "memory" in col:
             mem = col["memory"]

@@ -65,3 +65,145 @@ def test_a_bad_gguf_stops_the_bench_before_any_timing(peers, tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(f"--gguf {bad}: not a GGUF file (starts b'PK\\x03\\x04', not b'GGUF')")
+
+
+# --rounds: fake timers with hand-written (first_ms, next_ms) runs, 3 rounds of 2 runs each.
+OURS_ON = [[(50, 20), (54, 22)], [(60, 30), (62, 26)], [(40, 18), (48, 20)]]  # round medians (52, 21) (61, 28) (44, 19)
+LLAMA = [[(40, 28), (64, 28)], [(50, 14), (50, 14)], [(80, 19), (96, 19)]]  # round medians (52, 28) (50, 14) (88, 19)
+OURS_OFF = [[(70, 40), (70, 40)], [(70, 40), (70, 40)], [(70, 40), (70, 40)]]
+
+
+class ScriptedTimer:
+    """A timer whose run(repeat) hands back the next round of ``script`` and records the call in ``calls``."""
+
+    def __init__(self, name, script, calls):
+        self.name, self.script, self.calls = name, list(script), calls
+
+    def run(self, repeat):
+        self.calls.append((self.name, repeat))
+        runs = self.script.pop(0)
+        assert len(runs) == repeat
+        return runs
+
+
+def test_rounds_time_every_timer_in_turn_each_round(peers):
+    calls = []
+    timers = {name: ScriptedTimer(name, script, calls)
+              for name, script in [("off", OURS_OFF), ("on", OURS_ON), ("llama.cpp", LLAMA)]}
+    got = peers.timed_rounds(timers, rounds=3, repeat=2)
+    assert calls == [("off", 2), ("on", 2), ("llama.cpp", 2)] * 3
+    assert got == {"off": OURS_OFF, "on": OURS_ON, "llama.cpp": LLAMA}
+
+
+def test_a_columns_figures_are_medians_over_every_run_and_each_round(peers):
+    # ours on, all 6 runs: first 40 48 50 54 60 62 -> (50 + 54) / 2; next 18 20 20 22 26 30 -> (20 + 22) / 2
+    assert peers.round_figures(OURS_ON) == {
+        "first_token_ms": 52, "next_token_ms": 21,
+        "rounds": [{"first_token_ms": 52, "next_token_ms": 21}, {"first_token_ms": 61, "next_token_ms": 28},
+                   {"first_token_ms": 44, "next_token_ms": 19}],
+    }
+    # llama.cpp: first 40 50 50 64 80 96 -> (50 + 64) / 2; next 14 14 19 19 28 28 -> 19
+    got = peers.round_figures(LLAMA)
+    assert (got["first_token_ms"], got["next_token_ms"]) == (57, 19)
+
+
+def test_versus_gives_each_rounds_ratio_the_median_and_the_rounds_ours_was_faster(peers):
+    got = peers.versus_by_round(peers.round_figures(OURS_ON)["rounds"], peers.round_figures(LLAMA)["rounds"])
+    # next: 21/28, 28/14, 19/19; first: 52/52, 61/50, 44/88.  A tie (1.0) is not faster.
+    # (Each quotient is correctly rounded, so it equals its decimal literal exactly.)
+    assert got["next_token"] == {"ratio_by_round": [0.75, 2.0, 1.0], "median_ratio": 1.0, "faster_rounds": 1,
+                                 "rounds": 3}
+    assert got["first_token"] == {"ratio_by_round": [1.0, 1.22, 0.5], "median_ratio": 1.0, "faster_rounds": 1,
+                                  "rounds": 3}
+
+
+def test_versus_refuses_columns_with_different_round_counts(peers):
+    one = [{"first_token_ms": 1.0, "next_token_ms": 1.0}]
+    with pytest.raises(ValueError):
+        peers.versus_by_round(one * 2, one * 3)
+
+
+def test_versus_line_reads_as_the_ratios_by_round(peers):
+    rounds = [{"first_token_ms": 1.0, "next_token_ms": r} for r in (0.93, 0.97, 1.01, 0.95, 0.96)]
+    peer = [{"first_token_ms": 1.0, "next_token_ms": 1.0}] * 5
+    v = peers.versus_by_round(rounds, peer)["next_token"]
+    assert peers.versus_line("vicuna-bench on / llama.cpp next token", v) == (
+        "vicuna-bench on / llama.cpp next token by round: 0.93 0.97 1.01 0.95 0.96 (median 0.96; faster in 4 of 5)")
+
+
+def test_interleaved_opens_everything_then_alternates_and_checks_llama_cpp_last(peers, monkeypatch):
+    events = []
+    scripts = {"off": list(OURS_OFF), "on": list(OURS_ON)}
+
+    class FakeOurs(ScriptedTimer):
+        def __init__(self, spec, prompts, seq_out):
+            super().__init__(spec, scripts[spec], events)
+            self.compile_s = {"off": 0.0, "on": 12.5}[spec]
+            events.append(("open", spec))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            events.append(("close", self.name))
+
+    class FakeLlama(ScriptedTimer):
+        def __init__(self, lib, gguf, prompts, seq_out, threads):
+            super().__init__("llama.cpp", LLAMA, events)
+            self.info = {"batch": 8, "gguf": gguf}
+            self.greedy_check = None
+            events.append(("open", "llama.cpp"))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, exc_type, *exc):
+            self.greedy_check = {"seq_0_agrees": True}
+            events.append(("greedy check and close", "llama.cpp"))
+
+    monkeypatch.setattr(peers, "OursTimer", FakeOurs)
+    monkeypatch.setattr(peers, "LlamaCppTimer", FakeLlama)
+    cols = peers.interleaved({"vicuna-bench off": "off", "vicuna-bench on": "on"}, object(), "m.gguf",
+                             [[1, 2]], 4, 2, rounds=3, repeat=2)
+    assert events == ([("open", "llama.cpp"), ("open", "off"), ("open", "on")]
+                      + [("off", 2), ("on", 2), ("llama.cpp", 2)] * 3
+                      + [("close", "on"), ("close", "off"), ("greedy check and close", "llama.cpp")])
+    assert list(cols) == ["vicuna-bench off", "vicuna-bench on", "llama.cpp"]
+    on = cols["vicuna-bench on"]
+    assert (on["first_token_ms"], on["next_token_ms"], on["compile_s"], len(on["rounds"])) == (52, 21, 12.5, 3)
+    lc = cols["llama.cpp"]
+    assert (lc["batch"], lc["gguf"], lc["first_token_ms"], lc["next_token_ms"]) == (8, "m.gguf", 57, 19)
+    assert lc["rounds"][1] == {"first_token_ms": 50, "next_token_ms": 14}
+    assert lc["greedy_check"] == {"seq_0_agrees": True}
+
+
+def test_ours_at_one_round_is_the_median_after_an_untimed_warm_up(peers, monkeypatch):
+    from types import SimpleNamespace
+
+    results = [SimpleNamespace(first_token_ms=f, next_token_ms=n, compile_ms=c)
+               for f, n, c in [(900, 90, 4000), (30, 3, 0), (10, 1, 0), (20, 2, 0)]]  # the first is the warm-up
+
+    class FakeEngine:
+        closed = False
+
+        def __init__(self, spec):
+            pass
+
+        def generate(self, prompts, seq_out, ignore_eos):
+            return results.pop(0)
+
+        def close(self):
+            FakeEngine.closed = True
+
+    monkeypatch.setattr(peers, "Engine", FakeEngine)
+    assert peers.ours("spec", [[1]], 4, repeat=3) == {"first_token_ms": 20, "next_token_ms": 2, "compile_s": 4.0}
+    assert FakeEngine.closed
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_rounds_below_one_stop_the_bench_naming_the_value(peers, capsys, value):
+    with pytest.raises(SystemExit) as stop:
+        peers.main([f"--rounds={value}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"argument --rounds: '{value}' is not a number of rounds (a whole number >= 1)")
