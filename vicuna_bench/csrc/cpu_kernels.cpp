@@ -459,8 +459,10 @@ void scores_block_rows(const typename KL::Q* q, const T* k, int64_t row_stride, 
     }
     alignas(64) float sums[NG * 16];
     for (int g = 0; g < NG; ++g) _mm512_store_ps(sums + 16 * g, sum16(acc + 16 * g));
+    // Masked vector moves: a scalar loop here became `rep movs`, whose start-up cost dwarfed 8 floats.
+    const __mmask16 keep = static_cast<__mmask16>((1u << count) - 1);
     for (int r = 0; r < RB; ++r)
-      for (int j = 0; j < count; ++j) scores[r * score_stride + i0 + j] = sums[r * KB + j];
+      _mm512_mask_storeu_ps(scores + r * score_stride + i0, keep, _mm512_maskz_loadu_ps(keep, sums + r * KB));
   }
 }
 
