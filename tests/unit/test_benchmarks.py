@@ -53,3 +53,26 @@ def test_gemm_benchmark_streams_the_models_matrices(tiny_models, bench, tmp_path
     first = doc["rows"][0]
     assert first["over_m1"] == 1.0 and first["gbps"] == pytest.approx(doc["weight_bytes"] / first["ms"] / 1e6)
     assert "GB/s" in capsys.readouterr().out
+
+
+def test_batch_benchmark_alternates_batch_sizes_in_one_engine(tiny_models, bench, tmp_path, capsys):
+    """bench_batch: each round times batch 1 then batch B on one engine; the ratios are those of the rounds' medians."""
+    out = tmp_path / "batch.json"
+    assert bench("bench_batch").main(["--model-path", str(tiny_models["gqa"]), "--batch", "3", "--seq-in", "8",
+                                      "--seq-out", "4", "--rounds", "2", "--repeat", "2", "--compile", "off",
+                                      "--threads", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    one, three = doc["columns"]["batch 1"], doc["columns"]["batch 3"]
+    assert len(one["rounds"]) == len(three["rounds"]) == 2
+    want = [t["next_token_ms"] / o["next_token_ms"] for o, t in zip(one["rounds"], three["rounds"])]
+    got = doc["next_token_batch_over_batch_1"]
+    assert got["ratio_by_round"] == pytest.approx(want)
+    assert got["median_ratio"] == pytest.approx((want[0] + want[1]) / 2)  # the median of two is their mean
+    assert "batch 3 / batch 1 next token by round:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--batch", "1"], ["--rounds", "0"]])
+def test_batch_benchmark_refuses_what_it_cannot_compare(bench, argv):
+    with pytest.raises(SystemExit) as exit_:
+        bench("bench_batch").main(argv)
+    assert exit_.value.code == 2
