@@ -14,13 +14,13 @@ Measures, on one device with the same weights, prompts and threads:
 
 This host's speed drifts between minutes (memory bandwidth shared with
 other tenants), so engines timed one after another are compared at
-different moments.  With ``--rounds R`` (R > 1) our modes and llama.cpp are
-opened and warmed once, then timed in alternation: each round runs each of
-ours ``--repeat`` times, then llama.cpp.  Each column's figures are medians
-over every run of every round (its per-round medians kept as ``rounds``);
-for each of our modes, ``versus_llama_cpp`` holds the ratio ours /
-llama.cpp in each round, their median and in how many rounds ours was
-faster.  transformers is timed once, as with R = 1.
+different moments.  With ``--rounds R`` (R > 1) our modes, transformers
+and llama.cpp are opened and warmed once, then timed in alternation: each
+round runs each of ours ``--repeat`` times, then transformers, then
+llama.cpp.  Each column's figures are medians over every run of every round
+(its per-round medians kept as ``rounds``); for each of our modes,
+``versus_llama_cpp`` and ``versus_transformers`` hold the ratio ours / peer
+in each round, their median and in how many rounds ours was faster.
 
 With ``--memory``, each of our compile modes also runs in a fresh process
 that reports its resident-set growth over the process before the model was
@@ -217,36 +217,57 @@ def memory(spec, prompts, seq_out: int, threads: int) -> dict:
         return pool.submit(_memory_probe, spec, prompts, seq_out, threads).result()
 
 
-def transformers_generate(path: str, dtype: torch.dtype, prompts, seq_out: int, repeat: int) -> dict:
-    """First/next-token ms of transformers ``generate`` from a timestamp per step (a logits processor)."""
-    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+class TransformersTimer:
+    """transformers' ``generate`` on the same weights, loaded and warmed once; :meth:`run` times generations from a
+    timestamp per step (a logits processor)."""
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.eval()
-    model.generation_config.eos_token_id = None
+    def __init__(self, path: str, dtype: torch.dtype, prompts, seq_out: int):
+        from transformers import AutoModelForCausalLM
 
-    class Stamp(LogitsProcessor):
-        def __init__(self):
-            self.times: list[float] = []
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        self.model.eval()
+        self.model.generation_config.eos_token_id = None
+        self.ids, self.seq_out = torch.tensor(prompts), seq_out
+        self.once()
 
-        def __call__(self, input_ids, scores):
-            self.times.append(time.perf_counter())
-            return scores
+    def once(self) -> tuple[float, float]:
+        from transformers import LogitsProcessor, LogitsProcessorList
 
-    ids = torch.tensor(prompts)
+        class Stamp(LogitsProcessor):
+            def __init__(self):
+                self.times: list[float] = []
 
-    def once():
+            def __call__(self, input_ids, scores):
+                self.times.append(time.perf_counter())
+                return scores
+
         stamp = Stamp()
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=seq_out, min_new_tokens=seq_out,
-                           do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([stamp]))
+            self.model.generate(self.ids, attention_mask=torch.ones_like(self.ids), max_new_tokens=self.seq_out,
+                                min_new_tokens=self.seq_out, do_sample=False, pad_token_id=0,
+                                logits_processor=LogitsProcessorList([stamp]))
         t = [start] + stamp.times
         steps = [(b - a) * 1e3 for a, b in zip(t[1:], t[2:])]
         return (t[1] - t[0]) * 1e3, statistics.mean(steps) if steps else 0.0
 
-    once()
-    return median_figures([once() for _ in range(repeat)])
+    def run(self, repeat: int) -> list[tuple[float, float]]:
+        return [self.once() for _ in range(repeat)]
+
+    def close(self) -> None:
+        self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def transformers_generate(path: str, dtype: torch.dtype, prompts, seq_out: int, repeat: int) -> dict:
+    """First/next-token ms of transformers ``generate`` (median over ``repeat`` runs after one warm-up)."""
+    with TransformersTimer(path, dtype, prompts, seq_out) as timer:
+        return median_figures(timer.run(repeat))
 
 
 class GGUFUnusable(Exception):
@@ -486,22 +507,27 @@ def versus_line(what: str, ratios: dict) -> str:
 
 
 def interleaved(specs: dict, lib, gguf: str | None, prompts, seq_out: int, threads: int, rounds: int,
-                repeat: int) -> dict:
-    """Columns of our modes (``specs``: column name -> spec) and llama.cpp (when ``lib``), timed in alternation.
+                repeat: int, hf: tuple | None = None) -> dict:
+    """Columns of our modes (``specs``: column name -> spec), transformers (when ``hf`` = (path, dtype)) and
+    llama.cpp (when ``lib``), timed in alternation.
 
     Every engine is opened and warmed first; then each round times each of
-    ours ``repeat`` times, then llama.cpp, so a slow minute of a host whose
-    speed drifts touches every column alike.  llama.cpp's greedy check runs
-    once, after the last round.
+    ours ``repeat`` times, then transformers, then llama.cpp, so a slow
+    minute of a host whose speed drifts touches every column alike.
+    llama.cpp's greedy check runs once, after the last round.
     """
     with contextlib.ExitStack() as stack:  # closes in reverse: each in-process engine restores the affinity it saw
         # llama.cpp first: an unloadable GGUF stops the run before anything compiles
         peer = stack.enter_context(LlamaCppTimer(lib, gguf, prompts, seq_out, threads)) if lib is not None else None
         timers = {name: stack.enter_context(OursTimer(spec, prompts, seq_out)) for name, spec in specs.items()}
+        if hf is not None:
+            timers["transformers"] = stack.enter_context(TransformersTimer(*hf, prompts, seq_out))
         if peer is not None:
             timers["llama.cpp"] = peer
         by_round = timed_rounds(timers, rounds, repeat)
     columns = {name: {**round_figures(by_round[name]), "compile_s": timers[name].compile_s} for name in specs}
+    if hf is not None:
+        columns["transformers"] = round_figures(by_round["transformers"])
     if peer is not None:
         columns["llama.cpp"] = {**peer.info, **round_figures(by_round["llama.cpp"])}
         if peer.greedy_check is not None:
@@ -594,13 +620,14 @@ def main(argv=None) -> int:
             columns = {name: ours(spec, prompts, ns.seq_out, ns.repeat) for name, spec in specs.items()}
         else:
             lib = load_llama_cpp() if ns.gguf else None
-            columns = interleaved(specs, lib, ns.gguf, prompts, ns.seq_out, threads, ns.rounds, ns.repeat)
+            hf = None if ns.no_transformers else (base.model_path, dtype)
+            columns = interleaved(specs, lib, ns.gguf, prompts, ns.seq_out, threads, ns.rounds, ns.repeat, hf)
             got = columns.pop("llama.cpp", None)  # its column stays last
             doc["rounds"] = ns.rounds
         if ns.memory:
             for name, spec in specs.items():
                 columns[name]["memory"] = memory(spec, prompts, ns.seq_out, threads)
-        if not ns.no_transformers:
+        if not ns.no_transformers and "transformers" not in columns:
             columns["transformers"] = transformers_generate(base.model_path, dtype, prompts, ns.seq_out, ns.repeat)
         if ns.rounds == 1:  # timed after transformers, as always
             got = llama_cpp(ns.gguf, prompts, ns.seq_out, threads, ns.repeat) if ns.gguf else None
@@ -613,6 +640,8 @@ def main(argv=None) -> int:
         if "rounds" in got:
             doc["versus_llama_cpp"] = {name: versus_by_round(columns[name]["rounds"], got["rounds"]) for name in specs}
     ref = columns.get("transformers")
+    if ref is not None and "rounds" in ref:
+        doc["versus_transformers"] = {name: versus_by_round(columns[name]["rounds"], ref["rounds"]) for name in specs}
     for name, col in columns.items():
         col["next_over_floor"] = col["next_token_ms"] / doc["decode_floor_ms"]
         col["prefill_gflops"] = prefill_flops / (col["first_token_ms"] / 1e3) / 1e9
@@ -646,9 +675,10 @@ def main(argv=None) -> int:
     if "rounds" in doc:
         print(f"{doc['rounds']} rounds of {ns.repeat} run(s), in alternation: "
               f"{', '.join(n for n, c in columns.items() if 'rounds' in c)}; figures are medians over every run")
-    for name, vs in doc.get("versus_llama_cpp", {}).items():
-        for token in ("next", "first"):
-            print(versus_line(f"{name} / llama.cpp {token} token", vs[f"{token}_token"]))
+    for peer in ("llama.cpp", "transformers"):
+        for name, vs in doc.get(f"versus_{peer.replace('.', '_')}", {}).items():
+            for token in ("next", "first"):
+                print(versus_line(f"{name} / {peer} {token} token", vs[f"{token}_token"]))
     for name, col in columns.items():
         if "memory" in col:
             mem = col["memory"]

@@ -177,6 +177,37 @@ def test_interleaved_opens_everything_then_alternates_and_checks_llama_cpp_last(
     assert lc["greedy_check"] == {"seq_0_agrees": True}
 
 
+def test_interleaved_times_transformers_in_each_round_between_ours_and_llama_cpp(peers, monkeypatch):
+    """With hf = (path, dtype), transformers is one more timer of every round (its first-token figure is the
+    reference of first / HF), opened after ours and closed before them."""
+    events = []
+
+    class Fake(ScriptedTimer):
+        def __init__(self, name, script):
+            super().__init__(name, script, events)
+            self.compile_s, self.info, self.greedy_check = 0.0, {}, None
+            events.append(("open", name))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            events.append(("close", self.name))
+
+    monkeypatch.setattr(peers, "OursTimer", lambda spec, prompts, seq_out: Fake("on", OURS_ON))
+    monkeypatch.setattr(peers, "TransformersTimer", lambda path, dtype, prompts, seq_out: Fake("hf", OURS_OFF))
+    monkeypatch.setattr(peers, "LlamaCppTimer", lambda lib, gguf, prompts, seq_out, threads: Fake("llama", LLAMA))
+    cols = peers.interleaved({"vicuna-bench on": "on"}, object(), "m.gguf", [[1, 2]], 4, 2, rounds=3, repeat=2,
+                             hf=("/m", "fp32"))
+    assert events == ([("open", "llama"), ("open", "on"), ("open", "hf")] + [("on", 2), ("hf", 2), ("llama", 2)] * 3
+                      + [("close", "hf"), ("close", "on"), ("close", "llama")])
+    assert list(cols) == ["vicuna-bench on", "transformers", "llama.cpp"]
+    assert cols["transformers"]["rounds"] == [{"first_token_ms": 70, "next_token_ms": 40}] * 3
+    # ours / transformers first token by round: 52/70, 61/70, 44/70
+    versus = peers.versus_by_round(cols["vicuna-bench on"]["rounds"], cols["transformers"]["rounds"])
+    assert versus["first_token"]["ratio_by_round"] == pytest.approx([52 / 70, 61 / 70, 44 / 70])
+
+
 def test_ours_at_one_round_is_the_median_after_an_untimed_warm_up(peers, monkeypatch):
     from types import SimpleNamespace
 
