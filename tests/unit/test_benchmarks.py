@@ -76,3 +76,26 @@ def test_batch_benchmark_refuses_what_it_cannot_compare(bench, argv):
     with pytest.raises(SystemExit) as exit_:
         bench("bench_batch").main(argv)
     assert exit_.value.code == 2
+
+
+def test_attention_benchmark_counts_the_filled_slots_bytes(tiny_models, bench, tmp_path, capsys):
+    """GQA tiny model: 8 query / 2 kv heads of 8, 2 layers; batch 3, 20 of 32 slots filled, fp32 and bf16."""
+    out = tmp_path / "attn.json"
+    assert bench("bench_attention").main(["--model-path", str(tiny_models["gqa"]), "--batch", "3", "--cache", "32",
+                                          "--filled", "20", "--repeat", "2", "--threads", "1",
+                                          "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    shape = tiny.GQA
+    assert (shape["num_attention_heads"], shape["num_key_value_heads"], shape["hidden_size"]) == (8, 2, 64)
+    fp32, bf16 = doc["rows"]
+    # layers x (keys + values) x batch x kv heads x filled slots x head size x bytes
+    assert fp32["read_bytes"] == 2 * 2 * 3 * 2 * 20 * 8 * 4 and bf16["read_bytes"] == fp32["read_bytes"] // 2
+    assert fp32["floor_ms"] == pytest.approx(fp32["read_bytes"] / (doc["read_gbps"] * 1e9) * 1e3)
+    assert fp32["max_abs_diff"] < 1e-5 and bf16["max_abs_diff"] < 2e-2  # ours against SDPA on the same inputs
+    assert "ours/floor" in capsys.readouterr().out
+
+
+def test_attention_benchmark_refuses_more_filled_slots_than_the_cache(bench):
+    with pytest.raises(SystemExit) as exit_:
+        bench("bench_attention").main(["--cache", "16", "--filled", "17"])
+    assert exit_.value.code == 2
