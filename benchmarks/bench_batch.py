@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from bench_peers import cpu_flags, prompts_for, read_bandwidth, round_figures, timed_rounds, whole_rounds
+from bench_peers import (cpu_flags, prompts_for, read_bandwidth, round_figures, timed_generations, timed_rounds,
+                         whole_rounds)
 from vicuna_bench import checkpoint
 from vicuna_bench.devices import cpu_model_name
 from vicuna_bench.runtime import Engine, resolve_engine_spec, usable_cpus
@@ -37,8 +38,7 @@ class BatchTimer:
         self.engine, self.prompts, self.seq_out = engine, prompts, seq_out
 
     def run(self, repeat: int) -> list[tuple[float, float]]:
-        runs = [self.engine.generate(self.prompts, self.seq_out, ignore_eos=True) for _ in range(repeat)]
-        return [(r.first_token_ms, r.next_token_ms) for r in runs]
+        return timed_generations(self.engine, self.prompts, self.seq_out, repeat)
 
 
 def batch_ratios(one: dict, many: dict) -> dict:

@@ -113,6 +113,12 @@ def median_figures(runs) -> dict:
             "next_token_ms": statistics.median(r[1] for r in runs)}
 
 
+def timed_generations(engine, prompts, seq_out: int, repeat: int) -> list[tuple[float, float]]:
+    """(first_ms, next_ms) of ``repeat`` generations of ``prompts`` on an open engine, in order."""
+    runs = [engine.generate(prompts, seq_out, ignore_eos=True) for _ in range(repeat)]
+    return [(r.first_token_ms, r.next_token_ms) for r in runs]
+
+
 class OursTimer:
     """Our engine opened and warmed once (compiling happens in the warm-up); :meth:`run` times generations."""
 
@@ -128,8 +134,7 @@ class OursTimer:
 
     def run(self, repeat: int) -> list[tuple[float, float]]:
         """(first_ms, next_ms) of ``repeat`` generations, in order."""
-        runs = [self.engine.generate(self.prompts, self.seq_out, ignore_eos=True) for _ in range(repeat)]
-        return [(r.first_token_ms, r.next_token_ms) for r in runs]
+        return timed_generations(self.engine, self.prompts, self.seq_out, repeat)
 
     def close(self) -> None:
         self.engine.close()
