@@ -23,14 +23,21 @@ from vicuna_bench.runtime import Engine
 pytestmark = pytest.mark.integration
 
 
-PREFILL_S, DECODE_S, PER_RANK = 0.30, 0.15, 0.25
+PREFILL_S, DECODE_S, PER_RANK = 0.40, 0.40, 0.25
+
+
+def _recovers(reported_ms: float, slept_s: float) -> bool:
+    """A sleep is a floor: the report may not fall below it (1% for rounding), and may exceed it by the harness's
+    own work, under 10% of the sleep.  Rank 0 alone (1 / 1.25 of the slowest) or the ranks' sum fails either side.
+    (Sleeps of 0.15 s left too little room: a loaded 2-core CI host added 19 ms a step at world size 2.)"""
+    return 0.99 * slept_s * 1e3 <= reported_ms <= 1.10 * slept_s * 1e3
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_reported_times_recover_known_sleeps(world_size, tiny_models, tmp_path):
     """Prefill and decode sleep known times; rank r sleeps (1 + 0.25 r) as long.
 
-    Both modes must report the slowest rank's sleeps within 10%.
+    Both modes must report the slowest rank's sleeps: never below, at most 10% above.
     """
     spec = make_engine_spec(tiny_models["vicuna"], world_size, "cpu", "fp32", max_seq_len=64)
     hook = functools.partial(tiny.sleepy_model, prefill_s=PREFILL_S, decode_s=DECODE_S, per_rank=PER_RANK)
@@ -45,12 +52,12 @@ def test_reported_times_recover_known_sleeps(world_size, tiny_models, tmp_path):
                 run = perf.PerfSession(settings, tmp_path / mode).run_all(engine, progress=False)
                 [result] = run.results
                 row = perf.extended_row(run, result)
-                assert row["first_token_ms_mean"] == pytest.approx(PREFILL_S * 1e3 * slowest, rel=0.10), mode
-                assert row["next_token_ms_mean"] == pytest.approx(DECODE_S * 1e3 * slowest, rel=0.10), mode
+                assert _recovers(row["first_token_ms_mean"], PREFILL_S * slowest), (mode, row["first_token_ms_mean"])
+                assert _recovers(row["next_token_ms_mean"], DECODE_S * slowest), (mode, row["next_token_ms_mean"])
                 assert len(result.peak_memory_bytes) == world_size
                 ref_row = _read_csv(tmp_path / mode / f"{run.stem}.csv")[1]
-                assert float(ref_row[4]) == pytest.approx(PREFILL_S * 1e3 * slowest, rel=0.10)
-                assert float(ref_row[5]) == pytest.approx(DECODE_S * 1e3 * slowest, rel=0.10)
+                assert _recovers(float(ref_row[4]), PREFILL_S * slowest), (mode, ref_row)
+                assert _recovers(float(ref_row[5]), DECODE_S * slowest), (mode, ref_row)
     finally:
         torch.set_num_threads(threads)
 
