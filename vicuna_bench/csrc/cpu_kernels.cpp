@@ -8,9 +8,9 @@
 // model's own tensor: nothing packed beside it) in panels of NR rows; each
 // panel stays in L1/L2 while MR-row blocks of x are multiplied against it, so
 // memory traffic is the weight once plus x (tiny).  One or two rows of x (a
-// batch-1 or -2 step) read whole weight rows in order instead: one stream a
-// thread, which the hardware prefetcher keeps at the read probe's rate.  Accumulation is fp32;
-// bf16 uses AVX512-BF16 dot products where the host has them.
+// batch-1 or -2 step) read whole weight rows in order instead (one stream a
+// thread).  Accumulation is fp32; bf16 uses AVX512-BF16 dot products where
+// the host has them.
 //
 // Built by vicuna_bench/cpu_kernels.py with -march=native for the host it
 // runs on; registered as vicuna_bench::small_m_linear (CPU), so eager calls
@@ -246,7 +246,7 @@ template <typename Lane, int MR, typename O>
 void rows_in_order(const typename Lane::T* x, const typename Lane::T* w, int64_t K, int64_t N, int64_t n0,
                    int64_t n1, O* out) {
   constexpr int U = MR == 1 ? 2 : 1;  // independent sums per output: a lone row of x needs two chains
-  constexpr int G = MR >= 16 ? 1 : 16 / MR;
+  constexpr int G = 16 / MR;
   constexpr int64_t S = Lane::Step;
   const int64_t whole = K - K % S;
   __m512 flat[16];
@@ -290,11 +290,14 @@ template <typename Lane, typename O>
 void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_t K, int64_t N, O* out) {
   // One row at a time needs more independent accumulators to hide FMA latency than four rows do.
   constexpr int NR_ONE = 8, NR = 4;
+  // Each task at least ~64 KB of weights (units of `rows` weight rows): below that the thread hand-off costs more
+  // than it saves.
+  const auto grain_of = [K](int64_t rows) {
+    return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, rows * K * (int64_t)sizeof(typename Lane::T)));
+  };
 #if defined(__AVX512F__)
-  if (M <= kInOrderRows) {
-    // Each thread streams one contiguous run of whole weight rows (at least ~64 KB).
-    const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K * (int64_t)sizeof(typename Lane::T)));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  if (M <= kInOrderRows) {  // each thread streams one contiguous run of whole weight rows
+    at::parallel_for(0, N, grain_of(1), [&](int64_t n0, int64_t n1) {
       if (M == 1) return rows_in_order<Lane, 1, O>(x, w, K, N, n0, n1, out);
       rows_in_order<Lane, 2, O>(x, w, K, N, n0, n1, out);
     });
@@ -307,9 +310,7 @@ void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_
 #endif
   const int64_t nr = M == 1 ? NR_ONE : wide ? 3 : NR;
   const int64_t panels = N / nr;
-  // Each task at least ~64 KB of weights: below that the thread hand-off costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, nr * K * (int64_t)sizeof(typename Lane::T)));
-  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, panels, grain_of(nr), [&](int64_t p0, int64_t p1) {
 #if defined(__AVX512F__)
     if (wide) {
       switch (M) {
