@@ -16,6 +16,13 @@ def pytest_sessionstart(session):
     # configure hooks already (the plugin's CPU share, pytest-benchmark).
     for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")] + ["PYTEST_ADDOPTS"]:
         os.environ.pop(name, None)
+    # matplotlib builds its font cache on first import by running fc-list, a process the unit tier refuses inside
+    # a test (the perf plot): on a fresh machine the first plotting unit test failed.  Build it here, outside any
+    # test, once per machine (a no-op once ~/.cache/matplotlib holds it).
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.font_manager  # noqa: F401
 
 
 @pytest.fixture(scope="session")
