@@ -1,7 +1,8 @@
 """Our CPU kernels in the engine: other ISA builds, logits against the F.linear / SDPA model, one weight copy.
 
-* the AVX2 and AVX-512-without-BF16 paths, built with gcc's -march for those CPUs into a scratch cache (this
-  host runs both), against torch.matmul and SDPA;
+* the AVX2 and AVX-512-without-BF16 paths, built with gcc's -march for those CPUs into a scratch cache (skipped
+  where this host's CPU flags lack them), and the generic lanes aarch64 runs (built for plain x86-64), against
+  torch.matmul and SDPA: bf16 outputs correctly rounded, NaN where SDPA has it;
 * eager and compiled logits of the engine with the kernel equal those of the same engine on F.linear (the
   kernel switched off) within 1e-4 of their scale, fp32, world sizes 1 and 2;
 * one copy of the weights: the bytes of every live CPU tensor after loading and after compiling and serving
@@ -17,11 +18,14 @@ import subprocess
 import sys
 import textwrap
 
+import platform
+
 import pytest
 import torch
 
 from tests.unit.test_decode_step import PROMPTS
 from vicuna_bench import cpu_kernels
+from vicuna_bench.cpu_isa import read_cpu_flags
 from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.runtime import Engine
 
@@ -31,47 +35,111 @@ CHECK = textwrap.dedent("""
     import json, torch
     from vicuna_bench import cpu_kernels
     assert cpu_kernels.load(), cpu_kernels.status()
-    worst = {}
+
+    def nearest_bf16(ref):  # float64 -> nearest bf16 (ties to even), exactly in float64
+        mantissa, exponent = torch.frexp(ref)
+        return torch.ldexp(torch.round(mantissa * 256), exponent - 8)
+
+    def excess(got, ref, err):  # fp32: the error beyond err; bf16: 1 if any is outside the roundings of ref -/+ err
+        if got.dtype == torch.bfloat16:
+            return float(((got.double() < nearest_bf16(ref - err)) | (got.double() > nearest_bf16(ref + err))).any())
+        return ((got.double() - ref).abs() - err).max().item()
+
+    def sdpa(q, k, v, valid):
+        rep = q.shape[1] // k.shape[1]
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1),
+            attn_mask=valid[:, None, None, :])
+
+    torch.set_num_threads(2)  # (3 rows, 1 kv head) pairs are then cut into parts and merged
+    worst, nan_ok = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
-        for m, k, n in [(1, 576, 960), (3, 77, 9), (8, 1536, 576), (16, 130, 301)]:
+        for m, k, n in [(1, 576, 960), (2, 96, 40), (3, 77, 9), (8, 1536, 576), (16, 130, 301)]:
             g = torch.Generator().manual_seed(m * k)
             x, w = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
-            got = torch.ops.vicuna_bench.small_m_linear(x, w).double()
+            got = torch.ops.vicuna_bench.small_m_linear(x, w)
             ref = torch.matmul(x.double(), w.double().T)
             bound = 1e-5 * torch.matmul(x.double().abs(), w.double().abs().T)
-            if dtype == torch.bfloat16:
-                bound = bound + 2.0 ** -8 * ref.abs()
-            worst[str(dtype)] = max(worst.get(str(dtype), -1e30), ((got - ref).abs() - bound).max().item())
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2.0 ** -6)):
-        for heads, kv_heads, dim in ((9, 3, 64), (4, 4, 24)):  # the generic path's head sizes too
+            worst[str(dtype)] = max(worst.get(str(dtype), -1e30), excess(got, ref, bound))
+        for heads, kv_heads, dim, length in ((9, 3, 64, 37), (4, 4, 24, 37), (4, 1, 64, 300)):
             g = torch.Generator().manual_seed(heads * dim)
             q = torch.randn(3, heads, 1, dim, generator=g).to(dtype)
-            k, v = (torch.randn(3, kv_heads, 37, dim, generator=g).to(dtype) for _ in range(2))
-            valid = torch.rand(3, 37, generator=g) < 0.6
+            k, v = (torch.randn(3, kv_heads, length, dim, generator=g).to(dtype) for _ in range(2))
+            valid = torch.rand(3, length, generator=g) < 0.6
             valid[:, 0] = True
-            rep = heads // kv_heads
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1),
-                attn_mask=valid[:, None, None, :])
-            err = (cpu_kernels.decode_attention(q, k, v, valid).double() - ref).abs().max().item()
-            worst["attention " + str(dtype)] = max(worst.get("attention " + str(dtype), -1e30), err - tol)
-    print(json.dumps({"isa": cpu_kernels.status()["small_m_gemm_isa"], "worst_excess": worst}))
+            valid[:, 1] = False  # a hole in every row, NaN further down
+            name = "attention " + str(dtype)
+            got = cpu_kernels.decode_attention(q, k, v, valid)
+            worst[name] = max(worst.get(name, -1e30), excess(got, sdpa(q, k, v, valid), 1e-5))
+            # NaN in a valid key (row 0, kv head 0), the query (row 1, head 1), a valid value (row 2, last kv head);
+            # NaN in an invalid slot of every row, which is never read
+            k[0, 0, 0, 1] = q[1, 1, 0, 2] = v[2, -1, 0, 3] = float("nan")
+            ref = sdpa(q, k, v, valid)
+            k[:, :, 1] = v[:, :, 1] = float("nan")
+            got = cpu_kernels.decode_attention(q, k, v, valid)
+            nan_ok[name] = nan_ok.get(name, True) and torch.equal(torch.isnan(got), torch.isnan(ref)) and (
+                excess(got.nan_to_num(0.0), ref.nan_to_num(0.0), 1e-5) <= 0)
+    print(json.dumps({"isa": cpu_kernels.status()["small_m_gemm_isa"], "worst_excess": worst, "nan_ok": nan_ok}))
 """)
 
+# gcc -march targets and the /proc/cpuinfo flags of the instructions each lets the compiler use: a host without one
+# of them cannot run that build (SIGILL), so its test skips there.
+HASWELL_FLAGS = ("avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "popcnt", "abm")
+SKYLAKE_AVX512_FLAGS = HASWELL_FLAGS + ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "adx")
 
-@pytest.mark.parametrize("march, isa", [
-    ("haswell", "fp32 avx2, bf16 avx2 (widened)"),
-    ("skylake-avx512", "fp32 avx512f, bf16 avx512f (widened)"),
+
+def _runs_here(march: str, needs: tuple[str, ...]):
+    """pytest.param for a build test of ``march``, skipped where this host's CPU lacks any flag in ``needs``."""
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return pytest.param(march, needs, marks=pytest.mark.skip(
+            reason=f"-march={march} is an x86-64 target; this host is {platform.machine()}"))
+    flags = read_cpu_flags()
+    missing = [f for f in needs if flags is None or f not in flags]
+    if missing:
+        why = "CPU flags unknown (no /proc/cpuinfo flags line)" if flags is None else f"CPU lacks {' '.join(missing)}"
+        return pytest.param(march, needs, marks=pytest.mark.skip(reason=f"cannot run a -march={march} build: {why}"))
+    return pytest.param(march, needs)
+
+
+ISA_OF = {"haswell": "fp32 avx2, bf16 avx2 (widened)",
+          "skylake-avx512": "fp32 avx512f, bf16 avx512f (widened)",
+          "x86-64": "fp32 generic, bf16 generic (widened)"}
+
+
+@pytest.mark.parametrize("march, needs", [
+    _runs_here("haswell", HASWELL_FLAGS),
+    _runs_here("skylake-avx512", SKYLAKE_AVX512_FLAGS),
+    _runs_here("x86-64", ()),  # no AVX2/FMA: the generic lanes and loops that aarch64 builds
 ])
-def test_other_isa_builds_match_matmul(tmp_path, march, isa):
-    """Built for an AVX2-only CPU and for AVX-512 without BF16 (run here: this host has both and more)."""
+def test_other_isa_builds_match_matmul(tmp_path, march, needs):
+    """Built for an AVX2-only CPU, for AVX-512 without BF16, and for plain x86-64 (the generic path); each run
+    here where the CPU has the flags its build needs."""
+    isa = ISA_OF[march]
     env = {**os.environ, "VICUNA_BENCH_CACHE": str(tmp_path), cpu_kernels.ENV_MARCH: march}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["isa"] == isa
     assert all(excess <= 0 for excess in got["worst_excess"].values()), got
+    assert got["nan_ok"] == {"attention torch.float32": True, "attention torch.bfloat16": True}, got
     assert list(tmp_path.glob("kernels/*/libvicuna_bench_cpu.so")), "built into the scratch cache"
+
+
+def test_isa_builds_skip_where_the_cpu_lacks_their_flags(monkeypatch):
+    """An AVX2-only host skips the AVX-512 build (not SIGILL), an unknown CPU skips both, a non-x86 host every
+    x86 target; each says why."""
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(sys.modules[__name__], "read_cpu_flags", lambda: frozenset(HASWELL_FLAGS + ("sse2",)))
+    assert not _runs_here("haswell", HASWELL_FLAGS).marks
+    (skip,) = _runs_here("skylake-avx512", SKYLAKE_AVX512_FLAGS).marks
+    assert skip.kwargs["reason"] == ("cannot run a -march=skylake-avx512 build: CPU lacks avx512f avx512cd avx512bw "
+                                     "avx512dq avx512vl adx")
+    monkeypatch.setattr(sys.modules[__name__], "read_cpu_flags", lambda: None)
+    (skip,) = _runs_here("haswell", HASWELL_FLAGS).marks
+    assert skip.kwargs["reason"].endswith("CPU flags unknown (no /proc/cpuinfo flags line)")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    (skip,) = _runs_here("x86-64", ()).marks
+    assert skip.kwargs["reason"] == "-march=x86-64 is an x86-64 target; this host is aarch64"
 
 
 def _run(spec, compile_mode: str, kernel: bool, monkeypatch):

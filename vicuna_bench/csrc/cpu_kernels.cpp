@@ -10,17 +10,22 @@
 // memory traffic is the weight once plus x (tiny).  One or two rows of x (a
 // batch-1 or -2 step) read whole weight rows in order instead (one stream a
 // thread).  Accumulation is fp32; bf16 uses AVX512-BF16 dot products where
-// the host has them.
+// the host has them.  Without AVX2 + FMA (aarch64, an x86 build for a plain
+// x86-64 target) both dtypes run a generic lane of GCC vector extensions,
+// 4 floats wide: NEON on aarch64, SSE2 on x86-64, and the same source on
+// both, so the x86-64 build test checks the code an aarch64 host runs.
 //
-// Built by vicuna_bench/cpu_kernels.py with -march=native for the host it
-// runs on; registered as vicuna_bench::small_m_linear (CPU), so eager calls
+// Built by vicuna_bench/cpu_kernels.py for the CPU of the host it runs on
+// (-march=native; -mcpu=native on aarch64); registered as vicuna_bench::small_m_linear (CPU), so eager calls
 // and inductor graphs (an extern kernel) call the same code.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -42,6 +47,40 @@ inline float bf16_to_float(uint16_t bits) {
 
 // One lane type per (dtype, ISA): Acc holds fp32 partial sums; mac() adds
 // x[k:k+Step] * w[k:k+Step] (both loaded by load_w) into it; sum() reduces it to one float.
+
+// The portable lane: 4 floats in a GCC vector (one NEON or SSE register); loads by memcpy (any alignment),
+// bf16 widened by a shift as the x86 lanes do, built element by element (not __builtin_convertvector, which
+// older distribution compilers lack).
+typedef float Vec4f __attribute__((vector_size(16)));
+typedef uint32_t Vec4u __attribute__((vector_size(16)));
+struct GenericF32Lane {
+  using T = float;
+  using Acc = Vec4f;
+  static constexpr int Step = 4;
+  static Acc zero() { return Acc{0.0f, 0.0f, 0.0f, 0.0f}; }
+  static Acc load_w(const T* w) {
+    Acc v;
+    std::memcpy(&v, w, sizeof(v));
+    return v;
+  }
+  static void mac(Acc& acc, Acc x, Acc w) { acc += x * w; }
+  static float sum(Acc acc) { return (acc[0] + acc[1]) + (acc[2] + acc[3]); }
+};
+struct GenericBF16Lane {
+  using T = uint16_t;
+  using Acc = Vec4f;
+  static constexpr int Step = 4;
+  static Acc zero() { return GenericF32Lane::zero(); }
+  static Acc load_w(const T* w) {
+    const Vec4u wide = Vec4u{w[0], w[1], w[2], w[3]} << 16;
+    Acc v;
+    std::memcpy(&v, &wide, sizeof(v));
+    return v;
+  }
+  static void mac(Acc& acc, Acc x, Acc w) { acc += x * w; }
+  static float sum(Acc acc) { return GenericF32Lane::sum(acc); }
+};
+
 #if defined(__AVX512F__)
 struct F32Lane {
   using T = float;
@@ -84,6 +123,8 @@ struct F32Lane {
   static void mac(Acc& acc, Acc x, Acc w) { acc = _mm256_fmadd_ps(x, w, acc); }
   static float sum(Acc acc) { return hsum256(acc); }
 };
+#else
+using F32Lane = GenericF32Lane;
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -123,6 +164,8 @@ struct BF16Lane {
   static void mac(Acc& acc, __m256 x, __m256 w) { acc = _mm256_fmadd_ps(x, w, acc); }
   static float sum(Acc acc) { return hsum256(acc); }
 };
+#else
+using BF16Lane = GenericBF16Lane;
 #endif
 
 inline float scalar_of(float v) { return v; }
@@ -133,6 +176,26 @@ inline float scalar_of(uint16_t v) { return bf16_to_float(v); }
 // M = 8: 36 -> 26 ms; bf16 M = 1: 14 -> 10 ms; 2-core AVX-512 host, benchmarks/bench_gemm.py). 2, 4 and 8
 // panels measured the same; L1 (T0) prefetch did worse than L2.
 constexpr int64_t kPrefetchPanels = 2;
+
+// Prefetch one cache line into L2: prefetcht1 on x86; elsewhere gcc's builtin (prfm pldl2keep on aarch64).
+inline void prefetch_l2(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
+// Keeps v in a register: x86 otherwise folds a load into each FMA's memory operand (loading it once per use);
+// elsewhere (aarch64's FMLA takes registers only) nothing to do.
+template <typename V>
+inline void pin_register(V& v) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
 
 // out[i * N + j] = dot(x[i], w[j]) for i < MR, j < NR: one register block; prefetches pf's NR rows.
 
@@ -148,9 +211,9 @@ inline void block(const typename Lane::T* x, const typename Lane::T* w, int64_t 
     // products, as the compiler otherwise does, each would be loaded NR or MR times.
     decltype(Lane::load_w(w)) wv[NR], xv[MR];
     for (int j = 0; j < NR; ++j) {
-      if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf + j * K + k), _MM_HINT_T1);
+      if (pf) prefetch_l2(pf + j * K + k);
       wv[j] = Lane::load_w(w + j * K + k);
-      asm volatile("" : "+v"(wv[j]));
+      pin_register(wv[j]);
     }
     if constexpr (MR * NR > 16) {
       // A wide block (all 5-8 rows x 3 weight rows: up to 24 accumulators) has no registers left for every row
@@ -162,7 +225,7 @@ inline void block(const typename Lane::T* x, const typename Lane::T* w, int64_t 
     } else {
       for (int i = 0; i < MR; ++i) {
         xv[i] = Lane::load_w(x + i * K + k);
-        asm volatile("" : "+v"(xv[i]));
+        pin_register(xv[i]);
       }
       for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NR; ++j) Lane::mac(acc[i][j], xv[i], wv[j]);
@@ -361,7 +424,9 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
 // q [B, H, 1, D]; k, v [B, Hkv, L, D] (the cache, any L); key_valid [B, L] (bool).  Query head h uses kv head
 // h / (H / Hkv).  Only slots with key_valid set are read: a row's cost follows its filled length, not the cache
 // bucket's (SDPA reads all L slots under a mask: at batch 8, 512 slots, 30 layers of SmolLM2 it took 19-22 ms
-// where reading the keys and values takes 3-6).  Scores and softmax in fp32; a row with no valid slot gives 0.
+// where reading the keys and values takes 3-6).  Scores and softmax in fp32; a row with no valid slot gives 0;
+// NaN in the query or in a valid key or value gives NaN where SDPA does (a blow-up stays visible); bf16 outputs
+// rounded to nearest even.
 //
 // One task is (row b, kv head g, part s): the H / Hkv query heads of group g against part s of row b's valid
 // slots, so each key and value is read once for all heads that share it.  A row is cut into parts only when
@@ -383,7 +448,7 @@ constexpr int64_t kAttnPrefetchSlots = 32;
 
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+  for (int64_t o = 0; o < bytes; o += 64) prefetch_l2(c + o);
 }
 
 // scores[r * n + i] = q[r] . k[slots[i]] for r < rep, i < n (q in fp32).
@@ -437,9 +502,11 @@ inline __m512 load16f(const c10::BFloat16* p) {
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the max), within ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r)
-// by Cephes' expf polynomial, times 2^n by vscalefps (which flushes to 0 far below the fp32 range).
+// by Cephes' expf polynomial, times 2^n by vscalefps (which flushes to 0 far below the fp32 range).  NaN in, NaN
+// out: vmaxps returns its second operand when either is NaN, so the clamp keeps x there (a NaN score, from a NaN
+// query or valid key, must make the output NaN as in SDPA, not exp(-104) = 0).
 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -643,6 +710,10 @@ void attend_part(const T* qrow, int64_t q_head_stride, int64_t q_d_stride, const
   values_generic<T>(scores.data(), vb, v_row_stride, slots, n, rep, D, out.acc);
 }
 
+// 1 / (a head's sum of exp): 0 for a head with no slot (its output is 0), NaN for a NaN sum (a NaN score: SDPA's
+// NaN, which `total > 0 ? 1 / total : 0` turned into 0).
+inline float inverse_total(float total) { return total == 0.0f ? 0.0f : 1.0f / total; }
+
 template <typename T>
 void decode_attention_rows(const T* q, const T* k, const T* v, const bool* valid, T* out, int64_t B, int64_t H,
                            int64_t Hkv, int64_t L, int64_t D, const int64_t* qs, const int64_t* ks, const int64_t* vs,
@@ -685,7 +756,7 @@ void decode_attention_rows(const T* q, const T* k, const T* v, const bool* valid
                      qf, qh, scores, part);
       if (parts == 1) {
         for (int64_t r = 0; r < rep; ++r) {
-          const float inv = part.total[r] > 0.0f ? 1.0f / part.total[r] : 0.0f;
+          const float inv = inverse_total(part.total[r]);
           T* orow = out + b * os[0] + (g * rep + r) * os[1];
           for (int64_t d = 0; d < D; ++d) orow[d * os[3]] = static_cast<T>(part.acc[r * D + d] * inv);
         }
@@ -708,7 +779,7 @@ void decode_attention_rows(const T* q, const T* k, const T* v, const bool* valid
         total += w * base[rep + r];
         for (int64_t d = 0; d < D; ++d) merged[d] += w * base[2 * rep + r * D + d];
       }
-      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+      const float inv = inverse_total(total);
       T* orow = out + b * os[0] + (g * rep + r) * os[1];
       for (int64_t d = 0; d < D; ++d) orow[d * os[3]] = static_cast<T>(merged[d] * inv);
     }
@@ -719,6 +790,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& key_valid) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be [B, H, 1, D], got ", q.sizes());
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: k and v must be the same [B, Hkv, L, D]");
+  TORCH_CHECK(k.size(1) > 0, "decode_attention: the cache ", k.sizes(), " has no kv heads");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0,
               "decode_attention: q ", q.sizes(), " does not fit the cache ", k.sizes());
   TORCH_CHECK(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == q.size(0) &&
@@ -729,6 +801,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: the cache's last dimension must be dense");
   at::Tensor valid = key_valid.stride(1) == 1 ? key_valid : key_valid.contiguous();
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;  // no row, head or element: nothing to read (and no D to scale by)
   const int64_t qs[4] = {q.stride(0), q.stride(1), q.stride(2), q.stride(3)};
   const int64_t ks[4] = {k.stride(0), k.stride(1), k.stride(2), k.stride(3)};
   const int64_t vs[4] = {v.stride(0), v.stride(1), v.stride(2), v.stride(3)};
@@ -754,15 +827,19 @@ std::string small_m_isa() {
   std::string f32, bf16;
 #if defined(__AVX512F__)
   f32 = "avx512f";
-#else
+#elif defined(__AVX2__) && defined(__FMA__)
   f32 = "avx2";
+#else
+  f32 = "generic";
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   bf16 = "avx512_bf16";
 #elif defined(__AVX512F__)
   bf16 = "avx512f (widened)";
-#else
+#elif defined(__AVX2__) && defined(__FMA__)
   bf16 = "avx2 (widened)";
+#else
+  bf16 = "generic (widened)";
 #endif
   return "fp32 " + f32 + ", bf16 " + bf16;
 }
