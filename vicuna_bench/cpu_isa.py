@@ -1,11 +1,13 @@
-"""The host CPU's matrix ISA (from ``/proc/cpuinfo``) and the dtype ``--dtype auto`` runs on it.
+"""The host CPU's matrix ISA (from ``/proc/cpuinfo``: ``flags`` on x86, ``Features`` on AArch64) and the dtype
+``--dtype auto`` runs on it.
 
 The rule (docs/PERFORMANCE.md, "CPU dtype by host"):
 
 * ``amx_bf16``: bf16 (AMX bf16 GEMMs far outrun fp32 and a decode step reads half the bytes);
 * no ``avx512_bf16`` (AVX2 or plain AVX-512 only): fp32 (bf16 GEMMs are emulated, several times slower);
-* ``avx512_bf16`` without AMX: a measured probe decides (:func:`gemm_probe`, a prefill-shaped GEMM in both
-  dtypes); bf16 only when it is faster;
+* ``avx512_bf16`` without AMX, or AArch64 with ``bf16`` (BFMMLA/BFDOT): a measured probe decides
+  (:func:`gemm_probe`, a prefill-shaped GEMM in both dtypes); bf16 only when it is faster;
+* AArch64 without ``bf16`` (``asimd``/``sve`` only, e.g. Kunpeng 920): fp32 (no bf16 arithmetic instructions);
 * flags unknown (not Linux, unreadable): fp32, the dtype that is never the slow one by much.
 
 The choice is made once per process (:func:`cpu_auto_dtype`), in the process that resolves the engine
@@ -26,8 +28,12 @@ log = logging.getLogger("vicuna_bench")
 
 CPUINFO = Path("/proc/cpuinfo")
 
-# The flags that decide the CPU dtype, best first; the record lists those present.
-ISA_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+# The flags that decide the CPU dtype, best first (x86, then AArch64's hwcap names); the record lists those present.
+ISA_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "bf16", "sve", "asimd")
+X86_ISAS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+AARCH64_ISAS = ("bf16", "sve", "asimd")  # Linux's AArch64 names: asimd (NEON) is present on every ARMv8-A host
+# The keys of /proc/cpuinfo's feature line: x86's "flags", AArch64's "Features".
+FLAG_KEYS = ("flags", "Features")
 UNKNOWN = "unknown"
 
 # The probe's GEMM: [PROBE_M x PROBE_K] @ [PROBE_K x PROBE_N], a 256-token prefill through a 2048-wide
@@ -37,25 +43,31 @@ PROBE_REPEATS = 3  # best of, after one warm-up call per dtype
 
 
 def read_cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
-    """The first ``flags`` line of ``/proc/cpuinfo`` as a set; None where there is no such file or line."""
+    """The first ``flags`` (x86) or ``Features`` (AArch64) line of ``/proc/cpuinfo`` as a set; None where there is
+    no such file or line."""
     try:
         text = (cpuinfo or CPUINFO).read_text(errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
         key, sep, value = line.partition(":")
-        if sep and key.strip() == "flags":
+        if sep and key.strip() in FLAG_KEYS:
             return frozenset(value.split())
     return None
 
 
 def isa_of(flags: frozenset[str] | None) -> str:
-    """The best matrix ISA of ``flags``: amx_bf16 | avx512_bf16 | avx512f | avx2 | unknown (no flags, or none of them)."""
+    """The best matrix ISA of ``flags``: amx_bf16 | avx512_bf16 | avx512f | avx2 (x86), bf16 | sve | asimd
+    (AArch64) | unknown (no flags, or none of them)."""
     if flags is None:
         return UNKNOWN
-    for name in ("amx_bf16", "avx512_bf16", "avx512f", "avx2"):
+    for name in X86_ISAS:
         if name in flags:
             return name
+    if "asimd" in flags:  # AArch64's names only on AArch64 (x86 has no plain "bf16" flag; this keeps it so)
+        for name in AARCH64_ISAS:
+            if name in flags:
+                return name
     return UNKNOWN
 
 
@@ -132,20 +144,25 @@ def choose_cpu_dtype(flags: frozenset[str] | None, probe=None, torchrun: bool = 
     if isa == "amx_bf16":
         return CpuDtypeChoice("bf16", isa, present, None, "AMX (amx_bf16): bf16 GEMMs outrun fp32 and decode reads "
                                                            "half the bytes")
-    if isa == "avx512_bf16" and torchrun:
+    probed = {"avx512_bf16": "avx512_bf16 without AMX", "bf16": "AArch64 bf16"}.get(isa)
+    if probed and torchrun:
         return CpuDtypeChoice("fp32", isa, present, None,
-                              "avx512_bf16 without AMX under torchrun: each rank resolves its own spec, and a measured "
+                              f"{probed} under torchrun: each rank resolves its own spec, and a measured "
                               "choice could differ between ranks; pass --dtype bf16 to run bf16")
-    if isa == "avx512_bf16":
+    if probed:
         measured = (probe or gemm_probe)()
         faster = "bf16" if measured.bf16_gflops > measured.fp32_gflops else "fp32"
         return CpuDtypeChoice(faster, isa, present, measured,
-                              f"avx512_bf16 without AMX: a [{PROBE_M}x{PROBE_K}]@[{PROBE_K}x{PROBE_N}] GEMM ran "
+                              f"{probed}: a [{PROBE_M}x{PROBE_K}]@[{PROBE_K}x{PROBE_N}] GEMM ran "
                               f"bf16 {measured.bf16_gflops:.0f} vs fp32 {measured.fp32_gflops:.0f} GFLOP/s "
                               f"({measured.threads} threads)")
     if isa == UNKNOWN:
-        why = "CPU flags unknown (no /proc/cpuinfo flags line)" if flags is None else "no AVX2/AVX-512/AMX flags"
+        why = ("CPU flags unknown (no /proc/cpuinfo flags or Features line)" if flags is None
+               else "no AVX2/AVX-512/AMX or AArch64 asimd flags")
         return CpuDtypeChoice("fp32", isa, present, None, why)
+    if isa in AARCH64_ISAS:
+        return CpuDtypeChoice("fp32", isa, present, None,
+                              f"AArch64 {isa} without bf16: the CPU has no bf16 arithmetic instructions")
     return CpuDtypeChoice("fp32", isa, present, None,
                           f"{isa} without avx512_bf16/AMX: bf16 GEMMs are emulated, several times slower than fp32")
 
@@ -182,7 +199,7 @@ def warn_if_bf16_slow() -> None:
     isa = isa_of(read_cpu_flags())
     if isa in ("avx2", "avx512f"):
         why = f"this CPU has {isa} but no avx512_bf16/AMX: bf16 matrix multiplies are several times slower than fp32"
-    elif isa == "avx512_bf16":
+    elif isa in ("avx512_bf16", "bf16"):  # the probe's verdict (AArch64 without bf16: not measured, no warning)
         choice = host_cpu_dtype()
         if choice.dtype != "fp32":
             return

@@ -1,4 +1,4 @@
-"""Our CPU kernels: built once per host (``-march=native``) into the cache, loaded without a compiler after that.
+"""Our CPU kernels: built once per host (``-march``/``-mcpu=native``) into the cache, loaded without a compiler after.
 
 Two ops in ``csrc/cpu_kernels.cpp``, registered as ``vicuna_bench::*`` (CPU):
 
@@ -19,12 +19,18 @@ Other dtypes, other devices, or the library not loaded: ``F.linear`` and SDPA.
 
 Building: :func:`build` runs the host's C++ compiler once (``make setup`` does
 it at install time; ``python -m vicuna_bench.cpu_kernels``), into
-``<cache>/kernels/<key>/`` where the key covers the source, the torch build
-and the CPU's flags (a shared cache never hands one host another's
-instructions).  :func:`load` only loads what was built; where nothing is,
-it builds (one log line with the seconds) unless ``build=False``; where
-building fails (no compiler, an unsupported ISA), ``F.linear`` is used and
-one log line says why.  ``VICUNA_BENCH_CPU_KERNELS=0`` turns the kernel off.
+``<cache>/kernels/<key>/`` where the key covers the source, the torch build,
+the compiler (its binary), glibc, the machine type and the CPU's flags (a
+shared cache never hands one host another's instructions or libc).
+:func:`load` only loads what was built; where nothing is, it builds (one log
+line with the seconds) unless ``build_if_missing=False``.  A failed build is
+recorded under its key (``FAILED``: the first compiler error and the path of
+``build.log``, the compiler's whole output): every later process and rank
+reads the record instead of compiling again, runs ``F.linear`` and SDPA, and
+says so in one log line; ``python -m vicuna_bench.cpu_kernels --force`` (or
+any change of the key) tries again.  A library that exists but cannot be
+loaded is rebuilt once, then recorded as failed.
+``VICUNA_BENCH_CPU_KERNELS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ import fcntl
 import hashlib
 import logging
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -52,6 +61,8 @@ ENV_SWITCH = "VICUNA_BENCH_CPU_KERNELS"
 # The target ISA (gcc's -march): the host's own by default; tests build the AVX2 path with ``haswell``.
 ENV_MARCH = "VICUNA_BENCH_CPU_MARCH"
 LIBRARY = "libvicuna_bench_cpu.so"
+FAILED = "FAILED"  # beside the library: the one-line reason this key's build failed
+BUILD_LOG = "build.log"  # the compiler's command line, version and whole output, of the last build
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "why_not": None, "isa": None}
@@ -62,18 +73,54 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "off", "no"}
 
 
+class KernelBuildError(RuntimeError):
+    """The library could not be built or loaded for this host; the message is one line (and recorded)."""
+
+
 def _cpu_flags_text() -> str:
     from .cpu_isa import read_cpu_flags
 
-    flags = read_cpu_flags()
+    # The real file, not cpu_isa.CPUINFO: tests that fake another host's flags for the dtype choice keep this key.
+    flags = read_cpu_flags(Path("/proc/cpuinfo"))
     return " ".join(sorted(flags)) if flags else "unknown"
 
 
+def compiler() -> str:
+    """The C++ compiler: ``$CXX``, else ``c++``."""
+    return os.environ.get("CXX", "c++")
+
+
+def compiler_identity(name: str) -> str:
+    """The compiler binary's resolved path, size and mtime (ns): a new compiler version is a new binary, found
+    without running it (the unit tier, which may not start a process, computes the key too)."""
+    found = shutil.which(name)
+    if found is None:
+        return f"{name}: not found"
+    real = os.path.realpath(found)
+    try:
+        st = os.stat(real)
+    except OSError as err:
+        return f"{real}: {err.strerror}"
+    return f"{real} {st.st_size} {st.st_mtime_ns}"
+
+
+def libc_version() -> str:
+    """The C library the process runs on, e.g. ``glibc 2.36`` (a library linked against a newer glibc's symbol
+    versions does not load on an older one)."""
+    try:
+        found = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError, AttributeError):  # not glibc, or no confstr
+        found = None
+    return found or " ".join(platform.libc_ver()).strip() or "unknown"
+
+
 def build_key() -> str:
-    """Hash of what decides the binary: the source, torch's version and ABI, the compiler flags, the CPU's flags."""
+    """Hash of what decides the binary: the source, torch's version and ABI, the compiler command and binary, glibc,
+    the machine type and the CPU's flags."""
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(),
-                 " ".join(compile_command(Path("x.so"))).encode(), _cpu_flags_text().encode()):
+                 " ".join(compile_command(Path("x.so"))).encode(), compiler_identity(compiler()).encode(),
+                 libc_version().encode(), platform.machine().encode(), _cpu_flags_text().encode()):
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -85,13 +132,22 @@ def library_path() -> Path:
     return cache_root() / "kernels" / build_key() / LIBRARY
 
 
+def _target_flag() -> str:
+    march = os.environ.get(ENV_MARCH)
+    if march:
+        return f"-march={march}"
+    # gcc's -march=native exists on x86; on AArch64 and POWER -mcpu=native is the spelling that picks the host's
+    # architecture and extensions and tunes for its core (gcc < 13 on AArch64 tunes -march=native for "generic").
+    if platform.machine().lower() in {"aarch64", "arm64", "ppc64le", "ppc64"}:
+        return "-mcpu=native"
+    return "-march=native"
+
+
 def compile_command(output: Path) -> list[str]:
     """The one compiler call that builds the library (torch's headers and libraries, the host's ISA)."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    compiler = os.environ.get("CXX", "c++")
-    march = os.environ.get(ENV_MARCH, "native")
-    command = [compiler, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+    command = [compiler(), "-O3", _target_flag(), "-std=c++17", "-shared", "-fPIC", "-fopenmp",
                "-fno-math-errno",  # lets the softmax's exp vectorize (glibc's libmvec)
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     command += [f"-I{p}" for p in include_paths()]
@@ -103,30 +159,150 @@ def compile_command(output: Path) -> list[str]:
     return command
 
 
+# gcc/clang diagnostics ("file:line:col: error: ...", "fatal error:") and the linker's own lines
+# ("/usr/bin/ld: cannot find -lc10"), which come before collect2's summary "error: ld returned 1"; not the linker's
+# warnings or its notes that it skipped a library of another machine type before failing to find one.
+_ERROR_LINE = re.compile(r"\berror:|(^|/)ld(\.\w+)?: (?!warning|skipping incompatible)")
+
+
+def first_error(output: str) -> str:
+    """The first error line of a compiler's output (its last line is "compilation terminated." or a caret line);
+    without one, the first line; without output, "(no output)"."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if _ERROR_LINE.search(line):
+            return line
+    return lines[0] if lines else "(no output)"
+
+
+def build_failure() -> str | None:
+    """The recorded reason this host's build (for the current key) failed, one line; None where none is recorded."""
+    try:
+        return (library_path().parent / FAILED).read_text(errors="replace").strip() or "(empty record)"
+    except OSError:
+        return None
+
+
+def _record_failure(directory: Path, reason: str) -> None:
+    try:
+        partial = directory / f"{FAILED}.{os.getpid()}"
+        partial.write_text(reason + "\n")
+        os.replace(partial, directory / FAILED)
+    except OSError:  # a read-only cache: this process still falls back, later ones try again
+        pass
+
+
+def _clear_failure(directory: Path) -> None:
+    try:
+        (directory / FAILED).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _build_lock(directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = open(directory / "build.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # ranks starting together: one compiles, the others wait and read its outcome
+    return lock
+
+
 def build(force: bool = False) -> Path:
-    """Compile the library for this host into the cache (atomically: a half-written library is never loaded)."""
+    """Compile the library for this host into the cache (atomically: a half-written library is never loaded).
+
+    A recorded failure for this key raises :class:`KernelBuildError` without compiling, unless ``force``."""
     target = library_path()
-    if target.exists() and not force:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # ranks starting together: one compiles, the others wait and load
-        if target.exists() and not force:
+    if not force:
+        if target.exists():
             return target
+        if (failed := build_failure()) is not None:
+            raise KernelBuildError(failed)
+    with _build_lock(target.parent):
+        if not force:
+            if target.exists():
+                return target
+            if (failed := build_failure()) is not None:
+                raise KernelBuildError(failed)
+        _clear_failure(target.parent)
         return _compile_into(target)
+
+
+def _compiler_version(name: str) -> str:
+    try:
+        done = subprocess.run([name, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"({name} --version: {err})"
+    return (done.stdout.strip().splitlines() or [f"({name} --version: exit {done.returncode}, no output)"])[0]
 
 
 def _compile_into(target: Path) -> Path:
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+    directory = target.parent
+    log_path = directory / BUILD_LOG
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
         partial = Path(scratch) / LIBRARY
-        done = subprocess.run(compile_command(partial), capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"compiling {SOURCE.name} failed (exit {done.returncode}): {last}")
+        command = compile_command(partial)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, errors="replace")
+            code, output, version = done.returncode, done.stdout + done.stderr, _compiler_version(command[0])
+            status = f"exit {code}"
+        except OSError as err:  # no compiler at all, or not executable: the same kind of failure, recorded
+            code, version = None, "(not run)"
+            output = f"cannot run the C++ compiler {command[0]!r} (set CXX): {err.strerror or err}"
+            status = "not run"
+        log_path.write_text(f"# {' '.join(command)}\n# compiler: {version}\n# {status}\n{output}")
+        if code != 0:
+            reason = (f"building {SOURCE.name} failed ({status}): {first_error(output)} "
+                      f"(compiler output: {log_path})")
+            _record_failure(directory, reason)
+            raise KernelBuildError(reason)
         os.replace(partial, target)
     log.info("built the small-M CPU GEMM for this host in %.1f s: %s", time.perf_counter() - started, target)
     return target
+
+
+def _stamp(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _load_library(build_if_missing: bool) -> None:
+    """Load the built library into this process: build it where missing, rebuild once where it cannot be loaded."""
+    target = library_path()
+    if (failed := build_failure()) is not None:
+        raise KernelBuildError(failed)
+    if not target.exists():
+        if not build_if_missing:
+            raise KernelBuildError(f"not built for this host ({target}); run python -m vicuna_bench.cpu_kernels")
+        build()
+    stamp = _stamp(target)
+    try:
+        torch.ops.load_library(str(target))
+        return
+    except OSError as err:  # e.g. built against a newer glibc, or a truncated file
+        if not build_if_missing:
+            raise KernelBuildError(f"{target} cannot be loaded: {first_line(err)}") from None
+        first = first_line(err)
+    with _build_lock(target.parent):
+        if (failed := build_failure()) is not None:
+            raise KernelBuildError(failed)
+        if _stamp(target) == stamp:  # nobody rebuilt it meanwhile
+            log.info("rebuilding the CPU kernels: %s cannot be loaded (%s)", target, first)
+            _compile_into(target)
+        try:
+            torch.ops.load_library(str(target))
+        except OSError as err:
+            reason = f"{target} was rebuilt and still cannot be loaded: {first_line(err)}"
+            _record_failure(target.parent, reason)
+            raise KernelBuildError(reason) from None
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message, first line (its type's name where it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _register_fakes() -> None:
@@ -155,16 +331,11 @@ def load(build_if_missing: bool = True) -> bool:
             why = f"torch {torch.__version__} cannot describe a custom op's output shape to the compiler"
         else:
             try:
-                target = library_path()
-                if not target.exists():
-                    if not build_if_missing:
-                        raise RuntimeError(f"not built for this host ({target}); run python -m vicuna_bench.cpu_kernels")
-                    build()
-                torch.ops.load_library(str(target))
+                _load_library(build_if_missing)
                 _register_fakes()
                 _state["isa"] = torch.ops.vicuna_bench.small_m_isa()
             except Exception as err:  # noqa: BLE001 - any failure leaves F.linear, said once
-                why = str(err).splitlines()[0] if str(err) else type(err).__name__
+                why = first_line(err)
         _state["loaded"] = why is None
         _state["why_not"] = why
         if why is None:
@@ -205,18 +376,28 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_vali
 
 
 def main(argv=None) -> int:
-    """``python -m vicuna_bench.cpu_kernels [--force]``: build for this host and print where."""
+    """``python -m vicuna_bench.cpu_kernels [--force] [--strict]``: build for this host and load it once.
+
+    Exit 0 where the build fails (the kernels are an optimisation: one line says why and F.linear/SDPA run),
+    1 then with ``--strict``."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Build vicuna-bench's CPU kernels for this host.")
-    parser.add_argument("--force", action="store_true", help="rebuild even where a build exists")
+    parser.add_argument("--force", action="store_true", help="rebuild even where a build or a failed one is recorded")
+    parser.add_argument("--strict", action="store_true", help="exit 1 where the kernels cannot be built or loaded")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    failed = 1 if ns.strict else 0
     try:
-        print(build(force=ns.force))
-    except RuntimeError as err:
-        print(f"vicuna-bench: {err}", file=sys.stderr)
-        return 1
+        target = build(force=ns.force)
+    except (KernelBuildError, OSError) as err:
+        retry = "; recorded for this host, --force tries again" if isinstance(err, KernelBuildError) else ""
+        print(f"vicuna-bench: CPU kernels not built, F.linear and SDPA run instead: {first_line(err)}{retry}",
+              file=sys.stderr)
+        return failed
+    if not load():  # said why in one line; a library that cannot be loaded was rebuilt once there
+        return failed
+    print(target)
     return 0
 
 

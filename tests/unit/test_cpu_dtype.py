@@ -18,6 +18,8 @@ FLAGS = Path(__file__).parent / "data" / "cpu_flags"
 SAPPHIRE_RAPIDS = FLAGS / "sapphire_rapids.cpuinfo"  # amx_bf16
 EPYC_ZEN4 = FLAGS / "amd_epyc_zen4.cpuinfo"  # avx512_bf16, no AMX
 HASWELL = FLAGS / "haswell_e5_2680_v3.cpuinfo"  # avx2 only
+KUNPENG_920 = FLAGS / "kunpeng_920.cpuinfo"  # AArch64 "Features": asimd, no sve, no bf16
+GRAVITON3 = FLAGS / "graviton3_neoverse_v1.cpuinfo"  # AArch64: sve and bf16
 
 def ModelArgs(torch_dtype=None):  # resolve_dtype reads only the checkpoint's torch_dtype
     return SimpleNamespace(torch_dtype=torch_dtype)
@@ -55,15 +57,24 @@ def auto_cpu_dtype() -> torch.dtype:
     (SAPPHIRE_RAPIDS, "amx_bf16", ["amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2"]),
     (EPYC_ZEN4, "avx512_bf16", ["avx512_bf16", "avx512f", "avx2"]),
     (HASWELL, "avx2", ["avx2"]),
+    (KUNPENG_920, "asimd", ["asimd"]),
+    (GRAVITON3, "bf16", ["bf16", "sve", "asimd"]),
 ])
 def test_the_isa_is_read_from_the_flags_line(cpuinfo, isa, flags):
     read = cpu_isa.read_cpu_flags(cpuinfo)
     assert cpu_isa.isa_record(read) == {"cpu_isa": isa, "cpu_isa_flags": flags}
 
 
+def test_aarch64_features_line_is_read_whole():
+    # The Kunpeng 920's Features line, as captured (tests/unit/data/cpu_flags/kunpeng_920.cpuinfo says where).
+    assert cpu_isa.read_cpu_flags(KUNPENG_920) == frozenset(
+        "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma dcpop asimddp "
+        "asimdfhm ssbs".split())
+
+
 def test_no_cpuinfo_or_no_flags_line_is_unknown(tmp_path):
     no_flags = tmp_path / "cpuinfo"
-    no_flags.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm bf16\n")  # an arm64 host's key
+    no_flags.write_text("processor\t: 0\ncpu\t\t: POWER9 (raw), altivec supported\n")  # a ppc64le host: neither key
     for path in (tmp_path / "missing", no_flags):
         assert cpu_isa.read_cpu_flags(path) is None
         assert cpu_isa.isa_record(None) == {"cpu_isa": "unknown", "cpu_isa_flags": []}
@@ -92,6 +103,34 @@ def test_avx512_bf16_without_amx_runs_what_the_probe_found_faster(host, caplog, 
     said = [r.getMessage() for r in caplog.records if "--dtype auto" in r.getMessage()]
     assert len(said) == 1, said
     assert f"bf16 {probe.bf16_gflops:.0f} vs fp32 {probe.fp32_gflops:.0f} GFLOP/s" in said[0]
+
+
+def test_kunpeng_920_runs_fp32_without_probing(host, caplog):
+    host(KUNPENG_920)
+    with caplog.at_level(logging.INFO, logger="vicuna_bench"):
+        assert auto_cpu_dtype() == torch.float32
+    said = [r.getMessage() for r in caplog.records if "--dtype auto" in r.getMessage()]
+    assert said == ["--dtype auto on cpu: fp32 (AArch64 asimd without bf16: the CPU has no bf16 arithmetic "
+                    "instructions)"]
+
+
+def test_explicit_bf16_on_kunpeng_920_is_not_warned_about_unmeasured(host, caplog):
+    host(KUNPENG_920)
+    with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
+        assert checkpoint.resolve_dtype("bf16", ModelArgs(), "cpu") == torch.bfloat16
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("probe, dtype", [(BF16_FASTER, torch.bfloat16), (FP32_FASTER, torch.float32)])
+def test_aarch64_bf16_runs_what_the_probe_found_faster(host, caplog, probe, dtype):
+    calls = []
+    host(GRAVITON3, lambda: calls.append(1) or probe)
+    with caplog.at_level(logging.INFO, logger="vicuna_bench"):
+        assert auto_cpu_dtype() == dtype
+    assert len(calls) == 1
+    said = [r.getMessage() for r in caplog.records if "--dtype auto" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"--dtype auto on cpu: {'bf16' if dtype == torch.bfloat16 else 'fp32'}"
+                                                 " (AArch64 bf16: a [256x2048]@[2048x2048] GEMM ran"), said
 
 
 def test_under_torchrun_the_ranks_do_not_probe_apart(host, monkeypatch):
