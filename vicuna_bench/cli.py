@@ -13,7 +13,12 @@ import logging
 import sys
 from pathlib import Path
 
-from . import drivers, settings
+from . import torch_autoload
+
+# Before torch is first imported (drivers imports it): torch_npu loads only where devices.py asks for it.
+torch_autoload.front_end_default()
+
+from . import drivers, settings  # noqa: E402
 from .errors import UserError, VicunaBenchError
 
 log = logging.getLogger("vicuna_bench")

@@ -1,7 +1,9 @@
 """Device choice, distributed backend, synchronisation: cpu, cuda, npu.
 
 ``torch_npu`` is imported only when the NPU is asked for (or probed for by
-``--device auto`` where it is installed): it cannot be installed everywhere.
+``--device auto`` where it is installed): it cannot be installed everywhere,
+and the front ends turn torch's own autoload of it off
+(:mod:`vicuna_bench.torch_autoload`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import logging
 import os
 import platform
 import re
+import sys
 
 import torch
 
-from . import cpu_isa
+from . import cpu_isa, torch_autoload
 from .errors import UserError
+from .torch_autoload import AUTOLOAD_ENV
 
 log = logging.getLogger("vicuna_bench")
 
@@ -47,14 +51,32 @@ NPU_TIMING_ENV = (
 )
 CUDA_TIMING_ENV = ("CUDA_VISIBLE_DEVICES",)
 
+# torch_npu's own import sets TORCH_DEVICE_BACKEND_AUTOLOAD=0 and only its autoload entry point puts the old value
+# back (torch_npu/__init__.py, 2.5.1 on): the value torch saw is the one read before this module imports torch_npu.
+_AUTOLOAD_SEEN = os.environ.get(AUTOLOAD_ENV)
+_imported_here = None  # the torch_npu module this module imported itself (None: not imported by us)
+
 
 def _import_torch_npu(option: str = "--device npu"):
+    global _imported_here
+    loaded_before = sys.modules.get("torch_npu") is not None
     try:
         import torch_npu  # noqa: F401  (registers the 'npu' device with torch)
     except Exception as exc:  # noqa: BLE001  (a broken install raises ImportError, OSError, RuntimeError...)
         failure = " ".join(str(exc).split()) or type(exc).__name__
         raise UserError(f"{option}: torch_npu is installed but cannot be imported ({type(exc).__name__}: {failure}); "
                         f"install torch + torch_npu as a pair, or pass --device cpu|cuda") from None
+    if not loaded_before:
+        _imported_here = torch_npu
+
+
+def torch_npu_loaded_by() -> str | None:
+    """How torch_npu came into this process: ``import`` (by this module, on purpose), ``autoload`` (already there:
+    torch's backend autoload, or the caller), None (not loaded)."""
+    module = sys.modules.get("torch_npu")
+    if module is None:
+        return None
+    return "import" if module is _imported_here else "autoload"
 
 
 def torch_npu_installed() -> bool:
@@ -114,7 +136,20 @@ def _count(device_type: str) -> str:
 
 
 def resolve_device_type(name: str) -> str:
-    """``auto`` -> npu if available, else cuda, else cpu (announced on the log); others are checked."""
+    """``auto`` -> npu if available, else cuda, else cpu (announced on the log); others are checked.
+
+    In a process our front end started, a run resolved to cpu or cuda keeps torch_npu out from then on
+    (:func:`vicuna_bench.torch_autoload.keep_torch_npu_out`).
+    """
+    if name in ("auto", "npu"):
+        torch_autoload.let_torch_npu_in()
+    device = _resolve_device_type(name)
+    if device != "npu" and torch_autoload.is_front_end():
+        torch_autoload.keep_torch_npu_out()
+    return device
+
+
+def _resolve_device_type(name: str) -> str:
     if name == "auto":
         choice = select_device(name)
         log.info("%s", choice.reason)
@@ -156,12 +191,15 @@ def check_dtype_for_chip(device_type: str, chip: str | None, dtype_name: str, re
 
 
 def resolve_chip_family(device_type: str, requested: str = "auto", device_index: int = 0) -> str | None:
-    """The NPU chip family a run uses (d9 | d3), from ``torch.npu.get_device_name``.
+    """The NPU chip family a run uses (d9 | d3), from the name of NPU ``device_index`` (:func:`npu_chip_name`).
 
     ``requested`` is ``--device-type``: ``auto`` takes the detected family
     (None for a chip that is neither a 910B nor a 310P); d9/d3 that
     contradicts the chip is a UserError.  Off NPU nothing is detected:
-    ``auto`` gives None, d9/d3 are carried as given.
+    ``auto`` gives None, d9/d3 are carried as given.  ``device_index`` is
+    the device this process runs on (or, for a process that starts the
+    ranks, rank 0's): where torch_npu cannot read a name without a runtime
+    context, that context is made there and nowhere else.
     """
     if requested not in CHIP_CHOICES:
         valid = ", ".join(["auto (detected)"] + [f"{k} = {v[0]}" for k, v in CHIP_FAMILIES.items()])
@@ -169,7 +207,7 @@ def resolve_chip_family(device_type: str, requested: str = "auto", device_index:
     if device_type != "npu":
         return None if requested == "auto" else requested
     try:
-        name = device_name_of("npu", device_index)
+        name = npu_chip_name(device_index)
     except Exception as exc:  # noqa: BLE001  (a name is what detection needs, not what the run needs)
         log.info("--device-type %s: the NPU's name cannot be read (%s); no chip family detected", requested, exc)
         return None if requested == "auto" else requested
@@ -182,6 +220,90 @@ def resolve_chip_family(device_type: str, requested: str = "auto", device_index:
         raise UserError(f"--device-type {requested} contradicts NPU {device_index}: {name} is {detected} "
                         f"({CHIP_FAMILIES[detected][0]}); pass --device-type {detected} or auto")
     return requested
+
+
+# torch_npu 2.1.x: get_device_name (and get_device_properties, get_soc_version) calls _lazy_init, which brings the
+# runtime up on the *current* device: NPU 0 in every process that has not called set_device.  From 2.5.1
+# get_device_name returns the SoC name without initialising (torch_npu/npu/__init__.py); get_device_properties
+# still initialises.
+NAME_WITHOUT_CONTEXT_FROM = (2, 5, 1)
+
+
+def torch_npu_release() -> tuple[int, int, int] | None:
+    """The installed torch_npu's release as (major, minor, patch) (``2.1.0.post10`` -> (2, 1, 0)); None if unknown."""
+    version = _package_version("torch_npu") or _package_version("torch-npu") or ""
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2]), int(found[3])) if found else None
+
+
+def npu_chip_name(index: int) -> str:
+    """The name of NPU ``index`` (``Ascend910B3``); a runtime context, where reading it needs one, is made on ``index``.
+
+    ``set_device(index)`` comes first where torch_npu would otherwise initialise the current device (NPU 0) to
+    read a name: under torchrun that is the rank's own device, which it is about to use anyway.
+    """
+    npu = torch.npu
+    release = torch_npu_release()
+    initialised = bool(getattr(npu, "is_initialized", lambda: False)())
+    if not initialised and (release is None or release < NAME_WITHOUT_CONTEXT_FROM):
+        npu.set_device(index)
+    return npu.get_device_name(index)
+
+
+def npu_auto_dtype(chip: str | None, checkpoint_dtype: str) -> str:
+    """``--dtype auto`` on an NPU: the checkpoint's fp16/bf16 where the chip runs it, else fp16; never fp32.
+
+    d3 (310P) runs fp16 only; fp16 is also what the vendor runs Llama-2 in on both chips, and an fp32 checkpoint
+    (or one of no stated dtype) would halve the speed of a decode bound by memory.  A change says so in one line.
+    """
+    runs = CHIP_FAMILIES[chip][1] if chip in CHIP_FAMILIES else ("fp16", "bf16")
+    if checkpoint_dtype in ("fp16", "bf16") and checkpoint_dtype in runs:
+        return checkpoint_dtype
+    where = f"{chip} ({CHIP_FAMILIES[chip][0]})" if chip in CHIP_FAMILIES else "this NPU"
+    log.info("--dtype auto: the checkpoint is %s; running fp16 on %s", checkpoint_dtype, where)
+    return "fp16"
+
+
+# Operator compile mode (torch.npu.set_compile_mode): jit_compile=True compiles each operator for its shapes at
+# first use, False runs the prebuilt binary kernels (compiling only where none exists).  Huawei's torch_npu API
+# reference (Ascend Extension for PyTorch 7.0.0, set_compile_mode) gives the defaults: False on Atlas A2/A3 (d9),
+# True on Atlas training and inference series (d3).  Its tuning guide (CANN 7.0.0 PyTorch migration guide,
+# "operator binary tuning") recommends False where shapes change and True only for fixed shapes.  The engine's
+# shapes change with every prompt length and batch, and a first token must not time a compile: off on both.
+JIT_COMPILE_CHOICES = ("auto", "on", "off")
+AUTO_JIT_COMPILE = {"d9": "off", "d3": "off"}
+
+
+def resolve_jit_compile(device_type: str, chip: str | None, requested: str = "auto") -> str | None:
+    """The NPU operator compile mode a run uses: ``on`` | ``off`` (:data:`AUTO_JIT_COMPILE` for auto); None off NPU."""
+    if requested not in JIT_COMPILE_CHOICES:
+        raise UserError(f"--npu-jit-compile {requested!r} is not supported (valid: {', '.join(JIT_COMPILE_CHOICES)})")
+    if device_type != "npu":
+        return None
+    return AUTO_JIT_COMPILE.get(chip or "", "off") if requested == "auto" else requested
+
+
+_made_current: int | None = None  # the NPU device_for_rank made this process's current one
+
+
+def npu_jit_compile_now(index: int | None = None) -> str | None:
+    """This process's NPU operator compile mode read back from torch_npu (``on`` | ``off``).
+
+    Read where the runtime is up, or where ``index`` is the device this process made current (reading brings the
+    runtime up on the current device: ``is_jit_compile_false`` calls ``_lazy_init``); None otherwise.
+    """
+    npu = getattr(torch, "npu", None)
+    if npu is None or not hasattr(npu, "is_jit_compile_false"):
+        return None
+    if not npu.is_initialized() and (index is None or index != _made_current):
+        return None
+    return "off" if npu.is_jit_compile_false() else "on"
+
+
+def check_rank_chip(device_type: str, chip: str | None, index: int) -> None:
+    """Inside a rank, after ``set_device(index)``: NPU ``index`` must be of the run's chip family ``chip``."""
+    if device_type == "npu" and chip is not None:
+        resolve_chip_family(device_type, chip, index)
 
 
 def dtype_skip_reason(device_type: str, chip: str | None, dtype_name: str) -> str | None:
@@ -204,12 +326,18 @@ def chip_family_of(name: str) -> str | None:
     return None
 
 
-def device_for_rank(device_type: str, local_rank: int) -> torch.device:
+def device_for_rank(device_type: str, local_rank: int, jit_compile: str | None = None) -> torch.device:
+    """Make device ``local_rank`` this process's current one; on NPU set the operator compile mode ``jit_compile``
+    (``on`` | ``off``; None leaves it) right after, before any operator runs."""
+    global _made_current
     if device_type == "cpu":
         return torch.device("cpu")
     if device_type == "npu":
         _import_torch_npu()
         torch.npu.set_device(local_rank)
+        _made_current = local_rank
+        if jit_compile is not None:
+            torch.npu.set_compile_mode(jit_compile=jit_compile == "on")
     else:
         torch.cuda.set_device(local_rank)
     return torch.device(device_type, local_rank)
@@ -237,7 +365,7 @@ def device_name_of(device_type: str, index: int = 0) -> str:
     if device_type == "cuda":
         return torch.cuda.get_device_name(index)
     if device_type == "npu":
-        return torch.npu.get_device_name(index)
+        return npu_chip_name(index)
     return cpu_model_name()
 
 
@@ -272,7 +400,11 @@ def environment_record(device_type: str, device_index: int = 0, cpu_dtype_auto=N
     ``device_index`` names the device (this rank's).  Environment variables
     that are unset are recorded as None (their default applies); so is
     torchair off NPU (``unknown``: a torch_npu release not in
-    ``npu_graph.TORCHAIR_OF_TORCH_NPU``).
+    ``npu_graph.TORCHAIR_OF_TORCH_NPU``).  ``torch_npu_loaded_by``
+    (:func:`torch_npu_loaded_by`) and ``torch_device_backend_autoload``
+    (the variable as torch saw it) say whether torch_npu came in on purpose;
+    ``npu_jit_compile`` is the operator compile mode read back (NPU, once
+    the device is up; None otherwise).
     """
     if device_type == "npu":
         _import_torch_npu()
@@ -285,6 +417,9 @@ def environment_record(device_type: str, device_index: int = 0, cpu_dtype_auto=N
         "torch_npu": _package_version("torch_npu") if device_type == "npu" else None,
         "torchair": _torchair_record() if device_type == "npu" else None,
         "cuda": torch.version.cuda if device_type == "cuda" else None,
+        "torch_npu_loaded_by": torch_npu_loaded_by(),
+        "torch_device_backend_autoload": _AUTOLOAD_SEEN,
+        "npu_jit_compile": npu_jit_compile_now(device_index) if device_type == "npu" else None,
         "python": platform.python_version(),
         **cpu_isa.isa_record(cpu_isa.read_cpu_flags()),
         "cpu_dtype_auto": cpu_dtype_auto.record() if cpu_dtype_auto is not None else None,

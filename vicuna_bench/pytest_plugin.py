@@ -48,6 +48,17 @@ def pytest_addoption(parser):
     g.addoption("--ceval-dir", default=None, help="C-Eval work dir holding data/ (default ../shared/datasets/ceval)")
 
 
+def pytest_load_initial_conftests(early_config, parser, args):
+    """With ``--device`` given, torch's autoload of torch_npu is off (unless set) before a conftest imports torch.
+
+    Only then: this plugin loads in every pytest session of the environment, and one without our ``--device`` may
+    not be ours (vicuna_bench.torch_autoload)."""
+    from . import torch_autoload
+
+    if torch_autoload.device_in_args(args) is not None:
+        torch_autoload.front_end_default()
+
+
 def pytest_configure(config):
     settings.set_front_end("pytest")
     for name, text in MARKERS.items():
@@ -125,7 +136,8 @@ def vicuna_options(pytestconfig) -> dict:
 
 
 def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto", max_seq_len=None,
-                     device_type="auto", compile="off", bind_cpu=True, npu_graph="auto", work=None):
+                     device_type="auto", compile="off", bind_cpu=True, npu_graph="auto", npu_jit_compile="auto",
+                     work=None):
     """An EngineSpec with the CLI's defaults (embedded model, auto device/dtype, CPU binding on), validated.
 
     ``work``: a :class:`vicuna_bench.drivers.Work`, what ``--compile auto`` weighs (none: auto is off).
@@ -133,7 +145,8 @@ def make_engine_spec(model_path=None, world_size=1, device="auto", dtype="auto",
     from . import drivers
 
     model = dict(model_path=model_path, world_size=world_size, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                 device_type=device_type, compile=compile, bind_cpu=bind_cpu, npu_graph=npu_graph)
+                 device_type=device_type, compile=compile, bind_cpu=bind_cpu, npu_graph=npu_graph,
+                 npu_jit_compile=npu_jit_compile)
     return drivers.resolve_spec(model, work or drivers.Work(), progress=False)
 
 

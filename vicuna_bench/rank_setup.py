@@ -93,13 +93,18 @@ def init_process_group(spec: EngineSpec, rank: int, local_rank: int, init_method
 
     Every path that starts a rank comes through here (the in-process
     workers, torchrun, and so sdk-test), in this order: the device is made
-    current, the group is joined, one small collective runs eagerly.  NCCL
+    current (NPU: its operator compile mode set, its chip family checked),
+    the group is joined, one small collective runs eagerly.  NCCL
     and HCCL make a rank's communicator on the device current at its first
     collective, and making one while a stream is capturing a graph is not
     allowed: without the warm-up that first collective is inside the first
     compiled (captured) decode step.
     """
-    device = devices.device_for_rank(spec.device, spec.device_index(local_rank))  # set_device before the group
+    index = spec.device_index(local_rank)
+    device = devices.device_for_rank(spec.device, index, spec.npu_jit_compile)  # set_device before the group
+    # This rank's own chip, read now that its device is current (no context on another NPU): the spec's family was
+    # read on one device only.
+    devices.check_rank_chip(spec.device, spec.device_type, index)
     if spec.world_size == 1:
         return TensorParallel()
     import torch.distributed as dist

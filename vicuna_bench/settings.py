@@ -94,6 +94,8 @@ SETTINGS: tuple[Setting, ...] = (
       "one that contradicts the NPU is an error (ignored elsewhere)", choices=("auto", *DEVICE_TYPES)),
     S("model", "npu-graph", str, "auto", "NPU graph mode for --compile on: auto (GE on d9, eager on d3) | ge "
       "(torchair max-autotune) | aclgraph (npugraph_ex / reduce-overhead)", choices=("auto", "ge", "aclgraph")),  # npu_graph.GRAPH_MODES
+    S("model", "npu-jit-compile", str, "auto", "NPU operator compile mode: auto (off on d9 and d3) | off (prebuilt "
+      "binary kernels) | on (each operator compiled for its shapes at first use)", choices=("auto", "on", "off")),
     S("model", "dtype", str, "auto", "auto | fp32 | fp16 | bf16 (auto: checkpoint dtype; on CPU the faster of "
       "fp32/bf16 for the host, docs/PERFORMANCE.md)"),
     S("model", "max-seq-len", int, 2048, "KV cache length", env="MAX_SEQ_LENGTH"),

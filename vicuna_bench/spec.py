@@ -43,6 +43,7 @@ class EngineSpec:
     device_type: str | None = None  # NPU chip family (d9 | d3), detected on NPU; None: unknown or not an NPU
     compile: str = "off"  # resolved: on | off (compile the prefill and decode step)
     npu_graph: str = "auto"  # NPU graph mode for compile on: auto | ge | aclgraph (vicuna_bench.npu_graph)
+    npu_jit_compile: str | None = None  # NPU operator compile mode, set in each rank: on | off; None off NPU
     bind_cpu: bool = True  # pin each rank's process to CPUs near its device (vicuna_bench.binding)
     device_ids: tuple[int, ...] | None = None  # rank r runs on device device_ids[r]; None: device r
     log_dir: str | None = None  # each rank appends what it runs, and its binding, to <log_dir>/rank<r>.log
@@ -65,6 +66,9 @@ class EngineSpec:
             raise UserError(f"--device-type {self.device_type!r} is not supported (valid: {', '.join(DEVICE_TYPES)})")
         if self.npu_graph not in GRAPH_MODES:
             raise UserError(f"--npu-graph {self.npu_graph!r} is not supported (valid: {', '.join(GRAPH_MODES)})")
+        if self.npu_jit_compile not in (None, "on", "off"):
+            raise UserError(f"--npu-jit-compile {self.npu_jit_compile!r}: the engine takes on or off "
+                            "(auto is resolved before)")
         if self.world_size < 1:
             raise UserError(f"--world-size {self.world_size} must be >= 1")
         if self.dtype not in checkpoint.DTYPES:
@@ -105,7 +109,8 @@ class EngineSpec:
             )
         if self.device == "cpu":  # accelerators: each rank checks its device's free memory before loading
             fit.check_host_fit(args, self.world_size, self.dtype, self.max_seq_len, self.fit_batch,
-                               ranks_on_host=self.ranks_on_host())
+                               ranks_on_host=self.ranks_on_host(),
+                               kv_budget=None if self.kv_cache_budget_mb is None else self.kv_cache_budget_mb << 20)
         return args
 
     def ranks_on_host(self) -> int:
@@ -151,6 +156,7 @@ def resolve_engine_spec(
     device_ids: Sequence[int] | None = None,
     log_dir: str | os.PathLike | None = None,
     npu_graph: str = _DEFAULT["npu_graph"],
+    npu_jit_compile: str = _DEFAULT["npu_jit_compile"],
 ) -> EngineSpec:
     """An EngineSpec from user-level choices, validated.
 
@@ -158,33 +164,54 @@ def resolve_engine_spec(
     embedded default model (announced on the log).
     ``device``/``dtype`` may be ``auto``; ``max_seq_len`` None takes the default;
     ``compile`` ``auto`` is decided by the ``decode_steps`` the caller expects to run;
-    ``device_type`` ``auto`` is the NPU's detected chip family (an explicit one must match it).
+    ``device_type`` ``auto`` is the NPU's detected chip family (an explicit one must match it), read on this
+    process's own device (:func:`detecting_device`); ``dtype`` ``auto`` on an NPU follows the chip
+    (:func:`vicuna_bench.devices.npu_auto_dtype`); ``npu_jit_compile`` ``auto`` is the chip's mode
+    (:data:`vicuna_bench.devices.AUTO_JIT_COMPILE`).
     """
     from .config import resolve_max_seq_len
 
+    # The device first: a cpu/cuda run keeps torch_npu out before transformers (the embedded model) can import it.
+    device = devices.resolve_device_type(device)
     if model_path is None or (str(model_path) == EMBEDDED and not Path(EMBEDDED).exists()):
         from .embedded import embedded_model_dir
 
         model_path = embedded_model_dir(progress=progress)
         log.info("no --model-path: using the embedded default model %s", model_path)
     args = checkpoint.read_model_args(Path(model_path))
-    device = devices.resolve_device_type(device)
+    # The chip first: --dtype auto on an NPU depends on it.
+    device_type = devices.resolve_chip_family(device, device_type, detecting_device(device_ids))
     requested_dtype = dtype
-    dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(dtype, args, device))
+    if dtype == "auto" and device == "npu":
+        dtype = devices.npu_auto_dtype(device_type, checkpoint.dtype_name(checkpoint.resolve_dtype("auto", args, device)))
+    else:
+        dtype = checkpoint.dtype_name(checkpoint.resolve_dtype(dtype, args, device))
     # Decided once, here: worker ranks read the dtype and the probe's figures from the spec, never probe again.
     cpu_dtype_auto = cpu_auto_dtype() if requested_dtype == "auto" and device == "cpu" else None
-    device_type = devices.resolve_chip_family(device, device_type, int(device_ids[0]) if device_ids else 0)
     devices.check_dtype_for_chip(device, device_type, dtype, requested_dtype)  # bf16 on d3: before any load
+    jit_compile = devices.resolve_jit_compile(device, device_type, npu_jit_compile)
     from .compile import resolve_mode
 
     compile = resolve_mode(compile, device, decode_steps, npu_graph=npu_graph,
                            chip_family=device_type if device == "npu" else None)
     spec = EngineSpec(str(model_path), world_size, device, dtype, resolve_max_seq_len(max_seq_len, args),
-                      device_type=device_type, compile=compile, npu_graph=npu_graph, bind_cpu=bool(bind_cpu),
+                      device_type=device_type, compile=compile, npu_graph=npu_graph, npu_jit_compile=jit_compile,
+                      bind_cpu=bool(bind_cpu),
                       device_ids=None if device_ids is None else tuple(int(d) for d in device_ids),
                       log_dir=None if log_dir is None else str(log_dir), cpu_dtype_auto=cpu_dtype_auto)
     spec.validate()
     return spec
+
+
+def detecting_device(device_ids: Sequence[int] | None = None) -> int:
+    """The device this process reads the NPU's chip on: its own under torchrun (``LOCAL_RANK``), else rank 0's
+    (this process is rank 0, or starts the ranks)."""
+    from .spmd import launched_by_torchrun
+
+    local = int(os.environ.get("LOCAL_RANK", "0")) if launched_by_torchrun() else 0
+    if device_ids:
+        return int(device_ids[local]) if local < len(device_ids) else local
+    return local
 
 
 class InferenceEngine(Protocol):

@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 
+from tests.npu_fake import FakeNpu, accept_npu_devices
 from vicuna_bench import devices
 from vicuna_bench.errors import UserError
 
@@ -26,17 +27,22 @@ NPU_ENV_IN_SPEC = ("ASCEND_RT_VISIBLE_DEVICES", "TASK_QUEUE_ENABLE", "CPU_AFFINI
                    "HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT", "HCCL_BUFFSIZE")
 
 
-def fake_npu(monkeypatch, *, installed=True, importable=True, available=True, count=8, name="Ascend910B3"):
-    """Make torch_npu look installed/importable and torch.npu report ``count`` devices."""
+def fake_npu(monkeypatch, *, installed=True, importable=True, available=True, count=8, name="Ascend910B3",
+             release=None) -> FakeNpu:
+    """Make torch_npu look installed/importable and torch.npu report ``count`` devices (tests/npu_fake.py).
+
+    ``release``: the torch_npu version the package metadata reports (None: left as this machine's, none)."""
     spec = object() if installed else None
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: spec if n == "torch_npu" else _real_find_spec(n, *a))
     monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu") if importable else None)
-    npu = types.SimpleNamespace(
-        is_available=lambda: available,
-        device_count=lambda: count if available else 0,
-        get_device_name=lambda index=0: name,
-    )
+    npu = FakeNpu(release or "2.1.0.post10", names=[name] * count, available=available)
     monkeypatch.setattr(torch, "npu", npu, raising=False)
+    monkeypatch.setattr(devices, "_made_current", None)  # a fresh process: no device made current
+    if release is not None:
+        real_version = importlib.metadata.version
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda n: release if n in ("torch_npu", "torch-npu") else real_version(n))
+    return npu
 
 
 def fake_cuda(monkeypatch, available: bool, count: int = 2):
@@ -167,6 +173,9 @@ def test_npu_environment_record(monkeypatch, tmp_path):
     monkeypatch.setenv("HCCL_BUFFSIZE", "110")
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "0,1,2,3")
     monkeypatch.setattr(devices.cpu_isa, "CPUINFO", tmp_path / "no-cpuinfo")  # the host CPU's ISA: unknown
+    monkeypatch.setattr(devices, "_AUTOLOAD_SEEN", "0")  # as a front end leaves it (vicuna_bench.torch_autoload)
+    accept_npu_devices(monkeypatch, torch)
+    devices.device_for_rank("npu", 1, "off")  # a rank records after its device is up
     assert devices.environment_record("npu", 1) == {
         "device_type": "npu",
         "device_name": "Ascend910B2C",
@@ -175,6 +184,9 @@ def test_npu_environment_record(monkeypatch, tmp_path):
         "torch_npu": "2.1.0.post8",
         "torchair": "6.0.rc3",  # Huawei's release notes: torch_npu 2.1.0.post8 ships torchair 6.0.rc3
         "cuda": None,
+        "torch_npu_loaded_by": "autoload",  # the fake was in sys.modules before devices.py asked for it
+        "torch_device_backend_autoload": "0",
+        "npu_jit_compile": "off",  # read back through is_jit_compile_false
         "python": platform.python_version(),
         "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
         # Every variable shared/spec/NPU.md says to record with results; unset ones as None.
@@ -209,20 +221,24 @@ model name\t: Intel(R) Xeon(R) CPU           E5620  @ 2.40GHz
 def test_cpu_environment_record(monkeypatch, tmp_path):
     from vicuna_bench import cpu_kernels
 
-    # Loaded once per process, for this host's real flags (make kernels built it), before cpuinfo is faked below.
-    assert cpu_kernels.load(build_if_missing=False), cpu_kernels.status()
+    # Loaded once per process, for this host's real flags (make kernels built it), before cpuinfo is faked below;
+    # where the build failed (recorded: no compiler, a source the compiler rejects) F.linear runs, and says why.
+    loaded = cpu_kernels.load(build_if_missing=False)
+    assert loaded or cpu_kernels.build_failure(), cpu_kernels.status()
     (tmp_path / "cpuinfo").write_text(CPUINFO_E5620)
     monkeypatch.setattr(devices.cpu_isa, "CPUINFO", tmp_path / "cpuinfo")  # no flags line: ISA unknown
     real_open = open
     monkeypatch.setattr(devices, "open", lambda path, *a, **k: io.StringIO(CPUINFO_E5620)
                         if path == "/proc/cpuinfo" else real_open(path, *a, **k), raising=False)
     monkeypatch.setenv("TASK_QUEUE_ENABLE", "1")  # an NPU setting: not recorded off NPU
+    monkeypatch.setattr(devices, "_AUTOLOAD_SEEN", None)  # unset: torch's default (autoload on)
     assert devices.environment_record("cpu") == {
         "device_type": "cpu", "device_name": "Intel(R) Xeon(R) CPU E5620 @ 2.40GHz", "chip_family": None,
         "torch": torch.__version__, "torch_npu": None, "torchair": None, "cuda": None,
+        "torch_npu_loaded_by": None, "torch_device_backend_autoload": None, "npu_jit_compile": None,
         "python": platform.python_version(), "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
-        "small_m_gemm": True, "small_m_gemm_isa": cpu_kernels.status()["small_m_gemm_isa"],
-        "small_m_gemm_why_not": None, "env": {},
+        "small_m_gemm": loaded, "small_m_gemm_isa": cpu_kernels.status()["small_m_gemm_isa"],
+        "small_m_gemm_why_not": None if loaded else cpu_kernels.build_failure(), "env": {},
     }
 
 
@@ -293,9 +309,40 @@ def test_device_type_reaches_the_spec_and_contradiction_stops_the_cli(monkeypatc
 def test_npu_environment_record_has_the_family_and_torchair(monkeypatch):
     fake_npu(monkeypatch, name="Ascend910B3")
     real_version = importlib.metadata.version
-    for wheel, torchair in (("2.1.0.post10", "6.0.0"), ("2.14.0", "unknown")):
+    # An older torch_npu than the table knows is unknown (a newer one is taken for the newest: npu_graph).
+    for wheel, torchair in (("2.1.0.post10", "6.0.0"), ("2.1.0.post3", "unknown")):
         monkeypatch.setattr(importlib.metadata, "version",
                             lambda n, w=wheel: w if n in ("torch_npu", "torch-npu") else real_version(n))
         rec = devices.environment_record("npu")
         assert (rec["chip_family"], rec["torch_npu"], rec["torchair"]) == ("d9", wheel, torchair)
     assert (devices.environment_record("cpu")["chip_family"], devices.environment_record("cpu")["torchair"]) == (None, None)
+
+
+# ---------------------------------------------------------------- NPU operator compile mode (torch.npu.set_compile_mode)
+
+@pytest.mark.parametrize("mode, jit_compile", [("off", False), ("on", True)])
+def test_a_rank_sets_the_compile_mode_right_after_its_device(monkeypatch, mode, jit_compile):
+    npu = fake_npu(monkeypatch, release="2.6.0")
+    accept_npu_devices(monkeypatch, torch)
+    devices.device_for_rank("npu", 3, mode)
+    assert (npu.current, npu.compile_mode_calls) == (3, [jit_compile])
+    assert devices.npu_jit_compile_now(3) == mode  # read back through is_jit_compile_false, on this rank's device
+    assert npu.contexts == [3]
+    assert devices.environment_record("npu", 3)["npu_jit_compile"] == mode
+
+
+def test_no_mode_given_leaves_torch_npus_and_reading_it_needs_the_runtime_up(monkeypatch):
+    npu = fake_npu(monkeypatch, release="2.6.0")
+    # is_jit_compile_false would bring the runtime up on the current device (npu_config.py calls _lazy_init): not read.
+    assert devices.npu_jit_compile_now(0) is None and npu.contexts == []
+    accept_npu_devices(monkeypatch, torch)
+    devices.device_for_rank("npu", 2)
+    assert npu.compile_mode_calls == []
+
+
+def test_the_compile_mode_choices():
+    assert [devices.resolve_jit_compile("npu", chip) for chip in ("d9", "d3", None)] == ["off", "off", "off"]
+    assert devices.resolve_jit_compile("npu", "d9", "on") == "on"
+    assert devices.resolve_jit_compile("cpu", None, "on") is None  # nothing to set off NPU
+    with pytest.raises(UserError, match=r"^--npu-jit-compile 'yes' is not supported \(valid: auto, on, off\)$"):
+        devices.resolve_jit_compile("npu", "d9", "yes")

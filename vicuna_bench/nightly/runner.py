@@ -237,17 +237,18 @@ def run_identity(plan: Plan) -> dict[str, Any]:
     spec = plan.spec
     return {
         "model": default_model_name(spec.model_path), "device": spec.device,
-        "device_name": devices.device_name_of(spec.device).replace(" ", "_"), "dtype": spec.dtype,
+        "device_name": devices.device_name_of(spec.device, spec.device_index(0)).replace(" ", "_"), "dtype": spec.dtype,
         "world_size": spec.world_size, "batch_size": int(plan.values["batch_size"]), "compile": spec.compile,
     }
 
 
-def environment(device: str, world_size: int, cpu_dtype_auto=None) -> dict[str, Any]:
+def environment(device: str, world_size: int, cpu_dtype_auto=None, device_index: int = 0) -> dict[str, Any]:
     """Versions, device names, host, and the CPU binding each rank would get (vicuna_bench.binding);
-    ``cpu_dtype_auto``: the spec's --dtype auto choice on CPU (devices.environment_record)."""
+    ``cpu_dtype_auto``: the spec's --dtype auto choice on CPU (devices.environment_record); ``device_index``: rank
+    0's device (on torch_npu 2.1.x reading its name opens a context there, never on NPU 0 by default)."""
     from .. import binding, devices
 
-    record = devices.environment_record(device, 0, cpu_dtype_auto)
+    record = devices.environment_record(device, device_index, cpu_dtype_auto)
     packages = {}
     for name in ("vicuna-bench", "transformers", "numpy", "safetensors", "pytest", "matplotlib"):
         try:
@@ -437,7 +438,7 @@ def _run(plan: Plan, started: str) -> NightlyResult:
     from ..drivers import open_engine
 
     ident = run_identity(plan)
-    env = environment(ident["device"], ident["world_size"], plan.spec.cpu_dtype_auto)
+    env = environment(ident["device"], ident["world_size"], plan.spec.cpu_dtype_auto, plan.spec.device_index(0))
     settings_doc = {k: v for k, v in plan.values.items() if k not in ("report_only",)}
     settings_doc.update(stages=plan.stages, run_dir=str(plan.run_dir), history=str(plan.history),
                         compile_resolved=ident["compile"])
