@@ -157,7 +157,8 @@ class CompiledSteps:
         self.description = description
         self.warm_calls = warm_calls
         self.compile_s = 0.0
-        # The graphs warm() made, per rank model (held weakly): ("prefill", batch > 1), ("decode", batch, length).
+        # The graphs warm() made, per rank model (held weakly): ("prefill", batch > 1, batch, length) and
+        # ("decode", batch, length), each with the cache addresses it was made for (cache_addresses).
         self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # skip_guards: a decode step of a (model, batch, cache length) that warm() compiled runs without dynamo's
         # full guard check (see decode()).
@@ -184,11 +185,11 @@ class CompiledSteps:
                 return self.decode_fn(model, *inputs)
         return self.decode_fn(model, *inputs)
 
-    def _graphs_of(self, model) -> set:
+    def _graphs_of(self, model) -> dict:
         try:
-            return self._seen.get(model, set())
+            return self._seen.get(model, {})
         except TypeError:  # not weakly referable: not a module warm() saw
-            return set()
+            return {}
 
     def warm(self, model, batch: int, length: int, sync=lambda: None) -> float:
         """Compile and record for ``batch`` rows and a cache of ``length`` slots now, once per shape; seconds spent.
@@ -202,6 +203,13 @@ class CompiledSteps:
         slots, and a slot's ``key_valid`` (the request's own tensor, not the
         scratch one here) stays false until :meth:`DecodeState.advance` marks
         it for the real token written there.
+
+        A shape is warm for the cache set it was warmed on: a set made anew
+        (evicted from the pool, or dropped after running out of memory) sits
+        at other addresses, which a recorded graph does not follow, so it is
+        warmed again.  Every rank of a tensor-parallel group makes the same
+        calls (the model's collectives run in them): a shape one rank must
+        warm is warmed on all.
         """
         from .generation import DecodeState
 
@@ -209,18 +217,21 @@ class CompiledSteps:
         device = model.lm_head.weight.device
         calls = max(1, int(self.warm_calls))
         made = []
-        seen = self._seen.setdefault(model, set())
+        seen = self._seen.setdefault(model, {})
+        addresses = cache_addresses(model)
+        prefill_key = ("prefill", batch > 1, batch, length)
+        decode_key = ("decode", batch, length)
+        warm_prefill, warm_decode = _on_any_rank(model, [
+            self._prefill is not None and seen.get(prefill_key) != addresses, seen.get(decode_key) != addresses])
         with torch.inference_mode():
-            prefill_key = ("prefill", batch > 1)
-            if self._prefill is not None and prefill_key not in seen:
+            if warm_prefill:
                 tokens = torch.zeros((batch, 2), dtype=torch.long, device=device)
                 valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
                 for _ in range(calls):
                     self._prefill(model, tokens, torch.zeros_like(tokens), valid, 0)
-                seen.add(prefill_key)
+                seen[prefill_key] = addresses
                 made.append("prefill")
-            decode_key = ("decode", batch, length)
-            if decode_key not in seen:
+            if warm_decode:
                 scratch_valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
                 # advance() marks the scratch slot valid: a row with no valid key attends over nothing (NaN), the
                 # next layers write NaN keys/values, and a later read of that masked slot multiplies NaN by 0.
@@ -229,7 +240,7 @@ class CompiledSteps:
                 state.advance(torch.zeros(batch, dtype=torch.long, device=device))
                 for _ in range(calls):  # not advanced again: every repeat writes the same scratch slot
                     self.decode(model, state)
-                seen.add(decode_key)
+                seen[decode_key] = addresses
                 made.append("decode step")
         if not made:
             return 0.0
@@ -240,6 +251,23 @@ class CompiledSteps:
         log.info("compiled the %s (%s) for batch %d, cache %d, %d call(s) each: %.1f s", " and ".join(made),
                  self.description, batch, length, calls, spent)
         return spent
+
+
+def cache_addresses(model) -> tuple[int, ...]:
+    """``data_ptr`` of every layer's key and value cache in use: the addresses a recorded graph holds."""
+    layers = getattr(getattr(model, "model", None), "layers", ())
+    caches = [layer.self_attn.cache for layer in layers]
+    return tuple(t.data_ptr() for cache in caches if cache is not None for t in (cache.k, cache.v))
+
+
+def _on_any_rank(model, flags: list[bool]) -> list[bool]:
+    """``flags`` OR-ed over the model's tensor-parallel group (one small all-reduce; alone: as they are)."""
+    tp = getattr(model, "tp", None)
+    if tp is None or tp.world_size == 1:
+        return list(flags)
+    # float32: a dtype every backend's all-reduce takes (gloo, NCCL, HCCL)
+    votes = torch.tensor([float(f) for f in flags], dtype=torch.float32, device=model.lm_head.weight.device)
+    return [v > 0 for v in tp.all_reduce(votes).tolist()]
 
 
 def _skip_guard_eval_supported() -> bool:

@@ -7,7 +7,12 @@ A rank needs (bytes):
 * its KV cache: keys and values of its key/value heads for ``batch`` rows
   of ``max_seq_len`` slots, in the run's dtype;
 * a runtime allowance: the fixed cost of a torch process (measured, see
-  ``RUNTIME_BYTES``) plus a prefill's activations at ``max_seq_len``.
+  ``RUNTIME_BYTES``) plus a prefill's activations at ``max_seq_len``;
+* the KV cache sets its pool keeps beside the one in use
+  (``model.KVCachePool``): what :meth:`KVCachePool.budget_for` gives for
+  that set and the memory left after weights and runtime, so the default
+  budget (twice the largest set) shrinks to what is free and a set budget
+  (``kv_cache_budget_mb``) is counted whole.
 
 It has: on CPU the host's available memory (``MemAvailable``, capped by a
 cgroup limit) divided among the ranks on the host; on CUDA/NPU its device's
@@ -35,6 +40,7 @@ import torch
 
 from .config import ModelArgs
 from .errors import UserError
+from .model import KVCachePool
 from .sharding import ShardPlan, valid_world_sizes
 
 GIB = 2**30
@@ -52,12 +58,15 @@ class RankNeed:
     """One rank's memory need in bytes, by part."""
 
     weight_bytes: int
-    kv_bytes: int
+    kv_bytes: int  # one KV cache set: ``batch`` rows of ``max_seq_len`` slots
     runtime_bytes: int
+    kv_pool_bytes: int | None = None  # the pool's budget on this rank (check_fit; None: not checked)
+    kv_room_bytes: int | None = None  # memory left for KV cache sets after weights and runtime (check_fit)
 
     @property
     def total(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.runtime_bytes
+        """Bytes the rank holds at most: weights, runtime, and the KV sets (the one in use, or the pool's budget)."""
+        return self.weight_bytes + max(self.kv_bytes, self.kv_pool_bytes or 0) + self.runtime_bytes
 
 
 def rank_weight_elements(plan: ShardPlan) -> int:
@@ -166,35 +175,53 @@ def _gib(n: int | float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
+def kv_room_bytes(need: RankNeed, has: int) -> int:
+    """Bytes a rank with ``has`` bytes keeps for KV cache sets once its weights and runtime are counted."""
+    return has - need.weight_bytes - need.runtime_bytes
+
+
 def check_fit(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, batch: int, device: str,
-              available: int, where: str, ranks_sharing: int = 1, device_count: int | None = None) -> RankNeed:
+              available: int, where: str, ranks_sharing: int = 1, device_count: int | None = None,
+              kv_budget: int | None = None) -> RankNeed:
     """Raise a one-line UserError when a rank's need exceeds ``available`` / ``ranks_sharing`` bytes.
 
     ``where`` says what ``available`` is (for the message); ``ranks_sharing``
     is how many ranks divide it (the ranks on one host for CPU, 1 for a
-    device).  The message gives the numbers and what would fit instead.
+    device); ``kv_budget``: the KV pool's budget set by the user (bytes;
+    None: the default, which fits whatever is left).  Returns the need with
+    the pool's budget and the room for KV sets filled in.  The message
+    gives the numbers and what would fit instead.
     """
     need = rank_need(args, world_size, dtype, max_seq_len, batch, device)
     has = available // ranks_sharing
-    if need.total <= has:
-        return need
+    room = kv_room_bytes(need, has)
+    checked = dataclasses.replace(need, kv_pool_bytes=KVCachePool.budget_for(need.kv_bytes, room, kv_budget),
+                                  kv_room_bytes=room)
+    if max(need.kv_bytes, kv_budget or 0) <= room:
+        return checked
     share = f"{where} / {ranks_sharing} ranks" if ranks_sharing > 1 else where
+    if kv_budget is not None and kv_budget > need.kv_bytes:
+        kv = f"KV cache pool {_gib(kv_budget)} (kv_cache_budget_mb={kv_budget >> 20})"
+    else:
+        kv = f"KV cache {_gib(need.kv_bytes)}"
     raise UserError(
         f"world size {world_size}, --dtype {dtype}, --max-seq-len {max_seq_len}, batch {batch}: each rank needs "
-        f"{_gib(need.total)} (weights {_gib(need.weight_bytes)} + KV cache {_gib(need.kv_bytes)} + runtime "
+        f"{_gib(checked.total)} (weights {_gib(need.weight_bytes)} + {kv} + runtime "
         f"{_gib(need.runtime_bytes)}) but has {_gib(has)} ({share}); "
-        + _what_fits(args, world_size, dtype, max_seq_len, batch, device, available, ranks_sharing, device_count)
+        + _what_fits(args, world_size, dtype, max_seq_len, batch, device, available, ranks_sharing, device_count,
+                     kv_budget)
     )
 
 
 def _what_fits(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, batch: int, device: str,
-               available: int, ranks_sharing: int, device_count: int | None) -> str:
-    """Settings that would fit, one change at a time: world size, dtype, max-seq-len."""
+               available: int, ranks_sharing: int, device_count: int | None, kv_budget: int | None = None) -> str:
+    """Settings that would fit, one change at a time: world size, dtype, max-seq-len, the pool's budget."""
     on_host = device == "cpu"
 
-    def fits(ws: int, dt: str, length: int) -> bool:
+    def fits(ws: int, dt: str, length: int, budget: int | None = kv_budget) -> bool:
         sharing = ws if on_host else 1  # host memory is split among the host's ranks; a device is the rank's own
-        return rank_need(args, ws, dt, length, batch, device).total <= available // sharing
+        need = rank_need(args, ws, dt, length, batch, device)
+        return max(need.kv_bytes, budget or 0) <= kv_room_bytes(need, available // sharing)
 
     options = []
     limit = world_size if on_host else (device_count or 64)
@@ -208,6 +235,10 @@ def _what_fits(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, b
         length //= 2
     if length < max_seq_len and fits(world_size, dtype, length):
         options.append(f"--max-seq-len {length}")
+    if kv_budget is not None and fits(world_size, dtype, max_seq_len, budget=None):
+        room = kv_room_bytes(rank_need(args, world_size, dtype, max_seq_len, batch, device),
+                             available // (world_size if on_host else 1))
+        options.append(f"kv_cache_budget_mb={room >> 20} or less")
     if options:
         return "would fit: " + ", or ".join(options)
     weights = rank_need(args, 1, "bf16" if dtype == "fp32" else dtype, 2, 1, device).weight_bytes
@@ -215,21 +246,36 @@ def _what_fits(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, b
 
 
 def check_host_fit(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, batch: int,
-                   ranks_on_host: int) -> RankNeed | None:
+                   ranks_on_host: int, kv_budget: int | None = None) -> RankNeed | None:
     """The CPU check: ``ranks_on_host`` ranks share the host's available memory.  None where it is unknown."""
     available = host_available_bytes()
     if available is None:
         return None
     return check_fit(args, world_size, dtype, max_seq_len, batch, "cpu", available,
-                     f"{_gib(available)} available on the host", ranks_sharing=ranks_on_host)
+                     f"{_gib(available)} available on the host", ranks_sharing=ranks_on_host, kv_budget=kv_budget)
+
+
+def host_need(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, batch: int,
+              ranks_on_host: int) -> RankNeed | None:
+    """A CPU rank's need with the room for its KV sets (host memory now / ``ranks_on_host``); never raises.
+
+    None where the host's memory is unknown.  Read in the rank before it
+    allocates: ranks loading beside it make it smaller, never larger.
+    """
+    available = host_available_bytes()
+    if available is None:
+        return None
+    need = rank_need(args, world_size, dtype, max_seq_len, batch, "cpu")
+    return dataclasses.replace(need, kv_room_bytes=kv_room_bytes(need, available // ranks_on_host))
 
 
 def check_device_fit(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, batch: int,
-                     device: torch.device, device_count: int | None = None) -> RankNeed:
+                     device: torch.device, device_count: int | None = None,
+                     kv_budget: int | None = None) -> RankNeed:
     """The CUDA/NPU check, in the rank on ``device``, before it allocates anything."""
     free = device_free_bytes(device)
     return check_fit(args, world_size, dtype, max_seq_len, batch, device.type, free,
-                     f"{_gib(free)} free on {device}", device_count=device_count)
+                     f"{_gib(free)} free on {device}", device_count=device_count, kv_budget=kv_budget)
 
 
 # ---------------------------------------------------------------- what loading took
@@ -285,4 +331,4 @@ class LoadPeak:
 
 
 __all__ = ["LoadPeak", "RankNeed", "check_device_fit", "check_fit", "check_host_fit", "host_available_bytes",
-           "rank_need", "rank_weight_elements", "kv_cache_bytes"]
+           "host_need", "kv_room_bytes", "rank_need", "rank_weight_elements", "kv_cache_bytes"]

@@ -19,13 +19,19 @@ for streaming; step times come from device events read once at the end.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import logging
 import time
+import weakref
 from typing import Callable, Sequence
 
 import torch
 
+from . import fit
 from .errors import UserError
 from .model import Transformer
+
+log = logging.getLogger("vicuna_bench")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +273,103 @@ def cache_length(needed: int, max_seq_len: int) -> int:
     return min(length, max_seq_len)
 
 
+def warms_first_prefill(device_type: str) -> bool:
+    """Whether a prefill of a shape new to the model runs once untimed first: on NPU, whose eager ops may compile
+    on their first call per shape (``torch.npu.set_compile_mode(jit_compile=True)``)."""
+    return device_type == "npu"
+
+
+# Prefill shapes (batch, prefill tokens, cache slots, start) already run per model, where warms_first_prefill.
+_WARMED_PREFILLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def warm_prefill(model: Transformer, steps: "EagerSteps", tokens, positions, key_valid, start: int,
+                 sync: Callable[[], None] = lambda: None) -> float:
+    """Run this prefill once, untimed, if its shape is new to ``model`` and the device needs it; seconds spent.
+
+    The same tensors as the timed prefill: it writes the very keys and
+    values of slots ``start..`` that the timed one then writes again.
+    """
+    if not warms_first_prefill(tokens.device.type):
+        return 0.0
+    shape = (*tokens.shape, key_valid.shape[1], start)
+    seen = _WARMED_PREFILLS.setdefault(model, set())
+    if shape in seen:
+        return 0.0
+    started = time.perf_counter()
+    steps.prefill(model, tokens, positions, key_valid, start)
+    sync()
+    seen.add(shape)
+    spent = time.perf_counter() - started
+    log.info("warmed the prefill for batch %d x %d tokens, cache %d, on %s: %.1f s (not in the token times)",
+             tokens.shape[0], tokens.shape[1], key_valid.shape[1], tokens.device.type, spent)
+    return spent
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device running out of memory.
+
+    torch's ``OutOfMemoryError`` (CUDA, the CPU allocator), or torch_npu's
+    ``RuntimeError`` "NPU out of memory. Tried to allocate ..." (a plain
+    ``c10::Error``: torch_npu 2.6.0's libtorch_npu.so never throws
+    ``c10::OutOfMemoryError``).
+    """
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch 2.1: only torch.cuda's
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _release_device_cache(device: torch.device) -> None:
+    """Hand the allocator's cached free blocks back to the device (CUDA/NPU), after the last references go."""
+    gc.collect()
+    if device.type in ("cuda", "npu"):
+        getattr(torch, device.type).empty_cache()
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory the rank can still take: the device's free memory, the host's on CPU (None where unknown)."""
+    if device.type in ("cuda", "npu"):
+        return fit.device_free_bytes(device)
+    return fit.host_available_bytes()
+
+
+def _prefill_out_of_memory(model: Transformer, batch: int, length: int, new_tokens: int, retried: bool,
+                           why: str) -> UserError:
+    """The one-line error of a prefill out of memory: the request, and the batch or prompt length that would fit."""
+    device = model.lm_head.weight.device
+    element = model.lm_head.weight.element_size()
+    held = model.kv_pool.held_bytes  # the set in use and any kept: a smaller request's set takes their place
+    free = _free_bytes(device)
+    head = f"batch {batch} of {length}-token prompts (+{new_tokens} new): the prefill ran out of {device.type} memory"
+    if retried:
+        head += " twice (the kept KV cache sets dropped and the device cache emptied in between)"
+    else:
+        head += (f" (not retried: at world size {model.tp.world_size} the other ranks wait inside this prefill's "
+                 "collectives)")
+    if free is None:
+        return UserError(f"{head}; {why}")
+    room = free + held
+
+    def fits(b: int, t: int) -> bool:
+        slots = cache_length(t + new_tokens, model.max_seq_len)
+        need = fit.kv_cache_bytes(model.plan, slots, b, element) + fit.prefill_activation_bytes(model.plan, t, b)
+        return need <= room
+
+    options = []
+    smaller = next((b for b in range(batch - 1, 0, -1) if fits(b, length)), None)
+    if smaller is not None:
+        options.append(f"batch {smaller} at these prompts")
+    lo, hi = 0, length - 1  # the longest prompt that fits at this batch (fits is monotone in t)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(batch, mid) else (lo, mid - 1)
+    if lo > 0:
+        options.append(f"prompts of up to {lo} tokens at batch {batch}")
+    where = f"{free / 2**30:.2f} GiB free + {held / 2**30:.2f} GiB of KV cache sets held"
+    if options:
+        return UserError(f"{head}; by the fit check's bounds ({where}) would fit: {', or '.join(options)}; {why}")
+    return UserError(f"{head}; by the fit check's bounds nothing smaller fits in {where}; {why}")
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -295,7 +398,10 @@ def generate(
     (eager, or compiled by ``--compile on``).  ``prefix``: every prompt
     starts with ``prefix.ids``, whose keys and values are copied into each
     row's cache; only the rest of each prompt is prefilled.  ``logit_ids``:
-    keep only those vocabulary columns of the returned logits.
+    keep only those vocabulary columns of the returned logits.  A prefill
+    that runs out of device memory drops the KV sets the pool keeps beside
+    the one in use and runs once more (world size 1); then, or at once at
+    a larger world size, a one-line UserError says what would fit.
     """
     call_start = time.perf_counter()
     device = model.lm_head.weight.device
@@ -340,14 +446,37 @@ def generate(
     made = torch.zeros(batch, dtype=torch.long, device=device)  # tokens kept per row
     kept_logits = [] if return_logits else None
 
-    compile_ms = steps.warm(model, batch, slots, sync) * 1e3  # compiling belongs outside the timed work
-    clock = StepClock(device)
-    sync()
-    clock.mark()
-    if prefix is not None:
-        model.load_prefix(prefix.kv)
-    logits = steps.prefill(model, tokens, positions, key_valid, shared)
-    next_ids = select_tokens(logits, sampling, generator)
+    compile_s = steps.warm(model, batch, slots, sync)  # compiling belongs outside the timed work
+
+    def first_token() -> tuple[torch.Tensor, torch.Tensor]:
+        if prefix is not None:
+            model.load_prefix(prefix.kv)
+        first = steps.prefill(model, tokens, positions, key_valid, shared)
+        return first, select_tokens(first, sampling, generator)
+
+    for attempt in (1, 2):
+        try:
+            compile_s += warm_prefill(model, steps, tokens, positions, key_valid, shared, sync)
+            clock = StepClock(device)
+            sync()
+            clock.mark()
+            logits, next_ids = first_token()
+            break
+        except Exception as exc:  # only a device out of memory is handled; anything else goes up as it is
+            if not out_of_memory(exc):
+                raise
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # Out of memory; the failed prefill's tensors went with the exception at the end of the except clause.
+        if attempt == 2 or model.tp.world_size > 1:
+            raise _prefill_out_of_memory(model, batch, length, max_new_tokens, attempt == 2, why)
+        kept = len(model.kv_pool) - 1
+        dropped = model.kv_pool.drop_kept()
+        _release_device_cache(device)
+        log.warning("prefill of batch %d x %d tokens ran out of %s memory (%s): dropped %d kept KV cache set(s) "
+                    "(%.1f MiB), trying once more", batch, length, device.type, why, kept, dropped / 2**20)
+        if generator is not None:
+            generator.manual_seed(sampling.seed)
+    compile_ms = compile_s * 1e3
     clock.mark()
     state = DecodeState.after_prefill(key_valid, length - 1, positions[:, -1:])
 

@@ -49,11 +49,17 @@ def load_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel,
     dtype = checkpoint.DTYPES[spec.dtype]
     if device.type == "cpu":
         cpu_kernels.load()  # every CPU linear layer's GEMM and the decode attention, or F.linear/SDPA (logged)
+    kv_budget = None if spec.kv_cache_budget_mb is None else spec.kv_cache_budget_mb << 20
     if device.type in ("cuda", "npu"):  # before anything is allocated on it
         count = (torch.cuda if device.type == "cuda" else getattr(torch, "npu")).device_count()
-        fit.check_device_fit(args, spec.world_size, spec.dtype, spec.max_seq_len, spec.fit_batch, device, count)
+        need = fit.check_device_fit(args, spec.world_size, spec.dtype, spec.max_seq_len, spec.fit_batch, device,
+                                    count, kv_budget=kv_budget)
+    else:  # checked before the ranks started (EngineSpec.validate); here only the room its KV pool may take
+        need = fit.host_need(args, spec.world_size, spec.dtype, spec.max_seq_len, spec.fit_batch,
+                             spec.ranks_on_host())
     with torch.device("meta"):
         model = Transformer(args, plan, tp, spec.max_seq_len)
+    model.kv_pool.room_bytes = None if need is None else need.kv_room_bytes
     model.tie_weights()
     model.allocate_parameters(device, dtype)
     # One bar, from rank 0, and only for checkpoints big enough to wait for.
@@ -124,7 +130,7 @@ class RankRunner:
                  model_hook: ModelHook | None = None, binding: CpuBinding | None = None):
         self.spec = spec
         self.rank = rank
-        self.device = devices.device_for_rank(spec.device, spec.device_index(local_rank))
+        self.device = devices.device_for_rank(spec.device, spec.device_index(local_rank), spec.npu_jit_compile)
         self.binding = binding or unbound(local_rank, device_label(spec, local_rank), "not bound by its caller")
         self.environment = devices.environment_record(spec.device, spec.device_index(local_rank),
                                                       spec.cpu_dtype_auto)

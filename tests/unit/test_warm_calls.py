@@ -144,3 +144,146 @@ def test_kept_logits_survive_a_backend_that_reuses_its_output(rank_model):
     assert reused.output_ids == eager.output_ids
     for a, b in zip(reused.logits, eager.logits):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- warm state follows the cache set's addresses
+
+def _cache_pointers(model) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for layer in model.model.layers for t in (layer.self_attn.cache.k, layer.self_attn.cache.v))
+
+
+class AddressedGraphTreeFake(GraphTreeFake):
+    """Graph trees with the KV cache as a static input: a graph is made for the cache's addresses, and a cache at
+    other addresses is a new graph (a warm-up call, then a recording; shared/spec/NPU.md)."""
+
+    def prefill(self, model, tokens, positions, key_valid, start):
+        key = ("prefill", tokens.shape[0] > 1, _cache_pointers(model))
+        self.log.append((key[:2], self._phase(key)))
+        return prefill_logits(model, tokens, positions, key_valid, start)
+
+    def decode(self, model, tokens, positions, key_valid, slot):
+        key = ("decode", tokens.shape[0], key_valid.shape[1], _cache_pointers(model))
+        self.log.append((key[:3], self._phase(key)))
+        return decode_step(model, tokens, positions, key_valid, slot)
+
+
+@pytest.fixture()
+def fresh_model(tiny_models):
+    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    return build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
+
+
+def _evict_and_return(model, steps, log: list) -> tuple[list, list, tuple, tuple]:
+    """Bucket (2, 64), then (1, 64) under a zero budget (evicting the first), then (2, 64) again, its set made anew
+    (the old tensors held here, so the new ones sit elsewhere): (warm, timed) of the last generation, old and new
+    cache pointers."""
+    model.kv_pool.budget_bytes = 0
+    generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)
+    old_caches = [layer.self_attn.cache for layer in model.model.layers]
+    old = _cache_pointers(model)
+    generate(model, PROMPTS[1:], NEW_TOKENS, ignore_eos=True, steps=steps)
+    assert model.kv_pool.buckets() == [(1, 64)]
+    log.clear()
+    generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)
+    assert old_caches  # alive until here
+    warm, timed = _split(log)
+    return warm, timed, old, _cache_pointers(model)
+
+
+def test_a_set_made_anew_after_an_eviction_is_warmed_before_the_clock(fresh_model, marked_log):
+    fake = AddressedGraphTreeFake(marked_log)
+    steps = CompiledSteps(fake.prefill, fake.decode, "fake graph trees, cache addresses", warm_calls=2)
+    warm, timed, old, new = _evict_and_return(fresh_model, steps, marked_log)
+    assert not set(old) & set(new)
+    assert [phase for _, phase in warm] == ["warm-up", "record"] * 2
+    assert {phase for _, phase in (e for e in timed if e != "mark")} == {"replay"}
+
+
+def test_warm_state_by_shape_alone_records_inside_the_timed_steps(fresh_model, marked_log, monkeypatch):
+    """The check above has teeth: warm state that ignores the cache's addresses (the old behaviour) leaves the
+    re-made set's warm-up and recording to the first timed prefill and decode step."""
+    from vicuna_bench import compile as compile_module
+
+    monkeypatch.setattr(compile_module, "cache_addresses", lambda model: ())
+    fake = AddressedGraphTreeFake(marked_log)
+    steps = CompiledSteps(fake.prefill, fake.decode, "fake graph trees, cache addresses", warm_calls=2)
+    warm, timed, _, _ = _evict_and_return(fresh_model, steps, marked_log)
+    assert warm == []
+    assert [phase for _, phase in (e for e in timed if e != "mark")][:3] == ["warm-up", "warm-up", "record"]
+
+
+class PeerVotes:
+    """A tensor-parallel group of 2 whose other rank votes ``votes`` (all_reduce sums, as torch.distributed's)."""
+
+    world_size = 2
+
+    def __init__(self, votes):
+        self.votes = votes
+
+    def all_reduce(self, x):
+        return x.add_(torch.tensor(self.votes, dtype=x.dtype))
+
+    @staticmethod
+    def all_gather_last_dim(x):  # the model's head: this stand-in's rank holds the whole vocabulary
+        return x
+
+
+def test_a_shape_one_rank_must_warm_is_warmed_on_every_rank(fresh_model, monkeypatch):
+    """Warm calls run the model's collectives: where a peer's set was made anew (its pool evicted it, this rank's
+    did not), this rank makes the same calls."""
+    log: list = []
+    fake = GraphTreeFake(log)
+    steps = CompiledSteps(fake.prefill, fake.decode, "fake graph trees", warm_calls=1)
+    fresh_model.setup_caches(2, 64)
+    steps.warm(fresh_model, 2, 64)
+    assert [key[0] for key, _ in log] == ["prefill", "decode"]
+    log.clear()
+    steps.warm(fresh_model, 2, 64)
+    assert log == []
+    monkeypatch.setattr(fresh_model, "tp", PeerVotes([0.0, 1.0]))  # the peer must warm its decode step
+    steps.warm(fresh_model, 2, 64)
+    assert [key[0] for key, _ in log] == ["decode"]
+    log.clear()
+    monkeypatch.setattr(fresh_model, "tp", PeerVotes([0.0, 0.0]))
+    steps.warm(fresh_model, 2, 64)
+    assert log == []
+
+
+# ---------------------------------------------------------------- NPU: a new prefill shape runs once untimed
+
+class LoggedEager(generation.EagerSteps):
+    def __init__(self, log: list):
+        self.log = log
+
+    def prefill(self, model, tokens, positions, key_valid, start):
+        self.log.append(("prefill", tuple(tokens.shape)))
+        return prefill_logits(model, tokens, positions, key_valid, start)
+
+
+def test_only_the_npu_warms_its_first_prefill_per_shape():
+    assert generation.warms_first_prefill("npu")
+    assert not generation.warms_first_prefill("cuda") and not generation.warms_first_prefill("cpu")
+
+
+def test_on_npu_a_new_prefill_shape_runs_once_before_the_clock(fresh_model, marked_log, monkeypatch):
+    """This CPU stands in for an NPU (the decision itself is the real one); tokens and logits equal a run without
+    the warm-up, bit for bit (the warm prefill writes the very keys the timed one writes again)."""
+    eager = generate(fresh_model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True)
+    real = generation.warms_first_prefill
+    monkeypatch.setattr(generation, "warms_first_prefill", lambda device_type: real("npu"))
+    steps = LoggedEager(marked_log)
+    marked_log.clear()
+    got = generate(fresh_model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True, steps=steps)
+    warm, timed = _split(marked_log)
+    assert warm == [("prefill", (2, 7))] and timed[0] == ("prefill", (2, 7))
+    assert got.output_ids == eager.output_ids
+    for a, b in zip(got.logits, eager.logits):
+        assert torch.equal(a, b)
+    marked_log.clear()
+    generate(fresh_model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)  # the same shape: nothing before the clock
+    warm, timed = _split(marked_log)
+    assert warm == [] and timed[0] == ("prefill", (2, 7))
+    marked_log.clear()
+    generate(fresh_model, [[5, 6, 7, 8], [9, 10]], NEW_TOKENS, ignore_eos=True, steps=steps)  # 4 tokens: new
+    warm, _ = _split(marked_log)
+    assert warm == [("prefill", (2, 4))]
