@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # This machine's CPU build of torch; the package itself accepts any torch >= 2.1
-# (NPU users bring their own torch + torch_npu pair: make setup TORCH_SPEC=).
-TORCH_SPEC ?= torch==2.13.0
+# (NPU users bring their own torch + torch_npu pair: make setup TORCH_SPEC=).  On aarch64 (the Atlas host's
+# Kunpeng) PyPI's torch is a CUDA build from 2.11 on, pulling gigabytes of nvidia-* wheels: 2.10.0 is the newest
+# CPU-only one there.
+TORCH_SPEC ?= $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.10.0,torch==2.13.0)
 PYTEST_ARGS ?=
 # `make nightly NIGHTLY_ARGS="--config nightly.toml"` for a host's full night (docs/nightly.md).
 NIGHTLY_ARGS ?= --quick
