@@ -120,8 +120,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache(nn.Module):
     """Preallocated keys and values [batch, local kv heads, length, head_dim].
 
-    Written with ``index_copy_`` at slot indices held in a tensor, so a
-    decode step has the same shapes at every position (capturable).
+    Written at slot indices held in a tensor, so a decode step has the same
+    shapes at every position (capturable).  The write is ``scatter_`` along
+    the length: torchair's GE graph converts the ``aten.scatter.src`` it
+    functionalizes to in every torch_npu from 2.1.0.post8, where its
+    ``index_copy`` and ``index_put`` converters only raise
+    NotImplementedError (``vicuna_bench/ge_converters.json``); its GE graph
+    writes in place through ``npu_graph.graph_write`` instead.
     """
 
     def __init__(self, batch: int, n_heads: int, length: int, head_dim: int, dtype, device):
@@ -132,8 +137,9 @@ class KVCache(nn.Module):
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v [B, H, T, D] at cache slots ``slots`` [T]."""
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
+        index = slots.view(1, 1, -1, 1).expand_as(k)  # a stride-0 view: no index tensor the size of k
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
 
     @property
     def nbytes(self) -> int:
@@ -149,8 +155,11 @@ class KVCachePool:
     out of the graph every step (torchair >= 7.1).  So a bucket's set is made
     once and handed back on every later request of that bucket.
 
-    ``budget_bytes`` bounds the sets kept (None: twice the largest set made
-    so far).  A new set first evicts the least recently used ones until it
+    The sets kept are bounded by :meth:`budget_for` (bytes): ``budget_bytes``
+    when set, else the smaller of twice the largest set made so far and
+    ``room_bytes``, the memory the rank has for KV caches once its weights
+    and runtime allowance are counted (set from the fit check; None:
+    unknown).  A new set first evicts the least recently used ones until it
     fits; the set in use is kept even when it alone exceeds the budget.
     Twice the largest holds, for one batch size, every shorter power-of-two
     length bucket beside the largest (1/2 + 1/4 + ... < 1), and costs at most
@@ -159,8 +168,9 @@ class KVCachePool:
     once more (the old peak: one set).
     """
 
-    def __init__(self, budget_bytes: int | None = None):
+    def __init__(self, budget_bytes: int | None = None, room_bytes: int | None = None):
         self.budget_bytes = budget_bytes
+        self.room_bytes = room_bytes
         self._sets: OrderedDict[tuple[int, int], list[KVCache]] = OrderedDict()
         self._largest = 0  # bytes of the largest set made so far
 
@@ -177,7 +187,14 @@ class KVCachePool:
 
     def budget(self) -> int:
         """Bytes the sets may hold together."""
-        return 2 * self._largest if self.budget_bytes is None else self.budget_bytes
+        return self.budget_for(self._largest, self.room_bytes, self.budget_bytes)
+
+    @staticmethod
+    def budget_for(largest_set: int, room: int | None, override: int | None = None) -> int:
+        """The pool's budget (bytes): ``override``, else min(2 x ``largest_set``, ``room``); the fit check's too."""
+        if override is not None:
+            return override
+        return 2 * largest_set if room is None else min(2 * largest_set, max(room, 0))
 
     def get(self, batch: int, length: int, nbytes: int, make) -> list[KVCache]:
         """The set for (``batch``, ``length``): the one held, else ``make()`` (a set of ``nbytes``) after evicting."""
@@ -201,6 +218,13 @@ class KVCachePool:
 
     def clear(self) -> None:
         self._sets.clear()
+
+    def drop_kept(self) -> int:
+        """Drop every set but the one handed out last (the set in use); bytes dropped."""
+        dropped = 0
+        while len(self._sets) > 1:
+            dropped += _set_bytes(self._sets.popitem(last=False)[1])
+        return dropped
 
 
 def _set_bytes(caches: list[KVCache]) -> int:
@@ -228,16 +252,37 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     and the cache is read once per group rather than once per query head.
     ``mask`` [B, 1, T, L] (bool, True = attend).
     """
+    qg, mask = _group_queries(q, mask, k.shape[1])
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(q.shape)
+
+
+def attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`attend` spelled in matmuls, a masked fill and a softmax: no SDPA op in a traced graph.
+
+    Scores and softmax in fp32, products in the inputs' dtype.  A masked key
+    scores float32's lowest finite value, not SDPA's -inf: the same weights
+    wherever a row has a key (its exp is 0 either way), and no NaN in a row
+    that has none.
+    """
+    qg, mask = _group_queries(q, mask, k.shape[1])
+    scores = torch.matmul(qg * q.shape[-1] ** -0.5, k.transpose(-1, -2)).float()
+    scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v).reshape(q.shape)
+
+
+def _group_queries(q: torch.Tensor, mask: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, T, D] as [B, Hkv, H/Hkv * T, D] and ``mask`` [B, 1, T, L] to match (unchanged if H == Hkv)."""
     batch, heads, steps, dim = q.shape
-    groups = k.shape[1]
     if groups == heads:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return q, mask
     rep = heads // groups
-    qg = q.reshape(batch, groups, rep * steps, dim)
     if steps > 1:
         mask = mask.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(batch, 1, rep * steps, mask.shape[-1])
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-    return out.reshape(batch, heads, steps, dim)
+    return q.reshape(batch, groups, rep * steps, dim), mask
+
+
+def _write_kv(cache: KVCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    cache.write(slots, k, v)
 
 
 class Attention(nn.Module):
@@ -252,6 +297,9 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
         self.o_proj = Linear(self.n_heads * hd, args.hidden_size, bias=False)
         self.cache: KVCache | None = None
+        # (q, k, v, mask) -> out and (cache, slots, k, v) -> None: npu_graph swaps in its own for torchair's GE graph
+        self.attend = attend
+        self.write_kv = _write_kv
 
     def qkv_rows(self) -> list[int]:
         """Rows of ``qkv_proj.weight`` per part: q, k, v."""
@@ -268,7 +316,7 @@ class Attention(nn.Module):
         v = v.reshape(batch, steps, self.n_kv_heads, hd).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        self.cache.write(slots, k, v)
+        self.write_kv(self.cache, slots, k, v)
         keys, values = self.cache.k, self.cache.v
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
@@ -276,7 +324,7 @@ class Attention(nn.Module):
             # A decode step on CPU: only the filled slots of the cache are read (``mask`` is [B, 1, 1, L]).
             out = cpu_kernels.decode_attention(q, keys, values, mask.reshape(batch, mask.shape[-1]))
         else:
-            out = attend(q, keys, values, mask)
+            out = self.attend(q, keys, values, mask)
         out = out.transpose(1, 2).reshape(batch, steps, self.n_heads * hd)
         return self.tp.all_reduce(self.o_proj(out))
 

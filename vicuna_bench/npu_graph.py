@@ -23,15 +23,26 @@ eager decode step, never a dead rank (:func:`compile_decode`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
+import json
 import logging
+import os
 import re
+import weakref
 from typing import Callable
 
 import torch
+from torch import nn
+
+try:
+    from torch.compiler import is_compiling
+except ImportError:  # torch 2.1, 2.2
+    from torch._dynamo import is_compiling
 
 from . import settings
 from .errors import UserError
+from .model import Attention, KVCache, attend, attend_explicit
 
 log = logging.getLogger("vicuna_bench")
 
@@ -40,8 +51,10 @@ NPUGRAPH_EX = "npugraph_ex"  # the torch.compile backend name torch_npu register
 
 # torch_npu wheel version -> the Ascend Extension for PyTorch release (= the torchair it carries), from
 # Huawei's release notes (hiascend.com Pytorch 7.0.0 / 7.2.0 "version compatibility") and Ascend/pytorch
-# COMPATIBILITY.md.  Only releases from 6.0.rc3 on, whose torchair sources were read: an older or newer
-# torch_npu is "unknown", and --compile auto leaves such a host eager.
+# COMPATIBILITY.md; 2.13.0's README clones branch v2.13.0-26.2.0, and 2.14.0's torchair Python sources are
+# byte for byte 2.13.0's.  Only releases from 6.0.rc3 on, whose torchair sources were read: an older torch_npu
+# is "unknown" (--compile auto leaves it eager); a newer one is taken for the newest release here, in one log
+# line (:func:`torchair_status`).
 TORCHAIR_OF_TORCH_NPU = {
     "2.1.0.post8": "6.0.rc3", "2.3.1.post2": "6.0.rc3", "2.4.0": "6.0.rc3",
     "2.1.0.post10": "6.0.0", "2.3.1.post4": "6.0.0", "2.4.0.post2": "6.0.0",
@@ -54,6 +67,7 @@ TORCHAIR_OF_TORCH_NPU = {
     "2.12.0": "26.1.0",
     "2.7.1.post10": "26.1.1", "2.9.0.post8": "26.1.1", "2.10.0.post6": "26.1.1", "2.11.0.post2": "26.1.1",
     "2.12.0.post2": "26.1.1",
+    "2.13.0": "26.2.0", "2.14.0": "26.2.0",
 }
 
 # Calls a compiled decode step needs on a new shape before the next call replays.  Both modes do all their
@@ -66,6 +80,87 @@ WARM_CALLS = {"ge": 1, "aclgraph": 1}
 # in reduce-overhead (shared/spec/NPU.md).  torchair documents graph mode for A2/A3 only: a 310P runs eager
 # until a run on one shows a graph mode works there.
 AUTO_GRAPH = {"d9": "ge", "d3": "eager"}
+
+# The op overloads of generation.decode_step as torchair's GE converter receives them (dynamo, then
+# aot_module_simplified functionalizing with keep_inference_input_mutations=True; torchair's decompositions touch
+# none of them), from a tiny fp16 Llama prepared by :func:`prepare_for_ge`.  tests/unit/test_ge_convert.py traces
+# the step and fails when this set falls behind it.
+DECODE_GRAPH_OPS = frozenset({
+    "aten._softmax.default", "aten._to_copy.default", "aten._unsafe_view.default", "aten.add.Tensor",
+    "aten.alias.default", "aten.bitwise_not.default", "aten.bmm.default", "aten.cat.default", "aten.copy_.default",
+    "aten.embedding.default", "aten.expand.default", "aten.index.Tensor", "aten.masked_fill.Scalar", "aten.mean.dim",
+    "aten.mm.default", "aten.mul.Tensor", "aten.neg.default", "aten.pow.Tensor_Scalar", "aten.rsqrt.default",
+    "aten.select.int", "aten.silu.default", "aten.slice.Tensor", "aten.split.Tensor",
+    "aten.split_with_sizes.default", "aten.t.default", "aten.transpose.int", "aten.unsqueeze.default",
+    "aten.view.default", "npu.scatter_update.default",
+})
+GE_CONVERTERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ge_converters.json")
+
+
+# A model compiled for the GE graph attends and writes its cache through these two.  Traced, they take ops every
+# wheel of ge_converters.json converts; run eager (the prefill, a decode step fallen back), the model's own.
+#
+# Attention: SDPA reaches a graph as whatever torch_npu's _fused_sdp_choice picks; from torch 2.7 that is
+# _scaled_dot_product_fused_attention_overrideable (op-plugin FusedSdpChoiceKernelNpuOpApi.cpp), which no wheel
+# converts, and torch's math lowering brings _safe_softmax (torch >= 2.5), which torch_npu 2.5.1, 2.5.1.post1 and
+# 2.6.0 cannot.  Eager keeps the fused kernel: a long prompt's fp32 scores are never made.
+#
+# Cache write: scatter_ functionalizes to aten.scatter.src, which torchair converts to ScatterElements
+# (ge_converter/aten/scatter.py), a whole new cache per layer and step that an Assign copies back.  scatter_update_
+# functionalizes (libtorch_npu's at_npu::functionalization::scatter_update_, in every wheel from 2.1.0.post8) to
+# npu.scatter_update on the cache input plus copy_ back into it: TensorMove + Scatter + Assign
+# (ge_converter/custom/scatter_update.py, aten/copy_.py), which optimize_reference_op_redundant_copy
+# (_ge_concrete_graph/graph_pass.py, every torchair from 6.0.rc3) reduces to one Scatter writing the cache in place.
+
+def graph_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`~vicuna_bench.model.attend_explicit` while dynamo traces, :func:`~vicuna_bench.model.attend` eager."""
+    if is_compiling():
+        return attend_explicit(q, k, v, mask)
+    return attend(q, k, v, mask)
+
+
+def graph_write(cache: KVCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """torch_npu's ``scatter_update_`` while dynamo traces a decode step (``slots`` [1]), else :meth:`KVCache.write`."""
+    if is_compiling() and k.shape[2] == 1:
+        rows = slots.expand(k.shape[0])  # Scatter's 1-D indices: where each batch row's update starts on the axis
+        torch.ops.npu.scatter_update_(cache.k, rows, k, -2)
+        torch.ops.npu.scatter_update_(cache.v, rows, v, -2)
+    else:
+        cache.write(slots, k, v)
+
+
+def prepare_for_ge(model) -> None:
+    """Give every :class:`~vicuna_bench.model.Attention` of ``model`` :func:`graph_attention` and, where torch_npu
+    has ``scatter_update_``, :func:`graph_write` (idempotent)."""
+    if not isinstance(model, nn.Module) or model in _prepared_for_ge:
+        return
+    in_place = _has_npu_op("scatter_update_")
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attend = graph_attention
+            if in_place:
+                module.write_kv = graph_write
+    _prepared_for_ge.add(model)
+
+
+_prepared_for_ge: weakref.WeakSet = weakref.WeakSet()
+
+
+def _has_npu_op(name: str) -> bool:
+    try:
+        getattr(torch.ops.npu, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _for_ge(compiled: Callable) -> Callable:
+    """``compiled`` (a decode step) called on a model :func:`prepare_for_ge` has prepared."""
+    def step(model, *inputs):
+        prepare_for_ge(model)
+        return compiled(model, *inputs)
+
+    return step
 
 
 def check_graph_mode(mode: str, option: str = "--npu-graph") -> str:
@@ -89,6 +184,7 @@ class TorchairStatus:
 
     torch_npu: str | None
     version: str | None
+    newer_than_known: bool = False  # a torch_npu past the table, taken for its newest release
 
     @property
     def known(self) -> bool:
@@ -105,6 +201,8 @@ class TorchairStatus:
             return "torch_npu is not installed"
         if self.version is None:
             return f"torch_npu {self.torch_npu}: torchair version unknown (not in npu_graph.TORCHAIR_OF_TORCH_NPU)"
+        if self.newer_than_known:
+            return f"torchair {self.version} assumed (torch_npu {self.torch_npu}, newer than the table)"
         return f"torchair {self.version} (torch_npu {self.torch_npu})"
 
     def record(self) -> str | None:
@@ -128,17 +226,77 @@ def torchair_status() -> TorchairStatus:
             break
         except importlib.metadata.PackageNotFoundError:
             continue
-    return TorchairStatus(installed, torchair_of(installed) if installed else None)
+    if installed is None:
+        return TorchairStatus(None, None)
+    version = torchair_of(installed)
+    if version is None and _is_newer_than_known(installed):
+        newest = TORCHAIR_OF_TORCH_NPU[max(TORCHAIR_OF_TORCH_NPU, key=_wheel_key)]
+        if installed not in _said_newer:
+            _said_newer.add(installed)
+            log.info("torch_npu %s is newer than any in npu_graph.TORCHAIR_OF_TORCH_NPU: taking its torchair for "
+                     "the newest known, %s", installed, newest)
+        return TorchairStatus(installed, newest, newer_than_known=True)
+    return TorchairStatus(installed, version)
 
 
-def choose_graph(requested: str, chip_family: str | None) -> tuple[str, str]:
-    """(ge | aclgraph | eager, why): ``auto`` takes :data:`AUTO_GRAPH` for the chip family, eager where unknown."""
+_said_newer: set[str] = set()
+
+
+def _wheel_key(version: str) -> tuple:
+    """Sortable form of a torch_npu version (``2.1.0.post17`` < ``2.14.0``; a ``+local`` or rc suffix ignored)."""
+    parts = []
+    for part in version.split("+", 1)[0].split("."):
+        digits = re.match(r"(?:post)?(\d+)", part)
+        parts.append(int(digits.group(1)) if digits else 0)
+    return tuple(parts + [0] * (4 - len(parts)))
+
+
+def _is_newer_than_known(version: str) -> bool:
+    return _wheel_key(version) > max(map(_wheel_key, TORCHAIR_OF_TORCH_NPU))
+
+
+@functools.lru_cache(maxsize=1)
+def ge_converter_table() -> dict:
+    """``ge_converters.json`` (scripts/ge_converter_table.py): per wheel, the ops GE converts, stubs or lacks."""
+    with open(GE_CONVERTERS) as f:
+        return json.load(f)
+
+
+def ge_blockers(status: TorchairStatus, ops=DECODE_GRAPH_OPS) -> list[str] | None:
+    """The ``ops`` this torchair's GE graph cannot convert (no converter, or a stub); None: no table for it.
+
+    A wheel missing from the table reads the newest one of its torchair release.
+    """
+    if status.torch_npu is None or status.version is None:
+        return None
+    table = ge_converter_table()
+    wheels = [w["torch_npu"] for w in table["wheels"]]
+    exact = status.torch_npu.split("+", 1)[0]
+    same_release = [i for i, w in enumerate(table["wheels"]) if w["torchair"] == status.version]
+    if exact in wheels:
+        column = wheels.index(exact)
+    elif same_release:
+        column = max(same_release, key=lambda i: _wheel_key(wheels[i]))
+    else:
+        return None
+    return sorted(op for op in ops if table["ops"].get(op, "-" * len(wheels))[column] != "R")
+
+
+def choose_graph(requested: str, chip_family: str | None, status: TorchairStatus | None = None) -> tuple[str, str]:
+    """(ge | aclgraph | eager, why): ``auto`` takes :data:`AUTO_GRAPH` for the chip family, eager where unknown,
+    and on a 910B the ACL graph (else eager) where this torchair's GE cannot convert the decode step's ops."""
     check_graph_mode(requested)
     if requested != "auto":
         return requested, f"--npu-graph {requested}"
     mode = AUTO_GRAPH.get(chip_family, "eager")
     if chip_family == "d9":
         why = "--npu-graph auto on d9 (910B): GE graph (Huawei's Llama-2-7B decode: 14.2 ms vs 21.6 ms reduce-overhead)"
+        status = status or torchair_status()
+        blockers = ge_blockers(status)
+        if blockers:
+            mode = "aclgraph" if status.has("aclgraph") else "eager"
+            why = (f"--npu-graph auto on d9 (910B): {status.describe()} has no working GE converter for "
+                   f"{', '.join(blockers)}: {'ACL graph' if mode == 'aclgraph' else 'eager (and no ACL graph)'}")
     elif chip_family == "d3":
         why = "--npu-graph auto on d3 (310P): eager (torchair documents graph mode for A2/A3 only)"
     else:
@@ -149,7 +307,7 @@ def choose_graph(requested: str, chip_family: str | None) -> tuple[str, str]:
 def auto_compile_blocker(requested: str, chip_family: str | None, status: TorchairStatus | None = None) -> str | None:
     """Why ``--compile auto`` must stay off on this NPU host (None: nothing stops it)."""
     status = status or torchair_status()
-    mode, why = choose_graph(requested, chip_family)
+    mode, why = choose_graph(requested, chip_family, status)
     if mode == "eager":
         return why
     if not status.known:
@@ -208,11 +366,11 @@ class NpuGraph:
 def compile_decode(fn: Callable, requested: str = "auto", chip_family: str | None = None,
                    world_size: int = 1) -> NpuGraph | None:
     """``fn`` compiled by torchair in the graph mode chosen for this chip and torchair; None: run eager (logged)."""
-    mode, why = choose_graph(requested, chip_family)
+    status = torchair_status()
+    mode, why = choose_graph(requested, chip_family, status)
     if mode == "eager":
         log.info("--compile on: %s; the NPU runs the decode step eager", why)
         return None
-    status = torchair_status()
     try:
         import torchair
 
@@ -226,6 +384,8 @@ def compile_decode(fn: Callable, requested: str = "auto", chip_family: str | Non
             # torch 2.1's collectives are not traceable: torchair's patch makes them graph ops (eager unchanged).
             torchair.patch_for_hcom()
         compiled, description, mode = _compile(torchair, fn, mode, status)
+        if mode == "ge":
+            compiled = _for_ge(compiled)
     except Exception as exc:  # noqa: BLE001  (ValueError from CompilerConfig, InvalidBackend, ...)
         log.warning("--compile on: %s refused the %s graph mode (%s); the NPU runs eager", status.describe(), mode,
                     _one_line(exc))

@@ -192,7 +192,8 @@ def test_the_6_0_surface_refuses_the_mode_option_as_the_old_code_set_it(monkeypa
 @pytest.mark.parametrize("wheel, torchair", [
     ("2.1.0.post8", "6.0.rc3"), ("2.1.0.post10", "6.0.0"), ("2.1.0.post12", "7.0.0"), ("2.5.1", "7.0.0"),
     ("2.1.0.post13", "7.1.0"), ("2.1.0.post17", "7.2.0"), ("2.8.0.post2", "7.3.0"), ("2.7.1.post10", "26.1.1"),
-    ("2.1.0.post12+gitabc123", "7.0.0"), ("2.1.0.post6", None), ("2.14.0", None),
+    ("2.12.0.post2", "26.1.1"), ("2.13.0", "26.2.0"), ("2.14.0", "26.2.0"),
+    ("2.1.0.post12+gitabc123", "7.0.0"), ("2.1.0.post6", None), ("2.15.0", None),
 ])
 def test_torchair_version_of_each_torch_npu_wheel(wheel, torchair):
     assert npu_graph.torchair_of(wheel) == torchair
@@ -206,14 +207,42 @@ def test_torchair_versions_sort_release_candidates_first():
 def test_status_reads_the_installed_torch_npu(monkeypatch):
     fake_torch_npu_version(monkeypatch, "2.1.0.post8")
     assert npu_graph.torchair_status() == npu_graph.TorchairStatus("2.1.0.post8", "6.0.rc3")
-    fake_torch_npu_version(monkeypatch, "2.14.0")
+    fake_torch_npu_version(monkeypatch, "2.1.0.post6")  # older than 6.0.rc3's wheels
     status = npu_graph.torchair_status()
     assert (status.known, status.record()) == (False, "unknown")
     fake_torch_npu_version(monkeypatch, None)
     assert npu_graph.torchair_status().record() is None
 
 
+def test_a_torch_npu_newer_than_the_table_takes_the_newest_torchair_in_one_line(monkeypatch, caplog):
+    npu_graph._said_newer.clear()
+    fake_torch_npu_version(monkeypatch, "2.15.0.post1")
+    with caplog.at_level(logging.INFO, logger="vicuna_bench"):
+        status = npu_graph.torchair_status()
+        assert npu_graph.torchair_status() == status  # asked again: no second line
+    assert (status.version, status.newer_than_known, status.record()) == ("26.2.0", True, "26.2.0")
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line == ("torch_npu 2.15.0.post1 is newer than any in npu_graph.TORCHAIR_OF_TORCH_NPU: taking its "
+                    "torchair for the newest known, 26.2.0")
+    assert status.describe() == "torchair 26.2.0 assumed (torch_npu 2.15.0.post1, newer than the table)"
+
+
 # ---------------------------------------------------------------- the choice of graph mode
+
+@pytest.mark.parametrize("wheel, torchair, blocked, expected", [
+    ("2.14.0", "26.2.0", "RRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRR", "ge"),
+    ("2.14.0", "26.2.0", "SSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSS", "aclgraph"),  # 26.2.0 has the ACL graph
+    ("2.1.0.post8", "6.0.rc3", "-------------------------------------", "eager"),  # 6.0.rc3 has none
+    ("2.15.0", "26.2.0", "RRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRS", "aclgraph"),  # reads 2.14.0: newest 26.2.0
+])
+def test_auto_on_910b_takes_ge_only_where_its_converters_take_the_decode_step(monkeypatch, wheel, torchair,
+                                                                            blocked, expected):
+    table = npu_graph.ge_converter_table()
+    monkeypatch.setitem(table["ops"], "npu.scatter_update.default", blocked)
+    mode, why = npu_graph.choose_graph("auto", "d9", npu_graph.TorchairStatus(wheel, torchair))
+    assert mode == expected
+    assert ("npu.scatter_update.default" in why) == (expected != "ge")
+
 
 def test_auto_takes_ge_on_910b_and_eager_on_310p_and_unknown_chips():
     assert npu_graph.choose_graph("auto", "d9")[0] == "ge"
@@ -228,7 +257,9 @@ def test_auto_takes_ge_on_910b_and_eager_on_310p_and_unknown_chips():
     ("2.1.0.post12", "auto", "d9", "on"),  # torchair 7.0.0, GE on a 910B
     ("2.1.0.post8", "ge", "d9", "on"),  # 6.0.rc3 has the GE graph
     ("2.1.0.post10", "aclgraph", "d9", "off"),  # 6.0.0 has no ACL graph
-    ("2.14.0", "auto", "d9", "off"),  # a torch_npu whose torchair is unknown
+    ("2.1.0.post6", "auto", "d9", "off"),  # a torch_npu whose torchair is unknown
+    ("2.14.0", "auto", "d9", "on"),  # 26.2.0
+    ("2.15.0", "auto", "d9", "on"),  # newer than the table: its newest torchair
     (None, "auto", "d9", "off"),  # no torch_npu
     ("2.1.0.post12", "auto", "d3", "off"),  # a 310P runs eager
     ("2.1.0.post12", "auto", None, "off"),  # neither family
@@ -245,9 +276,9 @@ def test_compile_auto_on_npu_only_where_torchair_is_known_and_has_the_mode(monke
 
 
 def test_unknown_torchair_says_how_to_try_it(monkeypatch):
-    fake_torch_npu_version(monkeypatch, "2.14.0")
+    fake_torch_npu_version(monkeypatch, "2.1.0.post6")
     assert npu_graph.auto_compile_blocker("auto", "d9") == (
-        "torch_npu 2.14.0: torchair version unknown (not in npu_graph.TORCHAIR_OF_TORCH_NPU); "
+        "torch_npu 2.1.0.post6: torchair version unknown (not in npu_graph.TORCHAIR_OF_TORCH_NPU); "
         "pass --compile on to try it")
 
 
@@ -457,3 +488,29 @@ def test_decode_falls_back_to_eager_logits_when_torchair_refuses_at_first_call(m
     assert "torchair max-autotune (GE graph) failed on its first call" in line
     assert steps.description == "eager after torchair max-autotune (GE graph) failed"
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("graph", ["ge", "aclgraph"])
+def test_only_the_ge_graph_gives_the_model_its_graph_attention(monkeypatch, compiles, tiny_models, graph):
+    """GE converts no SDPA op (tests/unit/test_ge_convert.py): its decode step's model attends through
+    npu_graph.graph_attention; the ACL graph runs torch_npu's kernels and keeps the model's SDPA attend."""
+    from vicuna_bench.generation import DecodeState
+    from vicuna_bench.model import Attention, attend
+    from vicuna_bench.pytest_plugin import make_engine_spec
+    from vicuna_bench.runtime import build_rank_model
+    from vicuna_bench.sharding import TensorParallel
+
+    fake_torchair(monkeypatch, SURFACE_26)
+    steps = compile_mod.compiled_steps("npu", 1, "fp32", graph, "d9")
+    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
+    model.setup_caches(1, 64)
+    key_valid = torch.zeros((1, 64), dtype=torch.bool)
+    key_valid[:, :3] = True
+    state = DecodeState.after_prefill(key_valid, 2, torch.tensor([[2]]))
+    state.advance(torch.tensor([5]))
+    attends = lambda: {m.attend for m in model.modules() if isinstance(m, Attention)}  # noqa: E731
+    assert attends() == {attend}
+    with torch.inference_mode():
+        steps.decode(model, state)
+    assert attends() == ({npu_graph.graph_attention} if graph == "ge" else {attend})
