@@ -14,7 +14,8 @@ repeat) is *slow* when all hold:
   t)``, ``t = max(tolerance, Z x spread / baseline)``, where the baseline is
   the median of the baseline runs' medians and the spread 1.4826 x their
   median absolute deviation (how far clean runs of this host wander);
-* a one-sided Mann-Whitney U test of this run's samples against the baseline
+* a one-sided Mann-Whitney U test (vicuna_bench/stats.py, shared with
+  ``vicuna-bench compare``) of this run's samples against the baseline
   runs' pooled samples gives p < ALPHA.
 
 A figure without samples (memory; a rate over >= 100 questions; a p90 of
@@ -51,6 +52,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import UserError
+from ..stats import RankTest, min_p, rank_test  # noqa: F401  (the rule's test, shared with compare)
+from ..stats import shift as shift_of
 from . import history as H
 
 DEFAULT_WINDOW = 7
@@ -144,61 +147,6 @@ class Outcome:
         return 0 if self.passed else 3
 
 
-# ---------------------------------------------------------------- the rank test
-
-@dataclasses.dataclass(frozen=True)
-class RankTest:
-    """A Mann-Whitney U test of samples x against y: U and the one-sided p-values (normal approximation)."""
-
-    u: float  # pairs (x_i, y_j) with x_i > y_j, ties counted one half
-    n: int  # len(x)
-    m: int  # len(y)
-    p_greater: float  # p that x is not stochastically larger than y (small: x tends larger)
-    p_less: float  # the other tail (small: x tends smaller)
-
-
-def rank_test(x: Sequence[float], y: Sequence[float]) -> RankTest:
-    """Mann-Whitney U of x against y, with tie-corrected variance and a continuity correction.
-
-    U from the rank sum of x (average ranks for ties): U = R_x - n (n + 1) / 2.
-    Var U = n m / 12 x ((N + 1) - sum(t^3 - t) / (N (N - 1))), N = n + m,
-    t the size of each group of tied values.  p = 1 - Phi((U - n m / 2 - 1/2) / sd)
-    for "x larger"; the other tail with + 1/2.  Good for n, m >= ~8 (the
-    exact distribution is enumerable below that; min_p() bounds it).
-    """
-    n, m = len(x), len(y)
-    if n == 0 or m == 0:
-        raise ValueError("rank_test needs samples on both sides")
-    pooled = sorted([(float(v), 0) for v in x] + [(float(v), 1) for v in y])
-    total = n + m
-    rank_sum_x = 0.0
-    ties = 0.0
-    i = 0
-    while i < total:
-        j = i
-        while j + 1 < total and pooled[j + 1][0] == pooled[i][0]:
-            j += 1
-        average_rank = (i + j) / 2 + 1  # ranks are 1-based
-        rank_sum_x += average_rank * sum(1 for k in range(i, j + 1) if pooled[k][1] == 0)
-        t = j - i + 1
-        ties += t ** 3 - t
-        i = j + 1
-    u = rank_sum_x - n * (n + 1) / 2
-    mean = n * m / 2
-    variance = n * m / 12 * ((total + 1) - ties / (total * (total - 1))) if total > 1 else 0.0
-    if variance <= 0:  # every value tied: no evidence either way
-        return RankTest(u, n, m, 1.0, 1.0)
-    sd = math.sqrt(variance)
-    p_greater = 0.5 * math.erfc((u - mean - 0.5) / sd / math.sqrt(2))
-    p_less = 0.5 * math.erfc(-(u - mean + 0.5) / sd / math.sqrt(2))
-    return RankTest(u, n, m, min(1.0, p_greater), min(1.0, p_less))
-
-
-def min_p(n: int, m: int) -> float:
-    """The smallest one-sided p any rank test of n against m samples can give: 1 / C(n + m, n) (no ties)."""
-    return 1.0 / math.comb(n + m, n)
-
-
 # ---------------------------------------------------------------- judging one metric
 
 WORSE = ("suspicious", "regression")
@@ -271,24 +219,15 @@ def _shift(metric_value: float, samples, better: str, baseline_runs: Sequence[H.
     if spread / baseline > MAX_SPREAD:
         return f"the baseline runs wander {spread / baseline:.0%} (over {MAX_SPREAD:.0%}): too noisy to judge"
     band = max(tolerance, SPREAD_Z * spread / baseline)
-    sign = 1 if better == "lower" else -1
-    if level > baseline * (1 + band):
-        direction = sign
-    elif level < baseline / (1 + band):
-        direction = -sign
-    else:
-        direction = 0
-    p_value, counts = None, None
+    pooled, counts = None, None
     if use_samples:
         pooled = [v for p in baseline_runs for v in p.samples]
         counts = (len(samples), len(pooled))
         if min_p(*counts) >= ALPHA:
             return f"{len(samples)} vs {len(pooled)} samples: too few for the rank test (p >= {ALPHA:g} at best)"
-        test = rank_test(samples, pooled)
-        p_value = test.p_greater if level >= baseline else test.p_less
-        if p_value >= ALPHA:
-            direction = 0
-    return _Shift(level, baseline, spread, band, direction, p_value, counts)
+    moved = shift_of(level, baseline, band, samples if use_samples else None, pooled, ALPHA)
+    sign = 1 if better == "lower" else -1
+    return _Shift(level, baseline, spread, band, sign * moved.direction, moved.p_value, counts)
 
 
 def _describe(shift: _Shift, tolerance: float) -> str:
