@@ -119,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_to_argparse(sdk, "model", exclude=("world-size", "device-type"), only_given=True)
     sdk.add_argument("--debug", action="store_true", help="full tracebacks")
     sdk.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    from . import compare
+
+    cmp = sub.add_parser("compare", help="A/B: per case, both medians, B/A with its 95%% CI and a verdict",
+                         description="Compare two perf runs case by case (docs/perf.md, 'Comparing two runs').")
+    for name in ("A", "B"):
+        cmp.add_argument(name.lower(), metavar=name,
+                         help="a perf output directory, a *_samples.json, or a run id of the nightly history")
+    cmp.add_argument("--history", default=settings.BY_KEY["nightly.history"].default,
+                     help="the nightly history that run ids refer to (default %(default)s)")
+    cmp.add_argument("--output", default=compare.DEFAULT_OUTPUT, help="the markdown file (default ./%(default)s)")
+    cmp.add_argument("--min-effect", type=float, default=compare.DEFAULT_MIN_EFFECT,
+                     help="B/A must move by more than this fraction besides being significant (default %(default)s)")
+    cmp.add_argument("--fail-on", choices=("slower",), help="exit 3 when any figure is slower in B")
+    cmp.add_argument("--debug", action="store_true", help="full tracebacks")
     return parser
 
 
@@ -139,7 +154,8 @@ def _main(argv: list[str] | None) -> int:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         handlers = {"run": cmd_run, "cut": cmd_cut, "precision": cmd_precision, "perf": cmd_perf,
-                    "sdk-test": cmd_sdk_test, "nightly": cmd_nightly}
+                    "sdk-test": cmd_sdk_test, "nightly": cmd_nightly,
+                    "compare": cmd_compare}
         if ns.command in COMMAND_GROUPS:
             layer_settings(ns)
         return handlers[ns.command](ns)
@@ -262,11 +278,14 @@ class _TextStream:
 
 
 def cmd_perf(ns: argparse.Namespace) -> int:
-    from . import perf
+    from . import perf, sweep
 
     is_main = drivers.is_writer()
-    session = perf.PerfSession.from_values(settings.from_namespace(ns, "perf"), Path(ns.output_dir or "."),
-                                           write=is_main)
+    values = settings.from_namespace(ns, "perf")
+    session = perf.PerfSession.from_values(values, Path(ns.output_dir or "."), write=is_main)
+    batch_sizes = sweep.parse_batch_sizes(values["batch_sizes"])
+    if batch_sizes is not None:
+        return _cmd_perf_sweep(ns, session, batch_sizes, is_main)
     spec = drivers.resolve_spec(model_settings(ns), drivers.Work(perf=session.settings))
     session.check_model(spec)
     with drivers.open_engine(spec) as engine:
@@ -276,6 +295,26 @@ def cmd_perf(ns: argparse.Namespace) -> int:
     log.info("perf results:\n%s", perf.summary_table(run))
     log.info("perf: wrote %s", ", ".join(str(p) for p in run.paths.values()))
     session.gate()
+    return 0
+
+
+def _cmd_perf_sweep(ns: argparse.Namespace, session, batch_sizes: list[int], is_main: bool) -> int:
+    """``perf --batch-sizes``: the cases at each batch size on one engine, the curve and its verdicts."""
+    from . import perf, sweep
+
+    sweep.check_sweep(session)
+    work = drivers.Work(perf=sweep.sweep_work_settings(session.settings, batch_sizes))
+    spec = drivers.resolve_spec(model_settings(ns), work)
+    session.check_model(spec)
+    with drivers.open_engine(spec) as engine:
+        result = sweep.run_sweep(engine, session, batch_sizes, progress=not ns.no_progress)
+    if not is_main:
+        return 0
+    for run in result.runs:
+        log.info("perf results, batch %d:\n%s", run.settings.batch_size, perf.summary_table(run))
+    log.info("perf sweep:\n%s", sweep.summary(result))
+    log.info("perf: wrote %s", ", ".join(str(p) for run in result.runs for p in run.paths.values()))
+    log.info("perf sweep: wrote %s", ", ".join(str(p) for p in result.paths.values()))
     return 0
 
 
@@ -323,3 +362,10 @@ def cmd_nightly(ns: argparse.Namespace) -> int:
     from .nightly.runner import main as nightly_main
 
     return nightly_main(vars(ns))  # absent flags stay absent: a --config file may set them
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from . import compare
+
+    compare.run(ns.a, ns.b, history=ns.history, output=ns.output, min_effect=ns.min_effect, fail_on=ns.fail_on)
+    return 0

@@ -392,7 +392,8 @@ def _package_version(name: str) -> str | None:
 
 def environment_record(device_type: str, device_index: int = 0, cpu_dtype_auto=None) -> dict:
     """What a result depends on besides the code: device name and NPU chip family, the host CPU's matrix ISA,
-    whether our CPU kernels run (CPU), torch / torch_npu / torchair / CUDA versions, timing env vars.
+    whether our CPU kernels run (CPU), torch / torch_npu / torchair / CUDA versions, timing env vars, and the
+    energy meter (:func:`vicuna_bench.energy.describe`: source and resolution, or why there is none).
 
     ``cpu_dtype_auto``: the spec's :class:`vicuna_bench.cpu_isa.CpuDtypeChoice` where ``--dtype auto`` chose the
     CPU dtype (recorded with the probe's GFLOP/s); None: the dtype was given, or the device is an accelerator.
@@ -423,6 +424,7 @@ def environment_record(device_type: str, device_index: int = 0, cpu_dtype_auto=N
         "python": platform.python_version(),
         **cpu_isa.isa_record(cpu_isa.read_cpu_flags()),
         "cpu_dtype_auto": cpu_dtype_auto.record() if cpu_dtype_auto is not None else None,
+        "energy": _energy_record(device_type, device_index),
         "env": {},
     }
     if device_type == "cpu":
@@ -433,6 +435,13 @@ def environment_record(device_type: str, device_index: int = 0, cpu_dtype_auto=N
     names = NPU_TIMING_ENV if device_type == "npu" else CUDA_TIMING_ENV if device_type == "cuda" else ()
     record["env"] = {k: os.environ.get(k) for k in names}
     return record
+
+
+def _energy_record(device_type: str, device_index: int) -> dict:
+    """This device's energy source and its resolution, or ``{"source": "n/a", "reason": ...}``."""
+    from . import energy
+
+    return energy.describe(device_type, [device_index])
 
 
 def _torchair_record() -> str | None:

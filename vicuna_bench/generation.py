@@ -67,6 +67,7 @@ class GenerationResult:
     total_ms: float = 0.0  # the whole call: inputs, cache, prefill, decode, outputs (compiling excluded)
     peak_memory_bytes: list[int] = dataclasses.field(default_factory=list)  # per rank (filled by the runtime)
     compile_ms: float = 0.0  # compiling the decode step for this call's shapes (in total_ms, not in the token times)
+    started_s: float = 0.0  # time.perf_counter() at the start of the first-token region (energy: where its regions lie)
 
     @property
     def next_token_ms(self) -> float:
@@ -459,6 +460,7 @@ def generate(
             compile_s += warm_prefill(model, steps, tokens, positions, key_valid, shared, sync)
             clock = StepClock(device)
             sync()
+            started_s = time.perf_counter()  # the device is idle here: host time and the first mark agree
             clock.mark()
             logits, next_ids = first_token()
             break
@@ -509,4 +511,5 @@ def generate(
     sync()
     times = clock.intervals_ms()
     total_ms = (time.perf_counter() - call_start) * 1e3 - compile_ms  # compiling is reported apart
-    return GenerationResult(output_ids, times[0], times[1:], logits_rows, total_ms, compile_ms=compile_ms)
+    return GenerationResult(output_ids, times[0], times[1:], logits_rows, total_ms, compile_ms=compile_ms,
+                            started_s=started_s)

@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .energy import EnergyProbe, Sampler, per_token
 from .errors import GateFailed, UserError
 from .settings import BY_KEY, flag
 from .files import write_atomic
@@ -63,9 +65,11 @@ EXTENDED_COLUMNS = [
     "compile", "compile_s", "cpu_binding",
     "load_s", "load_gb_per_s", "load_peak_host_mib_per_rank", "load_peak_device_mib_per_rank",
     "chip_family",
+    "prefill_j_per_token", "decode_j_per_token", "energy_source",
 ]
-# Extended CSVs written before the compile, binding, load or chip family columns existed still serve as baselines.
-_EXTENDED_HEADERS = tuple(",".join(EXTENDED_COLUMNS[:len(EXTENDED_COLUMNS) - n]) for n in (0, 1, 5, 6, 8))
+# Extended CSVs written before the compile, binding, load, chip family or energy columns existed still serve as
+# baselines.
+_EXTENDED_HEADERS = tuple(",".join(EXTENDED_COLUMNS[:len(EXTENDED_COLUMNS) - n]) for n in (0, 3, 4, 8, 9, 11))
 
 
 # ---------------------------------------------------------------- cases and settings
@@ -202,6 +206,8 @@ class CaseResult:
     response_s: list[float] = dataclasses.field(default_factory=list)  # the reference's ResponseTime
     peak_memory_bytes: list[int] = dataclasses.field(default_factory=list)  # per rank, max over repeats
     compile_ms: float = 0.0  # compiling for this case's shapes (--compile on): in no timing above
+    prefill_j: list = dataclasses.field(default_factory=list)  # per repeat: J over the first-token region (None: n/a)
+    decode_j: list = dataclasses.field(default_factory=list)  # per repeat: J over the decode steps (None: n/a)
 
     @property
     def has_next(self) -> bool:
@@ -231,6 +237,7 @@ class PerfRun:
     compile: str = "off"  # the engine's --compile, resolved (on | off)
     chip_family: str | None = None  # NPU chip family (d9 | d3); None off NPU or for a chip of neither
     paths: dict[str, Path] = dataclasses.field(default_factory=dict)  # the files written (rank 0), by name
+    energy: dict = dataclasses.field(default_factory=lambda: {"source": "n/a", "reason": "not measured"})
 
     @property
     def stem(self) -> str:
@@ -245,15 +252,27 @@ def _random_prompts(batch: int, seq_in: int, vocab: int, generator: torch.Genera
     return torch.randint(0, vocab, (batch, seq_in), generator=generator).tolist()
 
 
-def measure_case(engine, case: Case, settings: PerfSettings, generator: torch.Generator) -> CaseResult:
-    """Run one case ``settings.repeat`` times on ``engine`` (an Engine or SpmdEngine)."""
+def measure_case(engine, case: Case, settings: PerfSettings, generator: torch.Generator,
+                 energy: EnergyProbe | None = None) -> CaseResult:
+    """Run one case ``settings.repeat`` times on ``engine`` (an Engine or SpmdEngine); ``energy``: meter each
+    repeat's first-token and decode regions (J)."""
     result = CaseResult(case, settings.batch_size, settings.mode)
     peaks: list[int] = []
     for _ in range(settings.repeat):
         prompts = _random_prompts(settings.batch_size, case.seq_in, engine.args.vocab_size, generator)
+        sampler = energy.sampler() if energy is not None else None
+        if sampler is not None:
+            sampler.start()
         if settings.mode == "detail":
-            run = engine.generate(prompts, case.seq_out, ignore_eos=True)
+            try:
+                run = engine.generate(prompts, case.seq_out, ignore_eos=True)
+            finally:
+                if sampler is not None:
+                    sampler.stop()
             _check_made(run, case)
+            if sampler is not None:
+                _detail_energy(result, sampler, run)
+                energy.check(sampler)
             result.first_ms.append(run.first_token_ms)
             if case.seq_out > 1:
                 result.next_ms.append(run.next_token_ms)
@@ -262,9 +281,19 @@ def measure_case(engine, case: Case, settings: PerfSettings, generator: torch.Ge
             result.response_s.append(run.total_ms / 1e3)
             runs = [run]
         else:
-            one = engine.generate(prompts, 1, ignore_eos=True)
-            full = engine.generate(prompts, case.seq_out, ignore_eos=True)
+            try:
+                marks = [time.perf_counter()]
+                one = engine.generate(prompts, 1, ignore_eos=True)
+                marks.append(time.perf_counter())
+                full = engine.generate(prompts, case.seq_out, ignore_eos=True)
+                marks.append(time.perf_counter())
+            finally:
+                if sampler is not None:
+                    sampler.stop()
             _check_made(full, case)
+            if sampler is not None:
+                _normal_energy(result, sampler, marks)
+                energy.check(sampler)
             result.first_ms.append(one.total_ms)
             if case.seq_out > 1:
                 next_ms = (full.total_ms - one.total_ms) / (case.seq_out - 1)
@@ -284,6 +313,25 @@ def measure_case(engine, case: Case, settings: PerfSettings, generator: torch.Ge
     return result
 
 
+def _detail_energy(result: CaseResult, sampler: Sampler, run) -> None:
+    """The joules of the regions the device events timed: from the first mark, first_token_ms, then the steps."""
+    start = run.started_s or None  # 0.0: an engine that does not report where its regions lie
+    prefill_end = None if start is None else start + run.first_token_ms / 1e3
+    result.prefill_j.append(None if start is None else sampler.joules_between(start, prefill_end))
+    if result.has_next:
+        decode_end = None if start is None else prefill_end + sum(run.step_ms) / 1e3
+        result.decode_j.append(None if start is None else sampler.joules_between(prefill_end, decode_end))
+
+
+def _normal_energy(result: CaseResult, sampler: Sampler, marks: list[float]) -> None:
+    """Normal mode's two generations, as its times: the 1-token call is the prefill; the full call minus it the decode."""
+    one = sampler.joules_between(marks[0], marks[1])
+    full = sampler.joules_between(marks[1], marks[2])
+    result.prefill_j.append(one)
+    if result.has_next:
+        result.decode_j.append(None if one is None or full is None else full - one)
+
+
 def _check_made(run, case: Case) -> None:
     made = {len(ids) for ids in run.output_ids}
     if made and made != {case.seq_out}:  # rank 0 only carries tokens
@@ -295,7 +343,7 @@ def merge_results(parts: Sequence[CaseResult]) -> CaseResult:
     head = parts[0]
     merged = CaseResult(head.case, head.batch_size, head.mode)
     for part in parts:
-        for name in ("first_ms", "next_ms", "step_ms", "e2e_ms", "response_s"):
+        for name in ("first_ms", "next_ms", "step_ms", "e2e_ms", "response_s", "prefill_j", "decode_j"):
             getattr(merged, name).extend(getattr(part, name))
         merged.peak_memory_bytes = _max_per_rank(merged.peak_memory_bytes, part.peak_memory_bytes)
         merged.compile_ms += part.compile_ms
@@ -367,6 +415,7 @@ class PerfSession:
             raise UserError(f"{flag('perf.output_dir')} {self.output_dir} is not a directory")
         self.write = write
         self.run: PerfRun | None = None
+        self.energy: EnergyProbe | None = None
         self.paths: dict[str, Path] = {}  # what was written: reference_csv, extended_csv, samples_json, plot_png
         self._engine = None
 
@@ -390,17 +439,22 @@ class PerfSession:
         self.check_model(engine.spec)
         self.run = start_run(engine, self.settings, announce=self.write)
         self._engine = engine
+        if self.write:  # rank 0 meters every rank's device; the other SPMD ranks measure time only
+            self.energy = open_energy(engine.spec)
+            self.run.energy = self.energy.record()
         return self.run
 
     def measure_round(self, case: Case) -> CaseResult:
         """One timed run of ``case`` (not yet recorded)."""
         one = dataclasses.replace(self.settings, repeat=1)
-        return measure_case(self._engine, case, one, self.run.generator)
+        return measure_case(self._engine, case, one, self.run.generator, energy=self.energy)
 
     def record(self, rounds: Sequence[CaseResult]) -> CaseResult:
         """Merge a case's rounds into the run, log it, rewrite the files."""
         result = merge_results(rounds)
         self.run.results.append(result)
+        if self.energy is not None:
+            self.run.energy = self.energy.record()  # a meter that failed mid-run now says why
         row = extended_row(self.run, result)
         (log.info if self.write else log.debug)(
             "perf: case %s first %.2f ms, next %s ms, e2e %.3f s", result.case, row["first_token_ms_p50"],
@@ -438,6 +492,15 @@ class PerfSession:
         if self.baseline is None:
             return None
         return gate(self.run, self.baseline, self.tolerance, echo=echo)
+
+
+def open_energy(spec) -> EnergyProbe:
+    """The energy meter of the run's devices, all ranks' (n/a with the reason where none is readable)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun's: ranks on this host
+    if local is not None and local.strip().isdigit() and int(local) != spec.world_size:
+        return EnergyProbe(None, f"{local.strip()} of {spec.world_size} ranks on this host: the other hosts' "
+                                 "devices cannot be metered from here")
+    return EnergyProbe.open(spec.device, [spec.device_index(r) for r in range(spec.world_size)])
 
 
 # ---------------------------------------------------------------- statistics and rows
@@ -494,6 +557,9 @@ def extended_row(run: PerfRun, r: CaseResult) -> dict:
         "cpu_binding": cpu_binding_text(run.rank_info),
         **load_columns(run.rank_info),
         "chip_family": run.chip_family or "",
+        "prefill_j_per_token": _blank(per_token(r.prefill_j, batch * case.seq_in)),
+        "decode_j_per_token": _blank(per_token(r.decode_j, batch * (case.seq_out - 1))) if r.has_next else "",
+        "energy_source": energy_source_text(run.energy),
     }
     if r.has_next:
         next_p50 = percentile(r.step_ms, 50)
@@ -510,6 +576,16 @@ def extended_row(run: PerfRun, r: CaseResult) -> dict:
                     "decode_tokens_per_s", "decode_roofline_fraction"):
             row[key] = ""
     return row
+
+
+def _blank(value: float | None):
+    return "" if value is None else value
+
+
+def energy_source_text(record: dict) -> str:
+    """The extended CSV's energy_source cell: ``nvml`` | ``npu-smi`` | ``rapl`` | ``n/a: <why>``."""
+    source = record.get("source") or "n/a"
+    return f"n/a: {record.get('reason') or 'not measured'}" if source == "n/a" else source
 
 
 def load_columns(rank_info: Sequence[dict]) -> dict:
@@ -613,10 +689,12 @@ def samples_doc(run: PerfRun) -> dict:
         "host": platform.node(),
         "environment": run.rank_info[0].get("environment") if run.rank_info else None,
         "cpu_binding": [i.get("cpu_binding") for i in run.rank_info],
+        "energy": run.energy,
         "cases": [
             {"seq_in": r.case.seq_in, "seq_out": r.case.seq_out, "first_ms": r.first_ms, "next_ms": r.next_ms,
              "step_ms": r.step_ms, "e2e_ms": r.e2e_ms, "response_s": r.response_s,
-             "peak_memory_bytes": r.peak_memory_bytes, "compile_s": r.compile_ms / 1e3}
+             "peak_memory_bytes": r.peak_memory_bytes, "compile_s": r.compile_ms / 1e3,
+             "prefill_j": r.prefill_j, "decode_j": r.decode_j}
             for r in run.results
         ],
     }

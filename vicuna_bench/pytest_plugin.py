@@ -38,6 +38,7 @@ PERF_RESULTS = "perf-results"  # under the invocation dir, unless --perf-output-
 ACCURACY_RESULTS = "accuracy-results"  # under the invocation dir, unless --accuracy-output-dir
 
 _PERF = pytest.StashKey[object]()
+_SWEEP = pytest.StashKey[object]()
 _ACCURACY = pytest.StashKey[list]()
 
 
@@ -217,6 +218,11 @@ def perf_session_of(config):
         try:
             config.stash[_PERF] = perf.PerfSession.from_values(
                 values, out, default_case_pair=TINY_PERF_CASES if tiny else None)
+            if values["batch_sizes"] is not None:  # a bad --perf-batch-sizes stops pytest before any test, too
+                from . import sweep
+
+                sweep.parse_batch_sizes(values["batch_sizes"])
+                sweep.check_sweep(config.stash[_PERF])
         except UserError as exc:
             config.stash[_PERF] = exc  # reported once, as a usage error, when collection ends
     return config.stash[_PERF]
@@ -243,21 +249,45 @@ def perf_default_model():
     return embedded_model_dir(progress=False)
 
 
-@pytest.fixture(scope="session")
-def perf_session(request, pytestconfig, engine_factory):
-    """The perf driver, started (bandwidth probed, warmed up) on the engine the options describe."""
-    session = perf_session_of(pytestconfig)
+def _perf_model(request, pytestconfig, session) -> dict:
+    """The model settings perf runs on: the options', else the default model sized to the cases."""
     model = settings.from_pytest(pytestconfig, "model")
     if model["model_path"] is None:
         model["model_path"] = request.getfixturevalue("perf_default_model")
         if model["max_seq_len"] is None:  # the tiny model's context holds just the cases
             model["max_seq_len"] = max(c.seq_in + c.seq_out for c in session.settings.cases)
+    return model
+
+
+@pytest.fixture(scope="session")
+def perf_session(request, pytestconfig, engine_factory):
+    """The perf driver, started (bandwidth probed, warmed up) on the engine the options describe."""
+    session = perf_session_of(pytestconfig)
+    model = _perf_model(request, pytestconfig, session)
     from .drivers import Work
 
     spec = make_engine_spec(**model, work=Work(perf=session.settings))
     session.check_model(spec)
     session.start(engine_factory(spec))
     return session
+
+
+@pytest.fixture(scope="session")
+def perf_sweep(request, pytestconfig, engine_factory):
+    """The batch sweep ``--perf-batch-sizes`` asks for, run on one engine (:class:`sweep.Sweep`); skipped without it."""
+    from . import sweep
+    from .drivers import Work
+
+    session = perf_session_of(pytestconfig)
+    batch_sizes = sweep.parse_batch_sizes(pytestconfig.getoption(settings.BY_KEY["perf.batch_sizes"].pytest_dest))
+    if batch_sizes is None:
+        pytest.skip(f"no {settings.BY_KEY['perf.batch_sizes'].pytest_flag}: no batch sweep")
+    model = _perf_model(request, pytestconfig, session)
+    spec = make_engine_spec(**model, work=Work(perf=sweep.sweep_work_settings(session.settings, batch_sizes)))
+    session.check_model(spec)
+    result = sweep.run_sweep(engine_factory(spec), session, batch_sizes, progress=False)
+    pytestconfig.stash[_SWEEP] = result
+    return result
 
 
 class _EngineClock:
@@ -444,6 +474,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(session.compare().table())
         for name, path in session.paths.items():
             tr.write_line(f"{name:>14}: {path}")
+    swept = config.stash.get(_SWEEP, None)
+    if swept is not None and swept.runs:
+        from . import sweep
+
+        terminalreporter.write_sep("=", "vicuna-bench perf sweep")
+        terminalreporter.write_line(sweep.summary(swept))
+        for name, path in swept.paths.items():
+            terminalreporter.write_line(f"{name:>14}: {path}")
     runs = config.stash.get(_ACCURACY, [])
     if runs:
         from .precision import results

@@ -116,6 +116,7 @@ def merge_rank_results(results: Sequence[GenerationResult], tokens_from: int = 0
         total_ms=max(r.total_ms for r in results),
         peak_memory_bytes=[p for r in results for p in r.peak_memory_bytes],
         compile_ms=max(r.compile_ms for r in results),
+        started_s=head.started_s,
     )
 
 
@@ -184,6 +185,7 @@ class RankRunner:
             "load_gb_per_s": self.load_bytes_read / 1e9 / max(self.load_s, 1e-9),
             "load_peak_host_bytes": self.load_peak_host_bytes,  # growth of anonymous memory while loading
             "load_peak_device_bytes": self.load_peak_device_bytes,  # accelerators: allocator peak; CPU: None
+            "kv_room_bytes": getattr(getattr(self.model, "kv_pool", None), "room_bytes", None),  # fit check (sweep)
             "device_name": devices.device_name(self.device),
             "threads": torch.get_num_threads(),
             "cpu_binding": self.binding.as_record(),

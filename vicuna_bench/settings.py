@@ -105,6 +105,8 @@ SETTINGS: tuple[Setting, ...] = (
       "($CPU_BINDING_NUM CPUs each, else an equal share of the device's NUMA node; cpu: of the allowed CPUs)"),
     # The performance test.
     S("perf", "batch-size", int, 1, "rows per generation"),
+    S("perf", "batch-sizes", str, None, "batch sweep: comma list such as 1,2,4,8,16: every case at each batch on "
+      "one engine, the throughput-latency curve (CSV, PNG) and its knee; overrides batch-size"),
     S("perf", "case-pair", str, None, "cases as [[seq_in, seq_out], ...]; overrides the sweep "
       "(default: the sweep; pytest's tiny model: [[32,8],[64,8]])"),
     S("perf", "min-len-exp", int, None, "sweep: smallest power of two (default 5)"),

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.npu_fake import FakeNpu, accept_npu_devices
-from vicuna_bench import devices
+from vicuna_bench import devices, energy
 from vicuna_bench.errors import UserError
 
 pytestmark = pytest.mark.unit
@@ -176,6 +176,7 @@ def test_npu_environment_record(monkeypatch, tmp_path):
     monkeypatch.setattr(devices, "_AUTOLOAD_SEEN", "0")  # as a front end leaves it (vicuna_bench.torch_autoload)
     accept_npu_devices(monkeypatch, torch)
     devices.device_for_rank("npu", 1, "off")  # a rank records after its device is up
+    monkeypatch.setattr(energy, "describe", lambda device, indices: {"source": "npu-smi", "asked": (device, indices)})
     assert devices.environment_record("npu", 1) == {
         "device_type": "npu",
         "device_name": "Ascend910B2C",
@@ -189,6 +190,7 @@ def test_npu_environment_record(monkeypatch, tmp_path):
         "npu_jit_compile": "off",  # read back through is_jit_compile_false
         "python": platform.python_version(),
         "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
+        "energy": {"source": "npu-smi", "asked": ("npu", [1])},  # the rank's own device's meter
         # Every variable shared/spec/NPU.md says to record with results; unset ones as None.
         "env": {k: None for k in NPU_ENV_IN_SPEC} | {
             "TASK_QUEUE_ENABLE": "1", "HCCL_BUFFSIZE": "110", "ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"},
@@ -232,13 +234,15 @@ def test_cpu_environment_record(monkeypatch, tmp_path):
                         if path == "/proc/cpuinfo" else real_open(path, *a, **k), raising=False)
     monkeypatch.setenv("TASK_QUEUE_ENABLE", "1")  # an NPU setting: not recorded off NPU
     monkeypatch.setattr(devices, "_AUTOLOAD_SEEN", None)  # unset: torch's default (autoload on)
+    monkeypatch.setattr(energy, "describe", lambda device, indices: {"source": "n/a", "asked": (device, indices)})
     assert devices.environment_record("cpu") == {
         "device_type": "cpu", "device_name": "Intel(R) Xeon(R) CPU E5620 @ 2.40GHz", "chip_family": None,
         "torch": torch.__version__, "torch_npu": None, "torchair": None, "cuda": None,
         "torch_npu_loaded_by": None, "torch_device_backend_autoload": None, "npu_jit_compile": None,
         "python": platform.python_version(), "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
         "small_m_gemm": loaded, "small_m_gemm_isa": cpu_kernels.status()["small_m_gemm_isa"],
-        "small_m_gemm_why_not": None if loaded else cpu_kernels.build_failure(), "env": {},
+        "small_m_gemm_why_not": None if loaded else cpu_kernels.build_failure(),
+        "energy": {"source": "n/a", "asked": ("cpu", [0])}, "env": {},
     }
 
 

@@ -30,12 +30,12 @@ def tables(path: Path) -> set[str]:
 
 # ---------------------------------------------------------------- schema and versions
 
-def test_a_new_history_gets_schema_version_2(tmp_path):
+def test_a_new_history_gets_schema_version_3(tmp_path):
     path = tmp_path / "nightly" / "history.sqlite"  # the folder is made too
     H.connect(path).close()
     assert {"meta", "runs", "metrics"} <= tables(path)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
         runs = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
         metrics = [r[1] for r in conn.execute("PRAGMA table_info(metrics)")]
     assert runs[-4:] == ["compile_mode", "perf_mode", "perf_repeat", "perf_cases"]
@@ -84,7 +84,7 @@ def test_a_version_1_history_is_migrated_with_its_runs_setup_filled_in(tmp_path)
     ])
     runs = H.list_runs(path)  # opening migrates
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
     assert [(r.run.compile_mode, r.run.perf_mode, r.run.perf_repeat, r.run.perf_cases) for r in runs] == [
         ("off", "detail", 2, "32x8,64x8"), ("off", "detail", 2, ""), ("off", "", 0, ""), ("", "", 0, ""),
     ]
@@ -107,11 +107,11 @@ def test_a_newer_schema_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "history.sqlite"
     H.connect(path).close()
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     with pytest.raises(UserError) as err:
         H.connect(path)
     assert str(err.value) == (
-        f"--history {path}: schema_version 3 is newer than this vicuna-bench reads (2); "
+        f"--history {path}: schema_version 4 is newer than this vicuna-bench reads (3); "
         "use a newer vicuna-bench or another --history file"
     )
     assert "\n" not in str(err.value)
@@ -138,7 +138,7 @@ def test_a_schema_version_without_a_migration_is_refused(tmp_path):
     H.connect(path).close()
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
-    with pytest.raises(UserError, match=r"no migration from schema_version 0 \(valid: 1\.\.2\)"):
+    with pytest.raises(UserError, match=r"no migration from schema_version 0 \(valid: 1\.\.3\)"):
         H.connect(path)
 
 

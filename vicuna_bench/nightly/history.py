@@ -1,8 +1,8 @@
 """The nightly history: one SQLite file, one row per run, one row per metric.
 
-Schema version 2 (docs/nightly.md has the same text)::
+Schema version 3 (docs/nightly.md has the same text)::
 
-    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' -> '2'
+    meta(key TEXT PRIMARY KEY, value TEXT)          -- 'schema_version' -> '3'
     runs(id INTEGER PRIMARY KEY AUTOINCREMENT,
          started_utc, finished_utc TEXT,            -- ISO 8601, UTC, 'YYYY-MM-DDTHH:MM:SSZ'
          git_commit TEXT NULL,                      -- the project's HEAD, NULL outside a git checkout
@@ -10,13 +10,14 @@ Schema version 2 (docs/nightly.md has the same text)::
          model, device, device_name, dtype TEXT, world_size, batch_size INTEGER,
          settings_json, environment_json TEXT,
          compile_mode, perf_mode TEXT, perf_repeat INTEGER, perf_cases TEXT)   -- version 2
-    metrics(run_id INTEGER REFERENCES runs(id), kind TEXT, name TEXT, case_key TEXT,
+    metrics(run_id INTEGER REFERENCES runs(id), kind TEXT,   -- version 3: kind 'energy' (J/token) allowed
+            name TEXT, case_key TEXT,
             value REAL, unit TEXT, n INTEGER NULL, better TEXT,
             samples_json TEXT NULL,                 -- version 2: the samples behind the figure (ms)
             verdict TEXT NULL,                      -- version 2: the rule's status for it when the run was recorded
             PRIMARY KEY (run_id, name, case_key))
 
-Version 1 files are migrated when opened (:data:`_MIGRATIONS`).
+Version 1 and 2 files are migrated when opened (:data:`_MIGRATIONS`).
 
 A run is written in one transaction at its end (:func:`record_run`): a
 night that crashes, or is killed while writing, leaves the history as it was.
@@ -40,9 +41,9 @@ from pathlib import Path
 
 from ..errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_HISTORY = Path("nightly") / "history.sqlite"
-KINDS = ("latency", "throughput", "memory", "accuracy", "rate")
+KINDS = ("latency", "throughput", "memory", "accuracy", "rate", "energy")
 BETTER = ("lower", "higher")
 RUN_STATUSES = ("pass", "fail", "error")
 # The run fields two runs must share before their metrics are compared.  The last four (version 2):
@@ -74,7 +75,7 @@ CREATE TABLE runs (
 );
 CREATE TABLE metrics (
     run_id INTEGER NOT NULL REFERENCES runs (id),
-    kind TEXT NOT NULL CHECK (kind IN ('latency', 'throughput', 'memory', 'accuracy', 'rate')),
+    kind TEXT NOT NULL CHECK (kind IN ('latency', 'throughput', 'memory', 'accuracy', 'rate', 'energy')),
     name TEXT NOT NULL,
     case_key TEXT NOT NULL,
     value REAL NOT NULL,
@@ -134,8 +135,18 @@ def setup_from_settings(settings: dict) -> dict:
     return setup
 
 
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """Allow kind 'energy': SQLite cannot alter a CHECK, so the metrics table is rebuilt with its rows."""
+    conn.execute("ALTER TABLE metrics RENAME TO metrics_v2")
+    create = next(st for st in _statements(_SCHEMA) if st.lstrip().startswith("CREATE TABLE metrics"))
+    conn.execute(create)
+    columns = "run_id, kind, name, case_key, value, unit, n, better, samples_json, verdict"
+    conn.execute(f"INSERT INTO metrics ({columns}) SELECT {columns} FROM metrics_v2")
+    conn.execute("DROP TABLE metrics_v2")
+
+
 # Version k -> the step that turns a version-k file into version k + 1 (run inside the opening transaction).
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,6 +480,12 @@ PERF_METRICS = (
     ("decode_tokens_per_s", "decode_tokens_per_s", "throughput", "tokens/s", "higher"),
     ("peak_memory_mib_max", "peak_memory_mib", "memory", "MiB", "lower"),
 )
+# Energy per token (perf's energy columns): recorded where the run could meter it, absent otherwise (and in
+# extended CSVs written before those columns existed).  n: the repeats the joules were summed over.
+ENERGY_METRICS = (
+    ("prefill_j_per_token", "prefill_j_per_token", "energy", "J/token", "lower"),
+    ("decode_j_per_token", "decode_j_per_token", "energy", "J/token", "lower"),
+)
 
 
 def perf_case(seq_in: int, seq_out: int) -> str:
@@ -500,7 +517,8 @@ def perf_setup(compile_mode: str, perf_settings=None) -> dict:
 
 
 def metrics_from_perf_extended_csv(path: str | Path) -> list[Metric]:
-    """The perf metrics of an extended CSV (perf's ``*_extended.csv``): ms, tokens/s, MiB per case.
+    """The perf metrics of an extended CSV (perf's ``*_extended.csv``): ms, tokens/s, MiB, J/token (where metered)
+    per case.
 
     Empty cells (no next token when seq_out is 1; no memory figure) are
     left out rather than recorded as zero.  Each latency's ``n`` is the
@@ -540,6 +558,11 @@ def metrics_from_perf_rows(rows, path: str | Path) -> list[Metric]:
             n = counts["first_token"] if name.startswith("first_token") else (
                 counts["next_token"] if name.startswith("next_token") or name == "decode_tokens_per_s" else None)
             metrics.append(Metric(kind, name, case, _number(path, line, column, row[column], float), unit, better, n))
+        for column, name, kind, unit, better in ENERGY_METRICS:
+            if row.get(column) in ("", None):
+                continue
+            metrics.append(Metric(kind, name, case, _number(path, line, column, row[column], float), unit, better,
+                                  repeats))
     return metrics
 
 

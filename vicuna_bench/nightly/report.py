@@ -279,7 +279,8 @@ def render_report(
         f"Nightly run {run_id}: {run.model} on {run.device} ({run.device_name}), {run.dtype}, "
         f"world size {run.world_size}, batch {run.batch_size}; {run.started_utc} to {run.finished_utc}; commit {commit}.",
         f"Baseline: median of the last {window} comparable runs in `{history}` not called worse; latency, "
-        f"throughput, memory and rate: worse beyond the ±{tolerance:.0%} band (wider where those runs wander) and, "
+        f"throughput, memory, energy and rate: worse beyond the ±{tolerance:.0%} band (wider where those runs "
+        f"wander) and, "
         f"with samples, by a rank test at p < {R.ALPHA:g} (worse twice in a row: regression); accuracy band "
         f"±{R.ACCURACY_SE:g} binomial SE.",
         "",
@@ -302,6 +303,7 @@ def render_report(
         lines += ["", f"{short} metric(s) have fewer than {R.MIN_HISTORY} comparable earlier runs: not judged yet."]
     lines += ["", "## Gates", ""]
     lines += [f"{R.gate_tally(gates)}.", ""] + _gate_rows(gates) if gates else ["No gate ran."]
+    lines += ["", "## Energy per token", ""] + energy_lines(run, verdicts)
     lines += ["", "## Trends (last 30 comparable runs)", ""]
     lines += [f"![{p.stem}]({Path(os.path.relpath(p, run_dir)).as_posix()})" for p in plots] or ["No trend to plot."]
     lines += ["", "## Every metric", ""]
@@ -313,6 +315,22 @@ def render_report(
               json.dumps({"settings": run.settings, "environment": run.environment}, indent=2, sort_keys=True),
               "```", ""]
     return "\n".join(lines)
+
+
+def energy_lines(run: H.RunRecord, verdicts: Sequence[R.Verdict]) -> list[str]:
+    """The energy section: the meter (or why there is none) and each case's prefill / decode J/token, judged."""
+    record = run.environment.get("energy") if isinstance(run.environment, dict) else None
+    if not isinstance(record, dict):
+        meter = "Meter: not recorded (a run from before energy was measured)."
+    elif record.get("source") in (None, "n/a"):
+        meter = f"Meter: n/a: {record.get('reason') or 'no reason recorded'}."
+    else:
+        meter = f"Meter: {record['source']} ({record.get('resolution') or 'resolution not recorded'})."
+    energy = [v for v in verdicts if v.kind == "energy"]
+    if not energy:
+        return [meter, "", "No energy figure was recorded: n/a."]
+    return [meter, "", "J/token: prefill = the first-token region's joules / (batch x prompt tokens); decode = "
+            "the decode steps' joules / (batch x decode steps).", ""] + _verdict_rows(energy)
 
 
 def rebuild_report(run_dir: str | Path, history: str | Path | None = None) -> Path:

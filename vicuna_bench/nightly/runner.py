@@ -57,8 +57,10 @@ LOG_FILE = "nightly.log"
 EXIT_ERROR = 1  # a stage crashed: the run is recorded with status error
 
 # Settings of the shared table the nightly run lays out itself: each stage writes into the run
-# directory; the history, not a baseline CSV, is what perf is judged against; subjects differ per set.
-NOT_FROM_TABLE = {"perf.output_dir", "perf.baseline", "perf.tolerance", "precision.output_dir", "precision.subjects"}
+# directory; the history, not a baseline CSV, is what perf is judged against; subjects differ per set; the
+# history holds one batch size a run, so the batch sweep is perf's alone.
+NOT_FROM_TABLE = {"perf.output_dir", "perf.baseline", "perf.tolerance", "perf.batch_sizes", "precision.output_dir",
+                  "precision.subjects"}
 
 # --quick: a CPU-sized run of the embedded model (about a minute on 2 idle cores).  One subject per
 # set, the one with the shortest 5-shot prompts for the embedded model's tokenizer (MMLU ~270 tokens,
@@ -339,11 +341,17 @@ def run_hw_suite(plan: Plan) -> R.Gate:
     return gate
 
 
-def run_perf(plan: Plan, engine) -> list[H.Metric]:
-    """The perf cases on the shared engine; their metrics from the run itself (the files are outputs)."""
+def run_perf(plan: Plan, engine, env: dict | None = None) -> list[H.Metric]:
+    """The perf cases on the shared engine; their metrics from the run itself (the files are outputs).
+
+    ``env`` (the run's environment) gets the perf run's energy meter over every rank's device, as REPORT.md
+    names it (replacing rank 0's environment record's).
+    """
     from .. import drivers, perf
 
     run = drivers.run_perf(engine, plan.perf, progress=plan.progress)
+    if env is not None:
+        env["energy"] = run.energy
     log.info("perf results:\n%s", perf.summary_table(run))
     where = run.paths.get("extended_csv", "perf run")
     metrics = H.metrics_from_perf_rows(perf.extended_rows(run), where)
@@ -468,7 +476,7 @@ def _run(plan: Plan, started: str) -> NightlyResult:
             with engine:
                 env["ranks"] = engine.rank_info
                 if plan.perf is not None:
-                    metrics += _stage("perf", errors, gates, run_perf, plan, engine) or []
+                    metrics += _stage("perf", errors, gates, run_perf, plan, engine, env) or []
                 for p in plan.precision:
                     found = _stage(p.mode, errors, gates, run_precision_set, plan, p, engine)
                     if found is not None:
