@@ -82,13 +82,14 @@ def test_compiler_identity_follows_the_binary(tmp_path, monkeypatch):
 @pytest.mark.parametrize("change", ["glibc", "compiler", "machine", "march"])
 def test_the_key_covers_glibc_the_compiler_and_the_machine(monkeypatch, change):
     before = cpu_kernels.build_key()
+    before_machine = cpu_kernels.platform.machine()  # another machine than this one (an aarch64 host runs this too)
     assert cpu_kernels.build_key() == before  # nothing changed: the same key
     if change == "glibc":
         monkeypatch.setattr(cpu_kernels, "libc_version", lambda: "glibc 2.28")  # openEuler 20.03, RHEL 8
     elif change == "compiler":
         monkeypatch.setattr(cpu_kernels, "compiler_identity", lambda name: "/usr/bin/g++-7 100 1")
     elif change == "machine":
-        monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "aarch64")
+        monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "ppc64le" if before_machine == "aarch64" else "aarch64")
     else:
         monkeypatch.setenv(cpu_kernels.ENV_MARCH, "haswell")
     assert cpu_kernels.build_key() != before
