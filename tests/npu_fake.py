@@ -108,3 +108,26 @@ def accept_npu_devices(monkeypatch, torch) -> None:
         return real(type) if index is None else real(type, index)
 
     monkeypatch.setattr(torch, "device", device)
+
+
+def install_npu_host(monkeypatch, name: str, release: str = "2.6.0") -> FakeNpu:
+    """Make this process a host whose torch_npu ``release`` reports 8 NPUs named ``name``; the fake ``torch.npu``."""
+    import importlib.metadata
+    import importlib.util
+    import sys
+    import types
+
+    import torch
+
+    from vicuna_bench import devices
+
+    real_find_spec, real_version = importlib.util.find_spec, importlib.metadata.version
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: object() if n == "torch_npu" else real_find_spec(n, *a))
+    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda n: release if n in ("torch_npu", "torch-npu") else real_version(n))
+    fake = FakeNpu(release, names=[name] * 8)
+    monkeypatch.setattr(torch, "npu", fake, raising=False)
+    monkeypatch.setattr(devices, "_made_current", None)  # a fresh process: no device made current
+    return fake

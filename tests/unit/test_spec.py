@@ -44,26 +44,10 @@ def checkpoint_of_dtype(source, tmp_path, dtype: str | None):
 @pytest.fixture
 def npu_host(monkeypatch):
     """A host whose torch_npu 2.6.0 reports 8 NPUs named ``name`` (tests/npu_fake.py)."""
-    import importlib.metadata
-    import importlib.util
-    import sys
-    import types
-
-    import torch
-
-    from tests.npu_fake import FakeNpu
-    from vicuna_bench import devices
-
-    real_find_spec, real_version = importlib.util.find_spec, importlib.metadata.version
+    from tests.npu_fake import install_npu_host
 
     def host(name: str):
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda n, *a: object() if n == "torch_npu" else real_find_spec(n, *a))
-        monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
-        monkeypatch.setattr(importlib.metadata, "version",
-                            lambda n: "2.6.0" if n in ("torch_npu", "torch-npu") else real_version(n))
-        monkeypatch.setattr(torch, "npu", FakeNpu("2.6.0", names=[name] * 8), raising=False)
-        monkeypatch.setattr(devices, "_made_current", None)  # a fresh process: no device made current
+        install_npu_host(monkeypatch, name)
 
     return host
 
