@@ -333,6 +333,31 @@ def _free_bytes(device: torch.device) -> int | None:
     return fit.host_available_bytes()
 
 
+def make_room_for_prefill(model: Transformer, batch: int, slots: int) -> int:
+    """Drop the KV sets the pool keeps beside the one in use where this prefill's activations (the fit check's
+    bound, :func:`vicuna_bench.fit.prefill_activation_bytes` over ``slots``) would not fit in the free memory;
+    bytes dropped.
+
+    Local to the rank and before any collective: at world size > 1 a prefill
+    that has run out of memory cannot be rerun (the other ranks wait inside
+    its collectives), so the room is made before it starts.
+    """
+    if len(model.kv_pool) <= 1:
+        return 0
+    device = model.lm_head.weight.device
+    free = _free_bytes(device)
+    need = fit.prefill_activation_bytes(model.plan, slots, batch)
+    if free is None or need <= free:
+        return 0
+    kept = len(model.kv_pool) - 1
+    dropped = model.kv_pool.drop_kept()
+    _release_device_cache(device)
+    log.warning("prefill of batch %d over %d cache slots may need %.1f MiB, %.1f MiB free on %s: dropped %d kept KV "
+                "cache set(s) (%.1f MiB) first", batch, slots, need / 2**20, free / 2**20, device.type, kept,
+                dropped / 2**20)
+    return dropped
+
+
 def _prefill_out_of_memory(model: Transformer, batch: int, length: int, new_tokens: int, retried: bool,
                            why: str) -> UserError:
     """The one-line error of a prefill out of memory: the request, and the batch or prompt length that would fit."""
@@ -399,10 +424,12 @@ def generate(
     (eager, or compiled by ``--compile on``).  ``prefix``: every prompt
     starts with ``prefix.ids``, whose keys and values are copied into each
     row's cache; only the rest of each prompt is prefilled.  ``logit_ids``:
-    keep only those vocabulary columns of the returned logits.  A prefill
-    that runs out of device memory drops the KV sets the pool keeps beside
-    the one in use and runs once more (world size 1); then, or at once at
-    a larger world size, a one-line UserError says what would fit.
+    keep only those vocabulary columns of the returned logits.  Where the
+    prefill's bound exceeds the free memory, the KV sets the pool keeps
+    beside the one in use are dropped before it starts; a prefill that
+    runs out of device memory all the same drops them and runs once more
+    (world size 1); then, or at once at a larger world size, a one-line
+    UserError says what would fit.
     """
     call_start = time.perf_counter()
     device = model.lm_head.weight.device
@@ -448,6 +475,7 @@ def generate(
     kept_logits = [] if return_logits else None
 
     compile_s = steps.warm(model, batch, slots, sync)  # compiling belongs outside the timed work
+    make_room_for_prefill(model, batch, slots)
 
     def first_token() -> tuple[torch.Tensor, torch.Tensor]:
         if prefix is not None:

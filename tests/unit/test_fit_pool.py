@@ -216,3 +216,22 @@ def test_the_npu_warm_prefill_out_of_memory_is_retried_too(model, monkeypatch):
     got = generate(model, prompts, NEW_TOKENS, ignore_eos=True, steps=steps)
     assert steps.pool_sizes == [2, 1, 1]  # the warm-up failed with 2 sets held; warm-up and timed run with 1
     assert got.output_ids == expected.output_ids
+
+
+def test_room_is_made_before_a_prefill_that_would_not_fit_beside_the_kept_sets(model, monkeypatch, caplog):
+    """At any world size, before any collective: the kept sets go when the prefill's bound exceeds the free memory.
+    By hand (as above): a batch-2 prefill over 64 slots is bounded by 4 * 2 * (608 * 64 + 8 * 64^2) = 573,440 bytes."""
+    eager = generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True)
+    model.setup_caches(1, 32)
+    model.setup_caches(3, 16)
+    monkeypatch.setattr(fit, "host_available_bytes", lambda: 573_440)  # just enough: nothing dropped
+    assert generation.make_room_for_prefill(model, 2, 64) == 0 and len(model.kv_pool) == 3
+    monkeypatch.setattr(fit, "host_available_bytes", lambda: 573_439)
+    steps = FailingPrefill(0, _oom())
+    with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
+        got = generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True, steps=steps)
+    assert steps.pool_sizes == [1]  # the kept sets were gone before the prefill started
+    assert model.kv_pool.buckets() == [(2, 64)]
+    assert got.output_ids == eager.output_ids
+    warned = [r.getMessage() for r in caplog.records if "kept KV cache set(s)" in r.getMessage()]
+    assert len(warned) == 1 and "may need 0.5 MiB, 0.5 MiB free on cpu: dropped 2 kept" in warned[0], warned
