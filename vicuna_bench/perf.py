@@ -734,6 +734,13 @@ def write_plot(run: PerfRun, path: Path) -> Path:
     fig.suptitle(f"{run.model_name} on {run.device_name} ({run.device}), {run.dtype}, world size "
                  f"{run.world_size}, batch {run.settings.batch_size}, {run.settings.mode} mode", fontsize="medium")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG (110 dpi) at ``path``, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

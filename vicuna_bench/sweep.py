@@ -23,7 +23,7 @@ from . import fit
 from .errors import UserError
 from .files import write_atomic
 from .model import KVCachePool
-from .perf import Case, PerfRun, PerfSession, PerfSettings, extended_row, percentile
+from .perf import Case, PerfRun, PerfSession, PerfSettings, extended_row, percentile, save_figure
 from .settings import flag
 
 log = logging.getLogger("vicuna_bench")
@@ -312,12 +312,7 @@ def write_sweep_plot(sweep: Sweep, path: Path) -> Path:
         fig.tight_layout(rect=(0, 0.03 * len(notes) + 0.02, 1, 1))
     else:
         fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, png.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 def summary(sweep: Sweep) -> str:

@@ -8,35 +8,21 @@ process); torchrun's environment says which rank it is.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-import sys
-import types
-
 import pytest
 import torch
 
-from tests.npu_fake import FakeNpu, accept_npu_devices
-from vicuna_bench import devices, rank_setup
+from tests.npu_fake import FakeNpu, install_npu_host, accept_npu_devices
+from vicuna_bench import rank_setup
 from vicuna_bench.spec import resolve_engine_spec
 
 pytestmark = pytest.mark.unit
 
-_real_find_spec = importlib.util.find_spec
 TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
 
 def npu_process(monkeypatch, release: str, name: str = "Ascend910B3") -> FakeNpu:
     """A fresh process's torch.npu from torch_npu ``release`` (installed, importable, 8 NPUs of ``name``)."""
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "torch_npu" else _real_find_spec(n, *a))
-    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
-    real_version = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda n: release if n in ("torch_npu", "torch-npu") else real_version(n))
-    npu = FakeNpu(release, names=[name] * 8)
-    monkeypatch.setattr(torch, "npu", npu, raising=False)
-    monkeypatch.setattr(devices, "_made_current", None)  # a fresh process: no device made current
-    return npu
+    return install_npu_host(monkeypatch, name, release)
 
 
 @pytest.fixture
