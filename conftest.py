@@ -40,15 +40,15 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compile_mode(pytestconfig) -> str:
-    """``--compile`` as given (default ``auto``, which a test's short runs resolve to ``off``).
+    """``--compile`` as the options layer it (default ``auto``, which a test's short runs resolve to ``off``).
 
     The conformance and sharding-equivalence suites build their engines with
     it: ``pytest tests/unit/test_conformance.py tests/unit/test_sharding.py
     --compile on`` runs them on the compiled prefill and decode step.
     """
-    from vicuna_bench import settings
+    from vicuna_bench.pytest_plugin.options import group_values
 
-    return pytestconfig.getoption(settings.BY_KEY["model.compile"].pytest_dest)
+    return group_values(pytestconfig, "model")["compile"]
 
 
 @pytest.fixture(scope="session")

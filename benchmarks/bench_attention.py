@@ -98,9 +98,9 @@ def main(argv=None) -> int:
     threads = ns.threads or usable_cpus()
     torch.set_num_threads(threads)
     if ns.model_path is None:
-        from vicuna_bench.runtime import resolve_engine_spec
+        from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
-        ns.model_path = resolve_engine_spec(None, 1, "cpu", "fp32", 64, progress=False).model_path
+        ns.model_path = resolve_engine_spec(ModelChoices(None, 1, "cpu", "fp32", 64), progress=False).model_path
     args = checkpoint.read_model_args(Path(ns.model_path))
     head_dim = args.head_dim
     n_layers = ns.layers or args.n_layers

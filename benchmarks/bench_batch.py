@@ -28,7 +28,8 @@ from bench_peers import (cpu_flags, prompts_for, read_bandwidth, round_figures, 
                          whole_rounds)
 from vicuna_bench import checkpoint
 from vicuna_bench.devices import cpu_model_name
-from vicuna_bench.runtime import Engine, resolve_engine_spec, usable_cpus
+from vicuna_bench.runtime import Engine, usable_cpus
+from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
 
 class BatchTimer:
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
 
     threads = ns.threads or usable_cpus()
     torch.set_num_threads(threads)
-    base = resolve_engine_spec(ns.model_path, 1, "cpu", ns.dtype, ns.seq_in + ns.seq_out, progress=False)
+    base = resolve_engine_spec(ModelChoices(ns.model_path, 1, "cpu", ns.dtype, ns.seq_in + ns.seq_out), progress=False)
     spec = type(base)(**{**base.__dict__, "compile": ns.compile})
     args = checkpoint.read_model_args(Path(base.model_path))
     read_gbps = read_bandwidth() / 1e9

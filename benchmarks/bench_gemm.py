@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vicuna_bench import checkpoint, cpu_kernels
-from vicuna_bench.runtime import resolve_engine_spec, usable_cpus
+from vicuna_bench.runtime import usable_cpus
+from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
 
 class LinearChain(nn.Module):
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     threads = usable_cpus()
     torch.set_num_threads(threads)
     dtype = checkpoint.DTYPES[ns.dtype]
-    spec = resolve_engine_spec(ns.model_path, 1, "cpu", ns.dtype, 64, progress=False)
+    spec = resolve_engine_spec(ModelChoices(ns.model_path, 1, "cpu", ns.dtype, 64), progress=False)
     args = checkpoint.read_model_args(Path(spec.model_path))
     if not cpu_kernels.load():
         print(f"our kernel is unavailable: {cpu_kernels.status()['small_m_gemm_why_not']}", file=sys.stderr)

@@ -43,7 +43,7 @@ llama.cpp and the GGUF files (llama-cpp-python 0.3.36 built from its sdist,
     .venv/bin/pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d /tmp/llsdist
     tar xzf /tmp/llsdist/llama_cpp_python-0.3.36.tar.gz -C /tmp/llsdist
     cd /tmp/llsdist/llama_cpp_python-0.3.36/vendor/llama.cpp
-    M=$(python -c "from vicuna_bench.runtime import resolve_engine_spec as r; print(r(None, 1, 'cpu', 'fp32', 64).model_path)")
+    M=$(python -c "from vicuna_bench.spec import ModelChoices as C, resolve_engine_spec as r; print(r(C(None, 1, 'cpu', 'fp32', 64)).model_path)")
     PYTHONPATH=gguf-py python convert_hf_to_gguf.py $M --outtype f32 --outfile /work/gguf/smollm2-f32.gguf
     PYTHONPATH=gguf-py python convert_hf_to_gguf.py $M --outtype bf16 --outfile /work/gguf/smollm2-bf16.gguf
     python benchmarks/bench_peers.py --dtype bf16 --batch 8 --gguf /work/gguf/smollm2-bf16.gguf
@@ -63,7 +63,8 @@ from pathlib import Path
 import torch
 
 from vicuna_bench import checkpoint
-from vicuna_bench.runtime import Engine, resolve_engine_spec, usable_cpus
+from vicuna_bench.runtime import Engine, usable_cpus
+from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
 
 def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -161,7 +162,7 @@ def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
     """
     from vicuna_bench import devices
     from vicuna_bench.compile import compiled_steps
-    from vicuna_bench.generation import EAGER, generate
+    from vicuna_bench.generation import EAGER, GenerationRequest, generate
     from vicuna_bench.model import weight_bytes
     from vicuna_bench.runtime import build_rank_model
     from vicuna_bench.sharding import TensorParallel
@@ -178,10 +179,10 @@ def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
         raise RuntimeError("--memory reads /proc/self/status (Linux only)")
     devices.reset_peak_memory(cpu)
     model = build_rank_model(spec, 0, TensorParallel(), cpu)
-    generate(model, prompts, seq_out, ignore_eos=True, steps=steps)  # warm-up: compiles here
+    generate(model, GenerationRequest.make(prompts, seq_out, ignore_eos=True), steps=steps)  # warm-up: compiles here
     load_peak = devices.peak_memory_bytes(cpu)
     devices.reset_peak_memory(cpu)
-    generate(model, prompts, seq_out, ignore_eos=True, steps=steps)
+    generate(model, GenerationRequest.make(prompts, seq_out, ignore_eos=True), steps=steps)
     serve_peak = devices.peak_memory_bytes(cpu)
     weights = weight_bytes(model)
     kv = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith(("cache.k", "cache.v")))
@@ -589,7 +590,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     dtype = checkpoint.DTYPES[ns.dtype]
     max_seq_len = ns.seq_in + ns.seq_out
-    base = resolve_engine_spec(ns.model_path, 1, "cpu", ns.dtype, max_seq_len, progress=False)
+    base = resolve_engine_spec(ModelChoices(ns.model_path, 1, "cpu", ns.dtype, max_seq_len), progress=False)
     args = checkpoint.read_model_args(Path(base.model_path))
     prompts = prompts_for(args.vocab_size, ns.batch, ns.seq_in)
 

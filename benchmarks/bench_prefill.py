@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from vicuna_bench.runtime import Engine, resolve_engine_spec, usable_cpus
+from vicuna_bench.runtime import Engine, usable_cpus
+from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
 
 def main(argv=None) -> int:
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     threads = usable_cpus()
     torch.set_num_threads(threads)
     lengths = [int(v) for v in ns.lengths.split(",")]
-    base = resolve_engine_spec(ns.model_path, 1, "cpu", ns.dtype, max(lengths) + 1, progress=False)
+    base = resolve_engine_spec(ModelChoices(ns.model_path, 1, "cpu", ns.dtype, max(lengths) + 1), progress=False)
     engines = {mode: Engine(type(base)(**{**base.__dict__, "compile": mode})) for mode in ("off", "on")}
     from vicuna_bench import checkpoint
 

@@ -33,7 +33,7 @@ import torch
 from vicuna_bench import checkpoint, devices
 from vicuna_bench.compile import CompiledSteps, compiled_steps
 from vicuna_bench.config import ModelArgs
-from vicuna_bench.generation import EAGER, generate
+from vicuna_bench.generation import EAGER, GenerationRequest, generate
 from vicuna_bench.model import Transformer, decode_read_bytes, weight_bytes
 from vicuna_bench.runtime import finish_rank_model
 from vicuna_bench.sharding import ShardPlan, TensorParallel
@@ -73,8 +73,9 @@ def timed(model, prompts, seq_out: int, steps, device, repeat: int) -> dict:
     """Median first/next-token ms over ``repeat`` runs after one warm-up (which pays any compiling)."""
     sync = lambda: devices.synchronize(device)  # noqa: E731
     devices.reset_peak_memory(device)
-    warm = generate(model, prompts, seq_out, ignore_eos=True, sync=sync, steps=steps)
-    runs = [generate(model, prompts, seq_out, ignore_eos=True, sync=sync, steps=steps) for _ in range(repeat)]
+    warm = generate(model, GenerationRequest.make(prompts, seq_out, ignore_eos=True), sync=sync, steps=steps)
+    runs = [generate(model, GenerationRequest.make(prompts, seq_out, ignore_eos=True), sync=sync,
+                     steps=steps) for _ in range(repeat)]
     return {
         "first_ms": statistics.median(r.first_token_ms for r in runs),
         "next_ms": statistics.median(r.next_token_ms for r in runs),
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     ns = p.parse_args(argv)
 
-    device = devices.device_for_rank(devices.resolve_device_type(ns.device), 0)
+    device = devices.device_for_rank(devices.resolve_device(ns.device), 0)
     dtype = checkpoint.DTYPES[ns.dtype]
     args = ModelArgs.from_dict(SHAPES[ns.shape], source=ns.shape)
     max_seq_len = ns.seq_in + ns.seq_out

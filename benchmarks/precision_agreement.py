@@ -27,9 +27,10 @@ def recheck(dis: list, ref_dir: Path, model_path: str | None) -> dict:
     from vicuna_bench.chat import load_tokenizer
     from vicuna_bench.precision.prompt import encode, letter_token_ids
     from vicuna_bench.precision.runner import common_prefix_len
-    from vicuna_bench.runtime import Engine, resolve_engine_spec
+    from vicuna_bench.runtime import Engine
+    from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
-    spec = resolve_engine_spec(model_path, 1, "cpu", "fp32", 2048, progress=False)
+    spec = resolve_engine_spec(ModelChoices(model_path, 1, "cpu", "fp32", 2048), progress=False)
     tokenizer = load_tokenizer(checkpoint.tokenizer_dir(Path(spec.model_path)))
     letters = letter_token_ids(tokenizer)
     answers = R.read_answers(ref_dir / "answers.jsonl")

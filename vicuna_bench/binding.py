@@ -486,8 +486,9 @@ def allowed_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
+# shape: the five keyword-only parameters are the host's facts (environment, tools, sysfs, CPUs), injectable for tests
 def plan_binding(
-    device_type: str,
+    device: str,
     rank: int,
     world_size: int,
     device_ids: Sequence[int] | None = None,
@@ -510,18 +511,18 @@ def plan_binding(
     ids = list(range(world_size)) if device_ids is None else [int(d) for d in device_ids]
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    if device_type != "cpu" and len(ids) < world_size:
+    if device != "cpu" and len(ids) < world_size:
         raise UserError(f"device_ids {ids} lists {len(ids)} devices for world size {world_size}")
-    label = "cpu" if device_type == "cpu" else f"{device_type}:{ids[rank]}"
+    label = "cpu" if device == "cpu" else f"{device}:{ids[rank]}"
     try:
-        if device_type == "npu":
+        if device == "npu":
             cpus, node, how = _plan_npu(rank, ids[:world_size], env, run, Path(sysfs_root))
-        elif device_type == "cuda":
+        elif device == "cuda":
             cpus, node, how = _plan_cuda(rank, ids[:world_size], env, Path(sysfs_root), cuda_bus)
-        elif device_type == "cpu":
+        elif device == "cpu":
             cpus, node, how = _plan_cpu(rank, world_size, allowed_cpus() if allowed is None else sorted(allowed))
         else:
-            raise BindingFailed(f"no binding rule for device type {device_type!r}")
+            raise BindingFailed(f"no binding rule for device type {device!r}")
     except BindingFailed as exc:
         return _unbound(rank, label, str(exc))
     except (ValueError, IndexError, KeyError, RuntimeError) as exc:
@@ -557,7 +558,7 @@ def apply_binding(binding: CpuBinding, *, pid: int = 0) -> CpuBinding:
 
 
 def bind_rank(
-    device_type: str,
+    device: str,
     rank: int,
     world_size: int,
     device_ids: Sequence[int] | None = None,
@@ -568,5 +569,5 @@ def bind_rank(
     """Plan and apply this process's binding as rank ``rank`` (call before loading the model)."""
     if not enabled:
         ids = list(range(world_size)) if device_ids is None else list(device_ids)
-        return unbound(rank, "cpu" if device_type == "cpu" else f"{device_type}:{ids[rank]}")
-    return apply_binding(plan_binding(device_type, rank, world_size, device_ids, **plan_kwargs))
+        return unbound(rank, "cpu" if device == "cpu" else f"{device}:{ids[rank]}")
+    return apply_binding(plan_binding(device, rank, world_size, device_ids, **plan_kwargs))

@@ -34,40 +34,22 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from . import cpu_isa
 from .config import ModelArgs
 from .errors import UserError
 from .sharding import VOCAB_PARALLEL, ShardPlan
+from .vendor_cut import MANIFEST, check_vendor_cut, is_vendor_cut
 
 log = logging.getLogger("vicuna_bench")
 
-MANIFEST = "manifest.json"
 CUT_FORMAT = "vicuna-bench-cut/1"
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_CONFIG_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the one name -> torch table
+_CONFIG_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # config.json's torch_dtype -> name
 
 
-def resolve_dtype(name: str, args: ModelArgs, device_type: str) -> torch.dtype:
-    """``auto`` is the checkpoint's dtype on accelerators and, on CPU, the faster of fp32 and bf16 for this host
-    (:func:`vicuna_bench.cpu_isa.cpu_auto_dtype`); an explicit bf16 on a CPU where it is the slower dtype warns."""
-    if name == "auto":
-        if device_type == "cpu":
-            return DTYPES[cpu_isa.cpu_auto_dtype().dtype]
-        return _CONFIG_DTYPES.get((args.torch_dtype or "").replace("torch.", ""), torch.float16)
-    if name not in DTYPES:
-        raise UserError(f"--dtype {name!r} is not supported (valid: auto, {', '.join(DTYPES)})")
-    if name == "bf16" and device_type == "cpu":
-        cpu_isa.warn_if_bf16_slow()
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
+def checkpoint_dtype(args: ModelArgs) -> str:
+    """The dtype name the checkpoint states (``torch_dtype`` in config.json); fp16 where it states none."""
+    return _CONFIG_DTYPES.get((args.torch_dtype or "").replace("torch.", ""), "fp16")
 
 
 class TensorReader:
@@ -220,8 +202,6 @@ def read_model_args(model_path: Path) -> ModelArgs:
 def check_cut_dir(model_path: Path, world_size: int) -> dict:
     """Check a cut directory's manifest (or the vendor's layout) against ``world_size``; return the manifest."""
     manifest_path = model_path / MANIFEST
-    from .vendor_cut import check_vendor_cut, is_vendor_cut
-
     if is_vendor_cut(model_path):  # cut by the vendor's cut_weight.sh: no manifest, no checksums
         return check_vendor_cut(model_path, world_size, read_model_args(model_path))
     if not manifest_path.is_file():
@@ -469,5 +449,5 @@ __all__ = [
     "iter_rank_tensors",
     "load_rank_weights",
     "read_model_args",
-    "resolve_dtype",
+    "checkpoint_dtype",
 ]

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf = sub.add_parser("perf", help="first-token and per-token latency into CSV (the reference's performance test)")
     _add_model_options(perf, "perf")
     settings.add_to_argparse(perf, "perf", only_given=True)
-    perf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    settings.add_to_argparse(perf, "nightly", only=("progress",), title="progress")  # --no-progress
 
     cut = sub.add_parser("cut", help="cut a HF checkpoint N ways (vendor layout)")
     cut.add_argument("--input-dir", required=True)
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_to_argparse(prec, "precision", only_given=True)
     prec.add_argument("--gate", action="store_true", help="exit 3 when below the model's release threshold "
                       "(exit 2, before any question, when the model or scoring has none)")
-    prec.add_argument("--no-progress", action="store_true", help="no progress bar")
+    settings.add_to_argparse(prec, "nightly", only=("progress",), title="progress")  # --no-progress
 
     nightly = sub.add_parser("nightly", help="hw suite, perf and precision with their gates; REPORT.md, SQLite history")
     from .nightly.runner import add_arguments as add_nightly_arguments
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sdk.add_argument("--config", default=CONFIG_FILE_NAME, help=f"the INI file (default ./{CONFIG_FILE_NAME})")
     settings.add_to_argparse(sdk, "model", exclude=("world-size", "device-type"), only_given=True)
     sdk.add_argument("--debug", action="store_true", help="full tracebacks")
-    sdk.add_argument("--no-progress", action="store_true", help="no progress bar")
+    settings.add_to_argparse(sdk, "nightly", only=("progress",), title="progress")  # --no-progress
 
     from . import compare
 
@@ -206,34 +206,25 @@ def _sampling(ns):
 # ------------------------------------------------------------------ commands
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from . import checkpoint
-    from .chat import encode_prompt, load_tokenizer
+    from .jobs import GenerateJob
 
     sampling = _sampling(ns)
-    rows = max(len(ns.prompt) + len(ns.prompt_ids), 1)
-    spec = drivers.resolve_spec(model_settings(ns), drivers.Work(generate=(rows, ns.max_new_tokens)))
-    tokenizer_dir = checkpoint.tokenizer_dir(Path(spec.model_path))
-    tokenizer = load_tokenizer(tokenizer_dir, required=False)
-    if tokenizer is None:
-        if ns.prompt or not ns.prompt_ids:
-            raise UserError(f"{tokenizer_dir}: no tokenizer files, so a text prompt cannot be encoded "
-                            "(give token ids with --prompt-ids)")
-        log.info("no tokenizer found in %s: token ids only (\"text\": null)", tokenizer_dir)
-    prompts = [encode_prompt(tokenizer, text, chat=not ns.no_chat) for text in ns.prompt]
-    prompts += [_parse_ids(text) for text in ns.prompt_ids]
-    if not prompts:
-        prompts = [encode_prompt(tokenizer, DEFAULT_PROMPT, chat=not ns.no_chat)]
-    stream = _TextStream(tokenizer) if (tokenizer and not ns.json and len(prompts) == 1) else None
-    with drivers.open_engine(spec) as engine:
-        result = engine.generate(prompts, ns.max_new_tokens, on_tokens=stream, ignore_eos=ns.ignore_eos,
-                                 sampling=sampling)
-    if engine.rank != 0:
+    texts = list(ns.prompt) if (ns.prompt or ns.prompt_ids) else [DEFAULT_PROMPT]
+
+    def stream(tokenizer, prompts):
+        return _TextStream(tokenizer) if (tokenizer and not ns.json and len(prompts) == 1) else None
+
+    job = GenerateJob(texts, [_parse_ids(text) for text in ns.prompt_ids], ns.max_new_tokens, chat=not ns.no_chat,
+                      ignore_eos=ns.ignore_eos, sampling=sampling, stream=stream)
+    spec = drivers.resolve_spec(model_settings(ns), [job])
+    (result,) = drivers.run_jobs(spec, [job])
+    if not result.writer:
         return 0
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) if tokenizer else None for ids in result.output_ids]
     if ns.json:
         doc = {
             "outputs": [
-                {"prompt_ids": p, "output_ids": o, "text": t} for p, o, t in zip(prompts, result.output_ids, texts)
+                {"prompt_ids": p, "output_ids": o, "text": t}
+                for p, o, t in zip(result.prompts, result.output_ids, result.texts)
             ],
             "first_token_ms": round(result.first_token_ms, 3),
             "next_token_ms": round(result.next_token_ms, 3),
@@ -244,10 +235,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
         }
         print(json.dumps(doc, ensure_ascii=False))
     else:
-        if stream is not None:
-            stream.finish()
+        if job.on_tokens is not None:
+            job.on_tokens.finish()
         else:
-            for i, (text, ids) in enumerate(zip(texts, result.output_ids)):
+            for i, (text, ids) in enumerate(zip(result.texts, result.output_ids)):
                 print(f"[{i}] {text if text is not None else ' '.join(map(str, ids))}")
         log.info("first token %.1f ms, next token %.1f ms", result.first_token_ms, result.next_token_ms)
     return 0
@@ -278,37 +269,28 @@ class _TextStream:
 
 
 def cmd_perf(ns: argparse.Namespace) -> int:
-    from . import perf, sweep
+    from . import launch, perf, sweep
 
-    is_main = drivers.is_writer()
     values = settings.from_namespace(ns, "perf")
-    session = perf.PerfSession.from_values(values, Path(ns.output_dir or "."), write=is_main)
+    job = perf.PerfJob.from_values(values, Path(ns.output_dir or "."), progress=ns.progress)
     batch_sizes = sweep.parse_batch_sizes(values["batch_sizes"])
     if batch_sizes is not None:
-        return _cmd_perf_sweep(ns, session, batch_sizes, is_main)
-    spec = drivers.resolve_spec(model_settings(ns), drivers.Work(perf=session.settings))
-    session.check_model(spec)
-    with drivers.open_engine(spec) as engine:
-        run = drivers.run_perf(engine, session, progress=not ns.no_progress)
-    if not is_main:
+        return _cmd_perf_sweep(ns, sweep.SweepJob(job, batch_sizes))
+    (run,) = drivers.run_jobs(model_settings(ns), [job])
+    if not launch.is_writer():
         return 0
     log.info("perf results:\n%s", perf.summary_table(run))
     log.info("perf: wrote %s", ", ".join(str(p) for p in run.paths.values()))
-    session.gate()
+    job.gate()
     return 0
 
 
-def _cmd_perf_sweep(ns: argparse.Namespace, session, batch_sizes: list[int], is_main: bool) -> int:
+def _cmd_perf_sweep(ns: argparse.Namespace, job) -> int:
     """``perf --batch-sizes``: the cases at each batch size on one engine, the curve and its verdicts."""
-    from . import perf, sweep
+    from . import launch, perf, sweep
 
-    sweep.check_sweep(session)
-    work = drivers.Work(perf=sweep.sweep_work_settings(session.settings, batch_sizes))
-    spec = drivers.resolve_spec(model_settings(ns), work)
-    session.check_model(spec)
-    with drivers.open_engine(spec) as engine:
-        result = sweep.run_sweep(engine, session, batch_sizes, progress=not ns.no_progress)
-    if not is_main:
+    (result,) = drivers.run_jobs(model_settings(ns), [job])
+    if not launch.is_writer():
         return 0
     for run in result.runs:
         log.info("perf results, batch %d:\n%s", run.settings.batch_size, perf.summary_table(run))
@@ -319,17 +301,15 @@ def _cmd_perf_sweep(ns: argparse.Namespace, session, batch_sizes: list[int], is_
 
 
 def cmd_precision(ns: argparse.Namespace) -> int:
-    from .precision import PrecisionConfig
+    from .precision import PrecisionConfig, PrecisionJob
     from .precision.data import resolve_mode
 
     mode = resolve_mode(ns.mode, ns.work_dir)
     cfg = PrecisionConfig.from_values(settings.from_namespace(ns, "precision"), mode=mode, work_dir=ns.work_dir,
-                                      gate=ns.gate, progress=not ns.no_progress)
-    cfg.check()
-    work = drivers.Work(precision=(drivers.precision_work(cfg),))  # bad data is reported before the model loads
-    spec = drivers.resolve_spec(model_settings(ns), work)
+                                      gate=ns.gate, progress=ns.progress)
+    job = PrecisionJob(cfg)  # bad data is reported before the model loads
     # --gate: refused before any question when nothing can judge it; under torchrun every rank asks, rank 0 writes.
-    result = drivers.run_precision(cfg, spec)
+    (result,) = drivers.run_jobs(model_settings(ns), [job])
     if result.summary is None:
         return 0
     log.info("precision: wrote %s", cfg.out_dir / "summary.json")
@@ -340,8 +320,8 @@ def cmd_sdk_test(ns: argparse.Namespace) -> int:
     from . import sdk
 
     flags = {s.dest: getattr(ns, s.dest) for s in settings.group("model")
-             if hasattr(ns, s.dest) and s.dest not in ("world_size", "device_type")}  # those are positional
-    test = sdk.prepare(ns.world_size, ns.device_type, ns.task, ns.config, flags=flags, progress=not ns.no_progress)
+             if hasattr(ns, s.dest) and s.dest not in ("world_size", "chip_family")}  # those are positional
+    test = sdk.prepare(ns.world_size, ns.device_type, ns.task, ns.config, flags=flags, progress=ns.progress)
     paths = sdk.run(test)
     if paths:
         log.info("sdk-test %s: wrote %s", ns.task, ", ".join(str(p) for p in paths.values()))

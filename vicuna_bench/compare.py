@@ -37,6 +37,7 @@ METRICS = (
 # normal-mode mean of 63 steps is not the same sample as a detail-mode step of batch 1.
 IDENTITY_KEYS = ("model", "dtype", "world_size", "device", "compile", "chip", "batch_size", "perf_mode")
 VERDICTS = ("slower", "faster", "no significant change", "not judged")
+WORD_SHOWN = dict(zip(("slower", "faster", "same", "undecided"), VERDICTS))  # stats.judge_change's words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,19 +192,9 @@ def compare_series(a: Series, b: Series, *, min_effect: float = DEFAULT_MIN_EFFE
         return Row(**base, ci=None, p_value=None, verdict="not judged",
                    reason="a sample <= 0 ms (normal mode's noise): no ratio")
     alpha = (1 - confidence) / 2  # one side of the two-sided level the interval has
-    ci = stats.ratio_interval(b.samples, a.samples, confidence)
-    n_a, n_b = len(a.samples), len(b.samples)
-    if stats.min_p(n_b, n_a) >= alpha:
-        return Row(**base, ci=ci, p_value=None, verdict="not judged",
-                   reason=f"{n_a} vs {n_b} samples: too few for the rank test (p >= {alpha:g} at best)")
-    moved = stats.shift(b.median, a.median, min_effect, b.samples, a.samples, alpha)
-    if moved.direction > 0:
-        return Row(**base, ci=ci, p_value=moved.p_value, verdict="slower")
-    if moved.direction < 0:
-        return Row(**base, ci=ci, p_value=moved.p_value, verdict="faster")
-    reason = (f"p >= {alpha:g}" if moved.p_value >= alpha
-              else f"within the {min_effect:.0%} minimum effect")
-    return Row(**base, ci=ci, p_value=moved.p_value, verdict="no significant change", reason=reason)
+    change = stats.judge_change(b.samples, a.samples, min_effect, level_b=b.median, level_a=a.median,
+                                alpha=alpha, confidence=confidence)
+    return Row(**base, ci=change.ci, p_value=change.p_value, verdict=WORD_SHOWN[change.word], reason=change.reason)
 
 
 def compare(a: Side, b: Side, *, min_effect: float = DEFAULT_MIN_EFFECT, confidence: float = CONFIDENCE) -> Comparison:

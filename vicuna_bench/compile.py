@@ -36,53 +36,8 @@ import weakref
 
 import torch
 
-from . import settings
-from .errors import UserError
 
 log = logging.getLogger("vicuna_bench")
-
-MODES = settings.BY_KEY["model.compile"].choices  # declared once, in the settings table
-
-# A rough CPU compile cost (max-autotune, the embedded model's shapes, measured
-# ~70 s) and what a compiled step saves there (~35 ms of ~56): `auto` compiles
-# when the decode steps ahead repay it.
-_AUTO_COMPILE_S = {"cpu": 70.0, "cuda": 30.0, "npu": 60.0}
-_AUTO_SAVING_S = {"cpu": 0.035, "cuda": 0.010, "npu": 0.010}
-
-
-def check_mode(mode: str, option: str = "--compile") -> str:
-    if mode not in MODES:
-        raise UserError(f"{option} {mode!r} is not valid (valid: {', '.join(MODES)})")
-    return mode
-
-
-def resolve_mode(mode: str, device_type: str, decode_steps: int, option: str = "--compile",
-                 npu_graph: str = "auto", chip_family: str | None = None) -> str:
-    """``on`` or ``off``: ``auto`` compiles when ``decode_steps`` steps repay the compile time (logged).
-
-    On an NPU ``auto`` stays off where the torchair version is unknown or
-    lacks the graph mode ``npu_graph`` chooses for ``chip_family``
-    (:func:`vicuna_bench.npu_graph.auto_compile_blocker`).
-    """
-    check_mode(mode, option)
-    if mode != "auto":
-        return mode
-    if device_type == "npu":
-        from .npu_graph import auto_compile_blocker
-
-        blocker = auto_compile_blocker(npu_graph, chip_family)
-        if blocker is not None:
-            log.info("%s auto: off (%s)", option, blocker)
-            return "off"
-    saved = decode_steps * _AUTO_SAVING_S.get(device_type, 0.0)
-    cost = _AUTO_COMPILE_S.get(device_type, float("inf"))
-    chosen = "on" if saved > cost else "off"
-    log.info(
-        "%s auto: %s (%d decode steps ahead would save ~%.0f s against ~%.0f s of compiling on %s)",
-        option, chosen, decode_steps, saved, cost, device_type,
-    )
-    return chosen
-
 
 def cache_dir():
     """Where compiled artefacts are kept: ``<vicuna-bench cache>/compile``."""
@@ -174,7 +129,7 @@ class CompiledSteps:
 
         With ``skip_guards``, a shape :meth:`warm` compiled for this very model runs under dynamo's
         ``skip_guard_eval_unsafe`` stance: only the guards that tell its cache entries apart are checked, not
-        every guard of the entry (SmolLM2 bf16 batch 1 on 2 cores: ~0.5 ms of a ~13 ms step went to the check).
+        every guard of the entry (its cost: docs/PERFORMANCE.md, "Compile options on CPU").
         That is safe here because every call of a warmed shape passes the same kind of inputs (DecodeState's
         tensors: dtypes, strides and device fixed) with the same model, and the graph's own wrapper still asserts
         each input's sizes and strides.  A shape or model not warmed runs the full check (and compiles).
@@ -324,18 +279,14 @@ def cpu_inductor_options(world_size: int = 1, dtype: str = "fp32") -> dict:
 
     * ``freezing`` (weights become constants, prepacked for the GEMM kernels):
       never while our CPU kernels are loaded (they read the model's weights as
-      they are: one copy for eager and every graph, docs/PERFORMANCE.md "CPU
-      kernels").  Without them, only for bf16/fp16, where it was what made a
-      step fast (bf16, SmolLM2,
-      batch 1: 30.1 ms unfrozen, 13.5 frozen: the AMX kernels want packed
-      weights).  In fp32 it buys nothing measurable at batch 1 (26.45 ms
-      unfrozen, 25.6-26.6 frozen) and costs much memory: the frozen graphs
-      keep their own prepacked copies beside the model's tensors (SmolLM2
-      fp32 decode + prefill: RSS growth 3.0 GB frozen against 0.66 GB
-      unfrozen, weights 0.51 GB; bf16 still pays it: 1.5 GB for 0.26 GB).
-    * a C++ wrapper: no Python between the ~200 small kernels of a step (bf16:
-      16.5 -> 14.1 ms).  It cannot wrap the collectives that tensor
-      parallelism puts in the graph (torch 2.13: "arg type Any").
+      they are: one copy for eager and every graph).  Without them, only for
+      bf16/fp16, where the GEMM kernels want packed weights; in fp32 it buys
+      nothing and the frozen graphs keep their own copies of the weights.
+    * a C++ wrapper: no Python between the ~200 small kernels of a step.  It
+      cannot wrap the collectives that tensor parallelism puts in the graph
+      (torch 2.13: "arg type Any").
+
+    The measurements behind both: docs/PERFORMANCE.md, "Compile options on CPU".
     """
     from . import cpu_kernels
 
@@ -367,9 +318,9 @@ def under_inductor_options(fn, **options):
     return call
 
 
-def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32", npu_graph: str = "auto",
+def compiled_steps(device: str, world_size: int, dtype: str = "fp32", npu_graph: str = "auto",
                    chip_family: str | None = None):
-    """The prefill and decode step for ``--compile on`` on ``device_type``: CompiledSteps, or eager (logged).
+    """The prefill and decode step for ``--compile on`` on ``device``: CompiledSteps, or eager (logged).
 
     NPU: ``npu_graph`` (auto | ge | aclgraph) for ``chip_family`` through
     the API the installed torchair has (:mod:`vicuna_bench.npu_graph`).
@@ -377,7 +328,7 @@ def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32", npu_g
     from .generation import EAGER, decode_step, prefill_logits
 
     _raise_recompile_limits()
-    if device_type == "npu":
+    if device == "npu":
         from .npu_graph import compile_decode
 
         graph = compile_decode(decode_step, npu_graph, chip_family, world_size)
@@ -390,9 +341,8 @@ def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32", npu_g
     _configure_inductor()
     # Collectives (world size > 1) may break the graph; one rank's step must be whole.
     fullgraph = world_size == 1
-    if device_type == "cuda":
-        # max-autotune = CUDA graphs + GEMMs autotuned per shape: Vicuna-13B fp16 on an H200, batch 1,
-        # 7.58 -> 7.12 ms a token (1.25x -> 1.18x the copy-bandwidth floor) for ~50 s of compiling, cached.
+    if device == "cuda":
+        # max-autotune = CUDA graphs + GEMMs autotuned per shape (docs/PERFORMANCE.md, "GPU").
         # The graph is recorded because the step writes no input but the module's buffers (the KV cache).
         graphed = torch.compile(decode_step, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
         prefill = torch.compile(prefill_logits, dynamic=True)
@@ -404,8 +354,7 @@ def compiled_steps(device_type: str, world_size: int, dtype: str = "fp32", npu_g
     configure_cpu_inductor(world_size, dtype)  # process-wide too, so the per-call check finds nothing to patch
     options = cpu_inductor_options(world_size, dtype)
     decode = torch.compile(decode_step, mode=CPU_DECODE_MODE, fullgraph=fullgraph, dynamic=False)
-    # Compiling the prefill fuses the elementwise work around its GEMMs, in one graph for every prompt length
-    # (bf16, 256 tokens: 111 -> 71 ms, frozen; unfrozen bf16 GEMMs would give back most of that).
+    # Compiling the prefill fuses the elementwise work around its GEMMs, in one graph for every prompt length.
     prefill = torch.compile(prefill_logits, dynamic=True)
     frozen = ", freezing" if options["freezing"] else ""
     wrapper = ", C++ wrapper" if options["cpp_wrapper"] else ""

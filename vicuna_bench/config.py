@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .settings import BY_KEY
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
 
@@ -144,27 +145,19 @@ def _read_rope(cfg: dict[str, Any], source: str) -> tuple[str, float, float]:
 
 
 def resolve_max_seq_len(explicit: int | None, args: ModelArgs) -> int:
-    """``--max-seq-len`` if given, else ``$MAX_SEQ_LENGTH``, else 2048 capped at the model's context.
+    """The KV cache length in tokens: ``explicit`` if given, else the settings table's default capped at the
+    model's context.
 
-    Only the unasked-for default is capped; an explicit value above the
-    context runs, with a warning (``EngineSpec.validate``), as the vendor's does.
+    ``explicit`` is what the front end resolved: ``--max-seq-len``, a config
+    file, or ``$MAX_SEQ_LENGTH`` (the table's environment layer, its one
+    reader).  Only the unasked-for default is capped; an explicit value above
+    the context runs, with a warning (``EngineSpec.validate``), as the vendor's does.
     """
     if explicit is not None:
         return explicit
-    if os.environ.get("MAX_SEQ_LENGTH"):
-        return default_max_seq_len()
     return min(default_max_seq_len(), args.context_len)
 
 
 def default_max_seq_len() -> int:
-    """``$MAX_SEQ_LENGTH`` if set (as the vendor scripts do), else 2048."""
-    raw = os.environ.get("MAX_SEQ_LENGTH")
-    if raw is None or raw == "":
-        return 2048
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UserError(f"environment MAX_SEQ_LENGTH={raw!r} is not an integer") from None
-    if value < 1:
-        raise UserError(f"environment MAX_SEQ_LENGTH={raw!r} must be >= 1")
-    return value
+    """The settings table's ``max-seq-len`` default (tokens)."""
+    return BY_KEY["model.max_seq_len"].default

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .launch import launched_by_torchrun
+
 log = logging.getLogger("vicuna_bench")
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -170,8 +172,6 @@ def choose_cpu_dtype(flags: frozenset[str] | None, probe=None, torchrun: bool = 
 @functools.lru_cache(maxsize=1)
 def host_cpu_dtype() -> CpuDtypeChoice:
     """This host's :func:`choose_cpu_dtype`, decided once per process (the probe runs at most once)."""
-    from .spmd import launched_by_torchrun
-
     return choose_cpu_dtype(read_cpu_flags(), torchrun=launched_by_torchrun())
 
 

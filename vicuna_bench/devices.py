@@ -25,7 +25,7 @@ from .torch_autoload import AUTOLOAD_ENV
 
 log = logging.getLogger("vicuna_bench")
 
-DEVICE_TYPES = ("cpu", "cuda", "npu")
+DEVICES = ("cpu", "cuda", "npu")  # --device (auto resolves to one of them)
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
 # NPU chip families (the vendor's DEVICE_TYPE): the dtypes each runs.  The
@@ -115,7 +115,7 @@ def select_device(name: str) -> DeviceChoice:
     the failure: falling back to another device would hide a broken NPU host.
     """
     if name != "auto":
-        return DeviceChoice(resolve_device_type(name), f"--device {name}")
+        return DeviceChoice(resolve_device(name), f"--device {name}")
     if not torch_npu_installed():
         npu_note = "torch_npu is not installed"
     else:
@@ -127,15 +127,15 @@ def select_device(name: str) -> DeviceChoice:
     return DeviceChoice("cpu", f"--device auto: cpu (no CUDA device; {npu_note})")
 
 
-def _count(device_type: str) -> str:
+def _count(device: str) -> str:
     try:
-        n = (torch.npu if device_type == "npu" else torch.cuda).device_count()
+        n = (torch.npu if device == "npu" else torch.cuda).device_count()
     except Exception:  # a count is only decoration in a message
         return "devices"
     return f"{n} device{'s' if n != 1 else ''}"
 
 
-def resolve_device_type(name: str) -> str:
+def resolve_device(name: str) -> str:
     """``auto`` -> npu if available, else cuda, else cpu (announced on the log); others are checked.
 
     In a process our front end started, a run resolved to cpu or cuda keeps torch_npu out from then on
@@ -143,19 +143,19 @@ def resolve_device_type(name: str) -> str:
     """
     if name in ("auto", "npu"):
         torch_autoload.let_torch_npu_in()
-    device = _resolve_device_type(name)
+    device = _resolve_device(name)
     if device != "npu" and torch_autoload.is_front_end():
         torch_autoload.keep_torch_npu_out()
     return device
 
 
-def _resolve_device_type(name: str) -> str:
+def _resolve_device(name: str) -> str:
     if name == "auto":
         choice = select_device(name)
         log.info("%s", choice.reason)
         return choice.device
-    if name not in DEVICE_TYPES:
-        raise UserError(f"--device {name!r} is not supported (valid: auto, {', '.join(DEVICE_TYPES)})")
+    if name not in DEVICES:
+        raise UserError(f"--device {name!r} is not supported (valid: auto, {', '.join(DEVICES)})")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to torch on this machine")
     if name == "npu" and not npu_available():
@@ -171,7 +171,7 @@ def check_chip(chip: str) -> str:
     return chip
 
 
-def check_dtype_for_chip(device_type: str, chip: str | None, dtype_name: str, requested: str | None = None) -> None:
+def check_dtype_for_chip(device: str, chip: str | None, dtype_name: str, requested: str | None = None) -> None:
     """Refuse a dtype the NPU chip family cannot run (bf16 on d3); other devices ignore the chip family.
 
     ``dtype_name`` is the resolved dtype; ``requested`` what the user asked
@@ -180,7 +180,7 @@ def check_dtype_for_chip(device_type: str, chip: str | None, dtype_name: str, re
     if chip is None:
         return
     check_chip(chip)
-    if device_type != "npu":
+    if device != "npu":
         return
     product, dtypes = CHIP_FAMILIES[chip]
     if dtype_name not in dtypes:
@@ -190,7 +190,7 @@ def check_dtype_for_chip(device_type: str, chip: str | None, dtype_name: str, re
         )
 
 
-def resolve_chip_family(device_type: str, requested: str = "auto", device_index: int = 0) -> str | None:
+def resolve_chip_family(device: str, requested: str = "auto", device_index: int = 0) -> str | None:
     """The NPU chip family a run uses (d9 | d3), from the name of NPU ``device_index`` (:func:`npu_chip_name`).
 
     ``requested`` is ``--device-type``: ``auto`` takes the detected family
@@ -204,7 +204,7 @@ def resolve_chip_family(device_type: str, requested: str = "auto", device_index:
     if requested not in CHIP_CHOICES:
         valid = ", ".join(["auto (detected)"] + [f"{k} = {v[0]}" for k, v in CHIP_FAMILIES.items()])
         raise UserError(f"--device-type {requested!r} is not supported (valid: {valid})")
-    if device_type != "npu":
+    if device != "npu":
         return None if requested == "auto" else requested
     try:
         name = npu_chip_name(device_index)
@@ -274,11 +274,11 @@ JIT_COMPILE_CHOICES = ("auto", "on", "off")
 AUTO_JIT_COMPILE = {"d9": "off", "d3": "off"}
 
 
-def resolve_jit_compile(device_type: str, chip: str | None, requested: str = "auto") -> str | None:
+def resolve_jit_compile(device: str, chip: str | None, requested: str = "auto") -> str | None:
     """The NPU operator compile mode a run uses: ``on`` | ``off`` (:data:`AUTO_JIT_COMPILE` for auto); None off NPU."""
     if requested not in JIT_COMPILE_CHOICES:
         raise UserError(f"--npu-jit-compile {requested!r} is not supported (valid: {', '.join(JIT_COMPILE_CHOICES)})")
-    if device_type != "npu":
+    if device != "npu":
         return None
     return AUTO_JIT_COMPILE.get(chip or "", "off") if requested == "auto" else requested
 
@@ -300,15 +300,15 @@ def npu_jit_compile_now(index: int | None = None) -> str | None:
     return "off" if npu.is_jit_compile_false() else "on"
 
 
-def check_rank_chip(device_type: str, chip: str | None, index: int) -> None:
+def check_rank_chip(device: str, chip: str | None, index: int) -> None:
     """Inside a rank, after ``set_device(index)``: NPU ``index`` must be of the run's chip family ``chip``."""
-    if device_type == "npu" and chip is not None:
-        resolve_chip_family(device_type, chip, index)
+    if device == "npu" and chip is not None:
+        resolve_chip_family(device, chip, index)
 
 
-def dtype_skip_reason(device_type: str, chip: str | None, dtype_name: str) -> str | None:
+def dtype_skip_reason(device: str, chip: str | None, dtype_name: str) -> str | None:
     """Why ``dtype_name`` cannot run on this device's chip family (None: it can, or no chip rule applies)."""
-    if device_type != "npu" or chip not in CHIP_FAMILIES:
+    if device != "npu" or chip not in CHIP_FAMILIES:
         return None
     product, dtypes = CHIP_FAMILIES[chip]
     if dtype_name in dtypes:
@@ -326,13 +326,13 @@ def chip_family_of(name: str) -> str | None:
     return None
 
 
-def device_for_rank(device_type: str, local_rank: int, jit_compile: str | None = None) -> torch.device:
+def device_for_rank(device: str, local_rank: int, jit_compile: str | None = None) -> torch.device:
     """Make device ``local_rank`` this process's current one; on NPU set the operator compile mode ``jit_compile``
     (``on`` | ``off``; None leaves it) right after, before any operator runs."""
     global _made_current
-    if device_type == "cpu":
+    if device == "cpu":
         return torch.device("cpu")
-    if device_type == "npu":
+    if device == "npu":
         _import_torch_npu()
         torch.npu.set_device(local_rank)
         _made_current = local_rank
@@ -340,7 +340,7 @@ def device_for_rank(device_type: str, local_rank: int, jit_compile: str | None =
             torch.npu.set_compile_mode(jit_compile=jit_compile == "on")
     else:
         torch.cuda.set_device(local_rank)
-    return torch.device(device_type, local_rank)
+    return torch.device(device, local_rank)
 
 
 def synchronize(device: torch.device) -> None:
@@ -360,11 +360,11 @@ def device_name(device: torch.device) -> str:
     return cpu_model_name()
 
 
-def device_name_of(device_type: str, index: int = 0) -> str:
+def device_name_of(device: str, index: int = 0) -> str:
     """Human name of device ``index`` of a type: ``torch.npu``/``torch.cuda.get_device_name``, the CPU's model name."""
-    if device_type == "cuda":
+    if device == "cuda":
         return torch.cuda.get_device_name(index)
-    if device_type == "npu":
+    if device == "npu":
         return npu_chip_name(index)
     return cpu_model_name()
 
@@ -390,64 +390,43 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def environment_record(device_type: str, device_index: int = 0, cpu_dtype_auto=None) -> dict:
-    """What a result depends on besides the code: device name and NPU chip family, the host CPU's matrix ISA,
-    whether our CPU kernels run (CPU), torch / torch_npu / torchair / CUDA versions, timing env vars, and the
-    energy meter (:func:`vicuna_bench.energy.describe`: source and resolution, or why there is none).
+def device_record(device: str, device_index: int = 0, cpu_dtype_auto=None) -> dict:
+    """The device's part of the environment record (:func:`vicuna_bench.environment.environment_record` adds the
+    energy meter, torchair and our CPU kernels): device name and NPU chip family, the host CPU's matrix ISA,
+    torch / torch_npu / CUDA versions, timing env vars.
 
     ``cpu_dtype_auto``: the spec's :class:`vicuna_bench.cpu_isa.CpuDtypeChoice` where ``--dtype auto`` chose the
     CPU dtype (recorded with the probe's GFLOP/s); None: the dtype was given, or the device is an accelerator.
 
     ``device_index`` names the device (this rank's).  Environment variables
-    that are unset are recorded as None (their default applies); so is
-    torchair off NPU (``unknown``: a torch_npu release not in
-    ``npu_graph.TORCHAIR_OF_TORCH_NPU``).  ``torch_npu_loaded_by``
-    (:func:`torch_npu_loaded_by`) and ``torch_device_backend_autoload``
-    (the variable as torch saw it) say whether torch_npu came in on purpose;
-    ``npu_jit_compile`` is the operator compile mode read back (NPU, once
-    the device is up; None otherwise).
+    that are unset are recorded as None (their default applies).
+    ``torch_npu_loaded_by`` (:func:`torch_npu_loaded_by`) and
+    ``torch_device_backend_autoload`` (the variable as torch saw it) say
+    whether torch_npu came in on purpose; ``npu_jit_compile`` is the operator
+    compile mode read back (NPU, once the device is up; None otherwise).
+    ``torchair`` and ``energy`` are None here, filled in by the caller.
     """
-    if device_type == "npu":
+    if device == "npu":
         _import_torch_npu()
-    name = device_name_of(device_type, device_index)
-    record = {
-        "device_type": device_type,
+    name = device_name_of(device, device_index)
+    names = NPU_TIMING_ENV if device == "npu" else CUDA_TIMING_ENV if device == "cuda" else ()
+    return {
+        "device_type": device,
         "device_name": name,
-        "chip_family": chip_family_of(name) if device_type == "npu" else None,
+        "chip_family": chip_family_of(name) if device == "npu" else None,
         "torch": torch.__version__,
-        "torch_npu": _package_version("torch_npu") if device_type == "npu" else None,
-        "torchair": _torchair_record() if device_type == "npu" else None,
-        "cuda": torch.version.cuda if device_type == "cuda" else None,
+        "torch_npu": _package_version("torch_npu") if device == "npu" else None,
+        "torchair": None,
+        "cuda": torch.version.cuda if device == "cuda" else None,
         "torch_npu_loaded_by": torch_npu_loaded_by(),
         "torch_device_backend_autoload": _AUTOLOAD_SEEN,
-        "npu_jit_compile": npu_jit_compile_now(device_index) if device_type == "npu" else None,
+        "npu_jit_compile": npu_jit_compile_now(device_index) if device == "npu" else None,
         "python": platform.python_version(),
         **cpu_isa.isa_record(cpu_isa.read_cpu_flags()),
         "cpu_dtype_auto": cpu_dtype_auto.record() if cpu_dtype_auto is not None else None,
-        "energy": _energy_record(device_type, device_index),
-        "env": {},
+        "energy": None,
+        "env": {k: os.environ.get(k) for k in names},
     }
-    if device_type == "cpu":
-        from . import cpu_kernels
-
-        cpu_kernels.load()  # whether our CPU kernels run is part of what a CPU result depends on (once per process)
-        record.update(cpu_kernels.status())
-    names = NPU_TIMING_ENV if device_type == "npu" else CUDA_TIMING_ENV if device_type == "cuda" else ()
-    record["env"] = {k: os.environ.get(k) for k in names}
-    return record
-
-
-def _energy_record(device_type: str, device_index: int) -> dict:
-    """This device's energy source and its resolution, or ``{"source": "n/a", "reason": ...}``."""
-    from . import energy
-
-    return energy.describe(device_type, [device_index])
-
-
-def _torchair_record() -> str | None:
-    from .npu_graph import torchair_status
-
-    return torchair_status().record()
 
 
 # ---------------------------------------------------------------- memory

@@ -180,8 +180,25 @@ def kv_room_bytes(need: RankNeed, has: int) -> int:
     return has - need.weight_bytes - need.runtime_bytes
 
 
-def check_fit(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, batch: int, device: str,
-              available: int, where: str, ranks_sharing: int = 1, device_count: int | None = None,
+@dataclasses.dataclass(frozen=True)
+class FitCase:
+    """What a run asks of each rank's memory: the model, world size, dtype (fp32 | fp16 | bf16), context (tokens),
+    batch (rows) and device kind (cpu | cuda | npu)."""
+
+    args: ModelArgs
+    world_size: int
+    dtype: str
+    max_seq_len: int
+    batch: int
+    device: str
+
+    def need(self, **changes) -> RankNeed:
+        """:func:`rank_need` of this case, or of it with ``changes`` (e.g. ``world_size=2``)."""
+        case = dataclasses.replace(self, **changes) if changes else self
+        return rank_need(case.args, case.world_size, case.dtype, case.max_seq_len, case.batch, case.device)
+
+
+def check_fit(case: FitCase, available: int, where: str, ranks_sharing: int = 1, device_count: int | None = None,
               kv_budget: int | None = None) -> RankNeed:
     """Raise a one-line UserError when a rank's need exceeds ``available`` / ``ranks_sharing`` bytes.
 
@@ -192,7 +209,7 @@ def check_fit(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, ba
     the pool's budget and the room for KV sets filled in.  The message
     gives the numbers and what would fit instead.
     """
-    need = rank_need(args, world_size, dtype, max_seq_len, batch, device)
+    need = case.need()
     has = available // ranks_sharing
     room = kv_room_bytes(need, has)
     checked = dataclasses.replace(need, kv_pool_bytes=KVCachePool.budget_for(need.kv_bytes, room, kv_budget),
@@ -205,27 +222,27 @@ def check_fit(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, ba
     else:
         kv = f"KV cache {_gib(need.kv_bytes)}"
     raise UserError(
-        f"world size {world_size}, --dtype {dtype}, --max-seq-len {max_seq_len}, batch {batch}: each rank needs "
-        f"{_gib(checked.total)} (weights {_gib(need.weight_bytes)} + {kv} + runtime "
+        f"world size {case.world_size}, --dtype {case.dtype}, --max-seq-len {case.max_seq_len}, batch {case.batch}: "
+        f"each rank needs {_gib(checked.total)} (weights {_gib(need.weight_bytes)} + {kv} + runtime "
         f"{_gib(need.runtime_bytes)}) but has {_gib(has)} ({share}); "
-        + _what_fits(args, world_size, dtype, max_seq_len, batch, device, available, ranks_sharing, device_count,
-                     kv_budget)
+        + _what_fits(case, available, device_count, kv_budget)
     )
 
 
-def _what_fits(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, batch: int, device: str,
-               available: int, ranks_sharing: int, device_count: int | None, kv_budget: int | None = None) -> str:
+def _what_fits(case: FitCase, available: int, device_count: int | None, kv_budget: int | None = None) -> str:
     """Settings that would fit, one change at a time: world size, dtype, max-seq-len, the pool's budget."""
-    on_host = device == "cpu"
+    on_host = case.device == "cpu"
+    world_size, dtype, max_seq_len = case.world_size, case.dtype, case.max_seq_len
 
     def fits(ws: int, dt: str, length: int, budget: int | None = kv_budget) -> bool:
         sharing = ws if on_host else 1  # host memory is split among the host's ranks; a device is the rank's own
-        need = rank_need(args, ws, dt, length, batch, device)
+        need = case.need(world_size=ws, dtype=dt, max_seq_len=length)
         return max(need.kv_bytes, budget or 0) <= kv_room_bytes(need, available // sharing)
 
     options = []
     limit = world_size if on_host else (device_count or 64)
-    sizes = [ws for ws in valid_world_sizes(args, max(limit, 1)) if ws != world_size and fits(ws, dtype, max_seq_len)]
+    sizes = [ws for ws in valid_world_sizes(case.args, max(limit, 1))
+             if ws != world_size and fits(ws, dtype, max_seq_len)]
     if sizes:
         options.append("--world-size " + "/".join(map(str, sizes[:4])))
     if dtype == "fp32":
@@ -236,13 +253,13 @@ def _what_fits(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, b
     if length < max_seq_len and fits(world_size, dtype, length):
         options.append(f"--max-seq-len {length}")
     if kv_budget is not None and fits(world_size, dtype, max_seq_len, budget=None):
-        room = kv_room_bytes(rank_need(args, world_size, dtype, max_seq_len, batch, device),
-                             available // (world_size if on_host else 1))
+        room = kv_room_bytes(case.need(), available // (world_size if on_host else 1))
         options.append(f"kv_cache_budget_mb={room >> 20} or less")
     if options:
         return "would fit: " + ", or ".join(options)
-    weights = rank_need(args, 1, "bf16" if dtype == "fp32" else dtype, 2, 1, device).weight_bytes
-    return f"nothing fits here: the weights alone are {_gib(weights)} in {'bf16' if dtype == 'fp32' else dtype}"
+    small = "bf16" if dtype == "fp32" else dtype
+    weights = case.need(world_size=1, dtype=small, max_seq_len=2, batch=1).weight_bytes
+    return f"nothing fits here: the weights alone are {_gib(weights)} in {small}"
 
 
 def check_host_fit(args: ModelArgs, world_size: int, dtype: str, max_seq_len: int, batch: int,
@@ -251,7 +268,7 @@ def check_host_fit(args: ModelArgs, world_size: int, dtype: str, max_seq_len: in
     available = host_available_bytes()
     if available is None:
         return None
-    return check_fit(args, world_size, dtype, max_seq_len, batch, "cpu", available,
+    return check_fit(FitCase(args, world_size, dtype, max_seq_len, batch, "cpu"), available,
                      f"{_gib(available)} available on the host", ranks_sharing=ranks_on_host, kv_budget=kv_budget)
 
 
@@ -274,7 +291,7 @@ def check_device_fit(args: ModelArgs, world_size: int, dtype: str, max_seq_len: 
                      kv_budget: int | None = None) -> RankNeed:
     """The CUDA/NPU check, in the rank on ``device``, before it allocates anything."""
     free = device_free_bytes(device)
-    return check_fit(args, world_size, dtype, max_seq_len, batch, device.type, free,
+    return check_fit(FitCase(args, world_size, dtype, max_seq_len, batch, device.type), free,
                      f"{_gib(free)} free on {device}", device_count=device_count, kv_budget=kv_budget)
 
 
@@ -330,5 +347,5 @@ class LoadPeak:
             self._fd = None
 
 
-__all__ = ["LoadPeak", "RankNeed", "check_device_fit", "check_fit", "check_host_fit", "host_available_bytes",
+__all__ = ["FitCase", "LoadPeak", "RankNeed", "check_device_fit", "check_fit", "check_host_fit", "host_available_bytes",
            "host_need", "kv_room_bytes", "rank_need", "rank_weight_elements", "kv_cache_bytes"]

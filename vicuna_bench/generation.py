@@ -274,10 +274,10 @@ def cache_length(needed: int, max_seq_len: int) -> int:
     return min(length, max_seq_len)
 
 
-def warms_first_prefill(device_type: str) -> bool:
+def warms_first_prefill(device: str) -> bool:
     """Whether a prefill of a shape new to the model runs once untimed first: on NPU, whose eager ops may compile
     on their first call per shape (``torch.npu.set_compile_mode(jit_compile=True)``)."""
-    return device_type == "npu"
+    return device == "npu"
 
 
 # Prefill shapes (batch, prefill tokens, cache slots, start) already run per model, where warms_first_prefill.
@@ -396,125 +396,160 @@ def _prefill_out_of_memory(model: Transformer, batch: int, length: int, new_toke
     return UserError(f"{head}; by the fit check's bounds nothing smaller fits in {where}; {why}")
 
 
-@torch.inference_mode()
-def generate(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    eos_ids: Sequence[int] = (),
-    ignore_eos: bool = False,
-    sampling: SamplingConfig = SamplingConfig(),
-    pad_id: int = 0,
-    return_logits: bool = False,
-    sync: Callable[[], None] = lambda: None,
-    on_tokens: Callable[[list[int]], None] | None = None,
-    steps: EagerSteps = EAGER,
-    prefix: PrefixKV | None = None,
-    logit_ids: Sequence[int] | None = None,
-) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` for each prompt (token id lists).
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One batched generation, the same on every rank (a misspelt option is a TypeError, not ignored)."""
 
-    A row stops after its first EOS (which is kept in its output, as
-    transformers does) unless ``ignore_eos``.  ``first_token_ms`` covers the
-    prefill and the choice of the first token; ``step_ms`` each later decode
-    step (device events on accelerators, read once at the end).
-    ``total_ms`` is the whole call.  ``on_tokens`` (streaming) receives each
-    step's token per row.  ``steps`` runs the prefill and decode steps
-    (eager, or compiled by ``--compile on``).  ``prefix``: every prompt
-    starts with ``prefix.ids``, whose keys and values are copied into each
-    row's cache; only the rest of each prompt is prefilled.  ``logit_ids``:
-    keep only those vocabulary columns of the returned logits.  Where the
-    prefill's bound exceeds the free memory, the KV sets the pool keeps
-    beside the one in use are dropped before it starts; a prefill that
-    runs out of device memory all the same drops them and runs once more
-    (world size 1); then, or at once at a larger world size, a one-line
-    UserError says what would fit.
-    """
-    call_start = time.perf_counter()
-    device = model.lm_head.weight.device
-    validate_prompts(prompts, max_new_tokens, model.max_seq_len, model.args.vocab_size)
-    batch = len(prompts)
-    shared = 0
+    prompts: list[list[int]]
+    max_new_tokens: int = 32
+    ignore_eos: bool = False
+    sampling: SamplingConfig = SamplingConfig()
+    return_logits: bool = False
+    eos_ids: tuple[int, ...] | None = None  # None: the model's
+    stream: bool = False  # rank 0 sends each step's tokens back
+    prefix_len: int = 0  # every prompt starts with the same this many tokens: prefill them once (kept per rank)
+    logit_ids: tuple[int, ...] | None = None  # return_logits: only these vocabulary columns cross back
+
+    @classmethod
+    def make(cls, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, **options) -> "GenerationRequest":
+        """Normalised types (ints, lists, a SamplingConfig) from a caller's values."""
+        eos = options.pop("eos_ids", None)
+        sampling = options.pop("sampling", None) or SamplingConfig()
+        logit_ids = options.pop("logit_ids", None)
+        return cls([list(map(int, p)) for p in prompts], int(max_new_tokens), sampling=sampling,
+                   eos_ids=None if eos is None else tuple(int(e) for e in eos),
+                   logit_ids=None if logit_ids is None else tuple(int(i) for i in logit_ids), **options)
+
+
+@dataclasses.dataclass
+class _Batch:
+    """A request's prompts laid out in the KV cache: per row [shared prefix | left padding | rest | new tokens]."""
+
+    tokens: torch.Tensor  # [B, T] the prompts past the shared prefix, left-padded
+    positions: torch.Tensor  # [B, T] rotary positions
+    key_valid: torch.Tensor  # [B, cache slots] slots holding real tokens
+    shared: int  # tokens of the shared prefix
+    length: int  # prompt slots per row (prefix included)
+    new_tokens: int  # the most a row may generate
+
+    @classmethod
+    def lay_out(cls, model: Transformer, prompts: Sequence[Sequence[int]], shared: int, new_tokens: int,
+                pad_id: int) -> "_Batch":
+        device = model.lm_head.weight.device
+        rests = [list(p[shared:]) for p in prompts]
+        length = shared + max(len(r) for r in rests)
+        tokens = torch.full((len(prompts), length - shared), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+        mask[:, :shared] = True
+        for row, rest in enumerate(rests):
+            tokens[row, tokens.shape[1] - len(rest) :] = torch.as_tensor(rest, dtype=torch.long)
+            mask[row, length - len(rest) :] = True
+        tokens, mask = tokens.to(device), mask.to(device)
+        slots = model.setup_caches(len(prompts), cache_length(length + new_tokens, model.max_seq_len))
+        key_valid = torch.zeros((len(prompts), slots), dtype=torch.bool, device=device)
+        key_valid[:, :length] = mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        return cls(tokens, positions, key_valid, shared, length, new_tokens)
+
+
+def _usable_prefix(model: Transformer, prompts: Sequence[Sequence[int]], prefix: PrefixKV | None) -> PrefixKV | None:
+    """``prefix`` where every prompt extends it (else a ValueError); None where it cannot be reused."""
     a = model.args
     if prefix is not None and a.rope_type == "dynamic" and max(map(len, prompts)) > a.max_position_embeddings:
         # Dynamic NTK rotates every key by a base that depends on the whole prompt's length: keys computed
         # for the prefix alone would differ.  Such a request is prefilled whole.
-        prefix = None
+        return None
     if prefix is not None:
         shared = len(prefix.ids)
         for i, prompt in enumerate(prompts):
             if len(prompt) <= shared or list(prompt[:shared]) != prefix.ids:
                 raise ValueError(f"prompt {i} does not extend the {shared}-token prefix by at least one token")
-    # Cache layout per row: [shared prefix | left padding | the rest of the prompt | new tokens].
-    rests = [list(p[shared:]) for p in prompts]
-    length = shared + max(len(r) for r in rests)
-    tokens = torch.full((batch, length - shared), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, length), dtype=torch.bool)
-    mask[:, :shared] = True
-    for row, rest in enumerate(rests):
-        tokens[row, tokens.shape[1] - len(rest) :] = torch.as_tensor(rest, dtype=torch.long)
-        mask[row, length - len(rest) :] = True
-    tokens = tokens.to(device)
-    mask = mask.to(device)
-    slots = model.setup_caches(batch, cache_length(length + max_new_tokens, model.max_seq_len))
-    key_valid = torch.zeros((batch, slots), dtype=torch.bool, device=device)
-    key_valid[:, :length] = mask
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    keep = None if logit_ids is None else torch.as_tensor(list(logit_ids), dtype=torch.long, device=device)
-    eos = torch.as_tensor(list(eos_ids) if not ignore_eos else [], dtype=torch.long, device=device)
-    check_every = 1 if device.type == "cpu" else EOS_CHECK_EVERY
-    generator = None
-    if not sampling.greedy:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(sampling.seed)
+    return prefix
 
-    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    made = torch.zeros(batch, dtype=torch.long, device=device)  # tokens kept per row
-    kept_logits = [] if return_logits else None
 
-    compile_s = steps.warm(model, batch, slots, sync)  # compiling belongs outside the timed work
-    make_room_for_prefill(model, batch, slots)
+def _timed_prefill(model: Transformer, steps: EagerSteps, batch: _Batch, prefix: PrefixKV | None,
+                   sampling: SamplingConfig, generator: torch.Generator | None, sync: Callable[[], None]):
+    """The first token, timed: (clock, host start s, logits, token ids, untimed warm-up s).
 
-    def first_token() -> tuple[torch.Tensor, torch.Tensor]:
-        if prefix is not None:
-            model.load_prefix(prefix.kv)
-        first = steps.prefill(model, tokens, positions, key_valid, shared)
-        return first, select_tokens(first, sampling, generator)
-
+    A prefill that runs out of device memory drops the KV sets the pool keeps beside the one in use and runs once
+    more (world size 1); then, or at once at a larger world size, a one-line UserError says what would fit.
+    """
+    warm_s = 0.0
+    rows = batch.tokens.shape[0]
     for attempt in (1, 2):
         try:
-            compile_s += warm_prefill(model, steps, tokens, positions, key_valid, shared, sync)
-            clock = StepClock(device)
+            warm_s += warm_prefill(model, steps, batch.tokens, batch.positions, batch.key_valid, batch.shared, sync)
+            clock = StepClock(batch.tokens.device)
             sync()
             started_s = time.perf_counter()  # the device is idle here: host time and the first mark agree
             clock.mark()
-            logits, next_ids = first_token()
-            break
+            if prefix is not None:
+                model.load_prefix(prefix.kv)
+            logits = steps.prefill(model, batch.tokens, batch.positions, batch.key_valid, batch.shared)
+            return clock, started_s, logits, select_tokens(logits, sampling, generator), warm_s
         except Exception as exc:  # only a device out of memory is handled; anything else goes up as it is
             if not out_of_memory(exc):
                 raise
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # Out of memory; the failed prefill's tensors went with the exception at the end of the except clause.
         if attempt == 2 or model.tp.world_size > 1:
-            raise _prefill_out_of_memory(model, batch, length, max_new_tokens, attempt == 2, why)
+            raise _prefill_out_of_memory(model, rows, batch.length, batch.new_tokens, attempt == 2, why)
         kept = len(model.kv_pool) - 1
         dropped = model.kv_pool.drop_kept()
-        _release_device_cache(device)
+        _release_device_cache(batch.tokens.device)
         log.warning("prefill of batch %d x %d tokens ran out of %s memory (%s): dropped %d kept KV cache set(s) "
-                    "(%.1f MiB), trying once more", batch, length, device.type, why, kept, dropped / 2**20)
+                    "(%.1f MiB), trying once more", rows, batch.length, batch.tokens.device.type, why, kept,
+                    dropped / 2**20)
         if generator is not None:
             generator.manual_seed(sampling.seed)
-    compile_ms = compile_s * 1e3
-    clock.mark()
-    state = DecodeState.after_prefill(key_valid, length - 1, positions[:, -1:])
 
-    for step in range(max_new_tokens):
+
+@torch.inference_mode()
+def generate(model: Transformer, request: GenerationRequest, *, steps: EagerSteps = EAGER,
+             prefix: PrefixKV | None = None, sync: Callable[[], None] = lambda: None,
+             on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    """Generate up to ``request.max_new_tokens`` for each of its prompts (token id lists).
+
+    A row stops after its first EOS (the request's, else the model's; kept in its output, as transformers does)
+    unless ``ignore_eos``.  ``first_token_ms`` covers the prefill and the choice of the first token; ``step_ms``
+    each later decode step (device events on accelerators, read once at the end); ``total_ms`` the whole call,
+    less compiling.  ``on_tokens`` (streaming) receives each step's token per row (-1 for a finished row).
+    ``steps`` runs the prefill and decode steps (eager, or compiled by ``--compile on``).  ``prefix``: every
+    prompt starts with ``prefix.ids``, whose keys and values are copied into each row's cache; only the rest of
+    each prompt is prefilled.  Where the prefill's bound exceeds the free memory, the KV sets the pool keeps
+    beside the one in use are dropped before it starts (and see :func:`_timed_prefill`).
+    """
+    call_start = time.perf_counter()
+    device, args, new_tokens = model.lm_head.weight.device, model.args, request.max_new_tokens
+    validate_prompts(request.prompts, new_tokens, model.max_seq_len, args.vocab_size)
+    prefix = _usable_prefix(model, request.prompts, prefix)
+    pad_id = args.pad_token_id if args.pad_token_id is not None else 0
+    batch = _Batch.lay_out(model, request.prompts, len(prefix.ids) if prefix else 0, new_tokens, pad_id)
+    rows, slots = batch.key_valid.shape
+    generator = None
+    if not request.sampling.greedy:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(request.sampling.seed)
+    compile_s = steps.warm(model, rows, slots, sync)  # compiling belongs outside the timed work
+    make_room_for_prefill(model, rows, slots)
+    clock, started_s, logits, next_ids, warm_s = _timed_prefill(model, steps, batch, prefix, request.sampling,
+                                                                generator, sync)
+    compile_ms = (compile_s + warm_s) * 1e3
+    clock.mark()
+    state = DecodeState.after_prefill(batch.key_valid, batch.length - 1, batch.positions[:, -1:])
+    eos_ids = () if request.ignore_eos else (args.eos_token_ids if request.eos_ids is None else request.eos_ids)
+    eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=device)
+    keep = None if request.logit_ids is None else torch.as_tensor(request.logit_ids, dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else EOS_CHECK_EVERY
+    out = torch.full((rows, new_tokens), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    made = torch.zeros(rows, dtype=torch.long, device=device)  # tokens kept per row
+    kept_logits = [] if request.return_logits else None
+    for step in range(new_tokens):
         if step > 0:
             state.advance(next_ids)
             logits = steps.decode(model, state)
-            next_ids = select_tokens(logits, sampling, generator)
+            next_ids = select_tokens(logits, request.sampling, generator)
             clock.mark()
         live = ~finished
         out[:, step] = torch.where(live, next_ids, out[:, step])
@@ -526,18 +561,15 @@ def generate(
             on_tokens([int(t) if alive else -1 for t, alive in zip(next_ids.tolist(), live.tolist())])
         if eos.numel():
             finished |= torch.isin(next_ids, eos)
-            if step + 1 < max_new_tokens and (step + 1) % check_every == 0 and bool(finished.all()):
+            if step + 1 < new_tokens and (step + 1) % check_every == 0 and bool(finished.all()):
                 break
-
-    counts = made.tolist()
-    rows = out.tolist()
-    output_ids = [rows[r][: counts[r]] for r in range(batch)]
+    counts, out_rows = made.tolist(), out.tolist()
     logits_rows = None
     if kept_logits is not None:
         stacked = torch.stack(kept_logits, dim=1).cpu()  # [B, steps, V]
-        logits_rows = [stacked[r, : counts[r]] for r in range(batch)]
+        logits_rows = [stacked[r, : counts[r]] for r in range(rows)]
     sync()
     times = clock.intervals_ms()
     total_ms = (time.perf_counter() - call_start) * 1e3 - compile_ms  # compiling is reported apart
-    return GenerationResult(output_ids, times[0], times[1:], logits_rows, total_ms, compile_ms=compile_ms,
-                            started_s=started_s)
+    return GenerationResult([out_rows[r][: counts[r]] for r in range(rows)], times[0], times[1:], logits_rows,
+                            total_ms, compile_ms=compile_ms, started_s=started_s)

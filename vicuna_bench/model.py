@@ -10,7 +10,8 @@ Module names mirror Hugging Face's ``LlamaForCausalLM``, except two fused
 projections per layer: ``qkv_proj`` (q, k, v rows stacked) and
 ``gate_up_proj`` (gate, then up rows), one matrix-vector product each in a
 decode step.  :meth:`Transformer.checkpoint_targets` maps each checkpoint
-tensor name to its rows, which the loader fills in place.
+tensor name to its rows, which the loader fills in place.  Our CPU kernels are
+no part of it: :mod:`vicuna_bench.kernel_pass` swaps them into a built model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
 from .config import ModelArgs
 from .sharding import ShardPlan, TensorParallel
 
@@ -231,19 +231,6 @@ def _set_bytes(caches: list[KVCache]) -> int:
     return sum(c.nbytes for c in caches)
 
 
-class Linear(nn.Linear):
-    """A bias-free ``nn.Linear`` whose product is :func:`vicuna_bench.cpu_kernels.linear`.
-
-    On CPU (fp32/bf16, the kernel built) a decode step's few rows go through
-    the small-M GEMM that streams the weight once for all rows; eager calls and
-    compiled graphs read this same ``weight`` tensor (no packed copy). Anywhere
-    else, ``F.linear``.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(x, self.weight)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SDPA of q [B, H, T, D] over k/v [B, Hkv, L, D], grouped-query without copying the cache.
 
@@ -294,11 +281,13 @@ class Attention(nn.Module):
         self.n_kv_heads = plan.local_kv_heads
         hd = args.head_dim
         # This rank's q, k and v rows stacked: one matrix-vector product instead of three.
-        self.qkv_proj = Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
-        self.o_proj = Linear(self.n_heads * hd, args.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=False)
         self.cache: KVCache | None = None
-        # (q, k, v, mask) -> out and (cache, slots, k, v) -> None: npu_graph swaps in its own for torchair's GE graph
+        # (q, k, v, mask) -> out for a prefill and for the static decode step, and (cache, slots, k, v) -> None:
+        # passes on a built model swap in their own (npu_graph for torchair's GE graph, kernel_pass on CPU).
         self.attend = attend
+        self.attend_decode = attend
         self.write_kv = _write_kv
 
     def qkv_rows(self) -> list[int]:
@@ -320,11 +309,7 @@ class Attention(nn.Module):
         keys, values = self.cache.k, self.cache.v
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-        if steps == 1 and kv_len is None and cpu_kernels.handles(q):
-            # A decode step on CPU: only the filled slots of the cache are read (``mask`` is [B, 1, 1, L]).
-            out = cpu_kernels.decode_attention(q, keys, values, mask.reshape(batch, mask.shape[-1]))
-        else:
-            out = self.attend(q, keys, values, mask)
+        out = (self.attend if kv_len is not None else self.attend_decode)(q, keys, values, mask)
         out = out.transpose(1, 2).reshape(batch, steps, self.n_heads * hd)
         return self.tp.all_reduce(self.o_proj(out))
 
@@ -334,8 +319,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.tp = tp
         # This rank's gate rows, then its up rows.
-        self.gate_up_proj = Linear(args.hidden_size, 2 * plan.local_intermediate, bias=False)
-        self.down_proj = Linear(plan.local_intermediate, args.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * plan.local_intermediate, bias=False)
+        self.down_proj = nn.Linear(plan.local_intermediate, args.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -395,7 +380,7 @@ class Transformer(nn.Module):
         self.model = LlamaModel(args, plan, tp)
         # Both are cut by the same vocabulary rows, so a tied checkpoint shares
         # one tensor here too (see tie_weights): no second copy to read.
-        self.lm_head = Linear(args.hidden_size, plan.local_vocab, bias=False)
+        self.lm_head = nn.Linear(args.hidden_size, plan.local_vocab, bias=False)
         self.rotary = RotaryEmbedding(args, max_seq_len)
         self.cache_shape = (0, 0)  # (batch, length) of the KV caches in use
         self.kv_pool = KVCachePool()  # every bucket's caches, kept (a plain object: not in the module tree)

@@ -138,6 +138,8 @@ def prepare_for_ge(model) -> None:
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = graph_attention
+            if module.attend_decode is attend:  # a kernel a pass swapped in (CPU: vicuna_bench.kernel_pass) stays
+                module.attend_decode = graph_attention
             if in_place:
                 module.write_kv = graph_write
     _prepared_for_ge.add(model)

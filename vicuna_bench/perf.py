@@ -37,10 +37,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from . import launch
 from .energy import EnergyProbe, Sampler, per_token
 from .errors import GateFailed, UserError
 from .settings import BY_KEY, flag
+from .stats import judge_change
 from .files import write_atomic
+from .jobs import Work
 
 log = logging.getLogger("vicuna_bench")
 
@@ -153,7 +156,7 @@ class PerfSettings:
     batch_size: int = BY_KEY["perf.batch_size"].default
     mode: str = BY_KEY["perf.perf_mode"].default
     repeat: int = BY_KEY["perf.repeat"].default
-    model_name: str | None = None  # None: the model directory's (resolved by PerfSession.check_model)
+    model_name: str | None = None  # None: the model directory's (resolved by PerfJob.check)
     seed: int = BY_KEY["perf.seed"].default
     mem_bandwidth_gbps: float | None = None  # None: probe it
 
@@ -183,6 +186,12 @@ class PerfSettings:
                     f"case {case}: seq_in + seq_out = {case.seq_in + case.seq_out} exceeds {flag('model.max_seq_len')} "
                     f"{max_seq_len} (raise {flag('model.max_seq_len')} or $MAX_SEQ_LENGTH)"
                 )
+
+
+def settings_work(settings: PerfSettings) -> Work:
+    """What a run of ``settings`` asks of the engine (:class:`jobs.Work`)."""
+    return Work(decode_steps=settings.decode_steps, longest_prompt=max((c.seq_in for c in settings.cases), default=0),
+                new_tokens=max((c.seq_out for c in settings.cases), default=0), batch=settings.batch_size)
 
 
 def file_stem(model_name: str, device_name: str, batch_size: int) -> str:
@@ -367,7 +376,7 @@ def start_run(engine, settings: PerfSettings, announce: bool = True) -> PerfRun:
         settings.model_name, spec.model_path, spec.device, device_name, spec.dtype, spec.world_size, settings,
         info, bandwidth, source, warm, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         generator=torch.Generator().manual_seed(settings.seed), compile=spec.compile,
-        chip_family=getattr(spec, "chip_family", None),
+        chip_family=spec.chip_family if spec.device == "npu" else None,  # the spec carries a given one off NPU
     )
     say = log.info if announce else log.debug
     say(
@@ -388,17 +397,20 @@ def start_run(engine, settings: PerfSettings, announce: bool = True) -> PerfRun:
     return run
 
 
-class PerfSession:
-    """One perf run, the same for every front end: check, warm up, measure a case, write, gate.
+class PerfJob:
+    """One perf run, the same for every front end: check, warm up, measure a case, write, gate (a :class:`jobs.Job`).
 
     Everything that can be refused (settings, the baseline file, a baseline
     sharing no case, lengths over the KV cache) is refused before the engine
-    starts.  The four files are rewritten after every case.  ``write`` False
-    (other SPMD ranks) measures without writing or logging.
+    starts.  The four files are rewritten after every case, by the writer
+    alone (:func:`launch.is_writer`); the other torchrun ranks measure without
+    writing or logging.
     """
 
+    name = "perf"
+
     def __init__(self, settings: PerfSettings, output_dir: Path | None, *, baseline: str | Path | None = None,
-                 tolerance: float = 0.10, write: bool = True):
+                 tolerance: float = 0.10, progress: bool = True):
         settings.validate(max_seq_len=1 << 62)  # all but the lengths: those need the model's settings
         if not tolerance >= 0:
             raise UserError(f"{flag('perf.tolerance')} {tolerance} must be >= 0")
@@ -413,85 +425,91 @@ class PerfSession:
         self.output_dir = None if output_dir is None else Path(output_dir)
         if self.output_dir is not None and self.output_dir.exists() and not self.output_dir.is_dir():
             raise UserError(f"{flag('perf.output_dir')} {self.output_dir} is not a directory")
-        self.write = write
-        self.run: PerfRun | None = None
+        self.write = launch.is_writer()
+        self.progress = progress
+        self.perf_run: PerfRun | None = None
         self.energy: EnergyProbe | None = None
         self.paths: dict[str, Path] = {}  # what was written: reference_csv, extended_csv, samples_json, plot_png
         self._engine = None
 
     @classmethod
     def from_values(cls, v: dict, output_dir: Path | None, *, default_case_pair: str | None = None,
-                    write: bool = True) -> "PerfSession":
-        """A session from the settings table's perf group (:func:`vicuna_bench.settings.values`)."""
+                    progress: bool = True) -> "PerfJob":
+        """A job from the settings table's perf group (:func:`vicuna_bench.settings.values`)."""
         cases = select_cases(v["case_pair"], v["min_len_exp"], v["max_len_exp"], default_case_pair)
         settings = PerfSettings(cases=cases, batch_size=v["batch_size"], mode=v["perf_mode"], repeat=v["repeat"],
                                 model_name=v["model_name"], seed=v["seed"], mem_bandwidth_gbps=v["mem_bandwidth"])
-        return cls(settings, output_dir, baseline=v["baseline"], tolerance=v["tolerance"], write=write)
+        return cls(settings, output_dir, baseline=v["baseline"], tolerance=v["tolerance"], progress=progress)
 
-    def check_model(self, spec) -> None:
+    def work(self) -> Work:
+        """Decode steps (warm-up included), the longest input and output, the batch."""
+        return settings_work(self.settings)
+
+    def check(self, spec) -> None:
         """The checks that need the model's settings; names the run after the model when no name was given."""
         if self.settings.model_name is None:
             self.settings.model_name = default_model_name(spec.model_path)
         self.settings.validate(spec.max_seq_len)
 
+    def run(self, engine, spec=None) -> PerfRun:
+        """Every case on ``engine`` (a progress bar on the writer when ``progress``); the :class:`PerfRun`."""
+        from tqdm import tqdm
+
+        self.start(engine)
+        bar = tqdm(self.settings.cases, desc="perf cases", unit="case", disable=not (self.progress and self.write))
+        for case in bar:
+            bar.set_postfix_str(f"in={case.seq_in} out={case.seq_out}")
+            self.measure(case)
+        self.perf_run.paths = dict(self.paths)
+        return self.perf_run
+
     def start(self, engine) -> PerfRun:
         """Probe bandwidth and warm up on ``engine`` (an Engine or SpmdEngine)."""
-        self.check_model(engine.spec)
-        self.run = start_run(engine, self.settings, announce=self.write)
+        self.check(engine.spec)
+        self.perf_run = start_run(engine, self.settings, announce=self.write)
         self._engine = engine
         if self.write:  # rank 0 meters every rank's device; the other SPMD ranks measure time only
             self.energy = open_energy(engine.spec)
-            self.run.energy = self.energy.record()
-        return self.run
+            self.perf_run.energy = self.energy.record()
+        return self.perf_run
 
     def measure_round(self, case: Case) -> CaseResult:
         """One timed run of ``case`` (not yet recorded)."""
         one = dataclasses.replace(self.settings, repeat=1)
-        return measure_case(self._engine, case, one, self.run.generator, energy=self.energy)
+        return measure_case(self._engine, case, one, self.perf_run.generator, energy=self.energy)
 
     def record(self, rounds: Sequence[CaseResult]) -> CaseResult:
         """Merge a case's rounds into the run, log it, rewrite the files."""
         result = merge_results(rounds)
-        self.run.results.append(result)
+        self.perf_run.results.append(result)
         if self.energy is not None:
-            self.run.energy = self.energy.record()  # a meter that failed mid-run now says why
-        row = extended_row(self.run, result)
+            self.perf_run.energy = self.energy.record()  # a meter that failed mid-run now says why
+        row = extended_row(self.perf_run, result)
         (log.info if self.write else log.debug)(
             "perf: case %s first %.2f ms, next %s ms, e2e %.3f s", result.case, row["first_token_ms_p50"],
             "-" if row["next_token_ms_p50"] == "" else f"{row['next_token_ms_p50']:.2f}", row["e2e_s_mean"],
         )
         if self.write and self.output_dir is not None:
-            self.paths = write_tables(self.run, self.output_dir)
-            self.paths["plot_png"] = write_plot(self.run, self.output_dir / f"{self.run.stem}.png")
+            self.paths = write_tables(self.perf_run, self.output_dir)
+            self.paths["plot_png"] = write_plot(self.perf_run, self.output_dir / f"{self.perf_run.stem}.png")
         return result
 
     def measure(self, case: Case) -> CaseResult:
         """``settings.repeat`` rounds of ``case``, recorded."""
         return self.record([self.measure_round(case) for _ in range(self.settings.repeat)])
 
-    def run_all(self, engine, progress: bool = True) -> PerfRun:
-        """Start on ``engine`` and measure every case (a progress bar when ``progress``)."""
-        from tqdm import tqdm
-
-        self.start(engine)
-        bar = tqdm(self.settings.cases, desc="perf cases", unit="case", disable=not progress)
-        for case in bar:
-            bar.set_postfix_str(f"in={case.seq_in} out={case.seq_out}")
-            self.measure(case)
-        return self.run
-
     def compare(self, results: Sequence[CaseResult] | None = None) -> Comparison | None:
         """This run's (or ``results``') comparison with the baseline; None without one."""
         if self.baseline is None:
             return None
-        run = self.run if results is None else dataclasses.replace(self.run, results=list(results))
+        run = self.perf_run if results is None else dataclasses.replace(self.perf_run, results=list(results))
         return compare_to_baseline(run, self.baseline, self.tolerance)
 
     def gate(self, echo: Callable[[str], None] = print) -> Comparison | None:
         """Print the comparison and raise :class:`GateFailed` on a regression (nothing without a baseline)."""
         if self.baseline is None:
             return None
-        return gate(self.run, self.baseline, self.tolerance, echo=echo)
+        return gate(self.perf_run, self.baseline, self.tolerance, echo=echo)
 
 
 def open_energy(spec) -> EnergyProbe:
@@ -815,7 +833,8 @@ def compare_to_baseline(run: PerfRun, baseline: Baseline, tolerance: float) -> C
     """Case by case: slower than the baseline by more than ``tolerance`` is a regression.
 
     Like for like: a reference baseline is compared with this run's means
-    (what its reference CSV holds), an extended one with the p50s.
+    (what its reference CSV holds), an extended one with the p50s; each by
+    :func:`vicuna_bench.stats.judge_change`, the comparison of the nightly and ``compare``.
     """
     if not tolerance >= 0:
         raise UserError(f"{flag('perf.tolerance')} {tolerance} must be >= 0")
@@ -834,10 +853,11 @@ def compare_to_baseline(run: PerfRun, baseline: Baseline, tolerance: float) -> C
         for metric in ("first", "next"):
             if old[metric] is None or new[metric] is None or old[metric] <= 0:
                 continue
-            ratio = new[metric] / old[metric]
-            bad = ratio > 1.0 + tolerance
+            # A CSV holds figures, not samples: the band alone decides (stats.judge_change without samples).
+            change = judge_change(None, None, tolerance, level_b=new[metric], level_a=old[metric])
+            bad = change.word == "slower"
             line = {"case": label, "metric": metric + "_token", "old": old[metric], "new": new[metric],
-                    "ratio": ratio, "verdict": f"SLOWER by more than {tolerance:.0%}" if bad else "ok"}
+                    "ratio": change.ratio, "verdict": f"SLOWER by more than {tolerance:.0%}" if bad else "ok"}
             lines.append(line)
             if bad:
                 regressions.append(line)

@@ -10,7 +10,6 @@ What a rank's process does before it loads (CPU binding, process group) is :mod:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -19,10 +18,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import checkpoint, cpu_kernels, devices, fit
+from . import checkpoint, cpu_kernels, devices, environment, fit
+from .kernel_pass import apply_cpu_kernels
 from .binding import CpuBinding, unbound
 from .errors import UserError
-from .generation import EAGER, GenerationResult, PrefixKV, SamplingConfig, generate
+from .generation import EAGER, GenerationRequest, GenerationResult, PrefixKV, generate
 from .model import Transformer, decode_read_bytes, weight_bytes
 from .rank_setup import RankLog, affinity_text, device_label
 from .sharding import ShardPlan, TensorParallel
@@ -46,9 +46,7 @@ def load_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel,
     path = Path(spec.model_path)
     args = checkpoint.read_model_args(path)
     plan = ShardPlan(args, spec.world_size, rank)
-    dtype = checkpoint.DTYPES[spec.dtype]
-    if device.type == "cpu":
-        cpu_kernels.load()  # every CPU linear layer's GEMM and the decode attention, or F.linear/SDPA (logged)
+    kernels = device.type == "cpu" and cpu_kernels.load()  # our CPU GEMM and decode attention, else why not (logged)
     kv_budget = None if spec.kv_cache_budget_mb is None else spec.kv_cache_budget_mb << 20
     if device.type in ("cuda", "npu"):  # before anything is allocated on it
         count = (torch.cuda if device.type == "cuda" else getattr(torch, "npu")).device_count()
@@ -60,8 +58,10 @@ def load_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel,
     with torch.device("meta"):
         model = Transformer(args, plan, tp, spec.max_seq_len)
     model.kv_pool.room_bytes = None if need is None else need.kv_room_bytes
+    if kernels:
+        apply_cpu_kernels(model)
     model.tie_weights()
-    model.allocate_parameters(device, dtype)
+    model.allocate_parameters(device, spec.torch_dtype)
     # One bar, from rank 0, and only for checkpoints big enough to wait for.
     big = sum(p.numel() for p in model.parameters()) * spec.world_size > 1_000_000_000
     stats = checkpoint.load_rank_weights(path, plan, model.checkpoint_targets(), progress=rank == 0 and big)
@@ -77,31 +77,6 @@ def finish_rank_model(model: Transformer, device: torch.device) -> Transformer:
 
 
 ModelHook = Callable[[Transformer], Transformer]
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationRequest:
-    """One batched generation, the same on every rank (a misspelt option is a TypeError, not ignored)."""
-
-    prompts: list[list[int]]
-    max_new_tokens: int = 32
-    ignore_eos: bool = False
-    sampling: SamplingConfig = SamplingConfig()
-    return_logits: bool = False
-    eos_ids: tuple[int, ...] | None = None  # None: the model's
-    stream: bool = False  # rank 0 sends each step's tokens back
-    prefix_len: int = 0  # every prompt starts with the same this many tokens: prefill them once (kept per rank)
-    logit_ids: tuple[int, ...] | None = None  # return_logits: only these vocabulary columns cross back
-
-    @classmethod
-    def make(cls, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, **options) -> "GenerationRequest":
-        """Normalised types (ints, lists, a SamplingConfig) from a caller's values."""
-        eos = options.pop("eos_ids", None)
-        sampling = options.pop("sampling", None) or SamplingConfig()
-        logit_ids = options.pop("logit_ids", None)
-        return cls([list(map(int, p)) for p in prompts], int(max_new_tokens), sampling=sampling,
-                   eos_ids=None if eos is None else tuple(int(e) for e in eos),
-                   logit_ids=None if logit_ids is None else tuple(int(i) for i in logit_ids), **options)
 
 
 def merge_rank_results(results: Sequence[GenerationResult], tokens_from: int = 0) -> GenerationResult:
@@ -133,8 +108,8 @@ class RankRunner:
         self.rank = rank
         self.device = devices.device_for_rank(spec.device, spec.device_index(local_rank), spec.npu_jit_compile)
         self.binding = binding or unbound(local_rank, device_label(spec, local_rank), "not bound by its caller")
-        self.environment = devices.environment_record(spec.device, spec.device_index(local_rank),
-                                                      spec.cpu_dtype_auto)
+        self.environment = environment.environment_record(spec.device, spec.device_index(local_rank),
+                                                          spec.cpu_dtype_auto)
         rank_log = RankLog(spec, rank)
         rank_log.write(
             f"start: model={spec.model_path} world_size={spec.world_size} device={self.device} "
@@ -199,24 +174,10 @@ class RankRunner:
 
     def generate(self, request: GenerationRequest, on_tokens=None) -> GenerationResult:
         """This rank's part of ``request``; its peak memory (bytes) in ``peak_memory_bytes``."""
-        args = self.args
         devices.reset_peak_memory(self.device)
         prefix = self._prefix_for(request)
-        result = generate(
-            self.model,
-            request.prompts,
-            request.max_new_tokens,
-            eos_ids=args.eos_token_ids if request.eos_ids is None else request.eos_ids,
-            ignore_eos=request.ignore_eos,
-            sampling=request.sampling,
-            pad_id=args.pad_token_id if args.pad_token_id is not None else 0,
-            return_logits=request.return_logits,
-            sync=lambda: devices.synchronize(self.device),
-            on_tokens=on_tokens,
-            steps=self.steps,
-            prefix=prefix,
-            logit_ids=request.logit_ids,
-        )
+        result = generate(self.model, request, steps=self.steps, prefix=prefix, on_tokens=on_tokens,
+                          sync=lambda: devices.synchronize(self.device))
         result.peak_memory_bytes = [devices.peak_memory_bytes(self.device)]
         return result
 

@@ -104,7 +104,7 @@ def init_process_group(spec: EngineSpec, rank: int, local_rank: int, init_method
     device = devices.device_for_rank(spec.device, index, spec.npu_jit_compile)  # set_device before the group
     # This rank's own chip, read now that its device is current (no context on another NPU): the spec's family was
     # read on one device only.
-    devices.check_rank_chip(spec.device, spec.device_type, index)
+    devices.check_rank_chip(spec.device, spec.chip_family, index)
     if spec.world_size == 1:
         return TensorParallel()
     import torch.distributed as dist

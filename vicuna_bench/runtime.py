@@ -10,16 +10,17 @@
 New code imports from those modules; a test that patches a name patches it where it is looked up there.
 """
 
-from .rank_model import (GenerationRequest, ModelHook, RankRunner, build_rank_model, finish_rank_model,
+from .generation import GenerationRequest
+from .rank_model import (ModelHook, RankRunner, build_rank_model, finish_rank_model,
                          load_rank_model, merge_rank_results)
 from .rank_setup import RankLog, bind_this_rank, init_process_group, usable_cpus, warm_collectives
-from .spec import DEVICE_TYPES, EMBEDDED, EngineSpec, InferenceEngine, cpu_fp16_matmul, resolve_engine_spec
-from .spmd import SpmdEngine, init_from_env, launched_by_torchrun
+from .spec import EMBEDDED, EngineSpec, InferenceEngine, cpu_fp16_matmul, resolve_engine_spec
+from .spmd import SpmdEngine, init_from_env
 from .workers import Engine
 
 __all__ = [
-    "DEVICE_TYPES", "EMBEDDED", "Engine", "EngineSpec", "GenerationRequest", "InferenceEngine", "ModelHook",
+    "EMBEDDED", "Engine", "EngineSpec", "GenerationRequest", "InferenceEngine", "ModelHook",
     "RankLog", "RankRunner", "SpmdEngine", "bind_this_rank", "build_rank_model", "cpu_fp16_matmul",
-    "finish_rank_model", "init_from_env", "init_process_group", "launched_by_torchrun", "load_rank_model",
+    "finish_rank_model", "init_from_env", "init_process_group", "load_rank_model",
     "merge_rank_results", "resolve_engine_spec", "usable_cpus", "warm_collectives",
 ]

@@ -54,19 +54,13 @@ SECTION_GROUPS = (("model", "model"), ("performance", "perf"), ("precision", "pr
 
 @dataclasses.dataclass
 class SdkTest:
-    """One checked ``sdk-test`` invocation, ready to run."""
+    """One checked ``sdk-test`` invocation, ready to run: its task's job, checked against the resolved spec."""
 
     task: str
     config: SdkConfig
     spec: object  # runtime.EngineSpec
     log_dir: Path | None
-    spmd: bool  # launched by torchrun: this process is one rank
-    is_main: bool  # the process that writes (rank 0)
-    perf: object | None = None  # perf.PerfSession for ``performance``
-    precision: object | None = None  # precision.PrecisionConfig for ``precision``
-    prompts: list[list[int]] = dataclasses.field(default_factory=list)  # ``run``
-    tokenizer: object | None = None
-    progress: bool = True
+    job: object  # perf.PerfJob (performance), precision.PrecisionJob (precision), jobs.GenerateJob (run)
 
 
 def layered_values(config: SdkConfig, group: str, flags: Mapping[str, object] | None = None,
@@ -123,7 +117,7 @@ def prepare(
     under torchrun, ``WORLD_SIZE`` / ``RANK``.
     """
     from . import drivers
-    from .runtime import launched_by_torchrun
+    from .launch import is_writer, launched_by_torchrun
 
     env = os.environ if env is None else env
     if task not in TASKS:
@@ -131,26 +125,36 @@ def prepare(
     if world_size < 1:
         raise UserError(f"WORLD_SIZE {world_size} must be >= 1")
     config = read_sdk_config(config_path, env=env)
-    spmd = launched_by_torchrun()
-    if spmd and int(env.get("WORLD_SIZE", "1")) != world_size:
+    if launched_by_torchrun() and int(env.get("WORLD_SIZE", "1")) != world_size:
         raise UserError(f"WORLD_SIZE {world_size} disagrees with torchrun's WORLD_SIZE={env.get('WORLD_SIZE')}")
-    is_main = not spmd or env.get("RANK", "0") == "0"
     if task == "precision":
         for line in config.model_conflicts():
             log.warning("%s", line)
     device_ids = _device_ids(config, world_size, task)
     log_dir = _log_dir(config)
     model = layered_values(config, "model", flags, task, env)
-    model.update(world_size=world_size, device_type=device_type)
+    model.update(world_size=world_size, chip_family=device_type)
+    job = _task_job(task, config, env, progress and is_writer(env))
+    spec = drivers.resolve_spec(model, [job], device_ids=device_ids, log_dir=log_dir, progress=progress)
+    if config.model.parallel_backend and "parallel_backend" in config.model.explicit:
+        from .devices import BACKENDS
 
-    test = SdkTest(task, config, None, log_dir, spmd, is_main, progress=progress and is_main)
+        chosen = BACKENDS[spec.device]
+        if world_size > 1 and chosen != config.model.parallel_backend:
+            log.info("%s: [model] parallel_backend=%s: the backend follows the device (%s: %s)",
+                     config.path, config.model.parallel_backend, spec.device, chosen)
+    job.check(spec)  # run_jobs checks again: a no-op for the same spec
+    return SdkTest(task, config, spec, log_dir, job)
+
+
+def _task_job(task: str, config: SdkConfig, env: Mapping[str, str], progress: bool):
+    """The job of ``task``, its settings from the INI (its data read and checked for ``precision``)."""
     if task == "performance":
-        from .perf import PerfSession
+        from .perf import PerfJob
 
-        test.perf = PerfSession.from_values(layered_values(config, "perf", env=env), Path("."), write=is_main)
-        work = drivers.Work(perf=test.perf.settings)
-    elif task == "precision":
-        from .precision import PrecisionConfig
+        return PerfJob.from_values(layered_values(config, "perf", env=env), Path("."), progress=progress)
+    if task == "precision":
+        from .precision import PrecisionConfig, PrecisionJob
         from .precision.data import resolve_mode
 
         section = config.precision
@@ -160,62 +164,44 @@ def prepare(
         # No mode in the file (the guide's C-Eval steps set only work_dir): the data says which it is.
         source = f"{config.path}: [precision] mode"
         mode = resolve_mode(section.mode, section.work_dir, source)
-        test.precision = PrecisionConfig.from_values(layered_values(config, "precision", env=env), mode=mode,
-                                                     work_dir=section.work_dir, progress=test.progress)
-        test.precision.check()
-        # The data read and checked (bad data is reported before the model is touched) and counted.
-        work = drivers.Work(precision=(drivers.precision_work(test.precision, source),))
-    else:
-        work = drivers.Work(generate=(len(SAMPLE_PROMPTS), RUN_MAX_NEW_TOKENS))
+        cfg = PrecisionConfig.from_values(layered_values(config, "precision", env=env), mode=mode,
+                                          work_dir=section.work_dir, progress=progress)
+        return PrecisionJob(cfg, source)  # bad data is reported before the model is touched
+    from .jobs import GenerateJob
 
-    test.spec = drivers.resolve_spec(model, work, device_ids=device_ids, log_dir=log_dir, progress=progress)
-    if config.model.parallel_backend and "parallel_backend" in config.model.explicit:
-        from .devices import BACKENDS
-
-        chosen = BACKENDS[test.spec.device]
-        if world_size > 1 and chosen != config.model.parallel_backend:
-            log.info("%s: [model] parallel_backend=%s: the backend follows the device (%s: %s)",
-                     config.path, config.model.parallel_backend, test.spec.device, chosen)
-    if test.perf is not None:
-        test.perf.check_model(test.spec)
-    if task == "run":
-        from . import checkpoint
-        from .chat import encode_prompt, load_tokenizer
-
-        test.tokenizer = load_tokenizer(checkpoint.tokenizer_dir(Path(test.spec.model_path)))
-        test.prompts = [encode_prompt(test.tokenizer, text, chat=False) for text in SAMPLE_PROMPTS]
-    return test
+    return GenerateJob(SAMPLE_PROMPTS, (), RUN_MAX_NEW_TOKENS, chat=False, tokenizer_required=True)
 
 
 def run(test: SdkTest) -> dict[str, Path]:
     """Run a prepared ``sdk-test``; returns the files written by name (rank 0's; empty on other ranks)."""
     from . import drivers
+    from .launch import is_writer
 
     if test.log_dir is not None:
         test.log_dir.mkdir(parents=True, exist_ok=True)
     spec = test.spec
     log.info("sdk-test %s: %s, world size %d on %s (%s), dtype %s, device type %s", test.task, test.config.path,
              spec.world_size, spec.device, "device ids " + ",".join(map(str, spec.device_ids))
-             if spec.device_ids else "devices 0..N-1", spec.dtype, spec.device_type)
-    if test.task == "precision":
-        result = drivers.run_precision(test.precision, spec)
-        return result.files if result.summary is not None else {}
-    with drivers.open_engine(spec) as engine:
-        if test.task == "performance":
-            from . import perf
-
-            run = drivers.run_perf(engine, test.perf, progress=test.progress)
-            if not test.is_main:
-                return {}
-            log.info("perf results:\n%s", perf.summary_table(run))
-            test.perf.gate()
-            return dict(run.paths)
-        result = engine.generate(test.prompts, RUN_MAX_NEW_TOKENS)
-    if not test.is_main:
+             if spec.device_ids else "devices 0..N-1", spec.dtype, spec.chip_family)
+    (result,) = drivers.run_jobs(spec, [test.job])
+    if not is_writer():
         return {}
+    if test.task == "precision":
+        return result.files
+    if test.task == "performance":
+        from . import perf
+
+        log.info("perf results:\n%s", perf.summary_table(result))
+        test.job.gate()
+        return dict(result.paths)
+    return _write_run_outputs(test, result)
+
+
+def _write_run_outputs(test: SdkTest, result) -> dict[str, Path]:
+    """Print the ``run`` task's answers; write them to ``log_dir``/run_outputs.json when it is set."""
+    spec = test.spec
     outputs = []
-    for text, prompt, ids in zip(SAMPLE_PROMPTS, test.prompts, result.output_ids):
-        answer = test.tokenizer.decode(ids, skip_special_tokens=True)
+    for text, prompt, ids, answer in zip(SAMPLE_PROMPTS, result.prompts, result.output_ids, result.texts):
         outputs.append({"prompt": text, "prompt_ids": prompt, "output_ids": ids, "text": answer})
         print(f"--- {text!r}\n{answer}", flush=True)
     log.info("first token %.1f ms, next token %.1f ms", result.first_token_ms, result.next_token_ms)
@@ -225,8 +211,8 @@ def run(test: SdkTest) -> dict[str, Path]:
         "outputs": outputs, "first_token_ms": round(result.first_token_ms, 3),
         "next_token_ms": round(result.next_token_ms, 3), "world_size": spec.world_size, "device": spec.device,
         "device_ids": list(spec.device_ids) if spec.device_ids else None, "dtype": spec.dtype,
-        "model": spec.model_path, "cpu_binding": [i.get("cpu_binding") for i in engine.rank_info],
-        "environment": engine.rank_info[0].get("environment") if engine.rank_info else None,
+        "model": spec.model_path, "cpu_binding": [i.get("cpu_binding") for i in result.rank_info],
+        "environment": result.rank_info[0].get("environment") if result.rank_info else None,
     }
     path = test.log_dir / RUN_OUTPUTS
     write_atomic(path, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")

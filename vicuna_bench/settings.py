@@ -3,7 +3,8 @@
 Every front end is built from :data:`SETTINGS`: the argparse CLI
 (``--repeat``), ``sdk-test``'s INI (vendor key aliases, vicuna_bench/vendor.py),
 the nightly's flags and config file, and the pytest plugin (``--perf-repeat``:
-the group's prefix, unless a setting names its own pytest spelling).  Same
+the group's prefix, unless a setting names its own pytest spelling;
+:func:`pytest_settings` lists what pytest offers).  Same
 names, same defaults, same choices, same help.  Library code names an option
 with :func:`flag`, which spells it the way the front end in use does, so a
 pytest user is never told about a CLI flag.  A new setting is one line here.
@@ -43,6 +44,12 @@ class Setting:
     choices: tuple[str, ...] | None = None
     pytest_name: str | None = None  # when the prefixed name would read badly
     in_file: bool = True  # may a config file set it
+    in_pytest: bool | None = None  # is it a pytest option (None: when its group has a PYTEST_PREFIX)
+    dest_name: str | None = None  # its name in the code where that differs from the flag's (--device-type: chip_family)
+
+    @property
+    def offered_to_pytest(self) -> bool:
+        return self.group in PYTEST_PREFIX if self.in_pytest is None else self.in_pytest
 
     @property
     def key(self) -> str:
@@ -51,7 +58,7 @@ class Setting:
 
     @property
     def dest(self) -> str:
-        return self.name.replace("-", "_")
+        return self.dest_name or self.name.replace("-", "_")
 
     @property
     def cli_flag(self) -> str:
@@ -63,6 +70,8 @@ class Setting:
 
     @property
     def pytest_dest(self) -> str:
+        if self.dest_name and not self.pytest_name:
+            return PYTEST_PREFIX.get(self.group, "").replace("-", "_") + self.dest_name
         return self.pytest_flag[2:].replace("-", "_")
 
     def pytest_args(self, value: Any) -> list[str]:
@@ -91,7 +100,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("model", "world-size", int, 1, "tensor-parallel ranks"),
     S("model", "device", str, "auto", "cpu | cuda | npu | auto (npu, else cuda, else cpu)"),
     S("model", "device-type", str, "auto", "NPU chip family: auto (detected: 910B -> d9, 310P -> d3) | d9 | d3; "
-      "one that contradicts the NPU is an error (ignored elsewhere)", choices=("auto", *DEVICE_TYPES)),
+      "one that contradicts the NPU is an error (ignored elsewhere)", choices=("auto", *DEVICE_TYPES),
+      dest_name="chip_family"),
     S("model", "npu-graph", str, "auto", "NPU graph mode for --compile on: auto (GE on d9, eager on d3) | ge "
       "(torchair max-autotune) | aclgraph (npugraph_ex / reduce-overhead)", choices=("auto", "ge", "aclgraph")),  # npu_graph.GRAPH_MODES
     S("model", "npu-jit-compile", str, "auto", "NPU operator compile mode: auto (off on d9 and d3) | off (prebuilt "
@@ -151,10 +161,14 @@ SETTINGS: tuple[Setting, ...] = (
     S("nightly", "config", str, None, "an INI ([nightly] section) or TOML file of these settings "
       "(keys: the flags without --)", in_file=False),
     S("nightly", "stages", str, ",".join(NIGHTLY_STAGES), f"comma list of stages to run ({', '.join(NIGHTLY_STAGES)})"),
-    S("nightly", "mmlu-dir", str, None, "MMLU work dir holding data/ (default ../shared/datasets/mmlu beside the checkout)"),
-    S("nightly", "ceval-dir", str, None, "C-Eval work dir holding data/ (default ../shared/datasets/ceval)"),
+    # The data dirs: the nightly's and pytest's (--mmlu-dir, unprefixed); the precision command takes --work-dir.
+    S("nightly", "mmlu-dir", str, None, "MMLU work dir holding data/ (default ../shared/datasets/mmlu beside the "
+      "checkout)", in_pytest=True),
+    S("nightly", "ceval-dir", str, None, "C-Eval work dir holding data/ (default ../shared/datasets/ceval)",
+      in_pytest=True),
     S("nightly", "mmlu-subjects", str, None, "comma list of MMLU subjects (default: all)"),
     S("nightly", "ceval-subjects", str, None, "comma list of C-Eval subjects (default: all)"),
+    # Every command that runs a job offers it (cli.py: perf, precision, sdk-test; the nightly); pytest shows none.
     S("nightly", "progress", bool, True, "progress bars (--no-progress: none)"),
     S("nightly", "regression-band", float, 0.10, "how far (0.10 = 10%%) a latency, throughput, memory or rate must "
       "move, significantly, to count as slower or faster (--quick: 0.5)"),
@@ -320,25 +334,33 @@ def resolve(offered: list[Setting], *layers: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def add_to_argparse(parser, group_name: str, *, exclude: tuple[str, ...] = (), only_given: bool = False) -> None:
+def add_to_argparse(parser, group_name: str, *, exclude: tuple[str, ...] = (), only_given: bool = False,
+                    only: tuple[str, ...] | None = None, title: str | None = None) -> None:
     """Add a group's settings to an argparse parser (an env-backed default stays None: resolved where it is used).
 
-    ``exclude``: names (``world-size``) another argument takes; ``only_given``:
-    no defaults, so the namespace holds just the flags on the command line
+    ``exclude``: names (``world-size``) another argument takes; ``only``: just
+    these names (``progress`` for a command that runs a job), under the help
+    heading ``title`` (default the group's name); ``only_given``: no
+    defaults, so the namespace holds just the flags on the command line
     (for layering them over another source, as ``sdk-test`` does over its INI).
     """
-    g = parser.add_argument_group(group_name)
+    g = parser.add_argument_group(title or group_name)
     for s in group(group_name):
-        if s.name in exclude or s.key in exclude:
+        if s.name in exclude or s.key in exclude or (only is not None and s.name not in only):
             continue
         default = argparse.SUPPRESS if only_given else None if s.env else s.default
         g.add_argument(s.cli_flag, dest=s.dest, default=default, help=s.help_text(), **s.argparse_kwargs())
 
 
+def pytest_settings() -> list[Setting]:
+    """The settings pytest offers: its groups' (PYTEST_PREFIX) and those marked ``in_pytest`` (the data dirs)."""
+    return [s for s in SETTINGS if s.offered_to_pytest]
+
+
 def add_to_pytest(parser) -> None:
     """Add every setting to pytest's parser (one 'vicuna-bench' group)."""
     g = parser.getgroup("vicuna-bench")
-    for s in (s for s in SETTINGS if s.group in PYTEST_PREFIX):
+    for s in pytest_settings():
         g.addoption(s.pytest_flag, dest=s.pytest_dest, default=None if s.env else s.default, help=s.help_text(),
                     **s.argparse_kwargs())
 
@@ -356,8 +378,3 @@ def defaults(group_name: str) -> dict[str, Any]:
 def from_namespace(ns, group_name: str) -> dict[str, Any]:
     """A group's values from an argparse namespace."""
     return values(group_name, lambda s: getattr(ns, s.dest))
-
-
-def from_pytest(config, group_name: str) -> dict[str, Any]:
-    """A group's values from pytest's config."""
-    return values(group_name, lambda s: config.getoption(s.pytest_dest))

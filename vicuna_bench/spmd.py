@@ -11,16 +11,12 @@ import logging
 import os
 
 from .errors import UserError
-from .generation import GenerationResult
-from .rank_model import GenerationRequest, RankRunner, merge_rank_results
+from .generation import GenerationRequest, GenerationResult
+from .rank_model import RankRunner, merge_rank_results
 from .rank_setup import bind_this_rank, init_process_group
 from .spec import EngineSpec
 
 log = logging.getLogger("vicuna_bench")
-
-
-def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "LOCAL_RANK" in os.environ)
 
 
 def init_from_env(spec: EngineSpec) -> RankRunner:

@@ -1,12 +1,14 @@
-"""The statistics shared by the nightly regression rule and ``vicuna-bench compare``.
+"""The one comparison of two measurements: the nightly rule, ``vicuna-bench compare``, ``--perf-baseline``.
 
-One test decides whether two sample sets differ: the Mann-Whitney U rank
-test (:func:`rank_test`), no assumption about the latency distribution (a
-decode step's times are skewed, with stalls in the tail).  :func:`shift`
-is the verdict both use: a level moved beyond a band *and* the rank test
-says the samples moved that way.  :func:`ratio_interval` is the confidence
-interval that goes with the test: the Hodges-Lehmann estimate of the ratio
-and its distribution-free (Moses) interval, read off the same U statistic.
+:func:`judge_change` judges "B against A" and every comparing front end
+calls it.  One test decides whether two sample sets differ: the
+Mann-Whitney U rank test (:func:`rank_test`), no assumption about the
+latency distribution (a decode step's times are skewed, with stalls in the
+tail).  A level moved when it is beyond a band *and* the rank test says the
+samples moved that way (:func:`shift`); without samples on both sides, the
+band alone decides.  :func:`ratio_interval` is the confidence interval that
+goes with the test: the Hodges-Lehmann estimate of the ratio and its
+distribution-free (Moses) interval, read off the same U statistic.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+
+WORDS = ("faster", "slower", "same", "undecided")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +118,76 @@ def shift(level: float, reference: float, band: float, samples: Sequence[float] 
         if p_value >= alpha:
             direction = 0
     return Shift(direction, p_value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """B against A: the verdict of :func:`judge_change`."""
+
+    word: str  # one of WORDS
+    direction: int  # +1 B's level above A's beyond the band (and significant), -1 below, 0 neither
+    ratio: float  # level B / level A (inf when A's level is <= 0)
+    ci: RatioInterval | None  # Hodges-Lehmann B / A and its interval; None without samples on both sides
+    p_value: float | None  # the one-sided rank test's p in the direction B moved; None: not tested
+    counts: tuple[int, int] | None  # (samples of A, samples of B) when both sides have samples
+    reason: str = ""  # why same or undecided
+
+    @property
+    def judged(self) -> bool:
+        return self.word != "undecided"
+
+
+def judge_change(b: Sequence[float] | None, a: Sequence[float] | None, band: float, *,
+                 level_b: float | None = None, level_a: float | None = None, better: str = "lower",
+                 alpha: float = 0.001, confidence: float | None = 0.95) -> Change:
+    """Is B faster, slower or the same as A?  The one comparison of the package.
+
+    ``b``, ``a``: the samples of each side (any positive unit, e.g. ms), or
+    None where a side kept none.  ``level_b``, ``level_a``: the figures whose
+    ratio is judged (default: each side's sample median).  ``band``: how far
+    (0.10 = 10%) B's level must move past A's, ``level_b > level_a x (1 +
+    band)`` or ``< level_a / (1 + band)``.  With samples on both sides, the
+    one-sided Mann-Whitney test of ``b`` against ``a`` in that direction must
+    also give p < ``alpha``, and ``ci`` is the Hodges-Lehmann B / A interval
+    at ``confidence`` (None: not computed, or a sample <= 0).  Without
+    samples on both sides the band alone decides.  ``better``: ``lower`` (a
+    latency: above is slower) or ``higher`` (a throughput: above is faster).
+    Undecided: A's level <= 0, or too few samples for the test to reach
+    ``alpha``.
+
+    Callers: the nightly rule (B this run, A the baseline runs pooled),
+    ``vicuna-bench compare`` (B against A, alpha half of 1 - confidence),
+    ``--perf-baseline`` (levels only: a CSV keeps no samples) and pytest's
+    ``--benchmark-compare-fail`` (B this session's rounds, A the saved run's).
+    """
+    level_b = _level(level_b, b, "B")
+    level_a = _level(level_a, a, "A")
+    ratio = level_b / level_a if level_a > 0 else math.inf
+    sampled = a is not None and b is not None and len(a) > 0 and len(b) > 0
+    counts = (len(a), len(b)) if sampled else None
+    if level_a <= 0:
+        return Change("undecided", 0, ratio, None, None, counts, f"A's level {level_a:g}: no ratio")
+    positive = sampled and min(min(a), min(b)) > 0  # the interval is on logs; the rank test takes any values
+    ci = ratio_interval(b, a, confidence) if positive and confidence is not None else None
+    if sampled and min_p(len(b), len(a)) >= alpha:
+        return Change("undecided", 0, ratio, ci, None, counts,
+                      f"{len(a)} vs {len(b)} samples: too few for the rank test (p >= {alpha:g} at best)")
+    moved = shift(level_b, level_a, band, b if sampled else None, a if sampled else None, alpha)
+    if moved.direction == 0:
+        why = (f"p >= {alpha:g}" if moved.p_value is not None and moved.p_value >= alpha
+               else f"within the {band:.0%} minimum effect")
+        return Change("same", 0, ratio, ci, moved.p_value, counts, why)
+    up = "slower" if better == "lower" else "faster"
+    down = "faster" if better == "lower" else "slower"
+    return Change(up if moved.direction > 0 else down, moved.direction, ratio, ci, moved.p_value, counts)
+
+
+def _level(level: float | None, samples: Sequence[float] | None, side: str) -> float:
+    if level is not None:
+        return float(level)
+    if samples is None or len(samples) == 0:
+        raise ValueError(f"judge_change: side {side} needs a level or samples")
+    return float(np.median(np.asarray(samples, dtype=np.float64)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The batch sweep: every case at each batch size on one engine, the throughput-latency curve and its knee.
 
-Each batch size is an ordinary perf run (:class:`perf.PerfSession`: its own
+Each batch size is an ordinary perf run (:class:`perf.PerfJob`: its own
 warm-up and its four files, ``..._bs{N}``); the sweep adds a CSV and a PNG
 of decode tokens/s against next-token p50 per case, the knee
 (:func:`knee_index`) and a verdict line per case.  A batch is measured only
@@ -23,7 +23,8 @@ from . import fit
 from .errors import UserError
 from .files import write_atomic
 from .model import KVCachePool
-from .perf import Case, PerfRun, PerfSession, PerfSettings, extended_row, percentile, save_figure
+from .jobs import Work
+from .perf import Case, PerfJob, PerfRun, extended_row, percentile, save_figure, settings_work
 from .settings import flag
 
 log = logging.getLogger("vicuna_bench")
@@ -149,10 +150,10 @@ def _check_batch_fit(args, spec, batch: int, has: int) -> None:
     if spec.device == "cpu":  # the host's memory, shared by its ranks (as the check at load counts it)
         sharing = spec.ranks_on_host()
         where = f"{has * sharing / fit.GIB:.2f} GiB available on the host at load"
-        fit.check_fit(args, spec.world_size, spec.dtype, spec.max_seq_len, batch, "cpu", has * sharing, where,
-                      ranks_sharing=sharing, kv_budget=budget)
+        fit.check_fit(fit.FitCase(args, spec.world_size, spec.dtype, spec.max_seq_len, batch, "cpu"), has * sharing,
+                      where, ranks_sharing=sharing, kv_budget=budget)
     else:
-        fit.check_fit(args, spec.world_size, spec.dtype, spec.max_seq_len, batch, spec.device, has,
+        fit.check_fit(fit.FitCase(args, spec.world_size, spec.dtype, spec.max_seq_len, batch, spec.device), has,
                       f"{has / fit.GIB:.2f} GiB free per device at load", kv_budget=budget)
 
 
@@ -191,42 +192,56 @@ class Sweep:
         return f"performance_test_{run.model_name}_{run.device_name.replace(' ', '_')}_sweep"
 
 
-def sweep_work_settings(settings: PerfSettings, batch_sizes: Sequence[int]) -> PerfSettings:
-    """What the engine is opened for: the smallest batch (checked at load), every batch's decode steps."""
-    return dataclasses.replace(settings, batch_size=batch_sizes[0], repeat=settings.repeat * len(batch_sizes))
+class SweepJob:
+    """``perf --batch-sizes``: a perf job's cases at each batch size on one engine (a :class:`jobs.Job`).
+
+    A baseline is refused when the job is built (the gate is per batch size).  The engine is opened for
+    the first batch (the fit check at load sizes it); each later batch is checked before it is measured.
+    """
+
+    name = "sweep"
+
+    def __init__(self, perf_job: PerfJob, batch_sizes: Sequence[int]):
+        if perf_job.baseline is not None:
+            raise UserError(f"{flag('perf.batch_sizes')} with {flag('perf.baseline')} {perf_job.baseline.path}: "
+                            f"gate one batch size at a time ({flag('perf.batch_size')})")
+        self.perf_job = perf_job
+        self.batch_sizes = list(batch_sizes)
+
+    def work(self) -> Work:
+        """Every batch's decode steps; the first batch (the one checked at load)."""
+        settings = dataclasses.replace(self.perf_job.settings, batch_size=self.batch_sizes[0],
+                                       repeat=self.perf_job.settings.repeat * len(self.batch_sizes))
+        return settings_work(settings)
+
+    def check(self, spec) -> None:
+        self.perf_job.check(spec)
+
+    def run(self, engine, spec=None) -> Sweep:
+        """The cases at each batch size; files rewritten after each batch (writer only)."""
+        return run_sweep(engine, self.perf_job, self.batch_sizes)
 
 
-def check_sweep(session: PerfSession) -> None:
-    """What a sweep refuses before any engine starts: a baseline (the gate is per batch size)."""
-    if session.baseline is not None:
-        raise UserError(f"{flag('perf.batch_sizes')} with {flag('perf.baseline')} {session.baseline.path}: "
-                        f"gate one batch size at a time ({flag('perf.batch_size')})")
-
-
-def run_sweep(engine, session: PerfSession, batch_sizes: Sequence[int], *, progress: bool = True) -> Sweep:
-    """``session``'s cases at each of ``batch_sizes`` on ``engine``; files rewritten after each batch (writer only)."""
-    check_sweep(session)
+def run_sweep(engine, job: PerfJob, batch_sizes: Sequence[int]) -> Sweep:
+    """``job``'s cases at each of ``batch_sizes`` on ``engine``; files rewritten after each batch (writer only)."""
     sweep = Sweep(list(batch_sizes))
     unknown_said = False
     for batch in batch_sizes:
         try:
             check_batch(engine, batch)
         except _Unknown:
-            if not unknown_said and session.write:
+            if not unknown_said and job.write:
                 log.warning("perf sweep: a rank does not know its memory: batches are measured unchecked")
             unknown_said = True
         except UserError as exc:
             sweep.stopped = f"batch {batch} does not fit, the sweep stops here: {exc}"
-            if session.write:
+            if job.write:
                 log.warning("perf sweep: %s", sweep.stopped)
             break
-        one = PerfSession(dataclasses.replace(session.settings, batch_size=batch), session.output_dir,
-                          write=session.write)
-        one.run_all(engine, progress=progress and session.write)
-        one.run.paths = dict(one.paths)
-        sweep.runs.append(one.run)
-        if session.write and session.output_dir is not None:
-            sweep.paths = write_sweep(sweep, session.output_dir)
+        one = PerfJob(dataclasses.replace(job.settings, batch_size=batch), job.output_dir, progress=job.progress)
+        sweep.runs.append(one.run(engine))
+        if job.write and job.output_dir is not None:
+            sweep.paths = write_sweep(sweep, job.output_dir)
     return sweep
 
 

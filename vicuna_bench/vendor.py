@@ -1,8 +1,10 @@
 """The vendor drop-in: reading the vendor SDK's ``sdk_config.ini``.
 
-Sections and keys are those of shared/spec/REFERENCE.md, with the vendor's
-defaults.  Field names follow our command-line options (shared/spec/CLI.md)
-wherever one exists, so an INI value maps onto the setting of the same name.
+Sections and keys are those of shared/spec/REFERENCE.md.  Each key is an
+alias of a setting of the settings table (:data:`SETTING_OF`) or the
+vendor's own (no setting of that meaning); there are no defaults here: a key
+the file leaves out takes the table's default (a vendor-only key: None, not
+set).  Field names follow our command-line options (shared/spec/CLI.md).
 
 Where the vendor's loader is fragile we are not: an unknown key or section
 is one :class:`UserError` naming it, its section and the valid keys (the
@@ -32,15 +34,18 @@ log = logging.getLogger("vicuna_bench")
 CONFIG_FILE_NAME = "sdk_config.ini"
 
 
+# Every field is None until the file sets it (``explicit``): a key the file leaves out takes the settings
+# table's default (read_sdk_config fills those in), a vendor-only key stays None, "not set".
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """``[model]``: what to load and where."""
 
     model_path: str | None = None  # for world size > 1: the cut directory
-    device_ids: tuple[int, ...] = (0,)  # its length is the vendor's device count
-    parallel_backend: str = "hccl"
+    device_ids: tuple[int, ...] | None = None  # None: rank r runs on device r
+    parallel_backend: str | None = None  # None: the backend follows the device
     log_dir: str | None = None
-    bind_cpu: bool = True
+    bind_cpu: bool | None = None
     explicit: frozenset[str] = frozenset()  # the keys the file set
 
 
@@ -49,13 +54,13 @@ class PerformanceSection:
     """``[performance]``: the performance test's cases and output."""
 
     model_name: str | None = None
-    batch_size: int = 1
-    max_len_exp: int = 11  # the vendor's code default (its docs say 10)
-    min_len_exp: int = 5
+    batch_size: int | None = None
+    max_len_exp: int | None = None  # the table's None: the sweep's largest power (perf.DEFAULT_MAX_LEN_EXP)
+    min_len_exp: int | None = None
     case_pair: tuple[tuple[int, int], ...] | None = None  # when set, the exponents are ignored
     save_file_name: str | None = None
-    perf_mode: str = "normal"  # normal | detail (TIMEIT=1 in the environment forces detail)
-    skip_decode: bool = False
+    perf_mode: str | None = None  # TIMEIT=1 in the environment forces detail
+    skip_decode: bool | None = None
     explicit: frozenset[str] = frozenset()
 
 
@@ -65,9 +70,9 @@ class PrecisionSection:
 
     mode: str | None = None  # mmlu | ceval; None: chosen from work_dir's data (the vendor's default is mmlu)
     work_dir: str | None = None
-    batch: int = 1
-    shot: int = 5
-    seq_len_out: int = 32  # the vendor's default; its shipped example sets 2
+    batch: int | None = None
+    shot: int | None = None
+    seq_len_out: int | None = None
     # The guide lists these under [precision]: for the precision task they win over [model]'s.
     model_path: str | None = None
     device_ids: tuple[int, ...] | None = None  # the guide's `device`
@@ -166,6 +171,14 @@ def _table_choices(key: str) -> tuple[str, ...]:
     from .settings import BY_KEY
 
     return BY_KEY[key].choices
+
+
+def table_defaults(section: str) -> dict[str, object]:
+    """The settings table's default of each key of ``section`` that aliases a setting (not env-backed ones)."""
+    from .settings import BY_KEY
+
+    return {name: BY_KEY[key].default for name, key in SETTING_OF[section].items()
+            if key and BY_KEY[key].env is None and not (section == "precision" and name in PRECISION_MODEL_KEYS)}
 
 
 def _valid_keys(section: str) -> list[str]:
@@ -308,8 +321,21 @@ def _read_parser(path: Path) -> configparser.ConfigParser:
     return parser
 
 
+def _check_exponents(shown: str, values: dict[str, object]) -> None:
+    """max_len_exp >= min_len_exp when the sweep is used; a missing one is the sweep's (the table's None)."""
+    from .perf import DEFAULT_MAX_LEN_EXP, DEFAULT_MIN_LEN_EXP
+
+    lo = values.get("min_len_exp", DEFAULT_MIN_LEN_EXP)
+    hi = values.get("max_len_exp", DEFAULT_MAX_LEN_EXP)
+    if "case_pair" not in values and hi < lo:
+        raise UserError(
+            f"{shown}: [performance] max_len_exp={hi} is below min_len_exp={lo} (valid: max_len_exp >= min_len_exp)"
+        )
+
+
 def read_sdk_config(path: str | os.PathLike = CONFIG_FILE_NAME, *, env: Mapping[str, str] | None = None) -> SdkConfig:
-    """Read a vendor ``sdk_config.ini``: every key of REFERENCE.md with its default; bad input is one UserError.
+    """Read a vendor ``sdk_config.ini``: every key of REFERENCE.md, a missing one the settings table's default
+    (a vendor-only key: None); bad input is one UserError.
 
     ``env`` (default ``os.environ``) supplies ``TIMEIT``: ``1`` means
     ``perf_mode`` detail, as the vendor's script sets it for ``performance``.
@@ -366,11 +392,6 @@ def read_sdk_config(path: str | os.PathLike = CONFIG_FILE_NAME, *, env: Mapping[
         if section == "performance":
             if env.get("TIMEIT", "").strip() == "1":
                 values["perf_mode"] = "detail"
-            lo = values.get("min_len_exp", cls.min_len_exp)
-            hi = values.get("max_len_exp", cls.max_len_exp)
-            if "case_pair" not in values and hi < lo:
-                raise UserError(
-                    f"{shown}: [performance] max_len_exp={hi} is below min_len_exp={lo} (valid: max_len_exp >= min_len_exp)"
-                )
-        parsed[section] = cls(**values, explicit=frozenset(values))
+            _check_exponents(shown, values)
+        parsed[section] = cls(**{**table_defaults(section), **values}, explicit=frozenset(values))
     return SdkConfig(shown, parsed["model"], parsed["performance"], parsed["precision"], tuple(warnings))

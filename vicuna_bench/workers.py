@@ -22,8 +22,8 @@ import torch
 
 from . import fit
 from .errors import EngineError, UserError, VicunaBenchError
-from .generation import GenerationResult, validate_prompts
-from .rank_model import GenerationRequest, ModelHook, RankRunner, merge_rank_results
+from .generation import GenerationRequest, GenerationResult, validate_prompts
+from .rank_model import ModelHook, RankRunner, merge_rank_results
 from .rank_setup import affinity, bind_this_rank, init_process_group
 from .sharding import TensorParallel
 from .spec import EngineSpec

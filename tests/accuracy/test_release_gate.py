@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 import vicuna_bench
-from vicuna_bench import settings
 from vicuna_bench.pytest_plugin import ACCURACY_RESULTS
+from vicuna_bench.pytest_plugin.options import group_values
 
 pytestmark = pytest.mark.accuracy
 
@@ -38,7 +38,7 @@ def read_csv_rows(path: Path) -> list[list[str]]:
 def test_release_gate(mode, release_gate, vicuna_options, pytestconfig):
     """The gate's verdict, recomputed here from the answers in cache.csv, the val CSVs and thresholds.json."""
     summary = release_gate(mode)
-    values = settings.from_pytest(pytestconfig, "precision")
+    values = group_values(pytestconfig, "precision")
     out = Path(values["output_dir"] or Path(pytestconfig.invocation_params.dir) / ACCURACY_RESULTS) / mode
     thresholds = json.loads((Path(vicuna_bench.__file__).parent / "thresholds.json").read_text(encoding="utf-8"))
     gate = summary["gate"]

@@ -1,9 +1,9 @@
-"""The hardware suite's device and model: the accelerator this machine has (or a skip), the run's model or a tiny one.
+"""The hardware suite's matrix, device and model: the run's options where given, the tests' own choices otherwise.
 
 ``--model-path``, ``--world-size``, ``--dtype`` and ``--device-type`` given to
 ``pytest -m hw`` (the nightly's hw stage passes its own) replace the tests'
-tiny models, world sizes and dtypes (``hw_run``, ``hw_matrix`` marks:
-vicuna_bench/pytest_plugin.py).
+tiny models, world sizes and dtypes (``hw_run``; ``hw_matrix`` marks become
+parameters here: tests/hw/matrix.py decides).
 """
 
 from __future__ import annotations
@@ -11,7 +11,28 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.hw.matrix import hw_run_of
 from vicuna_bench.pytest_plugin import accelerator_available
+from vicuna_bench.pytest_plugin.options import group_values
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "hw_matrix(model=[...], dtype=[...], world_size=[...]): a hw test's own "
+                                       "choices, replaced by the run's --model-path / --dtype / --world-size where given")
+
+
+def pytest_generate_tests(metafunc):
+    matrix = metafunc.definition.get_closest_marker("hw_matrix")
+    if matrix is not None:
+        run = hw_run_of(group_values(metafunc.config, "model"))
+        for name, own in matrix.kwargs.items():
+            metafunc.parametrize(name, run.choices(name, own))
+
+
+@pytest.fixture(scope="session")
+def hw_run(pytestconfig):
+    """The hardware suite's model, world size, dtype and chip family (the run's where given)."""
+    return hw_run_of(group_values(pytestconfig, "model"))
 
 
 @pytest.fixture(scope="session")

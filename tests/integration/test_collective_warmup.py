@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tests.unit.test_collective_warmup import _check_warm_before_model_calls, _events_by_process, PROMPTS
 from vicuna_bench import runtime
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import Engine, EngineSpec
 import dataclasses
 import torch
@@ -76,7 +76,7 @@ class EventRecorder:
 
 def test_in_process_workers_warm_their_collectives_first(tiny_models, tmp_path):
     events = tmp_path / "events.txt"
-    spec = make_engine_spec(str(tiny_models["gqa"]), 2, "cpu", "fp32", 64, bind_cpu=False)
+    spec = spec_for(str(tiny_models["gqa"]), 2, "cpu", "fp32", 64, bind_cpu=False)
     with Engine(spec, model_hook=EventRecorder(events)) as engine:
         engine.generate(PROMPTS, 3, ignore_eos=True)
     by_pid = _events_by_process(events)
@@ -111,7 +111,7 @@ def test_torchrun_ranks_warm_their_collectives_first(tiny_models, tmp_path):
     import torch.multiprocessing as mp
 
     events = tmp_path / "events.txt"
-    spec = make_engine_spec(str(tiny_models["gqa"]), 2, "cpu", "fp32", 64, bind_cpu=False)
+    spec = spec_for(str(tiny_models["gqa"]), 2, "cpu", "fp32", 64, bind_cpu=False)
     mp.start_processes(_torchrun_rank, args=(spec, _free_port(), str(events)), nprocs=2, start_method="spawn")
     by_pid = _events_by_process(events)
     assert len(by_pid) == 2

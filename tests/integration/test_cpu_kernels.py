@@ -26,7 +26,7 @@ import torch
 from tests.unit.test_decode_step import PROMPTS
 from vicuna_bench import cpu_kernels
 from vicuna_bench.cpu_isa import read_cpu_flags
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import Engine
 
 pytestmark = pytest.mark.integration
@@ -155,7 +155,7 @@ def _run(spec, compile_mode: str, kernel: bool, monkeypatch):
 def test_kernel_logits_equal_the_f_linear_model(tiny_models, world_size, monkeypatch):
     """Eager and compiled, with the kernels (GEMM and decode attention): the greedy tokens of the model on F.linear and
     SDPA, logits within 1e-4 of their scale."""
-    spec = make_engine_spec(str(tiny_models["gqa"]), world_size, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), world_size, "cpu", "fp32", 64)
     reference, used = _run(spec, "off", False, monkeypatch)
     assert used == [False] * world_size
     for mode in ("off", "on"):
@@ -202,7 +202,7 @@ def test_one_weight_copy_after_compiling(tiny_models, dtype, monkeypatch):
     """With the kernel: compiling the prefill and decode step adds the KV cache and no weight bytes (within 5% of
     the weights for the graphs' small buffers); the frozen path without it adds at least one more copy."""
     assert cpu_kernels.load()
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", dtype, 64)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", dtype, 64)
     weights, kv, growth = _growth_after_compiling(spec)
     assert growth - kv <= 0.05 * weights, (weights, kv, growth)
     if dtype == "bf16":  # the counter sees copies where they exist: freezing's prepacked constants

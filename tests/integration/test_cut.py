@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vicuna_bench.checkpoint import cut_checkpoint
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +23,8 @@ def test_cut_and_uncut_give_identical_logits(tiny_models, engine_factory, tmp_pa
     out = tmp_path_factory.mktemp("cut") / name
     cut_checkpoint(tiny_models[name], out, ws, progress=False)
     prompt = [[5, 17, 99, 3, 250, 42]]
-    uncut = engine_factory(make_engine_spec(tiny_models[name], ws, "cpu", "fp32", 64))
-    cut = engine_factory(make_engine_spec(out, ws, "cpu", "fp32", 64))
+    uncut = engine_factory(spec_for(tiny_models[name], ws, "cpu", "fp32", 64))
+    cut = engine_factory(spec_for(out, ws, "cpu", "fp32", 64))
     a = uncut.generate(prompt, 6, ignore_eos=True, return_logits=True)
     b = cut.generate(prompt, 6, ignore_eos=True, return_logits=True)
     assert a.output_ids == b.output_ids

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tests import tiny
 from tests.unit.test_decode_step import PROMPTS
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import Engine
 from vicuna_bench.generation import DecodeState, EagerSteps, decode_step, generate
 from vicuna_bench.runtime import Engine, build_rank_model
@@ -27,8 +27,8 @@ def _generate(spec, steps: int, hook=None):
 def test_compiled_decode_matches_eager(tiny_models, world_size):
     """--compile on (prefill and decode step compiled): identical greedy tokens, logits within 1e-4 of their scale."""
     path = str(tiny_models["gqa"])
-    eager = _generate(make_engine_spec(path, world_size, "cpu", "fp32", 64), 10)
-    spec = make_engine_spec(path, world_size, "cpu", "fp32", 64)
+    eager = _generate(spec_for(path, world_size, "cpu", "fp32", 64), 10)
+    spec = spec_for(path, world_size, "cpu", "fp32", 64)
     compiled = _generate(type(spec)(**{**spec.__dict__, "compile": "on"}), 10)
     assert compiled.output_ids == eager.output_ids
     for a, b in zip(compiled.logits, eager.logits):
@@ -38,7 +38,7 @@ def test_compiled_decode_matches_eager(tiny_models, world_size):
 
 def test_compiled_steps_follow_batch_changes(tiny_models):
     """A new batch size gets KV caches of its own and compiles anew; back to the first, its caches and graphs serve."""
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
     with Engine(spec) as engine:
         eager = [engine.generate(p, 6, ignore_eos=True).output_ids for p in (PROMPTS, PROMPTS[1:])]
     with Engine(type(spec)(**{**spec.__dict__, "compile": "on"})) as engine:
@@ -59,7 +59,7 @@ def test_warmed_decode_skips_guards_without_mixing_models_or_shapes(tiny_models,
     if not vb_compile.SKIP_GUARD_EVAL_SUPPORTED:
         pytest.fail(f"torch {torch.__version__} has no skip_guard_eval_unsafe: this stack cannot run this check")
     other = tiny.make_tiny_llama(tmp_path / "other", tiny.GQA, seed=11)
-    specs = [make_engine_spec(str(p), 1, "cpu", "fp32", 64) for p in (tiny_models["gqa"], other)]
+    specs = [spec_for(str(p), 1, "cpu", "fp32", 64) for p in (tiny_models["gqa"], other)]
     requests = [PROMPTS, PROMPTS[1:]]
     eager = {}
     for i, spec in enumerate(specs):
@@ -92,7 +92,7 @@ def test_warmed_decode_skips_guards_without_mixing_models_or_shapes(tiny_models,
 
 
 def test_compiled_decode_matches_eager_on_smollm2(smollm2_path):
-    spec = make_engine_spec(str(smollm2_path), 1, "cpu", "fp32", 256)
+    spec = spec_for(str(smollm2_path), 1, "cpu", "fp32", 256)
     prompts = [[1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47], [1, 4093, 28]]
     with Engine(spec) as engine:
         eager = engine.generate(prompts, 8, ignore_eos=True, return_logits=True)
@@ -110,7 +110,7 @@ def test_each_ranks_fused_projections_give_transformers_logits(tiny_models, worl
     """Each rank's qkv_proj / gate_up_proj hold its own slices of q, k, v, gate, up: batched, left-padded, sharded
     generation gives transformers' greedy tokens and logits (within 1e-4 of their scale) on every row."""
     path = tiny_models["gqa"]
-    spec = make_engine_spec(str(path), world_size, "cpu", "fp32")
+    spec = spec_for(str(path), world_size, "cpu", "fp32")
     ours = _generate(spec, 6)
     ref = tiny.hf_model(path)
     for row, prompt in enumerate(PROMPTS):

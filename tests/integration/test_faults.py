@@ -10,7 +10,7 @@ import time
 import pytest
 
 from vicuna_bench.errors import EngineError
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import Engine
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def _wait_gone(pids, within: float) -> bool:
 
 
 def test_killed_worker_fails_next_call(tiny_models):
-    spec = make_engine_spec(tiny_models["vicuna"], 2, "cpu", "fp32", 64)
+    spec = spec_for(tiny_models["vicuna"], 2, "cpu", "fp32", 64)
     engine = Engine(spec)
     try:
         assert engine.generate([[5, 6, 7]], 3).output_ids[0]
@@ -52,7 +52,7 @@ def test_killed_worker_fails_next_call(tiny_models):
 
 
 def test_worker_killed_during_a_call(tiny_models):
-    spec = make_engine_spec(tiny_models["vicuna"], 2, "cpu", "fp32", 256)
+    spec = spec_for(tiny_models["vicuna"], 2, "cpu", "fp32", 256)
     engine = Engine(spec)
     pids = engine.pids
     killer = threading.Timer(1.0, os.kill, args=(pids[0], signal.SIGKILL))
@@ -72,7 +72,7 @@ def test_worker_killed_during_a_call(tiny_models):
 
 
 def test_close_ends_every_worker(tiny_models):
-    spec = make_engine_spec(tiny_models["gqa"], 4, "cpu", "fp32", 64)
+    spec = spec_for(tiny_models["gqa"], 4, "cpu", "fp32", 64)
     with Engine(spec) as engine:
         pids = engine.pids
         assert len(pids) == 4 and all(not _gone(p) for p in pids)
@@ -87,4 +87,4 @@ def test_worker_load_error_reaches_the_caller(tiny_models, tmp_path):
     cut_checkpoint(tiny_models["vicuna"], out, 2, progress=False)
     (out / "part_model" / "1" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="sha256"):
-        Engine(make_engine_spec(out, 2, "cpu", "fp32", 64))
+        Engine(spec_for(out, 2, "cpu", "fp32", 64))

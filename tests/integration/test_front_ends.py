@@ -59,7 +59,7 @@ def test_every_setting_in_both_front_ends_with_the_same_default(pytestconfig):
     nightly = build_parser().parse_args(["nightly", "--no-bind-cpu", "--no-quick", "--no-progress", "--world-size", "2",
                                          "--device-type", "d3", "--case-pair", "[[1,1]]", "--repeat", "3",
                                          "--batch", "4", "--scoring", "both", "--prefix-cache", "off"])
-    assert (nightly.bind_cpu, nightly.quick, nightly.progress, nightly.world_size, nightly.device_type) == (
+    assert (nightly.bind_cpu, nightly.quick, nightly.progress, nightly.world_size, nightly.chip_family) == (
         False, False, False, 2, "d3")
     assert (nightly.case_pair, nightly.repeat, nightly.batch, nightly.scoring, nightly.prefix_cache) == (
         "[[1,1]]", 3, 4, "both", "off")
@@ -88,9 +88,9 @@ def test_errors_name_the_option_of_the_front_end_in_use():
 
 
 def test_device_type_is_validated_and_reaches_the_engine_spec(tiny_models):
-    from vicuna_bench.pytest_plugin import make_engine_spec
+    from tests.specs import spec_for
 
-    assert make_engine_spec(tiny_models["gqa"], 1, "cpu", "fp32", 64, device_type="d3").device_type == "d3"
+    assert spec_for(tiny_models["gqa"], 1, "cpu", "fp32", 64, chip_family="d3").chip_family == "d3"
     proc = vb("run", "--model-path", str(tiny_models["gqa"]), "--device-type", "d7", "--prompt-ids", "5")
     assert_one_line_error(proc, "--device-type", "'d7'", "d9, d3")
 
@@ -107,10 +107,10 @@ def test_rank_merge_takes_maxima_and_keeps_peaks_in_rank_order():
 
 
 def test_a_misspelt_generation_option_is_an_error(tiny_models):
-    from vicuna_bench.pytest_plugin import make_engine_spec
+    from tests.specs import spec_for
     from vicuna_bench.runtime import Engine
 
-    with Engine(make_engine_spec(tiny_models["gqa"], 1, "cpu", "fp32", 64)) as engine:
+    with Engine(spec_for(tiny_models["gqa"], 1, "cpu", "fp32", 64)) as engine:
         with pytest.raises(TypeError, match="ignore_eso"):
             engine.generate([[5, 6]], 2, ignore_eso=True)
 

@@ -98,13 +98,13 @@ def test_ranks_build_once_and_the_engine_runs_on_f_linear(tmp_path, tiny_models,
     """Two ranks start on a fresh cache with a failing compiler: one compiles, the other reads the record; both run
     F.linear/SDPA and their environment records say why."""
     from tests.unit.test_decode_step import PROMPTS
-    from vicuna_bench.pytest_plugin import make_engine_spec
+    from tests.specs import spec_for
     from vicuna_bench.runtime import Engine
 
     cxx, calls = fake_compiler(tmp_path)
     for name, value in env_with(tmp_path / "cache", str(cxx)).items():
         monkeypatch.setenv(name, value)
-    spec = make_engine_spec(str(tiny_models["gqa"]), 2, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), 2, "cpu", "fp32", 64)
     spec = type(spec)(**{**spec.__dict__, "compile": "off"})
     with Engine(spec, workers=True) as engine:
         environments = [info["environment"] for info in engine.rank_info]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from tests.unit.test_loading import MID, ROOT
 from vicuna_bench.errors import EngineError
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import Engine
 from vicuna_bench import fit
 from vicuna_bench.config import ModelArgs
@@ -151,7 +151,7 @@ def kill_rank_1(model):
 
 
 def test_a_rank_killed_while_loading_is_named(tiny_models):
-    spec = make_engine_spec(str(tiny_models["vicuna"]), 2, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["vicuna"]), 2, "cpu", "fp32", 64)
     with pytest.raises(EngineError) as err:
         Engine(spec, model_hook=kill_rank_1)
     assert re.fullmatch(

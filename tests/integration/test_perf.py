@@ -17,7 +17,7 @@ import torch
 from tests import tiny
 from tests.unit.test_perf import _read_csv
 from vicuna_bench import perf
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import Engine
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def test_reported_times_recover_known_sleeps(world_size, tiny_models, tmp_path):
 
     Both modes must report the slowest rank's sleeps: never below, at most 10% above.
     """
-    spec = make_engine_spec(tiny_models["vicuna"], world_size, "cpu", "fp32", max_seq_len=64)
+    spec = spec_for(tiny_models["vicuna"], world_size, "cpu", "fp32", max_seq_len=64)
     hook = functools.partial(tiny.sleepy_model, prefill_s=PREFILL_S, decode_s=DECODE_S, per_rank=PER_RANK)
     slowest = 1.0 + PER_RANK * (world_size - 1)
     threads = torch.get_num_threads()
@@ -49,7 +49,7 @@ def test_reported_times_recover_known_sleeps(world_size, tiny_models, tmp_path):
             for mode in perf.MODES:
                 settings = perf.PerfSettings(cases=perf.parse_case_pair("[[16,4]]"), mode=mode, repeat=2,
                                              model_name="sleepy", mem_bandwidth_gbps=10.0)
-                run = perf.PerfSession(settings, tmp_path / mode).run_all(engine, progress=False)
+                run = perf.PerfJob(settings, tmp_path / mode, progress=False).run(engine)
                 [result] = run.results
                 row = perf.extended_row(run, result)
                 assert _recovers(row["first_token_ms_mean"], PREFILL_S * slowest), (mode, row["first_token_ms_mean"])

@@ -21,8 +21,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from vicuna_bench.precision.runner import PrecisionConfig, run_precision
-from vicuna_bench.pytest_plugin import make_engine_spec
+from vicuna_bench.drivers import run_jobs
+from vicuna_bench.precision.runner import PrecisionConfig, PrecisionJob
+from tests.specs import spec_for
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 SUBSET_PER_SUBJECT = 1  # the first val question ...
@@ -44,7 +45,7 @@ def run_subset(mode: str, out: Path, engine, spec, batch: int) -> dict[str, dict
         mode=mode, work_dir=SHARED / mode, output_dir=out, batch=batch, scoring="both",
         subjects=subset_subjects(mode), limit_per_subject=SUBSET_PER_SUBJECT, progress=False,
     )
-    summary = run_precision(cfg, spec, engine=engine)
+    summary = run_jobs(spec, [PrecisionJob(cfg)], engine=engine)[0].summary
     assert summary["too_long"]["count"] == 0
     preds = {}
     for scoring, name in (("generate", "cache.csv"), ("logits", "cache_logits.csv")):
@@ -55,7 +56,7 @@ def run_subset(mode: str, out: Path, engine, spec, batch: int) -> dict[str, dict
 
 @pytest.fixture(scope="module")
 def spec1():
-    return make_engine_spec(None, 1, "cpu", "fp32")
+    return spec_for(None, 1, "cpu", "fp32")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_batch_4_equals_batch_1(mode, batch1, engine_factory, spec1, tmp_path):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_world_size_3_equals_world_size_1(mode, batch1, engine_factory, tmp_path):
-    spec3 = make_engine_spec(None, 3, "cpu", "fp32")
+    spec3 = spec_for(None, 3, "cpu", "fp32")
     got = run_subset(mode, tmp_path, engine_factory(spec3), spec3, 4)  # batch 4 at 3 ranks: both axes at once
     assert got == batch1[mode]
 
@@ -89,7 +90,7 @@ def run_prefix(mode: str, out: Path, engine, spec, batch: int, prefix_cache: str
         mode=mode, work_dir=SHARED / mode, output_dir=out, batch=batch, scoring="both", prefix_cache=prefix_cache,
         subjects=PREFIX_SUBJECTS[mode], limit_per_subject=4, progress=False,
     )
-    summary = run_precision(cfg, spec, engine=engine)
+    summary = run_jobs(spec, [PrecisionJob(cfg)], engine=engine)[0].summary
     preds = {}
     for scoring, name in (("generate", "cache.csv"), ("logits", "cache_logits.csv")):
         frame = pd.read_csv(out / name, header=None, dtype=str, keep_default_na=False)
@@ -104,7 +105,7 @@ def test_prefix_cache_on_equals_off(mode, engine_factory, spec1, tmp_path):
     off, off_summary = run_prefix(mode, tmp_path / "off", engine_factory(spec1), spec1, 1, "off")
     timing = off_summary["timing"]
     assert timing["prefix_cache"] == "off" and timing["prompt_tokens_prefilled"] == timing["prompt_tokens_total"]
-    spec3 = make_engine_spec(None, 3, "cpu", "fp32")
+    spec3 = spec_for(None, 3, "cpu", "fp32")
     for name, spec, batch in (("on-1", spec1, 1), ("on-4", spec1, 4), ("on-ws3", spec3, 4)):
         got, summary = run_prefix(mode, tmp_path / name, engine_factory(spec), spec, batch, "on")
         assert got == off, name

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.unit.test_prefix_reuse import PREFIX, PROMPTS
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +24,7 @@ def _last_position_logits(engine, prompts, prefix_len: int) -> list[torch.Tensor
 def test_engine_prefix_len_matches_full_prefill(tiny_models, world_size):
     from vicuna_bench.runtime import Engine
 
-    spec = make_engine_spec(str(tiny_models["gqa"]), world_size, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), world_size, "cpu", "fp32", 64)
     with Engine(spec, workers=world_size > 1) as engine:
         full = _last_position_logits(engine, PROMPTS, 0)
         reused = _last_position_logits(engine, PROMPTS, len(PREFIX))
@@ -48,7 +48,7 @@ def test_smollm2_prefix_ending_mid_word(smollm2_path):
     shared = common_prefix_len(prompts)
     assert shared == len(tok(head)["input_ids"])  # the common text prefix (head + " cat") ends inside a token
     assert len({p[shared] for p in prompts}) == 3
-    spec = make_engine_spec(str(smollm2_path), 1, "cpu", "fp32", 256)
+    spec = spec_for(str(smollm2_path), 1, "cpu", "fp32", 256)
     with Engine(spec) as engine:
         full = _last_position_logits(engine, prompts, 0)
         reused = _last_position_logits(engine, prompts, shared)

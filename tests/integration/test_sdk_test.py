@@ -297,7 +297,7 @@ def test_run_sdk_test_sh_sets_max_seq_length_at_its_top_and_the_environment_wins
 # ------------------------------------------------------------------ CPU binding at rank start-up
 
 def test_two_ranks_are_pinned_to_disjoint_cpus_covering_the_allowed_set(tiny_models):
-    from vicuna_bench.pytest_plugin import make_engine_spec
+    from tests.specs import spec_for
     from vicuna_bench.runtime import Engine
 
     allowed = sorted(os.sched_getaffinity(0))
@@ -305,7 +305,7 @@ def test_two_ranks_are_pinned_to_disjoint_cpus_covering_the_allowed_set(tiny_mod
         pytest.skip("needs 2 CPUs")
 
     def affinities(bind: bool) -> list[set[int]]:
-        spec = make_engine_spec(tiny_models["gqa"], 2, "cpu", "fp32", 64, bind_cpu=bind)
+        spec = spec_for(tiny_models["gqa"], 2, "cpu", "fp32", 64, bind_cpu=bind)
         with Engine(spec) as engine:
             return [cpu_set(info["affinity"]) for info in engine.rank_info]  # read in each rank's own process
 
@@ -375,7 +375,7 @@ def npu_here(monkeypatch):
     """Device resolution answers npu (no model is loaded in these tests: they stop before)."""
     from vicuna_bench import devices
 
-    monkeypatch.setattr(devices, "resolve_device_type", lambda name: "npu")
+    monkeypatch.setattr(devices, "resolve_device", lambda name: "npu")
 
 
 def test_d3_with_bf16_exits_2_before_the_model_loads(npu_here, tiny_models, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def runs(tiny_models, engine_factory, compile_mode):
     for name in ("vicuna", "gqa"):
         vocab = {"vicuna": 1001, "gqa": 777}[name]
         for ws in (1, 2, 4, 8):
-            spec = make_engine_spec(tiny_models[name], ws, "cpu", "fp32", max_seq_len=64, compile=compile_mode)
+            spec = spec_for(tiny_models[name], ws, "cpu", "fp32", max_seq_len=64, compile=compile_mode)
             engine = engine_factory(spec)
             out[name, ws] = engine.generate(_prompts(vocab), STEPS, ignore_eos=True, return_logits=True)
     return out
@@ -48,7 +48,7 @@ def test_world_sizes_agree(runs, compile_mode, name, ws):
 
 @pytest.mark.parametrize("ws", [1, 2])
 def test_batch_rows_equal_lone_rows(tiny_models, engine_factory, runs, ws, compile_mode):
-    spec = make_engine_spec(tiny_models["vicuna"], ws, "cpu", "fp32", max_seq_len=64, compile=compile_mode)
+    spec = spec_for(tiny_models["vicuna"], ws, "cpu", "fp32", max_seq_len=64, compile=compile_mode)
     engine = engine_factory(spec)
     batch = runs["vicuna", ws]
     for row, prompt in enumerate(_prompts(1001)):
@@ -75,7 +75,7 @@ def test_kv_heads_replicated_beyond_their_count(tiny_models, ws):
 
     ref = tiny.hf_model(tiny_models["gqa"])
     head_dim, q_per_kv = 8, 4
-    spec = make_engine_spec(tiny_models["gqa"], ws, "cpu", "fp32", max_seq_len=64)
+    spec = spec_for(tiny_models["gqa"], ws, "cpu", "fp32", max_seq_len=64)
     q_rows = (8 // ws) * head_dim  # the rank's query heads come first in its fused q/k/v rows
     for rank in range(ws):
         model = build_rank_model(spec, rank, TensorParallel(), device_for_rank("cpu", 0))
@@ -95,7 +95,7 @@ def test_smollm2_world_sizes_1_and_3(smollm2_path, engine_factory, compile_mode)
     prompts = [encode_prompt(tok, "Name a colour."), encode_prompt(tok, "What is 12 times 12? Explain briefly.")]
     results = {}
     for ws in (1, 3):
-        spec = make_engine_spec(smollm2_path, ws, "cpu", "fp32", max_seq_len=256, compile=compile_mode)
+        spec = spec_for(smollm2_path, ws, "cpu", "fp32", max_seq_len=256, compile=compile_mode)
         results[ws] = engine_factory(spec).generate(prompts, 8, ignore_eos=True, return_logits=True)
     assert results[3].output_ids == results[1].output_ids
     for a, b in zip(results[3].logits, results[1].logits):

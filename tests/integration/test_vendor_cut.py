@@ -16,7 +16,7 @@ from tests import tiny
 from tests.integration.test_cli import vb
 from tests.unit.precision_fixtures import make_synthetic_mmlu
 from tests.unit.test_vendor_cut import PROMPT, STEPS, vendor_cuts  # noqa: F401  (fixtures)
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +33,11 @@ def reference_tokens(tiny_models):
 def test_greedy_tokens_equal_the_uncut_models(tiny_models, vendor_cuts, reference_tokens, engine_factory):
     """At world size 4 in the engine (world size 2: through ``run`` below)."""
     ws = 4
-    cut = engine_factory(make_engine_spec(vendor_cuts[ws], ws, "cpu", "fp32", 64))
+    cut = engine_factory(spec_for(vendor_cuts[ws], ws, "cpu", "fp32", 64))
     got = cut.generate([PROMPT], STEPS, ignore_eos=True, return_logits=True)
     assert got.output_ids[0] == reference_tokens
     # The same shares as the uncut directory sliced at load: the same numbers, bit for bit.
-    uncut = engine_factory(make_engine_spec(tiny_models["vicuna"], ws, "cpu", "fp32", 64))
+    uncut = engine_factory(spec_for(tiny_models["vicuna"], ws, "cpu", "fp32", 64))
     want = uncut.generate([PROMPT], STEPS, ignore_eos=True, return_logits=True)
     assert torch.equal(got.logits[0], want.logits[0])
     cut.close()

@@ -26,7 +26,7 @@ from vicuna_bench.chat import load_tokenizer, vicuna_v11_prompt
 from vicuna_bench.checkpoint import cut_checkpoint
 from vicuna_bench.precision.data import load_dataset
 from vicuna_bench.precision.prompt import build_prompt, fit_prompt, letter_token_ids
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import Engine
 
 pytestmark = pytest.mark.integration
@@ -158,7 +158,7 @@ def test_cut_two_ways_gives_the_uncut_logits(vicuna_layout, tmp_path):
     ref_tokens, ref_logits = _hf_reference(vicuna_layout, prompt, 4, eos=False)
     results = {}
     for name, path, ws in (("uncut-1", vicuna_layout, 1), ("uncut-2", vicuna_layout, 2), ("cut-2", cut, 2)):
-        with Engine(make_engine_spec(str(path), ws, "cpu", "fp32")) as engine:
+        with Engine(spec_for(str(path), ws, "cpu", "fp32")) as engine:
             res = engine.generate([prompt], 4, ignore_eos=True, return_logits=True)
         results[name] = res
         assert res.output_ids[0] == ref_tokens, name

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 
 pytestmark = pytest.mark.perf
 
@@ -54,7 +54,7 @@ def _hf_run(model, prompt: torch.Tensor):
 def test_embedded_model_latency_vs_transformers(dtype, perf_output_dir, engine_factory, smollm2_path):
     from transformers import LlamaForCausalLM
 
-    spec = make_engine_spec(smollm2_path, 1, "cpu", dtype, max_seq_len=SEQ_IN + SEQ_OUT)
+    spec = spec_for(smollm2_path, 1, "cpu", dtype, max_seq_len=SEQ_IN + SEQ_OUT)
     engine = engine_factory(spec)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, engine.args.vocab_size, (1, SEQ_IN), generator=g)

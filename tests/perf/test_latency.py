@@ -4,7 +4,7 @@
 (tests/perf/conftest.py, splittable 8 ways); ``--model-path DIR`` (or
 ``embedded``) benchmarks a real model, with ``--perf-case-pair`` or the
 ``--perf-min-len-exp``/``--perf-max-len-exp`` sweep.  The driver, the
-fixtures and the output files are the plugin's (vicuna_bench/pytest_plugin.py):
+fixtures and the output files are the plugin's (vicuna_bench/pytest_plugin/):
 files go to ``--perf-output-dir`` (default ``perf-results/``), named in the
 terminal summary.  Tests never fail on absolute time: only against
 ``--perf-baseline`` (slower than ``--perf-tolerance``).

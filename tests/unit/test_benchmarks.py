@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +28,7 @@ def bench():
 
 def test_memory_probe_counts_weights_and_the_kv_cache(tiny_models, bench):
     """GQA tiny model: tied 777 x 64 embedding, 2 layers, 2 key/value heads of 8; batch 2 in a 64-slot cache."""
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", max_seq_len=64)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", max_seq_len=64)
     got = bench("bench_peers")._memory_probe(spec, [[5, 6, 7], [8, 9]], 4, threads=1)
     h, i, layers, kv_width = 64, 128, 2, 2 * 8
     per_layer = h * h + 2 * kv_width * h + h * h + 2 * i * h + i * h + 2 * h  # q, k+v, o, gate+up, down, 2 norms

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import types
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,6 @@ import torch
 
 from vicuna_bench import rank_model, rank_setup, spmd
 from vicuna_bench.errors import EngineError
-from vicuna_bench.pytest_plugin import make_engine_spec
 from vicuna_bench.spec import EngineSpec
 from vicuna_bench.workers import Engine
 from vicuna_bench.sharding import TensorParallel
@@ -98,4 +98,10 @@ class _BrokenSum(TensorParallel):
 def test_a_warm_up_sum_that_is_wrong_is_an_error():
     with pytest.raises(EngineError, match="warm-up all-reduce over 2 ranks summed to 1 .*expected 2"):
         rank_setup.warm_collectives(_BrokenSum(2, 0), torch.device("cpu"))
-    assert rank_setup.warm_collectives(TensorParallel(), torch.device("cpu")) >= 0.0  # one rank: 1 == world size
+
+
+def test_the_warm_up_returns_the_milliseconds_it_took(monkeypatch):
+    """One rank (the sum 1 is the world size): the ms between the clock's two reads, 12.5 -> 12.5035 s = 3.5 ms."""
+    reads = iter([12.5, 12.5035])
+    monkeypatch.setattr(rank_setup, "time", types.SimpleNamespace(perf_counter=lambda: next(reads)))
+    assert rank_setup.warm_collectives(TensorParallel(), torch.device("cpu")) == pytest.approx(3.5)

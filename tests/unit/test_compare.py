@@ -153,7 +153,77 @@ def test_the_nightly_judges_a_run_of_300_steps_against_7_such_runs():
 
 def test_the_nightly_rule_and_compare_share_one_rank_test():
     assert rules.rank_test is stats.rank_test and rules.min_p is stats.min_p
-    assert rules.shift_of is stats.shift and C.stats.shift is stats.shift
+    assert rules.judge_change is stats.judge_change and C.stats.judge_change is stats.judge_change
+
+
+# ---------------------------------------------------------------- the one comparison: stats.judge_change
+
+A8 = [10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0]
+B8 = [20.0, 21.0, 22.0, 23.0, 24.0, 25.0, 26.0, 27.0]
+
+
+def test_judge_change_against_hand_computed_mann_whitney_and_interval():
+    # Every B above every A: U = 8 x 8 = 64; Var U = 64/12 x 17 = 90.667 (no ties), sd 9.5219;
+    # p = 1 - Phi((64 - 32 - 0.5) / 9.5219) = 4.6955e-4 < 0.001 = alpha (1 / C(16, 8) = 7.8e-5 allows it).
+    # Interval: k = floor(32 - 1.959964 x 9.5219) = 13; the 13th and 52nd of the 64 ratios b/a sorted
+    # are 22/15 and 21/10; the medians' ratio 23.5 / 13.5.
+    change = stats.judge_change(B8, A8, 0.10)
+    assert (change.word, change.direction, change.counts) == ("slower", 1, (8, 8))
+    assert change.p_value == pytest.approx(4.6955e-4, rel=1e-3)
+    assert change.ratio == pytest.approx(23.5 / 13.5)
+    assert (change.ci.low, change.ci.high) == (pytest.approx(22 / 15), pytest.approx(21 / 10))
+    assert change.judged and change.reason == ""
+    faster = stats.judge_change(A8, B8, 0.10)
+    assert (faster.word, faster.direction, faster.p_value) == ("faster", -1, pytest.approx(4.6955e-4, rel=1e-3))
+    # A throughput: above is faster; numpy arrays are samples too.
+    assert stats.judge_change(B8, A8, 0.10, better="higher").word == "faster"
+    assert stats.judge_change(np.array(B8), np.array(A8), 0.10).word == "slower"
+
+
+def test_judge_change_same_when_the_rank_test_is_not_significant():
+    # a = 1,3,5,7, b = 2,4,6,8: pairs with b > a: 1 + 2 + 3 + 4 = 10; Var U = 16/12 x 9 = 12;
+    # p = 1 - Phi((10 - 8 - 0.5) / sqrt(12)) = 0.33250.  B/A = 5 / 4 is beyond the 10% band, but p >= 0.05.
+    change = stats.judge_change([2.0, 4.0, 6.0, 8.0], [1.0, 3.0, 5.0, 7.0], 0.10, alpha=0.05)
+    assert stats.rank_test([2.0, 4.0, 6.0, 8.0], [1.0, 3.0, 5.0, 7.0]).u == 10
+    assert (change.word, change.direction, change.reason) == ("same", 0, "p >= 0.05")
+    assert change.p_value == pytest.approx(0.33250, abs=1e-5)
+
+
+def test_judge_change_undecided_with_too_few_samples():
+    # 3 against 3: the smallest one-sided p is 1 / C(6, 3) = 0.05, never below 0.001.
+    change = stats.judge_change([30.0, 31.0, 32.0], [10.0, 11.0, 12.0], 0.10)
+    assert (change.word, change.judged, change.p_value) == ("undecided", False, None)
+    assert change.reason == "3 vs 3 samples: too few for the rank test (p >= 0.001 at best)"
+    assert stats.judge_change(None, None, 0.1, level_b=5.0, level_a=0.0).word == "undecided"
+
+
+@pytest.mark.parametrize("level_b, band, better, word", [
+    (115.0, 0.10, "lower", "slower"),  # 115 > 100 x 1.10
+    (109.0, 0.10, "lower", "same"),
+    (90.0, 0.10, "lower", "faster"),  # 90 < 100 / 1.10 = 90.9
+    (92.0, 0.10, "lower", "same"),
+    (115.0, 0.10, "higher", "faster"),
+    (106.0, 0.05, "lower", "slower"),
+])
+def test_judge_change_without_samples_the_band_alone_decides(level_b, band, better, word):
+    change = stats.judge_change(None, None, band, level_b=level_b, level_a=100.0, better=better)
+    assert change.word == word and change.ratio == pytest.approx(level_b / 100.0)
+    assert change.ci is None and change.p_value is None and change.counts is None
+    if word == "same":
+        assert change.reason == f"within the {band:.0%} minimum effect"
+
+
+def test_the_perf_baseline_gate_uses_the_one_comparison(monkeypatch):
+    calls = []
+    real = stats.judge_change
+    monkeypatch.setattr(perf, "judge_change", lambda *a, **k: calls.append(k) or real(*a, **k))
+    run = type("Run", (), {})()
+    result = perf.CaseResult(perf.Case(16, 4), 1, "detail", first_ms=[12.0], next_ms=[2.0], step_ms=[2.0, 2.0, 2.0])
+    run.results = [result]
+    baseline = perf.Baseline(None, "extended", {(1, 16, 4): {"first": 10.0, "next": 2.0}})
+    comparison = perf.compare_to_baseline(run, baseline, 0.10)
+    assert [ln["verdict"] for ln in comparison.lines] == ["SLOWER by more than 10%", "ok"]  # 12/10 > 1.1; 2/2
+    assert [(k["level_b"], k["level_a"]) for k in calls] == [(12.0, 10.0), (2.0, 2.0)]
 
 
 # ---------------------------------------------------------------- inputs: perf output directories

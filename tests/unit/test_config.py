@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vicuna_bench.config import ModelArgs, default_max_seq_len
+from vicuna_bench.config import ModelArgs, resolve_max_seq_len
 from vicuna_bench.errors import UserError
 from vicuna_bench.sharding import ShardPlan, valid_world_sizes
 
@@ -89,14 +89,24 @@ def test_missing_key_is_named():
         ModelArgs.from_dict(cfg)
 
 
-def test_max_seq_length_env(monkeypatch):
-    monkeypatch.delenv("MAX_SEQ_LENGTH", raising=False)
-    assert default_max_seq_len() == 2048
+def test_max_seq_length_is_read_once_by_the_settings_tables_environment_layer(monkeypatch):
+    import inspect
+
+    from vicuna_bench import config, settings
+
+    args = ModelArgs.from_dict(VICUNA_16K)  # context 4096 x 4 = 16384 tokens
     monkeypatch.setenv("MAX_SEQ_LENGTH", "16512")
-    assert default_max_seq_len() == 16512
-    monkeypatch.setenv("MAX_SEQ_LENGTH", "lots")
-    with pytest.raises(UserError, match="MAX_SEQ_LENGTH='lots'"):
-        default_max_seq_len()
+    # The model layer takes what the front end resolved; unasked, the CLI contract's 2048 (below the context).
+    assert resolve_max_seq_len(None, args) == 2048
+    assert resolve_max_seq_len(16512, args) == 16512  # explicit: not capped at the context
+    short = ModelArgs.from_dict(dict(VICUNA_16K, max_position_embeddings=256, max_sequence_length=None,
+                                     rope_scaling=None))
+    assert resolve_max_seq_len(None, short) == 256  # the default capped at a 256-token context
+    assert "os.environ" not in inspect.getsource(config) and "getenv" not in inspect.getsource(config)
+    model = settings.select(("model",))
+    assert settings.from_environment(model, {"MAX_SEQ_LENGTH": "16512"}) == {"max_seq_len": 16512}
+    with pytest.raises(UserError, match=r"\$MAX_SEQ_LENGTH = 'lots' is not an int"):
+        settings.from_environment(model, {"MAX_SEQ_LENGTH": "lots"})
 
 
 def test_ranks_past_a_tiny_vocabulary_hold_padding_only():

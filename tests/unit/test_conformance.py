@@ -7,7 +7,7 @@ import torch
 
 from tests import tiny
 from vicuna_bench.devices import device_for_rank
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
@@ -29,7 +29,7 @@ def _assert_close_to_scale(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1
 
 def _check_model(path, prompt, engine_factory, compile_mode="off"):
     # --compile on: the engine's compiled prefill and step (auto resolves to off for these short runs)
-    spec = make_engine_spec(path, 1, "cpu", "fp32", max_seq_len=len(prompt) + DECODE_STEPS + 8, compile=compile_mode)
+    spec = spec_for(path, 1, "cpu", "fp32", max_seq_len=len(prompt) + DECODE_STEPS + 8, compile=compile_mode)
     ref = tiny.hf_model(path)
 
     # prefill: logits at every prompt position
@@ -75,7 +75,7 @@ def test_dynamic_rope_really_extends_past_max_positions(tiny_models, engine_fact
     prompt = _prompt(500, 12, seed=5)
     runs = {}
     for name, path in (("dynamic", dynamic), ("plain", plain)):
-        spec = make_engine_spec(path, 1, "cpu", "fp32", max_seq_len=12 + DECODE_STEPS)
+        spec = spec_for(path, 1, "cpu", "fp32", max_seq_len=12 + DECODE_STEPS)
         runs[name] = engine_factory(spec).generate([prompt], DECODE_STEPS, ignore_eos=True, return_logits=True)
     ours, plain_logits = runs["dynamic"].logits[0], runs["plain"].logits[0]
     # Token i comes from a forward over 12 + i positions: i <= 4 stays within the native 16.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vicuna_bench import checkpoint, cpu_isa, devices
+from vicuna_bench import checkpoint, cpu_isa, environment, spec
 from vicuna_bench.cpu_isa import GemmProbe
 
 pytestmark = pytest.mark.unit
@@ -23,6 +23,11 @@ GRAVITON3 = FLAGS / "graviton3_neoverse_v1.cpuinfo"  # AArch64: sve and bf16
 
 def ModelArgs(torch_dtype=None):  # resolve_dtype reads only the checkpoint's torch_dtype
     return SimpleNamespace(torch_dtype=torch_dtype)
+
+
+def resolve(requested: str, args, device: str) -> torch.dtype:
+    """The torch dtype of the name spec.resolve_dtype resolves ``requested`` to."""
+    return checkpoint.DTYPES[spec.resolve_dtype(requested, args, device)[0]]
 
 
 BF16_FASTER = GemmProbe(fp32_gflops=58.0, bf16_gflops=135.0, threads=2)  # this host's shape of result
@@ -50,7 +55,7 @@ def host(monkeypatch):
 
 
 def auto_cpu_dtype() -> torch.dtype:
-    return checkpoint.resolve_dtype("auto", ModelArgs(), "cpu")
+    return resolve("auto", ModelArgs(), "cpu")
 
 
 @pytest.mark.parametrize("cpuinfo, isa, flags", [
@@ -117,7 +122,7 @@ def test_kunpeng_920_runs_fp32_without_probing(host, caplog):
 def test_explicit_bf16_on_kunpeng_920_is_not_warned_about_unmeasured(host, caplog):
     host(KUNPENG_920)
     with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
-        assert checkpoint.resolve_dtype("bf16", ModelArgs(), "cpu") == torch.bfloat16
+        assert resolve("bf16", ModelArgs(), "cpu") == torch.bfloat16
     assert not caplog.records
 
 
@@ -147,15 +152,15 @@ def test_unknown_flags_run_fp32(host, tmp_path):
 def test_accelerators_keep_the_checkpoints_dtype(host):
     host(SAPPHIRE_RAPIDS)
     args = ModelArgs(torch_dtype="bfloat16")
-    assert checkpoint.resolve_dtype("auto", args, "cuda") == torch.bfloat16
-    assert checkpoint.resolve_dtype("auto", ModelArgs(torch_dtype="float16"), "npu") == torch.float16
+    assert resolve("auto", args, "cuda") == torch.bfloat16
+    assert resolve("auto", ModelArgs(torch_dtype="float16"), "npu") == torch.float16
 
 
 def test_explicit_bf16_on_avx2_warns_once(host, caplog):
     host(HASWELL)
     with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
-        assert checkpoint.resolve_dtype("bf16", ModelArgs(), "cpu") == torch.bfloat16
-        checkpoint.resolve_dtype("bf16", ModelArgs(), "cpu")
+        assert resolve("bf16", ModelArgs(), "cpu") == torch.bfloat16
+        resolve("bf16", ModelArgs(), "cpu")
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "slower than fp32" in warned[0] and "avx2" in warned[0], warned
 
@@ -163,7 +168,7 @@ def test_explicit_bf16_on_avx2_warns_once(host, caplog):
 def test_explicit_bf16_where_the_probe_found_it_slower_says_so(host, caplog):
     host(EPYC_ZEN4, lambda: FP32_FASTER)
     with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
-        checkpoint.resolve_dtype("bf16", ModelArgs(), "cpu")
+        resolve("bf16", ModelArgs(), "cpu")
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "bf16 is the slower dtype here" in warned[0], warned
 
@@ -172,29 +177,31 @@ def test_explicit_bf16_where_the_probe_found_it_slower_says_so(host, caplog):
 def test_explicit_bf16_where_it_is_fast_is_quiet(host, caplog, cpuinfo, probe):
     host(cpuinfo, probe)
     with caplog.at_level(logging.INFO, logger="vicuna_bench"):
-        checkpoint.resolve_dtype("bf16", ModelArgs(), "cpu")
+        resolve("bf16", ModelArgs(), "cpu")
     assert not caplog.records  # no warning, and no "--dtype auto" line: the user chose the dtype
 
 
 def test_the_environment_record_carries_the_isa_and_the_probe(host):
     host(EPYC_ZEN4, lambda: BF16_FASTER)
-    record = devices.environment_record("cpu", 0, cpu_isa.cpu_auto_dtype())
+    record = environment.environment_record("cpu", 0, cpu_isa.cpu_auto_dtype())
     assert record["cpu_isa"] == "avx512_bf16"
     assert record["cpu_isa_flags"] == ["avx512_bf16", "avx512f", "avx2"]
     assert record["cpu_dtype_auto"] == {"dtype": "bf16", "cpu_isa": "avx512_bf16",
                                         "probe": {"fp32_gflops": 58.0, "bf16_gflops": 135.0, "threads": 2}}
-    assert devices.environment_record("cpu")["cpu_dtype_auto"] is None  # an explicit dtype: nothing chose it
+    assert environment.environment_record("cpu")["cpu_dtype_auto"] is None  # an explicit dtype: nothing chose it
 
 
 def test_the_spec_carries_the_choice_its_workers_record(host, tiny_models):
-    from vicuna_bench.spec import resolve_engine_spec
+    from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
     host(EPYC_ZEN4, lambda: BF16_FASTER)
-    spec = resolve_engine_spec(str(tiny_models["gqa"]), device="cpu", dtype="auto", max_seq_len=64, progress=False,
-                               compile="off")
+    spec = resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), device="cpu", dtype="auto", max_seq_len=64,
+                                            compile="off"),
+                               progress=False)
     assert spec.dtype == "bf16" and spec.cpu_dtype_auto.probe == BF16_FASTER
-    explicit = resolve_engine_spec(str(tiny_models["gqa"]), device="cpu", dtype="fp32", max_seq_len=64,
-                                   progress=False, compile="off")
+    explicit = resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), device="cpu", dtype="fp32", max_seq_len=64,
+                                                compile="off"),
+                                   progress=False)
     assert explicit.cpu_dtype_auto is None
 
 

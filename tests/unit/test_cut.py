@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from vicuna_bench.checkpoint import cut_checkpoint, sha256_file
 from vicuna_bench.config import ModelArgs
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.sharding import valid_world_sizes
 
 pytestmark = pytest.mark.unit
@@ -114,8 +114,8 @@ def test_other_checkpoint_formats_load_the_same(tiny_models, tmp_path, engine_fa
 
     other = tiny.make_tiny_llama(tmp_path / fmt, tiny.GQA, seed=2, fmt=fmt)
     prompt = [[5, 17, 99, 3]]
-    a = engine_factory(make_engine_spec(tiny_models["gqa"], 1, "cpu", "fp32", 64)).generate(prompt, 4, return_logits=True)
-    spec = make_engine_spec(other, 1, "cpu", "fp32", 64)
+    a = engine_factory(spec_for(tiny_models["gqa"], 1, "cpu", "fp32", 64)).generate(prompt, 4, return_logits=True)
+    spec = spec_for(other, 1, "cpu", "fp32", 64)
     b = engine_factory(spec).generate(prompt, 4, return_logits=True)
     assert a.output_ids == b.output_ids
     assert torch.equal(a.logits[0], b.logits[0])
@@ -135,7 +135,7 @@ def test_half_precision_checkpoints_and_compute(tmp_path, engine_factory, dtype)
     prompt = [5, 17, 99, 3, 250, 42]
     ref_logits = tiny.hf_prefill_logits(ref, prompt)[-1]
     for compute in ("fp32", dtype):
-        spec = make_engine_spec(path, 1, "cpu", compute, 64)
+        spec = spec_for(path, 1, "cpu", compute, 64)
         result = engine_factory(spec).generate([prompt], 1, return_logits=True)
         tol = 1e-4 if compute == "fp32" else 0.05
         diff = (result.logits[0][0] - ref_logits).abs().max().item()

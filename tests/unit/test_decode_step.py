@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests import tiny
-from vicuna_bench.generation import DecodeState, EagerSteps, decode_step, generate
-from vicuna_bench.pytest_plugin import make_engine_spec
+from vicuna_bench.generation import DecodeState, EagerSteps, decode_step, GenerationRequest, generate
+from tests.specs import spec_for
 from vicuna_bench.runtime import Engine, build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
@@ -25,7 +25,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]  # two rows, left padding in t
 
 
 def _tiny_rank_model(path, max_seq_len: int = 64):
-    spec = make_engine_spec(str(path), 1, "cpu", "fp32", max_seq_len)
+    spec = spec_for(str(path), 1, "cpu", "fp32", max_seq_len)
     return build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
 
 
@@ -91,7 +91,7 @@ def test_generate_advances_the_inputs_once_per_step(tiny_models):
 
     model = _tiny_rank_model(tiny_models["gqa"])
     steps = Recording()
-    result = generate(model, PROMPTS, 4, ignore_eos=True, steps=steps)
+    result = generate(model, GenerationRequest.make(PROMPTS, 4, ignore_eos=True), steps=steps)
     assert len(steps.fed) == 3
     slots = 256 if model.max_seq_len >= 256 else model.max_seq_len
     for n, (tokens, positions, slot, key_valid) in enumerate(steps.fed):
@@ -205,7 +205,7 @@ def test_the_no_host_read_check_can_fail(tiny_models):
 
 
 def test_compile_auto_decides_by_the_steps_ahead(caplog):
-    from vicuna_bench.compile import resolve_mode
+    from vicuna_bench.spec import resolve_compile as resolve_mode
     from vicuna_bench.errors import UserError
 
     with caplog.at_level("INFO", logger="vicuna_bench"):

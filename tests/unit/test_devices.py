@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.npu_fake import FakeNpu, accept_npu_devices
-from vicuna_bench import devices, energy
+from vicuna_bench import devices, energy, environment
 from vicuna_bench.errors import UserError
 
 pytestmark = pytest.mark.unit
@@ -57,7 +57,7 @@ def test_auto_prefers_npu(monkeypatch, caplog):
     assert choice.device == "npu"
     assert choice.reason == "--device auto: npu (8 devices visible through torch_npu)"
     with caplog.at_level(logging.INFO, logger="vicuna_bench"):
-        assert devices.resolve_device_type("auto") == "npu"
+        assert devices.resolve_device("auto") == "npu"
     assert [r.getMessage() for r in caplog.records] == [choice.reason]
 
 
@@ -122,14 +122,24 @@ def test_explicit_devices_are_checked(monkeypatch):
     with pytest.raises(UserError, match="no CUDA device"):
         devices.select_device("cuda")
     with pytest.raises(UserError, match="torch_npu reports no NPU"):
-        devices.resolve_device_type("npu")
+        devices.resolve_device("npu")
     with pytest.raises(UserError, match=r"--device 'tpu' is not supported \(valid: auto, cpu, cuda, npu\)"):
-        devices.resolve_device_type("tpu")
+        devices.resolve_device("tpu")
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
-def test_d9_runs_fp16_bf16_and_fp32(dtype):
+def test_d9_runs_fp16_bf16_and_fp32_where_d3_runs_fp16_only(dtype):
+    """The 910B (d9) runs all three; the 310P (d3) has no bf16 and its cube unit no fp32 (devices.CHIP_FAMILIES)."""
+    assert devices.dtype_skip_reason("npu", "d9", dtype) is None
     devices.check_dtype_for_chip("npu", "d9", dtype)
+    if dtype == "fp16":
+        assert devices.dtype_skip_reason("npu", "d3", dtype) is None
+        devices.check_dtype_for_chip("npu", "d3", dtype)
+    else:
+        reason = f"d3 (Atlas 300I DUO (Ascend 310P)) runs fp16 only, not {dtype}"
+        assert devices.dtype_skip_reason("npu", "d3", dtype) == reason
+        with pytest.raises(UserError, match=rf"^--dtype {dtype} is not supported on --device-type d3 "):
+            devices.check_dtype_for_chip("npu", "d3", dtype)
 
 
 def test_d3_runs_fp16_only():
@@ -177,7 +187,7 @@ def test_npu_environment_record(monkeypatch, tmp_path):
     accept_npu_devices(monkeypatch, torch)
     devices.device_for_rank("npu", 1, "off")  # a rank records after its device is up
     monkeypatch.setattr(energy, "describe", lambda device, indices: {"source": "npu-smi", "asked": (device, indices)})
-    assert devices.environment_record("npu", 1) == {
+    assert environment.environment_record("npu", 1) == {
         "device_type": "npu",
         "device_name": "Ascend910B2C",
         "chip_family": "d9",  # a 910B: Atlas 800I A2 (shared/spec/NPU.md)
@@ -202,7 +212,7 @@ def test_the_record_names_the_ranks_own_device(monkeypatch):
     fake_npu(monkeypatch)
     names = {0: "Ascend910B3", 1: "Ascend310P3"}
     monkeypatch.setattr(torch.npu, "get_device_name", lambda index=0: names[index])
-    record = devices.environment_record("npu", 1)
+    record = environment.environment_record("npu", 1)
     assert (record["device_name"], record["chip_family"]) == ("Ascend310P3", "d3")
 
 
@@ -235,7 +245,7 @@ def test_cpu_environment_record(monkeypatch, tmp_path):
     monkeypatch.setenv("TASK_QUEUE_ENABLE", "1")  # an NPU setting: not recorded off NPU
     monkeypatch.setattr(devices, "_AUTOLOAD_SEEN", None)  # unset: torch's default (autoload on)
     monkeypatch.setattr(energy, "describe", lambda device, indices: {"source": "n/a", "asked": (device, indices)})
-    assert devices.environment_record("cpu") == {
+    assert environment.environment_record("cpu") == {
         "device_type": "cpu", "device_name": "Intel(R) Xeon(R) CPU E5620 @ 2.40GHz", "chip_family": None,
         "torch": torch.__version__, "torch_npu": None, "torchair": None, "cuda": None,
         "torch_npu_loaded_by": None, "torch_device_backend_autoload": None, "npu_jit_compile": None,
@@ -294,15 +304,15 @@ def test_hw_dtype_skip_reason(device, chip, dtype, reason):
 
 def test_device_type_reaches_the_spec_and_contradiction_stops_the_cli(monkeypatch, tiny_models, capsys):
     from vicuna_bench.cli import main
-    from vicuna_bench.runtime import resolve_engine_spec
+    from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
     fake_npu(monkeypatch, name="Ascend310P3")
     fake_torch_npu = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda n: "2.1.0.post12" if n in ("torch_npu", "torch-npu") else fake_torch_npu(n))
-    spec = resolve_engine_spec(str(tiny_models["gqa"]), 1, "npu", "fp16", 64, progress=False, compile="auto",
-                               decode_steps=10**7)
-    assert (spec.device_type, spec.chip_family, spec.compile) == ("d3", "d3", "off")  # d3 runs eager
+    spec = resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), 1, "npu", "fp16", 64, compile="auto"),
+                               progress=False, decode_steps=10**7)
+    assert (spec.chip_family, spec.compile) == ("d3", "off")  # d3 runs eager
     assert main(["run", "--model-path", str(tiny_models["gqa"]), "--device", "npu", "--device-type", "d9",
                  "--dtype", "fp16", "--prompt-ids", "5"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
@@ -317,9 +327,10 @@ def test_npu_environment_record_has_the_family_and_torchair(monkeypatch):
     for wheel, torchair in (("2.1.0.post10", "6.0.0"), ("2.1.0.post3", "unknown")):
         monkeypatch.setattr(importlib.metadata, "version",
                             lambda n, w=wheel: w if n in ("torch_npu", "torch-npu") else real_version(n))
-        rec = devices.environment_record("npu")
+        rec = environment.environment_record("npu")
         assert (rec["chip_family"], rec["torch_npu"], rec["torchair"]) == ("d9", wheel, torchair)
-    assert (devices.environment_record("cpu")["chip_family"], devices.environment_record("cpu")["torchair"]) == (None, None)
+    cpu = environment.environment_record("cpu")
+    assert (cpu["chip_family"], cpu["torchair"]) == (None, None)
 
 
 # ---------------------------------------------------------------- NPU operator compile mode (torch.npu.set_compile_mode)
@@ -332,7 +343,7 @@ def test_a_rank_sets_the_compile_mode_right_after_its_device(monkeypatch, mode, 
     assert (npu.current, npu.compile_mode_calls) == (3, [jit_compile])
     assert devices.npu_jit_compile_now(3) == mode  # read back through is_jit_compile_false, on this rank's device
     assert npu.contexts == [3]
-    assert devices.environment_record("npu", 3)["npu_jit_compile"] == mode
+    assert environment.environment_record("npu", 3)["npu_jit_compile"] == mode
 
 
 def test_no_mode_given_leaves_torch_npus_and_reading_it_needs_the_runtime_up(monkeypatch):

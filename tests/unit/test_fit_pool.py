@@ -17,9 +17,9 @@ import torch
 from vicuna_bench import fit, generation
 from vicuna_bench.config import ModelArgs
 from vicuna_bench.errors import UserError
-from vicuna_bench.generation import EagerSteps, generate, prefill_logits
+from vicuna_bench.generation import EagerSteps, GenerationRequest, generate, prefill_logits
 from vicuna_bench.model import KVCachePool
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
@@ -45,24 +45,24 @@ def test_13b_16k_8_ranks_one_set_and_weights_by_hand():
 
 def test_the_check_counts_the_pools_budget_and_caps_it_at_what_is_free():
     """Batch 6 on 64 GiB: one set fits (52.6 GiB); twice the set would reach 62.0 GiB, so the budget is what is left."""
-    need = fit.check_fit(VICUNA_13B, 8, "fp16", CONTEXT, 6, "npu", 64 * GIB, "64 GiB free")
+    need = fit.check_fit(fit.FitCase(VICUNA_13B, 8, "fp16", CONTEXT, 6, "npu"), 64 * GIB, "64 GiB free")
     room = 64 * GIB - need.weight_bytes - need.runtime_bytes
     assert need.kv_room_bytes == room
     assert need.kv_pool_bytes == min(2 * need.kv_bytes, room)
     assert need.total == need.weight_bytes + need.kv_pool_bytes + need.runtime_bytes <= 64 * GIB
     # Batch 3 on 32 GiB (the issue's break): one set fits, two would not; the budget is the room, not 2 sets.
-    three = fit.check_fit(VICUNA_13B, 8, "fp16", CONTEXT, 3, "npu", 32 * GIB, "32 GiB free")
+    three = fit.check_fit(fit.FitCase(VICUNA_13B, 8, "fp16", CONTEXT, 3, "npu"), 32 * GIB, "32 GiB free")
     assert three.weight_bytes + 2 * three.kv_bytes + three.runtime_bytes > 32 * GIB
     assert three.kv_bytes < three.kv_pool_bytes == three.kv_room_bytes < 2 * three.kv_bytes
     assert three.total == 32 * GIB
     with pytest.raises(UserError, match=r"batch 4: each rank needs 36\.34 GiB .*KV cache 6\.25 GiB"):
-        fit.check_fit(VICUNA_13B, 8, "fp16", CONTEXT, 4, "npu", 32 * GIB, "32 GiB free")
+        fit.check_fit(fit.FitCase(VICUNA_13B, 8, "fp16", CONTEXT, 4, "npu"), 32 * GIB, "32 GiB free")
 
 
 def test_a_pool_with_the_checks_room_never_holds_more():
     """Batch 6 with 60 GiB free (52.6 GiB needed): sets of other batch sizes at 16K evict down to the room."""
     free = 60 * GIB
-    need = fit.check_fit(VICUNA_13B, 8, "fp16", CONTEXT, 6, "npu", free, "60 GiB free")
+    need = fit.check_fit(fit.FitCase(VICUNA_13B, 8, "fp16", CONTEXT, 6, "npu"), free, "60 GiB free")
     pool = KVCachePool(room_bytes=need.kv_room_bytes)
 
     def one_set(rows: int):
@@ -82,14 +82,14 @@ def test_a_pool_with_the_checks_room_never_holds_more():
 
 def test_a_set_budget_is_counted_whole_and_named():
     with pytest.raises(UserError) as err:
-        fit.check_fit(VICUNA_13B, 8, "fp16", CONTEXT, 6, "npu", 64 * GIB, "64.00 GiB free on npu:0",
+        fit.check_fit(fit.FitCase(VICUNA_13B, 8, "fp16", CONTEXT, 6, "npu"), 64 * GIB, "64.00 GiB free on npu:0",
                       kv_budget=30 * GIB)
     msg = str(err.value)
     assert "\n" not in msg
     assert "KV cache pool 30.00 GiB (kv_cache_budget_mb=30720)" in msg
     room = 64 * GIB - WEIGHTS_13B - fit.rank_need(VICUNA_13B, 8, "fp16", CONTEXT, 6, "npu").runtime_bytes
     assert msg.endswith(f"kv_cache_budget_mb={room >> 20} or less")
-    kept = fit.check_fit(VICUNA_13B, 8, "fp16", CONTEXT, 6, "npu", 64 * GIB, "free", kv_budget=12 * GIB)
+    kept = fit.check_fit(fit.FitCase(VICUNA_13B, 8, "fp16", CONTEXT, 6, "npu"), 64 * GIB, "free", kv_budget=12 * GIB)
     assert kept.kv_pool_bytes == 12 * GIB and kept.total == kept.weight_bytes + 12 * GIB + kept.runtime_bytes
 
 
@@ -97,7 +97,7 @@ def test_the_rank_gives_its_pool_the_room_it_has(tiny_models, monkeypatch):
     """CPU: the host's available memory less the tiny GQA model's weights and runtime allowance, counted by hand."""
     available = 3 * GIB
     monkeypatch.setattr(fit, "host_available_bytes", lambda: available)
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
     model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
     layer = (8 + 2 * 2) * 8 * 64 + 64 * 64 + 3 * 128 * 64 + 2 * 64
     weights = 4 * (777 * 64 + 2 * layer + 64)
@@ -115,7 +115,7 @@ NPU_OOM = "NPU out of memory. Tried to allocate 2.00 GiB (NPU 0; 60.97 GiB total
 
 @pytest.fixture()
 def model(tiny_models):
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
     return build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
 
 
@@ -147,12 +147,13 @@ def test_out_of_memory_is_told_apart():
 
 @pytest.mark.parametrize("error", [_oom(), RuntimeError(NPU_OOM)], ids=["torch", "torch_npu"])
 def test_a_prefill_out_of_memory_drops_the_kept_sets_and_tries_once_more(model, error, caplog):
-    eager = generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True)
+    eager = generate(model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True))
     model.setup_caches(1, 32)
     model.setup_caches(3, 16)  # two kept sets besides the request's (2, 64)
     steps = FailingPrefill(1, error)
     with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
-        got = generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True, steps=steps)
+        got = generate(model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True),
+                       steps=steps)
     assert steps.pool_sizes == [3, 1]  # tried with the three sets held, then with only the one in use
     assert model.kv_pool.buckets() == [(2, 64)]
     assert got.output_ids == eager.output_ids
@@ -171,7 +172,7 @@ def test_a_second_failure_says_what_would_fit(model, monkeypatch):
     monkeypatch.setattr(fit, "host_available_bytes", lambda: 17_232)
     steps = FailingPrefill(2, _oom())
     with pytest.raises(UserError) as err:
-        generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)
+        generate(model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True), steps=steps)
     msg = str(err.value)
     assert "\n" not in msg and len(steps.pool_sizes) == 2
     assert msg.startswith("batch 2 of 7-token prompts (+5 new): the prefill ran out of cpu memory twice (the kept KV "
@@ -180,7 +181,7 @@ def test_a_second_failure_says_what_would_fit(model, monkeypatch):
                           "prompts of up to 3 tokens at batch 2; CUDA out of memory"), msg
     monkeypatch.setattr(fit, "host_available_bytes", lambda: 0)
     with pytest.raises(UserError, match=r"nothing smaller fits in 0\.00 GiB free"):
-        generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=FailingPrefill(2, _oom()))
+        generate(model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True), steps=FailingPrefill(2, _oom()))
 
 
 def test_no_retry_at_world_size_above_one(model, monkeypatch):
@@ -191,7 +192,7 @@ def test_no_retry_at_world_size_above_one(model, monkeypatch):
     model.setup_caches(1, 32)
     with pytest.raises(UserError, match=re.escape("(not retried: at world size 2 the other ranks wait inside this "
                                                   "prefill's collectives); NPU out of memory. Tried to allocate")):
-        generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)
+        generate(model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True), steps=steps)
     assert steps.pool_sizes == [2]  # called once; the kept set is still there
     assert len(model.kv_pool) == 2
 
@@ -199,7 +200,7 @@ def test_no_retry_at_world_size_above_one(model, monkeypatch):
 def test_other_errors_are_not_retried(model):
     steps = FailingPrefill(1, RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)
+        generate(model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True), steps=steps)
     assert steps.pool_sizes == [1]
 
 
@@ -209,11 +210,11 @@ def test_the_npu_warm_prefill_out_of_memory_is_retried_too(model, monkeypatch):
     real = generation.warms_first_prefill
     monkeypatch.setattr(generation, "warms_first_prefill", lambda device_type: real("npu"))
     prompts = [[30, 31, 32, 33], [34, 35]]
-    expected = generate(model, prompts, NEW_TOKENS, ignore_eos=True)
+    expected = generate(model, GenerationRequest.make(prompts, NEW_TOKENS, ignore_eos=True))
     model.setup_caches(1, 32)
     generation._WARMED_PREFILLS.clear()  # (2, 4) is a new shape again
     steps = FailingPrefill(1, RuntimeError(NPU_OOM))
-    got = generate(model, prompts, NEW_TOKENS, ignore_eos=True, steps=steps)
+    got = generate(model, GenerationRequest.make(prompts, NEW_TOKENS, ignore_eos=True), steps=steps)
     assert steps.pool_sizes == [2, 1, 1]  # the warm-up failed with 2 sets held; warm-up and timed run with 1
     assert got.output_ids == expected.output_ids
 
@@ -221,7 +222,7 @@ def test_the_npu_warm_prefill_out_of_memory_is_retried_too(model, monkeypatch):
 def test_room_is_made_before_a_prefill_that_would_not_fit_beside_the_kept_sets(model, monkeypatch, caplog):
     """At any world size, before any collective: the kept sets go when the prefill's bound exceeds the free memory.
     By hand (as above): a batch-2 prefill over 64 slots is bounded by 4 * 2 * (608 * 64 + 8 * 64^2) = 573,440 bytes."""
-    eager = generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True)
+    eager = generate(model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True))
     model.setup_caches(1, 32)
     model.setup_caches(3, 16)
     monkeypatch.setattr(fit, "host_available_bytes", lambda: 573_440)  # just enough: nothing dropped
@@ -229,7 +230,8 @@ def test_room_is_made_before_a_prefill_that_would_not_fit_beside_the_kept_sets(m
     monkeypatch.setattr(fit, "host_available_bytes", lambda: 573_439)
     steps = FailingPrefill(0, _oom())
     with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
-        got = generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True, steps=steps)
+        got = generate(model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True),
+                       steps=steps)
     assert steps.pool_sizes == [1]  # the kept sets were gone before the prefill started
     assert model.kv_pool.buckets() == [(2, 64)]
     assert got.output_ids == eager.output_ids

@@ -31,7 +31,7 @@ def opened(monkeypatch):
     """The specs each front end would open an engine for (in order); opening stops the front end."""
     specs = []
 
-    def record(spec, work=drivers.Work(), **options):
+    def record(spec, **options):
         specs.append(spec)
         raise Opened()
 
@@ -147,7 +147,7 @@ def test_the_same_inputs_resolve_to_the_same_spec_in_every_front_end(front_end, 
     # fit check, binding as asked, and 16 x 600 decode steps on CPU repay the compile: on.
     assert (spec.model_path, spec.world_size, spec.device, spec.dtype, spec.max_seq_len) == (str(model), 1, "cpu",
                                                                                              "fp32", 64)
-    assert (spec.device_type, spec.fit_batch, spec.bind_cpu, spec.compile, spec.npu_graph) == ("d9", 2, bind, "on",
+    assert (spec.chip_family, spec.fit_batch, spec.bind_cpu, spec.compile, spec.npu_graph) == ("d9", 2, bind, "on",
                                                                                                "auto")
 
 
@@ -308,7 +308,7 @@ def test_the_same_precision_work_compiles_alike_in_every_front_end(front_end, ta
     spec = precision_spec(front_end, talking_model, work, tmp_path, opened, monkeypatch)
     # 8 questions x 300 tokens = 2400 decode steps ahead: 84 s saved on CPU repays the compile, so "on" in every
     # front end (CLI, sdk-test and pytest used to weigh 0 steps, the nightly 8 x 300).
-    assert (spec.compile, spec.max_seq_len, spec.device, spec.device_type, spec.fit_batch) == ("on", 2400, "cpu",
+    assert (spec.compile, spec.max_seq_len, spec.device, spec.chip_family, spec.fit_batch) == ("on", 2400, "cpu",
                                                                                               "d9", 1)
 
 

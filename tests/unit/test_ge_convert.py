@@ -30,7 +30,7 @@ from tests import fake_npu_ops, tiny
 from vicuna_bench import cpu_kernels, npu_graph
 from vicuna_bench.generation import DecodeState, decode_step
 from vicuna_bench.model import Attention, KVCache
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
@@ -44,7 +44,7 @@ WHEELS = [w["torch_npu"] for w in TABLE["wheels"]]
 def _decode_graph(path, prepare=npu_graph.prepare_for_ge) -> torch.fx.Graph:
     """The functionalized decode step of the tiny model at ``path``, as torchair's GE converter receives it."""
     fake_npu_ops.register()
-    spec = make_engine_spec(str(path), 1, "cpu", "fp16", 64)
+    spec = spec_for(str(path), 1, "cpu", "fp16", 64)
     model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
     prepare(model)
     slots = model.setup_caches(2, 64)

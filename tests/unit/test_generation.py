@@ -8,7 +8,7 @@ import torch
 from vicuna_bench.chat import VICUNA_SYSTEM, encode_prompt, load_tokenizer
 from vicuna_bench.generation import SamplingConfig, select_tokens
 from vicuna_bench.errors import UserError
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 
 pytestmark = pytest.mark.unit
 
@@ -16,7 +16,7 @@ PROMPTS = [[5, 17, 99, 3], [8, 9], [250, 42, 7, 7, 7, 100]]
 
 
 def test_each_row_stops_after_its_own_eos(tiny_models, engine_factory):
-    engine = engine_factory(make_engine_spec(tiny_models["vicuna"], 1, "cpu", "fp32", 64))
+    engine = engine_factory(spec_for(tiny_models["vicuna"], 1, "cpu", "fp32", 64))
     free = engine.generate(PROMPTS, 10, ignore_eos=True).output_ids
     stop = free[0][2]  # make row 0's third token the end-of-sequence id
     stopped = engine.generate(PROMPTS, 10, eos_ids=[stop]).output_ids
@@ -27,7 +27,7 @@ def test_each_row_stops_after_its_own_eos(tiny_models, engine_factory):
 
 
 def test_ignore_eos_makes_exactly_n_tokens(tiny_models, engine_factory):
-    engine = engine_factory(make_engine_spec(tiny_models["vicuna"], 1, "cpu", "fp32", 64))
+    engine = engine_factory(spec_for(tiny_models["vicuna"], 1, "cpu", "fp32", 64))
     free = engine.generate(PROMPTS, 10, ignore_eos=True).output_ids
     assert [len(t) for t in free] == [10, 10, 10]
     again = engine.generate(PROMPTS, 10, ignore_eos=True, eos_ids=[free[0][0]]).output_ids
@@ -81,6 +81,6 @@ def test_vicuna_v11_format_without_a_chat_template(tiny_models):
 
 
 def test_prompt_token_outside_vocabulary(tiny_models, engine_factory):
-    engine = engine_factory(make_engine_spec(tiny_models["vicuna"], 1, "cpu", "fp32", 64))
+    engine = engine_factory(spec_for(tiny_models["vicuna"], 1, "cpu", "fp32", 64))
     with pytest.raises(UserError, match="token id 1001 is outside the vocabulary"):
         engine.generate([[5, 1001]], 2)

@@ -20,7 +20,7 @@ from tests import fake_npu_ops
 from vicuna_bench import cpu_kernels, npu_graph
 from vicuna_bench.generation import DecodeState, decode_step
 from vicuna_bench.model import Attention, KVCache, attend, attend_explicit
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
@@ -123,7 +123,7 @@ def test_graph_write_run_eager_is_the_scatter_write():
 # ---------------------------------------------------------------- in the decode step
 
 def _model(path):
-    spec = make_engine_spec(str(path), 1, "cpu", "fp32", 64)
+    spec = spec_for(str(path), 1, "cpu", "fp32", 64)
     return build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
 
 

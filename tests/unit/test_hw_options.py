@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vicuna_bench import settings
-from vicuna_bench.pytest_plugin import RUN_MODEL, HwRun, hw_run_of
+from tests.hw.matrix import CHIP_FAMILY_DEST, RUN_MODEL, HwRun, hw_run_of
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +35,7 @@ def test_without_options_the_tests_keep_their_own_models_dtypes_and_world_sizes(
 
 def test_the_runs_model_path_world_size_dtype_and_chip_replace_them():
     run = hw_run_of(model_options(model_path="/models/vicuna_parallel_8", world_size=8, dtype="fp16",
-                                  device_type="d3", device="npu"))
+                                  device="npu", **{CHIP_FAMILY_DEST: "d3"}))
     assert run.models(["vicuna", "gqa", "embedded"]) == [RUN_MODEL]
     assert run.model_dir(RUN_MODEL, TINY) == "/models/vicuna_parallel_8"  # what the model_path fixture returns
     assert run.dtypes(["fp16", "bf16"]) == ["fp16"]
@@ -49,5 +49,6 @@ def test_world_size_1_and_auto_dtype_and_a_cpu_device_leave_the_choice_to_the_te
 
 
 def test_an_engine_spec_carries_the_chip_family(tiny_models):
-    spec = hw_run_of(model_options(device_type="d3")).engine_spec(tiny_models["gqa"], 1, "cpu", "fp32")
-    assert (spec.device_type, spec.world_size, spec.dtype, spec.max_seq_len) == ("d3", 1, "fp32", 64)
+    spec = hw_run_of(model_options(**{CHIP_FAMILY_DEST: "d3"})).engine_spec(tiny_models["gqa"], 1, "cpu", "fp32")
+    assert (getattr(spec, CHIP_FAMILY_DEST), spec.world_size, spec.dtype, spec.max_seq_len) == ("d3", 1, "fp32", 64)
+    assert spec.compile == "off"  # the hw helper's eager default, said in its signature

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from vicuna_bench.errors import UserError
-from vicuna_bench.generation import PrefixKV, generate
-from vicuna_bench.pytest_plugin import make_engine_spec
+from vicuna_bench.generation import PrefixKV, GenerationRequest, generate
+from tests.specs import spec_for
 from vicuna_bench.runtime import Engine, build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
@@ -28,7 +28,7 @@ PREFIX = [11, 12, 13, 14, 15]
 
 
 def _model(tiny_models, max_seq_len: int = 64):
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", max_seq_len)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", max_seq_len)
     return build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
 
 
@@ -42,16 +42,17 @@ def _pointers(model) -> list[int]:
 
 def test_a_bucket_keeps_its_tensors_across_requests_and_bucket_switches(tiny_models):
     model = _model(tiny_models)
-    generate(model, TWO_ROWS, 4, ignore_eos=True)
+    generate(model, GenerationRequest.make(TWO_ROWS, 4, ignore_eos=True))
     two_rows = _pointers(model)
-    generate(model, TWO_ROWS, 4, ignore_eos=True)
+    generate(model, GenerationRequest.make(TWO_ROWS, 4, ignore_eos=True))
     assert _pointers(model) == two_rows
-    generate(model, ONE_ROW, 4, ignore_eos=True)  # another bucket: its own tensors, the first set kept
+    # Another bucket: its own tensors, the first set kept.
+    generate(model, GenerationRequest.make(ONE_ROW, 4, ignore_eos=True))
     one_row = _pointers(model)
     assert model.cache_shape == (1, 64) and not set(one_row) & set(two_rows)
-    generate(model, TWO_ROWS, 4, ignore_eos=True)
+    generate(model, GenerationRequest.make(TWO_ROWS, 4, ignore_eos=True))
     assert _pointers(model) == two_rows
-    generate(model, ONE_ROW, 4, ignore_eos=True)
+    generate(model, GenerationRequest.make(ONE_ROW, 4, ignore_eos=True))
     assert _pointers(model) == one_row
     # A prefix is computed in caches of its own and leaves the request's set in place.
     PrefixKV.compute(model, PREFIX)
@@ -66,9 +67,9 @@ def test_logits_across_bucket_switches_equal_a_fresh_model_per_request(tiny_mode
     model = _model(tiny_models)
     for prompts, prefix in requests:
         fresh = _model(tiny_models)
-        expected = generate(fresh, prompts, 6, ignore_eos=True, return_logits=True,
+        expected = generate(fresh, GenerationRequest.make(prompts, 6, ignore_eos=True, return_logits=True),
                             prefix=None if prefix is None else PrefixKV.compute(fresh, prefix))
-        got = generate(model, prompts, 6, ignore_eos=True, return_logits=True,
+        got = generate(model, GenerationRequest.make(prompts, 6, ignore_eos=True, return_logits=True),
                        prefix=None if prefix is None else PrefixKV.compute(model, prefix))
         assert got.output_ids == expected.output_ids
         for a, b in zip(got.logits, expected.logits):
@@ -120,11 +121,11 @@ def test_a_zero_budget_keeps_only_the_set_in_use(tiny_models):
     model.setup_caches(2, 64)
     model.setup_caches(1, 64)
     assert model.kv_pool.buckets() == [(1, 64)]
-    assert generate(model, ONE_ROW, 3, ignore_eos=True).output_ids  # the set in use works
+    assert generate(model, GenerationRequest.make(ONE_ROW, 3, ignore_eos=True)).output_ids  # the set in use works
 
 
 def test_the_engine_sets_the_budget(tiny_models):
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64, bind_cpu=False)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64, bind_cpu=False)
     with Engine(type(spec)(**{**spec.__dict__, "kv_cache_budget_mb": 3})) as engine:
         assert engine._local.model.kv_pool.budget_bytes == 3 * 2**20
     with Engine(spec) as engine:

@@ -22,7 +22,7 @@ import torch
 from vicuna_bench import fit
 from vicuna_bench.config import ModelArgs
 from vicuna_bench.errors import EngineError, UserError
-from vicuna_bench.pytest_plugin import make_engine_spec
+from tests.specs import spec_for
 from vicuna_bench.runtime import Engine, build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
@@ -45,7 +45,7 @@ def test_each_tensor_lands_in_its_rows(tiny_models):
     from safetensors import safe_open
 
     path = tiny_models["gqa"]  # hidden 64, 8 heads of 8, 2 key/value heads, intermediate 128, vocab 777, tied
-    spec = make_engine_spec(str(path), 4, "cpu", "bf16", 64)
+    spec = spec_for(str(path), 4, "cpu", "bf16", 64)
     model = build_rank_model(spec, 3, TensorParallel(), torch.device("cpu"))
     f = safe_open(str(path / "model.safetensors"), framework="pt")
 
@@ -79,7 +79,7 @@ def test_a_shape_that_disagrees_with_the_config_is_a_user_error(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["intermediate_size"] = 192  # the weights have 128
     (path / "config.json").write_text(json.dumps(cfg))
-    spec = make_engine_spec(str(path), 1, "cpu", "fp32", 64)
+    spec = spec_for(str(path), 1, "cpu", "fp32", 64)
     with pytest.raises(UserError, match=r"mlp\.gate_proj\.weight' has shape \(128, 64\), expected \(192, 64\)"):
         build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
 
@@ -119,7 +119,7 @@ def test_tied_gqa_share_with_padding_and_replicated_kv_heads(tiny_models):
     assert need.weight_bytes == 4 * (195 * 64 + 2 * layer + 64) == 124_928
     assert need.kv_bytes == 2 * 2 * 1 * 8 * 64 * 3 * 4 == 24_576
     # the loaded rank holds exactly what was counted
-    spec = make_engine_spec(str(tiny_models["gqa"]), 4, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), 4, "cpu", "fp32", 64)
     model = build_rank_model(spec, 3, TensorParallel(), torch.device("cpu"))
     assert sum(p.numel() * p.element_size() for p in model.parameters()) == need.weight_bytes
 
@@ -128,7 +128,7 @@ def test_too_big_names_the_numbers_and_what_fits():
     gib = 1 << 30
     # fp32 7B on a 20 GiB host: weights 25.1 GiB; bf16 would fit
     with pytest.raises(UserError) as err:
-        fit.check_fit(LLAMA2_7B, 1, "fp32", 2048, 1, "cpu", 20 * gib, "20.00 GiB available on the host")
+        fit.check_fit(fit.FitCase(LLAMA2_7B, 1, "fp32", 2048, 1, "cpu"), 20 * gib, "20.00 GiB available on the host")
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith("world size 1, --dtype fp32, --max-seq-len 2048, batch 1: each rank needs ")
@@ -136,13 +136,15 @@ def test_too_big_names_the_numbers_and_what_fits():
     assert "would fit: --dtype bf16" in msg
     # bf16 on a 14 GiB host: the weights (12.55) fit, the KV cache at 4096 (2 GiB) does not; 1024 would
     with pytest.raises(UserError, match=r"would fit: --max-seq-len 1024$"):
-        fit.check_fit(LLAMA2_7B, 1, "bf16", 4096, 1, "cpu", 14 * gib, "host")
+        fit.check_fit(fit.FitCase(LLAMA2_7B, 1, "bf16", 4096, 1, "cpu"), 14 * gib, "host")
     # on devices a larger world size splits the weights over more memory
     with pytest.raises(UserError, match=r"would fit: --world-size 4/8"):
-        fit.check_fit(LLAMA2_7B, 2, "fp16", 2048, 1, "cuda", 5 * gib, "free on cuda:0", device_count=8)
+        fit.check_fit(fit.FitCase(LLAMA2_7B, 2, "fp16", 2048, 1, "cuda"), 5 * gib, "free on cuda:0",
+                      device_count=8)
     with pytest.raises(UserError, match=r"nothing fits here: the weights alone are 12\.55 GiB in bf16"):
-        fit.check_fit(LLAMA2_7B, 1, "bf16", 2048, 1, "cpu", 4 * gib, "host")
-    assert fit.check_fit(LLAMA2_7B, 1, "bf16", 2048, 1, "cpu", 16 * gib, "host").weight_bytes == 13_476_831_232
+        fit.check_fit(fit.FitCase(LLAMA2_7B, 1, "bf16", 2048, 1, "cpu"), 4 * gib, "host")
+    fits = fit.check_fit(fit.FitCase(LLAMA2_7B, 1, "bf16", 2048, 1, "cpu"), 16 * gib, "host")
+    assert fits.weight_bytes == 13_476_831_232
 
 
 def _no_process(*args, **kwargs):
@@ -153,7 +155,7 @@ def test_refused_before_any_rank_starts(tiny_models, monkeypatch):
     """2 ranks on a host with 400 MiB available: each needs the runtime allowance (256 MiB) and gets 200."""
     import torch.multiprocessing
 
-    spec = make_engine_spec(str(tiny_models["vicuna"]), 2, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["vicuna"]), 2, "cpu", "fp32", 64)
     monkeypatch.setattr(fit, "host_available_bytes", lambda: 400 << 20)
     monkeypatch.setattr(torch.multiprocessing, "get_context", _no_process)
     with pytest.raises(UserError, match=r"each rank needs 0\.2\d GiB .* but has 0\.20 GiB \(0\.39 GiB available on "
@@ -237,17 +239,21 @@ def test_load_is_recorded_in_rank_info_the_log_and_the_perf_columns(tiny_models,
 
     from vicuna_bench import perf
 
-    spec = dataclasses.replace(make_engine_spec(str(tiny_models["vicuna"]), 1, "cpu", "bf16", 64),
+    spec = dataclasses.replace(spec_for(str(tiny_models["vicuna"]), 1, "cpu", "bf16", 64),
                                log_dir=str(tmp_path))
     with Engine(spec) as engine:
         info = engine.rank_info[0]
     h, i, v, layers = 64, 128, 1001, 2  # VICUNA_SHAPED: untied, so embedding and head both read
     assert info["load_bytes_read"] == 4 * (2 * v * h + layers * (4 * h * h + 3 * i * h + 2 * h) + h)
     assert info["load_gb_per_s"] == pytest.approx(info["load_bytes_read"] / 1e9 / info["load_s"])
-    assert info["load_peak_host_bytes"] >= 0 and info["load_peak_device_bytes"] is None
+    assert info["load_peak_device_bytes"] is None  # CPU: no device allocator
     log = (tmp_path / "rank0.log").read_text()
-    assert re.search(r"loaded rank 0's share in [\d.]+ s: [\d.]+ MiB of weights, 0\.8 MiB read \([\d.]+ GB/s\), "
-                     r"peak host memory growth [\d.]+ MiB", log), log
+    found = re.search(r"loaded rank 0's share in [\d.]+ s: [\d.]+ MiB of weights, 0\.8 MiB read \([\d.]+ GB/s\), "
+                      r"peak host memory growth ([\d.]+) MiB", log)
+    assert found, log
+    # The log and rank_info report the same peak (bytes there, MiB to one decimal here).
+    assert isinstance(info["load_peak_host_bytes"], int)
+    assert found[1] == f"{info['load_peak_host_bytes'] / 2**20:.1f}", (found[1], info["load_peak_host_bytes"])
     ranks = [dict(load_s=2.0, load_bytes_read=3_000_000_000, load_peak_host_bytes=1 << 30, load_peak_device_bytes=None),
              dict(load_s=4.0, load_bytes_read=5_000_000_000, load_peak_host_bytes=3 << 29, load_peak_device_bytes=None)]
     assert perf.load_columns(ranks) == {"load_s": 4.0, "load_gb_per_s": 2.0, "load_peak_host_mib_per_rank": "1024.0;1536.0",

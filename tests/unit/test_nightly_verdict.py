@@ -68,16 +68,16 @@ def test_gate_statuses_are_passed_failed_or_not_applicable():
 def accelerator(monkeypatch):
     """Make the night believe a cuda or npu device is there: device resolution says so, its name is made up,
     and its ranks' CPU binding (which would ask the device for its PCI address) is left unbound."""
-    from vicuna_bench import binding, devices
+    from vicuna_bench import binding, devices, environment
 
     names = {"cuda": "NVIDIA H200", "npu": "Ascend910B3"}
-    resolve, name_of, record_of = devices.resolve_device_type, devices.device_name_of, devices.environment_record
+    resolve, name_of, record_of = devices.resolve_device, devices.device_name_of, environment.environment_record
     plan_binding = binding.plan_binding
 
     def fake(kind: str):
-        monkeypatch.setattr(devices, "resolve_device_type", lambda name: kind if name in (kind, "auto") else resolve(name))
+        monkeypatch.setattr(devices, "resolve_device", lambda name: kind if name in (kind, "auto") else resolve(name))
         monkeypatch.setattr(devices, "device_name_of", lambda t, i=0: names[t] if t in names else name_of(t, i))
-        monkeypatch.setattr(devices, "environment_record",
+        monkeypatch.setattr(environment, "environment_record",
                             lambda t, i=0, *choice: {**record_of("cpu"), "device_type": t, "device_name": names[t]}
                             if t in names else record_of(t, i, *choice))
         monkeypatch.setattr(binding, "plan_binding", lambda t, rank, n, *a, **k: binding.unbound(rank, f"{t}:{rank}")
@@ -116,7 +116,7 @@ def test_the_hw_stage_command_carries_the_nights_model_world_size_dtype_and_chip
     from vicuna_bench import settings as S
 
     values = {s.dest: s.default for s in S.group("model")}
-    values.update(model_path="/models/vicuna_parallel_8", world_size=8, dtype="fp16", device_type="d3",
+    values.update(model_path="/models/vicuna_parallel_8", world_size=8, dtype="fp16", chip_family="d3",
                   device="npu")
     cmd = runner.hw_command(values, tmp_path / "junit.xml", tmp_path / "tests" / "hw")
     pairs = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1)}

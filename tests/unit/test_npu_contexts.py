@@ -13,7 +13,7 @@ import torch
 
 from tests.npu_fake import FakeNpu, install_npu_host, accept_npu_devices
 from vicuna_bench import rank_setup
-from vicuna_bench.spec import resolve_engine_spec
+from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
 pytestmark = pytest.mark.unit
 
@@ -70,8 +70,9 @@ def test_eight_torchrun_ranks_each_bring_up_only_their_own_npu(monkeypatch, tiny
         with monkeypatch.context() as process:
             npu = npu_process(process, release)
             rank_env(rank)
-            spec = resolve_engine_spec(str(tiny_models["gqa"]), 8, "npu", "auto", 64, progress=False, compile="off")
-            assert spec.device_type == "d9"
+            spec = resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), 8, "npu", "auto", 64, compile="off"),
+                                       progress=False)
+            assert spec.chip_family == "d9"
             rank_setup.init_process_group(spec, rank, rank, None, timeout_s=60)
             contexts[rank] = npu.contexts
             assert npu.compile_mode_calls == [False]  # jit_compile=False, set after set_device
@@ -81,8 +82,8 @@ def test_eight_torchrun_ranks_each_bring_up_only_their_own_npu(monkeypatch, tiny
 def test_a_torchrun_rank_reads_its_own_device_of_a_device_id_list(monkeypatch, tiny_models, rank_env):
     npu = npu_process(monkeypatch, "2.1.0.post10")
     rank_env(2)
-    resolve_engine_spec(str(tiny_models["gqa"]), 8, "npu", "auto", 64, progress=False, compile="off",
-                        device_ids=[7, 6, 5, 4, 3, 2, 1, 0])
+    resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), 8, "npu", "auto", 64, compile="off"),
+                        progress=False, device_ids=[7, 6, 5, 4, 3, 2, 1, 0])
     assert npu.contexts == [5]  # rank 2 runs on device_ids[2]
 
 
@@ -91,9 +92,9 @@ def test_a_launcher_brings_up_at_most_rank_0s_device(monkeypatch, tiny_models, r
     """The in-process engine's parent resolves the spec for ranks on NPUs 4 and 5: never NPU 0."""
     npu = npu_process(monkeypatch, release)
     rank_env(None)
-    spec = resolve_engine_spec(str(tiny_models["gqa"]), 2, "npu", "auto", 64, progress=False, compile="off",
-                               device_ids=[4, 5])
-    assert (spec.device_type, npu.contexts) == ("d9", launcher_contexts)
+    spec = resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), 2, "npu", "auto", 64, compile="off"),
+                               progress=False, device_ids=[4, 5])
+    assert (spec.chip_family, npu.contexts) == ("d9", launcher_contexts)
 
 
 def test_a_rank_on_another_chip_than_the_spec_is_stopped(monkeypatch, tiny_models, rank_env, no_collectives):
@@ -101,7 +102,8 @@ def test_a_rank_on_another_chip_than_the_spec_is_stopped(monkeypatch, tiny_model
 
     npu_process(monkeypatch, "2.6.0", name="Ascend910B3")
     rank_env(None)
-    spec = resolve_engine_spec(str(tiny_models["gqa"]), 2, "npu", "fp16", 64, progress=False, compile="off")
+    spec = resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), 2, "npu", "fp16", 64, compile="off"),
+                               progress=False)
     npu_process(monkeypatch, "2.6.0", name="Ascend310P3")  # rank 1's process sees a 310P
     with pytest.raises(UserError, match=r"^--device-type d9 contradicts NPU 1: Ascend310P3 is d3 "):
         rank_setup.init_process_group(spec, 1, 1, None, timeout_s=60)

@@ -23,6 +23,7 @@ import torch
 from torch._dynamo.backends import registry
 
 from vicuna_bench import compile as compile_mod
+from vicuna_bench.spec import resolve_compile
 from vicuna_bench import npu_graph
 from vicuna_bench.errors import UserError
 from vicuna_bench.generation import EAGER
@@ -268,11 +269,11 @@ def test_compile_auto_on_npu_only_where_torchair_is_known_and_has_the_mode(monke
                                                                           expected):
     fake_torch_npu_version(monkeypatch, wheel)
     with caplog.at_level(logging.INFO, logger="vicuna_bench"):
-        assert compile_mod.resolve_mode("auto", "npu", 10**7, npu_graph=graph, chip_family=chip) == expected
+        assert resolve_compile("auto", "npu", 10**7, npu_graph=graph, chip_family=chip) == expected
     if expected == "off":
         [line] = [r.getMessage() for r in caplog.records]
         assert line.startswith("--compile auto: off (")
-    assert compile_mod.resolve_mode("on", "npu", 0, npu_graph=graph, chip_family=chip) == "on"  # asked: tried
+    assert resolve_compile("on", "npu", 0, npu_graph=graph, chip_family=chip) == "on"  # asked: tried
 
 
 def test_unknown_torchair_says_how_to_try_it(monkeypatch):
@@ -462,15 +463,15 @@ def test_every_device_compiles_the_one_decode_step(monkeypatch):
 
 def test_decode_falls_back_to_eager_logits_when_torchair_refuses_at_first_call(monkeypatch, tiny_models, caplog):
     """The engine's own decode step on a tiny model: the first compiled call raises, the logits are eager's."""
+    from tests.specs import spec_for
     from vicuna_bench.generation import DecodeState
-    from vicuna_bench.pytest_plugin import make_engine_spec
     from vicuna_bench.runtime import build_rank_model
     from vicuna_bench.sharding import TensorParallel
 
     torch._dynamo.reset()
     fake_torchair(monkeypatch, SURFACE_6_0, backend_error=ValueError("CompilerConfig has no option mode"))
     steps = compile_mod.compiled_steps("npu", 1, "fp32", "ge", "d9")
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
     model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
 
     def one_step(run):
@@ -496,13 +497,13 @@ def test_only_the_ge_graph_gives_the_model_its_graph_attention(monkeypatch, comp
     npu_graph.graph_attention; the ACL graph runs torch_npu's kernels and keeps the model's SDPA attend."""
     from vicuna_bench.generation import DecodeState
     from vicuna_bench.model import Attention, attend
-    from vicuna_bench.pytest_plugin import make_engine_spec
+    from tests.specs import spec_for
     from vicuna_bench.runtime import build_rank_model
     from vicuna_bench.sharding import TensorParallel
 
     fake_torchair(monkeypatch, SURFACE_26)
     steps = compile_mod.compiled_steps("npu", 1, "fp32", graph, "d9")
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
     model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
     model.setup_caches(1, 64)
     key_valid = torch.zeros((1, 64), dtype=torch.bool)

@@ -30,7 +30,8 @@ from vicuna_bench.precision.prompt import (
     letter_from_text,
     letter_token_ids,
 )
-from vicuna_bench.precision.runner import PrecisionConfig, run_precision
+from vicuna_bench.drivers import run_jobs
+from vicuna_bench.precision.runner import PrecisionConfig, PrecisionJob
 from vicuna_bench.runtime import EngineSpec
 
 pytestmark = pytest.mark.unit
@@ -300,7 +301,7 @@ def fake_spec(smollm2_path) -> EngineSpec:
 def run_scripted(work, out, smollm2_path, tokenizer, **kw) -> tuple[dict, ScriptedEngine]:
     engine = ScriptedEngine(tokenizer, SCRIPT)
     cfg = PrecisionConfig(mode="mmlu", work_dir=work, output_dir=out, max_prompt_tokens=300, progress=False, **kw)
-    return run_precision(cfg, fake_spec(smollm2_path), engine=engine), engine
+    return run_jobs(fake_spec(smollm2_path), [PrecisionJob(cfg)], engine=engine)[0].summary, engine
 
 
 def test_result_files_match_hand_computed(synthetic, tmp_path, smollm2_path, smol_tokenizer):
@@ -447,6 +448,30 @@ def test_rerun_of_a_complete_run_asks_nothing(synthetic, tmp_path, smollm2_path,
     assert (out / "cache.csv").read_text() == EXPECTED_CACHE
 
 
+def test_a_fully_cached_set_opens_no_engine(synthetic, tmp_path, smollm2_path, smol_tokenizer, monkeypatch):
+    from vicuna_bench import drivers
+
+    out = tmp_path / "out"
+    run_scripted(synthetic, out, smollm2_path, smol_tokenizer, scoring="generate")
+    cfg = PrecisionConfig(mode="mmlu", work_dir=synthetic, output_dir=out, max_prompt_tokens=300, progress=False,
+                          scoring="generate")
+    job = PrecisionJob(cfg)
+    # 8 questions before the spec is known (--seq-len-out 2 tokens each, batch 1); none left once the cache is read.
+    assert (job.work().decode_steps, job.work().needs_engine) == (16, True)
+    job.check(fake_spec(smollm2_path))
+    assert (job.work().decode_steps, job.work().needs_engine) == (0, False)
+
+    def no_engine(spec, **options):
+        raise AssertionError("an engine was opened for a fully cached set")
+
+    monkeypatch.setattr(drivers, "open_engine", no_engine)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    [result] = drivers.run_jobs(fake_spec(smollm2_path), [job])
+    assert result.summary["timing"]["asked_this_run"] == 0
+    assert (out / "cache.csv").read_text() == EXPECTED_CACHE
+
+
 def test_resume_with_other_settings_is_refused(synthetic, tmp_path, smollm2_path, smol_tokenizer):
     out = tmp_path / "out"
     run_scripted(synthetic, out, smollm2_path, smol_tokenizer, scoring="generate")
@@ -550,7 +575,7 @@ def test_gate_failure_raises_with_the_category_table(synthetic, tmp_path, smollm
     cfg = PrecisionConfig(mode="mmlu", work_dir=synthetic, output_dir=out, max_prompt_tokens=300, progress=False,
                           gate=True, gate_model="vicuna-13b-v1.5-16k")
     with pytest.raises(GateFailed) as err:
-        run_precision(cfg, fake_spec(smollm2_path), engine=engine)
+        run_jobs(fake_spec(smollm2_path), [PrecisionJob(cfg)], engine=engine)[0].summary
     lines = str(err.value).splitlines()
     assert lines[0] == "mmlu gate failed for vicuna-13b-v1.5-16k: generate 0.00% < 55.69 - 1.0"
     assert any(line.startswith("humanities") and "0.00" in line for line in lines)
@@ -576,7 +601,7 @@ def test_shared_datasets_found_beside_the_checkout_from_any_folder_in_it(tmp_pat
     # pytest's rootdir can be an option's value (it is chosen before the plugin's options are known), so the
     # default --mmlu-dir / --ceval-dir search also starts from the invocation dir.  Only the checkout's own parent
     # is searched: a shared/datasets further up (say /tmp/shared/datasets) belongs to something else.
-    from vicuna_bench.pytest_plugin import shared_dataset_dir
+    from vicuna_bench.drivers import shared_dataset_dir
 
     (tmp_path / "shared" / "datasets" / "ceval" / "data").mkdir(parents=True)
     (tmp_path / "shared" / "datasets" / "mmlu").mkdir(parents=True)  # no data/: not a work dir

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from vicuna_bench.spec import resolve_engine_spec
+from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
 pytestmark = pytest.mark.unit
 
 
 def test_compile_left_out_is_auto_decided_by_the_work_ahead(tiny_models):
     def spec(decode_steps: int):
-        return resolve_engine_spec(str(tiny_models["gqa"]), device="cpu", dtype="fp32", max_seq_len=64,
+        return resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), device="cpu", dtype="fp32", max_seq_len=64),
                                    progress=False, decode_steps=decode_steps)
 
     # A million decode steps repay any compile; none repay nothing (with "off" as the default both were off).
@@ -73,8 +73,9 @@ def test_npu_dtype_auto_follows_the_chip(tiny_models, tmp_path, npu_host, caplog
     npu_host(chip)
     model = checkpoint_of_dtype(tiny_models["gqa"], tmp_path, stated)
     with caplog.at_level(logging.INFO, logger="vicuna_bench"):
-        spec = resolve_engine_spec(str(model), device="npu", dtype="auto", max_seq_len=64, progress=False,
-                                   compile="off")
+        spec = resolve_engine_spec(ModelChoices(str(model), device="npu", dtype="auto", max_seq_len=64,
+                                                compile="off"),
+                                   progress=False)
     assert spec.dtype == runs
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--dtype auto")]
     if said:
@@ -92,7 +93,8 @@ def test_an_explicit_bf16_on_d3_is_still_refused(tiny_models, tmp_path, npu_host
     npu_host("Ascend310P3")
     model = checkpoint_of_dtype(tiny_models["gqa"], tmp_path, "bfloat16")
     with pytest.raises(UserError) as err:
-        resolve_engine_spec(str(model), device="npu", dtype="bf16", max_seq_len=64, progress=False, compile="off")
+        resolve_engine_spec(ModelChoices(str(model), device="npu", dtype="bf16", max_seq_len=64, compile="off"),
+                            progress=False)
     assert str(err.value) == ("--dtype bf16 is not supported on --device-type d3 (Atlas 300I DUO (Ascend 310P) runs "
                               "fp16 only): pass --dtype fp16")
 
@@ -103,16 +105,19 @@ def test_an_explicit_bf16_on_d3_is_still_refused(tiny_models, tmp_path, npu_host
 ])
 def test_the_npu_jit_compile_mode_is_chosen_per_chip_and_overridable(tiny_models, npu_host, chip, requested, mode):
     npu_host(chip)
-    spec = resolve_engine_spec(str(tiny_models["gqa"]), device="npu", dtype="fp16", max_seq_len=64, progress=False,
-                               compile="off", npu_jit_compile=requested)
+    spec = resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), device="npu", dtype="fp16", max_seq_len=64,
+                                            compile="off", npu_jit_compile=requested),
+                               progress=False)
     assert spec.npu_jit_compile == mode
 
 
 def test_off_npu_there_is_no_jit_compile_mode(tiny_models):
     from vicuna_bench.errors import UserError
 
-    spec = resolve_engine_spec(str(tiny_models["gqa"]), device="cpu", dtype="fp32", max_seq_len=64, progress=False)
+    spec = resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), device="cpu", dtype="fp32", max_seq_len=64),
+                               progress=False)
     assert spec.npu_jit_compile is None  # the table's default, auto, resolves to nothing off NPU
     with pytest.raises(UserError, match=r"^--npu-jit-compile 'maybe' is not supported \(valid: auto, on, off\)$"):
-        resolve_engine_spec(str(tiny_models["gqa"]), device="cpu", dtype="fp32", max_seq_len=64, progress=False,
-                            npu_jit_compile="maybe")
+        resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), device="cpu", dtype="fp32", max_seq_len=64,
+                                         npu_jit_compile="maybe"),
+                            progress=False)

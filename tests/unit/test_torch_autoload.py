@@ -78,17 +78,17 @@ def test_none_in_sys_modules_is_what_transformers_probe_reads_as_absent(monkeypa
 def test_a_front_ends_cpu_run_keeps_torch_npu_out_and_an_npu_request_lets_it_back(monkeypatch):
     monkeypatch.setattr(torch_autoload, "_front_end", True)
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)  # restored after the test
-    assert devices.resolve_device_type("cpu") == "cpu"
+    assert devices.resolve_device("cpu") == "cpu"
     assert sys.modules["torch_npu"] is None
     with pytest.raises(devices.UserError, match="torch_npu reports no NPU|torch_npu is installed but"):
-        devices.resolve_device_type("npu")  # no torch_npu on this machine: the request is checked as before
+        devices.resolve_device("npu")  # no torch_npu on this machine: the request is checked as before
     assert "torch_npu" not in sys.modules or sys.modules["torch_npu"] is not None
 
 
 def test_outside_a_front_end_a_cpu_run_leaves_the_process_alone(monkeypatch):
     monkeypatch.setattr(torch_autoload, "_front_end", False)
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
-    assert devices.resolve_device_type("cpu") == "cpu"
+    assert devices.resolve_device("cpu") == "cpu"
     assert "torch_npu" not in sys.modules
 
 

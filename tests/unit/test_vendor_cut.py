@@ -56,17 +56,17 @@ def test_another_world_size_is_one_line_exit_2(vendor_cuts, capsys):
 
 def test_fewer_key_value_heads_than_ranks_is_refused(tiny_models, tmp_path):
     """The vendor cuts k/v into N row chunks (half heads here); our rule replicates whole heads: refuse, one line."""
-    from vicuna_bench.runtime import resolve_engine_spec
+    from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
     cut = make_vendor_cut(tiny_models["gqa"], tmp_path / "gqa_parallel_4", 4)  # 2 key/value heads over 4 ranks
     with pytest.raises(UserError) as err:
-        resolve_engine_spec(cut, 4, "cpu", "fp32", 64, progress=False)
+        resolve_engine_spec(ModelChoices(cut, 4, "cpu", "fp32", 64), progress=False)
     message = str(err.value)
     assert "num_key_value_heads=2 into 4" in message and "vicuna-bench cut --world-size 4" in message
     assert "\n" not in message
     # Where the heads divide, the same GQA model loads (2 key/value heads over 2 ranks).
     two = make_vendor_cut(tiny_models["gqa"], tmp_path / "gqa_parallel_2", 2)
-    assert resolve_engine_spec(two, 2, "cpu", "fp32", 64, progress=False).world_size == 2
+    assert resolve_engine_spec(ModelChoices(two, 2, "cpu", "fp32", 64), progress=False).world_size == 2
 
 
 @pytest.mark.parametrize("damage, needle", [

@@ -40,16 +40,35 @@ def test_guide_ini_parses_to_the_documented_settings(caplog):
     assert [r.getMessage() for r in caplog.records] == list(cfg.warnings)
 
 
-def test_defaults_are_the_vendors(tmp_path):
+def test_a_missing_key_takes_the_settings_tables_default(tmp_path):
+    # The expected values are REFERENCE.md's INI (shared/spec/REFERENCE.md, "The INI file"): batch_size 1,
+    # min_len_exp 5, max_len_exp 10 (the docs; its code's 11 overflows a 2048 cache), bind_cpu 1, batch 1,
+    # shot 5, seq_len_out 2 (the shipped example); perf_mode detail (docs/vendor-dropin.md: TIMEIT's mode).
+    from vicuna_bench import perf, sdk
+
     cfg = vendor.read_sdk_config(write_ini(tmp_path, "[model]\nmodel_path=/m\n"), env={})
-    assert cfg.model.device_ids == (0,)
-    assert (cfg.model.parallel_backend, cfg.model.bind_cpu) == ("hccl", True)
-    p = cfg.performance
-    assert (p.batch_size, p.min_len_exp, p.max_len_exp, p.case_pair, p.perf_mode, p.skip_decode) == (1, 5, 11, None, "normal", False)
-    q = cfg.precision
-    assert (q.batch, q.shot, q.seq_len_out) == (1, 5, 32)
+    p, q = cfg.performance, cfg.precision
+    assert (cfg.model.bind_cpu, p.batch_size, p.case_pair, p.perf_mode) == (True, 1, None, "detail")
+    assert (q.batch, q.shot, q.seq_len_out) == (1, 5, 2)
+    # The exponents are the table's "not given" (None): the sweep 2^5 .. 2^10.
+    assert (p.min_len_exp, p.max_len_exp) == (None, None)
+    cases = perf.select_cases(p.case_pair, p.min_len_exp, p.max_len_exp)
+    assert (cases[0].seq_in, cases[-1].seq_in, cases[-1].seq_out) == (32, 1024, 1024)
+    # What sdk-test layers agrees with the sections.
+    layered = sdk.layered_values(cfg, "precision")
+    assert (layered["batch"], layered["shot"], layered["seq_len_out"]) == (1, 5, 2)
+    assert sdk.layered_values(cfg, "perf")["perf_mode"] == "detail"
+    # The vendor's own keys have no setting, hence no default: not set.
+    m = cfg.model
+    assert (m.device_ids, m.parallel_backend, p.skip_decode, p.save_file_name) == (None, None, None, None)
     assert cfg.explicit_settings() == {"model_path": "/m"}
     assert cfg.warnings == ()
+
+
+def test_max_len_exp_is_checked_against_the_sweeps_min(tmp_path):
+    # min_len_exp 11 alone: the sweep's largest power is 10 (REFERENCE.md's docs), below it.
+    with pytest.raises(UserError, match=r"max_len_exp=10 is below min_len_exp=11"):
+        vendor.read_sdk_config(write_ini(tmp_path, "[performance]\nmin_len_exp=11\n"), env={})
 
 
 def test_explicit_settings_use_option_names(tmp_path):

@@ -16,8 +16,8 @@ import torch
 
 from vicuna_bench import generation
 from vicuna_bench.compile import CompiledSteps, compiled_steps
-from vicuna_bench.generation import decode_step, generate, prefill_logits
-from vicuna_bench.pytest_plugin import make_engine_spec
+from vicuna_bench.generation import decode_step, GenerationRequest, generate, prefill_logits
+from tests.specs import spec_for
 from vicuna_bench.runtime import build_rank_model
 from vicuna_bench.sharding import TensorParallel
 
@@ -51,7 +51,7 @@ class GraphTreeFake:
 
 @pytest.fixture(scope="module")
 def rank_model(tiny_models):
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
     return build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
 
 
@@ -79,7 +79,7 @@ def _split(log: list) -> tuple[list, list]:
 def test_warm_records_every_new_shape_and_the_timed_steps_only_replay(rank_model, marked_log):
     fake = GraphTreeFake(marked_log)
     steps = CompiledSteps(fake.prefill, fake.decode, "fake graph trees", warm_calls=2)
-    result = generate(rank_model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)
+    result = generate(rank_model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True), steps=steps)
     warm, timed = _split(marked_log)
     decode_key = ("decode", 2, generation.cache_length(7 + NEW_TOKENS, 64))
     assert warm == [(("prefill", True), "warm-up"), (("prefill", True), "record"),
@@ -89,7 +89,7 @@ def test_warm_records_every_new_shape_and_the_timed_steps_only_replay(rank_model
 
     # The same shape again: warm calls nothing, the timed steps replay.
     marked_log.clear()
-    again = generate(rank_model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)
+    again = generate(rank_model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True), steps=steps)
     warm, timed = _split(marked_log)
     assert warm == [] and again.compile_ms == 0.0
     assert {phase for _, phase in (e for e in timed if e != "mark")} == {"replay"}
@@ -97,7 +97,7 @@ def test_warm_records_every_new_shape_and_the_timed_steps_only_replay(rank_model
 
     # A new batch size is a new shape: recorded before its clock starts too.
     marked_log.clear()
-    generate(rank_model, PROMPTS[1:], NEW_TOKENS, ignore_eos=True, steps=steps)
+    generate(rank_model, GenerationRequest.make(PROMPTS[1:], NEW_TOKENS, ignore_eos=True), steps=steps)
     warm, timed = _split(marked_log)
     assert [phase for _, phase in warm] == ["warm-up", "record"] * 2
     assert {phase for _, phase in (e for e in timed if e != "mark")} == {"replay"}
@@ -106,7 +106,7 @@ def test_warm_records_every_new_shape_and_the_timed_steps_only_replay(rank_model
 def test_one_warm_call_leaves_a_recording_in_the_first_timed_step(rank_model, marked_log):
     """The check above has teeth: warming once (the old behaviour) records inside the first timed decode step."""
     fake = GraphTreeFake(marked_log)
-    generate(rank_model, PROMPTS, NEW_TOKENS, ignore_eos=True,
+    generate(rank_model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True),
              steps=CompiledSteps(fake.prefill, fake.decode, "fake graph trees", warm_calls=1))
     _, timed = _split(marked_log)
     assert [phase for _, phase in (e for e in timed if e != "mark")][:2] == ["record", "record"]
@@ -114,9 +114,10 @@ def test_one_warm_call_leaves_a_recording_in_the_first_timed_step(rank_model, ma
 
 def test_repeated_warm_calls_leave_the_results_unchanged(rank_model):
     """Each warm call writes its scratch slot; the tokens and logits equal the eager run's bit for bit."""
-    eager = generate(rank_model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True)
+    eager = generate(rank_model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True))
     steps = CompiledSteps(prefill_logits, decode_step, "eager functions, warmed three times", warm_calls=3)
-    warmed = generate(rank_model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True, steps=steps)
+    warmed = generate(rank_model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True),
+                      steps=steps)
     assert warmed.output_ids == eager.output_ids
     for a, b in zip(warmed.logits, eager.logits):
         assert torch.equal(a, b)
@@ -138,8 +139,8 @@ def test_kept_logits_survive_a_backend_that_reuses_its_output(rank_model):
         static = outputs.setdefault((tokens.shape[0], key_valid.shape[1]), torch.empty_like(logits))
         return static.copy_(logits)
 
-    eager = generate(rank_model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True)
-    reused = generate(rank_model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True,
+    eager = generate(rank_model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True))
+    reused = generate(rank_model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True),
                       steps=CompiledSteps(prefill_logits, reusing_decode, "one output buffer per shape"))
     assert reused.output_ids == eager.output_ids
     for a, b in zip(reused.logits, eager.logits):
@@ -169,7 +170,7 @@ class AddressedGraphTreeFake(GraphTreeFake):
 
 @pytest.fixture()
 def fresh_model(tiny_models):
-    spec = make_engine_spec(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
     return build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
 
 
@@ -178,13 +179,13 @@ def _evict_and_return(model, steps, log: list) -> tuple[list, list, tuple, tuple
     (the old tensors held here, so the new ones sit elsewhere): (warm, timed) of the last generation, old and new
     cache pointers."""
     model.kv_pool.budget_bytes = 0
-    generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)
+    generate(model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True), steps=steps)
     old_caches = [layer.self_attn.cache for layer in model.model.layers]
     old = _cache_pointers(model)
-    generate(model, PROMPTS[1:], NEW_TOKENS, ignore_eos=True, steps=steps)
+    generate(model, GenerationRequest.make(PROMPTS[1:], NEW_TOKENS, ignore_eos=True), steps=steps)
     assert model.kv_pool.buckets() == [(1, 64)]
     log.clear()
-    generate(model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)
+    generate(model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True), steps=steps)
     assert old_caches  # alive until here
     warm, timed = _split(log)
     return warm, timed, old, _cache_pointers(model)
@@ -268,22 +269,25 @@ def test_only_the_npu_warms_its_first_prefill_per_shape():
 def test_on_npu_a_new_prefill_shape_runs_once_before_the_clock(fresh_model, marked_log, monkeypatch):
     """This CPU stands in for an NPU (the decision itself is the real one); tokens and logits equal a run without
     the warm-up, bit for bit (the warm prefill writes the very keys the timed one writes again)."""
-    eager = generate(fresh_model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True)
+    eager = generate(fresh_model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True))
     real = generation.warms_first_prefill
     monkeypatch.setattr(generation, "warms_first_prefill", lambda device_type: real("npu"))
     steps = LoggedEager(marked_log)
     marked_log.clear()
-    got = generate(fresh_model, PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True, steps=steps)
+    got = generate(fresh_model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True, return_logits=True),
+                   steps=steps)
     warm, timed = _split(marked_log)
     assert warm == [("prefill", (2, 7))] and timed[0] == ("prefill", (2, 7))
     assert got.output_ids == eager.output_ids
     for a, b in zip(got.logits, eager.logits):
         assert torch.equal(a, b)
     marked_log.clear()
-    generate(fresh_model, PROMPTS, NEW_TOKENS, ignore_eos=True, steps=steps)  # the same shape: nothing before the clock
+    # The same shape: nothing before the clock.
+    generate(fresh_model, GenerationRequest.make(PROMPTS, NEW_TOKENS, ignore_eos=True), steps=steps)
     warm, timed = _split(marked_log)
     assert warm == [] and timed[0] == ("prefill", (2, 7))
     marked_log.clear()
-    generate(fresh_model, [[5, 6, 7, 8], [9, 10]], NEW_TOKENS, ignore_eos=True, steps=steps)  # 4 tokens: new
+    # 4 tokens: a new shape.
+    generate(fresh_model, GenerationRequest.make([[5, 6, 7, 8], [9, 10]], NEW_TOKENS, ignore_eos=True), steps=steps)
     warm, _ = _split(marked_log)
     assert warm == [("prefill", (2, 4))]

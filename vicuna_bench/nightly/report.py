@@ -242,7 +242,7 @@ def write_report(
         "files": {label: str(p) for label, p in files.items()},
     }
     write_atomic(run_dir / STATE, json.dumps(state, indent=2) + "\n")
-    text = render_report(run_dir, run_id, run, verdicts, gates, plots, files, history, window, tolerance)
+    text = render_report(run_dir, run_id, run, verdicts, gates, plots, files, rule_line(history, window, tolerance))
     path = run_dir / REPORT
     write_atomic(path, text)  # a night killed here leaves the old report or the new one, never half of one
     return path
@@ -266,11 +266,22 @@ def record_and_report(
     return run_id, outcome, report
 
 
+def rule_line(history: str | Path, window: int, tolerance: float) -> str:
+    """REPORT.md's sentence saying how each metric was judged (window in runs, tolerance a fraction)."""
+    return (f"Baseline: median of the last {window} comparable runs in `{history}` not called worse; latency, "
+            f"throughput, memory, energy and rate: worse beyond the ±{tolerance:.0%} band (wider where those runs "
+            f"wander) and, "
+            f"with samples, by a rank test at p < {R.ALPHA:g} (worse twice in a row: regression); accuracy band "
+            f"±{R.ACCURACY_SE:g} binomial SE.")
+
+
 def render_report(
     run_dir: Path, run_id: int, run: H.RunRecord, verdicts: Sequence[R.Verdict], gates: Sequence[R.Gate],
-    plots: Sequence[Path], files: Mapping[str, str | Path], history: str | Path, window: int, tolerance: float,
+    plots: Sequence[Path], files: Mapping[str, str | Path], rule: str,
 ) -> str:
-    """REPORT.md's text: verdict first, then regressions and failed gates (first screen), gates, changes, plots, files."""
+    """REPORT.md's text: verdict first, then regressions and failed gates (first screen), gates, changes, plots, files.
+
+    ``rule``: :func:`rule_line`'s sentence."""
     outcome = R.overall(verdicts, gates)
     commit = f"`{run.git_commit[:12]}`" if run.git_commit else "unknown"
     lines = [
@@ -278,11 +289,7 @@ def render_report(
         "",
         f"Nightly run {run_id}: {run.model} on {run.device} ({run.device_name}), {run.dtype}, "
         f"world size {run.world_size}, batch {run.batch_size}; {run.started_utc} to {run.finished_utc}; commit {commit}.",
-        f"Baseline: median of the last {window} comparable runs in `{history}` not called worse; latency, "
-        f"throughput, memory, energy and rate: worse beyond the ±{tolerance:.0%} band (wider where those runs "
-        f"wander) and, "
-        f"with samples, by a rank test at p < {R.ALPHA:g} (worse twice in a row: regression); accuracy band "
-        f"±{R.ACCURACY_SE:g} binomial SE.",
+        rule,
         "",
         "## Regressions and failed gates",
         "",

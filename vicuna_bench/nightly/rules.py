@@ -52,8 +52,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import UserError
-from ..stats import RankTest, min_p, rank_test  # noqa: F401  (the rule's test, shared with compare)
-from ..stats import shift as shift_of
+from ..stats import RankTest, judge_change, min_p, rank_test  # noqa: F401  (the one comparison, shared with compare)
 from . import history as H
 
 DEFAULT_WINDOW = 7
@@ -219,13 +218,13 @@ def _shift(metric_value: float, samples, better: str, baseline_runs: Sequence[H.
     if spread / baseline > MAX_SPREAD:
         return f"the baseline runs wander {spread / baseline:.0%} (over {MAX_SPREAD:.0%}): too noisy to judge"
     band = max(tolerance, SPREAD_Z * spread / baseline)
-    pooled, counts = None, None
-    if use_samples:
-        pooled = [v for p in baseline_runs for v in p.samples]
-        counts = (len(samples), len(pooled))
-        if min_p(*counts) >= ALPHA:
-            return f"{len(samples)} vs {len(pooled)} samples: too few for the rank test (p >= {ALPHA:g} at best)"
-    moved = shift_of(level, baseline, band, samples if use_samples else None, pooled, ALPHA)
+    pooled = [v for p in baseline_runs for v in p.samples] if use_samples else None
+    counts = (len(samples), len(pooled)) if use_samples else None
+    # B = this run, A = the baseline runs; the interval is not reported, so not computed.
+    moved = judge_change(samples if use_samples else None, pooled, band, level_b=level, level_a=baseline,
+                         alpha=ALPHA, confidence=None)
+    if not moved.judged:  # the baseline is > 0 (checked above): too few samples for the rank test
+        return f"{counts[0]} vs {counts[1]} samples: too few for the rank test (p >= {ALPHA:g} at best)"
     sign = 1 if better == "lower" else -1
     return _Shift(level, baseline, spread, band, sign * moved.direction, moved.p_value, counts)
 

@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..files import write_atomic
 from . import history as H
 from . import report as RP
-from . import rules as R
+from . import rules
 
 log = logging.getLogger("vicuna_bench")
 
@@ -103,7 +103,7 @@ def resolve_settings(flags: dict[str, Any], env=None) -> dict[str, Any]:
 
 
 def group_values(values: dict[str, Any], group: str, **fixed) -> dict[str, Any]:
-    """A settings-table group's values (what PerfSession/PrecisionConfig.from_values read), ``fixed`` for the rest."""
+    """A settings-table group's values (what PerfJob/PrecisionConfig.from_values read), ``fixed`` for the rest."""
     out = {s.dest: values.get(s.dest) for s in S.select((group,), exclude=NOT_FROM_TABLE)}
     out.update(fixed)
     return out
@@ -113,10 +113,18 @@ def group_values(values: dict[str, Any], group: str, **fixed) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class PrecisionPlan:
-    mode: str
-    config: Any  # PrecisionConfig
-    questions: int
+    """One precision set of the night: its job (data read once, when built) and whether it is a subset."""
+
+    job: Any  # precision.PrecisionJob
     subset: bool
+
+    @property
+    def mode(self) -> str:
+        return self.job.cfg.mode
+
+    @property
+    def config(self) -> Any:  # precision.PrecisionConfig
+        return self.job.cfg
 
 
 @dataclasses.dataclass
@@ -126,9 +134,14 @@ class Plan:
     run_dir: Path
     history: Path
     spec: Any = None  # EngineSpec (the engine starts only when perf or precision runs)
-    perf: Any = None  # PerfSession
+    perf: Any = None  # perf.PerfJob
     precision: list[PrecisionPlan] = dataclasses.field(default_factory=list)
     progress: bool = True
+
+    @property
+    def jobs(self) -> list:
+        """The jobs the engine runs, in the night's order: perf, then each precision set."""
+        return ([self.perf] if self.perf is not None else []) + [p.job for p in self.precision]
 
 
 def parse_stages(text: str) -> list[str]:
@@ -170,10 +183,8 @@ def subset_key(mode: str, subjects: list[str] | None, limit: int | None) -> str:
 
 def plan_run(values: dict[str, Any]) -> Plan:
     """Check every setting, input file and length; resolve the model.  Writes nothing but a new history file."""
-    from ..drivers import PrecisionWork, Work, resolve_spec
-    from ..perf import PerfSession
-    from ..precision import PrecisionConfig, load_dataset
-    from ..precision.gates import gate_model_key
+    from ..drivers import resolve_spec
+    from ..perf import PerfJob
 
     stages = parse_stages(values["stages"])
     history = Path(values["history"])
@@ -185,48 +196,38 @@ def plan_run(values: dict[str, Any]) -> Plan:
     else:
         run_dir = default_run_dir()
     plan = Plan(values, stages, run_dir, history, progress=bool(values["progress"]))
-    works = []
     if "perf" in stages:
-        plan.perf = PerfSession.from_values(group_values(values, "perf", baseline=None, tolerance=0.10,
-                                                         output_dir=None), run_dir / "perf")
-    for mode in (s for s in stages if s in PRECISION_SETS):
-        work_dir = values[f"{mode}_dir"] or shared_dataset_dir(mode)
-        if work_dir is None:
-            raise UserError(f"no {SET_LABEL[mode]} data: give --{mode}-dir (a dir holding data/dev and data/val) "
-                            f"or leave {mode} out of --stages")
-        dataset = load_dataset(mode, work_dir)
-        subjects = [s.strip() for s in (values[f"{mode}_subjects"] or "").split(",") if s.strip()] or None
-        for name in subjects or []:
-            if name not in dataset.val:
-                raise UserError(f"--{mode}-subjects: {name!r} has no {name}_val.csv in {Path(work_dir) / 'data' / 'val'}")
-        limit = values["limit_per_subject"]
-        subset = bool(subjects or limit)
-        cfg = PrecisionConfig.from_values(
-            group_values(values, "precision", subjects=",".join(subjects or []) or None, output_dir=run_dir / mode),
-            mode=mode, work_dir=work_dir, gate=not subset, progress=plan.progress,
-        )
-        cfg.check()
-        questions = len(dataset.questions(subjects or list(dataset.subjects), limit))
-        plan.precision.append(PrecisionPlan(mode, cfg, questions, subset))
-        works.append(PrecisionWork.of(cfg, questions))
-
+        plan.perf = PerfJob.from_values(group_values(values, "perf", baseline=None, tolerance=0.10, output_dir=None),
+                                        run_dir / "perf", progress=plan.progress)
+    plan.precision = [_precision_plan(values, mode, run_dir, plan.progress)
+                      for mode in stages if mode in PRECISION_SETS]
     # Resolved even for the hw suite alone: the model settings are checked, and the history's record says
     # what they resolved to (the engine itself starts only for perf and precision).
-    work = Work(perf=plan.perf.settings if plan.perf is not None else None, precision=tuple(works))
-    plan.spec = resolve_spec(group_values(values, "model"), work, progress=plan.progress)
-    if plan.perf is not None:
-        plan.perf.check_model(plan.spec)
-    for p in plan.precision:
-        if p.config.max_prompt_tokens + p.config.seq_len_out > plan.spec.max_seq_len:
-            raise UserError(f"--max-prompt-tokens {p.config.max_prompt_tokens} + --seq-len-out "
-                            f"{p.config.seq_len_out} exceeds --max-seq-len {plan.spec.max_seq_len}")
-        if p.config.gate:  # a full set's release gate must be able to judge the model, or the night does not start
-            p.config.gate_model = gate_model_key(p.mode, p.config.scorings, plan.spec.model_path, p.config.gate_model)
+    plan.spec = resolve_spec(group_values(values, "model"), plan.jobs, progress=plan.progress)
+    for job in plan.jobs:  # prompt lengths, a gate nothing could judge: refused before the night starts
+        job.check(plan.spec)
     if not values["regression_band"] > 0:
         raise UserError(f"--regression-band {values['regression_band']}: must be above 0 (e.g. 0.10 for 10%)")
     # Last: a newer schema, a non-SQLite file is refused now, not at the end of the night; a new file is created.
     H.connect(history).close()
     return plan
+
+
+def _precision_plan(values: dict[str, Any], mode: str, run_dir: Path, progress: bool) -> PrecisionPlan:
+    """One precision set's job: its data dir found, read and checked (a subset never gates)."""
+    from ..precision import PrecisionConfig, PrecisionJob
+
+    work_dir = values[f"{mode}_dir"] or shared_dataset_dir(mode)
+    if work_dir is None:
+        raise UserError(f"no {SET_LABEL[mode]} data: give --{mode}-dir (a dir holding data/dev and data/val) "
+                        f"or leave {mode} out of --stages")
+    subjects = [s.strip() for s in (values[f"{mode}_subjects"] or "").split(",") if s.strip()] or None
+    subset = bool(subjects or values["limit_per_subject"])
+    cfg = PrecisionConfig.from_values(
+        group_values(values, "precision", subjects=",".join(subjects or []) or None, output_dir=run_dir / mode),
+        mode=mode, work_dir=work_dir, gate=not subset, progress=progress,
+    )
+    return PrecisionPlan(PrecisionJob(cfg, subjects_flag=f"--{mode}-subjects", raise_gate=False), subset)
 
 
 # ---------------------------------------------------------------- the run's identity and environment
@@ -246,11 +247,12 @@ def run_identity(plan: Plan) -> dict[str, Any]:
 
 def environment(device: str, world_size: int, cpu_dtype_auto=None, device_index: int = 0) -> dict[str, Any]:
     """Versions, device names, host, and the CPU binding each rank would get (vicuna_bench.binding);
-    ``cpu_dtype_auto``: the spec's --dtype auto choice on CPU (devices.environment_record); ``device_index``: rank
+    ``cpu_dtype_auto``: the spec's --dtype auto choice on CPU (environment.environment_record); ``device_index``: rank
     0's device (on torch_npu 2.1.x reading its name opens a context there, never on NPU 0 by default)."""
     from .. import binding, devices
+    from ..environment import environment_record
 
-    record = devices.environment_record(device, device_index, cpu_dtype_auto)
+    record = environment_record(device, device_index, cpu_dtype_auto)
     packages = {}
     for name in ("vicuna-bench", "transformers", "numpy", "safetensors", "pytest", "matplotlib"):
         try:
@@ -307,14 +309,14 @@ def hw_must_run(device: str) -> str:
     return f"the night's device is {device}" if device in ACCELERATORS else ""
 
 
-def _hw_not_run(must_run: str, why: str) -> R.Gate:
+def _hw_not_run(must_run: str, why: str) -> rules.Gate:
     """The hw gate when no test ran: failed on an accelerator night, else not applicable."""
     if must_run:
-        return R.Gate("hw suite", "failed", 0, None, "tests", f"no test ran, though {must_run}: {why}")
-    return R.Gate("hw suite", "n/a", unit="tests", detail=why)
+        return rules.Gate("hw suite", "failed", 0, None, "tests", f"no test ran, though {must_run}: {why}")
+    return rules.Gate("hw suite", "n/a", unit="tests", detail=why)
 
 
-def run_hw_suite(plan: Plan) -> R.Gate:
+def run_hw_suite(plan: Plan) -> rules.Gate:
     """The hardware suite in a subprocess, on the night's resolved device; its JUnit XML judged as a gate.
 
     Skipped tests keep their reason.  A suite that ran no test is a failed
@@ -341,15 +343,14 @@ def run_hw_suite(plan: Plan) -> R.Gate:
     return gate
 
 
-def run_perf(plan: Plan, engine, env: dict | None = None) -> list[H.Metric]:
-    """The perf cases on the shared engine; their metrics from the run itself (the files are outputs).
+def perf_metrics(run, env: dict | None = None) -> list[H.Metric]:
+    """The perf stage's metrics from its :class:`perf.PerfRun` (the files are outputs, never read back).
 
     ``env`` (the run's environment) gets the perf run's energy meter over every rank's device, as REPORT.md
     names it (replacing rank 0's environment record's).
     """
-    from .. import drivers, perf
+    from .. import perf
 
-    run = drivers.run_perf(engine, plan.perf, progress=plan.progress)
     if env is not None:
         env["energy"] = run.energy
     log.info("perf results:\n%s", perf.summary_table(run))
@@ -358,16 +359,13 @@ def run_perf(plan: Plan, engine, env: dict | None = None) -> list[H.Metric]:
     return H.metrics_with_samples(metrics, perf.samples_doc(run)["cases"], run.paths.get("samples_json", where))
 
 
-def run_precision_set(plan: Plan, p: PrecisionPlan, engine) -> tuple[list[H.Metric], list[R.Gate]]:
-    """One precision set on the shared engine; its metrics (a subset under its own name) and gates."""
-    from .. import drivers
-
-    result = drivers.run_precision(p.config, plan.spec, engine=engine, raise_gate=False)
+def precision_findings(p: PrecisionPlan, result) -> tuple[list[H.Metric], list[rules.Gate]]:
+    """One precision set's metrics (a subset under its own name) and gates from its :class:`PrecisionRun`."""
     if result.gate_failure is not None:  # every file is written first; the gate below says the same
         log.warning("%s", result.gate_failure.splitlines()[0])
     where = result.files["summary.json"]
     metrics = H.metrics_from_summary(result.summary, where)
-    gates = R.gates_from_summary(result.summary, where)
+    gates = rules.gates_from_summary(result.summary, where)
     if p.subset:
         key = subset_key(p.mode, p.config.subjects, p.config.limit_per_subject)
         metrics = [dataclasses.replace(m, case=key + m.case[len(p.mode):]) for m in metrics]
@@ -388,7 +386,7 @@ class NightlyResult:
     status: str
 
 
-def _stage(name: str, errors: list[str], gates: list[R.Gate], fn: Callable, *args):
+def _stage(name: str, errors: list[str], gates: list[rules.Gate], fn: Callable, *args):
     """Run a stage; anything it raises but an interrupt becomes a failed gate, and the night goes on.
 
     Bad input was refused before the first stage (exit 2); what a stage raises
@@ -403,7 +401,7 @@ def _stage(name: str, errors: list[str], gates: list[R.Gate], fn: Callable, *arg
         detail = f"crashed: {type(exc).__name__}: {first}" if first else f"crashed: {type(exc).__name__}"
         log.error("nightly: stage %s %s\n%s", name, detail, traceback.format_exc())
         errors.append(name)
-        gates.append(R.Gate(f"{name} stage", "failed", detail=f"{detail} (see {LOG_FILE})"))
+        gates.append(rules.Gate(f"{name} stage", "failed", detail=f"{detail} (see {LOG_FILE})"))
         return None
     log.info("nightly: stage %s done in %.1f s", name, time.perf_counter() - started)
     return result
@@ -443,8 +441,6 @@ def run_nightly(values: dict[str, Any]) -> NightlyResult:
 
 
 def _run(plan: Plan, started: str) -> NightlyResult:
-    from ..drivers import open_engine
-
     ident = run_identity(plan)
     env = environment(ident["device"], ident["world_size"], plan.spec.cpu_dtype_auto, plan.spec.device_index(0))
     settings_doc = {k: v for k, v in plan.values.items() if k not in ("report_only",)}
@@ -457,32 +453,17 @@ def _run(plan: Plan, started: str) -> NightlyResult:
              ident["compile"], ident["batch_size"], ",".join(plan.stages), plan.run_dir, plan.history)
 
     metrics: list[H.Metric] = []
-    gates: list[R.Gate] = []
+    gates: list[rules.Gate] = []
     errors: list[str] = []
     for stage in STAGES:
         if stage not in plan.stages:
-            gates.append(R.Gate(f"{stage} stage", "n/a", detail="not in --stages"))
+            gates.append(rules.Gate(f"{stage} stage", "n/a", detail="not in --stages"))
     if "hw" in plan.stages:
         gate = _stage("hw", errors, gates, run_hw_suite, plan)
         if gate is not None:
             gates.append(gate)
-    if plan.perf is not None or plan.precision:
-        engine = _stage("engine start", errors, gates, open_engine, plan.spec)
-        if engine is None:
-            for stage in ("perf", *(p.mode for p in plan.precision)):
-                if stage in plan.stages:
-                    gates.append(R.Gate(f"{stage} stage", "failed", detail="not run: the engine did not start"))
-        else:
-            with engine:
-                env["ranks"] = engine.rank_info
-                if plan.perf is not None:
-                    metrics += _stage("perf", errors, gates, run_perf, plan, engine, env) or []
-                for p in plan.precision:
-                    found = _stage(p.mode, errors, gates, run_precision_set, plan, p, engine)
-                    if found is not None:
-                        metrics += found[0]
-                        gates += found[1]
-            _write_json(plan.run_dir / ENVIRONMENT_FILE, env)
+    if plan.jobs:
+        metrics += _run_engine_stages(plan, env, errors, gates)
 
     status = "error" if errors else "pass"  # pass/fail is the rule's verdict (record_and_report)
     run = H.RunRecord(
@@ -497,6 +478,35 @@ def _run(plan: Plan, started: str) -> NightlyResult:
              outcome.reason)
     log.info("nightly: wrote %s (history %s)", report, plan.history)
     return NightlyResult(exit_code, run_id, plan.run_dir, report, "error" if errors else run.status)
+
+
+def _run_engine_stages(plan: Plan, env: dict, errors: list[str], gates: list[rules.Gate]) -> list[H.Metric]:
+    """Perf and the precision sets on one engine, each stage isolated (:func:`_stage`); their metrics.
+
+    The engine's ranks join ``env`` and the environment file is rewritten once they are known.
+    """
+    from ..drivers import open_engine, run_jobs
+
+    engine = _stage("engine start", errors, gates, open_engine, plan.spec)
+    if engine is None:
+        for job in plan.jobs:
+            gates.append(rules.Gate(f"{job.name} stage", "failed", detail="not run: the engine did not start"))
+        return []
+    record: dict[str, Callable] = {"perf": lambda run: (perf_metrics(run, env), [])}
+    record.update({p.mode: (lambda result, p=p: precision_findings(p, result)) for p in plan.precision})
+    metrics: list[H.Metric] = []
+
+    def stage(name: str, fn: Callable):
+        found = _stage(name, errors, gates, lambda: record[name](fn()))
+        if found is not None:  # in the stage's turn: the gates keep the order the stages ran in
+            metrics.extend(found[0])
+            gates.extend(found[1])
+
+    with engine:
+        env["ranks"] = engine.rank_info
+        run_jobs(plan.spec, plan.jobs, engine=engine, guard=stage)
+    _write_json(plan.run_dir / ENVIRONMENT_FILE, env)
+    return metrics
 
 
 def report_only(values: dict[str, Any]) -> Path:

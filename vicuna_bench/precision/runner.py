@@ -1,23 +1,26 @@
 """The precision run: read, prompt, ask (batched), record crash-safely, aggregate, gate.
 
-One function, :func:`run_precision`, serves the CLI (``vicuna-bench
-precision``), ``sdk-test`` and the pytest suites.  Bad input is found before
-anything is written or an engine starts.
+One job, :class:`PrecisionJob`, serves the CLI (``vicuna-bench
+precision``), ``sdk-test``, the nightly and the pytest suites, through
+:func:`vicuna_bench.drivers.run_jobs`.  Bad input is found before anything is
+written or an engine starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
-from .. import devices
+from .. import environment
 from ..errors import EngineError, GateFailed, UserError
-from . import results as R
+from . import results as outputs
+from ..jobs import Work
 from ..settings import BY_KEY, flag
 from .data import Dataset, load_dataset, select_subjects
-from .gates import evaluate_gate, format_verdicts, gate_model_key, identify_model, load_thresholds
+from .gates import evaluate_gate, format_verdicts, gate_lines, gate_model_key, identify_model, load_thresholds
 from .prompt import (
     FittedPrompt,
     fit_prompt,
@@ -108,14 +111,14 @@ class _Existing:
 
     def __init__(self, cfg: PrecisionConfig, dataset: Dataset, settings: dict):
         out = cfg.out_dir
-        self.caches = {s: R.read_cache(out / f, dataset) for s, f in R.cache_files(cfg.scoring).items()}
-        self.answers = R.read_answers(out / R.ANSWERS)
+        self.caches = {s: outputs.read_cache(out / f, dataset) for s, f in outputs.cache_files(cfg.scoring).items()}
+        self.answers = outputs.read_answers(out / outputs.ANSWERS)
         for rec in list(self.answers.values())[:1]:
             old = rec.get("settings", {})
             for key, value in settings.items():
                 if old.get(key) != value:
                     raise UserError(
-                        f"{out / R.ANSWERS}: written by a run with {key}={old.get(key)!r}, this run has {value!r} "
+                        f"{out / outputs.ANSWERS}: written by a run with {key}={old.get(key)!r}, this run has {value!r} "
                         "(use another --output-dir, or the same settings to resume)"
                     )
 
@@ -123,25 +126,134 @@ class _Existing:
         return all(key in cache for cache in self.caches.values())
 
 
-def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
-    """Run (or resume) a precision test; returns the summary (also written to summary.json).
+@dataclasses.dataclass
+class PrecisionRun:
+    """A finished precision set: its summary (what summary.json holds), where its files are, the gate's lines.
 
-    ``spec`` is a resolved EngineSpec; ``engine`` an open Engine for it (one
-    is started, only when a question is left to ask, if None), or this rank's
-    SpmdEngine under torchrun: then every rank asks the same questions and only
-    rank 0 writes (the others return None).  Raises
-    UserError on bad input before writing anything (with ``cfg.gate``: also
-    when no threshold can judge the run), GateFailed (after writing every
-    file) when ``cfg.gate`` and the score is below threshold.
+    ``summary`` is None on the ranks that do not write (torchrun ranks other than 0).
     """
+
+    mode: str
+    out_dir: Path
+    summary: dict | None
+    gate_failure: str | None = None  # the GateFailed message when ``--gate`` failed (files all written)
+
+    @property
+    def files(self) -> dict[str, Path]:
+        return {name: self.out_dir / name for name in (outputs.SUMMARY, outputs.DEVICE_LOG, "cache.csv")}
+
+    @property
+    def gate_lines(self) -> list[str]:
+        return gate_lines(self.summary["gate"]) if self.summary is not None else []
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """What :meth:`PrecisionJob.check` found with the spec: who judges, what is cached, every prompt fitted."""
+
+    thresholds: dict
+    model_key: str | None
+    settings: dict
+    existing: _Existing
+    tokenizer: object
+    letter_ids: dict | None
+    fitted: list[FittedPrompt]
+    too_long: list[FittedPrompt]
+    pending: list[FittedPrompt]
+    prepare_s: float  # seconds spent here (part of the summary's wall_s)
+
+
+class PrecisionJob:
+    """Run (or resume) one precision set (a :class:`jobs.Job`); works in-process and under torchrun.
+
+    The data is read, its subjects and questions selected when the job is built (bad input refused
+    then, ``source`` naming where the mode came from, ``subjects_flag`` what names the subjects, if not
+    ``--subjects``); :meth:`check` refuses what the spec rules out
+    (prompt + answer over ``max_seq_len``, a ``--gate`` nothing can judge, every question too long),
+    fits every prompt and finds the questions the cache lacks, before the engine opens.  Under torchrun
+    every rank asks the same questions and rank 0 alone writes.  ``raise_gate`` False returns a failed
+    gate in :attr:`PrecisionRun.gate_failure` instead of raising :class:`GateFailed`.
+    """
+
+    def __init__(self, cfg: PrecisionConfig, source: str = "--mode", *, subjects_flag: str | None = None,
+                 raise_gate: bool = True):
+        cfg.check()
+        self.cfg = cfg
+        self.name = cfg.mode
+        self.raise_gate = raise_gate
+        self.dataset = load_dataset(cfg.mode, cfg.work_dir, source)
+        for subject in (cfg.subjects or []) if subjects_flag else []:  # named as the front end's flag names it
+            if subject not in self.dataset.val:
+                raise UserError(f"{subjects_flag}: {subject!r} has no {subject}_val.csv in "
+                                f"{Path(cfg.work_dir) / 'data' / 'val'}")
+        self.subjects = select_subjects(self.dataset, cfg.subjects)
+        self.selection = self.dataset.questions(self.subjects, cfg.limit_per_subject)
+        self.prepared: _Prepared | None = None
+        self._checked = None  # the spec the prepared state is for
+
+    def work(self) -> Work:
+        """The questions to ask in batches (all before :meth:`check`, then those the cache lacks)."""
+        cfg = self.cfg
+        asked = len(self.selection) if self.prepared is None else len(self.prepared.pending)
+        new_tokens = cfg.seq_len_out if "generate" in cfg.scorings else 1
+        return Work(decode_steps=math.ceil(asked / max(cfg.batch, 1)) * new_tokens,
+                    longest_prompt=cfg.max_prompt_tokens, new_tokens=new_tokens, batch=cfg.batch,
+                    needs_engine=asked > 0)
+
+    def check(self, spec) -> None:
+        """Refuse what ``spec`` rules out and fit every prompt (reads the tokenizer and the cache, no model).
+
+        Checking again with the same spec object before the run does nothing.
+        """
+        if self.prepared is None or self._checked is not spec:
+            self.prepared = _prepare(self.cfg, self.dataset, self.selection, spec)
+            self._checked = spec
+
+    def run(self, engine, spec) -> PrecisionRun:
+        """Ask what the cache lacks on ``engine`` (None: nothing left to ask), rewrite every file, judge the gate."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        p = self.prepared or _prepare(cfg, self.dataset, self.selection, spec)
+        self.prepared = None  # a second run finds what this one cached
+        writer = getattr(engine, "rank", 0) == 0
+        log.info(
+            "precision %s: %d subjects, %d questions, %d already in %s, %d to ask, %d too long for %d tokens",
+            cfg.mode, len(self.subjects), len(self.selection), len(self.selection) - len(p.pending) - len(p.too_long),
+            cfg.out_dir / "cache.csv", len(p.pending), len(p.too_long), cfg.max_prompt_tokens,
+        )
+        _same_on_every_rank(engine, [(f.question.subject, f.question.qid) for f in p.pending])
+        for f in p.too_long if writer else ():
+            log.warning(
+                "too long: %s %s needs %d tokens with 1 shot (> %d); %s",
+                f.question.subject, f.question.qid, f.tokens, cfg.max_prompt_tokens, TOO_LONG_POLICIES[cfg.too_long],
+            )
+        # From here on files are written (by rank 0 alone under torchrun; the others ask and return).
+        if writer:
+            cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        asked = (_ask(cfg, engine, p.tokenizer, p.letter_ids, p.pending, p.existing, p.settings, writer) if p.pending
+                 else (0.0, {"total": 0, "prefilled": 0}, []))
+        if not writer:
+            return PrecisionRun(cfg.mode, cfg.out_dir, None)
+        summary = finalize(cfg, self.dataset, p.fitted, p.settings, spec, p.model_key, p.thresholds)
+        _add_run_facts(summary, cfg, spec, len(p.pending), asked, p.prepare_s + time.perf_counter() - started)
+        outputs.write_atomic(cfg.out_dir / outputs.SUMMARY, outputs.json_text(summary))
+        table = outputs.category_table(summary)
+        log.info("precision results (%s):\n%s", cfg.out_dir, table)
+        try:
+            _judge(cfg, summary, p.model_key, table)
+        except GateFailed as exc:
+            if self.raise_gate:
+                raise
+            return PrecisionRun(cfg.mode, cfg.out_dir, getattr(exc, "summary", None), str(exc))
+        return PrecisionRun(cfg.mode, cfg.out_dir, summary)
+
+
+def _prepare(cfg: PrecisionConfig, dataset: Dataset, selection: list, spec) -> _Prepared:
+    """The checks that need the spec, the cache read, every prompt fitted (UserError on bad input, nothing written)."""
     from .. import checkpoint
     from ..chat import load_tokenizer
 
     started = time.perf_counter()
-    writer = getattr(engine, "rank", 0) == 0
-    cfg.check()
-    dataset = load_dataset(cfg.mode, cfg.work_dir)
-    subjects = select_subjects(dataset, cfg.subjects)
     if cfg.max_prompt_tokens + cfg.seq_len_out > spec.max_seq_len:
         raise UserError(
             f"{flag('precision.max_prompt_tokens')} {cfg.max_prompt_tokens} + {flag('precision.seq_len_out')} "
@@ -156,7 +268,6 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
     existing = _Existing(cfg, dataset, settings)
     tokenizer = load_tokenizer(checkpoint.tokenizer_dir(Path(spec.model_path)))
     letter_ids = letter_token_ids(tokenizer) if cfg.scoring != "generate" else None
-    selection = dataset.questions(subjects, cfg.limit_per_subject)
     fitted = [fit_prompt(tokenizer, dataset.dev[q.subject], q, cfg.shot, cfg.max_prompt_tokens) for q in selection]
     too_long = [f for f in fitted if f.too_long]
     if cfg.gate and cfg.too_long == "exclude" and len(too_long) == len(fitted):
@@ -165,58 +276,41 @@ def run_precision(cfg: PrecisionConfig, spec, engine=None) -> dict:
             f"{cfg.max_prompt_tokens}, so no score could be judged (raise it, or {flag('precision.too_long')} wrong)"
         )
     pending = [f for f in fitted if not f.too_long and not existing.done((f.question.subject, f.question.qid))]
-    log.info(
-        "precision %s: %d subjects, %d questions, %d already in %s, %d to ask, %d too long for %d tokens",
-        cfg.mode, len(subjects), len(selection), len(selection) - len(pending) - len(too_long),
-        cfg.out_dir / "cache.csv", len(pending), len(too_long), cfg.max_prompt_tokens,
-    )
-    _same_on_every_rank(engine, [(f.question.subject, f.question.qid) for f in pending])
-    for f in too_long if writer else ():
-        log.warning(
-            "too long: %s %s needs %d tokens with 1 shot (> %d); %s",
-            f.question.subject, f.question.qid, f.tokens, cfg.max_prompt_tokens, TOO_LONG_POLICIES[cfg.too_long],
-        )
+    return _Prepared(thresholds, model_key, settings, existing, tokenizer, letter_ids, fitted, too_long, pending,
+                     time.perf_counter() - started)
 
-    # From here on files are written (by rank 0 alone under torchrun; the others ask and return).
-    out = cfg.out_dir
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-    engine_s = 0.0
-    tokens = {"total": 0, "prefilled": 0}
-    rank_info: list[dict] = []
-    if pending:
-        engine_s, tokens, rank_info = _ask(cfg, spec, engine, tokenizer, letter_ids, pending, existing, settings,
-                                           writer)
-    if not writer:
-        return None
-    summary = finalize(cfg, dataset, fitted, settings, spec, model_key, thresholds)
+
+def _add_run_facts(summary: dict, cfg: PrecisionConfig, spec, asked: int, ask_result, wall_s: float) -> None:
+    """The summary's environment, CPU binding and timing (engine seconds, prompt tokens) of this run."""
+    engine_s, tokens, rank_info = ask_result
     summary["environment"] = (rank_info[0].get("environment") if rank_info
-                              else devices.environment_record(spec.device, spec.device_index(0), spec.cpu_dtype_auto))
+                              else environment.environment_record(spec.device, spec.device_index(0), spec.cpu_dtype_auto))
     # Where this run's ranks were pinned (none when every question came from the cache).
     summary["cpu_binding"] = [i.get("cpu_binding") for i in rank_info]
     summary["timing"] = {
-        "asked_this_run": len(pending),
-        "wall_s": round(time.perf_counter() - started, 3),
+        "asked_this_run": asked,
+        "wall_s": round(wall_s, 3),
         "engine_s": round(engine_s, 3),
-        "questions_per_s": round(len(pending) / engine_s, 4) if engine_s > 0 else None,
+        "questions_per_s": round(asked / engine_s, 4) if engine_s > 0 else None,
         "batch": cfg.batch,
         "prefix_cache": cfg.prefix_cache,
         "prompt_tokens_total": tokens["total"],
         "prompt_tokens_prefilled": tokens["prefilled"],
     }
-    R.write_atomic(out / R.SUMMARY, R.json_text(summary))
-    table = R.category_table(summary)
-    log.info("precision results (%s):\n%s", out, table)
+
+
+def _judge(cfg: PrecisionConfig, summary: dict, model_key, table: str) -> None:
+    """With ``--gate``: GateFailed (``summary`` attached when judged) unless the gate passed."""
+    if not cfg.gate:
+        return
     gate = summary["gate"]
-    if cfg.gate:
-        if gate["status"] == "failed":
-            failed = GateFailed(f"{cfg.mode} gate failed for {model_key}: {format_verdicts(gate, 'failed')}\n{table}")
-            failed.summary = summary
-            raise failed
-        if gate["status"] != "passed":  # refused up front; should a path be missed, still no pass
-            raise GateFailed(f"{cfg.mode} gate not judged for {model_key}: {gate.get('reason', '')}\n{table}")
-        log.info("%s gate passed for %s: %s", cfg.mode, model_key, format_verdicts(gate, "passed"))
-    return summary
+    if gate["status"] == "failed":
+        failed = GateFailed(f"{cfg.mode} gate failed for {model_key}: {format_verdicts(gate, 'failed')}\n{table}")
+        failed.summary = summary
+        raise failed
+    if gate["status"] != "passed":  # refused up front; should a path be missed, still no pass
+        raise GateFailed(f"{cfg.mode} gate not judged for {model_key}: {gate.get('reason', '')}\n{table}")
+    log.info("%s gate passed for %s: %s", cfg.mode, model_key, format_verdicts(gate, "passed"))
 
 
 def _same_on_every_rank(engine, keys: list) -> None:
@@ -280,7 +374,7 @@ class _NoFile:
         pass
 
 
-def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], existing: _Existing,
+def _ask(cfg, engine, tokenizer, letter_ids, pending: list[FittedPrompt], existing: _Existing,
          settings, writer: bool = True) -> tuple[float, dict, list[dict]]:
     """Ask every pending question in batches, recording each answer before the next.
 
@@ -290,15 +384,14 @@ def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], 
     from tqdm import tqdm
 
     out = cfg.out_dir
-    files = R.cache_files(cfg.scoring)
-    open_log = R.AppendLog if writer else (lambda path: _NoFile())
-    answers = open_log(out / R.ANSWERS)
+    files = outputs.cache_files(cfg.scoring)
+    open_log = outputs.AppendLog if writer else (lambda path: _NoFile())
+    answers = open_log(out / outputs.ANSWERS)
     caches = {s: open_log(out / f) for s, f in files.items()}
-    device_log = open_log(out / R.DEVICE_LOG)
+    device_log = open_log(out / outputs.DEVICE_LOG)
     primary = cfg.scorings[0]
     correct = sum(truth == pred for truth, pred in existing.caches[primary].values())
     counted = len(existing.caches[primary])
-    own = None
     engine_s = 0.0
     tokens = {"total": 0, "prefilled": 0}
     # Only the letters' logits cross back from the ranks, in this column order.
@@ -307,10 +400,6 @@ def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], 
     bar = tqdm(total=len(pending), unit="q", desc=f"{cfg.mode} {cfg.scoring}", disable=not (cfg.progress and writer),
                dynamic_ncols=True)
     try:
-        if engine is None:
-            from ..drivers import open_engine
-
-            own = engine = open_engine(spec)
         max_new = cfg.seq_len_out if "generate" in cfg.scorings else 1
         last_prefix = None
         for chunk, shared in ask_order(pending, cfg.batch, cfg.prefix_cache == "on"):
@@ -336,18 +425,16 @@ def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], 
                     rec["logits"] = {"values": {k: round(v, 2) for k, v in values.items()}, "pred": pred}
                 rec["settings"] = settings
                 # Details first, then the cache rows: a question in cache.csv always has its details.
-                answers.write(R.json_text_line(rec))
+                answers.write(outputs.json_text_line(rec))
                 for scoring in reversed(cfg.scorings):  # the primary cache last: it marks the question done
-                    caches[scoring].write(R.cache_line(q.qid, q.subject, q.answer, rec[scoring]["pred"]))
-                device_log.write(R.log_entry(rec), sync=False)
+                    caches[scoring].write(outputs.cache_line(q.qid, q.subject, q.answer, rec[scoring]["pred"]))
+                device_log.write(outputs.log_entry(rec), sync=False)
                 correct += rec[primary]["pred"] == q.answer
                 counted += 1
             bar.update(len(chunk))
             bar.set_postfix(acc=f"{100 * correct / counted:.1f}%", qps=f"{bar.n / engine_s:.2f}" if engine_s else "-")
     finally:
         bar.close()
-        if own is not None:
-            own.close()
         for handle in (answers, device_log, *caches.values()):
             handle.close()
     return engine_s, tokens, list(getattr(engine, "rank_info", None) or [])
@@ -356,48 +443,70 @@ def _ask(cfg, spec, engine, tokenizer, letter_ids, pending: list[FittedPrompt], 
 def finalize(cfg, dataset: Dataset, fitted: list[FittedPrompt], settings, spec, model_key, thresholds) -> dict:
     """Rewrite every result file from the whole cache, in the canonical order; return the summary."""
     out = cfg.out_dir
-    files = R.cache_files(cfg.scoring)
-    caches = {s: R.read_cache(out / f, dataset) for s, f in files.items()}
-    answers = R.read_answers(out / R.ANSWERS)
     order = [(q.subject, q.qid) for s in dataset.subjects for q in dataset.val[s]]
     too_long = [f for f in fitted if f.too_long]
+    caches, answers = _rewrite_caches(cfg, dataset, order)
     primary = cfg.scorings[0]
-    for scoring, name in files.items():
-        rows = caches[scoring]
-        R.write_atomic(out / name, "".join(R.cache_line(k[1], k[0], *rows[k]) for k in order if k in rows))
-    # answers.jsonl: one record per question still in the primary cache, canonical order.
-    keep = [k for k in order if k in caches[primary] and k in answers]
-    R.write_atomic(out / R.ANSWERS, "".join(R.json_text_line(answers[k]) for k in keep))
-
     results = {}
-    for scoring, (subject_file, classes_file) in R.result_files(cfg.scoring).items():
+    for scoring, (subject_file, classes_file) in outputs.result_files(cfg.scoring).items():
         rows = caches[scoring]
         verdicts = [(k[0], rows[k][0] == rows[k][1]) for k in order if k in rows]
         if cfg.too_long == "wrong":
             verdicts += [(f.question.subject, False) for f in too_long]
-        subject_acc, classes, counts = R.accuracy_tables(verdicts, dataset.categories)
-        R.write_atomic(out / subject_file, R.json_text(subject_acc))
-        R.write_atomic(out / classes_file, R.json_text(classes))
+        subject_acc, classes, counts = outputs.accuracy_tables(verdicts, dataset.categories)
+        outputs.write_atomic(out / subject_file, outputs.json_text(subject_acc))
+        outputs.write_atomic(out / classes_file, outputs.json_text(classes))
         results[scoring] = counts
+    summary = _summary(cfg, dataset, fitted, settings, spec, caches[primary], len(order), results)
+    if cfg.scoring == "both":
+        gen, lg = caches["generate"], caches["logits"]
+        shared = [k for k in order if k in gen and k in lg]
+        summary["agreement"] = sum(gen[k][1] == lg[k][1] for k in shared) / len(shared) if shared else None
+    summary["gate"] = _gate_record(cfg, results, model_key, thresholds)
+    outputs.write_atomic(out / outputs.DEVICE_LOG, _device_log(cfg, order, caches, answers, too_long, summary))
+    return summary
 
-    summary = {
+
+def _rewrite_caches(cfg, dataset: Dataset, order: list) -> tuple[dict, dict]:
+    """Every cache file and answers.jsonl rewritten in the canonical order; the caches and answers read."""
+    out = cfg.out_dir
+    files = outputs.cache_files(cfg.scoring)
+    caches = {s: outputs.read_cache(out / f, dataset) for s, f in files.items()}
+    answers = outputs.read_answers(out / outputs.ANSWERS)
+    for scoring, name in files.items():
+        rows = caches[scoring]
+        outputs.write_atomic(out / name, "".join(outputs.cache_line(k[1], k[0], *rows[k]) for k in order if k in rows))
+    # answers.jsonl: one record per question still in the primary cache, canonical order.
+    primary = caches[cfg.scorings[0]]
+    keep = [k for k in order if k in primary and k in answers]
+    outputs.write_atomic(out / outputs.ANSWERS, "".join(outputs.json_text_line(answers[k]) for k in keep))
+    return caches, answers
+
+
+def _summary(cfg, dataset: Dataset, fitted: list[FittedPrompt], settings, spec, primary_cache: dict, in_data: int,
+             results: dict) -> dict:
+    """summary.json's description of the run, its question counts and per-scoring results (no gate yet)."""
+    too_long = [f for f in fitted if f.too_long]
+    files = outputs.cache_files(cfg.scoring)
+    return {
         "mode": cfg.mode,
         "work_dir": str(Path(cfg.work_dir).resolve()),
         "model": settings["model"],
         "model_path": str(spec.model_path),
         "dtype": spec.dtype,
         "device": spec.device,
-        "chip_family": getattr(spec, "chip_family", None),  # NPU d9 | d3; None off NPU
+        "chip_family": spec.chip_family if spec.device == "npu" else None,  # NPU d9 | d3; None off NPU
         "world_size": spec.world_size,
         "scoring": cfg.scoring,
-        "primary_scoring": primary,
-        "files": {s: {"cache": files[s], "subjects": sf, "classes": cf} for s, (sf, cf) in R.result_files(cfg.scoring).items()},
+        "primary_scoring": cfg.scorings[0],
+        "files": {s: {"cache": files[s], "subjects": sf, "classes": cf}
+                  for s, (sf, cf) in outputs.result_files(cfg.scoring).items()},
         "settings": {k: settings[k] for k in ("shot", "seq_len_out", "max_prompt_tokens")},
         "mapping": dataset.mapping_file,
         "questions": {
-            "in_data": len(order),
+            "in_data": in_data,
             "selected": len(fitted),
-            "answered": len(caches[primary]),
+            "answered": len(primary_cache),
             "too_long": len(too_long),
         },
         "too_long": {
@@ -409,10 +518,10 @@ def finalize(cfg, dataset: Dataset, fitted: list[FittedPrompt], settings, spec, 
         },
         "results": results,
     }
-    if cfg.scoring == "both":
-        gen, lg = caches["generate"], caches["logits"]
-        shared = [k for k in order if k in gen and k in lg]
-        summary["agreement"] = sum(gen[k][1] == lg[k][1] for k in shared) / len(shared) if shared else None
+
+
+def _gate_record(cfg, results: dict, model_key, thresholds) -> dict:
+    """summary.json's gate: each scoring's verdict and the overall status (n/a with the reasons)."""
     verdicts = [
         evaluate_gate(
             cfg.mode, s, None if results[s]["micro"] is None else 100 * results[s]["micro"],
@@ -425,23 +534,26 @@ def finalize(cfg, dataset: Dataset, fitted: list[FittedPrompt], settings, spec, 
     gate = {"status": status, "verdicts": verdicts, "requested": cfg.gate}
     if status == "n/a":
         gate["reason"] = "; ".join(v["reason"] for v in verdicts)
-    summary["gate"] = gate
+    return gate
 
-    # device.log: every prompt, raw answer and verdict, then what was not asked, then the table.
+
+def _device_log(cfg, order: list, caches: dict, answers: dict, too_long: list[FittedPrompt], summary: dict) -> str:
+    """device.log: every prompt, raw answer and verdict, then what was not asked, then the table."""
+    primary = caches[cfg.scorings[0]]
     parts = []
     for k in order:
-        if k not in caches[primary]:
+        if k not in primary:
             continue
         rec = answers.get(k)
         if rec is not None and all(rec.get(s, {}).get("pred") == caches[s].get(k, (None, None))[1] for s in caches):
-            parts.append(R.log_entry(rec))
+            parts.append(outputs.log_entry(rec))
         else:
-            parts.append(R.bare_log_entry(k[0], k[1], caches[primary][k][0], {s: caches[s].get(k, ("", "?"))[1] for s in caches}))
+            parts.append(outputs.bare_log_entry(k[0], k[1], primary[k][0],
+                                                {s: caches[s].get(k, ("", "?"))[1] for s in caches}))
     for f in too_long:
         parts.append(
             f"=== too long: {f.question.subject} {f.question.qid} needs {f.tokens} tokens with 1 shot "
             f"(> --max-prompt-tokens {cfg.max_prompt_tokens}); not asked, {TOO_LONG_POLICIES[cfg.too_long]}\n\n"
         )
-    parts.append(R.category_table(summary) + "\n")
-    R.write_atomic(out / R.DEVICE_LOG, "".join(parts))
-    return summary
+    parts.append(outputs.category_table(summary) + "\n")
+    return "".join(parts)
