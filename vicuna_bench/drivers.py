@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .jobs import Job, Work
 from .launch import launched_by_torchrun
 
+
 def shared_dataset_dir(starts: Sequence[Path], name: str) -> Path | None:
     """``shared/datasets/<name>`` beside a checkout: ``<parent>/shared/datasets/<name>`` for the checkout of each start.
 
@@ -54,8 +55,8 @@ def resolve_spec(model: Mapping[str, Any], jobs: Sequence[Job] = (), *, device_i
     from .spec import ModelChoices, resolve_engine_spec
 
     work = Work.combined(job.work() for job in jobs)
-    spec = resolve_engine_spec(ModelChoices(**model), decode_steps=work.decode_steps, device_ids=device_ids, log_dir=log_dir,
-                               progress=progress)
+    spec = resolve_engine_spec(ModelChoices(**model), decode_steps=work.decode_steps, device_ids=device_ids,
+                               log_dir=log_dir, progress=progress)
     return dataclasses.replace(spec, fit_batch=max(work.batch, 1))
 
 

@@ -389,7 +389,7 @@ def test_d3_with_bf16_exits_2_before_the_model_loads(npu_here, tiny_models, tmp_
 
 
 def test_auto_on_d3_runs_a_bf16_checkpoint_as_fp16_and_d9_keeps_bf16(monkeypatch, tmp_path, caplog):
-    """--dtype auto is resolved after the chip (issue 30): a 310P has no bf16, so a bf16 checkpoint runs fp16 there,
+    """--dtype auto is resolved after the chip: a 310P has no bf16, so a bf16 checkpoint runs fp16 there,
     said in one line; a 910B runs the checkpoint's bf16.  An explicit bf16 on d3 is still refused (above)."""
     import logging
 

@@ -274,12 +274,12 @@ def test_times_are_stored_in_utc():
 # ---------------------------------------------------------------- ingestion
 
 def extended_columns() -> list[str]:
-    """perf.py's EXTENDED_COLUMNS, read from its source (importing perf would load torch)."""
-    tree = ast.parse((ROOT / "vicuna_bench" / "perf.py").read_text(encoding="utf-8"))
+    """perf/writers.py's EXTENDED_COLUMNS, read from its source (importing perf would load torch)."""
+    tree = ast.parse((ROOT / "vicuna_bench" / "perf" / "writers.py").read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "EXTENDED_COLUMNS":
             return ast.literal_eval(node.value)
-    raise AssertionError("perf.py defines no EXTENDED_COLUMNS")
+    raise AssertionError("perf/writers.py defines no EXTENDED_COLUMNS")
 
 
 def write_extended_csv(path: Path, rows: list[dict]) -> Path:

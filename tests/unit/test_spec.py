@@ -1,7 +1,7 @@
 """resolve_engine_spec called without a choice takes the settings table's default, as the CLI's flags do.
 
-Reference: issue 22 (the function said ``compile="off"``, the table and the CLI say ``auto``); ``auto``
-compiles when the decode steps ahead repay the compile time (docs/engine.md, ``--compile``).
+``--compile`` left out is ``auto`` (the table and the CLI say so), which compiles when the decode steps ahead repay
+the compile time (docs/engine.md, ``--compile``).
 """
 
 from __future__ import annotations
