@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_nightly_arguments(nightly)  # the settings table's model/perf/precision options, and its own
 
-    from .sdk import DEFAULT_DEVICE_TYPE, DEFAULT_TASK, DEFAULT_WORLD_SIZE, TASKS
+    from .sdk import DEFAULT_CHIP_FAMILY, DEFAULT_TASK, DEFAULT_WORLD_SIZE, TASKS
     from .vendor import CONFIG_FILE_NAME
 
     sdk = sub.add_parser("sdk-test", help="the vendor's run_sdk_test.sh: settings from sdk_config.ini",
@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Model flags given here win over the INI.")
     sdk.add_argument("world_size", nargs="?", type=int, default=DEFAULT_WORLD_SIZE, metavar="WORLD_SIZE",
                      help=f"ranks (default {DEFAULT_WORLD_SIZE})")
-    sdk.add_argument("device_type", nargs="?", default=DEFAULT_DEVICE_TYPE, choices=settings.DEVICE_TYPES,
-                     metavar="DEVICE_TYPE", help=f"NPU chip family d9 | d3 (default {DEFAULT_DEVICE_TYPE})")
+    sdk.add_argument("chip_family", nargs="?", default=DEFAULT_CHIP_FAMILY, choices=settings.CHIP_FAMILY_NAMES,
+                     metavar="DEVICE_TYPE", help=f"NPU chip family d9 | d3 (default {DEFAULT_CHIP_FAMILY})")
     sdk.add_argument("task", nargs="?", default=DEFAULT_TASK, choices=TASKS, metavar="TASK",
                      help=f"{' | '.join(TASKS)} (default {DEFAULT_TASK})")
     sdk.add_argument("--config", default=CONFIG_FILE_NAME, help=f"the INI file (default ./{CONFIG_FILE_NAME})")
@@ -321,7 +321,7 @@ def cmd_sdk_test(ns: argparse.Namespace) -> int:
 
     flags = {s.dest: getattr(ns, s.dest) for s in settings.group("model")
              if hasattr(ns, s.dest) and s.dest not in ("world_size", "chip_family")}  # those are positional
-    test = sdk.prepare(ns.world_size, ns.device_type, ns.task, ns.config, flags=flags, progress=ns.progress)
+    test = sdk.prepare(ns.world_size, ns.chip_family, ns.task, ns.config, flags=flags, progress=ns.progress)
     paths = sdk.run(test)
     if paths:
         log.info("sdk-test %s: wrote %s", ns.task, ", ".join(str(p) for p in paths.values()))

@@ -35,7 +35,7 @@ log = logging.getLogger("vicuna_bench")
 TASKS = ("run", "performance", "precision")
 # run_sdk_test.sh's defaults (the vendor guide's prose says 1 and d3: the script wins).
 DEFAULT_WORLD_SIZE = 8
-DEFAULT_DEVICE_TYPE = "d9"
+DEFAULT_CHIP_FAMILY = "d9"
 DEFAULT_TASK = "run"
 
 # The ``run`` task: a few completion-style prompts, sent as text without a chat
@@ -102,7 +102,7 @@ def _log_dir(config: SdkConfig) -> Path | None:
 
 def prepare(
     world_size: int = DEFAULT_WORLD_SIZE,
-    device_type: str = DEFAULT_DEVICE_TYPE,
+    chip_family: str = DEFAULT_CHIP_FAMILY,
     task: str = DEFAULT_TASK,
     config_path: str | os.PathLike = CONFIG_FILE_NAME,
     *,
@@ -133,7 +133,7 @@ def prepare(
     device_ids = _device_ids(config, world_size, task)
     log_dir = _log_dir(config)
     model = layered_values(config, "model", flags, task, env)
-    model.update(world_size=world_size, chip_family=device_type)
+    model.update(world_size=world_size, chip_family=chip_family)
     job = _task_job(task, config, env, progress and is_writer(env))
     spec = drivers.resolve_spec(model, [job], device_ids=device_ids, log_dir=log_dir, progress=progress)
     if config.model.parallel_backend and "parallel_backend" in config.model.explicit:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 # How each group's settings are spelt in pytest (the CLI uses the bare name); the nightly group is CLI-only.
 PYTEST_PREFIX = {"model": "", "perf": "perf-", "precision": "accuracy-"}
 NIGHTLY_STAGES = ("hw", "perf", "mmlu", "ceval")
-DEVICE_TYPES = ("d9", "d3")  # NPU chip families
+CHIP_FAMILY_NAMES = ("d9", "d3")  # NPU chip families (--device-type)
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -100,7 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("model", "world-size", int, 1, "tensor-parallel ranks"),
     S("model", "device", str, "auto", "cpu | cuda | npu | auto (npu, else cuda, else cpu)"),
     S("model", "device-type", str, "auto", "NPU chip family: auto (detected: 910B -> d9, 310P -> d3) | d9 | d3; "
-      "one that contradicts the NPU is an error (ignored elsewhere)", choices=("auto", *DEVICE_TYPES),
+      "one that contradicts the NPU is an error (ignored elsewhere)", choices=("auto", *CHIP_FAMILY_NAMES),
       dest_name="chip_family"),
     S("model", "npu-graph", str, "auto", "NPU graph mode for --compile on: auto (GE on d9, eager on d3) | ge "
       "(torchair max-autotune) | aclgraph (npugraph_ex / reduce-overhead)", choices=("auto", "ge", "aclgraph")),  # npu_graph.GRAPH_MODES

@@ -109,9 +109,9 @@ class EngineSpec:
 
     def validate(self) -> ModelArgs:
         """Check everything that can be checked before a process starts."""
-        if self.chip_family is not None and self.chip_family not in settings.DEVICE_TYPES:
+        if self.chip_family is not None and self.chip_family not in settings.CHIP_FAMILY_NAMES:
             raise UserError(f"--device-type {self.chip_family!r} is not supported "
-                            f"(valid: {', '.join(settings.DEVICE_TYPES)})")
+                            f"(valid: {', '.join(settings.CHIP_FAMILY_NAMES)})")
         if self.npu_graph not in GRAPH_MODES:
             raise UserError(f"--npu-graph {self.npu_graph!r} is not supported (valid: {', '.join(GRAPH_MODES)})")
         if self.npu_jit_compile not in (None, "on", "off"):

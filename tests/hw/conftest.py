@@ -36,7 +36,7 @@ def hw_run(pytestconfig):
 
 
 @pytest.fixture(scope="session")
-def device_type(hw_run) -> str:
+def device(hw_run) -> str:
     """'npu' or 'cuda' (the run's --device when it names one); the test is skipped where it is not usable."""
     kind = accelerator_available()
     if kind is None:
@@ -47,18 +47,18 @@ def device_type(hw_run) -> str:
 
 
 @pytest.fixture(scope="session")
-def chip_family(device_type) -> str | None:
+def chip_family(device) -> str | None:
     """The NPU's chip family (d9 | d3) from its name; None on CUDA or an NPU of neither family."""
     from vicuna_bench.devices import resolve_chip_family
 
-    return resolve_chip_family(device_type)
+    return resolve_chip_family(device)
 
 
-def skip_unless_chip_runs(device_type: str, chip_family: str | None, dtype: str) -> None:
+def skip_unless_chip_runs(device: str, chip_family: str | None, dtype: str) -> None:
     """Skip, saying why, a test of a dtype this chip cannot run (bf16 and fp32 on a 310P)."""
     from vicuna_bench.devices import dtype_skip_reason
 
-    reason = dtype_skip_reason(device_type, chip_family, dtype)
+    reason = dtype_skip_reason(device, chip_family, dtype)
     if reason is not None:
         pytest.skip(reason)
 

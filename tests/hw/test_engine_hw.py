@@ -67,51 +67,51 @@ def _ranks_or_skip(kind: str, ranks: int) -> int:
 
 
 @pytest.mark.hw_matrix(model=["vicuna", "gqa", "embedded"], dtype=["fp16", "bf16"])
-def test_all_devices_match_one_device(device_type, chip_family, model_path, dtype, hw_run, engine_factory):
+def test_all_devices_match_one_device(device, chip_family, model_path, dtype, hw_run, engine_factory):
     """World size 1 against every visible device (up to 8, as many as the model splits over; the run's world size
     when given): identical greedy tokens over 32 steps."""
-    skip_unless_chip_runs(device_type, chip_family, dtype)
-    n = _ranks_or_skip(device_type, hw_run.spread(device_count(device_type)))
+    skip_unless_chip_runs(device, chip_family, dtype)
+    n = _ranks_or_skip(device, hw_run.spread(device_count(device)))
     if not hw_run.world_size:  # the embedded model's 9 heads split 1 or 3 ways, not over 2 or 8 devices
         from vicuna_bench.checkpoint import read_model_args
         from vicuna_bench.sharding import valid_world_sizes
 
         n = max(valid_world_sizes(read_model_args(Path(model_path)), limit=n))
     if n < 2:
-        pytest.skip(f"one {device_type} device visible: nothing to shard over")
-    one = _generate(engine_factory(hw_run.engine_spec(model_path, 1, device_type, dtype)))
-    many = _generate(engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype)))
+        pytest.skip(f"one {device} device visible: nothing to shard over")
+    one = _generate(engine_factory(hw_run.engine_spec(model_path, 1, device, dtype)))
+    many = _generate(engine_factory(hw_run.engine_spec(model_path, n, device, dtype)))
     assert_greedy_agree(one, many, dtype)
 
 
 @pytest.mark.hw_matrix(model=["vicuna", "embedded"], dtype=["fp32", "fp16", "bf16"])
-def test_device_first_logits_track_cpu_fp32(device_type, chip_family, model_path, dtype, hw_run, engine_factory):
+def test_device_first_logits_track_cpu_fp32(device, chip_family, model_path, dtype, hw_run, engine_factory):
     """The device at the run's world size (1 unless given) against world size 1 on the CPU in fp32."""
-    skip_unless_chip_runs(device_type, chip_family, dtype)
-    n = _ranks_or_skip(device_type, hw_run.world_size or 1)
+    skip_unless_chip_runs(device, chip_family, dtype)
+    n = _ranks_or_skip(device, hw_run.world_size or 1)
     ref = engine_factory(hw_run.engine_spec(model_path, 1, "cpu", "fp32")).generate(PROMPTS, 1, return_logits=True)
-    dev = engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype)).generate(PROMPTS, 1,
+    dev = engine_factory(hw_run.engine_spec(model_path, n, device, dtype)).generate(PROMPTS, 1,
                                                                                         return_logits=True)
     for a, b in zip(ref.logits, dev.logits):
         assert (a[0] - b[0]).abs().max().item() <= max(TOLERANCE[dtype], 1e-3) * _scale(a[0])
 
 
 @pytest.mark.hw_matrix(model=["vicuna", "gqa", "embedded"], dtype=["fp32", "fp16"])
-def test_compiled_decode_matches_eager(device_type, chip_family, model_path, dtype, hw_run, engine_factory):
+def test_compiled_decode_matches_eager(device, chip_family, model_path, dtype, hw_run, engine_factory):
     """--compile on (CUDA graphs / torchair) gives eager's greedy tokens and logits, at the run's world size."""
-    skip_unless_chip_runs(device_type, chip_family, dtype)
-    n = _ranks_or_skip(device_type, hw_run.world_size or 1)
-    eager = _generate(engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype, compile="off")))
-    graphed = _generate(engine_factory(hw_run.engine_spec(model_path, n, device_type, dtype, compile="on")))
+    skip_unless_chip_runs(device, chip_family, dtype)
+    n = _ranks_or_skip(device, hw_run.world_size or 1)
+    eager = _generate(engine_factory(hw_run.engine_spec(model_path, n, device, dtype, compile="off")))
+    graphed = _generate(engine_factory(hw_run.engine_spec(model_path, n, device, dtype, compile="on")))
     assert_greedy_agree(eager, graphed, dtype)
 
 
-def test_perf_smoke_writes_the_reference_csv(device_type, hw_run, tiny_models, tmp_path):
+def test_perf_smoke_writes_the_reference_csv(device, hw_run, tiny_models, tmp_path):
     out = tmp_path / "perf"
-    ranks = _ranks_or_skip(device_type, hw_run.world_size or 1)
+    ranks = _ranks_or_skip(device, hw_run.world_size or 1)
     model = hw_run.model_path or str(tiny_models["vicuna"])
     cmd = [sys.executable, "-m", "vicuna_bench", "perf", "--model-path", model, "--world-size", str(ranks),
-           "--device", device_type, "--device-type", hw_run.chip_family, "--dtype", hw_run.dtype or "fp16",
+           "--device", device, "--device-type", hw_run.chip_family, "--dtype", hw_run.dtype or "fp16",
            "--case-pair", "[[16,8],[32,4]]", "--repeat", "2", "--model-name", "hw", "--output-dir", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -127,7 +127,7 @@ def test_perf_smoke_writes_the_reference_csv(device_type, hw_run, tiny_models, t
     [ext] = list(out.glob("*_extended.csv"))
     with ext.open(newline="") as f:
         ext_rows = list(csv.DictReader(f))
-    assert len(ext_rows) == 2 and {r["device"] for r in ext_rows} == {device_type}
+    assert len(ext_rows) == 2 and {r["device"] for r in ext_rows} == {device}
 
 
 def _bus_of(kind: str, index: int) -> str:
@@ -139,20 +139,20 @@ def _bus_of(kind: str, index: int) -> str:
     return bus
 
 
-def test_each_rank_binds_within_its_devices_numa_node(device_type, hw_run):
+def test_each_rank_binds_within_its_devices_numa_node(device, hw_run):
     """The planned CPUs of rank r are CPUs of device r's NUMA node (sysfs), and the process may use them."""
-    n = _ranks_or_skip(device_type, hw_run.spread(device_count(device_type)))
+    n = _ranks_or_skip(device, hw_run.spread(device_count(device)))
     allowed = set(os.sched_getaffinity(0))
     checked = 0
     for rank in range(n):
-        bus = _bus_of(device_type, rank).lower()
+        bus = _bus_of(device, rank).lower()
         node_file = Path("/sys/bus/pci/devices") / bus / "numa_node"
         if not node_file.is_file() or int(node_file.read_text()) < 0:
             continue  # a VM or a one-node host hides the node: the plan falls back (its own unit test)
         local = set(binding.parse_cpu_list((node_file.parent / "local_cpulist").read_text()))
-        plan = binding.plan_binding(device_type, rank, n)
+        plan = binding.plan_binding(device, rank, n)
         assert plan.cpus is not None, f"rank {rank} was left unbound: {plan.describe()}"
         assert set(plan.cpus) <= local & allowed, plan.describe()
         checked += 1
     if not checked:
-        pytest.skip(f"no {device_type} device reports a NUMA node in sysfs (numa_node is -1 or absent)")
+        pytest.skip(f"no {device} device reports a NUMA node in sysfs (numa_node is -1 or absent)")

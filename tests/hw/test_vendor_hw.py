@@ -33,8 +33,8 @@ LONG_GQA = {**tiny.GQA, "max_position_embeddings": 4096}
 
 
 @pytest.fixture(scope="module")
-def kind(device_type):
-    return device_type
+def kind(device):
+    return device
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_run(kind, family, model, tmp_path):
     write_ini(tmp_path, f"[model]\nmodel_path = {model}\ndevice_ids = 0\nlog_dir = logs\n")
     sdk_test(tmp_path, kind, "1", family[0], "run", dtype=family[1])
     doc = json.loads((tmp_path / "logs" / "run_outputs.json").read_text())
-    assert (doc["device"], doc["world_size"], doc["environment"]["device_type"]) == (kind, 1, kind)
+    assert (doc["device"], doc["world_size"], doc["environment"]["device"]) == (kind, 1, kind)
     assert len(doc["outputs"]) == 3 and all(o["output_ids"] for o in doc["outputs"])
     check_rank_logs(tmp_path / "logs", kind, [0])
 
@@ -105,7 +105,7 @@ def test_performance(kind, family, model, tmp_path, world_size):
     assert [(r["device"], r["world_size"], r["perf_mode"]) for r in rows] == [(kind, str(world_size), "detail")] * 2
     assert all(float(r["next_token_ms_p50"]) > 0 for r in rows)
     doc = json.loads((tmp_path / f"{stem}_samples.json").read_text())
-    assert doc["environment"]["device_type"] == kind and doc["environment"]["device_name"]
+    assert doc["environment"]["device"] == kind and doc["environment"]["device_name"]
     assert [b["rank"] for b in doc["cpu_binding"]] == list(range(world_size))
     assert all(b["cpus"] or b["warning"] for b in doc["cpu_binding"])
     check_rank_logs(tmp_path / "logs", kind, ids)
@@ -120,7 +120,7 @@ def test_precision(kind, family, tiny_model, tmp_path):
     for name in ("cache.csv", "result_subject_acc.json", "result_classes_acc.json", "device.log", "summary.json"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["device"], summary["world_size"], summary["environment"]["device_type"]) == (kind, 1, kind)
+    assert (summary["device"], summary["world_size"], summary["environment"]["device"]) == (kind, 1, kind)
     assert summary["questions"] == {"in_data": 8, "selected": 8, "answered": 7, "too_long": 1}
     assert len((out / "cache.csv").read_text().splitlines()) == 7
     check_rank_logs(tmp_path / "run" / "logs", kind, [0])
