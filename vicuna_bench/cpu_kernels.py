@@ -9,13 +9,17 @@ Two ops in ``csrc/cpu_kernels.cpp``, registered as ``vicuna_bench::*`` (CPU):
   copy exists beside it, so eager calls and every compiled graph (where it is
   an extern kernel, called from inductor's C++ wrapper through the
   dispatcher) share one copy of the weights.  More rows (a prefill): the op
-  hands the product to ``at::linear``.
+  hands the product to ``at::linear``.  bf16 on AMX hosts: the rows in
+  :data:`AMX_ROWS` run on AMX tiles, which read the same weight tensor (the
+  weight is the tiles' A operand; only x is packed).
 * ``decode_attention(q, k, v, key_valid)``: a decode step's attention that
   reads only the cache slots holding tokens (SDPA reads the whole cache
   bucket under a mask), so its cost follows the filled length with one
   compiled graph for every length.
 
-Other dtypes, other devices, or the library not loaded: ``F.linear`` and SDPA.
+Other dtypes, other devices, or the library not loaded: ``F.linear`` and SDPA.  Which path each dtype and row
+range takes (kernel / kernel+AMX / F.linear) is chosen once a process in :func:`load` from the host's flags and the
+library's AMX state (:func:`choose_linear_paths`), said in one log line and recorded (:func:`paths_record`).
 
 Building: :func:`build` runs the host's C++ compiler once (``make setup`` does
 it at install time; ``python -m vicuna_bench.cpu_kernels``), into
@@ -35,6 +39,7 @@ loaded is rebuilt once, then recorded as failed.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -60,12 +65,21 @@ MAX_ROWS = 16  # the kernel's kMaxRows: above it the op itself calls at::linear
 ENV_SWITCH = "VICUNA_BENCH_CPU_KERNELS"
 # The target ISA (gcc's -march): the host's own by default; tests build the AVX2 path with ``haswell``.
 ENV_MARCH = "VICUNA_BENCH_CPU_MARCH"
+# 0/false/off/no: build without the AMX tile path (-DVICUNA_BENCH_NO_AMX), as a compiler without AMX would; tests
+# build this on every x86 host.
+ENV_AMX = "VICUNA_BENCH_CPU_AMX"
 LIBRARY = "libvicuna_bench_cpu.so"
 FAILED = "FAILED"  # beside the library: the one-line reason this key's build failed
 BUILD_LOG = "build.log"  # the compiler's command line, version and whole output, of the last build
 
+# bf16 rows that take the AMX tiles on a host where they are usable: all of them (benchmarks/bench_paths.py,
+# alternated, SmolLM2's matrices: 0.93x the vector kernel at M = 1, 0.83x at M = 8; docs/PERFORMANCE.md "AMX tiles
+# for the small-M GEMM").  A lo above 1 would leave the fewer rows on the vector kernel.
+AMX_ROWS = (1, MAX_ROWS)
+KERNEL, KERNEL_AMX, F_LINEAR = "kernel", "kernel+AMX", "F.linear"
+
 _lock = threading.Lock()
-_state: dict = {"loaded": None, "why_not": None, "isa": None}
+_state: dict = {"loaded": None, "why_not": None, "isa": None, "amx": None, "paths": None}
 
 
 def enabled() -> bool:
@@ -150,6 +164,8 @@ def compile_command(output: Path) -> list[str]:
     command = [compiler(), "-O3", _target_flag(), "-std=c++17", "-shared", "-fPIC", "-fopenmp",
                "-fno-math-errno",  # lets the softmax's exp vectorize (glibc's libmvec)
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    if os.environ.get(ENV_AMX, "1").strip().lower() in {"0", "false", "off", "no"}:
+        command.append("-DVICUNA_BENCH_NO_AMX")
     command += [f"-I{p}" for p in include_paths()]
     command += [f"-I{sysconfig.get_paths()['include']}"]
     command += [str(SOURCE), "-o", str(output)]
@@ -319,6 +335,80 @@ def _register_fakes() -> None:
     register("vicuna_bench::decode_attention")(attention_fake)
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearPaths:
+    """Which path a CPU linear layer's product takes, per dtype: ``(first row, last row or None, path)`` ranges of
+    the rows of x (the batch of a decode step), path one of kernel | kernel+AMX | F.linear."""
+
+    fp32: tuple[tuple[int, int | None, str], ...]
+    bf16: tuple[tuple[int, int | None, str], ...]
+    amx: str  # "usable", or why the AMX tiles are not used
+
+    def amx_rows(self) -> tuple[int, int]:
+        """The bf16 rows [lo, hi] on the AMX tiles; (0, 0) where none."""
+        for lo, hi, path in self.bf16:
+            if path == KERNEL_AMX:
+                return lo, hi
+        return 0, 0
+
+    def describe(self) -> str:
+        """e.g. ``fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ F.linear``."""
+        def ranges(table):
+            return ", ".join(f"{lo}-{hi} {path}" if hi is not None and hi != lo else
+                             f"{lo} {path}" if hi == lo else f"{lo}+ {path}" for lo, hi, path in table)
+
+        return f"fp32 {ranges(self.fp32)}; bf16 {ranges(self.bf16)}"
+
+    def record(self) -> dict:
+        """For the environment record: each dtype's ranges as ``{"rows": "3-16", "path": ...}`` and the AMX state."""
+        def rows(table):
+            return [{"rows": f"{lo}-{hi}" if hi is not None else f"{lo}+", "path": path} for lo, hi, path in table]
+
+        return {"fp32": rows(self.fp32), "bf16": rows(self.bf16), "amx": self.amx}
+
+
+def choose_linear_paths(flags: frozenset[str] | None, kernels_why_not: str | None, amx: str) -> LinearPaths:
+    """The paths on a host with CPU ``flags`` where the kernels loaded (``kernels_why_not`` None, else why not) and
+    the library said ``amx`` (``usable`` or why not): fp32 and bf16 up to :data:`MAX_ROWS` rows on the kernel,
+    bf16 rows :data:`AMX_ROWS` on its AMX tiles where the flags have ``amx_bf16``/``amx_tile`` and AMX is usable,
+    more rows (a prefill) on ``F.linear`` (oneDNN: AMX for bf16 where the host has it)."""
+    if kernels_why_not is not None:
+        return LinearPaths(((1, None, F_LINEAR),), ((1, None, F_LINEAR),), f"kernels not loaded: {kernels_why_not}")
+    above = (MAX_ROWS + 1, None, F_LINEAR)
+    small = ((1, MAX_ROWS, KERNEL), above)
+    has_amx = bool(flags) and {"amx_bf16", "amx_tile"} <= flags
+    if not has_amx:
+        why = "the CPU flags have no amx_bf16/amx_tile" if amx == "usable" else amx
+        return LinearPaths(small, small, why)
+    if amx != "usable":
+        return LinearPaths(small, small, amx)
+    lo, hi = AMX_ROWS
+    bf16 = (((1, lo - 1, KERNEL),) if lo > 1 else ()) + ((lo, hi, KERNEL_AMX), above)
+    return LinearPaths(small, bf16, amx)
+
+
+def _amx_status() -> str:
+    """The loaded library's word on AMX: ``usable``, or why not (not built, no cpuid flag, Linux refused)."""
+    return torch.ops.vicuna_bench.small_m_amx()
+
+
+def _set_amx_rows(lo: int, hi: int) -> bool:
+    return torch.ops.vicuna_bench.small_m_set_amx_rows(lo, hi)
+
+
+def _host_flags() -> frozenset[str] | None:
+    from .cpu_isa import read_cpu_flags
+
+    # The real file, as for the build key: the CPU the library was built for and runs on.
+    return read_cpu_flags(Path("/proc/cpuinfo"))
+
+
+def _choose_for_this_host() -> LinearPaths:
+    paths = choose_linear_paths(_host_flags(), None, _amx_status())
+    _set_amx_rows(*paths.amx_rows())
+    return paths
+
+
 def load(build_if_missing: bool = True) -> bool:
     """Load the library once per process; True when ``small_m_linear`` is usable (else one log line said why)."""
     with _lock:
@@ -336,10 +426,19 @@ def load(build_if_missing: bool = True) -> bool:
                 _state["isa"] = torch.ops.vicuna_bench.small_m_isa()
             except Exception as err:  # noqa: BLE001 - any failure leaves F.linear, said once
                 why = first_line(err)
+        if why is None:
+            try:
+                _state["paths"] = _choose_for_this_host()
+            except Exception as err:  # noqa: BLE001 - a library without the AMX ops (cannot happen once built)
+                why = first_line(err)
+        if why is not None:
+            _state["paths"] = choose_linear_paths(None, why, "kernels not loaded")
+        _state["amx"] = _state["paths"].amx
         _state["loaded"] = why is None
         _state["why_not"] = why
         if why is None:
-            log.info("CPU linear layers: small-M GEMM for <= %d rows (%s), F.linear above", MAX_ROWS, _state["isa"])
+            log.info("CPU linear layers by rows of x: %s (kernel ISA %s; AMX: %s)", _state["paths"].describe(),
+                     _state["isa"], _state["amx"])
         else:
             log.info("CPU linear layers: F.linear only (small-M GEMM unavailable: %s)", why)
         return _state["loaded"]
@@ -349,6 +448,11 @@ def status() -> dict:
     """For the environment record: whether the kernel is in use, its ISA paths, or why not."""
     return {"small_m_gemm": bool(_state["loaded"]), "small_m_gemm_isa": _state["isa"],
             "small_m_gemm_why_not": _state["why_not"]}
+
+
+def paths_record() -> dict | None:
+    """For the environment record: :meth:`LinearPaths.record` of this process's choice (None before :func:`load`)."""
+    return _state["paths"].record() if _state["paths"] is not None else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ def environment_record(device: str, device_index: int = 0, cpu_dtype_auto=None) 
     """:func:`vicuna_bench.devices.device_record` for device ``device_index`` of ``device`` (cpu | cuda | npu), plus
     the energy meter (:func:`vicuna_bench.energy.describe`: source and resolution, or why there is none), torchair
     on NPU (``unknown``: a torch_npu release not in ``npu_graph.TORCHAIR_OF_TORCH_NPU``; None elsewhere) and, on
-    CPU, whether our CPU kernels run (:func:`vicuna_bench.cpu_kernels.status`)."""
+    CPU, whether our CPU kernels run (:func:`vicuna_bench.cpu_kernels.status`) and which path each dtype and row
+    range takes (``cpu_linear_paths``, :func:`vicuna_bench.cpu_kernels.paths_record`)."""
     record = devices.device_record(device, device_index, cpu_dtype_auto)
     if device == "npu":
         record["torchair"] = torchair_status().record()
@@ -19,4 +20,5 @@ def environment_record(device: str, device_index: int = 0, cpu_dtype_auto=None) 
     if device == "cpu":
         cpu_kernels.load()  # whether our CPU kernels run is part of what a CPU result depends on (once per process)
         record.update(cpu_kernels.status())
+        record["cpu_linear_paths"] = cpu_kernels.paths_record()  # which rows take kernel / kernel+AMX / F.linear
     return record

@@ -79,7 +79,8 @@ CHECK = textwrap.dedent("""
             got = cpu_kernels.decode_attention(q, k, v, valid)
             nan_ok[name] = nan_ok.get(name, True) and torch.equal(torch.isnan(got), torch.isnan(ref)) and (
                 excess(got.nan_to_num(0.0), ref.nan_to_num(0.0), 1e-5) <= 0)
-    print(json.dumps({"isa": cpu_kernels.status()["small_m_gemm_isa"], "worst_excess": worst, "nan_ok": nan_ok}))
+    print(json.dumps({"isa": cpu_kernels.status()["small_m_gemm_isa"], "worst_excess": worst, "nan_ok": nan_ok,
+                      "amx": torch.ops.vicuna_bench.small_m_amx(), "paths": cpu_kernels.paths_record()}))
 """)
 
 # gcc -march targets and the /proc/cpuinfo flags of the instructions each lets the compiler use: a host without one
@@ -123,6 +124,24 @@ def test_other_isa_builds_match_matmul(tmp_path, march, needs):
     assert all(excess <= 0 for excess in got["worst_excess"].values()), got
     assert got["nan_ok"] == {"attention torch.float32": True, "attention torch.bfloat16": True}, got
     assert list(tmp_path.glob("kernels/*/libvicuna_bench_cpu.so")), "built into the scratch cache"
+
+
+@pytest.mark.skipif(platform.machine().lower() not in {"x86_64", "amd64"}, reason="the AMX path is x86-64 only")
+def test_the_amx_less_build_matches_matmul(tmp_path):
+    """The same source built for this host without its AMX path (VICUNA_BENCH_CPU_AMX=0, as a compiler without AMX
+    would build it): it compiles, says so, takes every bf16 row on the vector kernel and matches torch.matmul."""
+    env = {**os.environ, "VICUNA_BENCH_CACHE": str(tmp_path), cpu_kernels.ENV_AMX: "0"}
+    env.pop(cpu_kernels.ENV_MARCH, None)
+    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    not_built = "not built (the compiler lacks AMX target attributes, or VICUNA_BENCH_NO_AMX)"
+    assert got["amx"] == not_built
+    assert got["paths"]["bf16"] == [{"rows": "1-16", "path": "kernel"}, {"rows": "17+", "path": "F.linear"}]
+    assert all(excess <= 0 for excess in got["worst_excess"].values()), got
+    assert got["nan_ok"] == {"attention torch.float32": True, "attention torch.bfloat16": True}, got
+    build_log = next(tmp_path.glob("kernels/*/build.log")).read_text()
+    assert "-DVICUNA_BENCH_NO_AMX" in build_log.splitlines()[0]
 
 
 def test_isa_builds_skip_where_the_cpu_lacks_their_flags(monkeypatch):
@@ -195,6 +214,23 @@ def _growth_after_compiling(spec) -> tuple[int, int, int]:
         engine.generate(PROMPTS, 4, ignore_eos=True)
         served = live_cpu_tensor_bytes()
         return weight_bytes(model), model.kv_pool.held_bytes, served - loaded
+
+
+@pytest.mark.parametrize("amx_rows", [(0, 0), (1, 16)], ids=["vector", "amx"])
+def test_one_weight_copy_on_the_amx_path(tiny_models, amx_rows):
+    """bf16 with every decode row on the vector kernel, then on the AMX tiles (which read the weight as it is
+    stored and pack only x): compiling and serving adds the KV cache and no weight bytes."""
+    assert cpu_kernels.load()
+    if amx_rows != (0, 0) and torch.ops.vicuna_bench.small_m_amx() != "usable":
+        pytest.skip(f"AMX tiles not usable here: {torch.ops.vicuna_bench.small_m_amx()}")
+    chosen = cpu_kernels._state["paths"].amx_rows()
+    torch.ops.vicuna_bench.small_m_set_amx_rows(*amx_rows)
+    try:
+        torch._dynamo.reset()
+        weights, kv, growth = _growth_after_compiling(spec_for(str(tiny_models["gqa"]), 1, "cpu", "bf16", 64))
+    finally:
+        torch.ops.vicuna_bench.small_m_set_amx_rows(*chosen)
+    assert growth - kv <= 0.05 * weights, (weights, kv, growth)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

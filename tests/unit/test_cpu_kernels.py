@@ -11,6 +11,8 @@ bf16 (to nearest, ties to even), so a truncating conversion fails here.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,11 +72,66 @@ def check_close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     assert excess.max().item() <= 0, f"worst excess {excess.max().item():.3e} at {divmod(excess.argmax().item(), ref.shape[-1])}"
 
 
+@contextlib.contextmanager
+def amx_rows(lo: int, hi: int):
+    """bf16 products of lo..hi rows on the AMX tiles (0, 0: none) inside the block; the host's choice after."""
+    chosen = cpu_kernels._state["paths"].amx_rows()
+    torch.ops.vicuna_bench.small_m_set_amx_rows(lo, hi)
+    try:
+        yield
+    finally:
+        torch.ops.vicuna_bench.small_m_set_amx_rows(*chosen)
+
+
+def amx_usable() -> str:
+    """``usable``, or why the AMX tiles are not (asked at collection, for the skip marks: loads the library)."""
+    if not cpu_kernels.load(build_if_missing=False):
+        return f"the kernels are not loaded: {cpu_kernels.status()['small_m_gemm_why_not']}"
+    return torch.ops.vicuna_bench.small_m_amx()
+
+
 @settings(max_examples=120, deadline=None)
 @given(m=st.integers(1, 16), k=st.integers(1, 300), n=st.integers(1, 70),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
 def test_small_m_matches_matmul(m, k, n, dtype, seed):
-    """Every M = 1..16, any K (whole vectors and tails) and N (whole panels and the rest), fp32 and bf16."""
+    """Every M = 1..16, any K (whole vectors and tails) and N (whole panels and the rest), fp32 and bf16, on the
+    vector kernel (AMX off, so AMX hosts check it too)."""
+    with amx_rows(0, 0):
+        check_random_product(m, k, n, dtype, seed)
+
+
+@pytest.mark.skipif(amx_usable() != "usable", reason=f"AMX tiles not usable on this host: {amx_usable()}")
+@settings(max_examples=120, deadline=None)
+@given(m=st.integers(1, 16), k=st.integers(1, 300), n=st.integers(1, 200), seed=st.integers(0, 2**31 - 1))
+def test_amx_matches_matmul(m, k, n, seed):
+    """bf16 on the AMX tiles for every M = 1..16: K in whole 32-wide chunks plus a tail (and K < 32: all tail), N in
+    64-row panels, then 16-row ones, then fewer than 16 rows on the vector kernel."""
+    with amx_rows(1, cpu_kernels.MAX_ROWS):
+        check_random_product(m, k, n, torch.bfloat16, seed)
+
+
+@pytest.mark.skipif(amx_usable() != "usable", reason=f"AMX tiles not usable on this host: {amx_usable()}")
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_amx_model_shaped_products(m):
+    """SmolLM2's shapes (all whole chunks and panels) and a head slice with N and K tails, on the AMX tiles."""
+    gen = torch.Generator().manual_seed(m)
+    with amx_rows(1, cpu_kernels.MAX_ROWS):
+        for n, k in [(960, 576), (3072, 576), (576, 1536), (4099, 577)]:
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            w = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
+            check_close(op(x, w), x, w)
+
+
+def test_amx_rows_are_checked_and_reported():
+    """The AMX switch takes 1 <= lo <= hi <= 16 (0, 0 turns it off) and answers whether AMX took them."""
+    with pytest.raises(RuntimeError, match="need 1 <= lo <= hi <= 16, got 3, 17"):
+        torch.ops.vicuna_bench.small_m_set_amx_rows(3, 17)
+    with amx_rows(0, 0):
+        assert torch.ops.vicuna_bench.small_m_set_amx_rows(2, 5) is (amx_usable() == "usable")
+        assert torch.ops.vicuna_bench.small_m_set_amx_rows(0, 0) is True
+
+
+def check_random_product(m: int, k: int, n: int, dtype: torch.dtype, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=gen).to(dtype)
     w = torch.randn(n, k, generator=gen).to(dtype)

@@ -252,6 +252,7 @@ def test_cpu_environment_record(monkeypatch, tmp_path):
         "python": platform.python_version(), "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
         "small_m_gemm": loaded, "small_m_gemm_isa": cpu_kernels.status()["small_m_gemm_isa"],
         "small_m_gemm_why_not": None if loaded else cpu_kernels.build_failure(),
+        "cpu_linear_paths": cpu_kernels.paths_record(),
         "energy": {"source": "n/a", "asked": ("cpu", [0])}, "env": {},
     }
 

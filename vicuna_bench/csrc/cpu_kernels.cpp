@@ -27,10 +27,19 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -392,6 +401,199 @@ void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_
   if (panels * nr < N) panel_rows<Lane, 1, O>(x, w, M, K, N, panels * nr, N, out);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// AMX tiles (bf16), reading the model's own [N, K] weight: the product is formed transposed, out^T = W x^T, so
+// the weight is the A operand (a tile of 16 weight rows x 32 k, loaded straight from the row-major tensor with
+// the row stride K) and x the B operand.  B must be VNNI-packed ([k / 2][m] pairs of consecutive k): that is x
+// (M <= 16 rows, a few KB), packed once a call.  (Taking W as B, as out = x W^T would, needs each B row to hold
+// one k pair of 16 weight rows: a 16 x 16 transpose of 4-byte pairs per tile, i.e. a packed weight copy.)
+// Compiled where the compiler knows AMX (function target attributes: the rest of the library keeps its -march),
+// run only where cpuid has AMX-TILE + AMX-BF16 and Linux granted this process the tile data state.
+#if (defined(__x86_64__) && !defined(VICUNA_BENCH_NO_AMX) && defined(__linux__)) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define VB_AMX_BUILT 1
+#endif
+
+// Rows of x for which bf16 products take the AMX path: [lo, hi], set by small_m_set_amx_rows (0, 0: none).
+std::atomic<int64_t> g_amx_lo{0}, g_amx_hi{0};
+
+#if defined(VB_AMX_BUILT)
+constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+// "usable", or why not (asked once a process: cpuid, then the kernel's permission for the tile data).
+std::string amx_probe() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return "cpuid leaf 7 unavailable";
+  const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+  if (!tile || !bf16) return "the CPU has no AMX-TILE/AMX-BF16 (cpuid)";
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+    return std::string("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: ") + std::strerror(errno) +
+           ")";
+  unsigned long granted = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &granted) != 0 || !(granted & (1ul << kXfeatureXtiledata)))
+    return "Linux did not grant the AMX tile state (ARCH_GET_XCOMP_PERM)";
+  return "usable";
+}
+#endif
+
+const std::string& amx_status() {
+#if defined(VB_AMX_BUILT)
+  static const std::string status = amx_probe();
+#else
+  static const std::string status = "not built (the compiler lacks AMX target attributes, or VICUNA_BENCH_NO_AMX)";
+#endif
+  return status;
+}
+
+#if defined(VB_AMX_BUILT)
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int kAmxGroups = 4;  // C tiles 0-3: 4 x 16 weight rows a panel; B (x) tile 4; A (weight) tiles 5, 6
+constexpr int64_t kAmxChunk = 32;  // k per tile product (64 bytes of bf16 a tile row)
+
+// Weight rows [n0, n0 + 16 * groups) against all M rows of x over the first kc whole chunks of k; the k tail and the
+// bf16 rounding of out[m][n] after the tile store.  Tiles configured by the caller.
+template <int G>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_panel(const uint16_t* xp, const uint16_t* x, const uint16_t* w,
+                                                              int64_t M, int64_t K, int64_t N, int64_t n0,
+                                                              int64_t chunks, const uint16_t* pf, int64_t pf_bytes,
+                                                              c10::BFloat16* out) {
+  const long wstride = K * 2, xstride = M * 4;
+  if (G > 0) _tile_zero(0);
+  if (G > 1) _tile_zero(1);
+  if (G > 2) _tile_zero(2);
+  if (G > 3) _tile_zero(3);
+  const int64_t pf_step = chunks > 0 ? (pf_bytes / chunks + 63) / 64 * 64 : 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint16_t* wc = w + n0 * K + c * kAmxChunk;
+    if (pf)
+      for (int64_t o = c * pf_step; o < std::min<int64_t>((c + 1) * pf_step, pf_bytes); o += 64)
+        prefetch_l2(reinterpret_cast<const char*>(pf) + o);
+    _tile_loadd(4, xp + c * 16 * M * 2, xstride);
+    _tile_loadd(5, wc, wstride);
+    _tile_dpbf16ps(0, 5, 4);
+    if (G > 1) {
+      _tile_loadd(6, wc + 16 * K, wstride);
+      _tile_dpbf16ps(1, 6, 4);
+    }
+    if (G > 2) {
+      _tile_loadd(5, wc + 32 * K, wstride);
+      _tile_dpbf16ps(2, 5, 4);
+    }
+    if (G > 3) {
+      _tile_loadd(6, wc + 48 * K, wstride);
+      _tile_dpbf16ps(3, 6, 4);
+    }
+  }
+  alignas(64) float sums[kAmxGroups][16][kMaxRows];
+  if (G > 0) _tile_stored(0, &sums[0][0][0], kMaxRows * 4);
+  if (G > 1) _tile_stored(1, &sums[1][0][0], kMaxRows * 4);
+  if (G > 2) _tile_stored(2, &sums[2][0][0], kMaxRows * 4);
+  if (G > 3) _tile_stored(3, &sums[3][0][0], kMaxRows * 4);
+  asm volatile("" ::: "memory");  // the tile stores are asm without a memory operand: read sums after them
+  const int64_t whole = chunks * kAmxChunk;
+  for (int g = 0; g < G; ++g) {
+    for (int r = 0; r < 16; ++r) {
+      const int64_t n = n0 + g * 16 + r;
+      const uint16_t* wr = w + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        float total = sums[g][r][m];
+        for (int64_t k = whole; k < K; ++k) total += bf16_to_float(x[m * K + k]) * bf16_to_float(wr[k]);
+        out[m * N + n] = static_cast<c10::BFloat16>(total);
+      }
+    }
+  }
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) void amx_configure(int64_t M) {
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) {  // C: 16 weight rows x M fp32
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = static_cast<uint16_t>(M * 4);
+  }
+  cfg.rows[4] = 16;  // B: 16 k pairs x M pairs
+  cfg.colsb[4] = static_cast<uint16_t>(M * 4);
+  for (int t = 5; t < 7; ++t) {  // A: 16 weight rows x 32 k
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // gcc's _tile_loadconfig names only the first 8 bytes of the config as its memory operand, so without this the
+  // compiler may drop the other stores (an x86-64 build did: ldtilecfg then faulted on an invalid config).
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) void amx_release() { _tile_release(); }
+
+// out = x @ w^T for 1 <= M <= 16 bf16 rows: panels of 64 (then 16) weight rows on AMX tiles, threads over panels;
+// the last N % 16 weight rows by the vector kernel.
+void run_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out) {
+  const int64_t chunks = K / kAmxChunk;
+  // x^T VNNI-packed: xp[c][r][m][2] = x[m][c * 32 + 2r + {0, 1}].
+  std::vector<uint16_t> xp(std::max<int64_t>(1, chunks * 16 * M * 2));
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t m = 0; m < M; ++m) {
+        xp[((c * 16 + r) * M + m) * 2] = x[m * K + c * kAmxChunk + 2 * r];
+        xp[((c * 16 + r) * M + m) * 2 + 1] = x[m * K + c * kAmxChunk + 2 * r + 1];
+      }
+  asm volatile("" ::: "memory");  // the tile loads are asm without a memory operand: xp written before them
+  constexpr int64_t kWide = 16 * kAmxGroups;
+  const int64_t wide = N / kWide, narrow = (N - wide * kWide) / 16, units = wide + narrow;
+  const int64_t panel_bytes = kWide * K * 2;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, panel_bytes));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    amx_configure(M);
+    for (int64_t u = u0; u < u1; ++u) {
+      if (u < wide) {
+        // Prefetch (L2) the panel kPrefetchPanels ahead, spread over this panel's chunks.
+        const bool ahead = u + kPrefetchPanels < std::min(u1, wide);
+        amx_panel<kAmxGroups>(xp.data(), x, w, M, K, N, u * kWide, chunks,
+                              ahead ? w + (u + kPrefetchPanels) * kWide * K : nullptr, panel_bytes, out);
+      } else {
+        amx_panel<1>(xp.data(), x, w, M, K, N, wide * kWide + (u - wide) * 16, chunks, nullptr, 0, out);
+      }
+    }
+    amx_release();
+  });
+  const int64_t done = wide * kWide + narrow * 16;
+  if (done < N) panel_rows<BF16Lane, 1, c10::BFloat16>(x, w, M, K, N, done, N, out);
+}
+#endif
+
+// Whether a bf16 product of M rows takes the AMX tiles now.
+bool amx_takes(int64_t M) {
+#if defined(VB_AMX_BUILT)
+  return M >= g_amx_lo.load(std::memory_order_relaxed) && M <= g_amx_hi.load(std::memory_order_relaxed);
+#else
+  (void)M;
+  return false;
+#endif
+}
+
+// Use the AMX path for bf16 products of lo..hi rows (0, 0: never); false (and nothing set) where AMX is not
+// usable here (small_m_amx says why).
+bool small_m_set_amx_rows(int64_t lo, int64_t hi) {
+  if (lo == 0 && hi == 0) {
+    g_amx_lo = 0;
+    g_amx_hi = 0;
+    return true;
+  }
+  TORCH_CHECK(1 <= lo && lo <= hi && hi <= kMaxRows, "small_m_set_amx_rows: need 1 <= lo <= hi <= ", kMaxRows,
+              ", got ", lo, ", ", hi);
+  if (amx_status() != "usable") return false;
+  g_amx_lo = lo;
+  g_amx_hi = hi;
+  return true;
+}
+
+std::string small_m_amx() { return amx_status(); }
+
 at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "small_m_linear: weight must be 2-D, got ", weight.dim(), "-D");
   TORCH_CHECK(x.size(-1) == weight.size(1), "small_m_linear: x has ", x.size(-1), " features, weight ", weight.size(1));
@@ -412,6 +614,13 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
     run<F32Lane, float>(xc.data_ptr<float>(), wc.data_ptr<float>(), M, K, N, out.data_ptr<float>());
     return out.view(out_shape);
   }
+#if defined(VB_AMX_BUILT)
+  if (amx_takes(M)) {
+    run_amx(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+            reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), M, K, N, out.data_ptr<c10::BFloat16>());
+    return out.view(out_shape);
+  }
+#endif
   run<BF16Lane, c10::BFloat16>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
                                reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), M, K, N,
                                out.data_ptr<c10::BFloat16>());
@@ -850,6 +1059,8 @@ TORCH_LIBRARY(vicuna_bench, m) {
   m.def("small_m_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor key_valid) -> Tensor");
   m.def("small_m_isa() -> str", &small_m_isa);  // no tensor argument: a catch-all kernel
+  m.def("small_m_amx() -> str", &small_m_amx);
+  m.def("small_m_set_amx_rows(int lo, int hi) -> bool", &small_m_set_amx_rows);
 }
 
 TORCH_LIBRARY_IMPL(vicuna_bench, CPU, m) {
