@@ -19,15 +19,15 @@ import pytest
 pytestmark = pytest.mark.perf
 
 
-def test_latency(perf_case, perf_measure, perf_session):
+def test_latency(perf_case, perf_measure, perf_job):
     """One case: --perf-repeat timed generations whose engine-side times fit inside the test's own clock."""
     started = time.perf_counter()
     result = perf_measure(perf_case)
     wall_ms = (time.perf_counter() - started) * 1e3
-    repeat = perf_session.settings.repeat
+    repeat = perf_job.settings.repeat
     assert len(result.first_ms) == len(result.e2e_ms) == len(result.response_s) == repeat
     # Every generation ran inside this call, one after another: their times, whatever the ranks' clocks, add up
     # to less than the wall time around it (times in µs taken for ms, or a timer never reset, break this).
     assert 0 < sum(result.response_s) * 1e3 <= wall_ms
-    if perf_session.settings.mode == "detail":  # the first token is part of the same timed generation
+    if perf_job.settings.mode == "detail":  # the first token is part of the same timed generation
         assert all(0 < first <= e2e for first, e2e in zip(result.first_ms, result.e2e_ms))

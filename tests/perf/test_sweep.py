@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from vicuna_bench.pytest_plugin import perf_session_of
+from vicuna_bench.pytest_plugin import perf_job_of
 
 pytestmark = pytest.mark.perf
 
@@ -19,7 +19,7 @@ def test_batch_sweep(perf_sweep, pytestconfig):
     measured = [run.settings.batch_size for run in perf_sweep.runs]
     assert measured and measured == perf_sweep.batch_sizes[:len(measured)]
     assert (perf_sweep.stopped is None) == (len(measured) == len(perf_sweep.batch_sizes))
-    cases = perf_session_of(pytestconfig).settings.cases
+    cases = perf_job_of(pytestconfig).settings.cases
     for run in perf_sweep.runs:
         assert [r.case for r in run.results] == cases
     assert all(path.is_file() for path in perf_sweep.paths.values())

@@ -88,7 +88,7 @@ def test_the_option_is_rerouted_before_pytest_benchmark_reads_it():
 
 def test_perf_tests_get_the_engine_clock_through_the_public_benchmark_mark():
     marks = []
-    ours = types.SimpleNamespace(fixturenames=["perf_session", "perf_measure"], add_marker=marks.append)
+    ours = types.SimpleNamespace(fixturenames=["perf_job", "perf_measure"], add_marker=marks.append)
     other = types.SimpleNamespace(fixturenames=["benchmark"], add_marker=marks.append)
     perf_fixtures.time_benchmarks_by_the_engine([ours, other])
     [mark] = marks

@@ -2,7 +2,7 @@
 
 Each front end runs its real adapter code (CLI ``main``, ``sdk-test``'s
 ``main``, the nightly's flag parsing and plan, the pytest plugin's
-``perf_session`` fixture) up to the moment it would open the engine:
+``perf_job`` fixture) up to the moment it would open the engine:
 ``drivers.open_engine`` is replaced by a recorder, so no model is loaded
 (the spec resolution reads config.json only).  References: the values given
 on each command line / in each file, and spec/CLI.md's flag names.
@@ -78,7 +78,7 @@ def via_pytest(model, tmp_path, bind: bool, opened) -> object:
                                   "--perf-output-dir", str(tmp_path),
                                   *(w.replace("--", "--perf-") for w in PERF_FLAGS)])  # the perf group's spelling
     config = FakeConfig(ns, tmp_path)
-    fixture = pytest_plugin.perf_session.__wrapped__  # the fixture's own code
+    fixture = pytest_plugin.perf_job.__wrapped__  # the fixture's own code
 
     def factory(spec, workers=None):
         return drivers.open_engine(spec, workers=workers)

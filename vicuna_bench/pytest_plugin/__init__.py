@@ -32,15 +32,15 @@ from .perf_fixtures import (
     perf_default_model,
     perf_measure,
     perf_output_dir,
-    perf_session,
-    perf_session_of,
+    perf_job,
+    perf_job_of,
     perf_sweep,
 )
 
 __all__ = [
     "ACCURACY_RESULTS", "PERF_RESULTS", "TINY_PERF_CASES", "EngineFactory", "accelerator_available", "engine",
-    "engine_factory", "engine_spec", "perf_default_model", "perf_measure", "perf_output_dir", "perf_session",
-    "perf_session_of", "perf_sweep", "release_gate", "vicuna_options",
+    "engine_factory", "engine_spec", "perf_default_model", "perf_measure", "perf_output_dir", "perf_job",
+    "perf_job_of", "perf_sweep", "release_gate", "vicuna_options",
 ]
 
 

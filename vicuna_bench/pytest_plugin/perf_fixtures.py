@@ -42,7 +42,7 @@ def perf_output_dir(pytestconfig) -> Path:
     return perf_output_path(pytestconfig)
 
 
-def perf_session_of(config):
+def perf_job_of(config):
     """The session's :class:`perf.PerfJob` (settings and baseline checked), or the UserError that refused them."""
     from .. import perf, sweep
     from ..errors import UserError
@@ -66,7 +66,7 @@ def perf_session_of(config):
 def refuse_bad_perf_options(config, items) -> None:
     """Stop pytest with the one-line message when the perf options were refused (checked when a perf test runs)."""
     if any("perf" in item.keywords for item in items):
-        perf_session_of(config)
+        perf_job_of(config)
     refused = config.stash.get(_PERF, None)
     if isinstance(refused, Exception):
         raise pytest.UsageError(f"vicuna-bench perf: {refused}")
@@ -74,7 +74,7 @@ def refuse_bad_perf_options(config, items) -> None:
 
 def parametrize_cases(metafunc) -> None:
     """``perf_case``: each case of the session's perf job (none when its options were refused)."""
-    job = perf_session_of(metafunc.config)
+    job = perf_job_of(metafunc.config)
     cases = [] if isinstance(job, Exception) else job.settings.cases
     metafunc.parametrize("perf_case", cases, ids=[f"in{c.seq_in}-out{c.seq_out}" for c in cases])
 
@@ -98,11 +98,11 @@ def _perf_model(request, config, job) -> dict:
 
 
 @pytest.fixture(scope="session")
-def perf_session(request, pytestconfig, engine_factory):
+def perf_job(request, pytestconfig, engine_factory):
     """The session's perf job, started (bandwidth probed, warmed up) on the engine its work asks for."""
     from ..drivers import resolve_spec
 
-    job = perf_session_of(pytestconfig)
+    job = perf_job_of(pytestconfig)
     spec = resolve_spec(_perf_model(request, pytestconfig, job), [job], progress=False)
     job.start(engine_factory(spec))  # checks the job against the spec first
     return job
@@ -113,7 +113,7 @@ def perf_sweep(request, pytestconfig, engine_factory):
     """The batch sweep ``--perf-batch-sizes`` asks for, run on one engine (:class:`sweep.Sweep`); skipped without it."""
     from ..drivers import resolve_spec, run_jobs
 
-    job = perf_session_of(pytestconfig)
+    job = perf_job_of(pytestconfig)
     sweep_job = pytestconfig.stash.get(_SWEEP_JOB, None)
     if sweep_job is None:
         pytest.skip(f"no {settings.BY_KEY['perf.batch_sizes'].pytest_flag}: no batch sweep")
@@ -150,7 +150,7 @@ def time_benchmarks_by_the_engine(items) -> None:
 
 
 @pytest.fixture
-def perf_measure(perf_session, benchmark):
+def perf_measure(perf_job, benchmark):
     """Measure a case: ``--perf-repeat`` rounds as one pytest-benchmark record, written to the CSVs, gated."""
 
     def measure(case):
@@ -160,18 +160,18 @@ def perf_measure(perf_session, benchmark):
         ENGINE_CLOCK.now = 0.0
 
         def one_round():
-            result = perf_session.measure_round(case)
+            result = perf_job.measure_round(case)
             rounds.append(result)
             ENGINE_CLOCK.now += (result.next_ms[0] if result.next_ms else result.first_ms[0]) / 1e3
 
-        benchmark.pedantic(one_round, rounds=perf_session.settings.repeat, iterations=1, warmup_rounds=0)
-        result = perf_session.record(rounds)
-        row = perf.extended_row(perf_session.perf_run, result)
+        benchmark.pedantic(one_round, rounds=perf_job.settings.repeat, iterations=1, warmup_rounds=0)
+        result = perf_job.record(rounds)
+        row = perf.extended_row(perf_job.perf_run, result)
         benchmark.extra_info.update({k: row[k] for k in RECORDED})
         benchmark.extra_info["measured"] = "next_token_ms" if case.seq_out > 1 else "first_token_ms"
-        comparison = perf_session.compare([result])
+        comparison = perf_job.compare([result])
         if comparison is not None and comparison.regressions:
-            pytest.fail(f"slower than {perf_session.baseline.path}:\n{comparison.table()}", pytrace=False)
+            pytest.fail(f"slower than {perf_job.baseline.path}:\n{comparison.table()}", pytrace=False)
         return result
 
     return measure
