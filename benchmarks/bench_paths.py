@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,16 +29,6 @@ import torch
 from vicuna_bench import checkpoint, cpu_kernels
 from vicuna_bench.runtime import usable_cpus
 from vicuna_bench.spec import ModelChoices, resolve_engine_spec
-
-
-def timed_ms(fn, x, repeat: int) -> float:
-    """Median wall time of ``repeat`` calls of ``fn(x)``, ms."""
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
 
 
 def compiled_paths(chain, small_m, dtype: str, amx: bool) -> dict:
@@ -69,6 +58,8 @@ def set_amx(on: bool, m: int) -> None:
 
 def measure(paths: dict, x, rounds: int, repeat: int) -> dict:
     """Per path: its ms in every round (the order rotated each round after one warm-up call of each)."""
+    from bench_gemm import median_ms  # this folder's (the script's folder is on sys.path)
+
     names = list(paths)
     for name in names:  # compile (and freeze) before any timing
         on, fn = paths[name]
@@ -80,8 +71,8 @@ def measure(paths: dict, x, rounds: int, repeat: int) -> dict:
         for name in names[r % len(names):] + names[: r % len(names)]:
             on, fn = paths[name]
             set_amx(on, x.shape[0])
-            fn(x)  # one untimed call after the switch: the other paths' data left the caches
-            times[name].append(timed_ms(fn, x, repeat))
+            # median_ms makes one untimed call first: after the switch, the other paths' data left the caches
+            times[name].append(median_ms(fn, x, repeat))
     set_amx(False, 1)
     return times
 
