@@ -39,6 +39,7 @@ loaded is rebuilt once, then recorded as failed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -453,6 +454,21 @@ def status() -> dict:
 def paths_record() -> dict | None:
     """For the environment record: :meth:`LinearPaths.record` of this process's choice (None before :func:`load`)."""
     return _state["paths"].record() if _state["paths"] is not None else None
+
+
+@contextlib.contextmanager
+def amx_rows(lo: int, hi: int):
+    """Within the block, bf16 products of ``lo``..``hi`` rows take the AMX tiles ((0, 0): none), in compiled graphs
+    too (the op reads the range at each call); after it, this host's choice again.  For benchmarks that alternate
+    the paths in one process.  Raises where the kernels are not loaded, or where AMX is asked for but unusable."""
+    if not _state["loaded"]:
+        raise RuntimeError(f"the CPU kernels are not loaded: {_state['why_not']}")
+    if not _set_amx_rows(lo, hi):
+        raise RuntimeError(f"AMX rows {lo}-{hi} asked for, but AMX is not usable here: {_amx_status()}")
+    try:
+        yield
+    finally:
+        _set_amx_rows(*_state["paths"].amx_rows())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -65,13 +65,37 @@ def test_batch_benchmark_alternates_batch_sizes_in_one_engine(tiny_models, bench
     one, three = doc["columns"]["batch 1"], doc["columns"]["batch 3"]
     assert len(one["rounds"]) == len(three["rounds"]) == 2
     want = [t["next_token_ms"] / o["next_token_ms"] for o, t in zip(one["rounds"], three["rounds"])]
-    got = doc["next_token_batch_over_batch_1"]
+    got = doc["next_token_batch_over_batch_1"]["host"]
     assert got["ratio_by_round"] == pytest.approx(want)
     assert got["median_ratio"] == pytest.approx((want[0] + want[1]) / 2)  # the median of two is their mean
     assert "batch 3 / batch 1 next token by round:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--batch", "1"], ["--rounds", "0"]])
+def test_batch_benchmark_alternates_amx_tiles_and_vector_path(tiny_models, bench, tmp_path, capsys):
+    """bench_batch --amx both: four columns a round (each batch size with the tiles and without); the tiles / vector
+    ratios are those of the rounds' medians.  Where the tiles are unusable it says why and exits 2 (no verdict)."""
+    from vicuna_bench import cpu_kernels
+
+    out = tmp_path / "batch.json"
+    rc = bench("bench_batch").main(["--model-path", str(tiny_models["gqa"]), "--dtype", "bf16", "--amx", "both",
+                                    "--batch", "2", "--seq-in", "8", "--seq-out", "4", "--rounds", "2",
+                                    "--repeat", "1", "--compile", "off", "--threads", "1", "--json", str(out)])
+    if not cpu_kernels.load() or cpu_kernels.paths_record()["amx"] != "usable":
+        assert rc == 2 and not out.exists()
+        assert "--amx both: the kernel's AMX tiles are not usable here:" in capsys.readouterr().err
+        return
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert sorted(doc["columns"]) == ["batch 1 AMX", "batch 1 vector", "batch 2 AMX", "batch 2 vector"]
+    cols = doc["columns"]
+    want = [a["next_token_ms"] / v["next_token_ms"] for a, v in zip(cols["batch 2 AMX"]["rounds"],
+                                                                    cols["batch 2 vector"]["rounds"])]
+    assert doc["next_token_amx_over_vector"]["batch 2"]["ratio_by_round"] == pytest.approx(want)
+    assert set(doc["next_token_batch_over_batch_1"]) == {"AMX", "vector"}
+    assert "batch 1: AMX / vector next token by round:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--batch", "1"], ["--rounds", "0"], ["--amx", "both"]])
 def test_batch_benchmark_refuses_what_it_cannot_compare(bench, argv):
     with pytest.raises(SystemExit) as exit_:
         bench("bench_batch").main(argv)

@@ -101,3 +101,29 @@ def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, hos
     assert handed == [amx_rows]
     assert cpu_kernels.paths_record()["amx"] == amx
     assert real_paths is not None  # the real choice comes back with the state after the test
+
+
+def test_amx_rows_switches_for_the_block_and_restores_the_hosts_choice(monkeypatch):
+    """cpu_kernels.amx_rows: the range handed to the library inside the block, the host's chosen range after it, even
+    when the block raises; an unusable AMX asked for is an error, not a silent vector-kernel run."""
+    chosen = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable")
+    handed = []
+    monkeypatch.setitem(cpu_kernels._state, "loaded", True)
+    monkeypatch.setitem(cpu_kernels._state, "paths", chosen)
+    monkeypatch.setattr(cpu_kernels, "_set_amx_rows", lambda lo, hi: handed.append((lo, hi)) or True)
+    with cpu_kernels.amx_rows(0, 0):
+        assert handed == [(0, 0)]
+    assert handed == [(0, 0), chosen.amx_rows()]
+    with pytest.raises(KeyError), cpu_kernels.amx_rows(2, 16):
+        raise KeyError("inside")
+    assert handed[-2:] == [(2, 16), chosen.amx_rows()]
+    monkeypatch.setattr(cpu_kernels, "_set_amx_rows", lambda lo, hi: (lo, hi) == (0, 0))
+    monkeypatch.setattr(cpu_kernels, "_amx_status", lambda: "the CPU has no AMX-TILE/AMX-BF16 (cpuid)")
+    with pytest.raises(RuntimeError, match="AMX rows 1-16 asked for, but AMX is not usable here: the CPU has no"):
+        with cpu_kernels.amx_rows(1, 16):
+            pass
+    monkeypatch.setitem(cpu_kernels._state, "loaded", False)
+    monkeypatch.setitem(cpu_kernels._state, "why_not", "VICUNA_BENCH_CPU_KERNELS=0")
+    with pytest.raises(RuntimeError, match="not loaded: VICUNA_BENCH_CPU_KERNELS=0"):
+        with cpu_kernels.amx_rows(0, 0):
+            pass

@@ -427,6 +427,7 @@ std::string amx_probe() {
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return "cpuid leaf 7 unavailable";
   const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
   if (!tile || !bf16) return "the CPU has no AMX-TILE/AMX-BF16 (cpuid)";
+  if (!(b & (1u << 16))) return "the CPU has AMX but no AVX512F (cpuid; the tiles' write-back uses it)";
   if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
     return std::string("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: ") + std::strerror(errno) +
            ")";
@@ -453,21 +454,38 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-constexpr int kAmxGroups = 4;  // C tiles 0-3: 4 x 16 weight rows a panel; B (x) tile 4; A (weight) tiles 5, 6
 constexpr int64_t kAmxChunk = 32;  // k per tile product (64 bytes of bf16 a tile row)
 
-// Weight rows [n0, n0 + 16 * groups) against all M rows of x over the first kc whole chunks of k; the k tail and the
-// bf16 rounding of out[m][n] after the tile store.  Tiles configured by the caller.
+// bf16 bits of 16 floats, rounded to nearest even as c10::BFloat16 rounds (NaN -> 0x7FC0).
+__attribute__((target("avx512f"))) inline __m256i bf16_round16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// Tile use: C tiles 0 and 1 (16 weight rows x M sums each: a panel of kAmxGroups x 16 weight rows), B tile 4 (x's
+// chunk), A tiles 5 and 6 (the weight rows).  Two groups (32 weight rows, 32 streams of 64 bytes a chunk) measured
+// ahead of four (64 streams), of one and of one group with four k-split accumulators: SmolLM2's bf16 step on the
+// 2-core AMX host, 5 rounds alternated, ratio to the vector kernel at M = 1 / 2 / 8 / 16: two groups 0.80 / 0.73 /
+// 0.72 / 0.45, four 0.86 / 0.77 / 0.78 / 0.46, one 0.81 / 0.74 / 0.74 / 0.46, one k-split 0.85 / 0.78 / 0.76 / 0.47.
+constexpr int kAmxGroups = 2;
+
+// Weight rows [n0, n0 + 16 * G) against all M rows of x over the first `chunks` whole chunks of k; then the k tail
+// and out[m][n0 + 16 g .. + 16] written 16 bf16 at a time (a gather down column m of the stored C tile; the scalar
+// write-back it replaced cost M = 16 a fifth of its time: 0.57 -> 0.46 of the vector kernel).  Tiles configured by
+// the caller.
 template <int G>
-__attribute__((target("amx-tile,amx-bf16"))) void amx_panel(const uint16_t* xp, const uint16_t* x, const uint16_t* w,
-                                                              int64_t M, int64_t K, int64_t N, int64_t n0,
-                                                              int64_t chunks, const uint16_t* pf, int64_t pf_bytes,
-                                                              c10::BFloat16* out) {
+__attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_panel(const uint16_t* xp, const uint16_t* x,
+                                                                     const uint16_t* w, int64_t M, int64_t K,
+                                                                     int64_t N, int64_t n0, int64_t chunks,
+                                                                     const uint16_t* pf, int64_t pf_bytes,
+                                                                     c10::BFloat16* out) {
+  static_assert(G == 1 || G == 2, "C tiles 0 and 1");
   const long wstride = K * 2, xstride = M * 4;
-  if (G > 0) _tile_zero(0);
+  _tile_zero(0);
   if (G > 1) _tile_zero(1);
-  if (G > 2) _tile_zero(2);
-  if (G > 3) _tile_zero(3);
   const int64_t pf_step = chunks > 0 ? (pf_bytes / chunks + 63) / 64 * 64 : 0;
   for (int64_t c = 0; c < chunks; ++c) {
     const uint16_t* wc = w + n0 * K + c * kAmxChunk;
@@ -481,38 +499,33 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_panel(const uint16_t* xp, 
       _tile_loadd(6, wc + 16 * K, wstride);
       _tile_dpbf16ps(1, 6, 4);
     }
-    if (G > 2) {
-      _tile_loadd(5, wc + 32 * K, wstride);
-      _tile_dpbf16ps(2, 5, 4);
-    }
-    if (G > 3) {
-      _tile_loadd(6, wc + 48 * K, wstride);
-      _tile_dpbf16ps(3, 6, 4);
-    }
   }
   alignas(64) float sums[kAmxGroups][16][kMaxRows];
-  if (G > 0) _tile_stored(0, &sums[0][0][0], kMaxRows * 4);
+  _tile_stored(0, &sums[0][0][0], kMaxRows * 4);
   if (G > 1) _tile_stored(1, &sums[1][0][0], kMaxRows * 4);
-  if (G > 2) _tile_stored(2, &sums[2][0][0], kMaxRows * 4);
-  if (G > 3) _tile_stored(3, &sums[3][0][0], kMaxRows * 4);
   asm volatile("" ::: "memory");  // the tile stores are asm without a memory operand: read sums after them
   const int64_t whole = chunks * kAmxChunk;
-  for (int g = 0; g < G; ++g) {
-    for (int r = 0; r < 16; ++r) {
-      const int64_t n = n0 + g * 16 + r;
-      const uint16_t* wr = w + n * K;
-      for (int64_t m = 0; m < M; ++m) {
-        float total = sums[g][r][m];
-        for (int64_t k = whole; k < K; ++k) total += bf16_to_float(x[m * K + k]) * bf16_to_float(wr[k]);
-        out[m * N + n] = static_cast<c10::BFloat16>(total);
+  if (whole < K)
+    for (int g = 0; g < G; ++g)
+      for (int r = 0; r < 16; ++r) {
+        const uint16_t* wr = w + (n0 + g * 16 + r) * K;
+        for (int64_t m = 0; m < M; ++m) {
+          float tail = 0.0f;
+          for (int64_t k = whole; k < K; ++k) tail += bf16_to_float(x[m * K + k]) * bf16_to_float(wr[k]);
+          sums[g][r][m] += tail;
+        }
       }
-    }
-  }
+  const __m512i column = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(kMaxRows));
+  for (int g = 0; g < G; ++g)
+    for (int64_t m = 0; m < M; ++m)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * N + n0 + g * 16),
+                          bf16_round16(_mm512_i32gather_ps(column, &sums[g][0][m], 4)));
 }
 
 __attribute__((target("amx-tile,amx-bf16"))) void amx_configure(int64_t M) {
   TileConfig cfg;
-  for (int t = 0; t < 4; ++t) {  // C: 16 weight rows x M fp32
+  for (int t = 0; t < kAmxGroups; ++t) {  // C: 16 weight rows x M fp32
     cfg.rows[t] = 16;
     cfg.colsb[t] = static_cast<uint16_t>(M * 4);
   }
@@ -530,11 +543,11 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_configure(int64_t M) {
 
 __attribute__((target("amx-tile,amx-bf16"))) void amx_release() { _tile_release(); }
 
-// out = x @ w^T for 1 <= M <= 16 bf16 rows: panels of 64 (then 16) weight rows on AMX tiles, threads over panels;
-// the last N % 16 weight rows by the vector kernel.
+// out = x @ w^T for 1 <= M <= 16 bf16 rows: panels of 16 * kAmxGroups (then 16) weight rows on AMX tiles, threads
+// over panels; the last N % 16 weight rows by the vector kernel.
 void run_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out) {
   const int64_t chunks = K / kAmxChunk;
-  // x^T VNNI-packed: xp[c][r][m][2] = x[m][c * 32 + 2r + {0, 1}].
+  // x^T VNNI-packed: xp[c][r][m][2] = x[m][c * 32 + 2r + {0, 1}].  (An AVX-512 scatter of it measured the same.)
   std::vector<uint16_t> xp(std::max<int64_t>(1, chunks * 16 * M * 2));
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t r = 0; r < 16; ++r)
@@ -564,6 +577,7 @@ void run_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t
   const int64_t done = wide * kWide + narrow * 16;
   if (done < N) panel_rows<BF16Lane, 1, c10::BFloat16>(x, w, M, K, N, done, N, out);
 }
+
 #endif
 
 // Whether a bf16 product of M rows takes the AMX tiles now.
