@@ -73,10 +73,11 @@ LIBRARY = "libvicuna_bench_cpu.so"
 FAILED = "FAILED"  # beside the library: the one-line reason this key's build failed
 BUILD_LOG = "build.log"  # the compiler's command line, version and whole output, of the last build
 
-# bf16 rows that take the AMX tiles on a host where they are usable: all of them (benchmarks/bench_paths.py,
-# alternated, SmolLM2's matrices: 0.93x the vector kernel at M = 1, 0.83x at M = 8; docs/PERFORMANCE.md "AMX tiles
-# for the small-M GEMM").  A lo above 1 would leave the fewer rows on the vector kernel.
-AMX_ROWS = (1, MAX_ROWS)
+# bf16 rows that take the AMX tiles on a host where they are usable: 3-16.  1-2 rows stay on the vector kernel, whose
+# in-order weight stream (prefetched 8 KB ahead) matched or beat the tiles there (benchmarks/bench_paths.py, 5 rounds
+# alternated, SmolLM2's matrices, ratio to the vector kernel: tiles 1.00 / 1.04 at M = 1 / 2, 0.93 / 0.89 / 0.70 /
+# 0.45 at M = 3 / 4 / 8 / 16; docs/PERFORMANCE.md "AMX tiles for the small-M GEMM").
+AMX_ROWS = (3, MAX_ROWS)
 KERNEL, KERNEL_AMX, F_LINEAR = "kernel", "kernel+AMX", "F.linear"
 
 _lock = threading.Lock()

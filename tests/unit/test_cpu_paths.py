@@ -29,21 +29,22 @@ def flags_of(path: Path) -> frozenset[str]:
     return flags
 
 
-def test_amx_host_puts_every_small_bf16_row_count_on_the_tiles():
+def test_amx_host_puts_3_to_16_bf16_rows_on_the_tiles():
     paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable")
     assert paths.record() == {
         "fp32": KERNEL_ONLY,
-        "bf16": [{"rows": "1-16", "path": "kernel+AMX"}, {"rows": "17+", "path": "F.linear"}],
+        "bf16": [{"rows": "1-2", "path": "kernel"}, {"rows": "3-16", "path": "kernel+AMX"},
+                 {"rows": "17+", "path": "F.linear"}],
         "amx": "usable"}
-    assert paths.amx_rows() == (1, 16)
-    assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel+AMX, 17+ F.linear"
-
-
-def test_amx_rows_from_3_leave_fewer_rows_on_the_vector_kernel(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "AMX_ROWS", (3, 16))
-    paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable")
-    assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ F.linear"
     assert paths.amx_rows() == (3, 16)
+    assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ F.linear"
+
+
+def test_amx_rows_from_1_put_every_small_row_count_on_the_tiles(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "AMX_ROWS", (1, 16))
+    paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable")
+    assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel+AMX, 17+ F.linear"
+    assert paths.amx_rows() == (1, 16)
 
 
 def test_amx_host_where_linux_refused_the_tiles_keeps_the_vector_kernel():
@@ -76,7 +77,8 @@ def test_without_the_kernels_every_row_is_f_linear(host):
 
 
 @pytest.mark.parametrize("host, amx, amx_rows, said", [
-    (SAPPHIRE_RAPIDS, "usable", (1, 16), "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel+AMX, 17+ F.linear"),
+    (SAPPHIRE_RAPIDS, "usable", (3, 16),
+     "fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ F.linear"),
     (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0),
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ F.linear"),
 ])

@@ -313,6 +313,12 @@ void panel_all_rows(const typename Lane::T* x, const typename Lane::T* w, int64_
 // 0.91x.  From M = 3 the x loads (MR per weight vector) cost more than the streams save (M = 4: 1.2-1.4x the
 // panels' time; M = 8: 1.9-2.1x), so 3-16 rows keep the register-blocked panels.
 constexpr int64_t kInOrderRows = 2;
+// Each line of the stream this many bytes ahead into L2 (prefetcht1; a prefetch past the tensor's end never faults).
+// The hardware prefetcher alone left it at ~0.8 of the frozen oneDNN path's bandwidth on the 2-core AMX host:
+// bf16, SmolLM2's step, 5 rounds alternated, ratio to no software prefetch at M = 1 / 2: T0 512 B ahead 0.93 / 0.91,
+// T0 2 KB 0.93 / 0.89, L2 2 KB 0.88 / 0.81, L2 8 KB 0.86 / 0.72; a second run, L2 8 / 16 / 32 / 64 KB 0.83-0.84 /
+// 0.70 (the frozen path 0.71 at M = 2).
+constexpr int64_t kInOrderAhead = 8 << 10;
 
 template <typename Lane, int MR, typename O>
 void rows_in_order(const typename Lane::T* x, const typename Lane::T* w, int64_t K, int64_t N, int64_t n0,
@@ -332,6 +338,7 @@ void rows_in_order(const typename Lane::T* x, const typename Lane::T* w, int64_t
         for (int u = 0; u < U; ++u) acc[i][u] = _mm512_setzero_ps();
       int64_t k = 0;
       for (; k + U * S <= whole; k += U * S) {
+        for (int u = 0; u < U; ++u) prefetch_l2(reinterpret_cast<const char*>(wr + k + u * S) + kInOrderAhead);
         for (int u = 0; u < U; ++u) {
           const auto wv = Lane::load_w(wr + k + u * S);
           for (int i = 0; i < MR; ++i) Lane::mac(acc[i][u], Lane::load_w(x + i * K + k + u * S), wv);
@@ -471,6 +478,12 @@ __attribute__((target("avx512f"))) inline __m256i bf16_round16(__m512 v) {
 // 2-core AMX host, 5 rounds alternated, ratio to the vector kernel at M = 1 / 2 / 8 / 16: two groups 0.80 / 0.73 /
 // 0.72 / 0.45, four 0.86 / 0.77 / 0.78 / 0.46, one 0.81 / 0.74 / 0.74 / 0.46, one k-split 0.85 / 0.78 / 0.76 / 0.47.
 constexpr int kAmxGroups = 2;
+// Besides the panel kPrefetchPanels ahead into L2, each weight row's chunk this many chunks ahead into L1 (T0).
+// Ratio to the vector kernel at M = 1 / 2 / 16 (5 rounds alternated): one run, none 0.85 / 0.83 / 0.46 and 1 chunk
+// ahead 0.82 / 0.79 / 0.45; a second, 1 ahead 0.76 / 0.74 / 0.44, 2 ahead 0.75 / 0.74 / 0.43, 4 ahead 0.75 / 0.73 /
+// 0.43.  L2 distances of 1 and 4 panels measured within 0.03 of 2.  Loading the next chunk into a second set of tiles while the
+// first multiplies (double buffering: tiles 2, 3, 7) measured 0.83 / 0.77 / 0.44 against 0.81 / 0.76 / 0.42 without.
+constexpr int64_t kAmxL1Ahead = 4;
 
 // Weight rows [n0, n0 + 16 * G) against all M rows of x over the first `chunks` whole chunks of k; then the k tail
 // and out[m][n0 + 16 g .. + 16] written 16 bf16 at a time (a gather down column m of the stored C tile; the scalar
@@ -492,6 +505,9 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_panel(const uint16
     if (pf)
       for (int64_t o = c * pf_step; o < std::min<int64_t>((c + 1) * pf_step, pf_bytes); o += 64)
         prefetch_l2(reinterpret_cast<const char*>(pf) + o);
+    if (c + kAmxL1Ahead < chunks)
+      for (int r = 0; r < 16 * G; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(wc + r * K + kAmxL1Ahead * kAmxChunk), _MM_HINT_T0);
     _tile_loadd(4, xp + c * 16 * M * 2, xstride);
     _tile_loadd(5, wc, wstride);
     _tile_dpbf16ps(0, 5, 4);
