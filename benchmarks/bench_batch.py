@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     args = checkpoint.read_model_args(Path(base.model_path))
     if ns.amx == "both":
         why_not = (cpu_kernels.status()["small_m_gemm_why_not"] if not cpu_kernels.load()
-                   else None if cpu_kernels.paths_record()["amx"] == "usable" else cpu_kernels.paths_record()["amx"])
-        if why_not:
+                   else cpu_kernels.paths_record()["amx"])
+        if why_not != "usable":
             print(f"--amx both: the kernel's AMX tiles are not usable here: {why_not}", file=sys.stderr)
             return 2
     read_gbps = read_bandwidth() / 1e9

@@ -282,8 +282,8 @@ def cpu_inductor_options(world_size: int = 1, dtype: str = "fp32") -> dict:
       every product of a step is our op, which reads the constant as it is
       (no prepacking, so still one weight copy) and the graph drops its
       per-weight input handling (SmolLM2 bf16 batch 1 on the AMX host: next
-      token 14.16 ms, 0.76x llama.cpp in the same run, against 15.44 ms and
-      0.85x unfrozen; docs/PERFORMANCE.md).  Without the kernels, only for
+      token 14.16 ms, 0.76x llama.cpp alternated in its run, against 15.44 ms and
+      0.85x in the unfrozen run; docs/PERFORMANCE.md).  Without the kernels, only for
       bf16/fp16, where the GEMM kernels want packed weights; in fp32 it buys
       nothing and the frozen graphs keep their own copies of the weights.
     * a C++ wrapper: no Python between the ~200 small kernels of a step.  It
