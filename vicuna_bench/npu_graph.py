@@ -105,7 +105,8 @@ GE_CONVERTERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ge_con
 # converts, and torch's math lowering brings _safe_softmax (torch >= 2.5), which torch_npu 2.5.1, 2.5.1.post1 and
 # 2.6.0 cannot.  Eager keeps the fused kernel: a long prompt's fp32 scores are never made.
 #
-# Cache write: scatter_ functionalizes to aten.scatter.src, which torchair converts to ScatterElements
+# Cache write: the model's index_copy_ has a stub converter in every wheel (inductor writes it in place, so CPU and
+# CUDA keep it).  scatter_ functionalizes to aten.scatter.src, which torchair converts to ScatterElements
 # (ge_converter/aten/scatter.py), a whole new cache per layer and step that an Assign copies back.  scatter_update_
 # functionalizes (libtorch_npu's at_npu::functionalization::scatter_update_, in every wheel from 2.1.0.post8) to
 # npu.scatter_update on the cache input plus copy_ back into it: TensorMove + Scatter + Assign
@@ -120,18 +121,25 @@ def graph_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 def graph_write(cache: KVCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """torch_npu's ``scatter_update_`` while dynamo traces a decode step (``slots`` [1]), else :meth:`KVCache.write`."""
+    """torch_npu's ``scatter_update_`` while dynamo traces a decode step (``slots`` [1]), else
+    :meth:`KVCache.scatter_write`."""
     if is_compiling() and k.shape[2] == 1:
         rows = slots.expand(k.shape[0])  # Scatter's 1-D indices: where each batch row's update starts on the axis
         torch.ops.npu.scatter_update_(cache.k, rows, k, -2)
         torch.ops.npu.scatter_update_(cache.v, rows, v, -2)
     else:
-        cache.write(slots, k, v)
+        cache.scatter_write(slots, k, v)
+
+
+def scatter_write(cache: KVCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """:meth:`KVCache.scatter_write`: the cache write GE converts where torch_npu has no ``scatter_update_``."""
+    cache.scatter_write(slots, k, v)
 
 
 def prepare_for_ge(model) -> None:
-    """Give every :class:`~vicuna_bench.model.Attention` of ``model`` :func:`graph_attention` and, where torch_npu
-    has ``scatter_update_``, :func:`graph_write` (idempotent)."""
+    """Give every :class:`~vicuna_bench.model.Attention` of ``model`` :func:`graph_attention` and a cache write GE
+    converts: :func:`graph_write` where torch_npu has ``scatter_update_``, else :func:`scatter_write` (the model's
+    own ``index_copy_`` has only a stub converter); idempotent."""
     if not isinstance(model, nn.Module) or model in _prepared_for_ge:
         return
     in_place = _has_npu_op("scatter_update_")
@@ -140,8 +148,7 @@ def prepare_for_ge(model) -> None:
             module.attend = graph_attention
             if module.attend_decode is attend:  # a kernel a pass swapped in (CPU: vicuna_bench.kernel_pass) stays
                 module.attend_decode = graph_attention
-            if in_place:
-                module.write_kv = graph_write
+            module.write_kv = graph_write if in_place else scatter_write
     _prepared_for_ge.add(model)
 
 

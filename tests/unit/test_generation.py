@@ -42,6 +42,14 @@ def test_greedy_limits_of_sampling():
     assert torch.equal(select_tokens(logits, SamplingConfig(temperature=1.0, top_p=1e-6), g), greedy)
 
 
+def test_greedy_picks_the_first_largest_logit():
+    # Ties and NaN, by hand: the first of equal maxima; a NaN wins (as argmax, and as transformers' greedy).
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [nan, 1.0, nan, 5.0], [-inf] * 4, [0.5, 0.5, 0.5, 0.5],
+                           [0.0, -1.0, 2.0, nan]])
+    assert select_tokens(logits, SamplingConfig(), None).tolist() == [1, 0, 0, 0, 3]
+
+
 def test_sampling_follows_the_softmax():
     # p(token 1) = 3 / (1 + 3) at temperature 1; 4000 draws: 0.75 +- 0.03 (4 sigma)
     logits = torch.log(torch.tensor([[1.0, 3.0]])).repeat(4000, 1)

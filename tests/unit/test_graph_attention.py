@@ -97,7 +97,8 @@ def test_graph_attention_run_eager_is_sdpa():
 # ---------------------------------------------------------------- the KV write
 
 @pytest.mark.parametrize("slot", [0, 9, 23])
-def test_scatter_update_at_one_slot_is_the_scatter_write(slot):
+@pytest.mark.parametrize("write", ["write", "scatter_write"])
+def test_scatter_update_at_one_slot_is_the_cache_write(slot, write):
     g = torch.Generator().manual_seed(slot)
     ours, theirs = KVCache(3, 2, 24, 16, torch.float16, "cpu"), KVCache(3, 2, 24, 16, torch.float16, "cpu")
     for cache in (ours, theirs):
@@ -105,18 +106,33 @@ def test_scatter_update_at_one_slot_is_the_scatter_write(slot):
         cache.v.copy_(torch.randn(cache.v.shape, generator=torch.Generator().manual_seed(2)))
     k, v = (torch.randn(3, 2, 1, 16, generator=g).half() for _ in range(2))
     slots = torch.tensor([slot])
-    ours.write(slots, k, v)
+    getattr(ours, write)(slots, k, v)
     fake_npu_ops.scatter_update_reference(theirs.k, slots.expand(3), k, -2)
     fake_npu_ops.scatter_update_reference(theirs.v, slots.expand(3), v, -2)
     assert torch.equal(ours.k, theirs.k) and torch.equal(ours.v, theirs.v)
     assert torch.equal(ours.k[:, :, slot], k[:, :, 0])  # and it wrote the slot (by hand)
 
 
+def test_the_two_writes_store_the_same_slots():
+    """A prefill's many slots (not in order) and a decode step's one: index_copy_ and scatter_ agree, and nothing
+    outside the slots changes (by hand)."""
+    g = torch.Generator().manual_seed(5)
+    caches = [KVCache(2, 3, 16, 8, torch.bfloat16, "cpu") for _ in range(2)]
+    for slots in (torch.tensor([7, 2, 11]), torch.tensor([15])):
+        k, v = (torch.randn(2, 3, len(slots), 8, generator=g).bfloat16() for _ in range(2))
+        caches[0].write(slots, k, v)
+        caches[1].scatter_write(slots, k, v)
+        assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+        assert torch.equal(caches[0].k[:, :, slots], k) and torch.equal(caches[0].v[:, :, slots], v)
+    untouched = [s for s in range(16) if s not in (7, 2, 11, 15)]
+    assert not caches[0].k[:, :, untouched].any() and not caches[1].v[:, :, untouched].any()
+
+
 def test_graph_write_run_eager_is_the_scatter_write():
     k, v = torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16)
     ours, theirs = KVCache(3, 2, 24, 16, torch.float32, "cpu"), KVCache(3, 2, 24, 16, torch.float32, "cpu")
     npu_graph.graph_write(ours, torch.tensor([4]), k, v)  # no torch_npu op is called outside a trace
-    theirs.write(torch.tensor([4]), k, v)
+    theirs.scatter_write(torch.tensor([4]), k, v)
     assert torch.equal(ours.k, theirs.k) and torch.equal(ours.v, theirs.v)
 
 
