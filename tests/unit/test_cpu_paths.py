@@ -129,3 +129,18 @@ def test_amx_rows_switches_for_the_block_and_restores_the_hosts_choice(monkeypat
     with pytest.raises(RuntimeError, match="not loaded: VICUNA_BENCH_CPU_KERNELS=0"):
         with cpu_kernels.amx_rows(0, 0):
             pass
+
+
+@pytest.mark.parametrize("kernels, dtype, world_size, frozen", [
+    (True, "bf16", 1, True),    # every product our op, reading the frozen constants in place
+    (True, "fp32", 1, False),   # unmeasured frozen: left as it was
+    (True, "bf16", 2, False),   # the collectives' graphs stay unfrozen
+    (False, "bf16", 1, True),   # oneDNN's bf16 GEMMs want their prepacked weights
+    (False, "bf16", 2, True),
+    (False, "fp32", 1, False),  # inductor's fp32 micro-GEMMs gain nothing and would keep a second copy
+])
+def test_which_cpu_graphs_freeze(monkeypatch, kernels, dtype, world_size, frozen):
+    from vicuna_bench import compile as vb_compile
+
+    monkeypatch.setattr(cpu_kernels, "load", lambda: kernels)
+    assert vb_compile.cpu_inductor_options(world_size, dtype) == {"freezing": frozen, "cpp_wrapper": world_size == 1}
