@@ -131,15 +131,10 @@ def graph_write(cache: KVCache, slots: torch.Tensor, k: torch.Tensor, v: torch.T
         cache.scatter_write(slots, k, v)
 
 
-def scatter_write(cache: KVCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """:meth:`KVCache.scatter_write`: the cache write GE converts where torch_npu has no ``scatter_update_``."""
-    cache.scatter_write(slots, k, v)
-
-
 def prepare_for_ge(model) -> None:
     """Give every :class:`~vicuna_bench.model.Attention` of ``model`` :func:`graph_attention` and a cache write GE
-    converts: :func:`graph_write` where torch_npu has ``scatter_update_``, else :func:`scatter_write` (the model's
-    own ``index_copy_`` has only a stub converter); idempotent."""
+    converts: :func:`graph_write` where torch_npu has ``scatter_update_``, else :meth:`KVCache.scatter_write`
+    (the model's own ``index_copy_`` has only a stub converter); idempotent."""
     if not isinstance(model, nn.Module) or model in _prepared_for_ge:
         return
     in_place = _has_npu_op("scatter_update_")
@@ -148,7 +143,7 @@ def prepare_for_ge(model) -> None:
             module.attend = graph_attention
             if module.attend_decode is attend:  # a kernel a pass swapped in (CPU: vicuna_bench.kernel_pass) stays
                 module.attend_decode = graph_attention
-            module.write_kv = graph_write if in_place else scatter_write
+            module.write_kv = graph_write if in_place else KVCache.scatter_write  # both (cache, slots, k, v)
     _prepared_for_ge.add(model)
 
 
