@@ -866,44 +866,17 @@ void scores_avx512(const typename KL::Q* q, const T* k, int64_t row_stride, cons
   if (rep - r == 1) scores_block_rows<KL, T, 1, 16>(q + r * D, k, row_stride, slots, n, D, scores + r * n, n);
 }
 
-// acc[r * D + d] += sum_i p[r * n + i] * v[slots[i]][d] for RB heads: 64 columns at a time, the sums in
-// registers across all slots, each value chunk loaded once for the RB heads.
-template <typename T, int RB>
-void values_block_rows(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t D,
-                       float* acc, int64_t p_stride) {
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    const int chunks = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
-    __m512 sum[RB][4];
-    for (int r = 0; r < RB; ++r)
-      for (int c = 0; c < 4; ++c) sum[r][c] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; ++i) {
-      if (d0 == 0 && i + kAttnPrefetchSlots < n)
-        prefetch_row(v + slots[i + kAttnPrefetchSlots] * row_stride, D * (int64_t)sizeof(T));
-      const T* vi = v + slots[i] * row_stride + d0;
-      __m512 vv[4];
-      for (int c = 0; c < 4; ++c) vv[c] = c < chunks ? load16f(vi + 16 * c) : _mm512_setzero_ps();
-      for (int r = 0; r < RB; ++r) {
-        const __m512 pr = _mm512_set1_ps(p[r * p_stride + i]);
-        for (int c = 0; c < 4; ++c) sum[r][c] = _mm512_fmadd_ps(pr, vv[c], sum[r][c]);
-      }
-    }
-    for (int r = 0; r < RB; ++r)
-      for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(acc + r * D + d0 + 16 * c, sum[r][c]);
-  }
-}
-
-template <typename T>
-void values_avx512(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
-                   int64_t D, float* acc) {
-  int64_t r = 0;
-  for (; r + 4 <= rep; r += 4) values_block_rows<T, 4>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n);
-  switch (rep - r) {
-    case 3: values_block_rows<T, 3>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n); break;
-    case 2: values_block_rows<T, 2>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n); break;
-    case 1: values_block_rows<T, 1>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n); break;
-    default: break;
-  }
-}
+// The values' vector (values_block_rows, below): 16 fp32 lanes; blocks of up to 4 heads.
+struct AttnVec {
+  using V = __m512;
+  static constexpr int W = 16, Heads = 4;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  template <typename T>
+  static V load(const T* p) { return load16f(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
 #endif
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
@@ -1016,40 +989,68 @@ void scores_avx2(const float* q, const T* k, int64_t row_stride, const int64_t* 
   if (r < rep) scores_block_rows_avx2<T, 1, 8>(q + r * D, k, row_stride, slots, n, D, scores + r * n, n);
 }
 
-// acc[r * D + d] += sum_i p[r * n + i] * v[slots[i]][d] for RB heads: 32 columns at a time (RB * 4 sums, 4 value
-// vectors and a broadcast: <= 13 of the 16 registers), each value chunk loaded once for the RB heads.
+// The values' vector: 8 fp32 lanes; blocks of up to 2 heads (2 x 4 sums, 4 value vectors and a broadcast: 13 of
+// the 16 registers).
+struct AttnVec {
+  using V = __m256;
+  static constexpr int W = 8, Heads = 2;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  template <typename T>
+  static V load(const T* p) { return load8f(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+#define VB_ATTN_AVX2 1
+#endif
+
+#if defined(__AVX512F__) || defined(VB_ATTN_AVX2)
+// acc[r * D + d] += sum_i p[r * n + i] * v[slots[i]][d] for RB heads: 4 vectors of columns at a time (64 on
+// AVX-512, 32 on AVX2), the sums in registers across all slots, each value chunk loaded once for the RB heads.
 template <typename T, int RB>
-void values_block_rows_avx2(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n,
-                            int64_t D, float* acc, int64_t p_stride) {
-  for (int64_t d0 = 0; d0 < D; d0 += 32) {
-    const int chunks = static_cast<int>(std::min<int64_t>(32, D - d0) / 8);
-    __m256 sum[RB][4];
+void values_block_rows(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t D,
+                       float* acc, int64_t p_stride) {
+  using A = AttnVec;
+  constexpr int64_t cols = 4 * A::W;
+  for (int64_t d0 = 0; d0 < D; d0 += cols) {
+    const int chunks = static_cast<int>(std::min<int64_t>(cols, D - d0) / A::W);
+    typename A::V sum[RB][4];
     for (int r = 0; r < RB; ++r)
-      for (int c = 0; c < 4; ++c) sum[r][c] = _mm256_setzero_ps();
+      for (int c = 0; c < 4; ++c) sum[r][c] = A::zero();
     for (int64_t i = 0; i < n; ++i) {
       if (d0 == 0 && i + kAttnPrefetchSlots < n)
         prefetch_row(v + slots[i + kAttnPrefetchSlots] * row_stride, D * (int64_t)sizeof(T));
       const T* vi = v + slots[i] * row_stride + d0;
-      __m256 vv[4];
-      for (int c = 0; c < 4; ++c) vv[c] = c < chunks ? load8f(vi + 8 * c) : _mm256_setzero_ps();
+      typename A::V vv[4];
+      for (int c = 0; c < 4; ++c) vv[c] = c < chunks ? A::load(vi + A::W * c) : A::zero();
       for (int r = 0; r < RB; ++r) {
-        const __m256 pr = _mm256_set1_ps(p[r * p_stride + i]);
-        for (int c = 0; c < 4; ++c) sum[r][c] = _mm256_fmadd_ps(pr, vv[c], sum[r][c]);
+        const typename A::V pr = A::set1(p[r * p_stride + i]);
+        for (int c = 0; c < 4; ++c) sum[r][c] = A::fmadd(pr, vv[c], sum[r][c]);
       }
     }
     for (int r = 0; r < RB; ++r)
-      for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(acc + r * D + d0 + 8 * c, sum[r][c]);
+      for (int c = 0; c < chunks; ++c) A::store(acc + r * D + d0 + A::W * c, sum[r][c]);
+  }
+}
+
+// The last rep % Heads heads: one block of that many.
+template <typename T, int RB>
+void values_rest(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t left,
+                 int64_t D, float* acc, int64_t p_stride) {
+  if constexpr (RB > 0) {
+    if (left == RB) return values_block_rows<T, RB>(p, v, row_stride, slots, n, D, acc, p_stride);
+    values_rest<T, RB - 1>(p, v, row_stride, slots, n, left, D, acc, p_stride);
   }
 }
 
 template <typename T>
-void values_avx2(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
-                 int64_t D, float* acc) {
+void values_vec(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t n, int64_t rep,
+                int64_t D, float* acc) {
+  constexpr int H = AttnVec::Heads;
   int64_t r = 0;
-  for (; r + 2 <= rep; r += 2) values_block_rows_avx2<T, 2>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n);
-  if (r < rep) values_block_rows_avx2<T, 1>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n);
+  for (; r + H <= rep; r += H) values_block_rows<T, H>(p + r * n, v, row_stride, slots, n, D, acc + r * D, n);
+  values_rest<T, H - 1>(p + r * n, v, row_stride, slots, n, rep - r, D, acc + r * D, n);
 }
-#define VB_ATTN_AVX2 1
 #endif
 
 // The partial softmax of one task: per head, the max and sum of exp over its slots and the unnormalised output.
@@ -1112,11 +1113,8 @@ void attend_part(const T* qrow, int64_t q_head_stride, int64_t q_d_stride, const
     softmax_generic(scores.data() + r * n, n, scale, out.top + r, out.total + r);
 #endif
   }
-#if defined(__AVX512F__)
-  if (D % 16 == 0) return values_avx512<T>(scores.data(), vb, v_row_stride, slots, n, rep, D, out.acc);
-#endif
-#if defined(VB_ATTN_AVX2)
-  if (D % 8 == 0) return values_avx2<T>(scores.data(), vb, v_row_stride, slots, n, rep, D, out.acc);
+#if defined(__AVX512F__) || defined(VB_ATTN_AVX2)
+  if (D % AttnVec::W == 0) return values_vec<T>(scores.data(), vb, v_row_stride, slots, n, rep, D, out.acc);
 #endif
   values_generic<T>(scores.data(), vb, v_row_stride, slots, n, rep, D, out.acc);
 }
