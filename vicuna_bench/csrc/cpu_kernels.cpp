@@ -379,6 +379,137 @@ void rows_in_order(const typename Lane::T* x, const typename Lane::T* w, int64_t
 
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define VB_GEMM_AVX2 1
+// AVX2 register blocks.  AVX2 has 16 vector registers, and the blocks above are shaped for AVX-512's 32: built for
+// AVX2, a 4 x 4 block (16 accumulators, 4 weight and 4 x vectors, and bf16's widened halves) kept most of its
+// accumulators on the stack, a store and a reload each step.  Here a block holds MR x NR accumulators, NR weight
+// vectors and one x vector: fp32 4 x 3 from 3 rows up (16 registers), 2 x 5 for two rows; bf16, which needs one
+// more for the widening mask, 4 x 2 and 2 x 4; one row 1 x 8, its weights taken straight into the FMAs.  bf16 x
+// is widened once a call (below), so the loop widens only the weight.  Measured on the emulated AVX2 host (2
+// cores), new time / old: a whole decode step (SmolLM2, --compile on, 4 rounds alternated in one engine) batch 8
+// fp32 0.876, bf16 0.912, batch 1 within 1%; the products alone with the weights in L2 (1536 x 576 bf16,
+// 768 x 576 fp32) fp32 M = 4, 8, 16: 0.65, 0.67, 0.52, bf16 M = 2, 4, 8, 16: 0.89, 0.89, 0.97, 0.80; streamed
+// from memory (the bench_gemm chain) the same time as before at every M (the stream, not the FMAs, bounds it).
+
+// The h-th fp32 vector of a step of w: fp32, the 8 floats there; bf16 (16 elements a step), the low elements of
+// its 32-bit pairs (h = 0, a shift) or the high ones (h = 1, a mask), as BF16Lane splits them.
+inline __m256 wide_w(const float* w, int) { return _mm256_loadu_ps(w); }
+inline __m256 wide_w(const uint16_t* w, int h) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm256_castsi256_ps(h == 0 ? _mm256_slli_epi32(v, 16)
+                                    : _mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// bf16 x as the AVX2 products read it: fp32, each 16-element group stored as its 8 even-index elements then its
+// 8 odd-index ones (the halves wide_w gives of a weight vector); whole groups only (the tail is summed from x).
+void widen_x_split(const uint16_t* x, int64_t M, int64_t K, float* xs) {
+  const int64_t whole = K - K % 16;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < whole; k += 16) {
+      _mm256_storeu_ps(xs + i * whole + k, wide_w(x + i * K + k, 0));
+      _mm256_storeu_ps(xs + i * whole + k + 8, wide_w(x + i * K + k, 1));
+    }
+}
+
+// out[i * N + j] = dot(x[i], w[j]) for i < MR, j < NR; xs is x as the products read it (row stride xs_stride),
+// x itself serves the tail; prefetches pf's NR rows into L2.
+template <typename T, int MR, int NR, typename O>
+inline void block_avx2(const float* xs, int64_t xs_stride, const T* x, const T* w, int64_t K, O* out, int64_t N,
+                       const T* pf) {
+  constexpr int S = 32 / sizeof(T), H = sizeof(float) / sizeof(T);  // elements a step, fp32 vectors a step
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t whole = K - K % S;
+  for (int64_t k = 0; k < whole; k += S) {
+    if (pf && (k * sizeof(T)) % 64 == 0)
+      for (int j = 0; j < NR; ++j) prefetch_l2(pf + j * K + k);
+    for (int h = 0; h < H; ++h) {
+      if constexpr (MR == 1) {
+        const __m256 xv = _mm256_loadu_ps(xs + k + 8 * h);
+        for (int j = 0; j < NR; ++j) acc[0][j] = _mm256_fmadd_ps(xv, wide_w(w + j * K + k, h), acc[0][j]);
+      } else {
+        __m256 wv[NR];
+        for (int j = 0; j < NR; ++j) {
+          wv[j] = wide_w(w + j * K + k, h);
+          pin_register(wv[j]);
+        }
+        for (int i = 0; i < MR; ++i) {
+          __m256 xv = _mm256_loadu_ps(xs + i * xs_stride + k + 8 * h);
+          if constexpr (NR > 1) pin_register(xv);
+          for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float total = hsum256(acc[i][j]);
+      for (int64_t k = whole; k < K; ++k) total += scalar_of(x[i * K + k]) * scalar_of(w[j * K + k]);
+      out[i * N + j] = static_cast<O>(total);  // bf16: round to nearest even, as Tensor.to does
+    }
+}
+
+// Output columns [n0, n1) (a whole number of NR-row panels) for all M rows, MR rows at a time.
+template <typename T, int MR, int NR, typename O>
+void panels_avx2(const float* xs, int64_t xs_stride, const T* x, const T* w, int64_t M, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1, O* out) {
+  for (int64_t n = n0; n < n1; n += NR) {
+    const T* wp = w + n * K;
+    // Only the first row block prefetches: the others find the panel in cache.
+    const T* pf = n + (kPrefetchPanels + 1) * NR <= n1 ? wp + kPrefetchPanels * NR * K : nullptr;
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR, pf = nullptr)
+      block_avx2<T, MR, NR, O>(xs + m * xs_stride, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf);
+    const float* xr = xs + m * xs_stride;
+    switch (M - m) {
+      case 7: if constexpr (MR > 7) block_avx2<T, 7, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 6: if constexpr (MR > 6) block_avx2<T, 6, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 5: if constexpr (MR > 5) block_avx2<T, 5, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 4: if constexpr (MR > 4) block_avx2<T, 4, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 3: if constexpr (MR > 3) block_avx2<T, 3, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 2: if constexpr (MR > 2) block_avx2<T, 2, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
+      case 1: if constexpr (MR > 1) block_avx2<T, 1, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
+      default: break;
+    }
+  }
+}
+
+template <typename T, typename O>
+void run_avx2(const T* x, const T* w, int64_t M, int64_t K, int64_t N, O* out) {
+  const float* xs;
+  int64_t xs_stride;
+  thread_local std::vector<float> widened;
+  if constexpr (std::is_same_v<T, float>) {
+    xs = x;
+    xs_stride = K;
+  } else {
+    xs_stride = K - K % 16;
+    widened.resize(static_cast<size_t>(M * xs_stride));
+    widen_x_split(x, M, K, widened.data());
+    xs = widened.data();
+  }
+  constexpr bool f32 = std::is_same_v<T, float>;
+  // bf16 needs a register for the widening mask: 4 x 2 / 2 x 4 where fp32 takes 4 x 3 / 2 x 5.
+  const int64_t nr = M == 1 ? 8 : M == 2 ? (f32 ? 5 : 4) : (f32 ? 3 : 2);
+  const int64_t panels = N / nr;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, nr * K * (int64_t)sizeof(T)));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    const int64_t n0 = p0 * nr, n1 = p1 * nr;
+    if (M == 1) return panels_avx2<T, 1, 8, O>(xs, xs_stride, x, w, M, K, N, n0, n1, out);
+    if constexpr (f32) {
+      if (M == 2) return panels_avx2<T, 2, 5, O>(xs, xs_stride, x, w, M, K, N, n0, n1, out);
+      panels_avx2<T, 4, 3, O>(xs, xs_stride, x, w, M, K, N, n0, n1, out);
+    } else {
+      if (M == 2) return panels_avx2<T, 2, 4, O>(xs, xs_stride, x, w, M, K, N, n0, n1, out);
+      panels_avx2<T, 4, 2, O>(xs, xs_stride, x, w, M, K, N, n0, n1, out);
+    }
+  });
+  if (panels * nr < N) panels_avx2<T, 4, 1, O>(xs, xs_stride, x, w, M, K, N, panels * nr, N, out);
+}
+#endif
+
 template <typename Lane, typename O>
 void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_t K, int64_t N, O* out) {
   // One row at a time needs more independent accumulators to hide FMA latency than four rows do.
@@ -388,6 +519,9 @@ void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_
   const auto grain_of = [K](int64_t rows) {
     return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, rows * K * (int64_t)sizeof(typename Lane::T)));
   };
+#if defined(VB_GEMM_AVX2)
+  return run_avx2<typename Lane::T, O>(x, w, M, K, N, out);
+#endif
 #if defined(__AVX512F__)
   if (M <= kInOrderRows) {  // each thread streams one contiguous run of whole weight rows
     at::parallel_for(0, N, grain_of(1), [&](int64_t n0, int64_t n1) {
