@@ -10,6 +10,10 @@ each round gives every path's time over the kernels' time in that same round.  T
 * ``F.linear``: the chain on ``F.linear`` compiled as the engine does without our kernels: bf16 frozen (weights
   prepacked for oneDNN, a second copy), fp32 unfrozen (inductor's micro-GEMMs autotuned against MKL).
 
+Above 16 rows (a prefill's products) the op itself takes the product: ``op (at::linear)`` hands it to ATen, ``op
+(fp32 GEMM)`` (bf16) widens x and each block of weight rows to fp32 for sgemm, as hosts without a bf16 dot product
+do; the ratios are then to the first of these.
+
 Prints, per dtype and M, each path's median ms, GB/s of weights, and its per-round ratios to ``kernel`` (median,
 range, rounds faster).  Run it only on an idle host; ``--json`` keeps every round.
 
@@ -19,6 +23,7 @@ range, rounds faster).  Run it only on an idle host; ``--json`` keeps every roun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -31,8 +36,9 @@ from vicuna_bench.runtime import usable_cpus
 from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
 
-def compiled_paths(chain, small_m, dtype: str, amx: bool) -> dict:
-    """name -> (amx rows on, compiled callable); the F.linear graph frozen in bf16 as the engine freezes it."""
+def compiled_paths(chain, small_m, dtype: str, amx: bool, m: int) -> dict:
+    """name -> (amx rows on, bf16 fp32 GEMM on, compiled callable) for ``m`` rows, the first the ratios' base; the
+    F.linear graph frozen in bf16 as the engine freezes it."""
     import torch._inductor.config as inductor
 
     from vicuna_bench.compile import CPU_DECODE_MODE
@@ -45,15 +51,24 @@ def compiled_paths(chain, small_m, dtype: str, amx: bool) -> dict:
         with inductor.patch({"freezing": freeze}):
             return baseline(x)
 
-    paths = {"kernel": (False, kernel)}
-    if amx:
-        paths["kernel+amx"] = (True, kernel)
-    paths["F.linear (frozen)" if freeze else "F.linear"] = (False, f_linear)
+    if m > cpu_kernels.MAX_ROWS:
+        paths = {"op (at::linear)": (False, False, kernel)}
+        if dtype == "bf16":
+            paths["op (fp32 GEMM)"] = (False, True, kernel)
+    else:
+        paths = {"kernel": (False, False, kernel)}
+        if amx:
+            paths["kernel+amx"] = (True, False, kernel)
+    paths["F.linear (frozen)" if freeze else "F.linear"] = (False, False, f_linear)
     return paths
 
 
-def set_amx(on: bool, m: int) -> None:
-    torch.ops.vicuna_bench.small_m_set_amx_rows(m if on else 0, m if on else 0)
+def switched(amx: bool, fp32_gemm: bool, m: int):
+    """The op's switches for one path's calls (the host's choice again after them)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(cpu_kernels.amx_rows(m, m) if amx else cpu_kernels.amx_rows(0, 0))
+    stack.enter_context(cpu_kernels.bf16_fp32_gemm(fp32_gemm))
+    return stack
 
 
 def measure(paths: dict, x, rounds: int, repeat: int) -> dict:
@@ -62,23 +77,23 @@ def measure(paths: dict, x, rounds: int, repeat: int) -> dict:
 
     names = list(paths)
     for name in names:  # compile (and freeze) before any timing
-        on, fn = paths[name]
-        set_amx(on, x.shape[0])
-        for _ in range(3):
-            fn(x)
+        amx, fp32_gemm, fn = paths[name]
+        with switched(amx, fp32_gemm, x.shape[0]):
+            for _ in range(3):
+                fn(x)
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            on, fn = paths[name]
-            set_amx(on, x.shape[0])
-            # median_ms makes one untimed call first: after the switch, the other paths' data left the caches
-            times[name].append(median_ms(fn, x, repeat))
-    set_amx(False, 1)
+            amx, fp32_gemm, fn = paths[name]
+            with switched(amx, fp32_gemm, x.shape[0]):
+                # median_ms makes one untimed call first: after the switch, the other paths' data left the caches
+                times[name].append(median_ms(fn, x, repeat))
     return times
 
 
 def summary(times: dict, nbytes: int) -> list[dict]:
-    base = times["kernel"]
+    """Per path: median ms, GB/s of weights, and its per-round ratios to the first path's time."""
+    base = next(iter(times.values()))
     rows = []
     for name, ms in times.items():
         ratios = [a / b for a, b in zip(ms, base)]
@@ -118,7 +133,7 @@ def main(argv=None) -> int:
            "rounds": ns.rounds, "repeat": ns.repeat, "results": []}
     print(f"{Path(spec.model_path).name} shapes, {threads} threads, flags {' '.join(doc['flags'])}; AMX: {amx}; "
           f"read {read / 1e9:.1f} GB/s; {ns.rounds} rounds x {ns.repeat} calls, order rotated", flush=True)
-    print(f"{'dtype':<6}{'M':>3} {'path':<19}{'ms':>8}{'GB/s':>7}{'/kernel':>9}{'range':>14}{'faster':>8}")
+    print(f"{'dtype':<6}{'M':>4} {'path':<19}{'ms':>8}{'GB/s':>7}{'/first':>9}{'range':>14}{'faster':>8}")
     with torch.inference_mode():
         for dtype_name in ns.dtypes.split(","):
             dtype = checkpoint.DTYPES[dtype_name]
@@ -127,11 +142,12 @@ def main(argv=None) -> int:
             nbytes = sum(q.numel() * q.element_size() for q in chain.parameters())
             for m in [int(v) for v in ns.rows.split(",")]:
                 x = torch.randn(m, args.hidden_size, dtype=dtype)
-                paths = compiled_paths(chain, SmallMChain(chain), dtype_name, dtype_name == "bf16" and amx == "usable")
+                paths = compiled_paths(chain, SmallMChain(chain), dtype_name, dtype_name == "bf16" and amx == "usable",
+                                       m)
                 for row in summary(measure(paths, x, ns.rounds, ns.repeat), nbytes):
                     doc["results"].append({"dtype": dtype_name, "m": m, "weight_bytes": nbytes, **row})
                     span = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
-                    print(f"{dtype_name:<6}{m:>3} {row['path']:<19}{row['ms']:>8.2f}{row['gbps']:>7.1f}"
+                    print(f"{dtype_name:<6}{m:>4} {row['path']:<19}{row['ms']:>8.2f}{row['gbps']:>7.1f}"
                           f"{row['ratio_median']:>9.2f}{span:>14}{row['faster_rounds']:>5}/{row['rounds']}",
                           flush=True)
                 torch._dynamo.reset()

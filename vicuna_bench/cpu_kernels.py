@@ -79,6 +79,11 @@ BUILD_LOG = "build.log"  # the compiler's command line, version and whole output
 # 0.45 at M = 3 / 4 / 8 / 16; docs/PERFORMANCE.md "AMX tiles for the small-M GEMM").
 AMX_ROWS = (3, MAX_ROWS)
 KERNEL, KERNEL_AMX, F_LINEAR = "kernel", "kernel+AMX", "F.linear"
+# bf16 products of more than MAX_ROWS rows (a prefill) on a host without a bf16 dot product: x and one ~8 MB block of
+# weight rows at a time widened to fp32, BLAS sgemm, rounded to bf16 (the op's bf16_linear_in_fp32).  ATen's own bf16
+# GEMM there is a dot product of widened scalars: SmolLM2's 30 layers at 256 rows, 2 threads, emulated AVX2 2136 ms
+# against 274, AVX-512 without BF16 913 against 344; with avx512_bf16 ATen's (oneDNN) 325 against 343.
+FP32_GEMM = "fp32 GEMM"
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "why_not": None, "isa": None, "amx": None, "paths": None}
@@ -340,7 +345,7 @@ def _register_fakes() -> None:
 @dataclasses.dataclass(frozen=True)
 class LinearPaths:
     """Which path a CPU linear layer's product takes, per dtype: ``(first row, last row or None, path)`` ranges of
-    the rows of x (the batch of a decode step), path one of kernel | kernel+AMX | F.linear."""
+    the rows of x (the batch of a decode step), path one of kernel | kernel+AMX | F.linear | fp32 GEMM."""
 
     fp32: tuple[tuple[int, int | None, str], ...]
     bf16: tuple[tuple[int, int | None, str], ...]
@@ -352,6 +357,10 @@ class LinearPaths:
             if path == KERNEL_AMX:
                 return lo, hi
         return 0, 0
+
+    def bf16_fp32_gemm(self) -> bool:
+        """Whether bf16 products above :data:`MAX_ROWS` rows take :data:`FP32_GEMM`."""
+        return any(path == FP32_GEMM for _, _, path in self.bf16)
 
     def describe(self) -> str:
         """e.g. ``fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ F.linear``."""
@@ -369,24 +378,43 @@ class LinearPaths:
         return {"fp32": rows(self.fp32), "bf16": rows(self.bf16), "amx": self.amx}
 
 
-def choose_linear_paths(flags: frozenset[str] | None, kernels_why_not: str | None, amx: str) -> LinearPaths:
-    """The paths on a host with CPU ``flags`` where the kernels loaded (``kernels_why_not`` None, else why not) and
-    the library said ``amx`` (``usable`` or why not): fp32 and bf16 up to :data:`MAX_ROWS` rows on the kernel,
-    bf16 rows :data:`AMX_ROWS` on its AMX tiles where the flags have ``amx_bf16``/``amx_tile`` and AMX is usable,
-    more rows (a prefill) on ``F.linear`` (oneDNN: AMX for bf16 where the host has it)."""
+def has_bf16_dot(flags: frozenset[str] | None, kernel_isa: str | None = None) -> bool:
+    """Whether this host's bf16 GEMMs have a bf16 dot product (ATen's, through oneDNN): an AArch64 CPU listing
+    ``bf16``; else not where our kernel's bf16 lane was built without one (``kernel_isa`` says ``(widened)``: the
+    host's -march, or the ISA an emulation builds for); else the flags' ``amx_bf16``/``avx512_bf16``.  Flags unknown
+    and no kernel word: assumed so (ATen's path is left as it is)."""
+    from . import cpu_isa
+
+    isa = cpu_isa.isa_of(flags)
+    if isa == "bf16":
+        return True
+    if kernel_isa is not None and "(widened)" in kernel_isa.partition("bf16 ")[2]:
+        return False
+    return isa == cpu_isa.UNKNOWN or isa in ("amx_bf16", "avx512_bf16")
+
+
+def choose_linear_paths(flags: frozenset[str] | None, kernels_why_not: str | None, amx: str,
+                        kernel_isa: str | None = None) -> LinearPaths:
+    """The paths on a host with CPU ``flags`` where the kernels loaded (``kernels_why_not`` None, else why not, built
+    for ``kernel_isa``) and the library said ``amx`` (``usable`` or why not): fp32 and bf16 up to :data:`MAX_ROWS`
+    rows on the kernel, bf16 rows :data:`AMX_ROWS` on its AMX tiles where the flags have ``amx_bf16``/``amx_tile``
+    and AMX is usable, more rows (a prefill) on ``F.linear`` (oneDNN: AMX for bf16 where the host has it), bf16 on
+    :data:`FP32_GEMM` where the host has no bf16 dot product (:func:`has_bf16_dot`)."""
     if kernels_why_not is not None:
         return LinearPaths(((1, None, F_LINEAR),), ((1, None, F_LINEAR),), f"kernels not loaded: {kernels_why_not}")
     above = (MAX_ROWS + 1, None, F_LINEAR)
-    small = ((1, MAX_ROWS, KERNEL), above)
+    fp32 = ((1, MAX_ROWS, KERNEL), above)
+    bf16_above = above if has_bf16_dot(flags, kernel_isa) else (MAX_ROWS + 1, None, FP32_GEMM)
+    small = ((1, MAX_ROWS, KERNEL), bf16_above)
     has_amx = bool(flags) and {"amx_bf16", "amx_tile"} <= flags
     if not has_amx:
         why = "the CPU flags have no amx_bf16/amx_tile" if amx == "usable" else amx
-        return LinearPaths(small, small, why)
+        return LinearPaths(fp32, small, why)
     if amx != "usable":
-        return LinearPaths(small, small, amx)
+        return LinearPaths(fp32, small, amx)
     lo, hi = AMX_ROWS
-    bf16 = (((1, lo - 1, KERNEL),) if lo > 1 else ()) + ((lo, hi, KERNEL_AMX), above)
-    return LinearPaths(small, bf16, amx)
+    bf16 = (((1, lo - 1, KERNEL),) if lo > 1 else ()) + ((lo, hi, KERNEL_AMX), bf16_above)
+    return LinearPaths(fp32, bf16, amx)
 
 
 def _amx_status() -> str:
@@ -398,6 +426,10 @@ def _set_amx_rows(lo: int, hi: int) -> bool:
     return torch.ops.vicuna_bench.small_m_set_amx_rows(lo, hi)
 
 
+def _set_bf16_fp32_gemm(on: bool) -> bool:
+    return torch.ops.vicuna_bench.small_m_set_bf16_fp32_gemm(on)
+
+
 def _host_flags() -> frozenset[str] | None:
     from .cpu_isa import read_cpu_flags
 
@@ -406,8 +438,9 @@ def _host_flags() -> frozenset[str] | None:
 
 
 def _choose_for_this_host() -> LinearPaths:
-    paths = choose_linear_paths(_host_flags(), None, _amx_status())
+    paths = choose_linear_paths(_host_flags(), None, _amx_status(), _state["isa"])
     _set_amx_rows(*paths.amx_rows())
+    _set_bf16_fp32_gemm(paths.bf16_fp32_gemm())
     return paths
 
 
@@ -470,6 +503,20 @@ def amx_rows(lo: int, hi: int):
         yield
     finally:
         _set_amx_rows(*_state["paths"].amx_rows())
+
+
+@contextlib.contextmanager
+def bf16_fp32_gemm(on: bool):
+    """Within the block, bf16 products of more than :data:`MAX_ROWS` rows take :data:`FP32_GEMM` (or, ``on``
+    False, ``F.linear``), in compiled graphs too (the op reads it at each call); after it, this host's choice again.
+    For benchmarks that alternate the paths in one process.  Raises where the kernels are not loaded."""
+    if not _state["loaded"]:
+        raise RuntimeError(f"the CPU kernels are not loaded: {_state['why_not']}")
+    _set_bf16_fp32_gemm(on)
+    try:
+        yield
+    finally:
+        _set_bf16_fp32_gemm(_state["paths"].bf16_fp32_gemm())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ CHECK = textwrap.dedent("""
     worst, nan_ok = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         for m, k, n in [(1, 576, 960), (2, 96, 40), (1, 77, 33), (2, 45, 17), (3, 77, 9), (5, 50, 7), (6, 64, 13), (7, 33, 11),
-                        (8, 1536, 576), (16, 130, 301)]:
+                        (8, 1536, 576), (16, 130, 301), (40, 77, 70)]:  # 40 rows: F.linear or the fp32 GEMM
             g = torch.Generator().manual_seed(m * k)
             x, w = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
             got = torch.ops.vicuna_bench.small_m_linear(x, w)
@@ -123,6 +123,8 @@ def test_other_isa_builds_match_matmul(tmp_path, march, needs):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["isa"] == isa
     assert all(excess <= 0 for excess in got["worst_excess"].values()), got
+    # no bf16 dot product in these builds: a bf16 prefill (the 40-row shape above) takes the fp32 GEMM
+    assert got["paths"]["bf16"][-1] == {"rows": "17+", "path": "fp32 GEMM"}, got["paths"]
     assert got["nan_ok"] == {"attention torch.float32": True, "attention torch.bfloat16": True}, got
     assert list(tmp_path.glob("kernels/*/libvicuna_bench_cpu.so")), "built into the scratch cache"
 

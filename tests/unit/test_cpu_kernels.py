@@ -165,12 +165,39 @@ def test_leading_dimensions_and_strided_input():
     check_close(op(strided, w), strided.contiguous(), w)
 
 
-def test_more_rows_than_the_kernel_takes_is_f_linear():
-    """Above 16 rows (a prefill) the op hands the product to at::linear: bit-identical to F.linear."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_more_rows_than_the_kernel_takes_is_f_linear(dtype):
+    """Above 16 rows (a prefill) the op hands the product to at::linear: bit-identical to F.linear (bf16 with the
+    fp32 GEMM off, as hosts with a bf16 dot product have it)."""
     gen = torch.Generator().manual_seed(2)
-    w = torch.randn(48, 96, generator=gen)
-    x = torch.randn(cpu_kernels.MAX_ROWS + 1, 96, generator=gen)
-    assert torch.equal(op(x, w), F.linear(x, w))
+    w = torch.randn(48, 96, generator=gen).to(dtype)
+    x = torch.randn(cpu_kernels.MAX_ROWS + 1, 96, generator=gen).to(dtype)
+    with cpu_kernels.bf16_fp32_gemm(False):
+        assert torch.equal(op(x, w), F.linear(x, w))
+    if dtype == torch.float32:  # the switch is bf16's alone
+        with cpu_kernels.bf16_fp32_gemm(True):
+            assert torch.equal(op(x, w), F.linear(x, w))
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(cpu_kernels.MAX_ROWS + 1, 300), k=st.integers(1, 300), n=st.integers(1, 300),
+       seed=st.integers(0, 2**31 - 1))
+def test_bf16_fp32_gemm_matches_matmul(m, k, n, seed):
+    """bf16 above 16 rows on the fp32 GEMM (hosts without a bf16 dot product): correctly rounded from an fp32 sum."""
+    with cpu_kernels.bf16_fp32_gemm(True):
+        check_random_product(m, k, n, torch.bfloat16, seed)
+
+
+def test_bf16_fp32_gemm_blocks_of_weight_rows():
+    """A weight taller than one ~8 MB fp32 block (K = 4096: 512 rows a block) and leading dimensions: every block's
+    columns land in their place of the [B, T, N] output."""
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(1300, 4096, generator=gen) * 0.02).bfloat16()
+    x = torch.randn(2, 12, 4096, generator=gen).bfloat16()
+    with cpu_kernels.bf16_fp32_gemm(True):
+        got = op(x, w)
+    assert got.shape == (2, 12, 1300) and got.dtype == torch.bfloat16
+    check_close(got.reshape(24, 1300), x.reshape(24, 4096), w)
 
 
 def test_mismatched_dtypes_are_refused():

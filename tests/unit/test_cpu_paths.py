@@ -1,6 +1,7 @@
-"""Which path each dtype and row range of a CPU linear layer takes (kernel / kernel+AMX / F.linear), chosen once a
-process from the host's flags and the library's AMX state: captured /proc/cpuinfo flag lines of an AMX host, an
-avx512_bf16 host without AMX, an AVX2-only host and an AArch64 host; the one log line and the environment record."""
+"""Which path each dtype and row range of a CPU linear layer takes (kernel / kernel+AMX / F.linear / fp32 GEMM),
+chosen once a process from the host's flags, the kernel's ISA and the library's AMX state: captured /proc/cpuinfo
+flag lines of an AMX host, an avx512_bf16 host without AMX, an AVX2-only host and two AArch64 hosts (with and
+without BF16); the one log line and the environment record."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from vicuna_bench import cpu_isa, cpu_kernels
 
@@ -18,8 +20,10 @@ SAPPHIRE_RAPIDS = FLAGS / "sapphire_rapids.cpuinfo"  # amx_bf16 amx_tile
 EPYC_ZEN4 = FLAGS / "amd_epyc_zen4.cpuinfo"  # avx512_bf16, no AMX
 HASWELL = FLAGS / "haswell_e5_2680_v3.cpuinfo"  # avx2 only
 GRAVITON3 = FLAGS / "graviton3_neoverse_v1.cpuinfo"  # AArch64 bf16
+KUNPENG_920 = FLAGS / "kunpeng_920.cpuinfo"  # AArch64 without bf16 (the Atlas 800I A2's host CPU)
 
 KERNEL_ONLY = [{"rows": "1-16", "path": "kernel"}, {"rows": "17+", "path": "F.linear"}]
+KERNEL_FP32_GEMM = [{"rows": "1-16", "path": "kernel"}, {"rows": "17+", "path": "fp32 GEMM"}]
 NOT_BUILT = "not built (the compiler lacks AMX target attributes, or VICUNA_BENCH_NO_AMX)"
 
 
@@ -54,17 +58,49 @@ def test_amx_host_where_linux_refused_the_tiles_keeps_the_vector_kernel():
     assert paths.amx_rows() == (0, 0)
 
 
-@pytest.mark.parametrize("host, amx, why", [
-    (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", "the CPU has no AMX-TILE/AMX-BF16 (cpuid)"),
-    (HASWELL, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", "the CPU has no AMX-TILE/AMX-BF16 (cpuid)"),
-    (GRAVITON3, NOT_BUILT, NOT_BUILT),
+@pytest.mark.parametrize("host, amx, why, bf16", [
+    (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", KERNEL_ONLY),
+    (HASWELL, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", "the CPU has no AMX-TILE/AMX-BF16 (cpuid)",
+     KERNEL_FP32_GEMM),
+    (GRAVITON3, NOT_BUILT, NOT_BUILT, KERNEL_ONLY),
+    (KUNPENG_920, NOT_BUILT, NOT_BUILT, KERNEL_FP32_GEMM),
     # a library that says usable on a host whose flags lack AMX (a faked or odd cpuinfo): the flags win
-    (HASWELL, "usable", "the CPU flags have no amx_bf16/amx_tile"),
+    (HASWELL, "usable", "the CPU flags have no amx_bf16/amx_tile", KERNEL_FP32_GEMM),
 ])
-def test_hosts_without_amx_take_the_kernel_up_to_16_rows(host, amx, why):
+def test_hosts_without_amx_take_the_kernel_up_to_16_rows(host, amx, why, bf16):
+    """Up to 16 rows the kernel; a bf16 prefill on ATen's GEMM where the host has a bf16 dot product (avx512_bf16,
+    AArch64 bf16), else on the fp32 GEMM (AVX2, Kunpeng 920)."""
     paths = cpu_kernels.choose_linear_paths(flags_of(host), None, amx)
-    assert paths.record() == {"fp32": KERNEL_ONLY, "bf16": KERNEL_ONLY, "amx": why}
+    assert paths.record() == {"fp32": KERNEL_ONLY, "bf16": bf16, "amx": why}
     assert paths.amx_rows() == (0, 0)
+    assert paths.bf16_fp32_gemm() is (bf16 == KERNEL_FP32_GEMM)
+
+
+@pytest.mark.parametrize("host, kernel_isa, dot", [
+    (SAPPHIRE_RAPIDS, None, True),
+    (EPYC_ZEN4, None, True),
+    (HASWELL, None, False),
+    (GRAVITON3, None, True),
+    (KUNPENG_920, None, False),
+    (None, None, True),  # nothing known: ATen's path is left alone
+    (SAPPHIRE_RAPIDS, "fp32 avx512f, bf16 avx512_bf16", True),
+    # an AMX host emulating an AVX2 / AVX-512F-only one: the kernel was built without a bf16 dot product
+    (SAPPHIRE_RAPIDS, "fp32 avx2, bf16 avx2 (widened)", False),
+    (SAPPHIRE_RAPIDS, "fp32 avx512f, bf16 avx512f (widened)", False),
+    (None, "fp32 avx2, bf16 avx2 (widened)", False),
+    # AArch64's kernel lane is always the generic one; ATen's GEMM uses the CPU's BF16 where it has it
+    (GRAVITON3, "fp32 generic, bf16 generic (widened)", True),
+    (KUNPENG_920, "fp32 generic, bf16 generic (widened)", False),
+])
+def test_bf16_dot_product_by_flags_and_kernel_isa(host, kernel_isa, dot):
+    assert cpu_kernels.has_bf16_dot(host and flags_of(host), kernel_isa) is dot
+
+
+def test_amx_host_emulating_avx2_takes_the_fp32_gemm_beside_its_tiles_choice():
+    paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, NOT_BUILT,
+                                            "fp32 avx2, bf16 avx2 (widened)")
+    assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"
+    assert paths.bf16_fp32_gemm() and paths.amx_rows() == (0, 0)
 
 
 @pytest.mark.parametrize("host", [SAPPHIRE_RAPIDS, HASWELL, GRAVITON3, None])
@@ -76,14 +112,17 @@ def test_without_the_kernels_every_row_is_f_linear(host):
     assert paths.describe() == "fp32 1+ F.linear; bf16 1+ F.linear"
 
 
-@pytest.mark.parametrize("host, amx, amx_rows, said", [
-    (SAPPHIRE_RAPIDS, "usable", (3, 16),
+@pytest.mark.parametrize("host, amx, amx_rows, fp32_gemm, said", [
+    (SAPPHIRE_RAPIDS, "usable", (3, 16), False,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ F.linear"),
-    (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0),
+    (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), False,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ F.linear"),
+    (HASWELL, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True,
+     "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),
 ])
-def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, host, amx, amx_rows, said):
-    """load() on a faked host: the AMX rows handed to the library, one log line, the record's cpu_linear_paths."""
+def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, host, amx, amx_rows, fp32_gemm, said):
+    """load() on a faked host: the AMX rows and the fp32 GEMM switch handed to the library, one log line, the
+    record's cpu_linear_paths."""
     if not cpu_kernels.load(build_if_missing=False):
         pytest.skip(f"the CPU kernels are not loaded here: {cpu_kernels.status()['small_m_gemm_why_not']}")
     real_paths = cpu_kernels._state["paths"]
@@ -92,15 +131,19 @@ def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, hos
     monkeypatch.setattr(cpu_kernels, "_host_flags", lambda: flags)
     monkeypatch.setattr(cpu_kernels, "_amx_status", lambda: amx)
     monkeypatch.setattr(cpu_kernels, "_set_amx_rows", lambda lo, hi: handed.append((lo, hi)) or True)
+    monkeypatch.setattr(cpu_kernels, "_set_bf16_fp32_gemm", lambda on: handed.append(on) or on)
+    # the kernel as this faked host would build it (the real library's word depends on the CI host)
+    isa = ("fp32 avx2, bf16 avx2 (widened)" if host == HASWELL else "fp32 avx512f, bf16 avx512_bf16")
+    monkeypatch.setattr(torch.ops.vicuna_bench, "small_m_isa", lambda: isa)
     for key in ("loaded", "why_not", "isa", "amx", "paths"):
         monkeypatch.setitem(cpu_kernels._state, key, None)
     with caplog.at_level(logging.INFO, logger="vicuna_bench"):
         assert cpu_kernels.load(build_if_missing=False)
         assert cpu_kernels.load(build_if_missing=False)  # decided once: no second line, nothing handed again
-    isa = cpu_kernels.status()["small_m_gemm_isa"]
+    assert cpu_kernels.status()["small_m_gemm_isa"] == isa
     assert [r.getMessage() for r in caplog.records] == [
         f"CPU linear layers by rows of x: {said} (kernel ISA {isa}; AMX: {amx})"]
-    assert handed == [amx_rows]
+    assert handed == [amx_rows, fp32_gemm]
     assert cpu_kernels.paths_record()["amx"] == amx
     assert real_paths is not None  # the real choice comes back with the state after the test
 
@@ -128,6 +171,27 @@ def test_amx_rows_switches_for_the_block_and_restores_the_hosts_choice(monkeypat
     monkeypatch.setitem(cpu_kernels._state, "why_not", "VICUNA_BENCH_CPU_KERNELS=0")
     with pytest.raises(RuntimeError, match="not loaded: VICUNA_BENCH_CPU_KERNELS=0"):
         with cpu_kernels.amx_rows(0, 0):
+            pass
+
+
+def test_bf16_fp32_gemm_switches_for_the_block_and_restores_the_hosts_choice(monkeypatch):
+    """cpu_kernels.bf16_fp32_gemm: the switch handed to the library inside the block, the host's choice after it,
+    even when the block raises; not loaded: an error."""
+    chosen = cpu_kernels.choose_linear_paths(flags_of(HASWELL), None, NOT_BUILT)
+    handed = []
+    monkeypatch.setitem(cpu_kernels._state, "loaded", True)
+    monkeypatch.setitem(cpu_kernels._state, "paths", chosen)
+    monkeypatch.setattr(cpu_kernels, "_set_bf16_fp32_gemm", lambda on: handed.append(on) or on)
+    with cpu_kernels.bf16_fp32_gemm(False):
+        assert handed == [False]
+    assert handed == [False, True]
+    with pytest.raises(KeyError), cpu_kernels.bf16_fp32_gemm(False):
+        raise KeyError("inside")
+    assert handed[-2:] == [False, True]
+    monkeypatch.setitem(cpu_kernels._state, "loaded", False)
+    monkeypatch.setitem(cpu_kernels._state, "why_not", "VICUNA_BENCH_CPU_KERNELS=0")
+    with pytest.raises(RuntimeError, match="not loaded: VICUNA_BENCH_CPU_KERNELS=0"):
+        with cpu_kernels.bf16_fp32_gemm(True):
             pass
 
 

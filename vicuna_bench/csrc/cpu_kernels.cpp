@@ -772,6 +772,35 @@ bool small_m_set_amx_rows(int64_t lo, int64_t hi) {
 
 std::string small_m_amx() { return amx_status(); }
 
+// bf16 products of more than kMaxRows rows (a prefill) where the host has no bf16 dot product (AVX2, AVX-512F
+// without BF16, aarch64 without BF16): ATen's bf16 GEMM there runs a dot product of widened scalars
+// (bf16_dot_with_fp32_arith on AVX2: 57% of a batch-1 generation's profile).  Instead x is widened to fp32 once
+// and the weight one block of rows at a time (~8 MB of fp32: a transient, never a second copy of the model), each
+// block multiplied by BLAS sgemm straight into its columns of an fp32 output, rounded to bf16 at the end.  SmolLM2's
+// 30 layers at 256 rows (2 threads): emulated AVX2 2136 -> 274 ms, AVX-512 without BF16 913 -> 344; with
+// avx512_bf16 ATen's own (oneDNN) 325 against 343, so those hosts keep it.  Blocks of 256 KB / 1 MB / 4 MB / 32 MB:
+// 426 / 329 / 293 / 282 ms.  Set by small_m_set_bf16_fp32_gemm (the per-host choice of cpu_kernels.py).
+std::atomic<bool> g_bf16_fp32_gemm{false};
+constexpr int64_t kFp32BlockBytes = 8 << 20;
+
+bool small_m_set_bf16_fp32_gemm(bool on) {
+  g_bf16_fp32_gemm = on;
+  return on;
+}
+
+at::Tensor bf16_linear_in_fp32(const at::Tensor& x2d, const at::Tensor& w) {
+  const int64_t M = x2d.size(0), K = x2d.size(1), N = w.size(0);
+  const at::Tensor x32 = x2d.to(at::kFloat);
+  at::Tensor out32 = at::empty({M, N}, x2d.options().dtype(at::kFloat));
+  const int64_t rows = std::max<int64_t>(1, kFp32BlockBytes / std::max<int64_t>(1, K * 4));
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    at::Tensor columns = out32.narrow(1, n0, n);  // row stride N: sgemm writes it in place (ldc = N)
+    at::mm_out(columns, x32, w.narrow(0, n0, n).to(at::kFloat).t());
+  }
+  return out32.to(at::kBFloat16);
+}
+
 at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "small_m_linear: weight must be 2-D, got ", weight.dim(), "-D");
   TORCH_CHECK(x.size(-1) == weight.size(1), "small_m_linear: x has ", x.size(-1), " features, weight ", weight.size(1));
@@ -782,6 +811,8 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   const bool supported = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  if (M > kMaxRows && K > 0 && x.scalar_type() == at::kBFloat16 && g_bf16_fp32_gemm.load(std::memory_order_relaxed))
+    return bf16_linear_in_fp32(x.reshape({M, K}), weight).view(out_shape);
   if (M > kMaxRows || M == 0 || K == 0 || !supported) return at::linear(x, weight);  // BLAS is right there
   at::Tensor xc = x.reshape({M, K}).contiguous();
   at::Tensor wc = weight.contiguous();
@@ -1395,6 +1426,7 @@ TORCH_LIBRARY(vicuna_bench, m) {
   m.def("small_m_isa() -> str", &small_m_isa);  // no tensor argument: a catch-all kernel
   m.def("small_m_amx() -> str", &small_m_amx);
   m.def("small_m_set_amx_rows(int lo, int hi) -> bool", &small_m_set_amx_rows);
+  m.def("small_m_set_bf16_fp32_gemm(bool on) -> bool", &small_m_set_bf16_fp32_gemm);
 }
 
 TORCH_LIBRARY_IMPL(vicuna_bench, CPU, m) {
