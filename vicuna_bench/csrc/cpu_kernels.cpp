@@ -115,7 +115,11 @@ inline __m512 sum16(const __m512* v) {
   const __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], 0x88), _mm512_shuffle_f32x4(quad[2], quad[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, 0x88), _mm512_shuffle_f32x4(h01, h23, 0xDD));
 }
-#elif defined(__AVX2__) && defined(__FMA__)
+#else
+// AVX2 runs its own blocks (run_avx2, below); there and elsewhere the lane type only names the element type.
+using F32Lane = GenericF32Lane;
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 inline float hsum256(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
@@ -123,17 +127,6 @@ inline float hsum256(__m256 v) {
   lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
   return _mm_cvtss_f32(lo);
 }
-struct F32Lane {
-  using T = float;
-  using Acc = __m256;
-  static constexpr int Step = 8;
-  static Acc zero() { return _mm256_setzero_ps(); }
-  static Acc load_w(const T* w) { return _mm256_loadu_ps(w); }
-  static void mac(Acc& acc, Acc x, Acc w) { acc = _mm256_fmadd_ps(x, w, acc); }
-  static float sum(Acc acc) { return hsum256(acc); }
-};
-#else
-using F32Lane = GenericF32Lane;
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -169,23 +162,6 @@ struct BF16Lane {
                           acc);
   }
   static float sum(Acc acc) { return _mm512_reduce_add_ps(acc); }
-};
-#elif defined(__AVX2__) && defined(__FMA__)
-// The AVX-512F lane's widening on eight 32-bit pairs (above).
-struct BF16Lane {
-  using T = uint16_t;
-  using Acc = __m256;
-  static constexpr int Step = 16;
-  static Acc zero() { return _mm256_setzero_ps(); }
-  static __m256i load_w(const T* w) { return _mm256_loadu_si256((const __m256i*)w); }
-  static void mac(Acc& acc, __m256i x, __m256i w) {
-    const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)),
-                          _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), acc);
-    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(x, hi)), _mm256_castsi256_ps(_mm256_and_si256(w, hi)),
-                          acc);
-  }
-  static float sum(Acc acc) { return hsum256(acc); }
 };
 #else
 using BF16Lane = GenericBF16Lane;
@@ -393,7 +369,7 @@ void rows_in_order(const typename Lane::T* x, const typename Lane::T* w, int64_t
 // from memory (the bench_gemm chain) the same time as before at every M (the stream, not the FMAs, bounds it).
 
 // The h-th fp32 vector of a step of w: fp32, the 8 floats there; bf16 (16 elements a step), the low elements of
-// its 32-bit pairs (h = 0, a shift) or the high ones (h = 1, a mask), as BF16Lane splits them.
+// its 32-bit pairs (h = 0, a shift) or the high ones (h = 1, a mask), the AVX-512F BF16Lane's widening 8 pairs wide.
 inline __m256 wide_w(const float* w, int) { return _mm256_loadu_ps(w); }
 inline __m256 wide_w(const uint16_t* w, int h) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
@@ -512,6 +488,9 @@ void run_avx2(const T* x, const T* w, int64_t M, int64_t K, int64_t N, O* out) {
 
 template <typename Lane, typename O>
 void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_t K, int64_t N, O* out) {
+#if defined(VB_GEMM_AVX2)
+  return run_avx2<typename Lane::T, O>(x, w, M, K, N, out);  // blocks sized for AVX2's 16 registers
+#else
   // One row at a time needs more independent accumulators to hide FMA latency than four rows do.
   constexpr int NR_ONE = 8, NR = 4;
   // Each task at least ~64 KB of weights (units of `rows` weight rows): below that the thread hand-off costs more
@@ -519,9 +498,6 @@ void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_
   const auto grain_of = [K](int64_t rows) {
     return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, rows * K * (int64_t)sizeof(typename Lane::T)));
   };
-#if defined(VB_GEMM_AVX2)
-  return run_avx2<typename Lane::T, O>(x, w, M, K, N, out);
-#endif
 #if defined(__AVX512F__)
   if (M <= kInOrderRows) {  // each thread streams one contiguous run of whole weight rows
     at::parallel_for(0, N, grain_of(1), [&](int64_t n0, int64_t n1) {
@@ -554,6 +530,7 @@ void run(const typename Lane::T* x, const typename Lane::T* w, int64_t M, int64_
       panel_rows<Lane, NR, O>(x, w, M, K, N, p0 * nr, p1 * nr, out);
   });
   if (panels * nr < N) panel_rows<Lane, 1, O>(x, w, M, K, N, panels * nr, N, out);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------------
