@@ -10,8 +10,8 @@ Two ops in ``csrc/cpu_kernels.cpp``, registered as ``vicuna_bench::*`` (CPU):
   an extern kernel, called from inductor's C++ wrapper through the
   dispatcher) share one copy of the weights.  More rows (a prefill): the op
   hands the product to ``at::linear``, or in bf16 on a host without a bf16
-  dot product to sgemm over fp32 blocks (:data:`FP32_GEMM`).  bf16 on AMX hosts: the rows in
-  :data:`AMX_ROWS` run on AMX tiles, which read the same weight tensor (the
+  dot product to sgemm over fp32 blocks (:data:`FP32_GEMM`).  bf16 on AMX
+  hosts: the rows in :data:`AMX_ROWS` run on AMX tiles, which read the same weight tensor (the
   weight is the tiles' A operand; only x is packed).
 * ``decode_attention(q, k, v, key_valid)``: a decode step's attention that
   reads only the cache slots holding tokens (SDPA reads the whole cache
@@ -20,7 +20,8 @@ Two ops in ``csrc/cpu_kernels.cpp``, registered as ``vicuna_bench::*`` (CPU):
 
 Other dtypes, other devices, or the library not loaded: ``F.linear`` and SDPA.  Which path each dtype and row
 range takes (kernel / kernel+AMX / F.linear / fp32 GEMM) is chosen once a process in :func:`load` from the host's
-flags, the kernel's ISA and the library's AMX state (:func:`choose_linear_paths`), said in one log line and recorded (:func:`paths_record`).
+flags, the kernel's ISA and the library's AMX state (:func:`choose_linear_paths`), said in one log line and
+recorded (:func:`paths_record`).
 
 Building: :func:`build` runs the host's C++ compiler once (``make setup`` does
 it at install time; ``python -m vicuna_bench.cpu_kernels``), into

@@ -20,5 +20,6 @@ def environment_record(device: str, device_index: int = 0, cpu_dtype_auto=None) 
     if device == "cpu":
         cpu_kernels.load()  # whether our CPU kernels run is part of what a CPU result depends on (once per process)
         record.update(cpu_kernels.status())
-        record["cpu_linear_paths"] = cpu_kernels.paths_record()  # which rows take kernel / kernel+AMX / F.linear / fp32 GEMM
+        # which rows take kernel / kernel+AMX / F.linear / fp32 GEMM
+        record["cpu_linear_paths"] = cpu_kernels.paths_record()
     return record

@@ -54,8 +54,9 @@ CHECK = textwrap.dedent("""
     torch.set_num_threads(2)  # (3 rows, 1 kv head) pairs are then cut into parts and merged
     worst, nan_ok = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
-        for m, k, n in [(1, 576, 960), (2, 96, 40), (1, 77, 33), (2, 45, 17), (3, 77, 9), (5, 50, 7), (6, 64, 13), (7, 33, 11),
-                        (8, 1536, 576), (16, 130, 301), (40, 77, 70)]:  # 40 rows: F.linear or the fp32 GEMM
+        for m, k, n in [(1, 576, 960), (2, 96, 40), (1, 77, 33), (2, 45, 17), (3, 77, 9), (5, 50, 7), (6, 64, 13),
+                        (7, 33, 11), (8, 1536, 576), (16, 130, 301),
+                        (40, 77, 70)]:  # 40 rows: F.linear or the fp32 GEMM
             g = torch.Generator().manual_seed(m * k)
             x, w = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
             got = torch.ops.vicuna_bench.small_m_linear(x, w)

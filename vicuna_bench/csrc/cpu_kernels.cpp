@@ -431,6 +431,7 @@ inline void block_avx2(const float* xs, int64_t xs_stride, const T* x, const T* 
 template <typename T, int MR, int NR, typename O>
 void panels_avx2(const float* xs, int64_t xs_stride, const T* x, const T* w, int64_t M, int64_t K, int64_t N,
                  int64_t n0, int64_t n1, O* out) {
+  static_assert(MR <= 4, "the rest of the rows is handled for MR <= 4");
   for (int64_t n = n0; n < n1; n += NR) {
     const T* wp = w + n * K;
     // Only the first row block prefetches: the others find the panel in cache.
@@ -439,14 +440,11 @@ void panels_avx2(const float* xs, int64_t xs_stride, const T* x, const T* w, int
     for (; m + MR <= M; m += MR, pf = nullptr)
       block_avx2<T, MR, NR, O>(xs + m * xs_stride, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf);
     const float* xr = xs + m * xs_stride;
-    switch (M - m) {
-      case 7: if constexpr (MR > 7) block_avx2<T, 7, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
-      case 6: if constexpr (MR > 6) block_avx2<T, 6, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
-      case 5: if constexpr (MR > 5) block_avx2<T, 5, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
-      case 4: if constexpr (MR > 4) block_avx2<T, 4, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
-      case 3: if constexpr (MR > 3) block_avx2<T, 3, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
-      case 2: if constexpr (MR > 2) block_avx2<T, 2, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
-      case 1: if constexpr (MR > 1) block_avx2<T, 1, NR, O>(xr, xs_stride, x + m * K, wp, K, out + m * N + n, N, pf); break;
+    O* o = out + m * N + n;
+    switch (M - m) {  // the rows left after whole MR-row blocks (MR is 4 at most)
+      case 3: if constexpr (MR > 3) block_avx2<T, 3, NR, O>(xr, xs_stride, x + m * K, wp, K, o, N, pf); break;
+      case 2: if constexpr (MR > 2) block_avx2<T, 2, NR, O>(xr, xs_stride, x + m * K, wp, K, o, N, pf); break;
+      case 1: if constexpr (MR > 1) block_avx2<T, 1, NR, O>(xr, xs_stride, x + m * K, wp, K, o, N, pf); break;
       default: break;
     }
   }
