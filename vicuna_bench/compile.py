@@ -278,12 +278,14 @@ def cpu_inductor_options(world_size: int = 1, dtype: str = "fp32") -> dict:
     """Inductor settings of a CPU decode step, by dtype and world size.
 
     * ``freezing`` (weights become graph constants; inductor prepacks those of
-      its own GEMMs): with our CPU kernels loaded, for bf16 at world size 1:
-      every product of a step is our op, which reads the constant as it is
-      (no prepacking, so still one weight copy) and the graph drops its
-      per-weight input handling (SmolLM2 bf16 batch 1 on the AMX host: next
-      token 14.16 ms, 0.76x llama.cpp alternated in its run, against 15.44 ms and
-      0.85x in the unfrozen run; docs/PERFORMANCE.md).  Without the kernels, only for
+      its own GEMMs): never with our CPU kernels loaded.  Every product is then
+      our op, which would read the constants in place (one weight copy either
+      way), but frozen graphs cost ~76 MiB more resident memory that is not a
+      tensor (SmolLM2 bf16: RSS growth 1.64x weights + KV frozen, 1.34x
+      unfrozen) for a step within 1-5% of the unfrozen one (four engines built
+      unfrozen, frozen, frozen, unfrozen in one process, timed in alternation:
+      frozen / unfrozen bf16 0.992 at batch 1 and 0.993 at batch 8, fp32 0.952
+      and 0.975; docs/PERFORMANCE.md, sixth pass).  Without the kernels, for
       bf16/fp16, where the GEMM kernels want packed weights; in fp32 it buys
       nothing and the frozen graphs keep their own copies of the weights.
     * a C++ wrapper: no Python between the ~200 small kernels of a step.  It
@@ -294,11 +296,8 @@ def cpu_inductor_options(world_size: int = 1, dtype: str = "fp32") -> dict:
     """
     from . import cpu_kernels
 
-    # With the small-M GEMM every product reads the model's own weights: frozen, they are constants it reads in place.
-    if cpu_kernels.load():  # loaded here too: the model may be built after this
-        freeze = dtype == "bf16" and world_size == 1
-    else:
-        freeze = dtype != "fp32"
+    # With the small-M GEMM every product reads the model's own weights, frozen or not: unfrozen holds less memory.
+    freeze = not cpu_kernels.load() and dtype != "fp32"  # loaded here too: the model may be built after this
     return {"freezing": freeze, "cpp_wrapper": world_size == 1}
 
 
