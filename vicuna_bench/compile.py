@@ -285,9 +285,10 @@ def cpu_inductor_options(world_size: int = 1, dtype: str = "fp32") -> dict:
       unfrozen) for a step within 1-5% of the unfrozen one (four engines built
       unfrozen, frozen, frozen, unfrozen in one process, timed in alternation:
       frozen / unfrozen bf16 0.992 at batch 1 and 0.993 at batch 8, fp32 0.952
-      and 0.975; docs/PERFORMANCE.md, sixth pass).  Without the kernels, for
-      bf16/fp16, where the GEMM kernels want packed weights; in fp32 it buys
-      nothing and the frozen graphs keep their own copies of the weights.
+      and 0.975; ``benchmarks/bench_freeze.py``, docs/PERFORMANCE.md, sixth
+      pass).  Without the kernels, for bf16/fp16, where the GEMM kernels want
+      packed weights; in fp32 it buys nothing and the frozen graphs keep their
+      own copies of the weights.
     * a C++ wrapper: no Python between the ~200 small kernels of a step.  It
       cannot wrap the collectives that tensor parallelism puts in the graph
       (torch 2.13: "arg type Any").

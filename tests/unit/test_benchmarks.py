@@ -71,6 +71,28 @@ def test_batch_benchmark_alternates_batch_sizes_in_one_engine(tiny_models, bench
     assert "batch 3 / batch 1 next token by round:" in capsys.readouterr().out
 
 
+def test_freeze_benchmark_builds_four_engines_abba_and_divides_the_pairs_means(tiny_models, bench, tmp_path, capsys):
+    """bench_freeze: engines built unfrozen, frozen, frozen, unfrozen (the options each was built under recorded);
+    each round's ratio is the frozen pair's mean over the unfrozen pair's, per batch size."""
+    out = tmp_path / "freeze.json"
+    assert bench("bench_freeze").main(["--model-path", str(tiny_models["gqa"]), "--dtype", "fp32", "--batches", "1,2",
+                                       "--seq-in", "8", "--seq-out", "3", "--rounds", "2", "--repeat", "1",
+                                       "--compile", "off", "--threads", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(e["name"], e["freezing"]) for e in doc["engines"]] == [("unfrozen", False), ("frozen", True),
+                                                                    ("frozen", True), ("unfrozen", False)]
+    from vicuna_bench import compile as vb_compile
+    assert vb_compile.cpu_inductor_options.__module__ == "vicuna_bench.compile"  # the engine's own choice restored
+    for b in (1, 2):
+        rounds = [[doc["columns"][f"b{b} {name} #{i}"]["rounds"][r]["next_token_ms"]
+                   for i, name in enumerate(["unfrozen", "frozen", "frozen", "unfrozen"])] for r in range(2)]
+        want = [(t[1] + t[2]) / (t[0] + t[3]) for t in rounds]
+        got = doc["frozen_over_unfrozen"][str(b)]["next"]
+        assert got["ratio_by_round"] == pytest.approx(want)
+        assert got["median_ratio"] == pytest.approx((want[0] + want[1]) / 2)
+    assert "batch 2 frozen / unfrozen next token by round:" in capsys.readouterr().out
+
+
 def test_batch_benchmark_alternates_amx_tiles_and_vector_path(tiny_models, bench, tmp_path, capsys):
     """bench_batch --amx both: four columns a round (each batch size with the tiles and without); the tiles / vector
     ratios are those of the rounds' medians.  Where the tiles are unusable it says why and exits 2 (no verdict)."""

@@ -1,0 +1,122 @@
+"""Frozen against unfrozen CPU graphs (inductor ``freezing``): four engines in one process, built A B B A.
+
+Two engines built one after the other in one process with the same options do not time alike: in an A/A run the
+second was 3-5% faster in every round (docs/PERFORMANCE.md, sixth pass).  So this builds four engines in the order
+unfrozen, frozen, frozen, unfrozen (every other option as the engine chooses it for the dtype), makes each one's
+graphs for every batch size before any timing, then each round times every engine's generations at each batch size
+in alternation, and gives per round the mean of the frozen pair over the mean of the unfrozen pair, for the next
+token and the first.  The engine's own choice (``compile.cpu_inductor_options``) rests on these ratios.
+
+    python benchmarks/bench_freeze.py --dtype bf16 --batches 1,8 --rounds 3 --json freeze.json
+
+Four copies of the weights are held at once.  Never run it beside other busy processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from bench_batch import BatchTimer
+from bench_peers import (cpu_flags, prompts_for, read_bandwidth, round_figures, timed_rounds, versus_line,
+                         whole_rounds)
+from vicuna_bench import checkpoint
+from vicuna_bench import compile as vb_compile
+from vicuna_bench.devices import cpu_model_name
+from vicuna_bench.runtime import Engine, usable_cpus
+from vicuna_bench.spec import ModelChoices, resolve_engine_spec
+
+ORDER = (False, True, True, False)  # freezing, by build order
+NAMES = {False: "unfrozen", True: "frozen"}
+
+
+@contextlib.contextmanager
+def freezing(on: bool):
+    """The engine's CPU inductor options with ``freezing`` set to ``on``, for the engines built inside."""
+    chosen = vb_compile.cpu_inductor_options
+
+    def options(world_size: int = 1, dtype: str = "fp32") -> dict:
+        return {**chosen(world_size, dtype), "freezing": on}
+
+    vb_compile.cpu_inductor_options = options
+    try:
+        yield
+    finally:
+        vb_compile.cpu_inductor_options = chosen
+
+
+def pair_ratios(columns: dict, batch: int, key: str) -> dict:
+    """Per round: the frozen engines' mean ``key`` over the unfrozen engines' mean, their median."""
+    def mean_of(frozen: bool) -> list[float]:
+        names = [f"b{batch} {NAMES[f]} #{i}" for i, f in enumerate(ORDER) if f == frozen]
+        return [statistics.mean(r) for r in zip(*([d[key] for d in columns[n]["rounds"]] for n in names))]
+
+    ratios = [a / b for a, b in zip(mean_of(True), mean_of(False))]
+    return {"ratio_by_round": ratios, "median_ratio": statistics.median(ratios),
+            "faster_rounds": sum(r < 1 for r in ratios), "rounds": len(ratios)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model-path", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batches", default="1,8", help="comma list of batch sizes")
+    p.add_argument("--seq-in", type=int, default=256)
+    p.add_argument("--seq-out", type=int, default=64)
+    p.add_argument("--rounds", type=whole_rounds, default=3)
+    p.add_argument("--repeat", type=int, default=2, help="timed generations per engine per batch size per round")
+    p.add_argument("--compile", default="on", choices=["on", "off"], help="off: the arithmetic only (no graphs)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all this process may use)")
+    p.add_argument("--json", default=None)
+    ns = p.parse_args(argv)
+    batches = [int(b) for b in ns.batches.split(",")]
+
+    threads = ns.threads or usable_cpus()
+    torch.set_num_threads(threads)
+    base = resolve_engine_spec(ModelChoices(ns.model_path, 1, "cpu", ns.dtype, ns.seq_in + ns.seq_out),
+                               progress=False)
+    spec = type(base)(**{**base.__dict__, "compile": ns.compile})
+    args = checkpoint.read_model_args(Path(spec.model_path))
+    doc = {"machine": {"cpu": cpu_model_name(), "flags": cpu_flags(), "threads": threads, "torch": torch.__version__},
+           "model": spec.model_path, "dtype": ns.dtype, "compile": ns.compile, "seq_in": ns.seq_in,
+           "seq_out": ns.seq_out, "rounds": ns.rounds, "repeat": ns.repeat, "engines": [], "read_gbps": None}
+    timers = {}
+    with contextlib.ExitStack() as stack:
+        for i, frozen in enumerate(ORDER):
+            with freezing(frozen):
+                doc["engines"].append({"name": NAMES[frozen], **vb_compile.cpu_inductor_options(1, ns.dtype)})
+                engine = stack.enter_context(Engine(spec))
+                for b in batches:
+                    timer = BatchTimer(engine, prompts_for(args.vocab_size, b, ns.seq_in), ns.seq_out)
+                    timer.run(1)  # its graphs and KV cache, before any timing
+                    timers[f"b{b} {NAMES[frozen]} #{i}"] = timer
+        by_round = timed_rounds(timers, ns.rounds, ns.repeat)
+    doc["read_gbps"] = read_bandwidth() / 1e9
+    doc["columns"] = {name: round_figures(runs) for name, runs in by_round.items()}
+    doc["frozen_over_unfrozen"] = {
+        str(b): {key.removesuffix("_token_ms"): pair_ratios(doc["columns"], b, key)
+                 for key in ("next_token_ms", "first_token_ms")} for b in batches}
+    print(f"{doc['machine']['cpu']} ({', '.join(doc['machine']['flags'])}), {threads} threads, torch "
+          f"{torch.__version__}; read {doc['read_gbps']:.1f} GB/s")
+    print(f"{Path(spec.model_path).name} {ns.dtype}, --compile {ns.compile}, {ns.seq_in} in / {ns.seq_out} out; "
+          f"engines built {', '.join(e['name'] for e in doc['engines'])}; {ns.rounds} rounds of {ns.repeat} run(s)")
+    for b in batches:
+        for i, frozen in enumerate(ORDER):
+            column = doc["columns"][f"b{b} {NAMES[frozen]} #{i}"]
+            print(f"batch {b} engine {i} ({NAMES[frozen]:<8}) next ms {column['next_token_ms']:8.2f}  "
+                  f"first ms {column['first_token_ms']:8.1f}")
+        for what, got in doc["frozen_over_unfrozen"][str(b)].items():
+            print(versus_line(f"batch {b} frozen / unfrozen {what} token", got))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
