@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from bench_batch import BatchTimer
-from bench_peers import (cpu_flags, prompts_for, read_bandwidth, round_figures, timed_rounds, versus_line,
-                         whole_rounds)
+from bench_peers import (cpu_flags, prompts_for, read_bandwidth, round_figures, timed_rounds, versus_by_round,
+                         versus_line, whole_rounds)
 from vicuna_bench import checkpoint
 from vicuna_bench import compile as vb_compile
 from vicuna_bench.devices import cpu_model_name
@@ -51,15 +51,11 @@ def freezing(on: bool):
         vb_compile.cpu_inductor_options = chosen
 
 
-def pair_ratios(columns: dict, batch: int, key: str) -> dict:
-    """Per round: the frozen engines' mean ``key`` over the unfrozen engines' mean, their median."""
-    def mean_of(frozen: bool) -> list[float]:
-        names = [f"b{batch} {NAMES[f]} #{i}" for i, f in enumerate(ORDER) if f == frozen]
-        return [statistics.mean(r) for r in zip(*([d[key] for d in columns[n]["rounds"]] for n in names))]
-
-    ratios = [a / b for a, b in zip(mean_of(True), mean_of(False))]
-    return {"ratio_by_round": ratios, "median_ratio": statistics.median(ratios),
-            "faster_rounds": sum(r < 1 for r in ratios), "rounds": len(ratios)}
+def pair_means(columns: dict, batch: int, frozen: bool) -> list[dict]:
+    """Per round: the first/next-token ms of the frozen (or unfrozen) pair of engines at ``batch``, averaged."""
+    names = [f"b{batch} {NAMES[f]} #{i}" for i, f in enumerate(ORDER) if f == frozen]
+    return [{key: statistics.mean(columns[n]["rounds"][r][key] for n in names)
+             for key in ("first_token_ms", "next_token_ms")} for r in range(len(columns[names[0]]["rounds"]))]
 
 
 def main(argv=None) -> int:
@@ -85,7 +81,7 @@ def main(argv=None) -> int:
     args = checkpoint.read_model_args(Path(spec.model_path))
     doc = {"machine": {"cpu": cpu_model_name(), "flags": cpu_flags(), "threads": threads, "torch": torch.__version__},
            "model": spec.model_path, "dtype": ns.dtype, "compile": ns.compile, "seq_in": ns.seq_in,
-           "seq_out": ns.seq_out, "rounds": ns.rounds, "repeat": ns.repeat, "engines": [], "read_gbps": None}
+           "seq_out": ns.seq_out, "rounds": ns.rounds, "repeat": ns.repeat, "engines": []}
     timers = {}
     with contextlib.ExitStack() as stack:
         for i, frozen in enumerate(ORDER):
@@ -99,9 +95,9 @@ def main(argv=None) -> int:
         by_round = timed_rounds(timers, ns.rounds, ns.repeat)
     doc["read_gbps"] = read_bandwidth() / 1e9
     doc["columns"] = {name: round_figures(runs) for name, runs in by_round.items()}
-    doc["frozen_over_unfrozen"] = {
-        str(b): {key.removesuffix("_token_ms"): pair_ratios(doc["columns"], b, key)
-                 for key in ("next_token_ms", "first_token_ms")} for b in batches}
+    doc["frozen_over_unfrozen"] = {  # per batch: "next" and "first", each the per-round frozen / unfrozen ratios
+        str(b): {what.removesuffix("_token"): ratios for what, ratios in versus_by_round(
+            pair_means(doc["columns"], b, True), pair_means(doc["columns"], b, False)).items()} for b in batches}
     print(f"{doc['machine']['cpu']} ({', '.join(doc['machine']['flags'])}), {threads} threads, torch "
           f"{torch.__version__}; read {doc['read_gbps']:.1f} GB/s")
     print(f"{Path(spec.model_path).name} {ns.dtype}, --compile {ns.compile}, {ns.seq_in} in / {ns.seq_out} out; "
