@@ -140,6 +140,13 @@ class CompiledSteps:
                 return self.decode_fn(model, *inputs)
         return self.decode_fn(model, *inputs)
 
+    @staticmethod
+    def _compiled_namespace() -> dict:
+        """Where dynamo installs the compiled prefill's and decode step's code: their module's namespace."""
+        from . import generation
+
+        return vars(generation)
+
     def _graphs_of(self, model) -> dict:
         try:
             return self._seen.get(model, {})
@@ -186,6 +193,7 @@ class CompiledSteps:
                     self._prefill(model, tokens, torch.zeros_like(tokens), valid, 0)
                 seen[prefill_key] = addresses
                 made.append("prefill")
+                drop_traced_graphs(self._compiled_namespace())  # before the decode step compiles: it reuses the space
             if warm_decode:
                 scratch_valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
                 # advance() marks the scratch slot valid: a row with no valid key attends over nothing (NaN), the
@@ -197,6 +205,7 @@ class CompiledSteps:
                     self.decode(model, state)
                 seen[decode_key] = addresses
                 made.append("decode step")
+                drop_traced_graphs(self._compiled_namespace())
         if not made:
             return 0.0
         sync()
@@ -248,6 +257,51 @@ def _default_stance() -> bool:
     except ImportError:
         return False
     return _stance.stance == "default" and _stance.backend is None and not _stance.skip_guard_eval_unsafe
+
+
+# What aot_module_simplified (torch/_functorch/aot_autograd.py, torch 2.0-2.13) sets on the forward it returns,
+# "just for convenience": bound methods of the GraphModule dynamo traced.
+_TRACED_GRAPH_METHODS = ("zero_grad", "named_parameters", "named_buffers")
+
+
+def drop_traced_graphs(namespace: dict) -> int:
+    """Let the FX graphs dynamo traced be freed once they are compiled; how many references were dropped.
+
+    Dynamo installs each compiled graph in the compiled function's globals
+    (``__compiled_fn_<n>_<uuid>``): AOTAutograd's forward, under wrappers
+    that copy its ``__dict__`` (``functools.wraps``) and keep it as
+    ``__wrapped__``.  That forward carries three bound methods of the traced
+    GraphModule, which pin the whole traced graph: every node with its
+    metadata, fake tensors and stack traces (SmolLM2's prefill and decode
+    graphs: 5,600 nodes, 20 MiB of Python objects, docs/PERFORMANCE.md
+    "Seventh pass").  Nothing calls them: the compiled code runs from
+    inductor's output, and the parameters reach it as arguments.  Only those
+    three attributes are removed, and only where they are bound to a
+    GraphModule; another torch that holds the graph elsewhere keeps it (and
+    the count says 0).
+    """
+    import torch.fx
+
+    dropped = 0
+    for name, value in list(namespace.items()):
+        if not name.startswith("__compiled_fn"):
+            continue
+        seen: set[int] = set()
+        while value is not None and id(value) not in seen:  # the wrapper chain down to the forward
+            seen.add(id(value))
+            attrs = getattr(value, "__dict__", None)
+            if not isinstance(attrs, dict):
+                break
+            for attr in _TRACED_GRAPH_METHODS:
+                if isinstance(getattr(attrs.get(attr), "__self__", None), torch.fx.GraphModule):
+                    del attrs[attr]
+                    dropped += 1
+            value = attrs.get("__wrapped__")
+    if dropped:
+        import gc
+
+        gc.collect()  # a traced graph is a web of cycles (nodes <-> graph): only the collector frees it
+    return dropped
 
 
 def release_freed_heap() -> None:
@@ -311,6 +365,30 @@ def configure_cpu_inductor(world_size: int = 1, dtype: str = "fp32") -> None:
         setattr(inductor, key, value)
 
 
+def sizes_apart(fn):
+    """``fn`` traced with a symbol of its own for every dynamic size, so that no two sizes are tied by equality.
+
+    By default dynamo gives sizes of equal value one symbol ("duck shapes",
+    ``torch.fx.experimental._config.use_duck_shape``) and guards on that
+    equality.  The prefill is warmed on a 2-token scratch prompt; at batch 2
+    its graph held batch == prompt length, so the first real prompt of batch 2
+    recompiled inside the timed prefill.  Apart, one graph serves every prompt
+    length of 2 or more at every batch of 2 or more.
+    """
+    try:
+        from torch.fx.experimental import _config as fx_config
+    except ImportError:  # torch < 2.2: the setting lived elsewhere; duck shapes stay
+        return fn
+    if not hasattr(fx_config, "use_duck_shape"):
+        return fn
+
+    def call(*args, **kwargs):
+        with fx_config.patch(use_duck_shape=False):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def under_inductor_options(fn, **options):
     """``fn`` called under these inductor settings, so the graphs it compiles (lazily, on a call) get them
     whatever other engines in the process set."""
@@ -352,7 +430,7 @@ def compiled_steps(device: str, world_size: int, dtype: str = "fp32", npu_graph:
         # max-autotune = CUDA graphs + GEMMs autotuned per shape (docs/PERFORMANCE.md, "GPU").
         # The graph is recorded because the step writes no input but the module's buffers (the KV cache).
         graphed = torch.compile(decode_step, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
-        prefill = torch.compile(prefill_logits, dynamic=True)
+        prefill = sizes_apart(torch.compile(prefill_logits, dynamic=True))
         steps = CompiledSteps(prefill, graphed, "inductor max-autotune, CUDA graphs")
         # CUDA graph trees (torch/_inductor/cudagraph_trees.py) run a function's first call eagerly as a warm-up
         # and record on its second; only the third replays.
@@ -362,7 +440,7 @@ def compiled_steps(device: str, world_size: int, dtype: str = "fp32", npu_graph:
     options = cpu_inductor_options(world_size, dtype)
     decode = torch.compile(decode_step, mode=CPU_DECODE_MODE, fullgraph=fullgraph, dynamic=False)
     # Compiling the prefill fuses the elementwise work around its GEMMs, in one graph for every prompt length.
-    prefill = torch.compile(prefill_logits, dynamic=True)
+    prefill = sizes_apart(torch.compile(prefill_logits, dynamic=True))
     frozen = ", freezing" if options["freezing"] else ""
     wrapper = ", C++ wrapper" if options["cpp_wrapper"] else ""
     if SKIP_GUARD_EVAL_SUPPORTED:

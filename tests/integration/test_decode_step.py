@@ -49,6 +49,65 @@ def test_compiled_steps_follow_batch_changes(tiny_models):
     assert two_again.output_ids == eager[0] and two_again.compile_ms == 0.0 and one.compile_ms > 0
 
 
+@pytest.fixture()
+def compile_log(monkeypatch):
+    """A log of ("compile", weak reference to the graph dynamo hands inductor) and "mark" (every clock mark of a
+    generation), with dynamo's caches emptied so that every graph compiles here."""
+    import weakref
+
+    import torch._inductor.compile_fx as inductor_compile
+    from vicuna_bench import generation
+
+    log: list = []
+    compile_fx, mark = inductor_compile.compile_fx, generation.StepClock.mark
+
+    def recording(gm, *args, **kwargs):  # what dynamo's inductor backend calls (torch/__init__.py, 2.13)
+        log.append(("compile", weakref.ref(gm)))
+        return compile_fx(gm, *args, **kwargs)
+
+    def logged_mark(self):
+        log.append("mark")
+        mark(self)
+
+    monkeypatch.setattr(inductor_compile, "compile_fx", recording)
+    monkeypatch.setattr(generation.StepClock, "mark", logged_mark)
+    torch._dynamo.reset()
+    return log
+
+
+def test_nothing_compiles_inside_the_timed_steps_with_real_dynamo(tiny_models, compile_log):
+    """inductor and dynamo as --compile on runs them, batch 2 and batch 3: every graph is made before the first
+    clock mark.  Regression: the prefill was warmed on a 2-token prompt and dynamo tied its length to the batch
+    of 2 (duck shapes), so the real prompt recompiled inside the timed prefill."""
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    with Engine(type(spec)(**{**spec.__dict__, "compile": "on"})) as engine:
+        for prompts in (PROMPTS, PROMPTS + [[3, 4, 5]]):
+            compile_log.clear()
+            engine.generate(prompts, 6, ignore_eos=True)
+            first = compile_log.index("mark")
+            last = len(compile_log) - 1 - compile_log[::-1].index("mark")
+            assert any(e != "mark" for e in compile_log[:first]), "nothing compiled: dynamo's cache was not empty"
+            assert [e for e in compile_log[first:last] if e != "mark"] == [], f"compiled while timed, batch {len(prompts)}"
+
+
+def test_warm_frees_the_graphs_dynamo_traced(tiny_models, compile_log):
+    """Once the prefill and decode step are compiled, the FX graphs dynamo traced for them (every node with its
+    fake tensors and stack traces) are garbage: each graph inductor was handed is held weakly here and must be
+    gone after the generation, whose tokens still equal the eager ones (``compile.drop_traced_graphs``)."""
+    import gc
+
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    with Engine(spec) as engine:
+        eager = engine.generate(PROMPTS, 6, ignore_eos=True).output_ids
+    with Engine(type(spec)(**{**spec.__dict__, "compile": "on"})) as engine:
+        compiled = engine.generate(PROMPTS, 6, ignore_eos=True).output_ids
+        gc.collect()
+        traced = [entry[1] for entry in compile_log if entry != "mark"]
+        assert len(traced) >= 2, "the prefill and the decode step were not compiled through inductor"
+        assert [ref() for ref in traced] == [None] * len(traced)
+    assert compiled == eager
+
+
 def test_warmed_decode_skips_guards_without_mixing_models_or_shapes(tiny_models, tmp_path, monkeypatch):
     """Two engines of one architecture with different weights, open at once: dynamo keeps both models' decode
     graphs in one cache (one decode_step code object).  A warmed (model, batch, cache length) decodes under
