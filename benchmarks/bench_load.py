@@ -325,4 +325,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vicuna_bench.errors import script_exit
+
+    sys.exit(script_exit(main))

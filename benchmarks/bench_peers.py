@@ -179,7 +179,9 @@ def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
         raise RuntimeError("--memory reads /proc/self/status (Linux only)")
     devices.reset_peak_memory(cpu)
     model = build_rank_model(spec, 0, TensorParallel(), cpu)
+    cache = inductor_cache_counts()
     generate(model, GenerationRequest.make(prompts, seq_out, ignore_eos=True), steps=steps)  # warm-up: compiles here
+    cache = {key: count - cache[key] for key, count in inductor_cache_counts().items()}
     load_peak = devices.peak_memory_bytes(cpu)
     devices.reset_peak_memory(cpu)
     generate(model, GenerationRequest.make(prompts, seq_out, ignore_eos=True), steps=steps)
@@ -193,8 +195,18 @@ def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
         "load_over_weights_kv": (load_peak - base) / (weights + kv),
         # The compiler's own code and state, loaded before the baseline: counted here, apart from the model's.
         "compiler_rss_bytes": compiler,
+        # How the graphs were made: compiled anew (a cold inductor cache: more stays resident, PERFORMANCE.md
+        # "Seventh pass") or loaded from the cache.
+        "graphs_compiled": cache["miss"], "graphs_from_cache": cache["hit"],
         "serve_over_weights_kv_with_compiler": (serve_peak - base + compiler) / (weights + kv),
     }
+
+
+def inductor_cache_counts() -> dict:
+    """Inductor's FX graph cache so far in this process: {"hit": graphs loaded, "miss": graphs compiled}."""
+    from torch._dynamo.utils import counters
+
+    return {"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"]}
 
 
 def compiler_rss_bytes(dtype: str) -> int:
@@ -692,6 +704,10 @@ def main(argv=None) -> int:
                   f" MiB; RSS growth serving {mem['serve_peak_growth_bytes'] / 2**20:.0f} MiB "
                   f"({mem['serve_over_weights_kv']:.2f}x), loading/compiling {mem['load_peak_growth_bytes'] / 2**20:.0f}"
                   f" MiB ({mem['load_over_weights_kv']:.2f}x)")
+            if mem.get("graphs_compiled") or mem.get("graphs_from_cache"):
+                print(f"{name} memory: {mem['graphs_compiled']} graph(s) compiled anew, {mem['graphs_from_cache']} "
+                      f"from inductor's cache" + (" (a cold cache: more stays resident than on a warm one)"
+                                                  if mem["graphs_compiled"] else ""))
             if mem.get("compiler_rss_bytes"):
                 print(f"{name} memory: the compiler itself (compiling a one-op function first, before the baseline) "
                       f"{mem['compiler_rss_bytes'] / 2**20:.0f} MiB; serving with it counted "
@@ -702,4 +718,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vicuna_bench.errors import script_exit
+
+    sys.exit(script_exit(main))

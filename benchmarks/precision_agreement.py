@@ -86,4 +86,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vicuna_bench.errors import script_exit
+
+    sys.exit(script_exit(main))

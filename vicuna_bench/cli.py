@@ -19,7 +19,7 @@ from . import torch_autoload
 torch_autoload.front_end_default()
 
 from . import drivers, settings  # noqa: E402
-from .errors import UserError, VicunaBenchError
+from .errors import UserError, VicunaBenchError, first_line
 
 log = logging.getLogger("vicuna_bench")
 
@@ -162,8 +162,7 @@ def _main(argv: list[str] | None) -> int:
     except VicunaBenchError as exc:
         if ns.debug:
             raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"vicuna-bench {ns.command}: error: {first_line}", file=sys.stderr)
+        print(f"vicuna-bench {ns.command}: error: {first_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("vicuna-bench: interrupted", file=sys.stderr)

@@ -7,6 +7,9 @@ processes of an engine failed (one died, or a collective broke): exit 1.
 Anything else is a bug and keeps its traceback.
 """
 
+import os
+import sys
+
 
 class VicunaBenchError(Exception):
     """Base of every error vicuna-bench raises on purpose."""
@@ -30,3 +33,20 @@ class EngineError(VicunaBenchError, RuntimeError):
     """The engine's worker processes failed or were closed."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The one line an error is reported by: its message's first line, or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def script_exit(main, argv=None, prog: str | None = None) -> int:
+    """Run a script's ``main(argv)`` as the CLI runs a command: an error of ours is one line on stderr
+    (``<prog>: error: ...``, prog defaulting to the script's file name) and its exit code (bad input: 2);
+    anything else keeps its traceback."""
+    try:
+        return main(argv) if argv is not None else main()
+    except VicunaBenchError as exc:
+        print(f"{prog or os.path.basename(sys.argv[0])}: error: {first_line(exc)}", file=sys.stderr)
+        return exc.exit_code

@@ -150,3 +150,13 @@ def test_streams_text_without_json():
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "model=" in proc.stderr and "device=cpu" in proc.stderr and "world_size=1" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["bench_batch.py", "bench_peers.py"])
+def test_a_benchmark_script_reports_bad_input_as_the_cli_does(script, tmp_path):
+    """Run as a script: one line on stderr naming the value at fault, exit 2, no traceback."""
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "benchmarks" / script),
+                           "--model-path", str(missing)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"{script}: error: --model-path {missing}: no such directory"

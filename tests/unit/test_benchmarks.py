@@ -145,3 +145,16 @@ def test_attention_benchmark_refuses_more_filled_slots_than_the_cache(bench):
     with pytest.raises(SystemExit) as exit_:
         bench("bench_attention").main(["--cache", "16", "--filled", "17"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("name", ["bench_attention", "bench_batch", "bench_freeze", "bench_gemm", "bench_paths",
+                                  "bench_peers", "bench_prefill"])
+def test_a_benchmark_given_a_missing_model_says_so_in_one_line_and_exits_2(bench, name, tmp_path, capsys):
+    from vicuna_bench.errors import script_exit
+
+    missing, out = tmp_path / "no-such-model", tmp_path / "out.json"
+    argv = ["--model-path", str(missing), "--json", str(out)]
+    assert script_exit(bench(name).main, argv, prog=f"{name}.py") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{name}.py: error: --model-path {missing}: no such directory"
+    assert not out.exists()
