@@ -179,9 +179,11 @@ def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
         raise RuntimeError("--memory reads /proc/self/status (Linux only)")
     devices.reset_peak_memory(cpu)
     model = build_rank_model(spec, 0, TensorParallel(), cpu)
-    cache = inductor_cache_counts()
+    # Eager: dynamo is not imported, and is not loaded after the baseline to count nothing.
+    cache = inductor_cache_counts() if steps is not EAGER else {"hit": 0, "miss": 0}
     generate(model, GenerationRequest.make(prompts, seq_out, ignore_eos=True), steps=steps)  # warm-up: compiles here
-    cache = {key: count - cache[key] for key, count in inductor_cache_counts().items()}
+    if steps is not EAGER:
+        cache = {key: count - cache[key] for key, count in inductor_cache_counts().items()}
     load_peak = devices.peak_memory_bytes(cpu)
     devices.reset_peak_memory(cpu)
     generate(model, GenerationRequest.make(prompts, seq_out, ignore_eos=True), steps=steps)

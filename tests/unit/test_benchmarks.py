@@ -29,7 +29,10 @@ def bench():
 def test_memory_probe_counts_weights_and_the_kv_cache(tiny_models, bench):
     """GQA tiny model: tied 777 x 64 embedding, 2 layers, 2 key/value heads of 8; batch 2 in a 64-slot cache."""
     spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", max_seq_len=64)
+    dynamo_loaded = "torch._dynamo.utils" in sys.modules
     got = bench("bench_peers")._memory_probe(spec, [[5, 6, 7], [8, 9]], 4, threads=1)
+    assert ("torch._dynamo.utils" in sys.modules) == dynamo_loaded  # eager: nothing loaded after the baseline
+    assert (got["graphs_compiled"], got["graphs_from_cache"]) == (0, 0)
     h, i, layers, kv_width = 64, 128, 2, 2 * 8
     per_layer = h * h + 2 * kv_width * h + h * h + 2 * i * h + i * h + 2 * h  # q, k+v, o, gate+up, down, 2 norms
     assert got["weight_bytes"] == 4 * (777 * h + layers * per_layer + h)
