@@ -61,6 +61,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import first_line
+
 log = logging.getLogger("vicuna_bench")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
@@ -322,12 +324,6 @@ def _load_library(build_if_missing: bool) -> None:
             reason = f"{target} was rebuilt and still cannot be loaded: {first_line(err)}"
             _record_failure(target.parent, reason)
             raise KernelBuildError(reason) from None
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's message, first line (its type's name where it has none)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _register_fakes() -> None:

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import fit
-from .errors import UserError
+from .errors import UserError, first_line
 from .model import Transformer
 
 log = logging.getLogger("vicuna_bench")
@@ -492,7 +492,7 @@ def _timed_prefill(model: Transformer, steps: EagerSteps, batch: _Batch, prefix:
         except Exception as exc:  # only a device out of memory is handled; anything else goes up as it is
             if not out_of_memory(exc):
                 raise
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            why = first_line(exc)
         # Out of memory; the failed prefill's tensors went with the exception at the end of the except clause.
         if attempt == 2 or model.tp.world_size > 1:
             raise _prefill_out_of_memory(model, rows, batch.length, batch.new_tokens, attempt == 2, why)
