@@ -3,7 +3,7 @@
 Measures, on one device with the same weights, prompts and threads:
 
 * read bandwidth (sum over a 256 MB tensor) and copy bandwidth;
-* the matmul rate (2048^3 in the run's dtype);
+* the matmul rate (n^3 in the run's dtype: 2048, or less where a call would take over a second);
 * our engine, ``--compile off`` and ``on``: first-token and next-token ms;
 * transformers ``generate``: the same, from per-step timestamps;
 * llama.cpp (``llama-cpp-python``) when installed and ``--gguf`` names the
@@ -79,17 +79,33 @@ def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     return nbytes / best
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of an n x n x n matmul in ``dtype`` (best of ``repeats``)."""
+def matmul_size(seconds_at_256: float, largest: int = 2048, budget_s: float = 1.0) -> int:
+    """The largest power-of-two n <= ``largest`` (256 at least) whose n x n x n matmul should take at most
+    ``budget_s`` a call, from one call's time at n = 256 (the time grows as n cubed).
+
+    ATen's bf16 GEMM on a CPU without a bf16 dot product can be hundreds of times slower than fp32 (an AVX2 AMD
+    EPYC: 0.31 GFLOP/s, a minute for each 2048 call), and the figure is only a reference for the prefill's rate."""
+    n = 256
+    while n * 2 <= largest and seconds_at_256 * (n * 2 / 256) ** 3 <= budget_s:
+        n *= 2
+    return n
+
+
+def matmul_rate(dtype: torch.dtype, largest: int = 2048, repeats: int = 3) -> tuple[float, int]:
+    """FLOP/s of an n x n x n matmul in ``dtype`` (best of ``repeats``) and n: ``largest``, or smaller where a call
+    of that size would take more than a second (:func:`matmul_size`)."""
+    def timed(a, b) -> float:
+        t = time.perf_counter()
+        a @ b
+        return time.perf_counter() - t
+
+    small = torch.randn(256, 256).to(dtype)
+    small @ small
+    n = matmul_size(timed(small, small), largest)
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * n**3 / min(timed(a, b) for _ in range(repeats)), n
 
 
 def cpu_flags() -> list[str]:
@@ -618,7 +634,8 @@ def main(argv=None) -> int:
     doc["machine"]["cpu"] = cpu_model_name()
     doc["read_gbps"] = read_bandwidth() / 1e9
     doc["copy_gbps"] = copy_bandwidth(torch.device("cpu")) / 1e9
-    doc["matmul_gflops"] = matmul_rate(dtype) / 1e9
+    rate, doc["matmul_n"] = matmul_rate(dtype)
+    doc["matmul_gflops"] = rate / 1e9
 
     # The decode floor: what one step must read (weights, and the KV cache at its mean length) / read bandwidth.
     from vicuna_bench.model import decode_read_bytes
@@ -674,8 +691,9 @@ def main(argv=None) -> int:
     m = doc["machine"]
     print(f"{m['cpu']} ({', '.join(m['flags']) or 'no AVX flags read'}), {threads} threads, torch {m['torch']}")
     print(f"{Path(base.model_path).name} {ns.dtype}, batch {ns.batch}, {ns.seq_in} in / {ns.seq_out} out")
-    print(f"read {doc['read_gbps']:.1f} GB/s, copy {doc['copy_gbps']:.1f} GB/s, matmul {doc['matmul_gflops']:.0f} "
-          f"GFLOP/s, decode floor {doc['decode_floor_ms']:.2f} ms ({step_bytes / 1e6:.0f} MB per step)")
+    print(f"read {doc['read_gbps']:.1f} GB/s, copy {doc['copy_gbps']:.1f} GB/s, matmul {doc['matmul_gflops']:.1f} "
+          f"GFLOP/s ({doc['matmul_n']}^3), decode floor {doc['decode_floor_ms']:.2f} ms "
+          f"({step_bytes / 1e6:.0f} MB per step)")
     print(f"{'engine':<22}{'first ms':>10}{'next ms':>10}{'next/floor':>12}{'first/HF':>10}{'next/HF':>10}"
           f"{'prefill GFLOP/s':>17}")
     for name, col in columns.items():

@@ -238,3 +238,17 @@ def test_rounds_below_one_stop_the_bench_naming_the_value(peers, capsys, value):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(f"argument --rounds: '{value}' is not a number of rounds (a whole number >= 1)")
+
+
+@pytest.mark.parametrize("gflops, n", [(0.31, 512),  # ATen's bf16 GEMM on an AVX2 AMD EPYC (measured)
+                                        (10.0, 1024), (100.0, 2048), (5000.0, 2048)])
+def test_the_matmul_reference_shrinks_where_a_2048_call_would_take_over_a_second(peers, gflops, n):
+    seconds_at_256 = 2 * 256**3 / (gflops * 1e9)
+    assert peers.matmul_size(seconds_at_256) == n
+    # the chosen size's call fits the budget; the next size's would not (or it is the largest)
+    assert 2 * n**3 / (gflops * 1e9) <= 1.0
+    assert n == 2048 or 2 * (2 * n) ** 3 / (gflops * 1e9) > 1.0
+
+
+def test_the_matmul_reference_is_never_below_256(peers):
+    assert peers.matmul_size(60.0) == 256

@@ -18,6 +18,7 @@ FLAGS = Path(__file__).parent / "data" / "cpu_flags"
 SAPPHIRE_RAPIDS = FLAGS / "sapphire_rapids.cpuinfo"  # amx_bf16
 EPYC_ZEN4 = FLAGS / "amd_epyc_zen4.cpuinfo"  # avx512_bf16, no AMX
 HASWELL = FLAGS / "haswell_e5_2680_v3.cpuinfo"  # avx2 only
+EPYC_ZEN3 = FLAGS / "amd_epyc_zen3_milan.cpuinfo"  # avx2 only (AMD)
 KUNPENG_920 = FLAGS / "kunpeng_920.cpuinfo"  # AArch64 "Features": asimd, no sve, no bf16
 GRAVITON3 = FLAGS / "graviton3_neoverse_v1.cpuinfo"  # AArch64: sve and bf16
 
@@ -62,6 +63,7 @@ def auto_cpu_dtype() -> torch.dtype:
     (SAPPHIRE_RAPIDS, "amx_bf16", ["amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2"]),
     (EPYC_ZEN4, "avx512_bf16", ["avx512_bf16", "avx512f", "avx2"]),
     (HASWELL, "avx2", ["avx2"]),
+    (EPYC_ZEN3, "avx2", ["avx2"]),
     (KUNPENG_920, "asimd", ["asimd"]),
     (GRAVITON3, "bf16", ["bf16", "sve", "asimd"]),
 ])
@@ -88,6 +90,7 @@ def test_no_cpuinfo_or_no_flags_line_is_unknown(tmp_path):
 @pytest.mark.parametrize("flags, dtype, why", [
     (SAPPHIRE_RAPIDS, torch.bfloat16, ("bf16", "AMX")),
     (HASWELL, torch.float32, ("fp32", "avx2 without avx512_bf16")),
+    (EPYC_ZEN3, torch.float32, ("fp32", "avx2 without avx512_bf16")),
 ])
 def test_amx_and_avx2_only_hosts_decide_without_probing(host, caplog, flags, dtype, why):
     host(flags)

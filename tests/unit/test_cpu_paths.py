@@ -19,6 +19,7 @@ FLAGS = Path(__file__).parent / "data" / "cpu_flags"
 SAPPHIRE_RAPIDS = FLAGS / "sapphire_rapids.cpuinfo"  # amx_bf16 amx_tile
 EPYC_ZEN4 = FLAGS / "amd_epyc_zen4.cpuinfo"  # avx512_bf16, no AMX
 HASWELL = FLAGS / "haswell_e5_2680_v3.cpuinfo"  # avx2 only
+EPYC_ZEN3 = FLAGS / "amd_epyc_zen3_milan.cpuinfo"  # avx2 only (AMD)
 GRAVITON3 = FLAGS / "graviton3_neoverse_v1.cpuinfo"  # AArch64 bf16
 KUNPENG_920 = FLAGS / "kunpeng_920.cpuinfo"  # AArch64 without bf16 (the Atlas 800I A2's host CPU)
 
@@ -62,6 +63,8 @@ def test_amx_host_where_linux_refused_the_tiles_keeps_the_vector_kernel():
     (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", KERNEL_ONLY),
     (HASWELL, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", "the CPU has no AMX-TILE/AMX-BF16 (cpuid)",
      KERNEL_FP32_GEMM),
+    (EPYC_ZEN3, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", "the CPU has no AMX-TILE/AMX-BF16 (cpuid)",
+     KERNEL_FP32_GEMM),
     (GRAVITON3, NOT_BUILT, NOT_BUILT, KERNEL_ONLY),
     (KUNPENG_920, NOT_BUILT, NOT_BUILT, KERNEL_FP32_GEMM),
     # a library that says usable on a host whose flags lack AMX (a faked or odd cpuinfo): the flags win
@@ -80,6 +83,7 @@ def test_hosts_without_amx_take_the_kernel_up_to_16_rows(host, amx, why, bf16):
     (SAPPHIRE_RAPIDS, None, True),
     (EPYC_ZEN4, None, True),
     (HASWELL, None, False),
+    (EPYC_ZEN3, None, False),
     (GRAVITON3, None, True),
     (KUNPENG_920, None, False),
     (None, None, True),  # nothing known: ATen's path is left alone
@@ -118,6 +122,8 @@ def test_without_the_kernels_every_row_is_f_linear(host):
     (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), False,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ F.linear"),
     (HASWELL, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True,
+     "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),    # the line `make setup` printed on that AMD EPYC (Zen 3) host itself, 2026-12-06
+    (EPYC_ZEN3, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),
 ])
 def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, host, amx, amx_rows, fp32_gemm, said):
@@ -133,7 +139,7 @@ def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, hos
     monkeypatch.setattr(cpu_kernels, "_set_amx_rows", lambda lo, hi: handed.append((lo, hi)) or True)
     monkeypatch.setattr(cpu_kernels, "_set_bf16_fp32_gemm", lambda on: handed.append(on) or on)
     # the kernel as this faked host would build it (the real library's word depends on the CI host)
-    isa = ("fp32 avx2, bf16 avx2 (widened)" if host == HASWELL else "fp32 avx512f, bf16 avx512_bf16")
+    isa = ("fp32 avx2, bf16 avx2 (widened)" if host in (HASWELL, EPYC_ZEN3) else "fp32 avx512f, bf16 avx512_bf16")
     monkeypatch.setattr(torch.ops.vicuna_bench, "small_m_isa", lambda: isa)
     for key in ("loaded", "why_not", "isa", "amx", "paths"):
         monkeypatch.setitem(cpu_kernels._state, key, None)
