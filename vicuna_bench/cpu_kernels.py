@@ -83,7 +83,7 @@ BUILD_LOG = "build.log"  # the compiler's command line, version and whole output
 # 0.45 at M = 3 / 4 / 8 / 16; docs/PERFORMANCE.md "AMX tiles for the small-M GEMM").
 AMX_ROWS = (3, MAX_ROWS)
 KERNEL, KERNEL_AMX, F_LINEAR = "kernel", "kernel+AMX", "F.linear"
-# bf16 products of more than MAX_ROWS rows (a prefill) on a host without a bf16 dot product: x and one ~8 MB block of
+# bf16 products of more than MAX_ROWS rows (a prefill) on a host without a bf16 dot product: x and one block (2 MiB) of
 # weight rows at a time widened to fp32, BLAS sgemm, rounded to bf16 (the op's bf16_linear_in_fp32).  ATen's own bf16
 # GEMM there is a dot product of widened scalars: SmolLM2's 30 layers at 256 rows, 2 threads, emulated AVX2 2136 ms
 # against 274, AVX-512 without BF16 913 against 344; with avx512_bf16 ATen's (oneDNN) 325 against 343.

@@ -189,8 +189,8 @@ def test_bf16_fp32_gemm_matches_matmul(m, k, n, seed):
 
 
 def test_bf16_fp32_gemm_blocks_of_weight_rows():
-    """A weight taller than one ~8 MB fp32 block (K = 4096: 512 rows a block) and leading dimensions: every block's
-    columns land in their place of the [B, T, N] output."""
+    """A weight taller than one 2 MiB fp32 block (K = 4096: 128 rows a block, 10 whole blocks and one of 20 rows)
+    and leading dimensions: every block's columns land in their place of the [B, T, N] output."""
     gen = torch.Generator().manual_seed(5)
     w = (torch.randn(1300, 4096, generator=gen) * 0.02).bfloat16()
     x = torch.randn(2, 12, 4096, generator=gen).bfloat16()
