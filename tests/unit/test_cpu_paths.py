@@ -122,7 +122,8 @@ def test_without_the_kernels_every_row_is_f_linear(host):
     (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), False,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ F.linear"),
     (HASWELL, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True,
-     "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),    # the line `make setup` printed on that AMD EPYC (Zen 3) host itself, 2026-12-06
+     "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),
+    # the line `make setup` printed on that AMD EPYC (Zen 3) host itself, 2026-12-06
     (EPYC_ZEN3, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),
 ])

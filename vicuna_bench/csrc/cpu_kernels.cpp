@@ -754,9 +754,10 @@ std::string small_m_amx() { return amx_status(); }
 // each block multiplied by BLAS sgemm straight into its columns of an fp32 output, rounded to bf16 at the end.
 // SmolLM2's 30 layers at 256 rows (2 threads): emulated AVX2 2136 -> 274 ms, AVX-512 without BF16 913 -> 344; with
 // avx512_bf16 ATen's own (oneDNN) 325 against 343, so those hosts keep it.  Blocks of 256 KB / 1 MB / 4 MB / 32 MB:
-// 426 / 329 / 293 / 282 ms (emulated).  On a real AVX2 host (AMD EPYC Zen 3) blocks of 8 MB left the process 1.35-1.40x
-// weights + KV resident after serving bf16 (7 probes) and 2 MiB blocks 1.28-1.29x (11 of 12; one 1.33), the
-// first token within that host's noise (2 MiB / 8 MB by run: 1.04 1.00 1.08 0.95): docs/PERFORMANCE.md, ninth pass.
+// 426 / 329 / 293 / 282 ms (emulated).  On a real AVX2 host (AMD EPYC Zen 3) blocks of 8 MB left the process
+// 1.37-1.40x weights + KV resident after serving bf16 (4 probes) and 2 MiB blocks 1.28-1.29x (14 of 15; one 1.33),
+// the first token within that host's noise (2 MiB / 8 MB by run: 1.04 1.00 1.08 0.95): docs/PERFORMANCE.md, ninth
+// pass.
 // Set by small_m_set_bf16_fp32_gemm (the per-host choice of cpu_kernels.py).
 std::atomic<bool> g_bf16_fp32_gemm{false};
 constexpr int64_t kFp32BlockBytes = 2 << 20;
