@@ -16,14 +16,23 @@ no part of it: :mod:`vicuna_bench.kernel_pass` swaps them into a built model.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    from torch.compiler import is_compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling
+
 from .config import ModelArgs
 from .sharding import ShardPlan, TensorParallel
+
+# SDPA's enable_gqa (torch >= 2.5): groups of query heads over one key/value head, no copy of the caller's k/v.
+_SDPA_GQA = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", torch.__version__).groups()) >= (2, 5)
 
 
 class RMSNorm(nn.Module):
@@ -242,19 +251,40 @@ def _set_bytes(caches: list[KVCache]) -> int:
     return sum(c.nbytes for c in caches)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA of q [B, H, T, D] over k/v [B, Hkv, L, D], grouped-query without copying the cache.
 
     The ``H / Hkv`` query heads of a group become extra query rows of their
     key/value head (a reshape of q, not a repeat of k/v): any torch >= 2.1,
     and the cache is read once per group rather than once per query head.
-    ``mask`` [B, 1, T, L] (bool, True = attend).
+    ``mask`` [B, 1, T, L] (bool, True = attend), or None for a prefill from
+    slot 0 in which every key is a real token (:func:`_attention_mask`'s
+    ``plain_causal``): causal alone.
+
+    A CPU prefill (T > 1) leaves the grouping to SDPA (``enable_gqa``,
+    torch >= 2.5): grouped, the mask's rows would be copied ``H / Hkv`` times
+    and converted to an additive mask again in every layer, and a causal
+    mask spelled out makes the flash kernel visit the blocks above the
+    diagonal (docs/PERFORMANCE.md, "The CPU prefill's attention").  The
+    outputs are the same bits.
     """
+    if q.shape[2] > 1 and q.device.type == "cpu" and _SDPA_GQA:
+        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+    if mask is None:
+        mask = _causal_mask(q.shape[2], k.shape[2], q.device)
     qg, mask = _group_queries(q, mask, k.shape[1])
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(q.shape)
 
 
-def attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _causal_mask(steps: int, kv_len: int, device) -> torch.Tensor:
+    """The mask ``None`` stands for: [1, 1, T, L], query t attends keys 0..t."""
+    return torch.ones(steps, kv_len, dtype=torch.bool, device=device).tril()[None, None]
+
+
+def attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """:func:`attend` spelled in matmuls, a masked fill and a softmax: no SDPA op in a traced graph.
 
     Scores and softmax in fp32, products in the inputs' dtype.  A masked key
@@ -262,6 +292,8 @@ def attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     wherever a row has a key (its exp is 0 either way), and no NaN in a row
     that has none.
     """
+    if mask is None:
+        mask = _causal_mask(q.shape[2], k.shape[2], q.device)
     qg, mask = _group_queries(q, mask, k.shape[1])
     scores = torch.matmul(qg * q.shape[-1] ** -0.5, k.transpose(-1, -2)).float()
     scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -275,7 +307,7 @@ def _group_queries(q: torch.Tensor, mask: torch.Tensor, groups: int) -> tuple[to
         return q, mask
     rep = heads // groups
     if steps > 1:
-        mask = mask.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(batch, 1, rep * steps, mask.shape[-1])
+        mask = mask.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(mask.shape[0], 1, rep * steps, mask.shape[-1])
     return q.reshape(batch, groups, rep * steps, dim), mask
 
 
@@ -505,7 +537,8 @@ class Transformer(nn.Module):
         kv_len = start + steps
         if kv_len > self.cache_shape[1]:
             raise ValueError(f"kv_len {kv_len} exceeds the KV cache length {self.cache_shape[1]}")
-        mask = _attention_mask(key_valid[:, :kv_len], start, steps)
+        mask = None if plain_causal(tokens, key_valid[:, :kv_len], start) else _attention_mask(
+            key_valid[:, :kv_len], start, steps)
         slots = torch.arange(start, kv_len, device=tokens.device)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(positions, kv_len, x.dtype)
@@ -531,6 +564,21 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         logits = self.tp.all_gather_last_dim(self.lm_head(x))
         return logits[..., : self.args.vocab_size]
+
+
+def plain_causal(tokens: torch.Tensor, key_valid: torch.Tensor, start: int) -> bool:
+    """Whether a prefill's attention is causal alone (its mask may be None): on CPU, from slot 0, no padding.
+
+    Eager, ``key_valid`` (the prefill's slots) says whether a row is padded.  A traced graph cannot branch on it;
+    there a prefill of one row is taken as unpadded (one prompt has nothing to be padded to; dynamo gives a batch
+    of 1 its own graph) and larger batches keep the mask (``compile.CompiledSteps.prefill`` checks the one row).
+    CUDA and NPU keep the mask: their SDPA kernels for ``is_causal`` were not measured or checked here.
+    """
+    if start != 0 or tokens.device.type != "cpu" or not _SDPA_GQA:
+        return False
+    if is_compiling():
+        return tokens.shape[0] == 1
+    return bool(key_valid.all())
 
 
 def _attention_mask(key_valid: torch.Tensor, start: int, steps: int) -> torch.Tensor:
