@@ -258,14 +258,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     key/value head (a reshape of q, not a repeat of k/v): any torch >= 2.1,
     and the cache is read once per group rather than once per query head.
     ``mask`` [B, 1, T, L] (bool, True = attend), or None for a prefill from
-    slot 0 in which every key is a real token (:func:`_attention_mask`'s
-    ``plain_causal``): causal alone.
+    slot 0 in which every key is a real token (:func:`plain_causal`): causal
+    alone.
 
     A CPU prefill (T > 1) leaves the grouping to SDPA (``enable_gqa``,
     torch >= 2.5): grouped, the mask's rows would be copied ``H / Hkv`` times
     and converted to an additive mask again in every layer, and a causal
     mask spelled out makes the flash kernel visit the blocks above the
-    diagonal (docs/PERFORMANCE.md, "The CPU prefill's attention").  The
+    diagonal (docs/PERFORMANCE.md, "Tenth pass").  The
     outputs are the same bits.
     """
     if q.shape[2] > 1 and q.device.type == "cpu" and _SDPA_GQA:
