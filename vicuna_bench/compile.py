@@ -121,10 +121,11 @@ class CompiledSteps:
 
     def prefill(self, model, tokens, positions, key_valid, start: int):
         from .generation import prefill_logits
+        from .model import traced_plain_causal
 
-        if self._prefill is not None and tokens.shape[0] == 1 and start == 0 and tokens.device.type == "cpu" \
+        if self._prefill is not None and traced_plain_causal(tokens, start) \
                 and not bool(key_valid[:, :tokens.shape[1]].all()):
-            # The CPU graph of one row attends causal alone (model.plain_causal): padding there would be attended.
+            # That graph attends causal alone: padding there would be attended.
             raise ValueError("a one-row prefill from slot 0 has padding; the compiled prefill takes one row as whole")
         return (self._prefill or prefill_logits)(model, tokens, positions, key_valid, start)
 

@@ -569,16 +569,24 @@ class Transformer(nn.Module):
 def plain_causal(tokens: torch.Tensor, key_valid: torch.Tensor, start: int) -> bool:
     """Whether a prefill's attention is causal alone (its mask may be None): on CPU, from slot 0, no padding.
 
-    Eager, ``key_valid`` (the prefill's slots) says whether a row is padded.  A traced graph cannot branch on it;
-    there a prefill of one row is taken as unpadded (one prompt has nothing to be padded to; dynamo gives a batch
-    of 1 its own graph) and larger batches keep the mask (``compile.CompiledSteps.prefill`` checks the one row).
-    CUDA and NPU keep the mask: their SDPA kernels for ``is_causal`` were not measured or checked here.
+    Eager, ``key_valid`` (the prefill's slots) says whether a row is padded.  A traced graph cannot branch on it:
+    there :func:`traced_plain_causal` decides.  CUDA and NPU keep the mask: their SDPA kernels for ``is_causal``
+    were not measured or checked here.
     """
-    if start != 0 or tokens.device.type != "cpu" or not _SDPA_GQA:
-        return False
     if is_compiling():
-        return tokens.shape[0] == 1
-    return bool(key_valid.all())
+        return traced_plain_causal(tokens, start)
+    return _may_drop_mask(tokens, start) and bool(key_valid.all())
+
+
+def traced_plain_causal(tokens: torch.Tensor, start: int) -> bool:
+    """:func:`plain_causal` in a traced prefill: a prefill of one row is taken as unpadded (one prompt has nothing
+    to be padded to; dynamo gives a batch of 1 its own graph), larger batches keep the mask.
+    ``compile.CompiledSteps.prefill`` refuses a padded row where this holds."""
+    return _may_drop_mask(tokens, start) and tokens.shape[0] == 1
+
+
+def _may_drop_mask(tokens: torch.Tensor, start: int) -> bool:
+    return start == 0 and tokens.device.type == "cpu" and _SDPA_GQA
 
 
 def _attention_mask(key_valid: torch.Tensor, start: int, steps: int) -> torch.Tensor:
