@@ -10,7 +10,9 @@ compiles that same function, which writes no argument (its inputs advance in
   kernels (:mod:`vicuna_bench.cpu_kernels`), extern calls that read the
   model's own weights, so nothing is frozen; only where those kernels are
   unavailable do bf16/fp16 freeze and prepack the weights
-  (:func:`cpu_inductor_options`);
+  (:func:`cpu_inductor_options`).  At world size 1 the decode step is an
+  AOTInductor package called without dynamo, its constants the model's own
+  tensors (:mod:`vicuna_bench.aoti`); elsewhere dynamo calls it;
 * CUDA: ``max-autotune`` (CUDA graphs: one launch per step, and GEMMs
   autotuned per shape);
 * NPU: torchair's GE or ACL graph for the decode step, through the API the
@@ -106,7 +108,8 @@ class CompiledSteps:
     the second records).  Set by :func:`compiled_steps` per backend.
     """
 
-    def __init__(self, prefill_fn, decode_fn, description: str, warm_calls: int = 1, skip_guards: bool = False):
+    def __init__(self, prefill_fn, decode_fn, description: str, warm_calls: int = 1, skip_guards: bool = False,
+                 packaged=None):
         self._prefill = prefill_fn
         self.decode_fn = decode_fn  # generation.decode_step, compiled
         self.description = description
@@ -118,6 +121,9 @@ class CompiledSteps:
         # skip_guards: a decode step of a (model, batch, cache length) that warm() compiled runs without dynamo's
         # full guard check (see decode()).
         self.skip_guards = skip_guards and SKIP_GUARD_EVAL_SUPPORTED
+        # packaged (an aoti.PackagedDecode): the decode step of each warmed shape is an AOTInductor package, called
+        # without dynamo; None where the step goes through dynamo (vicuna_bench/aoti.py says where and why).
+        self.packaged = packaged
 
     def prefill(self, model, tokens, positions, key_valid, start: int):
         from .generation import prefill_logits
@@ -140,6 +146,10 @@ class CompiledSteps:
         each input's sizes and strides.  A shape or model not warmed runs the full check (and compiles).
         """
         inputs = state.step_inputs()
+        if self.packaged is not None:
+            packaged = self.packaged.step_for(model, state.key_valid.shape)
+            if packaged is not None:
+                return packaged(model, *inputs)
         if self.skip_guards and ("decode", *state.key_valid.shape) in self._graphs_of(model) and _default_stance():
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self.decode_fn(model, *inputs)
@@ -151,6 +161,24 @@ class CompiledSteps:
         from . import generation
 
         return vars(generation)
+
+    def _package(self, model, batch: int, length: int) -> bool:
+        """Make (or bind again) the decode step's package for this shape; False, said once, where that fails:
+        this and every later shape then go through dynamo."""
+        if self.packaged is None:
+            return False
+        try:
+            self.packaged.prepare(model, batch, length)
+            return True
+        except Exception as err:  # noqa: BLE001 - any failure leaves the dynamo step, said in one line
+            from .errors import first_line
+
+            self.packaged = None
+            self.description = self.description.replace(PACKAGED_DECODE, f"decode {CPU_DECODE_MODE} through dynamo "
+                                                        f"(the AOTInductor package failed: {first_line(err)})")
+            log.warning("the decode step's AOTInductor package failed for batch %d, cache %d (%s): the step goes "
+                        "through dynamo from now on", batch, length, first_line(err))
+            return False
 
     def _graphs_of(self, model) -> dict:
         try:
@@ -199,7 +227,10 @@ class CompiledSteps:
                 seen[prefill_key] = addresses
                 made.append("prefill")
                 drop_traced_graphs(self._compiled_namespace())  # before the decode step compiles: it reuses the space
-            if warm_decode:
+            if warm_decode and self._package(model, batch, length):
+                seen[decode_key] = addresses
+                made.append("decode step (AOTInductor package)")
+            elif warm_decode:
                 scratch_valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
                 # advance() marks the scratch slot valid: a row with no valid key attends over nothing (NaN), the
                 # next layers write NaN keys/values, and a later read of that masked slot multiplies NaN by 0.
@@ -330,6 +361,7 @@ def release_freed_heap() -> None:
 
 
 CUDA_GRAPH_TREE_WARM_CALLS = 2  # calls before a CUDA graph tree replays: one eager warm-up, one recording
+PACKAGED_DECODE = "decode an AOTInductor package (no dynamo, the model's own weights)"
 CPU_DECODE_MODE = "max-autotune-no-cudagraphs"  # inductor's C++ micro-GEMMs autotuned against MKL per shape
 
 
@@ -443,6 +475,9 @@ def compiled_steps(device: str, world_size: int, dtype: str = "fp32", npu_graph:
         return steps
     configure_cpu_inductor(world_size, dtype)  # process-wide too, so the per-call check finds nothing to patch
     options = cpu_inductor_options(world_size, dtype)
+    from . import aoti, cpu_kernels
+
+    not_packaged = aoti.why_not(device, world_size, cpu_kernels.load())
     decode = torch.compile(decode_step, mode=CPU_DECODE_MODE, fullgraph=fullgraph, dynamic=False)
     # Compiling the prefill fuses the elementwise work around its GEMMs, in one graph for every prompt length.
     prefill = sizes_apart(torch.compile(prefill_logits, dynamic=True))
@@ -454,5 +489,12 @@ def compiled_steps(device: str, world_size: int, dtype: str = "fp32", npu_graph:
         guards = ""
         log.info("torch %s has no skip_guard_eval_unsafe stance (2.7+): every decode step runs dynamo's full guard "
                  "check", torch.__version__)
+    if not_packaged is None:
+        how = f"{PACKAGED_DECODE}, prefill dynamic{frozen}{wrapper}"
+    else:
+        how = f"decode {CPU_DECODE_MODE} through dynamo (no AOTInductor package: {not_packaged}), prefill dynamic" \
+              f"{frozen}{wrapper}{guards}"
+    log.info("CPU compile: %s", how)
     return CompiledSteps(under_inductor_options(prefill, **options), under_inductor_options(decode, **options),
-                         f"inductor: decode max-autotune, prefill dynamic{frozen}{wrapper}{guards}", skip_guards=True)
+                         f"inductor: {how}", skip_guards=True,
+                         packaged=aoti.PackagedDecode(cache_dir() / "aoti") if not_packaged is None else None)

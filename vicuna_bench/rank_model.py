@@ -166,6 +166,7 @@ class RankRunner:
             "cpu_binding": self.binding.as_record(),
             "affinity": affinity_text(),  # read back from this process, not from the plan
             "environment": self.environment,
+            "compile_path": getattr(self.steps, "description", "eager"),  # what --compile on runs here, or why not
         }
 
     def bandwidth(self) -> float:

@@ -90,33 +90,9 @@ def test_nothing_compiles_inside_the_timed_steps_with_real_dynamo(tiny_models, c
             assert [e for e in compile_log[first:last] if e != "mark"] == [], f"compiled while timed, batch {len(prompts)}"
 
 
-def test_warm_frees_the_graphs_dynamo_traced(tiny_models, compile_log):
-    """Once the prefill and decode step are compiled, the FX graphs dynamo traced for them (every node with its
-    fake tensors and stack traces) are garbage: each graph inductor was handed is held weakly here and must be
-    gone after the generation, whose tokens still equal the eager ones (``compile.drop_traced_graphs``)."""
-    import gc
-
-    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
-    with Engine(spec) as engine:
-        eager = engine.generate(PROMPTS, 6, ignore_eos=True).output_ids
-    with Engine(type(spec)(**{**spec.__dict__, "compile": "on"})) as engine:
-        compiled = engine.generate(PROMPTS, 6, ignore_eos=True).output_ids
-        gc.collect()
-        traced = [entry[1] for entry in compile_log if entry != "mark"]
-        assert len(traced) >= 2, "the prefill and the decode step were not compiled through inductor"
-        assert [ref() for ref in traced] == [None] * len(traced)
-    assert compiled == eager
-
-
-def test_warmed_decode_skips_guards_without_mixing_models_or_shapes(tiny_models, tmp_path, monkeypatch):
-    """Two engines of one architecture with different weights, open at once: dynamo keeps both models' decode
-    graphs in one cache (one decode_step code object).  A warmed (model, batch, cache length) decodes under
-    skip_guard_eval_unsafe; alternating models and batch sizes, every generation still equals its own eager one
-    (a step run on the other model's graph, or another shape's, would give the other tokens and logits)."""
-    from vicuna_bench import compile as vb_compile
-
-    if not vb_compile.SKIP_GUARD_EVAL_SUPPORTED:
-        pytest.fail(f"torch {torch.__version__} has no skip_guard_eval_unsafe: this stack cannot run this check")
+def two_models_of_one_architecture(tiny_models, tmp_path) -> tuple[list, list, dict]:
+    """Specs of two tiny models of one architecture with different weights, two requests (batch 2 and 1), and the
+    eager generation of each (model, request) by index."""
     other = tiny.make_tiny_llama(tmp_path / "other", tiny.GQA, seed=11)
     specs = [spec_for(str(p), 1, "cpu", "fp32", 64) for p in (tiny_models["gqa"], other)]
     requests = [PROMPTS, PROMPTS[1:]]
@@ -126,6 +102,56 @@ def test_warmed_decode_skips_guards_without_mixing_models_or_shapes(tiny_models,
             for j, prompts in enumerate(requests):
                 eager[i, j] = engine.generate(prompts, 6, ignore_eos=True, return_logits=True)
     assert eager[0, 0].output_ids != eager[1, 0].output_ids  # the two models are told apart by their tokens
+    return specs, requests, eager
+
+
+def alternate_and_compare(engines, requests, eager) -> None:
+    """Twice, every request on every engine in turn: each generation equals its own model's eager one."""
+    for _ in range(2):
+        for j, prompts in enumerate(requests):
+            for i, engine in enumerate(engines):
+                got = engine.generate(prompts, 6, ignore_eos=True, return_logits=True)
+                assert got.output_ids == eager[i, j].output_ids, (i, j)
+                for a, b in zip(got.logits, eager[i, j].logits):
+                    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+@pytest.mark.parametrize("packaged", ["0", "1"])
+def test_warm_frees_the_graphs_dynamo_traced(tiny_models, compile_log, monkeypatch, packaged):
+    """Once the prefill and decode step are compiled, the FX graphs dynamo traced for them (every node with its
+    fake tensors and stack traces) are garbage: each graph inductor was handed is held weakly here and must be
+    gone after the generation, whose tokens still equal the eager ones (``compile.drop_traced_graphs``).  With
+    the decode step an AOTInductor package (``packaged`` 1) dynamo traces the prefill alone, and the exported
+    graph the package was compiled from (where it was not in the cache already) must be gone too."""
+    import gc
+
+    monkeypatch.setenv("VICUNA_BENCH_AOTI", packaged)
+
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    with Engine(spec) as engine:
+        eager = engine.generate(PROMPTS, 6, ignore_eos=True).output_ids
+    with Engine(type(spec)(**{**spec.__dict__, "compile": "on"})) as engine:
+        compiled = engine.generate(PROMPTS, 6, ignore_eos=True).output_ids
+        gc.collect()
+        traced = [entry[1] for entry in compile_log if entry != "mark"]
+        assert len(traced) >= (2 if packaged == "0" else 1), "the prefill and the decode step were not compiled"
+        assert [ref() for ref in traced] == [None] * len(traced)
+    assert compiled == eager
+
+
+def test_warmed_decode_skips_guards_without_mixing_models_or_shapes(tiny_models, tmp_path, monkeypatch):
+    """Two engines of one architecture with different weights, open at once: dynamo keeps both models' decode
+    graphs in one cache (one decode_step code object).  A warmed (model, batch, cache length) decodes under
+    skip_guard_eval_unsafe; alternating models and batch sizes, every generation still equals its own eager one
+    (a step run on the other model's graph, or another shape's, would give the other tokens and logits).  The
+    dynamo step, as at world size > 1 or with ``VICUNA_BENCH_AOTI=0`` (the package: tests/integration/test_aoti.py)."""
+    from vicuna_bench import compile as vb_compile
+
+    monkeypatch.setenv("VICUNA_BENCH_AOTI", "0")
+
+    if not vb_compile.SKIP_GUARD_EVAL_SUPPORTED:
+        pytest.fail(f"torch {torch.__version__} has no skip_guard_eval_unsafe: this stack cannot run this check")
+    specs, requests, eager = two_models_of_one_architecture(tiny_models, tmp_path)
     skipped = []
     real_stance = torch.compiler.set_stance
 
@@ -136,13 +162,7 @@ def test_warmed_decode_skips_guards_without_mixing_models_or_shapes(tiny_models,
     monkeypatch.setattr(torch.compiler, "set_stance", spy)
     on = [Engine(type(s)(**{**s.__dict__, "compile": "on"})) for s in specs]
     try:
-        for _ in range(2):
-            for j, prompts in enumerate(requests):
-                for i, engine in enumerate(on):
-                    got = engine.generate(prompts, 6, ignore_eos=True, return_logits=True)
-                    assert got.output_ids == eager[i, j].output_ids, (i, j)
-                    for a, b in zip(got.logits, eager[i, j].logits):
-                        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+        alternate_and_compare(on, requests, eager)
     finally:
         for engine in on:
             engine.close()
@@ -179,16 +199,20 @@ def test_each_ranks_fused_projections_give_transformers_logits(tiny_models, worl
         assert (ours.logits[row] - ref_logits).abs().max().item() <= 1e-4 * scale, f"row {row}"
 
 
+@pytest.mark.parametrize("packaged", ["0", "1"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_the_compiled_decode_step_writes_the_kv_cache_in_place(tiny_models, dtype):
+def test_the_compiled_decode_step_writes_the_kv_cache_in_place(tiny_models, dtype, packaged, monkeypatch):
     """Inductor's decode graph (the engine's CPU options: our kernels, C++ wrapper, bf16 frozen) allocates no buffer
     of a KV cache's shape: the write goes into the cache itself.  ``scatter_`` there made a whole new cache per
-    layer and step and copied it back (SmolLM2 batch 8 over batch 1: 1.41 against 1.53 bf16)."""
+    layer and step and copied it back (SmolLM2 batch 8 over batch 1: 1.41 against 1.53 bf16).  Read from the code
+    inductor emits for dynamo (``packaged`` 0) and from the C++ wrapper inside the AOTInductor package (1)."""
     import re
+    import zipfile
 
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
+    monkeypatch.setenv("VICUNA_BENCH_AOTI", packaged)
     spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", dtype, 64)
     models = []
     keep = lambda model: models.append(model) or model  # noqa: E731
@@ -196,6 +220,11 @@ def test_the_compiled_decode_step_writes_the_kv_cache_in_place(tiny_models, dtyp
         with inductor_config.patch(force_disable_caches=True):  # a cache hit emits no code to read
             got, codes = run_and_get_code(lambda: engine.generate(PROMPTS, 3, ignore_eos=True))
         dims = tuple(models[0].model.layers[0].self_attn.cache.k.shape)
+        if packaged == "1":  # the package may come from the cache: its wrapper is read from the file
+            steps = list(engine._local.steps.packaged._steps[models[0]].values())
+            assert len(steps) == 1
+            with zipfile.ZipFile(steps[0].path) as package:
+                codes = [package.read(n).decode() for n in package.namelist() if n.endswith("wrapper.cpp")]
     shape = re.compile(r"\{%sL, %sL, %sL, %sL\}|\(%s, %s, %s, %s\)" % (dims + dims))
     decode = [c for c in codes if "decode_attention" in c]
     assert len(decode) == 1 and len(got.output_ids[0]) == 3
@@ -203,3 +232,4 @@ def test_the_compiled_decode_step_writes_the_kv_cache_in_place(tiny_models, dtyp
     allocation = re.compile(r"empty_strided|int_array_\d+\[\] =")
     allocations = [line for line in decode[0].splitlines() if shape.search(line) and allocation.search(line)]
     assert allocations == []
+    assert any("index_copy" in line for line in decode[0].splitlines())  # the write is in this code

@@ -1,0 +1,131 @@
+"""The CPU decode step as a real AOTInductor package (vicuna_bench/aoti.py): compiled by torch's AOTInductor, bound
+to the model's own tensors, checked against the eager step.
+
+Each check would fail if the package held copies: of the weights (a weight changed in place after binding would not
+reach it), of the KV cache (its writes would not land in the model's cache), or of another model's tensors (two
+models of one architecture share one package file).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vicuna_bench import aoti, cpu_kernels
+from vicuna_bench.generation import DecodeState, decode_step
+from vicuna_bench.runtime import Engine, build_rank_model
+from vicuna_bench.sharding import TensorParallel
+from tests.integration.test_decode_step import alternate_and_compare, two_models_of_one_architecture
+from tests.specs import spec_for
+
+pytestmark = pytest.mark.integration
+
+BATCH, LENGTH = 2, 32
+
+
+@pytest.fixture(autouse=True)
+def packaged_on(monkeypatch):
+    monkeypatch.setenv(aoti.ENV_SWITCH, "1")
+    if not cpu_kernels.load():
+        pytest.fail(f"our CPU kernels did not load ({cpu_kernels.status()['small_m_gemm_why_not']}): the package "
+                    "is only used with them, so this host cannot check it")
+
+
+def _state(batch: int, length: int, filled: int) -> DecodeState:
+    valid = torch.zeros((batch, length), dtype=torch.bool)
+    valid[:, :filled] = True
+    state = DecodeState.after_prefill(valid, filled - 1, torch.arange(batch)[:, None] + 3)
+    state.advance(torch.arange(batch) + 7)
+    return state
+
+
+def _fill_caches(model, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        for t in (layer.self_attn.cache.k, layer.self_attn.cache.v):
+            t.copy_(torch.randn(t.shape, generator=generator))
+
+
+def test_package_reads_the_models_weights_and_writes_its_cache(tiny_models, tmp_path):
+    """Logits equal the eager step's; after a weight is changed in place they still do (and differ from before);
+    the step's keys land in the model's cache; a cache set made anew is the one written next."""
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
+    with torch.inference_mode():
+        model.setup_caches(BATCH, LENGTH)
+        step = aoti.PackagedDecode(tmp_path).prepare(model, BATCH, LENGTH)
+        state = _state(BATCH, LENGTH, 9)
+        slot = int(state.slot)
+        _fill_caches(model, 0)
+        want = decode_step(model, *state.step_inputs()).clone()
+        keys = [layer.self_attn.cache.k[:, :, slot].clone() for layer in model.model.layers]
+        for layer in model.model.layers:
+            layer.self_attn.cache.k[:, :, slot] = 0
+        got = step(model, *state.step_inputs())
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        for layer, k in zip(model.model.layers, keys):  # written by the package, into the model's own cache
+            assert torch.allclose(layer.self_attn.cache.k[:, :, slot], k, atol=1e-5)
+            assert k.abs().max() > 0
+
+        model.model.layers[0].mlp.down_proj.weight.mul_(-2.0)  # in place: the package must see it
+        changed = decode_step(model, *state.step_inputs()).clone()
+        assert (changed - want).abs().max() > 1e-2 * want.abs().max()
+        got = step(model, *state.step_inputs())
+        assert (got - changed).abs().max() <= 1e-5 * changed.abs().max()
+
+        old_k = model.model.layers[1].self_attn.cache.k
+        model.kv_pool.clear()
+        model.setup_caches(BATCH, LENGTH)  # the bucket's caches made anew, at other addresses
+        assert model.model.layers[1].self_attn.cache.k is not old_k
+        _fill_caches(model, 1)
+        want = decode_step(model, *state.step_inputs()).clone()
+        got = step(model, *state.step_inputs())
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert len(list(tmp_path.glob("*.pt2"))) == 1
+
+
+def test_a_kept_package_is_loaded_not_compiled(tiny_models, tmp_path, monkeypatch):
+    """A second process (here: a fresh PackagedDecode) finds the package under its key and compiles nothing;
+    another thread count is another key (inductor writes the count into its parallel regions)."""
+    import torch._inductor as inductor
+
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
+    with torch.inference_mode():
+        model.setup_caches(1, LENGTH)
+        first = aoti.PackagedDecode(tmp_path).prepare(model, 1, LENGTH)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("compiled again")
+
+        monkeypatch.setattr(inductor, "aoti_compile_and_package", refuse)
+        second = aoti.PackagedDecode(tmp_path).prepare(model, 1, LENGTH)
+        assert second.path == first.path and second.runner is not first.runner
+        state = _state(1, LENGTH, 5)
+        want = decode_step(model, *state.step_inputs()).clone()
+        assert (second(model, *state.step_inputs()) - want).abs().max() <= 1e-5 * want.abs().max()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads + 1)
+        try:
+            with pytest.raises(AssertionError, match="compiled again"):
+                aoti.PackagedDecode(tmp_path).prepare(model, 1, LENGTH)
+        finally:
+            torch.set_num_threads(threads)
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # nothing half-written left beside it
+
+
+def test_two_models_sharing_one_package_file_keep_their_own_weights(tiny_models, tmp_path):
+    """Two engines of one architecture with different weights, open at once: their decode steps are one package
+    file (one key), loaded twice; alternating models and batch sizes, each generation equals its own eager one."""
+    specs, requests, eager = two_models_of_one_architecture(tiny_models, tmp_path)
+    on = [Engine(type(s)(**{**s.__dict__, "compile": "on"})) for s in specs]
+    try:
+        for engine in on:
+            assert "AOTInductor package" in engine.rank_info[0]["compile_path"]
+        alternate_and_compare(on, requests, eager)
+        # the engines run in this process (world size 1): their packages by (batch, length)
+        paths = [{shape: s.path for shape, s in e._local.steps.packaged._steps[e._local.model].items()} for e in on]
+        assert len(paths[0]) == 2 and paths[0] == paths[1]  # the same files, each loaded by both engines
+    finally:
+        for engine in on:
+            engine.close()

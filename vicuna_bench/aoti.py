@@ -1,0 +1,214 @@
+"""The CPU decode step as an AOTInductor package: one C++ call a step, no dynamo, the model's own weights.
+
+Called through dynamo, a compiled decode step pays per call for dynamo's
+frame and AOTAutograd's runtime wrappers (~0.6 ms of a 20 ms SmolLM2 fp32
+step on the AVX2 host) and, inside inductor's C++ wrapper, a size and
+stride check for each of its ~250 inputs, the weights among them (~0.4 ms):
+serial time during which our kernels' worker thread idles
+(docs/PERFORMANCE.md, "Eleventh pass").  Here :func:`decode_step` is
+exported (``torch.export``, the model's parameters and KV cache buffers
+lifted as constants) and compiled by AOTInductor into a shared library
+whose inputs are only the step's four small tensors.  Its constants are the
+model's own tensors, handed over by pointer
+(``AOTICompiledModel.load_constants(..., user_managed=True)``, torch 2.8+):
+no weight is copied, and the KV cache it writes is the model's.
+
+A package is built once per (model graph, batch, cache length, dtype,
+threads, host) and kept under the cache directory (``compile/aoti``), so a
+second process loads it in milliseconds instead of compiling for ~10-50 s.
+Used on CPU at world size 1 with our kernels loaded (the C++ wrapper cannot
+hold the collectives of tensor parallelism, and without the kernels the
+bf16 products want inductor's frozen prepacked weights);
+``VICUNA_BENCH_AOTI=0`` turns it off.  Where this torch lacks the API, or
+exporting or compiling fails, the step is called through dynamo as before,
+said in one log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import warnings
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .generation import decode_step
+
+log = logging.getLogger("vicuna_bench")
+
+ENV_SWITCH = "VICUNA_BENCH_AOTI"
+PREFIX = "step."  # the fqn prefix of the model's tensors in the exported wrapper (_DecodeModule.step)
+# Weights stay out of the library: the package holds code only, and its constants are bound to the model's tensors.
+INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+
+
+def enabled() -> bool:
+    """False where ``VICUNA_BENCH_AOTI`` is 0/false/off/no."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "off", "no"}
+
+
+def why_unsupported() -> str | None:
+    """None where this torch can build a package and bind its constants to tensors it does not own; else why not."""
+    import torch._inductor as inductor
+
+    if not (hasattr(inductor, "aoti_compile_and_package") and hasattr(inductor, "aoti_load_package")):
+        return f"torch {torch.__version__} has no aoti_compile_and_package (2.6+)"
+    try:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.export.pt2_archive (2.8+)"
+    load = getattr(AOTICompiledModel, "load_constants", None)
+    if load is None or "user_managed" not in inspect.signature(load).parameters:
+        return f"torch {torch.__version__}'s AOTInductor cannot run on the model's own weights (load_constants user_managed)"
+    return None
+
+
+def why_not(device: str, world_size: int, kernels_loaded: bool) -> str | None:
+    """None where the decode step is an AOTInductor package; else the one-line reason it is called through dynamo."""
+    if device != "cpu":
+        return f"{device}: only CPU steps are packaged"
+    if not enabled():
+        return f"{ENV_SWITCH}=0"
+    if world_size != 1:
+        return f"world size {world_size}: the C++ wrapper cannot hold tensor parallelism's collectives"
+    if not kernels_loaded:
+        return "our CPU kernels are not loaded (without them the products want inductor's frozen weights)"
+    return why_unsupported()
+
+
+class _DecodeModule(nn.Module):
+    """:func:`decode_step` of ``step`` as a module, for ``torch.export``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.step = model
+
+    def forward(self, tokens, positions, key_valid, slot):
+        return decode_step(self.step, tokens, positions, key_valid, slot)
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by its fqn in the exported wrapper, a tied tensor under each name."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return {PREFIX + name: tensor for name, tensor in named.items()}
+
+
+def scratch_inputs(batch: int, length: int, device) -> tuple[torch.Tensor, ...]:
+    """Inputs of the decode step's shapes and dtypes (``generation.DecodeState.step_inputs``) to trace with."""
+    tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+    key_valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
+    return tokens, torch.zeros_like(tokens), key_valid, torch.zeros(1, dtype=torch.long, device=device)
+
+
+def package_key(program, threads: int) -> str:
+    """What decides a package's code: the exported graph (its code and every placeholder's shape, dtype and
+    stride, the weights' included), torch, our kernel library's build (host ISA, compiler) and the thread count
+    that inductor writes into its OpenMP regions."""
+    from . import cpu_kernels
+
+    digest = hashlib.sha256()
+    metas = []
+    for node in program.graph_module.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            metas.append(f"{node.name}:{tuple(val.shape)}:{val.dtype}:{tuple(val.stride())}" if hasattr(val, "shape")
+                         else f"{node.name}:{val!r}")
+    for part in (program.graph_module.code, "\n".join(metas), torch.__version__, cpu_kernels.build_key(),
+                 str(threads), repr(sorted(INDUCTOR_CONFIGS.items()))):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+class PackagedStep:
+    """One loaded package (a batch and cache length) whose constants are a model's tensors."""
+
+    def __init__(self, runner, fqns: list[str], path):
+        self.runner = runner
+        self.fqns = fqns
+        self.path = path
+        self._run = runner.loader.boxed_run
+        # The first layer's KVCache at the last bind (weakly): the pool hands out a bucket's caches as one set, so a
+        # set made anew (evicted, or dropped after running out of memory) shows there and is bound before it is used.
+        self._bound_cache = None
+
+    def bind(self, model: nn.Module) -> None:
+        """Point the package's constants at ``model``'s tensors (its weights and current KV caches; nothing copied)."""
+        tensors = model_tensors(model)
+        missing = [f for f in self.fqns if f not in tensors]
+        if missing:
+            raise RuntimeError(f"the package {self.path} wants tensors the model lacks: {missing[:3]}")
+        self.runner.load_constants({f: tensors[f] for f in self.fqns}, check_full_update=True, user_managed=True)
+        self._bound_cache = weakref.ref(_first_cache(model))
+
+    def __call__(self, model: nn.Module, tokens, positions, key_valid, slot) -> torch.Tensor:
+        """:func:`decode_step` on these inputs (``DecodeState.step_inputs`` of this package's shapes)."""
+        if self._bound_cache is None or self._bound_cache() is not _first_cache(model):
+            self.bind(model)
+        return self._run([tokens, positions, key_valid, slot])[0]
+
+
+def _first_cache(model: nn.Module):
+    return model.model.layers[0].self_attn.cache
+
+
+class PackagedDecode:
+    """The decode step's packages per model (held weakly) and (batch, cache length), kept in ``directory``."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self._steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def step_for(self, model: nn.Module, shape) -> PackagedStep | None:
+        """The package for ``model`` at (batch, length) ``shape``, where :meth:`prepare` made one."""
+        try:
+            return self._steps.get(model, {}).get(tuple(shape))
+        except TypeError:  # not weakly referable
+            return None
+
+    def prepare(self, model: nn.Module, batch: int, length: int) -> PackagedStep:
+        """Build (or load from the cache) and bind the package for ``batch`` rows and a cache of ``length`` slots;
+        bound again to the model's current caches where it exists."""
+        steps = self._steps.setdefault(model, {})
+        step = steps.get((batch, length))
+        if step is None:
+            step = steps[(batch, length)] = build(model, batch, length, self.directory)
+        step.bind(model)
+        return step
+
+
+def build(model: nn.Module, batch: int, length: int, directory: Path) -> PackagedStep:
+    """Export :func:`decode_step` for ``model`` at these shapes, compile it into ``directory`` (unless a package
+    of that key is there) and load it."""
+    with warnings.catch_warnings():  # torch 2.13's export and package code still use a deprecated pytree class
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated", category=FutureWarning)
+        return _build(model, batch, length, directory)
+
+
+def _build(model: nn.Module, batch: int, length: int, directory: Path) -> PackagedStep:
+    import torch._inductor as inductor
+
+    device = model.lm_head.weight.device
+    with torch.no_grad():  # under the caller's inference mode: the KV caches it made are inference tensors
+        program = torch.export.export(_DecodeModule(model), scratch_inputs(batch, length, device), strict=False)
+    path = directory / f"{package_key(program, torch.get_num_threads())}.pt2"
+    how = "loaded"
+    if not path.is_file():
+        how = "compiled"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+        try:
+            inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=INDUCTOR_CONFIGS)
+            os.replace(partial, path)  # whole or absent: a crash leaves no half-written package under the key
+        finally:
+            partial.unlink(missing_ok=True)
+    del program
+    runner = inductor.aoti_load_package(str(path))
+    log.info("decode step for batch %d, cache %d: AOTInductor package %s (%s)", batch, length, path, how)
+    return PackagedStep(runner, list(runner.get_constant_fqns()), path)
