@@ -221,10 +221,14 @@ def _memory_probe(spec, prompts, seq_out: int, threads: int) -> dict:
 
 
 def inductor_cache_counts() -> dict:
-    """Inductor's FX graph cache so far in this process: {"hit": graphs loaded, "miss": graphs compiled}."""
+    """Inductor's FX graph cache and our decode step's AOTInductor packages so far in this process: {"hit": graphs
+    loaded, "miss": graphs compiled}."""
     from torch._dynamo.utils import counters
 
-    return {"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"]}
+    from vicuna_bench import aoti
+
+    return {"hit": counters["inductor"]["fxgraph_cache_hit"] + aoti.COUNTS["loaded"],
+            "miss": counters["inductor"]["fxgraph_cache_miss"] + aoti.COUNTS["compiled"]}
 
 
 def compiler_rss_bytes(dtype: str) -> int:

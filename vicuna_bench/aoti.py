@@ -14,8 +14,8 @@ model's own tensors, handed over by pointer
 no weight is copied, and the KV cache it writes is the model's.
 
 A package is built once per (model graph, batch, cache length, dtype,
-threads, host) and kept under the cache directory (``compile/aoti``), so a
-second process loads it in milliseconds instead of compiling for ~10-50 s.
+threads, host) and kept beside inductor's own cache (:func:`package_dir`), so
+a second process loads it in milliseconds instead of compiling for ~10-50 s.
 Used on CPU at world size 1 with our kernels loaded (the C++ wrapper cannot
 hold the collectives of tensor parallelism, and without the kernels the
 bf16 products want inductor's frozen prepacked weights);
@@ -126,6 +126,42 @@ def package_key(program, threads: int) -> str:
     return digest.hexdigest()[:24]
 
 
+def drop_export_trace_map() -> int:
+    """Let the last traced graph be freed; how many entries were dropped.
+
+    torch's non-strict export (``torch/fx/experimental/proxy_tensor.py``, 2.13) leaves the nodes of its last trace
+    in a module-level map, ``_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT``, for its fake-tensor leak check; only the next
+    trace clears it.  AOTInductor's compile traces the program again, and the graph module of that trace holds in its
+    ``meta`` a clone of every buffer (``compile_fx``: "module parameters and buffers are not lifted ... So we clone
+    them here"): the rotary tables and the whole KV cache.  Through the map those clones outlived the compile (a
+    tiny model: a second copy of its cache, ``tests/integration/test_cpu_kernels.py``).  The map is read only
+    during an export, so emptying it after one is safe; a torch without it has nothing to drop.
+    """
+    try:
+        from torch.fx.experimental import proxy_tensor
+    except ImportError:
+        return 0
+    traced = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if not isinstance(traced, dict):
+        return 0
+    dropped = len(traced)
+    traced.clear()
+    return dropped
+
+
+def package_dir() -> Path:
+    """Where packages are kept: ``aoti`` in inductor's cache directory (the project's cache, ``compile/inductor``,
+    unless ``TORCHINDUCTOR_CACHE_DIR`` names another), so that an empty inductor cache compiles everything anew."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "aoti"
+
+
+# Packages this process compiled and loaded from the cache (bench_peers' memory probe reports them beside
+# inductor's FX graph cache counts: a cold cache leaves more resident than a warm one).
+COUNTS = {"compiled": 0, "loaded": 0}
+
+
 class PackagedStep:
     """One loaded package (a batch and cache length) whose constants are a model's tensors."""
 
@@ -159,10 +195,11 @@ def _first_cache(model: nn.Module):
 
 
 class PackagedDecode:
-    """The decode step's packages per model (held weakly) and (batch, cache length), kept in ``directory``."""
+    """The decode step's packages per model (held weakly) and (batch, cache length), kept in ``directory`` (None:
+    :func:`package_dir`, looked up at each build)."""
 
-    def __init__(self, directory):
-        self.directory = Path(directory)
+    def __init__(self, directory=None):
+        self.directory = None if directory is None else Path(directory)
         self._steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def step_for(self, model: nn.Module, shape) -> PackagedStep | None:
@@ -178,7 +215,7 @@ class PackagedDecode:
         steps = self._steps.setdefault(model, {})
         step = steps.get((batch, length))
         if step is None:
-            step = steps[(batch, length)] = build(model, batch, length, self.directory)
+            step = steps[(batch, length)] = build(model, batch, length, self.directory or package_dir())
         step.bind(model)
         return step
 
@@ -209,6 +246,8 @@ def _build(model: nn.Module, batch: int, length: int, directory: Path) -> Packag
         finally:
             partial.unlink(missing_ok=True)
     del program
+    drop_export_trace_map()
     runner = inductor.aoti_load_package(str(path))
+    COUNTS[how] += 1
     log.info("decode step for batch %d, cache %d: AOTInductor package %s (%s)", batch, length, path, how)
     return PackagedStep(runner, list(runner.get_constant_fqns()), path)

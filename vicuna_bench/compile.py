@@ -497,4 +497,4 @@ def compiled_steps(device: str, world_size: int, dtype: str = "fp32", npu_graph:
     log.info("CPU compile: %s", how)
     return CompiledSteps(under_inductor_options(prefill, **options), under_inductor_options(decode, **options),
                          f"inductor: {how}", skip_guards=True,
-                         packaged=aoti.PackagedDecode(cache_dir() / "aoti") if not_packaged is None else None)
+                         packaged=aoti.PackagedDecode() if not_packaged is None else None)
