@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .generation import decode_step
+from .generation import DecodeState, decode_step
 
 log = logging.getLogger("vicuna_bench")
 
@@ -49,7 +49,9 @@ INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
 
 def enabled() -> bool:
     """False where ``VICUNA_BENCH_AOTI`` is 0/false/off/no."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "off", "no"}
+    from .cpu_kernels import switch_on
+
+    return switch_on(ENV_SWITCH)
 
 
 def why_unsupported() -> str | None:
@@ -64,7 +66,8 @@ def why_unsupported() -> str | None:
         return f"torch {torch.__version__} has no torch.export.pt2_archive (2.8+)"
     load = getattr(AOTICompiledModel, "load_constants", None)
     if load is None or "user_managed" not in inspect.signature(load).parameters:
-        return f"torch {torch.__version__}'s AOTInductor cannot run on the model's own weights (load_constants user_managed)"
+        return (f"torch {torch.__version__}'s AOTInductor cannot run on the model's own weights "
+                "(load_constants user_managed)")
     return None
 
 
@@ -100,10 +103,11 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def scratch_inputs(batch: int, length: int, device) -> tuple[torch.Tensor, ...]:
-    """Inputs of the decode step's shapes and dtypes (``generation.DecodeState.step_inputs``) to trace with."""
-    tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+    """``DecodeState.step_inputs`` of a scratch state at these shapes, to trace with: the package is compiled for
+    the very dtypes and strides every real step passes."""
     key_valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
-    return tokens, torch.zeros_like(tokens), key_valid, torch.zeros(1, dtype=torch.long, device=device)
+    positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
+    return DecodeState.after_prefill(key_valid, 0, positions).step_inputs()
 
 
 def package_key(program, threads: int) -> str:

@@ -93,9 +93,14 @@ _lock = threading.Lock()
 _state: dict = {"loaded": None, "why_not": None, "isa": None, "amx": None, "paths": None}
 
 
+def switch_on(variable: str) -> bool:
+    """An on/off environment switch (ours: on unless set): False where ``variable`` is 0/false/off/no."""
+    return os.environ.get(variable, "1").strip().lower() not in {"0", "false", "off", "no"}
+
+
 def enabled() -> bool:
     """False where ``VICUNA_BENCH_CPU_KERNELS`` is 0/false/off/no."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "off", "no"}
+    return switch_on(ENV_SWITCH)
 
 
 class KernelBuildError(RuntimeError):
@@ -175,7 +180,7 @@ def compile_command(output: Path) -> list[str]:
     command = [compiler(), "-O3", _target_flag(), "-std=c++17", "-shared", "-fPIC", "-fopenmp",
                "-fno-math-errno",  # lets the softmax's exp vectorize (glibc's libmvec)
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    if os.environ.get(ENV_AMX, "1").strip().lower() in {"0", "false", "off", "no"}:
+    if not switch_on(ENV_AMX):
         command.append("-DVICUNA_BENCH_NO_AMX")
     command += [f"-I{p}" for p in include_paths()]
     command += [f"-I{sysconfig.get_paths()['include']}"]
