@@ -42,20 +42,60 @@ def test_memory_probe_counts_weights_and_the_kv_cache(tiny_models, bench):
     assert got["serve_over_weights_kv"] == pytest.approx(got["serve_peak_growth_bytes"] / total)
 
 
-def test_gemm_benchmark_streams_the_models_matrices(tiny_models, bench, tmp_path, capsys):
-    """bench_gemm's chain holds each layer's fused qkv, o, fused gate/up and down once per layer, then the head."""
+def test_gemm_benchmark_streams_the_models_matrices(tiny_models, bench, tmp_path, capsys, monkeypatch):
+    """bench_gemm's chain holds each layer's fused qkv, o, fused gate/up and down once per layer, then the head;
+    ``--resident`` adds the same chain made of its first layer only; GFLOP/s count a multiply and an add per weight
+    and row, against the FMA peak."""
+    gemm = bench("bench_gemm")
+    monkeypatch.setattr(gemm, "fma_peak_gflops", lambda: 250.0)  # the measured figure is the host's
     out = tmp_path / "gemm.json"
-    assert bench("bench_gemm").main(["--model-path", str(tiny_models["vicuna"]), "--rows", "1,2", "--repeat", "2",
-                                     "--no-compile", "--json", str(out)]) == 0
+    assert gemm.main(["--model-path", str(tiny_models["vicuna"]), "--rows", "1,2", "--repeat", "2",
+                      "--no-compile", "--resident", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     h, i, vocab, layers = 64, 128, 1001, 2  # tiny.VICUNA_SHAPED
     assert tiny.VICUNA_SHAPED["hidden_size"] == h and tiny.VICUNA_SHAPED["vocab_size"] == vocab
-    assert doc["weight_bytes"] == 4 * (layers * (3 * h * h + h * h + 2 * i * h + i * h) + vocab * h)
-    assert [(r["m"], r["kernel"]) for r in doc["rows"]] == [(1, "F.linear"), (1, "small-M"), (2, "F.linear"),
-                                                           (2, "small-M")]
+    elements = layers * (3 * h * h + h * h + 2 * i * h + i * h) + vocab * h
+    assert doc["weight_elements"] == elements and doc["weight_bytes"] == 4 * elements
+    assert [(r["m"], r["kernel"]) for r in doc["rows"]] == [
+        (m, kernel) for m in (1, 2) for kernel in ("F.linear", "small-M", "small-M resident")]
     first = doc["rows"][0]
     assert first["over_m1"] == 1.0 and first["gbps"] == pytest.approx(doc["weight_bytes"] / first["ms"] / 1e6)
+    two = doc["rows"][4]  # M = 2, small-M
+    assert two["gflops"] == pytest.approx(2 * 2 * elements / (two["ms"] * 1e-3) / 1e9)
+    assert doc["fma_peak_gflops"] == 250.0 and two["of_fma_peak"] == pytest.approx(two["gflops"] / 250.0)
     assert "GB/s" in capsys.readouterr().out
+
+
+def test_gemm_benchmark_resident_chain_is_one_layers_weights(tiny_models, bench):
+    """The resident chain runs every layer on the first layer's tensors: one layer's bytes, the same products."""
+    import torch
+
+    from vicuna_bench import checkpoint
+
+    gemm = bench("bench_gemm")
+    args = checkpoint.read_model_args(tiny_models["vicuna"])
+    streamed = gemm.LinearChain(args, 3, torch.float32)
+    resident = gemm.LinearChain(args, 3, torch.float32, resident=True)
+    assert len(resident.blocks) == len(streamed.blocks) == 3
+    assert all(block is resident.blocks[0] for block in resident.blocks)
+    layer = sum(p.numel() for p in streamed.blocks[0].parameters())
+    head = resident.head.weight.numel()
+    assert sum(p.numel() for p in resident.parameters()) == layer + head
+    assert sum(p.numel() for p in streamed.parameters()) == 3 * layer + head
+
+
+def test_the_fma_peak_probe_counts_flops_per_second(bench):
+    """The library's FMA probe: a rate in GFLOP/s (a units slip of 1e3 either way would leave this range), and a
+    bad iteration count refused in one line."""
+    import torch
+
+    from vicuna_bench import cpu_kernels
+
+    assert cpu_kernels.load(), cpu_kernels.status()["small_m_gemm_why_not"]  # as bench_gemm's test needs them
+    rate = torch.ops.vicuna_bench.small_m_fma_rate(200_000)
+    assert 0.5 < rate < 50_000  # any CPU core of this decade: ~1-10 GFLOP/s scalar to ~10 TFLOP/s a socket
+    with pytest.raises(RuntimeError, match="iterations must be positive, got 0"):
+        torch.ops.vicuna_bench.small_m_fma_rate(0)
 
 
 def test_batch_benchmark_alternates_batch_sizes_in_one_engine(tiny_models, bench, tmp_path, capsys):

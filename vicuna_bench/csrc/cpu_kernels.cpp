@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -1397,6 +1398,70 @@ std::string small_m_isa() {
   return "fp32 " + f32 + ", bf16 " + bf16;
 }
 
+// The cores' peak rate of fp32 fused multiply-adds at this build's vector width, GFLOP/s: every thread of
+// at::parallel_for runs `iterations` rounds of 12 independent FMA chains (enough to cover the FMA latency of the
+// cores we build for: 4-5 cycles, 2 units), with nothing read from memory.  The ceiling a product's GFLOP/s is
+// compared with (benchmarks/bench_gemm.py); not used by the engine.
+#if defined(__AVX512F__)
+using PeakVec = __m512;
+inline PeakVec peak_set(float v) { return _mm512_set1_ps(v); }
+inline PeakVec peak_fma(PeakVec a, PeakVec b, PeakVec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float peak_first(PeakVec v) { return _mm512_cvtss_f32(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using PeakVec = __m256;
+inline PeakVec peak_set(float v) { return _mm256_set1_ps(v); }
+inline PeakVec peak_fma(PeakVec a, PeakVec b, PeakVec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float peak_first(PeakVec v) { return _mm256_cvtss_f32(v); }
+#else
+// Elsewhere (aarch64: NEON's 128-bit FMLA) gcc's vector extension: C++ contracts a * b + c into one FMA
+// (-ffp-contract=fast is g++'s default).
+typedef float PeakVec __attribute__((vector_size(16)));
+inline PeakVec peak_set(float v) { return PeakVec{v, v, v, v}; }
+inline PeakVec peak_fma(PeakVec a, PeakVec b, PeakVec c) { return a * b + c; }
+inline float peak_first(PeakVec v) { return v[0]; }
+#endif
+
+// One thread's chains, out of line with twelve named accumulators: written as an array inside the parallel lambda,
+// gcc kept them on the stack in the OpenMP-outlined copy (a store and reload per FMA: a third of the rate).
+__attribute__((noinline)) float fma_chains(int64_t iterations) {
+  const PeakVec x = peak_set(1.0000001f), y = peak_set(1e-7f);
+  PeakVec a0 = peak_set(0), a1 = peak_set(1), a2 = peak_set(2), a3 = peak_set(3), a4 = peak_set(4), a5 = peak_set(5),
+          a6 = peak_set(6), a7 = peak_set(7), a8 = peak_set(8), a9 = peak_set(9), a10 = peak_set(10),
+          a11 = peak_set(11);
+  for (int64_t i = 0; i < iterations; ++i) {
+    a0 = peak_fma(a0, x, y); a1 = peak_fma(a1, x, y); a2 = peak_fma(a2, x, y); a3 = peak_fma(a3, x, y);
+    a4 = peak_fma(a4, x, y); a5 = peak_fma(a5, x, y); a6 = peak_fma(a6, x, y); a7 = peak_fma(a7, x, y);
+    a8 = peak_fma(a8, x, y); a9 = peak_fma(a9, x, y); a10 = peak_fma(a10, x, y); a11 = peak_fma(a11, x, y);
+#if defined(__x86_64__) || defined(__i386__)
+    // Each FMA kept (the chains cannot be folded across iterations) and every accumulator in a register.
+    asm volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7), "+v"(a8),
+                 "+v"(a9), "+v"(a10), "+v"(a11));
+#else
+    asm volatile("" : "+w"(a0), "+w"(a1), "+w"(a2), "+w"(a3), "+w"(a4), "+w"(a5), "+w"(a6), "+w"(a7), "+w"(a8),
+                 "+w"(a9), "+w"(a10), "+w"(a11));
+#endif
+  }
+  return peak_first(a0) + peak_first(a1) + peak_first(a2) + peak_first(a3) + peak_first(a4) + peak_first(a5) +
+         peak_first(a6) + peak_first(a7) + peak_first(a8) + peak_first(a9) + peak_first(a10) + peak_first(a11);
+}
+
+double small_m_fma_rate(int64_t iterations) {
+  TORCH_CHECK(iterations > 0, "small_m_fma_rate: iterations must be positive, got ", iterations);
+  constexpr int kChains = 12;
+  const int threads = at::get_num_threads();
+  std::vector<float> sink(threads, 0.0f);
+  const auto started = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) sink[t] = fma_chains(iterations);
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  volatile float keep = 0.0f;
+  for (float v : sink) keep = keep + v;  // the chains' results are used
+  (void)keep;
+  const double flops = 2.0 * kChains * (sizeof(PeakVec) / sizeof(float)) * static_cast<double>(iterations) * threads;
+  return flops / seconds / 1e9;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vicuna_bench, m) {
@@ -1406,6 +1471,7 @@ TORCH_LIBRARY(vicuna_bench, m) {
   m.def("small_m_amx() -> str", &small_m_amx);
   m.def("small_m_set_amx_rows(int lo, int hi) -> bool", &small_m_set_amx_rows);
   m.def("small_m_set_bf16_fp32_gemm(bool on) -> bool", &small_m_set_bf16_fp32_gemm);
+  m.def("small_m_fma_rate(int iterations) -> float", &small_m_fma_rate);
 }
 
 TORCH_LIBRARY_IMPL(vicuna_bench, CPU, m) {
