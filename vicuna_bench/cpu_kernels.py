@@ -18,6 +18,9 @@ Two ops in ``csrc/cpu_kernels.cpp``, registered as ``vicuna_bench::*`` (CPU):
   bucket under a mask), so its cost follows the filled length with one
   compiled graph for every length.
 
+Beside them, ``small_m_fma_rate(iterations)``: the cores' fp32 FMA peak at the build's vector width, GFLOP/s, the
+ceiling ``benchmarks/bench_gemm.py`` holds the products' rates against (the engine never calls it).
+
 Other dtypes, other devices, or the library not loaded: ``F.linear`` and SDPA.  Which path each dtype and row
 range takes (kernel / kernel+AMX / F.linear / fp32 GEMM) is chosen once a process in :func:`load` from the host's
 flags, the kernel's ISA and the library's AMX state (:func:`choose_linear_paths`), said in one log line and

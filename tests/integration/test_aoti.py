@@ -84,6 +84,36 @@ def test_package_reads_the_models_weights_and_writes_its_cache(tiny_models, tmp_
     assert len(list(tmp_path.glob("*.pt2"))) == 1
 
 
+def test_a_bf16_package_computes_the_eager_step(tiny_models, tmp_path):
+    """bf16, the dtype our kernels decode fastest on a host without a bf16 dot product: the package's logits and
+    the keys it writes into the model's bf16 cache match the eager step's within bf16's rounding (inductor keeps
+    elementwise chains in fp32 where eager rounds after each op), with the same greedy token."""
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "bf16", 64)
+    model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        model.setup_caches(BATCH, LENGTH)
+        assert model.model.layers[0].self_attn.cache.k.dtype == torch.bfloat16
+        step = aoti.PackagedDecode(tmp_path).prepare(model, BATCH, LENGTH)
+        state = _state(BATCH, LENGTH, 9)
+        slot = int(state.slot)
+        _fill_caches(model, 2)
+        eager = decode_step(model, *state.step_inputs())
+        want = eager.float()
+        keys = [layer.self_attn.cache.k[:, :, slot].float() for layer in model.model.layers]
+        for layer in model.model.layers:
+            layer.self_attn.cache.k[:, :, slot] = 0
+        got = step(model, *state.step_inputs())
+        assert got.dtype == eager.dtype and got.shape == eager.shape
+        scale = want.abs().max()
+        assert (got.float() - want).abs().max() <= 2e-2 * scale
+        assert torch.equal(got.float().argmax(-1), want.argmax(-1))
+        for layer, k in zip(model.model.layers, keys):
+            written = layer.self_attn.cache.k[:, :, slot].float()
+            assert written.abs().max() > 0  # the package wrote the model's own cache
+            assert (written - k).abs().max() <= 2e-2 * k.abs().max()
+
+
 def test_a_kept_package_is_loaded_not_compiled(tiny_models, tmp_path, monkeypatch):
     """A second process (here: a fresh PackagedDecode) finds the package under its key and compiles nothing;
     another thread count is another key (inductor writes the count into its parallel regions)."""
