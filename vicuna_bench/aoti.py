@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import logging
 import os
+import types
 import warnings
 import weakref
 from pathlib import Path
@@ -44,7 +45,10 @@ log = logging.getLogger("vicuna_bench")
 ENV_SWITCH = "VICUNA_BENCH_AOTI"
 PREFIX = "step."  # the fqn prefix of the model's tensors in the exported wrapper (_DecodeModule.step)
 # Weights stay out of the library: the package holds code only, and its constants are bound to the model's tensors.
-INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+# Read-only, and handed to AOTInductor as a copy: aoti_compile_and_package adds "aot_inductor.package" to the dict it
+# is given (torch 2.13 torch/_inductor/__init__.py), which changed every later package key in the process (a second
+# compile of a shape already packaged, and keys that differed from process to process).
+INDUCTOR_CONFIGS = types.MappingProxyType({"aot_inductor.package_constants_in_so": False})
 
 
 def enabled() -> bool:
@@ -235,23 +239,43 @@ def build(model: nn.Module, batch: int, length: int, directory: Path) -> Package
 def _build(model: nn.Module, batch: int, length: int, directory: Path) -> PackagedStep:
     import torch._inductor as inductor
 
+    from .errors import first_line
+
     device = model.lm_head.weight.device
     with torch.no_grad():  # under the caller's inference mode: the KV caches it made are inference tensors
         program = torch.export.export(_DecodeModule(model), scratch_inputs(batch, length, device), strict=False)
-    path = directory / f"{package_key(program, torch.get_num_threads())}.pt2"
-    how = "loaded"
-    if not path.is_file():
-        how = "compiled"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+    try:
+        path = directory / f"{package_key(program, torch.get_num_threads())}.pt2"
+        how = "loaded" if path.is_file() else "compiled"
+        if how == "compiled":
+            _compile_into(program, path)
         try:
-            inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=INDUCTOR_CONFIGS)
-            os.replace(partial, path)  # whole or absent: a crash leaves no half-written package under the key
-        finally:
-            partial.unlink(missing_ok=True)
-    del program
-    drop_export_trace_map()
-    runner = inductor.aoti_load_package(str(path))
+            runner = inductor.aoti_load_package(str(path))
+        except Exception as err:  # noqa: BLE001 - a kept package that cannot be loaded is compiled anew, once
+            if how == "compiled":
+                raise
+            log.warning("the kept decode package %s cannot be loaded (%s): compiling it anew", path, first_line(err))
+            how = "compiled"
+            _compile_into(program, path)
+            runner = inductor.aoti_load_package(str(path))
+    finally:
+        del program
+        drop_export_trace_map()
     COUNTS[how] += 1
     log.info("decode step for batch %d, cache %d: AOTInductor package %s (%s)", batch, length, path, how)
     return PackagedStep(runner, list(runner.get_constant_fqns()), path)
+
+
+def _compile_into(program, path: Path) -> None:
+    """Compile ``program`` into the package ``path``: whole or absent (written under another name, then renamed,
+    so a crash leaves no half-written package under the key, and a process that loaded the old file keeps it)."""
+    import torch._inductor as inductor
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+    try:
+        inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                          inductor_configs=dict(INDUCTOR_CONFIGS))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

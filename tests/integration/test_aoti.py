@@ -144,6 +144,34 @@ def test_a_kept_package_is_loaded_not_compiled(tiny_models, tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # nothing half-written left beside it
 
 
+def test_a_kept_package_that_cannot_be_loaded_is_compiled_anew(tiny_models, tmp_path, caplog):
+    """A package under its key that does not load (here truncated, as a full disk leaves one) is compiled again,
+    said in one line, and replaces the bad file; the step then equals the eager one."""
+    import logging
+    import os
+
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
+    with torch.inference_mode():
+        model.setup_caches(1, LENGTH)
+        first = aoti.PackagedDecode(tmp_path).prepare(model, 1, LENGTH)
+        whole = first.path.read_bytes()
+        cut = tmp_path / "cut"
+        cut.write_bytes(whole[: len(whole) // 3])
+        os.replace(cut, first.path)  # a new file under the key (the loaded one stays as it was)
+        compiled = aoti.COUNTS["compiled"]
+        with caplog.at_level(logging.WARNING, logger="vicuna_bench"):
+            second = aoti.PackagedDecode(tmp_path).prepare(model, 1, LENGTH)
+        assert aoti.COUNTS["compiled"] == compiled + 1 and second.path == first.path
+        warned = [r.getMessage() for r in caplog.records if r.name == "vicuna_bench" and r.levelno == logging.WARNING]
+        assert len(warned) == 1 and str(first.path) in warned[0] and "compiling it anew" in warned[0]
+        assert first.path.stat().st_size > len(whole) // 3
+        state = _state(1, LENGTH, 5)
+        want = decode_step(model, *state.step_inputs()).clone()
+        assert (second(model, *state.step_inputs()) - want).abs().max() <= 1e-5 * want.abs().max()
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
+
+
 def test_two_models_sharing_one_package_file_keep_their_own_weights(tiny_models, tmp_path):
     """Two engines of one architecture with different weights, open at once: their decode steps are one package
     file (one key), loaded twice; alternating models and batch sizes, each generation equals its own eager one."""

@@ -180,3 +180,26 @@ def test_the_last_exports_trace_map_is_emptied(monkeypatch):
     assert aoti.drop_export_trace_map() == 2 and traced == {}
     monkeypatch.delattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT")
     assert aoti.drop_export_trace_map() == 0
+
+
+def test_compiling_a_package_leaves_the_key_settings_as_they_were(tmp_path, monkeypatch):
+    """torch 2.13's ``aoti_compile_and_package`` sets ``inductor_configs["aot_inductor.package"] = True`` in the dict
+    it is handed (torch/_inductor/__init__.py).  Handed ours, every later package key in the process changed: a
+    shape already packaged compiled again, and keys differed from process to process."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch._inductor as inductor
+
+    def compile_as_torch_2_13_does(program, package_path, inductor_configs):
+        inductor_configs["aot_inductor.package"] = True
+        Path(package_path).write_bytes(b"package")
+
+    monkeypatch.setattr(inductor, "aoti_compile_and_package", compile_as_torch_2_13_does)
+    program = SimpleNamespace(graph_module=SimpleNamespace(code="def forward(self, x): return x",
+                                                           graph=SimpleNamespace(nodes=[])))
+    before = aoti.package_key(program, 2)
+    aoti._compile_into(program, tmp_path / "step.pt2")
+    assert aoti.package_key(program, 2) == before
+    assert dict(aoti.INDUCTOR_CONFIGS) == {"aot_inductor.package_constants_in_so": False}
+    assert [p.name for p in tmp_path.iterdir()] == ["step.pt2"] and (tmp_path / "step.pt2").read_bytes() == b"package"
