@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -55,18 +56,9 @@ def freezing(on: bool):
         vb_compile.cpu_inductor_options = chosen
 
 
-@contextlib.contextmanager
 def packaged(on: bool):
     """``VICUNA_BENCH_AOTI`` set to 1 or 0 while the engines inside are built (their compile path is chosen then)."""
-    before = os.environ.get(aoti.ENV_SWITCH)
-    os.environ[aoti.ENV_SWITCH] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(aoti.ENV_SWITCH, None)
-        else:
-            os.environ[aoti.ENV_SWITCH] = before
+    return mock.patch.dict(os.environ, {aoti.ENV_SWITCH: "1" if on else "0"})
 
 
 # --option: how an engine is built with the option on or off, and the names of the two kinds.

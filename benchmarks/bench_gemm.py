@@ -61,11 +61,10 @@ class LinearChain(nn.Module):
         h, i, d = args.hidden_size, args.intermediate_size, args.head_dim
         qkv = (args.n_heads + 2 * args.n_kv_heads) * d
         shapes = [(qkv, h), (h, args.n_heads * d), (2 * i, h), (h, i)]
-        self.blocks = nn.ModuleList(
-            nn.ModuleList(nn.Linear(k, n, bias=False, dtype=dtype) for n, k in shapes) for _ in range(1 if resident
-                                                                                                   else copies))
-        if resident:
-            self.blocks = nn.ModuleList([self.blocks[0]] * copies)
+        def layer():
+            return nn.ModuleList(nn.Linear(k, n, bias=False, dtype=dtype) for n, k in shapes)
+
+        self.blocks = nn.ModuleList([layer()] * copies if resident else [layer() for _ in range(copies)])
         self.head = nn.Linear(h, args.vocab_size, bias=False, dtype=dtype)
         self.q_width, self.inter = args.n_heads * d, i
         for p in self.parameters():
@@ -96,13 +95,8 @@ class SmallMChain(nn.Module):
 
 
 def median_ms(fn, x, repeat: int) -> float:
-    fn(x)
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+    """The median ms of ``fn`` on ``x`` over ``repeat`` calls after one untimed call."""
+    return alternated_ms({"fn": fn}, x, repeat)["fn"]
 
 
 def alternated_ms(fns: dict, x, repeat: int) -> dict[str, float]:
