@@ -247,8 +247,9 @@ def _build(model: nn.Module, batch: int, length: int, directory: Path) -> Packag
     try:
         path = directory / f"{package_key(program, torch.get_num_threads())}.pt2"
         how = "loaded" if path.is_file() else "compiled"
+        where = ""
         if how == "compiled":
-            _compile_into(program, path)
+            where = compile_apart(program, path)
         try:
             runner = inductor.aoti_load_package(str(path))
         except Exception as err:  # noqa: BLE001 - a kept package that cannot be loaded is compiled anew, once
@@ -256,26 +257,40 @@ def _build(model: nn.Module, batch: int, length: int, directory: Path) -> Packag
                 raise
             log.warning("the kept decode package %s cannot be loaded (%s): compiling it anew", path, first_line(err))
             how = "compiled"
-            _compile_into(program, path)
+            where = compile_apart(program, path)
             runner = inductor.aoti_load_package(str(path))
     finally:
         del program
         drop_export_trace_map()
     COUNTS[how] += 1
-    log.info("decode step for batch %d, cache %d: AOTInductor package %s (%s)", batch, length, path, how)
+    log.info("decode step for batch %d, cache %d: AOTInductor package %s (%s)", batch, length, path,
+             f"compiled in {where}" if where else how)
     return PackagedStep(runner, list(runner.get_constant_fqns()), path)
 
 
-def _compile_into(program, path: Path) -> None:
-    """Compile ``program`` into the package ``path``: whole or absent (written under another name, then renamed,
-    so a crash leaves no half-written package under the key, and a process that loaded the old file keeps it)."""
+def compile_apart(program, path: Path) -> str:
+    """Compile ``program`` into the package ``path`` in a forked child process (:mod:`vicuna_bench.apart`); where
+    it ran.  A process that compiled its package in-process served with ~1.6x weights + KV resident against ~1.3x
+    for one that loaded it (docs/PERFORMANCE.md, "Fourteenth pass").  The child shares the exported program and the
+    weights (copy on write), traces nothing again, and writes this process's thread count into the code."""
+    from . import apart
+
+    _, where = apart.run(lambda: _compile_into(program, path, apart.code_threads()),
+                         f"compiling the decode package {path.name}")
+    return where
+
+
+def _compile_into(program, path: Path, threads: int) -> None:
+    """Compile ``program`` into the package ``path`` for ``threads`` intra-op threads: whole or absent (written
+    under another name, then renamed, so a crash leaves no half-written package under the key, and a process that
+    loaded the old file keeps it)."""
     import torch._inductor as inductor
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
     try:
         inductor.aoti_compile_and_package(program, package_path=str(partial),
-                                          inductor_configs=dict(INDUCTOR_CONFIGS))
+                                          inductor_configs={**INDUCTOR_CONFIGS, "cpp.threads": threads})
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ live under the project's cache directory, so a second run reuses them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -109,7 +110,7 @@ class CompiledSteps:
     """
 
     def __init__(self, prefill_fn, decode_fn, description: str, warm_calls: int = 1, skip_guards: bool = False,
-                 packaged=None):
+                 packaged=None, prefill_apart: bool = False, prefill_settings: dict | None = None):
         self._prefill = prefill_fn
         self.decode_fn = decode_fn  # generation.decode_step, compiled
         self.description = description
@@ -124,6 +125,10 @@ class CompiledSteps:
         # packaged (an aoti.PackagedDecode): the decode step of each warmed shape is an AOTInductor package, called
         # without dynamo; None where the step goes through dynamo (vicuna_bench/aoti.py says where and why).
         self.packaged = packaged
+        # prefill_apart: a prefill shape this host has not compiled before (no mark, prefill_mark) is compiled in a
+        # forked child first, which fills inductor's caches; this process then loads from them.
+        self.prefill_apart = prefill_apart
+        self.prefill_settings = dict(prefill_settings or {})  # the inductor settings the prefill compiles under
 
     def prefill(self, model, tokens, positions, key_valid, start: int):
         from .generation import prefill_logits
@@ -180,6 +185,35 @@ class CompiledSteps:
                         "through dynamo from now on", batch, length, first_line(err))
             return False
 
+    def _prefill_in_child(self, model, tokens, valid, batch: int, length: int) -> None:
+        """Compile the prefill for this shape in a forked child, unless this host's caches are marked as holding it
+        (:func:`prefill_mark`); its graph counts join :data:`CHILD_GRAPHS`.  A child that fails is said in one
+        line, and the prefill compiles here as before."""
+        from . import apart
+        from .errors import first_line
+
+        mark = prefill_mark(model, batch, length, {**self.prefill_settings, **prefill_thread_options()})
+        if mark.exists():
+            return
+
+        def compile_prefill() -> dict:
+            from torch._dynamo.utils import counters
+
+            before = dict(counters["inductor"])
+            self._prefill(model, tokens, torch.zeros_like(tokens), valid, 0)
+            return {key: counters["inductor"][f"fxgraph_cache_{key}"] - before.get(f"fxgraph_cache_{key}", 0)
+                    for key in ("hit", "miss")}
+
+        try:
+            graphs, _ = apart.run(compile_prefill, f"compiling the prefill for batch {batch}, cache {length}")
+        except RuntimeError as err:
+            log.warning("%s: compiling it in this process", first_line(err))
+            return
+        for key in CHILD_GRAPHS:
+            CHILD_GRAPHS[key] += int(graphs.get(key, 0))
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+
     def _graphs_of(self, model) -> dict:
         try:
             return self._seen.get(model, {})
@@ -222,6 +256,8 @@ class CompiledSteps:
             if warm_prefill:
                 tokens = torch.zeros((batch, 2), dtype=torch.long, device=device)
                 valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
+                if self.prefill_apart:
+                    self._prefill_in_child(model, tokens, valid, batch, length)
                 for _ in range(calls):
                     self._prefill(model, tokens, torch.zeros_like(tokens), valid, 0)
                 seen[prefill_key] = addresses
@@ -251,6 +287,45 @@ class CompiledSteps:
         log.info("compiled the %s (%s) for batch %d, cache %d, %d call(s) each: %.1f s", " and ".join(made),
                  self.description, batch, length, calls, spent)
         return spent
+
+
+# Inductor's FX graph cache hits and misses inside the children that compiled prefill graphs (bench_peers' memory
+# probe counts the graphs compiled anew; the child's misses are loaded here as hits).
+CHILD_GRAPHS = {"hit": 0, "miss": 0}
+
+
+def prefill_mark(model, batch: int, length: int, settings: dict):
+    """The file that says this host's caches hold the compiled prefill for ``model``'s graph at this shape: kept in
+    inductor's cache directory (emptied with it), named by a digest of what decides that graph (torch, our
+    package's source and kernel build, every tensor's name, shape, dtype and stride, the shape, the thread count
+    and ``settings``, the prefill's inductor settings).  A mark that outlives its graph (a cache pruned by hand)
+    costs a compile here, as before; a missing one costs a trace in a child."""
+    import hashlib
+
+    from . import aoti, apart, cpu_kernels
+
+    digest = hashlib.sha256()
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for part in (torch.__version__, _source_digest(), cpu_kernels.build_key(),
+                 "\n".join(f"{n}:{tuple(t.shape)}:{t.dtype}:{tuple(t.stride())}" for n, t in tensors),
+                 f"{batch}:{length}:{apart.code_threads()}", repr(sorted(settings.items()))):
+        digest.update(str(part).encode())
+        digest.update(b"\0")
+    return aoti.package_dir().parent / "prefill-marks" / digest.hexdigest()[:24]
+
+
+@functools.cache
+def _source_digest() -> str:
+    """A digest of this package's Python source (what the traced graph is made of), read once per process."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def cache_addresses(model) -> tuple[int, ...]:
@@ -426,18 +501,34 @@ def sizes_apart(fn):
     return call
 
 
-def under_inductor_options(fn, **options):
+def under_inductor_options(fn, at_call=None, **options):
     """``fn`` called under these inductor settings, so the graphs it compiles (lazily, on a call) get them
-    whatever other engines in the process set."""
+    whatever other engines in the process set; ``at_call()``, where given, adds settings read at each call."""
     import torch._inductor.config as inductor
 
     def call(*args, **kwargs):
-        if all(getattr(inductor, key) == value for key, value in options.items()):
+        now = {**options, **at_call()} if at_call is not None else options
+        if all(_setting(inductor, key) == value for key, value in now.items()):
             return fn(*args, **kwargs)  # the usual case (one engine): no patch, ~25 us less per decode step
-        with inductor.patch(options):
+        with inductor.patch(now):
             return fn(*args, **kwargs)
 
     return call
+
+
+def _setting(config, dotted: str):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def prefill_thread_options() -> dict:
+    """Inductor settings of the CPU prefill for threads: code generated for :func:`apart.code_threads` threads,
+    its parallel regions sized when they run.  So the graph a forked child compiles at one thread (apart's rules)
+    is the one this process would compile, under the same cache key, and the child can run it."""
+    from . import apart
+
+    return {"cpp.threads": apart.code_threads(), "cpp.dynamic_threads": True}
 
 
 def compiled_steps(device: str, world_size: int, dtype: str = "fp32", npu_graph: str = "auto",
@@ -495,6 +586,12 @@ def compiled_steps(device: str, world_size: int, dtype: str = "fp32", npu_graph:
         how = f"decode {CPU_DECODE_MODE} through dynamo (no AOTInductor package: {not_packaged}), prefill dynamic" \
               f"{frozen}{wrapper}{guards}"
     log.info("CPU compile: %s", how)
-    return CompiledSteps(under_inductor_options(prefill, **options), under_inductor_options(decode, **options),
-                         f"inductor: {how}", skip_guards=True,
-                         packaged=aoti.PackagedDecode() if not_packaged is None else None)
+    from . import apart
+
+    # At world size 1, unfrozen (frozen graphs bypass inductor's cache), a prefill graph new to this host is
+    # compiled in a forked child first: what compiling leaves resident goes with it (CompiledSteps.warm).
+    prefill_apart = world_size == 1 and not options["freezing"] and apart.available()
+    return CompiledSteps(under_inductor_options(prefill, prefill_thread_options, **options),
+                         under_inductor_options(decode, **options), f"inductor: {how}", skip_guards=True,
+                         packaged=aoti.PackagedDecode() if not_packaged is None else None,
+                         prefill_apart=prefill_apart, prefill_settings=options)

@@ -137,7 +137,8 @@ def test_a_kept_package_is_loaded_not_compiled(tiny_models, tmp_path, monkeypatc
         threads = torch.get_num_threads()
         torch.set_num_threads(threads + 1)
         try:
-            with pytest.raises(AssertionError, match="compiled again"):
+            # (the compile runs in a forked child, whose error comes back in one line)
+            with pytest.raises(RuntimeError, match=r"in a child process failed \(AssertionError: compiled again\)"):
                 aoti.PackagedDecode(tmp_path).prepare(model, 1, LENGTH)
         finally:
             torch.set_num_threads(threads)
@@ -170,6 +171,71 @@ def test_a_kept_package_that_cannot_be_loaded_is_compiled_anew(tiny_models, tmp_
         want = decode_step(model, *state.step_inputs()).clone()
         assert (second(model, *state.step_inputs()) - want).abs().max() <= 1e-5 * want.abs().max()
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
+
+
+def test_a_package_is_compiled_in_a_forked_child_for_the_parents_threads(tiny_models, tmp_path, monkeypatch):
+    """What compiling leaves resident stays in a child: the package is compiled in another process, which runs at
+    one thread (libgomp's team does not survive a fork) while inductor's C++ code generation works for the
+    parent's thread count; the parent loads the package, and its step equals the eager one."""
+    import os
+
+    import torch._inductor as inductor
+    from torch._inductor.codegen import cpp
+
+    calls, counts = tmp_path / "calls", tmp_path / "thread_counts"
+
+    def recording(compile_and_package):
+        def call(*args, **kwargs):
+            with open(calls, "a") as out:
+                out.write(f"{os.getpid()} {torch.get_num_threads()}\n")
+            return compile_and_package(*args, **kwargs)
+        return call
+
+    def codegen_threads(threads_for_code):
+        def call():
+            threads = threads_for_code()
+            with open(counts, "a") as out:
+                out.write(f"{threads}\n")
+            return threads
+        return call
+
+    monkeypatch.setattr(inductor, "aoti_compile_and_package", recording(inductor.aoti_compile_and_package))
+    monkeypatch.setattr(cpp, "parallel_num_threads", codegen_threads(cpp.parallel_num_threads))
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            model.setup_caches(BATCH, LENGTH)
+            step = aoti.PackagedDecode(tmp_path / "packages").prepare(model, BATCH, LENGTH)
+            state = _state(BATCH, LENGTH, 9)
+            want = decode_step(model, *state.step_inputs()).clone()
+            assert (step(model, *state.step_inputs()) - want).abs().max() <= 1e-5 * want.abs().max()
+    finally:
+        torch.set_num_threads(threads)
+    (pid, child_threads), = (line.split() for line in calls.read_text().splitlines())
+    assert int(pid) != os.getpid() and int(child_threads) == 1
+    used = counts.read_text().split()
+    assert used and set(used) == {"2"}, used  # every kernel the C++ code generation wrote
+    assert [p.name for p in (tmp_path / "packages").iterdir()] == [step.path.name]
+
+
+def test_a_child_that_fails_to_compile_says_why_and_leaves_no_package(tiny_models, tmp_path, monkeypatch):
+    """The child's error reaches the parent in one line, and nothing is written under the key."""
+    import torch._inductor as inductor
+
+    def failing(*args, **kwargs):
+        raise ValueError("no C++ compiler on PATH\n(and a second line)")
+
+    monkeypatch.setattr(inductor, "aoti_compile_and_package", failing)
+    spec = spec_for(str(tiny_models["gqa"]), 1, "cpu", "fp32", 64)
+    model = build_rank_model(spec, 0, TensorParallel(), torch.device("cpu"))
+    with torch.inference_mode():
+        model.setup_caches(1, LENGTH)
+        with pytest.raises(RuntimeError, match=r"in a child process failed \(ValueError: no C\+\+ compiler on PATH\)$"):
+            aoti.PackagedDecode(tmp_path).prepare(model, 1, LENGTH)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_two_models_sharing_one_package_file_keep_their_own_weights(tiny_models, tmp_path):

@@ -191,7 +191,10 @@ def test_compiling_a_package_leaves_the_key_settings_as_they_were(tmp_path, monk
 
     import torch._inductor as inductor
 
+    handed = []
+
     def compile_as_torch_2_13_does(program, package_path, inductor_configs):
+        handed.append(dict(inductor_configs))
         inductor_configs["aot_inductor.package"] = True
         Path(package_path).write_bytes(b"package")
 
@@ -199,7 +202,9 @@ def test_compiling_a_package_leaves_the_key_settings_as_they_were(tmp_path, monk
     program = SimpleNamespace(graph_module=SimpleNamespace(code="def forward(self, x): return x",
                                                            graph=SimpleNamespace(nodes=[])))
     before = aoti.package_key(program, 2)
-    aoti._compile_into(program, tmp_path / "step.pt2")
+    aoti._compile_into(program, tmp_path / "step.pt2", 2)
     assert aoti.package_key(program, 2) == before
+    # the thread count the key names is the one written into the code, whatever the compiling process runs at
+    assert handed == [{"aot_inductor.package_constants_in_so": False, "cpp.threads": 2}]
     assert dict(aoti.INDUCTOR_CONFIGS) == {"aot_inductor.package_constants_in_so": False}
     assert [p.name for p in tmp_path.iterdir()] == ["step.pt2"] and (tmp_path / "step.pt2").read_bytes() == b"package"
