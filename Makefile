@@ -54,8 +54,12 @@ UNIT_WORKERS ?= 2
 test-unit: setup kernels
 	$(BIN)/python -m pytest -m unit -n $(UNIT_WORKERS) $(PYTEST_ARGS)
 
+# The integration tier on xdist workers, a test file to a worker, each worker on its own share of the CPUs (its
+# ranks' torch threads follow it); then the tests that need every CPU (marker all_cpus), alone.
+INTEGRATION_WORKERS ?= 2
 test-integration: setup kernels
-	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "integration and not all_cpus" -n $(INTEGRATION_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "integration and all_cpus" $(PYTEST_ARGS)
 
 test-perf-smoke: setup kernels
 	$(BIN)/python -m pytest -m perf tests/perf/test_latency.py --world-size 8 --perf-repeat 2 \

@@ -31,6 +31,7 @@ def _bind_and_report(rank: int, world_size: int, queue) -> None:
     queue.put((rank, b.cpus, sorted(os.sched_getaffinity(0))))
 
 
+@pytest.mark.all_cpus  # its ranks (or workers) share out the CPUs: under pytest -n a worker has one
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux CPU affinity")
 def test_two_real_ranks_get_disjoint_covering_affinities():
     allowed = sorted(os.sched_getaffinity(0))

@@ -40,6 +40,7 @@ def sdk_spec(model, tmp_path, bind: bool, monkeypatch):
     return sdk.prepare(2, "d9", "performance", ini, flags={"device": "cpu"}, progress=False).spec
 
 
+@pytest.mark.all_cpus  # its ranks (or workers) share out the CPUs: under pytest -n a worker has one
 @pytest.mark.parametrize("source", ["nightly-toml", "sdk-ini"])
 def test_binding_off_leaves_every_rank_the_allowed_set(tmp_path, source, monkeypatch):
     allowed = set(os.sched_getaffinity(0))

@@ -217,6 +217,7 @@ def test_pytest_accuracy_subset_writes_accuracy_results_and_prints_scores(tiny_m
 
 # ---------------------------------------------------------------- pytest -n N
 
+@pytest.mark.all_cpus  # its ranks (or workers) share out the CPUs: under pytest -n a worker has one
 def test_xdist_workers_get_disjoint_cpu_shares(tmp_path):
     """Under ``pytest -n 2`` each worker (and the ranks it spawns) runs on its own half of the CPUs."""
     cpus = len(os.sched_getaffinity(0))

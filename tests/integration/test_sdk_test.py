@@ -296,6 +296,7 @@ def test_run_sdk_test_sh_sets_max_seq_length_at_its_top_and_the_environment_wins
 
 # ------------------------------------------------------------------ CPU binding at rank start-up
 
+@pytest.mark.all_cpus  # its ranks (or workers) share out the CPUs: under pytest -n a worker has one
 def test_two_ranks_are_pinned_to_disjoint_cpus_covering_the_allowed_set(tiny_models):
     from tests.specs import spec_for
     from vicuna_bench.runtime import Engine

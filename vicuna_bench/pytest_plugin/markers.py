@@ -13,6 +13,8 @@ MARKERS = {
     "hw": "needs an NPU or GPU (skipped with a reason otherwise)",
     "accuracy": "needs a model and data; release gate",
     "perf": "benchmarks; record, never fail on absolute time",
+    "all_cpus": "needs every CPU this process may use (CPU binding, xdist shares): run outside pytest -n workers, "
+                "which each get a share (make test-integration runs these after the others, alone)",
 }
 
 
