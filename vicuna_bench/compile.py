@@ -25,7 +25,10 @@ length.  Both are made ahead of the timed work by
 :meth:`CompiledSteps.warm` (called by
 ``generate`` before the prefill clock starts) and their time is reported as
 ``compile_s``, never inside first/next-token figures.  Inductor's caches
-live under the project's cache directory, so a second run reuses them.
+live under the project's cache directory, so a second run reuses them.  On
+CPU at world size 1 a graph new to the host is compiled in a forked child
+(:mod:`vicuna_bench.apart`), which fills those caches; this process loads,
+so what compiling leaves resident is not in the serving process.
 """
 
 from __future__ import annotations
