@@ -45,7 +45,7 @@ kernels:
 demo: setup
 	$(BIN)/vicuna-bench run --prompt "What is the capital of France? Answer in one sentence."
 
-# CI: the unit tier (in-process, ~3 min on 2 cores with 2 xdist workers), the integration tier (subprocesses,
+# CI: the unit tier (in-process, ~1 min on 2 cores with 2 xdist workers), the integration tier (subprocesses,
 # multi-rank engines, real model and data), then the perf suite's CI-sized run: a tiny model over 8 CPU ranks.
 # Each stage fails on its own, "no tests collected" (pytest's exit 5) included.
 test: test-unit test-integration test-perf-smoke
