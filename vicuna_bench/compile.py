@@ -216,6 +216,8 @@ class CompiledSteps:
             CHILD_GRAPHS[key] += int(graphs.get(key, 0))
         mark.parent.mkdir(parents=True, exist_ok=True)
         mark.touch()
+        log.info("prefill for batch %d, cache %d: compiled in a child process (%d graph(s) compiled, %d from the "
+                 "cache), loaded here", batch, length, graphs.get("miss", 0), graphs.get("hit", 0))
 
     def _graphs_of(self, model) -> dict:
         try:

@@ -6,6 +6,7 @@ child compiled is the one this process then loads (inductor's cache counters) an
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -50,7 +51,7 @@ def test_a_child_that_raises_or_dies_is_an_error_here_in_one_line():
         apart.run(lambda: object(), "a test")  # what returns must cross as JSON
 
 
-def test_a_new_prefill_is_compiled_in_a_child_and_loaded_here(tiny_models, tmp_path, monkeypatch):
+def test_a_new_prefill_is_compiled_in_a_child_and_loaded_here(tiny_models, tmp_path, monkeypatch, caplog):
     """Empty caches: the child compiles the prefill (its misses), this process only loads it (hits, no miss), and a
     mark is left; a later warm of the same shape (dynamo reset: a new process as far as graphs go) finds the mark
     and forks no child.  The compiled prefill's logits equal the eager ones."""
@@ -70,7 +71,8 @@ def test_a_new_prefill_is_compiled_in_a_child_and_loaded_here(tiny_models, tmp_p
         assert steps.prefill_apart
         children = dict(CHILD_GRAPHS)
         here = {key: counters["inductor"][f"fxgraph_cache_{key}"] for key in ("hit", "miss")}
-        with torch.inference_mode():
+        caplog.clear()
+        with torch.inference_mode(), caplog.at_level(logging.INFO, logger="vicuna_bench"):
             model.setup_caches(1, 32)
             steps.warm(model, 1, 32)
             got = steps.prefill(model, tokens, positions, valid, 0)
@@ -80,9 +82,13 @@ def test_a_new_prefill_is_compiled_in_a_child_and_loaded_here(tiny_models, tmp_p
         loaded_here = counters["inductor"]["fxgraph_cache_hit"] - here["hit"]
         made_in_child = CHILD_GRAPHS["miss"] - children["miss"]
         assert made_here == 0 and loaded_here >= 1, (attempt, made_here, loaded_here)
+        said = [r.getMessage() for r in caplog.records if "prefill for batch 1, cache 32" in r.getMessage()]
         if attempt == "cold":
             assert made_in_child == loaded_here, (made_in_child, loaded_here)
+            assert said == [f"prefill for batch 1, cache 32: compiled in a child process ({made_in_child} graph(s) "
+                            "compiled, 0 from the cache), loaded here"]
         else:
+            assert said == []
             assert CHILD_GRAPHS == children  # no child: the mark said the caches hold it
     assert prefill_mark(model, 1, 32, {**steps.prefill_settings, "cpp.threads": torch.get_num_threads(),
                                        "cpp.dynamic_threads": True}).exists()
