@@ -120,15 +120,24 @@ def package_key(program, threads: int) -> str:
     that inductor writes into its OpenMP regions."""
     from . import cpu_kernels
 
-    digest = hashlib.sha256()
     metas = []
     for node in program.graph_module.graph.nodes:
         if node.op == "placeholder":
             val = node.meta.get("val")
-            metas.append(f"{node.name}:{tuple(val.shape)}:{val.dtype}:{tuple(val.stride())}" if hasattr(val, "shape")
-                         else f"{node.name}:{val!r}")
-    for part in (program.graph_module.code, "\n".join(metas), torch.__version__, cpu_kernels.build_key(),
-                 str(threads), repr(sorted(INDUCTOR_CONFIGS.items()))):
+            metas.append(tensor_meta(node.name, val) if hasattr(val, "shape") else f"{node.name}:{val!r}")
+    return key_digest(program.graph_module.code, "\n".join(metas), torch.__version__, cpu_kernels.build_key(),
+                      str(threads), repr(sorted(INDUCTOR_CONFIGS.items())))
+
+
+def tensor_meta(name: str, tensor) -> str:
+    """``name:shape:dtype:stride``, a tensor's part of a cache key."""
+    return f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tuple(tensor.stride())}"
+
+
+def key_digest(*parts: str) -> str:
+    """A cache key: 24 hex digits of the SHA-256 of ``parts``, each ended by a NUL (so no two splits collide)."""
+    digest = hashlib.sha256()
+    for part in parts:
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:24]

@@ -113,7 +113,7 @@ class CompiledSteps:
     """
 
     def __init__(self, prefill_fn, decode_fn, description: str, warm_calls: int = 1, skip_guards: bool = False,
-                 packaged=None, prefill_apart: bool = False, prefill_settings: dict | None = None):
+                 packaged=None, prefill_apart: dict | None = None):
         self._prefill = prefill_fn
         self.decode_fn = decode_fn  # generation.decode_step, compiled
         self.description = description
@@ -128,10 +128,10 @@ class CompiledSteps:
         # packaged (an aoti.PackagedDecode): the decode step of each warmed shape is an AOTInductor package, called
         # without dynamo; None where the step goes through dynamo (vicuna_bench/aoti.py says where and why).
         self.packaged = packaged
-        # prefill_apart: a prefill shape this host has not compiled before (no mark, prefill_mark) is compiled in a
-        # forked child first, which fills inductor's caches; this process then loads from them.
+        # prefill_apart (the inductor settings the prefill compiles under, or None): a prefill shape this host has
+        # not compiled before (no mark, prefill_mark) is compiled in a forked child first, which fills inductor's
+        # caches; this process then loads from them.
         self.prefill_apart = prefill_apart
-        self.prefill_settings = dict(prefill_settings or {})  # the inductor settings the prefill compiles under
 
     def prefill(self, model, tokens, positions, key_valid, start: int):
         from .generation import prefill_logits
@@ -195,7 +195,7 @@ class CompiledSteps:
         from . import apart
         from .errors import first_line
 
-        mark = prefill_mark(model, batch, length, {**self.prefill_settings, **prefill_thread_options()})
+        mark = prefill_mark(model, batch, length, self.prefill_apart)
         if mark.exists():
             return
 
@@ -261,7 +261,7 @@ class CompiledSteps:
             if warm_prefill:
                 tokens = torch.zeros((batch, 2), dtype=torch.long, device=device)
                 valid = torch.zeros((batch, length), dtype=torch.bool, device=device)
-                if self.prefill_apart:
+                if self.prefill_apart is not None:
                     self._prefill_in_child(model, tokens, valid, batch, length)
                 for _ in range(calls):
                     self._prefill(model, tokens, torch.zeros_like(tokens), valid, 0)
@@ -302,21 +302,16 @@ CHILD_GRAPHS = {"hit": 0, "miss": 0}
 def prefill_mark(model, batch: int, length: int, settings: dict):
     """The file that says this host's caches hold the compiled prefill for ``model``'s graph at this shape: kept in
     inductor's cache directory (emptied with it), named by a digest of what decides that graph (torch, our
-    package's source and kernel build, every tensor's name, shape, dtype and stride, the shape, the thread count
-    and ``settings``, the prefill's inductor settings).  A mark that outlives its graph (a cache pruned by hand)
+    package's source and kernel build, every tensor's name, shape, dtype and stride, the shape, and the prefill's
+    inductor settings: ``settings`` with :func:`prefill_thread_options`).  A mark that outlives its graph (a cache pruned by hand)
     costs a compile here, as before; a missing one costs a trace in a child."""
-    import hashlib
+    from . import aoti, cpu_kernels
 
-    from . import aoti, apart, cpu_kernels
-
-    digest = hashlib.sha256()
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for part in (torch.__version__, _source_digest(), cpu_kernels.build_key(),
-                 "\n".join(f"{n}:{tuple(t.shape)}:{t.dtype}:{tuple(t.stride())}" for n, t in tensors),
-                 f"{batch}:{length}:{apart.code_threads()}", repr(sorted(settings.items()))):
-        digest.update(str(part).encode())
-        digest.update(b"\0")
-    return aoti.package_dir().parent / "prefill-marks" / digest.hexdigest()[:24]
+    key = aoti.key_digest(torch.__version__, _source_digest(), cpu_kernels.build_key(),
+                          "\n".join(aoti.tensor_meta(name, t) for name, t in tensors), f"{batch}:{length}",
+                          repr(sorted({**settings, **prefill_thread_options()}.items())))
+    return aoti.package_dir().parent / "prefill-marks" / key
 
 
 @functools.cache
@@ -595,8 +590,8 @@ def compiled_steps(device: str, world_size: int, dtype: str = "fp32", npu_graph:
 
     # At world size 1, unfrozen (frozen graphs bypass inductor's cache), a prefill graph new to this host is
     # compiled in a forked child first: what compiling leaves resident goes with it (CompiledSteps.warm).
-    prefill_apart = world_size == 1 and not options["freezing"] and apart.available()
+    apart_here = world_size == 1 and not options["freezing"] and apart.available()
     return CompiledSteps(under_inductor_options(prefill, prefill_thread_options, **options),
                          under_inductor_options(decode, **options), f"inductor: {how}", skip_guards=True,
                          packaged=aoti.PackagedDecode() if not_packaged is None else None,
-                         prefill_apart=prefill_apart, prefill_settings=options)
+                         prefill_apart=options if apart_here else None)

@@ -68,7 +68,7 @@ def test_a_new_prefill_is_compiled_in_a_child_and_loaded_here(tiny_models, tmp_p
     for attempt in ("cold", "marked"):
         torch._dynamo.reset()
         steps = compiled_steps("cpu", 1, "fp32")
-        assert steps.prefill_apart
+        assert steps.prefill_apart is not None
         children = dict(CHILD_GRAPHS)
         here = {key: counters["inductor"][f"fxgraph_cache_{key}"] for key in ("hit", "miss")}
         caplog.clear()
@@ -90,5 +90,4 @@ def test_a_new_prefill_is_compiled_in_a_child_and_loaded_here(tiny_models, tmp_p
         else:
             assert said == []
             assert CHILD_GRAPHS == children  # no child: the mark said the caches hold it
-    assert prefill_mark(model, 1, 32, {**steps.prefill_settings, "cpp.threads": torch.get_num_threads(),
-                                       "cpp.dynamic_threads": True}).exists()
+    assert prefill_mark(model, 1, 32, steps.prefill_apart).exists()
