@@ -22,6 +22,14 @@ llama.cpp.  Each column's figures are medians over every run of every round
 ``versus_llama_cpp`` and ``versus_transformers`` hold the ratio ours / peer
 in each round, their median and in how many rounds ours was faster.
 
+With ``--without-kernels`` (and ``--rounds``), each of our compile modes also runs without our CPU kernels
+(``VICUNA_BENCH_CPU_KERNELS=0``: bf16 on inductor's frozen, prepacked oneDNN GEMMs, fp32 on its micro-GEMMs) in
+a spawned process that opens its engine once and times on request, alternated in the same rounds; its
+column is ``<mode>, no kernels`` and ``versus_without_kernels`` holds ours / it by round.  The kernels are
+loaded once a process, so this is the only way to alternate the two: comparing each with llama.cpp in runs
+minutes apart misleads, as llama.cpp's speed on a drifting host does not follow ours (docs/PERFORMANCE.md,
+fifteenth pass).
+
 With ``--memory``, each of our compile modes also runs in a fresh process
 that reports its resident-set growth over the process before the model was
 loaded, against weights + KV cache (the CPU counterpart of the allocator
@@ -54,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -155,6 +164,93 @@ class OursTimer:
 
     def close(self) -> None:
         self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+
+# The environment of the "no kernels" column's process: our CPU kernels off (read when the process first loads them).
+KERNELS_OFF = {"VICUNA_BENCH_CPU_KERNELS": "0"}
+
+
+def _child_timer(conn, spec, prompts, seq_out: int, threads: int, env: dict) -> None:
+    """A spawned process's loop for :class:`ChildTimer`: open and warm the engine, say ("ready", figures), then
+    answer each ``repeat`` sent with ("runs", [(first_ms, next_ms), ...]) until None; a failure is ("error", line)."""
+    from vicuna_bench import cpu_kernels
+    from vicuna_bench.errors import first_line
+
+    os.environ.update(env)
+    try:
+        torch.set_num_threads(threads)
+        timer = OursTimer(spec, prompts, seq_out)
+    except BaseException as err:  # noqa: BLE001 - said to the parent in one line
+        conn.send(("error", f"{type(err).__name__}: {first_line(err)}"))
+        return
+    with timer:
+        conn.send(("ready", {"compile_s": timer.compile_s, "kernels": cpu_kernels.status()}))
+        while (repeat := conn.recv()) is not None:
+            try:
+                conn.send(("runs", timer.run(repeat)))
+            except BaseException as err:  # noqa: BLE001
+                conn.send(("error", f"{type(err).__name__}: {first_line(err)}"))
+                return
+
+
+class ChildTimer:
+    """:class:`OursTimer` in a spawned process whose environment adds ``env``: opened and warmed once, then
+    :meth:`run` times generations there while this process waits, so it alternates with in-process timers without
+    two busy processes at once.  ``info`` holds the environment and the child's word on our CPU kernels."""
+
+    def __init__(self, spec, prompts, seq_out: int, threads: int, env: dict):
+        import multiprocessing
+        from unittest import mock
+
+        self.env = dict(env)
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, theirs = ctx.Pipe()
+        # spawn hands the child this process's environment as it is at start: the switches hold from its imports on
+        with mock.patch.dict(os.environ, self.env):
+            self.process = ctx.Process(target=_child_timer, args=(theirs, spec, prompts, seq_out, threads, self.env),
+                                       daemon=True)
+            self.process.start()
+        theirs.close()
+        try:
+            ready = self._answer("ready")
+        except BaseException:
+            self.close()
+            raise
+        self.compile_s = ready["compile_s"]
+        self.info = {"env": self.env, **ready["kernels"]}
+
+    def _answer(self, kind: str):
+        what = "the engine in a child process (" + " ".join(f"{k}={v}" for k, v in self.env.items()) + ")"
+        try:
+            got, value = self.conn.recv()
+        except EOFError:
+            self.process.join(10)
+            raise RuntimeError(f"{what} exited with code {self.process.exitcode}") from None
+        if got == "error":
+            raise RuntimeError(f"{what} failed: {value}")
+        assert got == kind, (got, kind)
+        return value
+
+    def run(self, repeat: int) -> list[tuple[float, float]]:
+        """(first_ms, next_ms) of ``repeat`` generations in the child, in order."""
+        self.conn.send(repeat)
+        return [tuple(r) for r in self._answer("runs")]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.process.join(60)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(10)
+        self.conn.close()
 
     def __enter__(self):
         return self
@@ -549,25 +645,31 @@ def versus_line(what: str, ratios: dict) -> str:
 
 
 def interleaved(specs: dict, lib, gguf: str | None, prompts, seq_out: int, threads: int, rounds: int,
-                repeat: int, hf: tuple | None = None) -> dict:
-    """Columns of our modes (``specs``: column name -> spec), transformers (when ``hf`` = (path, dtype)) and
-    llama.cpp (when ``lib``), timed in alternation.
+                repeat: int, hf: tuple | None = None, children: dict | None = None) -> dict:
+    """Columns of our modes (``specs``: column name -> spec), our modes in child processes (``children``: column
+    name -> (spec, environment)), transformers (when ``hf`` = (path, dtype)) and llama.cpp (when ``lib``), timed
+    in alternation.
 
     Every engine is opened and warmed first; then each round times each of
-    ours ``repeat`` times, then transformers, then llama.cpp, so a slow
-    minute of a host whose speed drifts touches every column alike.
-    llama.cpp's greedy check runs once, after the last round.
+    ours ``repeat`` times, then the children's, then transformers, then
+    llama.cpp, so a slow minute of a host whose speed drifts touches every
+    column alike.  llama.cpp's greedy check runs once, after the last round.
     """
+    children = children or {}
     with contextlib.ExitStack() as stack:  # closes in reverse: each in-process engine restores the affinity it saw
         # llama.cpp first: an unloadable GGUF stops the run before anything compiles
         peer = stack.enter_context(LlamaCppTimer(lib, gguf, prompts, seq_out, threads)) if lib is not None else None
         timers = {name: stack.enter_context(OursTimer(spec, prompts, seq_out)) for name, spec in specs.items()}
+        for name, (spec, env) in children.items():
+            timers[name] = stack.enter_context(ChildTimer(spec, prompts, seq_out, threads, env))
         if hf is not None:
             timers["transformers"] = stack.enter_context(TransformersTimer(*hf, prompts, seq_out))
         if peer is not None:
             timers["llama.cpp"] = peer
         by_round = timed_rounds(timers, rounds, repeat)
     columns = {name: {**round_figures(by_round[name]), "compile_s": timers[name].compile_s} for name in specs}
+    for name in children:
+        columns[name] = {**round_figures(by_round[name]), "compile_s": timers[name].compile_s, **timers[name].info}
     if hf is not None:
         columns["transformers"] = round_figures(by_round["transformers"])
     if peer is not None:
@@ -585,6 +687,11 @@ def gguf_problem(path: str) -> str | None:
     except OSError as e:
         return e.strerror or str(e)
     return None if magic == b"GGUF" else f"not a GGUF file (starts {magic!r}, not b'GGUF')"
+
+
+def without_kernels_name(name: str) -> str:
+    """The column of our mode ``name`` run without our CPU kernels."""
+    return f"{name}, no kernels"
 
 
 def whole_rounds(text: str) -> int:
@@ -615,8 +722,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=whole_rounds, default=1,
                    help="R > 1: open our modes and llama.cpp once, then time them in alternation, R rounds of "
                         "--repeat runs each (default 1: each engine timed to completion in turn)")
+    p.add_argument("--without-kernels", action="store_true",
+                   help="also time each of our modes without our CPU kernels, in a child process, alternated in "
+                        "the same rounds (needs --rounds 2 or more)")
     p.add_argument("--json", default=None, help="write every figure here")
     ns = p.parse_args(argv)
+    if ns.without_kernels and ns.rounds < 2:
+        p.error(f"--without-kernels --rounds {ns.rounds}: the two are compared in alternation; give --rounds 2 or more")
     if ns.gguf:
         problem = gguf_problem(ns.gguf)
         if problem:
@@ -664,7 +776,14 @@ def main(argv=None) -> int:
         else:
             lib = load_llama_cpp() if ns.gguf else None
             hf = None if ns.no_transformers else (base.model_path, dtype)
-            columns = interleaved(specs, lib, ns.gguf, prompts, ns.seq_out, threads, ns.rounds, ns.repeat, hf)
+            children = {without_kernels_name(name): (spec, KERNELS_OFF) for name, spec in specs.items()
+                        if ns.without_kernels}
+            columns = interleaved(specs, lib, ns.gguf, prompts, ns.seq_out, threads, ns.rounds, ns.repeat, hf,
+                                  children)
+            if ns.without_kernels:
+                doc["versus_without_kernels"] = {
+                    name: versus_by_round(columns[name]["rounds"], columns[without_kernels_name(name)]["rounds"])
+                    for name in specs}
             got = columns.pop("llama.cpp", None)  # its column stays last
             doc["rounds"] = ns.rounds
         if ns.memory:
@@ -681,7 +800,8 @@ def main(argv=None) -> int:
     elif got is not None:
         columns["llama.cpp"] = got
         if "rounds" in got:
-            doc["versus_llama_cpp"] = {name: versus_by_round(columns[name]["rounds"], got["rounds"]) for name in specs}
+            doc["versus_llama_cpp"] = {name: versus_by_round(columns[name]["rounds"], got["rounds"])
+                                       for name in columns if name not in ("llama.cpp", "transformers")}
     ref = columns.get("transformers")
     if ref is not None and "rounds" in ref:
         doc["versus_transformers"] = {name: versus_by_round(columns[name]["rounds"], ref["rounds"]) for name in specs}
@@ -700,10 +820,10 @@ def main(argv=None) -> int:
     print(f"read {doc['read_gbps']:.1f} GB/s, copy {doc['copy_gbps']:.1f} GB/s, matmul {doc['matmul_gflops']:.1f} "
           f"GFLOP/s ({doc['matmul_n']}^3), decode floor {doc['decode_floor_ms']:.2f} ms "
           f"({step_bytes / 1e6:.0f} MB per step)")
-    print(f"{'engine':<22}{'first ms':>10}{'next ms':>10}{'next/floor':>12}{'first/HF':>10}{'next/HF':>10}"
+    print(f"{'engine':<30}{'first ms':>10}{'next ms':>10}{'next/floor':>12}{'first/HF':>10}{'next/HF':>10}"
           f"{'prefill GFLOP/s':>17}")
     for name, col in columns.items():
-        print(f"{name:<22}{col['first_token_ms']:>10.1f}{col['next_token_ms']:>10.2f}{col['next_over_floor']:>12.2f}"
+        print(f"{name:<30}{col['first_token_ms']:>10.1f}{col['next_token_ms']:>10.2f}{col['next_over_floor']:>12.2f}"
               f"{col.get('first_over_transformers', float('nan')):>10.2f}"
               f"{col.get('next_over_transformers', float('nan')):>10.2f}{col['prefill_gflops']:>17.1f}")
     lc = columns.get("llama.cpp")
@@ -723,6 +843,14 @@ def main(argv=None) -> int:
         for name, vs in doc.get(f"versus_{peer.replace('.', '_')}", {}).items():
             for token in ("next", "first"):
                 print(versus_line(f"{name} / {peer} {token} token", vs[f"{token}_token"]))
+    for name, col in columns.items():
+        if "env" in col:
+            print(f"{name}: a child process with {' '.join(f'{k}={v}' for k, v in col['env'].items())}; our CPU "
+                  f"kernels there: {'loaded' if col.get('small_m_gemm') else 'off'}"
+                  + (f" ({col['small_m_gemm_why_not']})" if col.get("small_m_gemm_why_not") else ""))
+    for name, vs in doc.get("versus_without_kernels", {}).items():
+        for token in ("next", "first"):
+            print(versus_line(f"{name} / {without_kernels_name(name)} {token} token", vs[f"{token}_token"]))
     for name, col in columns.items():
         if "memory" in col:
             mem = col["memory"]

@@ -231,6 +231,59 @@ def test_ours_at_one_round_is_the_median_after_an_untimed_warm_up(peers, monkeyp
     assert FakeEngine.closed
 
 
+def test_interleaved_times_the_child_columns_after_ours_in_every_round(peers, monkeypatch):
+    """``children`` (column -> (spec, environment)) are timers of every round after ours, opened after ours with
+    the environment handed to them, closed before them; their columns carry what the child said (its kernels)."""
+    events = []
+
+    class Fake(ScriptedTimer):
+        def __init__(self, name, script, info=None):
+            super().__init__(name, script, events)
+            self.compile_s, self.info, self.greedy_check = 3.5, info or {}, None
+            events.append(("open", name))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            events.append(("close", self.name))
+
+    def child(spec, prompts, seq_out, threads, env):
+        assert (spec, threads, env) == ("on", 2, peers.KERNELS_OFF)
+        return Fake("child", OURS_OFF, {"env": env, "small_m_gemm": False})
+
+    monkeypatch.setattr(peers, "OursTimer", lambda spec, prompts, seq_out: Fake("on", OURS_ON))
+    monkeypatch.setattr(peers, "ChildTimer", child)
+    monkeypatch.setattr(peers, "LlamaCppTimer", lambda lib, gguf, prompts, seq_out, threads: Fake("llama", LLAMA))
+    name = peers.without_kernels_name("vicuna-bench on")
+    assert name == "vicuna-bench on, no kernels"
+    cols = peers.interleaved({"vicuna-bench on": "on"}, object(), "m.gguf", [[1, 2]], 4, 2, rounds=3, repeat=2,
+                             children={name: ("on", peers.KERNELS_OFF)})
+    assert events == ([("open", "llama"), ("open", "on"), ("open", "child")]
+                      + [("on", 2), ("child", 2), ("llama", 2)] * 3
+                      + [("close", "child"), ("close", "on"), ("close", "llama")])
+    assert list(cols) == ["vicuna-bench on", name, "llama.cpp"]
+    assert cols[name]["rounds"] == [{"first_token_ms": 70, "next_token_ms": 40}] * 3
+    assert (cols[name]["small_m_gemm"], cols[name]["env"], cols[name]["compile_s"]) == (
+        False, {"VICUNA_BENCH_CPU_KERNELS": "0"}, 3.5)
+
+
+def test_the_no_kernels_column_turns_our_kernels_off(peers):
+    assert peers.KERNELS_OFF == {"VICUNA_BENCH_CPU_KERNELS": "0"}  # the switch cpu_kernels reads
+    from vicuna_bench import cpu_kernels
+    assert cpu_kernels.ENV_SWITCH in peers.KERNELS_OFF
+
+
+@pytest.mark.parametrize("rounds", ["1", None])
+def test_without_kernels_needs_rounds_to_alternate(peers, capsys, rounds):
+    with pytest.raises(SystemExit) as stop:
+        peers.main(["--without-kernels"] + ([f"--rounds={rounds}"] if rounds else []))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--without-kernels --rounds 1: the two are compared in alternation; give --rounds 2 "
+                            "or more")
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "two"])
 def test_rounds_below_one_stop_the_bench_naming_the_value(peers, capsys, value):
     with pytest.raises(SystemExit) as stop:
