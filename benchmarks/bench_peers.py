@@ -71,7 +71,7 @@ from pathlib import Path
 
 import torch
 
-from vicuna_bench import checkpoint
+from vicuna_bench import checkpoint, cpu_kernels
 from vicuna_bench.runtime import Engine, usable_cpus
 from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
@@ -733,6 +733,9 @@ def main(argv=None) -> int:
         problem = gguf_problem(ns.gguf)
         if problem:
             p.error(f"--gguf {ns.gguf}: {problem}")
+    if ns.without_kernels and not cpu_kernels.load():
+        p.error(f"--without-kernels: our CPU kernels are not loaded here either "
+                f"({cpu_kernels.status()['small_m_gemm_why_not']}), so there is nothing to compare")
 
     threads = ns.threads or usable_cpus()
     torch.set_num_threads(threads)

@@ -284,6 +284,21 @@ def test_without_kernels_needs_rounds_to_alternate(peers, capsys, rounds):
                             "or more")
 
 
+def test_without_kernels_where_they_are_not_loaded_has_nothing_to_compare(peers, capsys, monkeypatch):
+    """Both columns would run without the kernels: no verdict, one line saying why, exit 2."""
+    from vicuna_bench import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "load", lambda build_if_missing=True: False)
+    monkeypatch.setattr(cpu_kernels, "status", lambda: {"small_m_gemm": False, "small_m_gemm_isa": None,
+                                                        "small_m_gemm_why_not": "the C++ compiler failed"})
+    with pytest.raises(SystemExit) as stop:
+        peers.main(["--without-kernels", "--rounds", "2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--without-kernels: our CPU kernels are not loaded here either (the C++ compiler "
+                            "failed), so there is nothing to compare")
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "two"])
 def test_rounds_below_one_stop_the_bench_naming_the_value(peers, capsys, value):
     with pytest.raises(SystemExit) as stop:
