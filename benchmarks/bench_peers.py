@@ -172,18 +172,16 @@ class OursTimer:
         self.close()
 
 
-
 # The environment of the "no kernels" column's process: our CPU kernels off (read when the process first loads them).
-KERNELS_OFF = {"VICUNA_BENCH_CPU_KERNELS": "0"}
+KERNELS_OFF = {cpu_kernels.ENV_SWITCH: "0"}
 
 
-def _child_timer(conn, spec, prompts, seq_out: int, threads: int, env: dict) -> None:
+def _child_timer(conn, spec, prompts, seq_out: int, threads: int) -> None:
     """A spawned process's loop for :class:`ChildTimer`: open and warm the engine, say ("ready", figures), then
-    answer each ``repeat`` sent with ("runs", [(first_ms, next_ms), ...]) until None; a failure is ("error", line)."""
-    from vicuna_bench import cpu_kernels
+    answer each ``repeat`` sent with ("runs", [(first_ms, next_ms), ...]) until None; a failure is ("error", line).
+    Its environment is the one :class:`ChildTimer` started it with."""
     from vicuna_bench.errors import first_line
 
-    os.environ.update(env)
     try:
         torch.set_num_threads(threads)
         timer = OursTimer(spec, prompts, seq_out)
@@ -214,7 +212,7 @@ class ChildTimer:
         self.conn, theirs = ctx.Pipe()
         # spawn hands the child this process's environment as it is at start: the switches hold from its imports on
         with mock.patch.dict(os.environ, self.env):
-            self.process = ctx.Process(target=_child_timer, args=(theirs, spec, prompts, seq_out, threads, self.env),
+            self.process = ctx.Process(target=_child_timer, args=(theirs, spec, prompts, seq_out, threads),
                                        daemon=True)
             self.process.start()
         theirs.close()

@@ -303,8 +303,8 @@ def prefill_mark(model, batch: int, length: int, settings: dict):
     """The file that says this host's caches hold the compiled prefill for ``model``'s graph at this shape: kept in
     inductor's cache directory (emptied with it), named by a digest of what decides that graph (torch, our
     package's source and kernel build, every tensor's name, shape, dtype and stride, the shape, and the prefill's
-    inductor settings: ``settings`` with :func:`prefill_thread_options`).  A mark that outlives its graph (a cache pruned by hand)
-    costs a compile here, as before; a missing one costs a trace in a child."""
+    inductor settings: ``settings`` with :func:`prefill_thread_options`).  A mark that outlives its graph (a cache
+    pruned by hand) costs a compile here, as before; a missing one costs a trace in a child."""
     from . import aoti, cpu_kernels
 
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
