@@ -25,7 +25,8 @@ in each round, their median and in how many rounds ours was faster.
 With ``--without-kernels`` (and ``--rounds``), each of our compile modes also runs without our CPU kernels
 (``VICUNA_BENCH_CPU_KERNELS=0``: bf16 on inductor's frozen, prepacked oneDNN GEMMs, fp32 on its micro-GEMMs) in
 a spawned process that opens its engine once and times on request, alternated in the same rounds; its
-column is ``<mode>, no kernels`` and ``versus_without_kernels`` holds ours / it by round.  The kernels are
+column is ``<mode>, no kernels`` and ``versus_without_kernels`` holds ours / it by round (refused, exit 2,
+where our kernels are not loaded here either: nothing to compare).  The kernels are
 loaded once a process, so this is the only way to alternate the two: comparing each with llama.cpp in runs
 minutes apart misleads, as llama.cpp's speed on a drifting host does not follow ours (docs/PERFORMANCE.md,
 fifteenth pass).
