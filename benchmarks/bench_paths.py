@@ -12,7 +12,8 @@ each round gives every path's time over the kernels' time in that same round.  T
 
 Above 16 rows (a prefill's products) the op itself takes the product: ``op (at::linear)`` hands it to ATen, ``op
 (fp32 GEMM)`` (bf16) widens x and each block of weight rows to fp32 for sgemm, as hosts without a bf16 dot product
-do; the ratios are then to the first of these.
+do, and ``op (AMX GEMM)`` (bf16, where AMX is usable) runs its own AMX GEMM on the model's weight, as AMX hosts do;
+the ratios are then to the first of these.
 
 Prints, per dtype and M, each path's median ms, GB/s of weights, and its per-round ratios to ``kernel`` (median,
 range, rounds faster).  Run it only on an idle host; ``--json`` keeps every round.
@@ -37,8 +38,8 @@ from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
 
 def compiled_paths(chain, small_m, dtype: str, amx: bool, m: int) -> dict:
-    """name -> (amx rows on, bf16 fp32 GEMM on, compiled callable) for ``m`` rows, the first the ratios' base; the
-    F.linear graph frozen in bf16 as the engine freezes it."""
+    """name -> (amx rows on, the op's path above 16 rows, compiled callable) for ``m`` rows, the first the ratios'
+    base; the F.linear graph frozen in bf16 as the engine freezes it."""
     import torch._inductor.config as inductor
 
     from vicuna_bench.compile import CPU_DECODE_MODE
@@ -51,23 +52,28 @@ def compiled_paths(chain, small_m, dtype: str, amx: bool, m: int) -> dict:
         with inductor.patch({"freezing": freeze}):
             return baseline(x)
 
+    plain = cpu_kernels.F_LINEAR
     if m > cpu_kernels.MAX_ROWS:
-        paths = {"op (at::linear)": (False, False, kernel)}
+        paths = {"op (at::linear)": (False, plain, kernel)}
         if dtype == "bf16":
-            paths["op (fp32 GEMM)"] = (False, True, kernel)
+            paths["op (fp32 GEMM)"] = (False, cpu_kernels.FP32_GEMM, kernel)
+            if amx:
+                paths["op (AMX GEMM)"] = (False, cpu_kernels.AMX_GEMM, kernel)
     else:
-        paths = {"kernel": (False, False, kernel)}
+        paths = {"kernel": (False, plain, kernel)}
         if amx:
-            paths["kernel+amx"] = (True, False, kernel)
-    paths["F.linear (frozen)" if freeze else "F.linear"] = (False, False, f_linear)
+            paths["kernel+amx"] = (True, plain, kernel)
+    paths["F.linear (frozen)" if freeze else "F.linear"] = (False, plain, f_linear)
     return paths
 
 
-def switched(amx: bool, fp32_gemm: bool, m: int):
-    """The op's switches for one path's calls (the host's choice again after them)."""
+def switched(amx: bool, above: str, m: int):
+    """The op's switches for one path's calls: ``m`` rows on the AMX tiles or not, and products above 16 rows on
+    ``above`` (F.linear, fp32 GEMM or AMX GEMM); the host's choice again after them."""
     stack = contextlib.ExitStack()
     stack.enter_context(cpu_kernels.amx_rows(m, m) if amx else cpu_kernels.amx_rows(0, 0))
-    stack.enter_context(cpu_kernels.bf16_fp32_gemm(fp32_gemm))
+    stack.enter_context(cpu_kernels.bf16_fp32_gemm(above == cpu_kernels.FP32_GEMM))
+    stack.enter_context(cpu_kernels.amx_gemm(above == cpu_kernels.AMX_GEMM))
     return stack
 
 
@@ -77,15 +83,15 @@ def measure(paths: dict, x, rounds: int, repeat: int) -> dict:
 
     names = list(paths)
     for name in names:  # compile (and freeze) before any timing
-        amx, fp32_gemm, fn = paths[name]
-        with switched(amx, fp32_gemm, x.shape[0]):
+        amx, above, fn = paths[name]
+        with switched(amx, above, x.shape[0]):
             for _ in range(3):
                 fn(x)
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            amx, fp32_gemm, fn = paths[name]
-            with switched(amx, fp32_gemm, x.shape[0]):
+            amx, above, fn = paths[name]
+            with switched(amx, above, x.shape[0]):
                 # median_ms makes one untimed call first: after the switch, the other paths' data left the caches
                 times[name].append(median_ms(fn, x, repeat))
     return times

@@ -12,7 +12,8 @@ Two ops in ``csrc/cpu_kernels.cpp``, registered as ``vicuna_bench::*`` (CPU):
   hands the product to ``at::linear``, or in bf16 on a host without a bf16
   dot product to sgemm over fp32 blocks (:data:`FP32_GEMM`).  bf16 on AMX
   hosts: the rows in :data:`AMX_ROWS` run on AMX tiles, which read the same weight tensor (the
-  weight is the tiles' A operand; only x is packed).
+  weight is the tiles' A operand; only x is packed), and more rows (a prefill) on the op's own AMX GEMM
+  (:data:`AMX_GEMM`: one panel of weight rows at a time packed in cache, never a copy of the model).
 * ``decode_attention(q, k, v, key_valid)``: a decode step's attention that
   reads only the cache slots holding tokens (SDPA reads the whole cache
   bucket under a mask), so its cost follows the filled length with one
@@ -22,9 +23,9 @@ Beside them, ``small_m_fma_rate(iterations)``: the cores' fp32 FMA peak at the b
 ceiling ``benchmarks/bench_gemm.py`` holds the products' rates against (the engine never calls it).
 
 Other dtypes, other devices, or the library not loaded: ``F.linear`` and SDPA.  Which path each dtype and row
-range takes (kernel / kernel+AMX / F.linear / fp32 GEMM) is chosen once a process in :func:`load` from the host's
-flags, the kernel's ISA and the library's AMX state (:func:`choose_linear_paths`), said in one log line and
-recorded (:func:`paths_record`).
+range takes (kernel / kernel+AMX / F.linear / fp32 GEMM / AMX GEMM) is chosen once a process in :func:`load` from
+the host's flags, the kernel's ISA and the library's AMX state (:func:`choose_linear_paths`), said in one log line
+and recorded (:func:`paths_record`).
 
 Building: :func:`build` runs the host's C++ compiler once (``make setup`` does
 it at install time; ``python -m vicuna_bench.cpu_kernels``), into
@@ -91,6 +92,15 @@ KERNEL, KERNEL_AMX, F_LINEAR = "kernel", "kernel+AMX", "F.linear"
 # GEMM there is a dot product of widened scalars: SmolLM2's 30 layers at 256 rows, 2 threads, emulated AVX2 2136 ms
 # against 274, AVX-512 without BF16 913 against 344; with avx512_bf16 ATen's (oneDNN) 325 against 343.
 FP32_GEMM = "fp32 GEMM"
+# bf16 products of AMX_GEMM_ROWS rows on AMX hosts: the op's own AMX GEMM (run_amx_gemm) on the model's weight, each
+# panel of 32 weight rows packed once in cache, where at::linear has oneDNN reorder the whole weight every call.
+# SmolLM2's 30 layers' products (2-core AMX host, 5 rounds alternated in one process, time / at::linear's): 0.78-0.82
+# at 256 rows, 0.96 at 384, 0.94 at 512, 0.98 at 768, 1.44 at 2048 (where the reorder is spread over more rows and
+# oneDNN's GEMM outruns our tile loop: 2.5 against 1.8 TFLOP/s), so more rows keep F.linear.  The engine's whole
+# first token at 256 prompt tokens: 0.94x the frozen path's (bench_peers, 6 rounds alternated, faster in 6 of 6),
+# where with at::linear it had been 1.08x.
+AMX_GEMM = "AMX GEMM"
+AMX_GEMM_ROWS = (MAX_ROWS + 1, 512)
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "why_not": None, "isa": None, "amx": None, "paths": None}
@@ -351,7 +361,7 @@ def _register_fakes() -> None:
 @dataclasses.dataclass(frozen=True)
 class LinearPaths:
     """Which path a CPU linear layer's product takes, per dtype: ``(first row, last row or None, path)`` ranges of
-    the rows of x (the batch of a decode step), path one of kernel | kernel+AMX | F.linear | fp32 GEMM."""
+    the rows of x (the batch of a decode step), path one of kernel | kernel+AMX | F.linear | fp32 GEMM | AMX GEMM."""
 
     fp32: tuple[tuple[int, int | None, str], ...]
     bf16: tuple[tuple[int, int | None, str], ...]
@@ -364,12 +374,16 @@ class LinearPaths:
                 return lo, hi
         return 0, 0
 
+    def amx_gemm_rows(self) -> int:
+        """The most rows of a bf16 product on :data:`AMX_GEMM` (from :data:`MAX_ROWS` + 1); 0 where none."""
+        return next((hi for _, hi, path in self.bf16 if path == AMX_GEMM), 0)
+
     def bf16_fp32_gemm(self) -> bool:
         """Whether bf16 products above :data:`MAX_ROWS` rows take :data:`FP32_GEMM`."""
         return any(path == FP32_GEMM for _, _, path in self.bf16)
 
     def describe(self) -> str:
-        """e.g. ``fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ F.linear``."""
+        """e.g. ``fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ AMX GEMM``."""
         def ranges(table):
             return ", ".join(f"{lo}-{hi} {path}" if hi is not None and hi != lo else
                              f"{lo} {path}" if hi == lo else f"{lo}+ {path}" for lo, hi, path in table)
@@ -404,8 +418,8 @@ def choose_linear_paths(flags: frozenset[str] | None, kernels_why_not: str | Non
     """The paths on a host with CPU ``flags`` where the kernels loaded (``kernels_why_not`` None, else why not, built
     for ``kernel_isa``) and the library said ``amx`` (``usable`` or why not): fp32 and bf16 up to :data:`MAX_ROWS`
     rows on the kernel, bf16 rows :data:`AMX_ROWS` on its AMX tiles where the flags have ``amx_bf16``/``amx_tile``
-    and AMX is usable, more rows (a prefill) on ``F.linear`` (oneDNN: AMX for bf16 where the host has it), bf16 on
-    :data:`FP32_GEMM` where the host has no bf16 dot product (:func:`has_bf16_dot`)."""
+    and AMX is usable, more rows (a prefill) on ``F.linear`` (oneDNN), bf16 there on :data:`AMX_GEMM` where AMX is
+    usable and on :data:`FP32_GEMM` where the host has no bf16 dot product (:func:`has_bf16_dot`)."""
     if kernels_why_not is not None:
         return LinearPaths(((1, None, F_LINEAR),), ((1, None, F_LINEAR),), f"kernels not loaded: {kernels_why_not}")
     above = (MAX_ROWS + 1, None, F_LINEAR)
@@ -419,7 +433,9 @@ def choose_linear_paths(flags: frozenset[str] | None, kernels_why_not: str | Non
     if amx != "usable":
         return LinearPaths(fp32, small, amx)
     lo, hi = AMX_ROWS
-    bf16 = (((1, lo - 1, KERNEL),) if lo > 1 else ()) + ((lo, hi, KERNEL_AMX), bf16_above)
+    gemm_lo, gemm_hi = AMX_GEMM_ROWS
+    bf16 = ((((1, lo - 1, KERNEL),) if lo > 1 else ()) + ((lo, hi, KERNEL_AMX), (gemm_lo, gemm_hi, AMX_GEMM))
+            + ((gemm_hi + 1, None, bf16_above[2]),))
     return LinearPaths(fp32, bf16, amx)
 
 
@@ -436,6 +452,10 @@ def _set_bf16_fp32_gemm(on: bool) -> bool:
     return torch.ops.vicuna_bench.small_m_set_bf16_fp32_gemm(on)
 
 
+def _set_amx_gemm(hi: int) -> bool:
+    return torch.ops.vicuna_bench.small_m_set_amx_gemm(hi)
+
+
 def _host_flags() -> frozenset[str] | None:
     from .cpu_isa import read_cpu_flags
 
@@ -447,6 +467,7 @@ def _choose_for_this_host() -> LinearPaths:
     paths = choose_linear_paths(_host_flags(), None, _amx_status(), _state["isa"])
     _set_amx_rows(*paths.amx_rows())
     _set_bf16_fp32_gemm(paths.bf16_fp32_gemm())
+    _set_amx_gemm(paths.amx_gemm_rows())
     return paths
 
 
@@ -525,12 +546,32 @@ def bf16_fp32_gemm(on: bool):
         _set_bf16_fp32_gemm(_state["paths"].bf16_fp32_gemm())
 
 
+_EVERY_ROW = 2**62  # the AMX GEMM's row limit that no product reaches
+
+
+@contextlib.contextmanager
+def amx_gemm(on: bool):
+    """Within the block, bf16 products of more than :data:`MAX_ROWS` rows, however many, take :data:`AMX_GEMM` (or,
+    ``on`` False, ``F.linear``), in compiled graphs too (the op reads it at each call); after it, this host's choice
+    again.  For benchmarks that alternate the paths in one process.  Raises where the kernels are not loaded, or
+    where it is asked for and AMX is unusable."""
+    if not _state["loaded"]:
+        raise RuntimeError(f"the CPU kernels are not loaded: {_state['why_not']}")
+    if not _set_amx_gemm(_EVERY_ROW if on else 0):
+        raise RuntimeError(f"the AMX GEMM asked for, but AMX is not usable here: {_amx_status()}")
+    try:
+        yield
+    finally:
+        _set_amx_gemm(_state["paths"].amx_gemm_rows())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T``: the small-M kernel on CPU for fp32/bf16 when loaded, else ``F.linear``.
 
     The choice depends only on device and dtype (never on the row count, so a
     dynamic-shape prefill graph gets no guard on its length): the op itself
-    hands more than :data:`MAX_ROWS` rows to ``at::linear``.
+    takes more than :data:`MAX_ROWS` rows to the host's prefill path (``at::linear``,
+    :data:`FP32_GEMM` or :data:`AMX_GEMM`).
     """
     if handles(x) and x.dtype == weight.dtype:
         return torch.ops.vicuna_bench.small_m_linear(x, weight)

@@ -124,8 +124,12 @@ def test_other_isa_builds_match_matmul(tmp_path, march, needs):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["isa"] == isa
     assert all(excess <= 0 for excess in got["worst_excess"].values()), got
-    # no bf16 dot product in these builds: a bf16 prefill (the 40-row shape above) takes the fp32 GEMM
-    assert got["paths"]["bf16"][-1] == {"rows": "17+", "path": "fp32 GEMM"}, got["paths"]
+    # no bf16 dot product in these builds: a bf16 prefill (the 40-row shape above) takes the fp32 GEMM, or on an AMX
+    # host (whose tiles these builds still carry: they are compiled by function target attributes) the AMX GEMM up to
+    # 512 rows and the fp32 GEMM above
+    prefill = ([{"rows": "17-512", "path": "AMX GEMM"}, {"rows": "513+", "path": "fp32 GEMM"}]
+               if got["amx"] == "usable" else [{"rows": "17+", "path": "fp32 GEMM"}])
+    assert got["paths"]["bf16"][-len(prefill):] == prefill, got["paths"]
     assert got["nan_ok"] == {"attention torch.float32": True, "attention torch.bfloat16": True}, got
     assert list(tmp_path.glob("kernels/*/libvicuna_bench_cpu.so")), "built into the scratch cache"
 
@@ -212,32 +216,38 @@ def live_cpu_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-def _growth_after_compiling(spec) -> tuple[int, int, int]:
+def _growth_after_compiling(spec, prompts=PROMPTS) -> tuple[int, int, int]:
     """(weight bytes, KV cache bytes, live tensor bytes after compiling and serving - after loading)."""
     from vicuna_bench.model import weight_bytes
 
     with Engine(type(spec)(**{**spec.__dict__, "compile": "on"})) as engine:
         model = engine._local.model
         loaded = live_cpu_tensor_bytes()
-        engine.generate(PROMPTS, 4, ignore_eos=True)
+        engine.generate(prompts, 4, ignore_eos=True)
         served = live_cpu_tensor_bytes()
         return weight_bytes(model), model.kv_pool.held_bytes, served - loaded
 
 
 @pytest.mark.parametrize("amx_rows", [(0, 0), (1, 16)], ids=["vector", "amx"])
 def test_one_weight_copy_on_the_amx_path(tiny_models, amx_rows):
-    """bf16 with every decode row on the vector kernel, then on the AMX tiles (which read the weight as it is
-    stored and pack only x): compiling and serving adds the KV cache and no weight bytes."""
+    """bf16 with every decode row on the vector kernel and the prefill on at::linear, then every decode row on the
+    AMX tiles (which read the weight as it is stored and pack only x) and a 40-token prefill on the AMX GEMM (which
+    packs one panel of weight rows at a time into a small buffer of its thread): compiling and serving adds the KV
+    cache and no weight bytes."""
     assert cpu_kernels.load()
-    if amx_rows != (0, 0) and torch.ops.vicuna_bench.small_m_amx() != "usable":
+    amx = amx_rows != (0, 0)
+    if amx and torch.ops.vicuna_bench.small_m_amx() != "usable":
         pytest.skip(f"AMX tiles not usable here: {torch.ops.vicuna_bench.small_m_amx()}")
-    chosen = cpu_kernels._state["paths"].amx_rows()
+    chosen = cpu_kernels._state["paths"]
     torch.ops.vicuna_bench.small_m_set_amx_rows(*amx_rows)
+    torch.ops.vicuna_bench.small_m_set_amx_gemm(512 if amx else 0)
     try:
         torch._dynamo.reset()
-        weights, kv, growth = _growth_after_compiling(spec_for(str(tiny_models["gqa"]), 1, "cpu", "bf16", 64))
+        weights, kv, growth = _growth_after_compiling(spec_for(str(tiny_models["gqa"]), 1, "cpu", "bf16", 64),
+                                                      [list(range(5, 45))])
     finally:
-        torch.ops.vicuna_bench.small_m_set_amx_rows(*chosen)
+        torch.ops.vicuna_bench.small_m_set_amx_rows(*chosen.amx_rows())
+        torch.ops.vicuna_bench.small_m_set_amx_gemm(chosen.amx_gemm_rows())
     assert growth - kv <= 0.05 * weights, (weights, kv, growth)
 
 

@@ -83,6 +83,18 @@ def amx_rows(lo: int, hi: int):
         torch.ops.vicuna_bench.small_m_set_amx_rows(*chosen)
 
 
+@contextlib.contextmanager
+def amx_gemm(on: bool):
+    """bf16 products of more than 16 rows, however many, on the AMX GEMM (or at::linear) inside the block; the host's
+    choice after."""
+    chosen = cpu_kernels._state["paths"].amx_gemm_rows()
+    assert torch.ops.vicuna_bench.small_m_set_amx_gemm(2**62 if on else 0)
+    try:
+        yield
+    finally:
+        torch.ops.vicuna_bench.small_m_set_amx_gemm(chosen)
+
+
 def amx_usable() -> str:
     """``usable``, or why the AMX tiles are not (asked at collection, for the skip marks: loads the library)."""
     if not cpu_kernels.load(build_if_missing=False):
@@ -129,6 +141,43 @@ def test_amx_rows_are_checked_and_reported():
     with amx_rows(0, 0):
         assert torch.ops.vicuna_bench.small_m_set_amx_rows(2, 5) is (amx_usable() == "usable")
         assert torch.ops.vicuna_bench.small_m_set_amx_rows(0, 0) is True
+
+
+@pytest.mark.skipif(amx_usable() != "usable", reason=f"AMX tiles not usable on this host: {amx_usable()}")
+@settings(max_examples=80, deadline=None)
+@given(m=st.integers(17, 200), k=st.integers(1, 300), n=st.integers(1, 200), seed=st.integers(0, 2**31 - 1))
+def test_amx_gemm_matches_matmul(m, k, n, seed):
+    """bf16 prefills on the AMX GEMM: M from 17 (whole 16-row blocks of x, pairs of them and a partial last one), K
+    in whole 32-wide chunks plus a tail (odd K: the packed pairs read unaligned; K < 32: all tail), N in 32-row
+    panels, then a 16-row one, then fewer than 16 rows on the vector kernel."""
+    with amx_gemm(True):
+        check_random_product(m, k, n, torch.bfloat16, seed)
+
+
+@pytest.mark.skipif(amx_usable() != "usable", reason=f"AMX tiles not usable on this host: {amx_usable()}")
+@pytest.mark.parametrize("m", [17, 48, 256])
+def test_amx_gemm_model_shaped_products(m):
+    """SmolLM2's prefill shapes and a head slice with N and K tails on the AMX GEMM; a batch of prompts arrives as
+    3-D x, as the model hands it."""
+    gen = torch.Generator().manual_seed(m)
+    with amx_gemm(True):
+        for n, k in [(960, 576), (3072, 576), (576, 1536), (4099, 577)]:
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            w = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
+            check_close(op(x, w), x, w)
+        got = op(x.view(1, m, k), w)
+        assert got.shape == (1, m, 4099)
+        check_close(got[0], x, w)
+
+
+def test_amx_gemm_switch_is_checked_and_answers_whether_it_took():
+    """A row limit above 16 where AMX is usable (true), refused where not (false, nothing set); 0 (none) always; a
+    limit of 16 rows or fewer is an error (those rows are the small-M kernel's)."""
+    with amx_gemm(False):
+        with pytest.raises(RuntimeError, match="need 0 \\(none\\) or more than 16 rows, got 16"):
+            torch.ops.vicuna_bench.small_m_set_amx_gemm(16)
+        assert torch.ops.vicuna_bench.small_m_set_amx_gemm(512) is (amx_usable() == "usable")
+        assert torch.ops.vicuna_bench.small_m_set_amx_gemm(0) is True
 
 
 def check_random_product(m: int, k: int, n: int, dtype: torch.dtype, seed: int) -> None:

@@ -1,4 +1,5 @@
-"""Which path each dtype and row range of a CPU linear layer takes (kernel / kernel+AMX / F.linear / fp32 GEMM),
+"""Which path each dtype and row range of a CPU linear layer takes (kernel / kernel+AMX / F.linear / fp32 GEMM /
+AMX GEMM),
 chosen once a process from the host's flags, the kernel's ISA and the library's AMX state: captured /proc/cpuinfo
 flag lines of an AMX host, an avx512_bf16 host without AMX, an AVX2-only host and two AArch64 hosts (with and
 without BF16); the one log line and the environment record."""
@@ -34,21 +35,23 @@ def flags_of(path: Path) -> frozenset[str]:
     return flags
 
 
-def test_amx_host_puts_3_to_16_bf16_rows_on_the_tiles():
+def test_amx_host_puts_3_to_16_bf16_rows_on_the_tiles_and_prefills_on_the_amx_gemm():
     paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable")
     assert paths.record() == {
         "fp32": KERNEL_ONLY,
         "bf16": [{"rows": "1-2", "path": "kernel"}, {"rows": "3-16", "path": "kernel+AMX"},
-                 {"rows": "17+", "path": "F.linear"}],
+                 {"rows": "17-512", "path": "AMX GEMM"}, {"rows": "513+", "path": "F.linear"}],
         "amx": "usable"}
     assert paths.amx_rows() == (3, 16)
-    assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ F.linear"
+    assert paths.amx_gemm_rows() == 512 and not paths.bf16_fp32_gemm()
+    assert paths.describe() == ("fp32 1-16 kernel, 17+ F.linear; "
+                                "bf16 1-2 kernel, 3-16 kernel+AMX, 17-512 AMX GEMM, 513+ F.linear")
 
 
 def test_amx_rows_from_1_put_every_small_row_count_on_the_tiles(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "AMX_ROWS", (1, 16))
     paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable")
-    assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel+AMX, 17+ F.linear"
+    assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel+AMX, 17-512 AMX GEMM, 513+ F.linear"
     assert paths.amx_rows() == (1, 16)
 
 
@@ -56,7 +59,7 @@ def test_amx_host_where_linux_refused_the_tiles_keeps_the_vector_kernel():
     refused = "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: Invalid argument)"
     paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, refused)
     assert paths.record() == {"fp32": KERNEL_ONLY, "bf16": KERNEL_ONLY, "amx": refused}
-    assert paths.amx_rows() == (0, 0)
+    assert paths.amx_rows() == (0, 0) and paths.amx_gemm_rows() == 0
 
 
 @pytest.mark.parametrize("host, amx, why, bf16", [
@@ -75,7 +78,7 @@ def test_hosts_without_amx_take_the_kernel_up_to_16_rows(host, amx, why, bf16):
     AArch64 bf16), else on the fp32 GEMM (AVX2, Kunpeng 920)."""
     paths = cpu_kernels.choose_linear_paths(flags_of(host), None, amx)
     assert paths.record() == {"fp32": KERNEL_ONLY, "bf16": bf16, "amx": why}
-    assert paths.amx_rows() == (0, 0)
+    assert paths.amx_rows() == (0, 0) and paths.amx_gemm_rows() == 0
     assert paths.bf16_fp32_gemm() is (bf16 == KERNEL_FP32_GEMM)
 
 
@@ -104,7 +107,16 @@ def test_amx_host_emulating_avx2_takes_the_fp32_gemm_beside_its_tiles_choice():
     paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, NOT_BUILT,
                                             "fp32 avx2, bf16 avx2 (widened)")
     assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"
-    assert paths.bf16_fp32_gemm() and paths.amx_rows() == (0, 0)
+    assert paths.bf16_fp32_gemm() and paths.amx_rows() == (0, 0) and paths.amx_gemm_rows() == 0
+
+
+def test_amx_host_with_a_widened_kernel_build_keeps_the_fp32_gemm_above_the_amx_gemm():
+    """An AMX host whose kernel was built without a bf16 dot product (an AVX2 emulation that still carries the tiles:
+    they are compiled by function target attributes): the AMX GEMM up to 512 rows, the fp32 GEMM above."""
+    paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable", "fp32 avx2, bf16 avx2 (widened)")
+    assert paths.describe() == ("fp32 1-16 kernel, 17+ F.linear; "
+                                "bf16 1-2 kernel, 3-16 kernel+AMX, 17-512 AMX GEMM, 513+ fp32 GEMM")
+    assert paths.amx_gemm_rows() == 512 and paths.bf16_fp32_gemm()
 
 
 @pytest.mark.parametrize("host", [SAPPHIRE_RAPIDS, HASWELL, GRAVITON3, None])
@@ -116,20 +128,21 @@ def test_without_the_kernels_every_row_is_f_linear(host):
     assert paths.describe() == "fp32 1+ F.linear; bf16 1+ F.linear"
 
 
-@pytest.mark.parametrize("host, amx, amx_rows, fp32_gemm, said", [
-    (SAPPHIRE_RAPIDS, "usable", (3, 16), False,
-     "fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ F.linear"),
-    (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), False,
+@pytest.mark.parametrize("host, amx, amx_rows, fp32_gemm, amx_gemm, said", [
+    (SAPPHIRE_RAPIDS, "usable", (3, 16), False, 512,
+     "fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17-512 AMX GEMM, 513+ F.linear"),
+    (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), False, 0,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ F.linear"),
-    (HASWELL, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True,
+    (HASWELL, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True, 0,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),
     # the line `make setup` printed on that AMD EPYC (Zen 3) host itself, 2026-12-06
-    (EPYC_ZEN3, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True,
+    (EPYC_ZEN3, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True, 0,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),
 ])
-def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, host, amx, amx_rows, fp32_gemm, said):
-    """load() on a faked host: the AMX rows and the fp32 GEMM switch handed to the library, one log line, the
-    record's cpu_linear_paths."""
+def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, host, amx, amx_rows, fp32_gemm,
+                                                        amx_gemm, said):
+    """load() on a faked host: the AMX rows, the fp32 GEMM and the AMX GEMM switches handed to the library, one log
+    line, the record's cpu_linear_paths."""
     if not cpu_kernels.load(build_if_missing=False):
         pytest.skip(f"the CPU kernels are not loaded here: {cpu_kernels.status()['small_m_gemm_why_not']}")
     real_paths = cpu_kernels._state["paths"]
@@ -139,6 +152,7 @@ def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, hos
     monkeypatch.setattr(cpu_kernels, "_amx_status", lambda: amx)
     monkeypatch.setattr(cpu_kernels, "_set_amx_rows", lambda lo, hi: handed.append((lo, hi)) or True)
     monkeypatch.setattr(cpu_kernels, "_set_bf16_fp32_gemm", lambda on: handed.append(on) or on)
+    monkeypatch.setattr(cpu_kernels, "_set_amx_gemm", lambda hi: handed.append(("amx gemm", hi)) or True)
     # the kernel as this faked host would build it (the real library's word depends on the CI host)
     isa = ("fp32 avx2, bf16 avx2 (widened)" if host in (HASWELL, EPYC_ZEN3) else "fp32 avx512f, bf16 avx512_bf16")
     monkeypatch.setattr(torch.ops.vicuna_bench, "small_m_isa", lambda: isa)
@@ -150,7 +164,7 @@ def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, hos
     assert cpu_kernels.status()["small_m_gemm_isa"] == isa
     assert [r.getMessage() for r in caplog.records] == [
         f"CPU linear layers by rows of x: {said} (kernel ISA {isa}; AMX: {amx})"]
-    assert handed == [amx_rows, fp32_gemm]
+    assert handed == [amx_rows, fp32_gemm, ("amx gemm", amx_gemm)]
     assert cpu_kernels.paths_record()["amx"] == amx
     assert real_paths is not None  # the real choice comes back with the state after the test
 
@@ -215,3 +229,31 @@ def test_which_cpu_graphs_freeze(monkeypatch, kernels, dtype, world_size, frozen
 
     monkeypatch.setattr(cpu_kernels, "load", lambda: kernels)
     assert vb_compile.cpu_inductor_options(world_size, dtype) == {"freezing": frozen, "cpp_wrapper": world_size == 1}
+
+
+def test_amx_gemm_switches_for_the_block_and_restores_the_hosts_choice(monkeypatch):
+    """cpu_kernels.amx_gemm: the switch handed to the library inside the block, the host's choice after it, even
+    when the block raises; the AMX GEMM asked for where AMX is unusable, or the kernels not loaded: an error."""
+    chosen = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable")
+    handed = []
+    monkeypatch.setitem(cpu_kernels._state, "loaded", True)
+    monkeypatch.setitem(cpu_kernels._state, "paths", chosen)
+    monkeypatch.setattr(cpu_kernels, "_set_amx_gemm", lambda hi: handed.append(hi) or True)
+    with cpu_kernels.amx_gemm(False):
+        assert handed == [0]
+    assert handed == [0, 512]
+    with cpu_kernels.amx_gemm(True):  # every row count above 16, not only the host's range
+        assert handed[-1] >= 2**62
+    with pytest.raises(KeyError), cpu_kernels.amx_gemm(False):
+        raise KeyError("inside")
+    assert handed[-2:] == [0, 512]
+    monkeypatch.setattr(cpu_kernels, "_set_amx_gemm", lambda hi: hi == 0)
+    monkeypatch.setattr(cpu_kernels, "_amx_status", lambda: "the CPU has no AMX-TILE/AMX-BF16 (cpuid)")
+    with pytest.raises(RuntimeError, match="the AMX GEMM asked for, but AMX is not usable here: the CPU has no"):
+        with cpu_kernels.amx_gemm(True):
+            pass
+    monkeypatch.setitem(cpu_kernels._state, "loaded", False)
+    monkeypatch.setitem(cpu_kernels._state, "why_not", "VICUNA_BENCH_CPU_KERNELS=0")
+    with pytest.raises(RuntimeError, match="not loaded: VICUNA_BENCH_CPU_KERNELS=0"):
+        with cpu_kernels.amx_gemm(False):
+            pass

@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -718,6 +719,191 @@ void run_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t
   if (done < N) panel_rows<BF16Lane, 1, c10::BFloat16>(x, w, M, K, N, done, N, out);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// More than kMaxRows bf16 rows (a prefill) on AMX tiles: out = x W^T with x as the A operand (16 rows of x a tile,
+// read in place with the row stride K) and the weight as B, VNNI-packed one panel of 32 weight rows at a time into
+// a buffer of this thread (64 bytes per column of the weight: 36 KB at SmolLM2's K = 576, 864 KB at Vicuna-13B's
+// down projection; never a copy of the model).  The panel's rows are read from memory
+// once, while being packed (the next panel prefetched into L2 meanwhile); every pair of x blocks then multiplies
+// the packed panel in cache, two x blocks by two 16-row weight groups at a time (C tiles 0-3, A tiles 4-5, B tiles
+// 6-7: each tile loaded is used twice).  C tiles are [row of x][weight row], the output's own order.  at::linear on
+// the model's unpacked weight has oneDNN reorder the whole weight on every call instead (a write and a second read
+// of it); inductor's frozen path reads a packed second copy.
+//
+// Measured on the 2-core AMX host (SmolLM2's 30 layers' products at 256 rows, eager, 5 rounds alternated in one
+// process, time / at::linear's): this form 0.79-0.82 in two runs (1.33-1.45 TFLOP/s); without the next panel's L2
+// prefetch 0.94 (a third of its time in the gathers that pack the weight, waiting on memory).  x as B instead (x
+// packed, the weight the A operand in place, as run_amx does for few rows; C tiles transposed on the way out by
+// gathers): 0.87-0.93 with each panel alone, 0.98-1.03 with groups of panels in L2 and their prefetch issued a slice at
+// a time (the prefetches stalled).  Against inductor's frozen GEMMs (a packed second copy; its AMX micro-kernels), in
+// bench_paths' chain with the head at 256 rows: 0.89 of at::linear against 0.67; the engine's whole first token: 0.94
+// of the frozen path's (docs/PERFORMANCE.md, sixteenth pass).
+constexpr int64_t kAmxBlock = 16;  // rows of x per A tile
+
+__attribute__((target("amx-tile,amx-bf16"))) void amx_configure_gemm() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {  // C 16 rows of x x 16 weight rows (fp32); A 16 rows x 32 k; B 16 k pairs x 16
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  asm volatile("" : : "r"(&cfg) : "memory");  // see amx_configure
+  _tile_loadconfig(&cfg);
+}
+
+// bp[g][c][r][j] (32-bit pairs) = W[n0 + 16 g + j][32 c + 2 r + {0, 1}] for the G groups of 16 weight rows: for
+// each chunk a 16 x 16 transpose of pairs, by gathers (any K, odd included: the pairs are read unaligned).
+__attribute__((target("avx512f"))) void pack_weight_panel(const uint16_t* w, int64_t K, int64_t n0, int G,
+                                                          int64_t chunks, uint32_t* bp) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(K * 2)));
+  for (int g = 0; g < G; ++g) {
+    const char* base = reinterpret_cast<const char*>(w + (n0 + 16 * g) * K);
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint32_t* dst = bp + (g * chunks + c) * 256;
+      for (int r = 0; r < 16; ++r)
+        _mm512_store_si512(reinterpret_cast<__m512i*>(dst + r * 16),
+                           _mm512_i32gather_epi32(rows, base + (c * kAmxChunk + 2 * r) * 2, 1));
+    }
+  }
+}
+
+// x blocks xb[0], xb[1] (B of them, 16 rows each, row stride K) against the packed panel's G groups over the whole
+// chunks of k; C tile 2 i + g (x block i, group g) stored to sums[2 i + g].  pf_bytes from pf are prefetched into
+// L2 a slice per chunk.
+template <int G, int B>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_gemm_tiles(const uint16_t* const* xb, int64_t K,
+                                                                  const uint32_t* bp, int64_t chunks,
+                                                                  float (*sums)[16][16], const char* pf,
+                                                                  int64_t pf_bytes) {
+  const long xstride = K * 2;
+  const int64_t pf_step = chunks > 0 ? (pf_bytes / chunks + 63) / 64 * 64 : 0;
+  _tile_zero(0);
+  if (G > 1) _tile_zero(1);
+  if (B > 1) _tile_zero(2);
+  if (G > 1 && B > 1) _tile_zero(3);
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (pf)
+      for (int64_t o = c * pf_step; o < std::min<int64_t>((c + 1) * pf_step, pf_bytes); o += 64) prefetch_l2(pf + o);
+    _tile_loadd(6, bp + c * 256, 64);
+    if (G > 1) _tile_loadd(7, bp + (chunks + c) * 256, 64);
+    _tile_loadd(4, xb[0] + c * kAmxChunk, xstride);
+    _tile_dpbf16ps(0, 4, 6);
+    if (G > 1) _tile_dpbf16ps(1, 4, 7);
+    if (B > 1) {
+      _tile_loadd(5, xb[1] + c * kAmxChunk, xstride);
+      _tile_dpbf16ps(2, 5, 6);
+      if (G > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, &sums[0][0][0], 64);
+  if (G > 1) _tile_stored(1, &sums[1][0][0], 64);
+  if (B > 1) _tile_stored(2, &sums[2][0][0], 64);
+  if (G > 1 && B > 1) _tile_stored(3, &sums[3][0][0], 64);
+  asm volatile("" ::: "memory");  // the tile stores are asm without a memory operand: read sums after them
+}
+
+// Weight rows [n0, n0 + 16 G) (packed into bp here) against every block of x (the last one, if partial, from
+// xtail); the next next_bytes of weight from `next` prefetched into L2 meanwhile.  Tiles configured by the caller.
+__attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_gemm_panel(const uint16_t* x, const uint16_t* xtail,
+                                                                          const uint16_t* w, int64_t M, int64_t K,
+                                                                          int64_t N, int64_t n0, int G,
+                                                                          uint32_t* bp, const char* next,
+                                                                          int64_t next_bytes, c10::BFloat16* out) {
+  const int64_t chunks = K / kAmxChunk, blocks = (M + kAmxBlock - 1) / kAmxBlock, whole = chunks * kAmxChunk;
+  const int64_t pairs = (blocks + 1) / 2, slice = (next_bytes / pairs + 63) / 64 * 64;
+  pack_weight_panel(w, K, n0, G, chunks, bp);
+  asm volatile("" ::: "memory");  // bp written before the tile loads read it
+  alignas(64) float sums[4][16][16];  // [2 i + g][row of x][weight row]
+  for (int64_t b = 0; b < blocks; b += 2) {
+    const int nb = b + 2 <= blocks ? 2 : 1;
+    const uint16_t* xb[2] = {nullptr, nullptr};
+    for (int i = 0; i < nb; ++i)
+      xb[i] = xtail && b + i == blocks - 1 ? xtail : x + (b + i) * kAmxBlock * K;
+    const int64_t off = (b / 2) * slice;
+    const char* pf = off < next_bytes ? next + off : nullptr;
+    const int64_t pf_bytes = pf ? std::min(slice, next_bytes - off) : 0;
+    if (G == 2 && nb == 2) amx_gemm_tiles<2, 2>(xb, K, bp, chunks, sums, pf, pf_bytes);
+    else if (G == 2) amx_gemm_tiles<2, 1>(xb, K, bp, chunks, sums, pf, pf_bytes);
+    else if (nb == 2) amx_gemm_tiles<1, 2>(xb, K, bp, chunks, sums, pf, pf_bytes);
+    else amx_gemm_tiles<1, 1>(xb, K, bp, chunks, sums, pf, pf_bytes);
+    for (int i = 0; i < nb; ++i)
+      for (int g = 0; g < G; ++g)
+        for (int64_t r = 0; r < kAmxBlock; ++r) {
+          const int64_t m = (b + i) * kAmxBlock + r;
+          if (m >= M) break;
+          float* s = sums[2 * i + g][r];
+          if (whole < K)
+            for (int j = 0; j < 16; ++j) {
+              const uint16_t* wr = w + (n0 + 16 * g + j) * K;
+              float tail = 0.0f;
+              for (int64_t k = whole; k < K; ++k) tail += bf16_to_float(x[m * K + k]) * bf16_to_float(wr[k]);
+              s[j] += tail;
+            }
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * N + n0 + 16 * g),
+                              bf16_round16(_mm512_load_ps(s)));
+        }
+  }
+}
+
+// out = x @ w^T for M > kMaxRows bf16 rows: threads over panels of 32 (then 16) weight rows, each panel packed
+// once and multiplied by every block of x; the k tail (K % 32) added from x and w; the last N % 16 weight rows by
+// the vector kernel.
+void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out);
+
+// Every panel re-reads all of x: more rows than ~768 KB of x at a time (a long or batched prefill) would come from
+// L3 each time, so they are taken in equal parts of at most that many (a multiple of 32 rows).  SmolLM2's products
+// at 2048 rows (eager, 5 rounds alternated, time / at::linear's): whole 1.88, parts of 192 KB 1.84, 384 KB 1.65,
+// 768 KB 1.44-1.47.  (at::linear's reorder of the weight is spread over more rows there: the AMX GEMM is chosen only up to
+// cpu_kernels.AMX_GEMM_ROWS.)
+constexpr int64_t kAmxGemmXBytes = 768 << 10;
+
+void run_amx_gemm(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out) {
+  const int64_t most = std::max<int64_t>(32, kAmxGemmXBytes / (2 * K) / 32 * 32);
+  const int64_t parts = (M + most - 1) / most, rows = ((M + parts - 1) / parts + 31) / 32 * 32;
+  for (int64_t m0 = 0; m0 < M; m0 += rows)
+    run_amx_gemm_rows(x + m0 * K, w, std::min(rows, M - m0), K, N, out + m0 * N);
+}
+
+void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out) {
+  const int64_t chunks = K / kAmxChunk;
+  // The last block of x, if partial, copied with zero rows after it (a tile reads 16 rows).
+  const int64_t tail_rows = M % kAmxBlock;
+  std::vector<uint16_t> xtail(tail_rows ? kAmxBlock * K : 0, 0);
+  if (tail_rows) std::memcpy(xtail.data(), x + (M - tail_rows) * K, tail_rows * K * 2);
+  asm volatile("" ::: "memory");  // the tile loads are asm without a memory operand: xtail written before them
+  const int64_t wide = N / 32, narrow = (N - wide * 32) / 16, units = wide + narrow;
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    // The packed panel in a buffer this thread keeps (grown, never zeroed: every element is written before it is
+    // read), so a prefill's ~120 products do not each map, fault in and unmap a fresh one: allocated per call, the
+    // compiled products took 1.35x as long (the eager ones, whose frees kept the heap warm, did not).
+    struct AlignedDelete {
+      void operator()(uint32_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
+    };
+    static thread_local std::unique_ptr<uint32_t[], AlignedDelete> buffer;
+    static thread_local int64_t capacity = 0;
+    const int64_t need = std::max<int64_t>(1, 2 * chunks * 256);
+    if (need > capacity) {
+      // 64-byte aligned: the packing's stores need it, and each tile row is then one cache line
+      buffer.reset(new (std::align_val_t(64)) uint32_t[need]);
+      capacity = need;
+    }
+    amx_configure_gemm();
+    for (int64_t u = u0; u < u1; ++u) {
+      const int G = u < wide ? 2 : 1;
+      const int64_t n0 = u < wide ? u * 32 : wide * 32 + (u - wide) * 16;
+      // The next panel of this thread, prefetched into L2 a slice per pair of x blocks.
+      const int64_t next_lo = n0 + 16 * G;
+      const int64_t next_bytes = u + 1 < u1 ? std::min<int64_t>(32, N - next_lo) * K * 2 : 0;
+      amx_gemm_panel(x, tail_rows ? xtail.data() : nullptr, w, M, K, N, n0, G, buffer.get(),
+                     reinterpret_cast<const char*>(w + next_lo * K), next_bytes, out);
+    }
+    amx_release();
+  });
+  const int64_t done = wide * 32 + narrow * 16;
+  if (done < N) panel_rows<BF16Lane, 1, c10::BFloat16>(x, w, M, K, N, done, N, out);
+}
+
 #endif
 
 // Whether a bf16 product of M rows takes the AMX tiles now.
@@ -728,6 +914,20 @@ bool amx_takes(int64_t M) {
   (void)M;
   return false;
 #endif
+}
+
+// bf16 products of kMaxRows + 1 .. g_amx_gemm_hi rows (a prefill) on the AMX tiles (run_amx_gemm) instead of
+// at::linear (0: none): set by small_m_set_amx_gemm (the per-host choice of cpu_kernels.py).
+std::atomic<int64_t> g_amx_gemm_hi{0};
+
+// Products of up to hi rows (more than kMaxRows) on the AMX GEMM, 0 for none; false (and nothing set) where AMX is
+// asked for and not usable here.
+bool small_m_set_amx_gemm(int64_t hi) {
+  TORCH_CHECK(hi == 0 || hi > kMaxRows, "small_m_set_amx_gemm: need 0 (none) or more than ", kMaxRows,
+              " rows, got ", hi);
+  if (hi != 0 && amx_status() != "usable") return false;
+  g_amx_gemm_hi = hi;
+  return true;
 }
 
 // Use the AMX path for bf16 products of lo..hi rows (0, 0: never); false (and nothing set) where AMX is not
@@ -791,6 +991,17 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   const bool supported = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+#if defined(VB_AMX_BUILT)
+  if (M > kMaxRows && K > 0 && x.scalar_type() == at::kBFloat16 && M <= g_amx_gemm_hi.load(std::memory_order_relaxed)) {
+    at::Tensor xc = x.reshape({M, K}).contiguous();
+    at::Tensor wc = weight.contiguous();
+    at::Tensor out = at::empty({M, N}, x.options());
+    run_amx_gemm(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+                 reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), M, K, N,
+                 out.data_ptr<c10::BFloat16>());
+    return out.view(out_shape);
+  }
+#endif
   if (M > kMaxRows && K > 0 && x.scalar_type() == at::kBFloat16 && g_bf16_fp32_gemm.load(std::memory_order_relaxed))
     return bf16_linear_in_fp32(x.reshape({M, K}), weight).view(out_shape);
   if (M > kMaxRows || M == 0 || K == 0 || !supported) return at::linear(x, weight);  // BLAS is right there
@@ -1471,6 +1682,7 @@ TORCH_LIBRARY(vicuna_bench, m) {
   m.def("small_m_amx() -> str", &small_m_amx);
   m.def("small_m_set_amx_rows(int lo, int hi) -> bool", &small_m_set_amx_rows);
   m.def("small_m_set_bf16_fp32_gemm(bool on) -> bool", &small_m_set_bf16_fp32_gemm);
+  m.def("small_m_set_amx_gemm(int hi) -> bool", &small_m_set_amx_gemm);
   m.def("small_m_fma_rate(int iterations) -> float", &small_m_fma_rate);
 }
 
