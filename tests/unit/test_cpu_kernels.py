@@ -170,6 +170,18 @@ def test_amx_gemm_model_shaped_products(m):
         check_close(got[0], x, w)
 
 
+@pytest.mark.skipif(amx_usable() != "usable", reason=f"AMX tiles not usable on this host: {amx_usable()}")
+@pytest.mark.parametrize("m, k, n", [(700, 576, 50), (1030, 1536, 37), (33, 13824, 40), (100, 5120, 69)])
+def test_amx_gemm_takes_many_rows_in_parts_and_long_rows(m, k, n):
+    """x in parts of at most 768 KB (700 x 576: two parts of 352 rows; 1030 x 1536: five of 224, the last partial)
+    and Vicuna-13B's long rows (its down projection's K = 13824: 32 rows a part; its hidden 5120: 64)."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
+    with amx_gemm(True):
+        check_close(op(x, w), x, w)
+
+
 def test_amx_gemm_switch_is_checked_and_answers_whether_it_took():
     """A row limit above 16 where AMX is usable (true), refused where not (false, nothing set); 0 (none) always; a
     limit of 16 rows or fewer is an error (those rows are the small-M kernel's)."""
