@@ -12,8 +12,8 @@ Two ops in ``csrc/cpu_kernels.cpp``, registered as ``vicuna_bench::*`` (CPU):
   hands the product to ``at::linear``, or in bf16 on a host without a bf16
   dot product to sgemm over fp32 blocks (:data:`FP32_GEMM`).  bf16 on AMX
   hosts: the rows in :data:`AMX_ROWS` run on AMX tiles, which read the same weight tensor (the
-  weight is the tiles' A operand; only x is packed), and more rows (a prefill) on the op's own AMX GEMM
-  (:data:`AMX_GEMM`: one panel of weight rows at a time packed in cache, never a copy of the model).
+  weight is the tiles' A operand; only x is packed), and prefills of :data:`AMX_GEMM_ROWS` rows on the op's own
+  AMX GEMM (:data:`AMX_GEMM`: one panel of weight rows at a time packed in cache, never a copy of the model).
 * ``decode_attention(q, k, v, key_valid)``: a decode step's attention that
   reads only the cache slots holding tokens (SDPA reads the whole cache
   bucket under a mask), so its cost follows the filled length with one
@@ -383,7 +383,7 @@ class LinearPaths:
         return any(path == FP32_GEMM for _, _, path in self.bf16)
 
     def describe(self) -> str:
-        """e.g. ``fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17+ AMX GEMM``."""
+        """e.g. ``fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17-512 AMX GEMM, 513+ F.linear``."""
         def ranges(table):
             return ", ".join(f"{lo}-{hi} {path}" if hi is not None and hi != lo else
                              f"{lo} {path}" if hi == lo else f"{lo}+ {path}" for lo, hi, path in table)

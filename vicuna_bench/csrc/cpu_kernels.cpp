@@ -719,7 +719,6 @@ void run_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t
   if (done < N) panel_rows<BF16Lane, 1, c10::BFloat16>(x, w, M, K, N, done, N, out);
 }
 
-
 // ---------------------------------------------------------------------------------------------------------------
 // More than kMaxRows bf16 rows (a prefill) on AMX tiles: out = x W^T with x as the A operand (16 rows of x a tile,
 // read in place with the row stride K) and the weight as B, VNNI-packed one panel of 32 weight rows at a time into
@@ -846,25 +845,9 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_gemm_panel(const u
   }
 }
 
-// out = x @ w^T for M > kMaxRows bf16 rows: threads over panels of 32 (then 16) weight rows, each panel packed
-// once and multiplied by every block of x; the k tail (K % 32) added from x and w; the last N % 16 weight rows by
-// the vector kernel.
-void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out);
-
-// Every panel re-reads all of x: more rows than ~768 KB of x at a time (a long or batched prefill) would come from
-// L3 each time, so they are taken in equal parts of at most that many (a multiple of 32 rows).  SmolLM2's products
-// at 2048 rows (eager, 5 rounds alternated, time / at::linear's): whole 1.88, parts of 192 KB 1.84, 384 KB 1.65,
-// 768 KB 1.44-1.47.  (at::linear's reorder of the weight is spread over more rows there: the AMX GEMM is chosen only up to
-// cpu_kernels.AMX_GEMM_ROWS.)
-constexpr int64_t kAmxGemmXBytes = 768 << 10;
-
-void run_amx_gemm(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out) {
-  const int64_t most = std::max<int64_t>(32, kAmxGemmXBytes / (2 * K) / 32 * 32);
-  const int64_t parts = (M + most - 1) / most, rows = ((M + parts - 1) / parts + 31) / 32 * 32;
-  for (int64_t m0 = 0; m0 < M; m0 += rows)
-    run_amx_gemm_rows(x + m0 * K, w, std::min(rows, M - m0), K, N, out + m0 * N);
-}
-
+// out = x @ w^T for one part (below) of more than kMaxRows bf16 rows: threads over panels of 32 (then 16) weight
+// rows, each panel packed once and multiplied by every block of x; the k tail (K % 32) added from x and w; the last
+// N % 16 weight rows by the vector kernel.
 void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out) {
   const int64_t chunks = K / kAmxChunk;
   // The last block of x, if partial, copied with zero rows after it (a tile reads 16 rows).
@@ -903,6 +886,21 @@ void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t 
   const int64_t done = wide * 32 + narrow * 16;
   if (done < N) panel_rows<BF16Lane, 1, c10::BFloat16>(x, w, M, K, N, done, N, out);
 }
+
+// Every panel re-reads all of x: more rows than ~768 KB of x at a time (a long or batched prefill) would come from
+// L3 each time, so they are taken in equal parts of at most that many (a multiple of 32 rows).  SmolLM2's products
+// at 2048 rows (eager, 5 rounds alternated, time / at::linear's): whole 1.88, parts of 192 KB 1.84, 384 KB 1.65,
+// 768 KB 1.44-1.47.  (at::linear's reorder of the weight is spread over more rows there: the AMX GEMM is chosen
+// only up to cpu_kernels.AMX_GEMM_ROWS.)
+constexpr int64_t kAmxGemmXBytes = 768 << 10;
+
+void run_amx_gemm(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out) {
+  const int64_t most = std::max<int64_t>(32, kAmxGemmXBytes / (2 * K) / 32 * 32);
+  const int64_t parts = (M + most - 1) / most, rows = ((M + parts - 1) / parts + 31) / 32 * 32;
+  for (int64_t m0 = 0; m0 < M; m0 += rows)
+    run_amx_gemm_rows(x + m0 * K, w, std::min(rows, M - m0), K, N, out + m0 * N);
+}
+
 
 #endif
 
@@ -991,20 +989,17 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   const bool supported = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  // bf16 prefills of up to g_amx_gemm_hi rows: the AMX GEMM (AMX hosts)
+  bool amx_gemm = false;
 #if defined(VB_AMX_BUILT)
-  if (M > kMaxRows && K > 0 && x.scalar_type() == at::kBFloat16 && M <= g_amx_gemm_hi.load(std::memory_order_relaxed)) {
-    at::Tensor xc = x.reshape({M, K}).contiguous();
-    at::Tensor wc = weight.contiguous();
-    at::Tensor out = at::empty({M, N}, x.options());
-    run_amx_gemm(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
-                 reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), M, K, N,
-                 out.data_ptr<c10::BFloat16>());
-    return out.view(out_shape);
-  }
+  amx_gemm = M > kMaxRows && K > 0 && x.scalar_type() == at::kBFloat16 &&
+             M <= g_amx_gemm_hi.load(std::memory_order_relaxed);
 #endif
-  if (M > kMaxRows && K > 0 && x.scalar_type() == at::kBFloat16 && g_bf16_fp32_gemm.load(std::memory_order_relaxed))
+  if (!amx_gemm && M > kMaxRows && K > 0 && x.scalar_type() == at::kBFloat16 &&
+      g_bf16_fp32_gemm.load(std::memory_order_relaxed))
     return bf16_linear_in_fp32(x.reshape({M, K}), weight).view(out_shape);
-  if (M > kMaxRows || M == 0 || K == 0 || !supported) return at::linear(x, weight);  // BLAS is right there
+  if (!amx_gemm && (M > kMaxRows || M == 0 || K == 0 || !supported))
+    return at::linear(x, weight);  // BLAS is right there
   at::Tensor xc = x.reshape({M, K}).contiguous();
   at::Tensor wc = weight.contiguous();
   // The output in x's dtype, written by the kernel (bf16 rounded there): no fp32 buffer and no conversion op
@@ -1015,6 +1010,12 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& weight) {
     return out.view(out_shape);
   }
 #if defined(VB_AMX_BUILT)
+  if (amx_gemm) {
+    run_amx_gemm(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+                 reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), M, K, N,
+                 out.data_ptr<c10::BFloat16>());
+    return out.view(out_shape);
+  }
   if (amx_takes(M)) {
     run_amx(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
             reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), M, K, N, out.data_ptr<c10::BFloat16>());
