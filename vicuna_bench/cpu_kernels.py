@@ -94,13 +94,14 @@ KERNEL, KERNEL_AMX, F_LINEAR = "kernel", "kernel+AMX", "F.linear"
 FP32_GEMM = "fp32 GEMM"
 # bf16 products of AMX_GEMM_ROWS rows on AMX hosts: the op's own AMX GEMM (run_amx_gemm) on the model's weight, each
 # panel of 32 weight rows packed once in cache, where at::linear has oneDNN reorder the whole weight every call.
-# SmolLM2's 30 layers' products (2-core AMX host, 5 rounds alternated in one process, time / at::linear's): 0.78-0.82
-# at 256 rows, 0.96 at 384, 0.94 at 512, 0.98 at 768, 1.44 at 2048 (where the reorder is spread over more rows and
-# oneDNN's GEMM outruns our tile loop: 2.5 against 1.8 TFLOP/s), so more rows keep F.linear.  The engine's whole
-# first token at 256 prompt tokens: 0.94x the frozen path's (bench_peers, 6 rounds alternated, faster in 6 of 6),
-# where with at::linear it had been 1.08x.
+# SmolLM2's 30 layers' products (2-core AMX host, 5 rounds alternated in one process, time / at::linear's), with the
+# tile loop in blocks of k (seventeenth pass): 0.70 at 256 rows, 0.91 at 512, 0.85 at 768, 0.87-0.89 at 1024, 0.91
+# at 1280, 1.21 at 1536 and 1.24 at 2048 (where the reorder is spread over more rows and oneDNN's GEMM outruns our
+# tile loop: ~2.5 against ~1.9 TFLOP/s), so more rows keep F.linear.  The engine's whole first token at 256 prompt
+# tokens, before the k blocks: 0.94x the frozen path's (bench_peers, 6 rounds alternated, faster in 6 of 6), where
+# with at::linear it had been 1.08x.
 AMX_GEMM = "AMX GEMM"
-AMX_GEMM_ROWS = (MAX_ROWS + 1, 512)
+AMX_GEMM_ROWS = (MAX_ROWS + 1, 1024)
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "why_not": None, "isa": None, "amx": None, "paths": None}
@@ -383,7 +384,7 @@ class LinearPaths:
         return any(path == FP32_GEMM for _, _, path in self.bf16)
 
     def describe(self) -> str:
-        """e.g. ``fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17-512 AMX GEMM, 513+ F.linear``."""
+        """e.g. ``fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17-1024 AMX GEMM, 1025+ F.linear``."""
         def ranges(table):
             return ", ".join(f"{lo}-{hi} {path}" if hi is not None and hi != lo else
                              f"{lo} {path}" if hi == lo else f"{lo}+ {path}" for lo, hi, path in table)

@@ -182,6 +182,29 @@ def test_amx_gemm_takes_many_rows_in_parts_and_long_rows(m, k, n):
         check_close(op(x, w), x, w)
 
 
+@pytest.mark.skipif(amx_usable() != "usable", reason=f"AMX tiles not usable on this host: {amx_usable()}")
+@pytest.mark.parametrize("m, k, n", [(48, 416, 40), (33, 800, 70), (100, 1024, 37), (17, 1055, 33), (64, 1056, 20),
+                                     (200, 960, 48)])
+def test_amx_gemm_in_blocks_of_k(m, k, n):
+    """K of 13-32 whole chunks runs in k blocks, each pair's C tiles kept between them: 416 (two blocks, 6 + 7
+    chunks), 800 (three uneven), 1024 and 1055 (three, the second with a 31-wide tail), 960 at 200 rows (a partial
+    last block of x, seven pairs kept); 1056 (33 chunks) in one block."""
+    gen = torch.Generator().manual_seed(k + m)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
+    with amx_gemm(True):
+        check_close(op(x, w), x, w)
+
+
+@pytest.mark.skipif(amx_usable() != "usable", reason=f"AMX tiles not usable on this host: {amx_usable()}")
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(17, 120), k=st.integers(385, 1100), n=st.integers(1, 80), seed=st.integers(0, 2**31 - 1))
+def test_amx_gemm_in_blocks_of_k_matches_matmul(m, k, n, seed):
+    """The k-blocked range (and its edges: 12 chunks and 33 and up run whole) by hypothesis."""
+    with amx_gemm(True):
+        check_random_product(m, k, n, torch.bfloat16, seed)
+
+
 def test_amx_gemm_switch_is_checked_and_answers_whether_it_took():
     """A row limit above 16 where AMX is usable (true), refused where not (false, nothing set); 0 (none) always; a
     limit of 16 rows or fewer is an error (those rows are the small-M kernel's)."""

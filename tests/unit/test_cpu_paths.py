@@ -40,18 +40,18 @@ def test_amx_host_puts_3_to_16_bf16_rows_on_the_tiles_and_prefills_on_the_amx_ge
     assert paths.record() == {
         "fp32": KERNEL_ONLY,
         "bf16": [{"rows": "1-2", "path": "kernel"}, {"rows": "3-16", "path": "kernel+AMX"},
-                 {"rows": "17-512", "path": "AMX GEMM"}, {"rows": "513+", "path": "F.linear"}],
+                 {"rows": "17-1024", "path": "AMX GEMM"}, {"rows": "1025+", "path": "F.linear"}],
         "amx": "usable"}
     assert paths.amx_rows() == (3, 16)
-    assert paths.amx_gemm_rows() == 512 and not paths.bf16_fp32_gemm()
+    assert paths.amx_gemm_rows() == 1024 and not paths.bf16_fp32_gemm()
     assert paths.describe() == ("fp32 1-16 kernel, 17+ F.linear; "
-                                "bf16 1-2 kernel, 3-16 kernel+AMX, 17-512 AMX GEMM, 513+ F.linear")
+                                "bf16 1-2 kernel, 3-16 kernel+AMX, 17-1024 AMX GEMM, 1025+ F.linear")
 
 
 def test_amx_rows_from_1_put_every_small_row_count_on_the_tiles(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "AMX_ROWS", (1, 16))
     paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable")
-    assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel+AMX, 17-512 AMX GEMM, 513+ F.linear"
+    assert paths.describe() == "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel+AMX, 17-1024 AMX GEMM, 1025+ F.linear"
     assert paths.amx_rows() == (1, 16)
 
 
@@ -112,11 +112,11 @@ def test_amx_host_emulating_avx2_takes_the_fp32_gemm_beside_its_tiles_choice():
 
 def test_amx_host_with_a_widened_kernel_build_keeps_the_fp32_gemm_above_the_amx_gemm():
     """An AMX host whose kernel was built without a bf16 dot product (an AVX2 emulation that still carries the tiles:
-    they are compiled by function target attributes): the AMX GEMM up to 512 rows, the fp32 GEMM above."""
+    they are compiled by function target attributes): the AMX GEMM up to 1024 rows, the fp32 GEMM above."""
     paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable", "fp32 avx2, bf16 avx2 (widened)")
     assert paths.describe() == ("fp32 1-16 kernel, 17+ F.linear; "
-                                "bf16 1-2 kernel, 3-16 kernel+AMX, 17-512 AMX GEMM, 513+ fp32 GEMM")
-    assert paths.amx_gemm_rows() == 512 and paths.bf16_fp32_gemm()
+                                "bf16 1-2 kernel, 3-16 kernel+AMX, 17-1024 AMX GEMM, 1025+ fp32 GEMM")
+    assert paths.amx_gemm_rows() == 1024 and paths.bf16_fp32_gemm()
 
 
 @pytest.mark.parametrize("host", [SAPPHIRE_RAPIDS, HASWELL, GRAVITON3, None])
@@ -129,8 +129,8 @@ def test_without_the_kernels_every_row_is_f_linear(host):
 
 
 @pytest.mark.parametrize("host, amx, amx_rows, fp32_gemm, amx_gemm, said", [
-    (SAPPHIRE_RAPIDS, "usable", (3, 16), False, 512,
-     "fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17-512 AMX GEMM, 513+ F.linear"),
+    (SAPPHIRE_RAPIDS, "usable", (3, 16), False, 1024,
+     "fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17-1024 AMX GEMM, 1025+ F.linear"),
     (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), False, 0,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ F.linear"),
     (HASWELL, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True, 0,
@@ -241,12 +241,12 @@ def test_amx_gemm_switches_for_the_block_and_restores_the_hosts_choice(monkeypat
     monkeypatch.setattr(cpu_kernels, "_set_amx_gemm", lambda hi: handed.append(hi) or True)
     with cpu_kernels.amx_gemm(False):
         assert handed == [0]
-    assert handed == [0, 512]
+    assert handed == [0, 1024]
     with cpu_kernels.amx_gemm(True):  # every row count above 16, not only the host's range
         assert handed[-1] >= 2**62
     with pytest.raises(KeyError), cpu_kernels.amx_gemm(False):
         raise KeyError("inside")
-    assert handed[-2:] == [0, 512]
+    assert handed[-2:] == [0, 1024]
     monkeypatch.setattr(cpu_kernels, "_set_amx_gemm", lambda hi: hi == 0)
     monkeypatch.setattr(cpu_kernels, "_amx_status", lambda: "the CPU has no AMX-TILE/AMX-BF16 (cpuid)")
     with pytest.raises(RuntimeError, match="the AMX GEMM asked for, but AMX is not usable here: the CPU has no"):

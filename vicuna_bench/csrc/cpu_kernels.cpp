@@ -737,7 +737,10 @@ void run_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t
 // gathers): 0.87-0.93 with each panel alone, 0.98-1.03 with groups of panels in L2 and their prefetch issued a slice at
 // a time (the prefetches stalled).  Against inductor's frozen GEMMs (a packed second copy; its AMX micro-kernels), in
 // bench_paths' chain with the head at 256 rows: 0.89 of at::linear against 0.67; the engine's whole first token: 0.94
-// of the frozen path's (docs/PERFORMANCE.md, sixteenth pass).
+// of the frozen path's (docs/PERFORMANCE.md, sixteenth pass).  Then the tile loop in blocks of k (amx_k_blocks): at
+// K = 576 a pair of x blocks and the panel, 36 KB each, did not share L1, so both were read from L2 on every tile
+// load; in two blocks they do, and the 30 layers at 256 rows went from 0.82 to 0.70 of at::linear (seventeenth
+// pass).
 constexpr int64_t kAmxBlock = 16;  // rows of x per A tile
 
 __attribute__((target("amx-tile,amx-bf16"))) void amx_configure_gemm() {
@@ -767,23 +770,32 @@ __attribute__((target("avx512f"))) void pack_weight_panel(const uint16_t* w, int
   }
 }
 
-// x blocks xb[0], xb[1] (B of them, 16 rows each, row stride K) against the packed panel's G groups over the whole
-// chunks of k; C tile 2 i + g (x block i, group g) stored to sums[2 i + g].  pf_bytes from pf are prefetched into
-// L2 a slice per chunk.
+// x blocks xb[0], xb[1] (B of them, 16 rows each, row stride K) against the packed panel's G groups over chunks
+// [c0, c1) of k; C tile 2 i + g (x block i, group g) starts from init[2 i + g] (zero where init is null) and is
+// stored to sums[2 i + g].  pf_bytes from pf are prefetched into L2 a slice per chunk.
 template <int G, int B>
 __attribute__((target("amx-tile,amx-bf16"))) void amx_gemm_tiles(const uint16_t* const* xb, int64_t K,
-                                                                  const uint32_t* bp, int64_t chunks,
+                                                                  const uint32_t* bp, int64_t chunks, int64_t c0,
+                                                                  int64_t c1, const float (*init)[16][16],
                                                                   float (*sums)[16][16], const char* pf,
                                                                   int64_t pf_bytes) {
   const long xstride = K * 2;
-  const int64_t pf_step = chunks > 0 ? (pf_bytes / chunks + 63) / 64 * 64 : 0;
-  _tile_zero(0);
-  if (G > 1) _tile_zero(1);
-  if (B > 1) _tile_zero(2);
-  if (G > 1 && B > 1) _tile_zero(3);
-  for (int64_t c = 0; c < chunks; ++c) {
+  const int64_t pf_step = c1 > c0 ? (pf_bytes / (c1 - c0) + 63) / 64 * 64 : 0;
+  if (init) {
+    _tile_loadd(0, &init[0][0][0], 64);
+    if (G > 1) _tile_loadd(1, &init[1][0][0], 64);
+    if (B > 1) _tile_loadd(2, &init[2][0][0], 64);
+    if (G > 1 && B > 1) _tile_loadd(3, &init[3][0][0], 64);
+  } else {
+    _tile_zero(0);
+    if (G > 1) _tile_zero(1);
+    if (B > 1) _tile_zero(2);
+    if (G > 1 && B > 1) _tile_zero(3);
+  }
+  for (int64_t c = c0; c < c1; ++c) {
     if (pf)
-      for (int64_t o = c * pf_step; o < std::min<int64_t>((c + 1) * pf_step, pf_bytes); o += 64) prefetch_l2(pf + o);
+      for (int64_t o = (c - c0) * pf_step; o < std::min<int64_t>((c - c0 + 1) * pf_step, pf_bytes); o += 64)
+        prefetch_l2(pf + o);
     _tile_loadd(6, bp + c * 256, 64);
     if (G > 1) _tile_loadd(7, bp + (chunks + c) * 256, 64);
     _tile_loadd(4, xb[0] + c * kAmxChunk, xstride);
@@ -802,46 +814,71 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_gemm_tiles(const uint16_t*
   asm volatile("" ::: "memory");  // the tile stores are asm without a memory operand: read sums after them
 }
 
+// The k blocks a panel is taken in: whole K up to 12 chunks (384 k: a pair of x blocks and the panel, 24 KB each,
+// share L1) and from 33 chunks (1056 k) up; between, equal blocks of at most 12 chunks, each pair's C tiles kept in
+// a buffer between blocks, so that the pair's slice of x and the panel's slice stay in L1 together.  Measured on the
+// AMX host (one core, the tile loop alone on data in L2, GFLOP/s whole K -> blocked): K = 576 1260 -> 1670 (two
+// blocks of 9), 768 1285 -> 1500, 960 1442 -> 1565; no gain at 384 (it fits) nor at 1536-13824 (1466 -> 1550 at
+// 1536, within the run's noise; 1464 -> 1334 at 5120).
+constexpr int64_t kAmxKBlockChunks = 12;
+
+int64_t amx_k_blocks(int64_t chunks) {
+  if (chunks <= kAmxKBlockChunks || chunks > 32) return 1;
+  return (chunks + kAmxKBlockChunks - 1) / kAmxKBlockChunks;
+}
+
 // Weight rows [n0, n0 + 16 G) (packed into bp here) against every block of x (the last one, if partial, from
-// xtail); the next next_bytes of weight from `next` prefetched into L2 meanwhile.  Tiles configured by the caller.
+// xtail), in amx_k_blocks blocks of k (cbuf: the pairs' C tiles between blocks, 4 KB a pair); the next next_bytes
+// of weight from `next` prefetched into L2 meanwhile.  Tiles configured by the caller.
 __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_gemm_panel(const uint16_t* x, const uint16_t* xtail,
                                                                           const uint16_t* w, int64_t M, int64_t K,
                                                                           int64_t N, int64_t n0, int G,
-                                                                          uint32_t* bp, const char* next,
-                                                                          int64_t next_bytes, c10::BFloat16* out) {
+                                                                          uint32_t* bp, float* cbuf,
+                                                                          const char* next, int64_t next_bytes,
+                                                                          c10::BFloat16* out) {
   const int64_t chunks = K / kAmxChunk, blocks = (M + kAmxBlock - 1) / kAmxBlock, whole = chunks * kAmxChunk;
-  const int64_t pairs = (blocks + 1) / 2, slice = (next_bytes / pairs + 63) / 64 * 64;
+  const int64_t pairs = (blocks + 1) / 2, kblocks = amx_k_blocks(chunks);
+  const int64_t slice = (next_bytes / (pairs * kblocks) + 63) / 64 * 64;
   pack_weight_panel(w, K, n0, G, chunks, bp);
   asm volatile("" ::: "memory");  // bp written before the tile loads read it
   alignas(64) float sums[4][16][16];  // [2 i + g][row of x][weight row]
-  for (int64_t b = 0; b < blocks; b += 2) {
-    const int nb = b + 2 <= blocks ? 2 : 1;
-    const uint16_t* xb[2] = {nullptr, nullptr};
-    for (int i = 0; i < nb; ++i)
-      xb[i] = xtail && b + i == blocks - 1 ? xtail : x + (b + i) * kAmxBlock * K;
-    const int64_t off = (b / 2) * slice;
-    const char* pf = off < next_bytes ? next + off : nullptr;
-    const int64_t pf_bytes = pf ? std::min(slice, next_bytes - off) : 0;
-    if (G == 2 && nb == 2) amx_gemm_tiles<2, 2>(xb, K, bp, chunks, sums, pf, pf_bytes);
-    else if (G == 2) amx_gemm_tiles<2, 1>(xb, K, bp, chunks, sums, pf, pf_bytes);
-    else if (nb == 2) amx_gemm_tiles<1, 2>(xb, K, bp, chunks, sums, pf, pf_bytes);
-    else amx_gemm_tiles<1, 1>(xb, K, bp, chunks, sums, pf, pf_bytes);
-    for (int i = 0; i < nb; ++i)
-      for (int g = 0; g < G; ++g)
-        for (int64_t r = 0; r < kAmxBlock; ++r) {
-          const int64_t m = (b + i) * kAmxBlock + r;
-          if (m >= M) break;
-          float* s = sums[2 * i + g][r];
-          if (whole < K)
-            for (int j = 0; j < 16; ++j) {
-              const uint16_t* wr = w + (n0 + 16 * g + j) * K;
-              float tail = 0.0f;
-              for (int64_t k = whole; k < K; ++k) tail += bf16_to_float(x[m * K + k]) * bf16_to_float(wr[k]);
-              s[j] += tail;
-            }
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * N + n0 + 16 * g),
-                              bf16_round16(_mm512_load_ps(s)));
-        }
+  auto* kept = reinterpret_cast<float (*)[4][16][16]>(cbuf);  // [pair] the C tiles between k blocks
+  int64_t step = 0;  // (k block, pair) visits so far: the prefetch's slice
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const int64_t c0 = chunks * kb / kblocks, c1 = chunks * (kb + 1) / kblocks;
+    const bool last = kb + 1 == kblocks;
+    for (int64_t b = 0; b < blocks; b += 2, ++step) {
+      const int nb = b + 2 <= blocks ? 2 : 1;
+      const uint16_t* xb[2] = {nullptr, nullptr};
+      for (int i = 0; i < nb; ++i)
+        xb[i] = xtail && b + i == blocks - 1 ? xtail : x + (b + i) * kAmxBlock * K;
+      const int64_t off = step * slice;
+      const char* pf = off < next_bytes ? next + off : nullptr;
+      const int64_t pf_bytes = pf ? std::min(slice, next_bytes - off) : 0;
+      const float (*init)[16][16] = kb > 0 ? kept[b / 2] : nullptr;
+      float (*dst)[16][16] = last ? sums : kept[b / 2];
+      if (G == 2 && nb == 2) amx_gemm_tiles<2, 2>(xb, K, bp, chunks, c0, c1, init, dst, pf, pf_bytes);
+      else if (G == 2) amx_gemm_tiles<2, 1>(xb, K, bp, chunks, c0, c1, init, dst, pf, pf_bytes);
+      else if (nb == 2) amx_gemm_tiles<1, 2>(xb, K, bp, chunks, c0, c1, init, dst, pf, pf_bytes);
+      else amx_gemm_tiles<1, 1>(xb, K, bp, chunks, c0, c1, init, dst, pf, pf_bytes);
+      if (!last) continue;
+      for (int i = 0; i < nb; ++i)
+        for (int g = 0; g < G; ++g)
+          for (int64_t r = 0; r < kAmxBlock; ++r) {
+            const int64_t m = (b + i) * kAmxBlock + r;
+            if (m >= M) break;
+            float* s = sums[2 * i + g][r];
+            if (whole < K)
+              for (int j = 0; j < 16; ++j) {
+                const uint16_t* wr = w + (n0 + 16 * g + j) * K;
+                float tail = 0.0f;
+                for (int64_t k = whole; k < K; ++k) tail += bf16_to_float(x[m * K + k]) * bf16_to_float(wr[k]);
+                s[j] += tail;
+              }
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * N + n0 + 16 * g),
+                                bf16_round16(_mm512_load_ps(s)));
+          }
+    }
   }
 }
 
@@ -865,7 +902,9 @@ void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t 
     };
     static thread_local std::unique_ptr<uint32_t[], AlignedDelete> buffer;
     static thread_local int64_t capacity = 0;
-    const int64_t need = std::max<int64_t>(1, 2 * chunks * 256);
+    // the panel (2 groups x chunks x 1 KB), then the pairs' C tiles between k blocks (4 KB a pair)
+    const int64_t panel = 2 * chunks * 256, kept = amx_k_blocks(chunks) > 1 ? (M + 31) / 32 * 1024 : 0;
+    const int64_t need = std::max<int64_t>(1, panel + kept);
     if (need > capacity) {
       // 64-byte aligned: the packing's stores need it, and each tile row is then one cache line
       buffer.reset(new (std::align_val_t(64)) uint32_t[need]);
@@ -879,7 +918,8 @@ void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t 
       const int64_t next_lo = n0 + 16 * G;
       const int64_t next_bytes = u + 1 < u1 ? std::min<int64_t>(32, N - next_lo) * K * 2 : 0;
       amx_gemm_panel(x, tail_rows ? xtail.data() : nullptr, w, M, K, N, n0, G, buffer.get(),
-                     reinterpret_cast<const char*>(w + next_lo * K), next_bytes, out);
+                     reinterpret_cast<float*>(buffer.get() + panel), reinterpret_cast<const char*>(w + next_lo * K),
+                     next_bytes, out);
     }
     amx_release();
   });
@@ -890,8 +930,9 @@ void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t 
 // Every panel re-reads all of x: more rows than ~768 KB of x at a time (a long or batched prefill) would come from
 // L3 each time, so they are taken in equal parts of at most that many (a multiple of 32 rows).  SmolLM2's products
 // at 2048 rows (eager, 5 rounds alternated, time / at::linear's): whole 1.88, parts of 192 KB 1.84, 384 KB 1.65,
-// 768 KB 1.44-1.47.  (at::linear's reorder of the weight is spread over more rows there: the AMX GEMM is chosen
-// only up to cpu_kernels.AMX_GEMM_ROWS.)
+// 768 KB 1.44-1.47; with the k blocks (7 rounds, time / 768 KB parts') 384 KB 1.19, 1.5 MB 1.06, 3 MB 1.58.
+// (at::linear's reorder of the weight is spread over more rows there: the AMX GEMM is chosen only up to
+// cpu_kernels.AMX_GEMM_ROWS.)
 constexpr int64_t kAmxGemmXBytes = 768 << 10;
 
 void run_amx_gemm(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out) {
