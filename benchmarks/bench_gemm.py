@@ -53,7 +53,8 @@ from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
 
 class LinearChain(nn.Module):
-    """``copies`` x (qkv, o, gate/up, down) at the model's shapes, then the head: one decode step's GEMMs."""
+    """``copies`` x (qkv, o, gate/up, down) at the model's shapes, then the head: one decode step's GEMMs (more than
+    ``cpu_kernels.MAX_ROWS`` rows, a prefill's: the head on the last row only, as the engine takes it)."""
 
     def __init__(self, args, copies: int, dtype: torch.dtype, resident: bool = False):
         """``resident``: every one of the ``copies`` layers is the first one (the same weights, staying in cache)."""
@@ -79,6 +80,8 @@ class LinearChain(nn.Module):
             x = x + mm(mm(x, qkv.weight)[..., : self.q_width], o.weight)
             gate, up = mm(x, gate_up.weight).split(self.inter, dim=-1)
             x = x + mm(F.silu(gate) * up, down.weight)
+        if x.shape[0] > cpu_kernels.MAX_ROWS:
+            x = x[-1:]  # a prefill's rows: the engine takes the head on the last slot only (model._blocks_and_head)
         return mm(x, self.head.weight)
 
 

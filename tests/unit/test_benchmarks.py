@@ -84,6 +84,24 @@ def test_gemm_benchmark_resident_chain_is_one_layers_weights(tiny_models, bench)
     assert sum(p.numel() for p in streamed.parameters()) == 3 * layer + head
 
 
+def test_the_linear_chain_takes_a_prefills_head_on_the_last_row_only(bench, tiny_models):
+    """Up to 16 rows (a decode step's batch) every row reaches the head; more (a prefill's) only the last, as the
+    engine takes it: the chain's rows are independent, so that row's logits are the chain's on it alone."""
+    import torch
+
+    from vicuna_bench import checkpoint, cpu_kernels
+
+    gemm = bench("bench_gemm")
+    args = checkpoint.read_model_args(tiny_models["vicuna"])
+    chain = gemm.LinearChain(args, 2, torch.float32).eval()
+    x = torch.randn(cpu_kernels.MAX_ROWS + 4, args.hidden_size)
+    with torch.no_grad():
+        assert chain(x[: cpu_kernels.MAX_ROWS]).shape == (cpu_kernels.MAX_ROWS, args.vocab_size)
+        prefill = chain(x)
+        assert prefill.shape == (1, args.vocab_size)
+        torch.testing.assert_close(prefill, chain(x[-1:]))
+
+
 def test_the_fma_peak_probe_counts_flops_per_second(bench):
     """The library's FMA probe: a rate in GFLOP/s (a units slip of 1e3 either way would leave this range), and a
     bad iteration count refused in one line."""
