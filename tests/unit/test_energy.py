@@ -323,11 +323,14 @@ def test_detail_mode_meters_exactly_the_timed_regions(tiny_models, tmp_path, mon
     assert row["energy_source"] == "fake-50W"
     assert got["doc"]["energy"] == {"source": "fake-50W", "resolution": "exact"}
     assert len(case["prefill_j"]) == len(case["decode_j"]) == 2
-    # At a constant 50 W the joules are 50 x the region's time: the regions are the timed ones.
+    # At a constant 50 W the joules are 50 x the region's time: the regions are the timed ones.  Within 1%: the
+    # sampler dates each read at the middle of the clock readings around it, so a thread preempted there (CI runs
+    # two workers on two cores) shifts a ~1 ms region's ends by microseconds (0.24% seen); a wrong region (the
+    # warm-up, the next step, the whole case) is off by far more.
     first_s = sum(case["first_ms"]) / 1e3
     steps_s = sum(case["step_ms"]) / 1e3
-    assert float(row["prefill_j_per_token"]) == pytest.approx(50 * first_s / (2 * 2 * 16), rel=1e-3)
-    assert float(row["decode_j_per_token"]) == pytest.approx(50 * steps_s / (2 * 2 * 5), rel=1e-3)
+    assert float(row["prefill_j_per_token"]) == pytest.approx(50 * first_s / (2 * 2 * 16), rel=1e-2)
+    assert float(row["decode_j_per_token"]) == pytest.approx(50 * steps_s / (2 * 2 * 5), rel=1e-2)
     # ...and go into the history as energy metrics, lower is better.
     metrics = H.metrics_from_perf_rows(got["rows"], "x.csv")
     energy_metrics = {m.name: m for m in metrics if m.kind == "energy"}
