@@ -883,7 +883,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_gemm_panel(const u
 }
 
 // out = x @ w^T for one part (below) of more than kMaxRows bf16 rows: threads over panels of 32 (then 16) weight
-// rows, each panel packed once and multiplied by every block of x; the k tail (K % 32) added from x and w; the last
+// rows (each its own share, then what another has left), each panel packed once and multiplied by every block of x; the k tail (K % 32) added from x and w; the last
 // N % 16 weight rows by the vector kernel.
 void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out) {
   const int64_t chunks = K / kAmxChunk;
@@ -893,7 +893,30 @@ void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t 
   if (tail_rows) std::memcpy(xtail.data(), x + (M - tail_rows) * K, tail_rows * K * 2);
   asm volatile("" ::: "memory");  // the tile loads are asm without a memory operand: xtail written before them
   const int64_t wide = N / 32, narrow = (N - wide * 32) / 16, units = wide + narrow;
-  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+  // Each thread's share of the panels (a lane) as one range [front, back) packed in an atomic word: its thread takes
+  // from the front, and a thread whose own lane is done takes from the backs of the others'.  Panels only move where
+  // a thread falls behind, so the shares keep their order and the next-panel prefetch otherwise.  On this 2-core VM
+  // a thread's core at times ran the tiles at half speed or less for seconds (the 30 layers at 256 rows: 57 ms
+  // where they took 28-29, one thread's time, while at::linear on the same two threads did not slow); with a busy
+  // process on one core, fixed halves took 1.56x as long as this; idle, the two are level (1.00, seventeenth pass).
+  const int64_t lanes = std::max<int64_t>(1, std::min<int64_t>(units, at::get_num_threads()));
+  std::vector<std::atomic<uint64_t>> ranges(lanes);
+  for (int64_t l = 0; l < lanes; ++l)
+    ranges[l].store(static_cast<uint64_t>(units * l / lanes) << 32 | static_cast<uint64_t>(units * (l + 1) / lanes));
+  auto take = [&](int64_t l, bool from_front, int64_t& got) {
+    uint64_t cur = ranges[l].load();
+    for (;;) {
+      const int64_t f = static_cast<int64_t>(cur >> 32), b = static_cast<int64_t>(cur & 0xffffffffu);
+      if (f >= b) return false;
+      const uint64_t next = from_front ? static_cast<uint64_t>(f + 1) << 32 | static_cast<uint64_t>(b)
+                                       : static_cast<uint64_t>(f) << 32 | static_cast<uint64_t>(b - 1);
+      if (ranges[l].compare_exchange_weak(cur, next)) {
+        got = from_front ? f : b - 1;
+        return true;
+      }
+    }
+  };
+  at::parallel_for(0, lanes, 1, [&](int64_t u0, int64_t u1) {
     // The packed panel in a buffer this thread keeps (grown, never zeroed: every element is written before it is
     // read), so a prefill's ~120 products do not each map, fault in and unmap a fresh one: allocated per call, the
     // compiled products took 1.35x as long (the eager ones, whose frees kept the heap warm, did not).
@@ -911,15 +934,28 @@ void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t 
       capacity = need;
     }
     amx_configure_gemm();
-    for (int64_t u = u0; u < u1; ++u) {
+    // One panel; the thread's next one prefetched into L2 a slice per pair of x blocks (next: the next panel's
+    // index, or units for none).
+    auto panel_at = [&](int64_t u, int64_t next) {
       const int G = u < wide ? 2 : 1;
       const int64_t n0 = u < wide ? u * 32 : wide * 32 + (u - wide) * 16;
-      // The next panel of this thread, prefetched into L2 a slice per pair of x blocks.
       const int64_t next_lo = n0 + 16 * G;
-      const int64_t next_bytes = u + 1 < u1 ? std::min<int64_t>(32, N - next_lo) * K * 2 : 0;
+      const int64_t next_bytes = next < units ? std::min<int64_t>(32, N - next_lo) * K * 2 : 0;
       amx_gemm_panel(x, tail_rows ? xtail.data() : nullptr, w, M, K, N, n0, G, buffer.get(),
                      reinterpret_cast<float*>(buffer.get() + panel), reinterpret_cast<const char*>(w + next_lo * K),
                      next_bytes, out);
+    };
+    for (int64_t lane = u0; lane < u1; ++lane) {  // one lane a thread, unless fewer threads came
+      int64_t u = 0;
+      while (take(lane, true, u)) {
+        const int64_t back = static_cast<int64_t>(ranges[lane].load(std::memory_order_relaxed) & 0xffffffffu);
+        panel_at(u, u + 1 < back ? u + 1 : units);
+      }
+    }
+    for (int64_t d = 1; d < lanes; ++d) {  // then the others' last panels, from their backs
+      const int64_t lane = (u0 + d) % lanes;
+      int64_t u = 0;
+      while (take(lane, false, u)) panel_at(u, units);
     }
     amx_release();
   });
