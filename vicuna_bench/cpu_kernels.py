@@ -98,8 +98,8 @@ FP32_GEMM = "fp32 GEMM"
 # tile loop in blocks of k (seventeenth pass): 0.70 at 256 rows, 0.91 at 512, 0.85 at 768, 0.87-0.89 at 1024, 0.91
 # at 1280, 1.21 at 1536 and 1.24 at 2048 (where the reorder is spread over more rows and oneDNN's GEMM outruns our
 # tile loop: ~2.5 against ~1.9 TFLOP/s), so more rows keep F.linear.  The engine's whole first token at 256 prompt
-# tokens, before the k blocks: 0.94x the frozen path's (bench_peers, 6 rounds alternated, faster in 6 of 6), where
-# with at::linear it had been 1.08x.
+# tokens: 0.86x the frozen path's (bench_peers, 5 rounds alternated, faster in 5 of 5; 0.94x before the k blocks,
+# 1.08x with at::linear); at batch 4 (1024 rows) 0.99x (3 of 3).
 AMX_GEMM = "AMX GEMM"
 AMX_GEMM_ROWS = (MAX_ROWS + 1, 1024)
 
