@@ -384,7 +384,8 @@ class LinearPaths:
         return any(path == FP32_GEMM for _, _, path in self.bf16)
 
     def describe(self) -> str:
-        """e.g. ``fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17-1024 AMX GEMM, 1025+ F.linear``."""
+        """e.g. ``fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17-1024 AMX GEMM, 1025+
+        F.linear``."""
         def ranges(table):
             return ", ".join(f"{lo}-{hi} {path}" if hi is not None and hi != lo else
                              f"{lo} {path}" if hi == lo else f"{lo}+ {path}" for lo, hi, path in table)

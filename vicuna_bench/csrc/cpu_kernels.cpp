@@ -820,10 +820,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_gemm_tiles(const uint16_t*
 // AMX host (one core, the tile loop alone on data in L2, GFLOP/s whole K -> blocked): K = 576 1260 -> 1670 (two
 // blocks of 9), 768 1285 -> 1500, 960 1442 -> 1565; no gain at 384 (it fits) nor at 1536-13824 (1466 -> 1550 at
 // 1536, within the run's noise; 1464 -> 1334 at 5120).
-constexpr int64_t kAmxKBlockChunks = 12;
+constexpr int64_t kAmxKBlockChunks = 12, kAmxKBlockedMostChunks = 32;
 
 int64_t amx_k_blocks(int64_t chunks) {
-  if (chunks <= kAmxKBlockChunks || chunks > 32) return 1;
+  if (chunks <= kAmxKBlockChunks || chunks > kAmxKBlockedMostChunks) return 1;
   return (chunks + kAmxKBlockChunks - 1) / kAmxKBlockChunks;
 }
 
@@ -883,8 +883,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_gemm_panel(const u
 }
 
 // out = x @ w^T for one part (below) of more than kMaxRows bf16 rows: threads over panels of 32 (then 16) weight
-// rows (each its own share, then what another has left), each panel packed once and multiplied by every block of x; the k tail (K % 32) added from x and w; the last
-// N % 16 weight rows by the vector kernel.
+// rows (each its own share, then what another has left), each panel packed once and multiplied by every block of
+// x; the k tail (K % 32) added from x and w; the last N % 16 weight rows by the vector kernel.
 void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, c10::BFloat16* out) {
   const int64_t chunks = K / kAmxChunk;
   // The last block of x, if partial, copied with zero rows after it (a tile reads 16 rows).
@@ -934,13 +934,12 @@ void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t 
       capacity = need;
     }
     amx_configure_gemm();
-    // One panel; the thread's next one prefetched into L2 a slice per pair of x blocks (next: the next panel's
-    // index, or units for none).
-    auto panel_at = [&](int64_t u, int64_t next) {
+    // Panel u; where this thread takes panel u + 1 next, that one is prefetched into L2 a slice per pair of x blocks.
+    auto panel_at = [&](int64_t u, bool then_next) {
       const int G = u < wide ? 2 : 1;
       const int64_t n0 = u < wide ? u * 32 : wide * 32 + (u - wide) * 16;
       const int64_t next_lo = n0 + 16 * G;
-      const int64_t next_bytes = next < units ? std::min<int64_t>(32, N - next_lo) * K * 2 : 0;
+      const int64_t next_bytes = then_next ? std::min<int64_t>(32, N - next_lo) * K * 2 : 0;
       amx_gemm_panel(x, tail_rows ? xtail.data() : nullptr, w, M, K, N, n0, G, buffer.get(),
                      reinterpret_cast<float*>(buffer.get() + panel), reinterpret_cast<const char*>(w + next_lo * K),
                      next_bytes, out);
@@ -949,13 +948,13 @@ void run_amx_gemm_rows(const uint16_t* x, const uint16_t* w, int64_t M, int64_t 
       int64_t u = 0;
       while (take(lane, true, u)) {
         const int64_t back = static_cast<int64_t>(ranges[lane].load(std::memory_order_relaxed) & 0xffffffffu);
-        panel_at(u, u + 1 < back ? u + 1 : units);
+        panel_at(u, u + 1 < back);
       }
     }
     for (int64_t d = 1; d < lanes; ++d) {  // then the others' last panels, from their backs
       const int64_t lane = (u0 + d) % lanes;
       int64_t u = 0;
-      while (take(lane, false, u)) panel_at(u, units);
+      while (take(lane, false, u)) panel_at(u, false);
     }
     amx_release();
   });
