@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import checkpoint, cpu_kernels, devices, environment, fit
+from . import checkpoint, cpu_kernels, devices, environment, fit, heap
 from .kernel_pass import apply_cpu_kernels
 from .binding import CpuBinding, unbound
 from .errors import UserError
@@ -65,6 +65,8 @@ def load_rank_model(spec: EngineSpec, rank: int, tp: TensorParallel,
     # One bar, from rank 0, and only for checkpoints big enough to wait for.
     big = sum(p.numel() for p in model.parameters()) * spec.world_size > 1_000_000_000
     stats = checkpoint.load_rank_weights(path, plan, model.checkpoint_targets(), progress=rank == 0 and big)
+    if device.type == "cpu":  # after loading: a prefill's buffers reused from the heap, not faulted in per call
+        heap.keep_large_buffers()
     return finish_rank_model(model, device), stats
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.npu_fake import FakeNpu, accept_npu_devices
-from vicuna_bench import devices, energy, environment
+from vicuna_bench import devices, energy, environment, heap
 from vicuna_bench.errors import UserError
 
 pytestmark = pytest.mark.unit
@@ -245,6 +245,8 @@ def test_cpu_environment_record(monkeypatch, tmp_path):
     monkeypatch.setenv("TASK_QUEUE_ENABLE", "1")  # an NPU setting: not recorded off NPU
     monkeypatch.setattr(devices, "_AUTOLOAD_SEEN", None)  # unset: torch's default (autoload on)
     monkeypatch.setattr(energy, "describe", lambda device, indices: {"source": "n/a", "asked": (device, indices)})
+    monkeypatch.setitem(heap._state, "said", None)  # no rank in this process has set the C heap yet
+    monkeypatch.setenv(heap.SWITCH, "0")
     assert environment.environment_record("cpu") == {
         "device_type": "cpu", "device_name": "Intel(R) Xeon(R) CPU E5620 @ 2.40GHz", "chip_family": None,
         "torch": torch.__version__, "torch_npu": None, "torchair": None, "cuda": None,
@@ -252,7 +254,7 @@ def test_cpu_environment_record(monkeypatch, tmp_path):
         "python": platform.python_version(), "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
         "small_m_gemm": loaded, "small_m_gemm_isa": cpu_kernels.status()["small_m_gemm_isa"],
         "small_m_gemm_why_not": None if loaded else cpu_kernels.build_failure(),
-        "cpu_linear_paths": cpu_kernels.paths_record(),
+        "cpu_linear_paths": cpu_kernels.paths_record(), "c_heap": "VICUNA_BENCH_HEAP=0: glibc's defaults",
         "energy": {"source": "n/a", "asked": ("cpu", [0])}, "env": {},
     }
 
