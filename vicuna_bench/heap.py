@@ -5,10 +5,11 @@ glibc serves an allocation of at least its mmap threshold with a fresh ``mmap`` 
 threshold starts at 128 KiB and rises to the largest such block freed (at most 32 MiB on 64-bit hosts), and the heap
 is trimmed back to the OS whenever more than twice the threshold lies free at its top.  Where a process never
 frees a block above the size of a prefill's outputs, each prefill maps its outputs anew: SmolLM2-135M bf16 at batch
-8 (2048-row products; a gate/up output is 12.6 MB) faulted in ~8,500 pages a generation, batch 1 ~3,700, where the
-frozen path's process, which had freed a larger block while compiling, faulted in 2 (docs/PERFORMANCE.md,
-eighteenth pass).  Setting the thresholds to the values glibc's own rule reaches after freeing a 32 MiB block (mmap
-threshold 32 MiB, trim threshold 64 MiB) makes every process serve alike.
+8 (2048-row products; a gate/up output is 12.6 MB) faulted in ~8,500 pages a generation compiled (the eager engine
+~210,000), batch 1 ~3,700, where the frozen path's process, which had freed a larger block while compiling,
+faulted in 2 (docs/PERFORMANCE.md, eighteenth pass).  Setting the thresholds to the values glibc's own rule
+reaches after freeing a 32 MiB block (mmap threshold 32 MiB, trim threshold 64 MiB) makes every process serve
+alike.
 
 A user's own malloc settings (``MALLOC_*_`` variables, ``glibc.malloc`` tunables) are kept; other C libraries are
 left as they are; ``VICUNA_BENCH_HEAP=0`` keeps glibc's defaults (for an A/B).  One log line says which.
@@ -17,6 +18,7 @@ left as they are; ``VICUNA_BENCH_HEAP=0`` keeps glibc's defaults (for an A/B).  
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -36,7 +38,9 @@ USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP
 _state: dict = {"said": None}
 
 
+@functools.cache
 def _libc() -> str:
+    """``glibc``, or ``""`` where Python cannot tell (musl names none); read from the interpreter's binary once."""
     return platform.libc_ver()[0]
 
 
