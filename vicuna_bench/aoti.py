@@ -53,7 +53,7 @@ INDUCTOR_CONFIGS = types.MappingProxyType({"aot_inductor.package_constants_in_so
 
 def enabled() -> bool:
     """False where ``VICUNA_BENCH_AOTI`` is 0/false/off/no."""
-    from .cpu_kernels import switch_on
+    from .settings import switch_on
 
     return switch_on(ENV_SWITCH)
 

@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import first_line
+from .settings import switch_on
 
 log = logging.getLogger("vicuna_bench")
 
@@ -105,11 +106,6 @@ AMX_GEMM_ROWS = (MAX_ROWS + 1, 1024)
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "why_not": None, "isa": None, "amx": None, "paths": None}
-
-
-def switch_on(variable: str) -> bool:
-    """An on/off environment switch (ours: on unless set): False where ``variable`` is 0/false/off/no."""
-    return os.environ.get(variable, "1").strip().lower() not in {"0", "false", "off", "no"}
 
 
 def enabled() -> bool:

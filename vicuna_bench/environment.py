@@ -23,5 +23,5 @@ def environment_record(device: str, device_index: int = 0, cpu_dtype_auto=None) 
         record.update(cpu_kernels.status())
         # which rows take kernel / kernel+AMX / F.linear / fp32 GEMM
         record["cpu_linear_paths"] = cpu_kernels.paths_record()
-        record["c_heap"] = heap.describe()  # a prefill's large buffers reused or faulted in per call (vicuna_bench.heap)
+        record["c_heap"] = heap.describe()  # a prefill's buffers reused or faulted in per call
     return record

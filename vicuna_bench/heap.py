@@ -23,6 +23,8 @@ import logging
 import os
 import platform
 
+from .settings import switch_on
+
 log = logging.getLogger("vicuna_bench")
 
 # <malloc.h>'s mallopt parameters (glibc).
@@ -61,7 +63,7 @@ def user_setting() -> str | None:
 
 def decide() -> str | None:
     """Why the heap is left as it is here (None: set it)."""
-    if os.environ.get(SWITCH, "1").strip().lower() in {"0", "false", "off", "no"}:
+    if not switch_on(SWITCH):
         return f"{SWITCH}=0: glibc's defaults"
     libc = _libc()
     if libc != "glibc":

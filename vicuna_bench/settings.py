@@ -312,6 +312,13 @@ def read_config_file(path, section: str, offered: list[Setting]) -> dict[str, An
     return out
 
 
+def switch_on(variable: str) -> bool:
+    """An on/off environment switch (ours: on unless set): False where ``variable`` is 0/false/off/no."""
+    import os
+
+    return os.environ.get(variable, "1").strip().lower() not in {"0", "false", "off", "no"}
+
+
 def from_environment(offered: list[Setting], env=None) -> dict[str, Any]:
     """The settings whose variable is set in ``env`` (default ``os.environ``), by dest, parsed."""
     import os

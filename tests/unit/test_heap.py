@@ -107,7 +107,6 @@ def test_cpu_environment_record_says_it(fresh, monkeypatch):
     assert environment.environment_record("cpu")["c_heap"] == "left as set by MALLOC_MMAP_THRESHOLD_"
 
 
-
 def test_a_cpu_rank_sets_it_once_its_weights_are_loaded(fresh, tiny_models, monkeypatch):
     import torch
 
