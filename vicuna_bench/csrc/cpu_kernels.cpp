@@ -603,12 +603,13 @@ __attribute__((target("avx512f"))) inline __m256i bf16_round16(__m512 v) {
 // 2-core AMX host, 5 rounds alternated, ratio to the vector kernel at M = 1 / 2 / 8 / 16: two groups 0.80 / 0.73 /
 // 0.72 / 0.45, four 0.86 / 0.77 / 0.78 / 0.46, one 0.81 / 0.74 / 0.74 / 0.46, one k-split 0.85 / 0.78 / 0.76 / 0.47.
 constexpr int kAmxGroups = 2;
-// Besides the panel kPrefetchPanels ahead into L2, each weight row's chunk this many chunks ahead into L1 (T0).
-// Ratio to the vector kernel at M = 1 / 2 / 16 (5 rounds alternated): one run, none 0.85 / 0.83 / 0.46 and 1 chunk
-// ahead 0.82 / 0.79 / 0.45; a second, 1 ahead 0.76 / 0.74 / 0.44, 2 ahead 0.75 / 0.74 / 0.43, 4 ahead 0.75 / 0.73 /
-// 0.43.  L2 distances of 1 and 4 panels measured within 0.03 of 2.  Loading the next chunk into a second set of tiles while the
-// first multiplies (double buffering: tiles 2, 3, 7) measured 0.83 / 0.77 / 0.44 against 0.81 / 0.76 / 0.42 without.
-constexpr int64_t kAmxL1Ahead = 4;
+// No software prefetch: the hardware prefetchers follow a panel's 16 * kAmxGroups row streams on their own.  Earlier
+// passes prefetched the panel two ahead into L2 (prefetcht1, a slice per chunk) and each row's chunk four ahead into
+// L1 (prefetcht0), measured then at 0.95-0.98 of none.  Re-measured on the 2-core AMX host (2026-12-07, SmolLM2's
+// products chained, 5 rounds alternated in one process, time with neither over time with both): 550 MB of
+// weights (out of L3) M = 4 / 8 / 16: 0.94 / 0.92 / 0.92; 28 MB (in L3) M = 8: 0.85-0.94; at M = 8, 550 MB, only
+// the L2 panel took 1.09x and only the L1 chunks 1.07x the time of neither; the whole bf16 batch-8 decode step 0.959
+// and 0.976 (5 of 5 rounds each).  Loading the next chunk into a second set of tiles (double buffering) measured 1.05 with neither.
 
 // Weight rows [n0, n0 + 16 * G) against all M rows of x over the first `chunks` whole chunks of k; then the k tail
 // and out[m][n0 + 16 g .. + 16] written 16 bf16 at a time (a gather down column m of the stored C tile; the scalar
@@ -618,21 +619,13 @@ template <int G>
 __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_panel(const uint16_t* xp, const uint16_t* x,
                                                                      const uint16_t* w, int64_t M, int64_t K,
                                                                      int64_t N, int64_t n0, int64_t chunks,
-                                                                     const uint16_t* pf, int64_t pf_bytes,
                                                                      c10::BFloat16* out) {
   static_assert(G == 1 || G == 2, "C tiles 0 and 1");
   const long wstride = K * 2, xstride = M * 4;
   _tile_zero(0);
   if (G > 1) _tile_zero(1);
-  const int64_t pf_step = chunks > 0 ? (pf_bytes / chunks + 63) / 64 * 64 : 0;
   for (int64_t c = 0; c < chunks; ++c) {
     const uint16_t* wc = w + n0 * K + c * kAmxChunk;
-    if (pf)
-      for (int64_t o = c * pf_step; o < std::min<int64_t>((c + 1) * pf_step, pf_bytes); o += 64)
-        prefetch_l2(reinterpret_cast<const char*>(pf) + o);
-    if (c + kAmxL1Ahead < chunks)
-      for (int r = 0; r < 16 * G; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(wc + r * K + kAmxL1Ahead * kAmxChunk), _MM_HINT_T0);
     _tile_loadd(4, xp + c * 16 * M * 2, xstride);
     _tile_loadd(5, wc, wstride);
     _tile_dpbf16ps(0, 5, 4);
@@ -704,14 +697,10 @@ void run_amx(const uint16_t* x, const uint16_t* w, int64_t M, int64_t K, int64_t
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     amx_configure(M);
     for (int64_t u = u0; u < u1; ++u) {
-      if (u < wide) {
-        // Prefetch (L2) the panel kPrefetchPanels ahead, spread over this panel's chunks.
-        const bool ahead = u + kPrefetchPanels < std::min(u1, wide);
-        amx_panel<kAmxGroups>(xp.data(), x, w, M, K, N, u * kWide, chunks,
-                              ahead ? w + (u + kPrefetchPanels) * kWide * K : nullptr, panel_bytes, out);
-      } else {
-        amx_panel<1>(xp.data(), x, w, M, K, N, wide * kWide + (u - wide) * 16, chunks, nullptr, 0, out);
-      }
+      if (u < wide)
+        amx_panel<kAmxGroups>(xp.data(), x, w, M, K, N, u * kWide, chunks, out);
+      else
+        amx_panel<1>(xp.data(), x, w, M, K, N, wide * kWide + (u - wide) * 16, chunks, out);
     }
     amx_release();
   });
