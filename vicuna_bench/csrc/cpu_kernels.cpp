@@ -607,7 +607,7 @@ constexpr int kAmxGroups = 2;
 // passes prefetched the panel two ahead into L2 (prefetcht1, a slice per chunk) and each row's chunk four ahead into
 // L1 (prefetcht0), measured then at 0.95-0.98 of none.  Re-measured on the 2-core AMX host (2026-12-07, SmolLM2's
 // products chained, 5 rounds alternated in one process, time with neither over time with both): 550 MB of
-// weights (out of L3) M = 4 / 8 / 16: 0.94 / 0.92 / 0.92; 28 MB (in L3) M = 8: 0.85-0.94; at M = 8, 550 MB, only
+// weights (out of L3) M = 4 / 8 / 16: 0.94 / 0.92 / 0.92; in L3, M = 8, three runs 0.85-1.05; at M = 8, 550 MB, only
 // the L2 panel took 1.09x and only the L1 chunks 1.07x the time of neither; the whole bf16 batch-8 decode step 0.959
 // and 0.976 (5 of 5 rounds each).  Loading the next chunk into a second set of tiles (double buffering) measured 1.05 with neither.
 
