@@ -609,7 +609,8 @@ constexpr int kAmxGroups = 2;
 // products chained, 5 rounds alternated in one process, time with neither over time with both): 550 MB of
 // weights (out of L3) M = 4 / 8 / 16: 0.94 / 0.92 / 0.92; in L3, M = 8, three runs 0.85-1.05; at M = 8, 550 MB, only
 // the L2 panel took 1.09x and only the L1 chunks 1.07x the time of neither; the whole bf16 batch-8 decode step 0.959
-// and 0.976 (5 of 5 rounds each).  Loading the next chunk into a second set of tiles (double buffering) measured 1.05 with neither.
+// and 0.976 (5 of 5 rounds each).  Loading the next chunk into a second set of tiles (double buffering) measured
+// 1.05 with neither.
 
 // Weight rows [n0, n0 + 16 * G) against all M rows of x over the first `chunks` whole chunks of k; then the k tail
 // and out[m][n0 + 16 g .. + 16] written 16 bf16 at a time (a gather down column m of the stored C tile; the scalar
