@@ -196,8 +196,6 @@ inline void prefetch_l2(const void* p) {
 // only ones measured (AVX2 runs its own blocks; NEON's were not timed with it).
 #if defined(__AVX512F__)
 constexpr int64_t kBlockL1Ahead = 512;
-#else
-constexpr int64_t kBlockL1Ahead = 0;
 #endif
 
 // Keeps v in a register: x86 otherwise folds a load into each FMA's memory operand (loading it once per use);
@@ -227,8 +225,7 @@ inline void block(const typename Lane::T* x, const typename Lane::T* w, int64_t 
     for (int j = 0; j < NR; ++j) {
       if (pf) prefetch_l2(pf + j * K + k);
 #if defined(__AVX512F__)
-      if constexpr (kBlockL1Ahead > 0)
-        _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + kBlockL1Ahead, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + kBlockL1Ahead, _MM_HINT_T0);
 #endif
       wv[j] = Lane::load_w(w + j * K + k);
       pin_register(wv[j]);
