@@ -867,8 +867,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16"))) void amx_gemm_pa
       // groups of a row are one 64-byte line of the output.  Round to nearest even, as bf16_round16, but a denormal
       // sum becomes zero: AMX's own sums hold none (its FP32 results are flushed), only a k tail's could.  Measured
       // against bf16_round16 and a 32-byte store a group (2-core AMX host, SmolLM2's four prefill products resident,
-      // 7 rounds alternated in one process, new / old): 0.961 at 256 rows, 0.959 at 512, 0.974 at 1024 (faster in
-      // 5-6 of 7), 0.998 at 2048; the outputs bitwise equal.
+      // 7 rounds alternated in one process, new / old, two runs): 256 rows 0.961 / 0.987, 512 0.959 / 0.970, 1024
+      // 0.974 / 0.956 (7 of 7), 2048 0.998; the outputs bitwise equal (docs/PERFORMANCE.md, twentieth pass).
       for (int i = 0; i < nb; ++i)
         for (int64_t r = 0; r < kAmxBlock; ++r) {
           const int64_t m = (b + i) * kAmxBlock + r;
