@@ -61,8 +61,13 @@ def _configure_inductor() -> None:
         default_cache_dir = None
     # Inductor writes its default into the environment when first asked; a directory the user chose is kept.
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    emulated = cap_inductor_isa()
     if chosen is None or (default_cache_dir and os.path.abspath(chosen) == os.path.abspath(default_cache_dir())):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+        # An emulated host kind compiles into a directory of its own: inductor's FX graph cache keys do not hold the
+        # vector ISA (torch 2.13 codecache.FxGraphHashDetails), so the real host's graphs, AMX GEMMs and all, would
+        # be found there.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / ("inductor" if emulated is None else
+                                                                   f"inductor-{emulated}"))
 
     if hasattr(inductor, "fx_graph_cache"):  # torch >= 2.2
         inductor.fx_graph_cache = True
@@ -78,6 +83,35 @@ def _configure_inductor() -> None:
         select_algorithm.PRINT_AUTOTUNE = False
     except ImportError:
         pass
+
+
+def cap_inductor_isa() -> str | None:
+    """Under an emulated host kind (:func:`vicuna_bench.cpu_isa.emulation`), inductor's vector ISAs less those the
+    kind lacks, so that its generated code and GEMM templates are that kind's; returns the kind, or None.
+
+    Inductor picks its ISA from cpuid (``torch._inductor.cpu_vec_isa.valid_vec_isa_list``, AMX first wherever the
+    host has it) and reads no cap but ``ATEN_CPU_CAPABILITY``, whose ``avx512`` still selects AMX; every pick goes
+    through that module's ``valid_vec_isa_list`` (torch 2.13), so it is replaced there, once a process."""
+    from . import cpu_isa
+
+    emu = cpu_isa.emulation()
+    if emu is None:
+        return None
+    from torch._inductor import cpu_vec_isa
+
+    if getattr(cpu_vec_isa.valid_vec_isa_list, "emulated_kind", None) != emu.kind:
+        real = getattr(cpu_vec_isa.valid_vec_isa_list, "real", cpu_vec_isa.valid_vec_isa_list)
+
+        @functools.cache
+        def capped():
+            return [isa for isa in real() if not set(str(isa).split()) & set(emu.inductor_lacks)]
+
+        capped.real, capped.emulated_kind = real, emu.kind
+        cpu_vec_isa.valid_vec_isa_list = capped
+        left = capped()  # (str, never bool: a VecISA's truth value compiles a probe)
+        log.info("inductor's vector ISAs capped to a host with %s: %s (%s=%s)", emu.kind,
+                 ", ".join(str(isa) for isa in left) or "none", cpu_isa.ENV_EMULATE, emu.kind)
+    return emu.kind
 
 
 # Dynamo keeps one compiled entry per (rank model, batch, KV cache length) of the decode step and per

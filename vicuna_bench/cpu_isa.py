@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .launch import launched_by_torchrun
 
 log = logging.getLogger("vicuna_bench")
@@ -56,6 +57,100 @@ def read_cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
         if sep and key.strip() in FLAG_KEYS:
             return frozenset(value.split())
     return None
+
+
+# ---------------------------------------------------------------- host kinds emulated on a bigger host
+#
+# The peer table has a row per host kind (issue 33), and this project's hosts are mostly AMX ones.  A smaller kind
+# is emulated on a bigger host by capping, before the process starts, every library that picks its code by the CPU:
+# our kernel build (no AMX path; the AVX2 kind also builds for haswell), oneDNN (ONEDNN_MAX_CPU_ISA), MKL
+# (MKL_ENABLE_INSTRUCTIONS), ATen's kernels (ATEN_CPU_CAPABILITY); and inside the process, the flags this package
+# decides by (host_flags: the dtype, the linear paths, the environment record) and inductor's vector ISA, which
+# reads cpuid itself and takes AMX wherever the host has it, ATEN_CPU_CAPABILITY=avx512 included (the fifteenth
+# pass found AMX micro-GEMMs in an "avx512_bf16 only" engine's graphs: compile.cap_inductor_isa removes them).
+# What an emulation cannot cap: the memory system and the cores, and llama.cpp's own native build.
+ENV_EMULATE = "VICUNA_BENCH_EMULATE_HOST"
+
+
+@dataclasses.dataclass(frozen=True)
+class Emulation:
+    """A host kind emulated here: ``needs`` (flags the real host must have), ``hides`` (prefixes of the flags this
+    kind lacks), ``env`` (the caps, set before the process starts), ``inductor_lacks`` (words of inductor's vector
+    ISA names, ``str(VecISA)``, this kind lacks)."""
+
+    kind: str
+    needs: tuple[str, ...]
+    hides: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    inductor_lacks: tuple[str, ...]
+
+    def flags(self, real: frozenset[str]) -> frozenset[str]:
+        """``real`` without the flags this kind lacks."""
+        return frozenset(f for f in real if not f.startswith(self.hides))
+
+    def record(self) -> dict:
+        return {"kind": self.kind, "env": dict(self.env)}
+
+
+EMULATIONS = {
+    "avx512_bf16": Emulation(
+        "avx512_bf16", needs=("avx512_bf16",), hides=("amx_",),
+        env=(("VICUNA_BENCH_CPU_AMX", "0"), ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16"),
+             ("MKL_ENABLE_INSTRUCTIONS", "AVX512_E3")),
+        inductor_lacks=("amx_tile",)),
+    "avx2": Emulation(
+        "avx2", needs=("avx2", "fma"), hides=("amx_", "avx512"),
+        env=(("VICUNA_BENCH_CPU_AMX", "0"), ("VICUNA_BENCH_CPU_MARCH", "haswell"), ("ATEN_CPU_CAPABILITY", "avx2"),
+             ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")),
+        inductor_lacks=("avx512", "amx_tile")),
+}
+
+
+def emulation_of(kind: str, real: frozenset[str] | None) -> Emulation:
+    """The emulation named ``kind``, for a host whose real flags are ``real``; a UserError names the value at fault
+    (an unknown kind, or a host without the kind's flags: a kind is emulated on a bigger host only)."""
+    emu = EMULATIONS.get(kind)
+    if emu is None:
+        raise UserError(f"{ENV_EMULATE}={kind!r}: not a host kind this package emulates (one of "
+                        f"{', '.join(sorted(EMULATIONS))})")
+    missing = [f for f in emu.needs if real is None or f not in real]
+    if missing:
+        raise UserError(f"{ENV_EMULATE}={kind}: this host lacks {', '.join(missing)}, so it cannot stand in for "
+                        f"that kind (an emulation only takes away)")
+    return emu
+
+
+def emulation_environ(kind: str, environ: dict, real: frozenset[str] | None) -> dict:
+    """``environ`` with the emulation ``kind`` set (its caps and ``VICUNA_BENCH_EMULATE_HOST``), for a process to
+    start in (``benchmarks/emulate_host.py``)."""
+    emu = emulation_of(kind, real)
+    return {**environ, **dict(emu.env), ENV_EMULATE: emu.kind}
+
+
+def emulation(environ=None, real: frozenset[str] | None = None) -> Emulation | None:
+    """The host kind this process emulates (``VICUNA_BENCH_EMULATE_HOST``), or None.  Its caps must already be in
+    the environment: the libraries read them once, when first used, so setting them from inside would be too late
+    for some and not for others (a UserError names the first one missing)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    kind = environ.get(ENV_EMULATE, "")
+    if not kind:
+        return None
+    emu = emulation_of(kind, read_cpu_flags() if real is None else real)
+    for key, value in emu.env:
+        if environ.get(key) != value:
+            raise UserError(f"{ENV_EMULATE}={kind} needs {key}={value} from the process's start (it is "
+                            f"{environ.get(key)!r}): run the command under benchmarks/emulate_host.py {kind}")
+    return emu
+
+
+def host_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
+    """The flags this package decides by: :func:`read_cpu_flags`, less those of an emulated host kind's lack
+    (:func:`emulation`)."""
+    real = read_cpu_flags(cpuinfo)
+    emu = emulation(real=real) if real is not None else emulation()
+    return emu.flags(real) if emu is not None and real is not None else real
 
 
 def isa_of(flags: frozenset[str] | None) -> str:
@@ -172,7 +267,7 @@ def choose_cpu_dtype(flags: frozenset[str] | None, probe=None, torchrun: bool = 
 @functools.lru_cache(maxsize=1)
 def host_cpu_dtype() -> CpuDtypeChoice:
     """This host's :func:`choose_cpu_dtype`, decided once per process (the probe runs at most once)."""
-    return choose_cpu_dtype(read_cpu_flags(), torchrun=launched_by_torchrun())
+    return choose_cpu_dtype(host_flags(), torchrun=launched_by_torchrun())
 
 
 _SAID: set[str] = set()  # log lines already said in this process
@@ -196,7 +291,7 @@ def forget_host_decision() -> None:
 
 def warn_if_bf16_slow() -> None:
     """One warning (once per process) when an explicit bf16 on CPU is the slower dtype on this host."""
-    isa = isa_of(read_cpu_flags())
+    isa = isa_of(host_flags())
     if isa in ("avx2", "avx512f"):
         why = f"this CPU has {isa} but no avx512_bf16/AMX: bf16 matrix multiplies are several times slower than fp32"
     elif isa in ("avx512_bf16", "bf16"):  # the probe's verdict (AArch64 without bf16: not measured, no warning)

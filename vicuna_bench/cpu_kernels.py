@@ -118,10 +118,11 @@ class KernelBuildError(RuntimeError):
 
 
 def _cpu_flags_text() -> str:
-    from .cpu_isa import read_cpu_flags
+    from .cpu_isa import host_flags
 
-    # The real file, not cpu_isa.CPUINFO: tests that fake another host's flags for the dtype choice keep this key.
-    flags = read_cpu_flags(Path("/proc/cpuinfo"))
+    # The real file, not cpu_isa.CPUINFO: tests that fake another host's flags for the dtype choice keep this key
+    # (an emulated host kind's flags are a key of their own).
+    flags = host_flags(Path("/proc/cpuinfo"))
     return " ".join(sorted(flags)) if flags else "unknown"
 
 
@@ -455,10 +456,11 @@ def _set_amx_gemm(hi: int) -> bool:
 
 
 def _host_flags() -> frozenset[str] | None:
-    from .cpu_isa import read_cpu_flags
+    from .cpu_isa import host_flags
 
-    # The real file, as for the build key: the CPU the library was built for and runs on.
-    return read_cpu_flags(Path("/proc/cpuinfo"))
+    # The real file, as for the build key: the CPU the library was built for and runs on (less what an emulated
+    # host kind lacks: cpu_isa.emulation).
+    return host_flags(Path("/proc/cpuinfo"))
 
 
 def _choose_for_this_host() -> LinearPaths:
@@ -497,8 +499,12 @@ def load(build_if_missing: bool = True) -> bool:
         _state["loaded"] = why is None
         _state["why_not"] = why
         if why is None:
-            log.info("CPU linear layers by rows of x: %s (kernel ISA %s; AMX: %s)", _state["paths"].describe(),
-                     _state["isa"], _state["amx"])
+            from .cpu_isa import ENV_EMULATE, emulation
+
+            emu = emulation()
+            log.info("CPU linear layers by rows of x: %s (kernel ISA %s; AMX: %s)%s", _state["paths"].describe(),
+                     _state["isa"], _state["amx"],
+                     f"; emulating a host with {emu.kind} ({ENV_EMULATE})" if emu is not None else "")
         else:
             log.info("CPU linear layers: F.linear only (small-M GEMM unavailable: %s)", why)
         return _state["loaded"]

@@ -199,7 +199,7 @@ def test_npu_environment_record(monkeypatch, tmp_path):
         "torch_device_backend_autoload": "0",
         "npu_jit_compile": "off",  # read back through is_jit_compile_false
         "python": platform.python_version(),
-        "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
+        "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_emulated": None, "cpu_dtype_auto": None,
         "energy": {"source": "npu-smi", "asked": ("npu", [1])},  # the rank's own device's meter
         # Every variable shared/spec/NPU.md says to record with results; unset ones as None.
         "env": {k: None for k in NPU_ENV_IN_SPEC} | {
@@ -251,8 +251,8 @@ def test_cpu_environment_record(monkeypatch, tmp_path):
         "device_type": "cpu", "device_name": "Intel(R) Xeon(R) CPU E5620 @ 2.40GHz", "chip_family": None,
         "torch": torch.__version__, "torch_npu": None, "torchair": None, "cuda": None,
         "torch_npu_loaded_by": None, "torch_device_backend_autoload": None, "npu_jit_compile": None,
-        "python": platform.python_version(), "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_dtype_auto": None,
-        "small_m_gemm": loaded, "small_m_gemm_isa": cpu_kernels.status()["small_m_gemm_isa"],
+        "python": platform.python_version(), "cpu_isa": "unknown", "cpu_isa_flags": [], "cpu_emulated": None,
+        "cpu_dtype_auto": None, "small_m_gemm": loaded, "small_m_gemm_isa": cpu_kernels.status()["small_m_gemm_isa"],
         "small_m_gemm_why_not": None if loaded else cpu_kernels.build_failure(),
         "cpu_linear_paths": cpu_kernels.paths_record(), "c_heap": "VICUNA_BENCH_HEAP=0: glibc's defaults",
         "energy": {"source": "n/a", "asked": ("cpu", [0])}, "env": {},
