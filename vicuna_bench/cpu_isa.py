@@ -265,9 +265,24 @@ def choose_cpu_dtype(flags: frozenset[str] | None, probe=None, torchrun: bool = 
 
 
 @functools.lru_cache(maxsize=1)
+def host_gemm_probe() -> GemmProbe:
+    """:func:`gemm_probe` once per process: ``--dtype auto`` and the bf16 prefill's path (``cpu_kernels``) share it."""
+    return gemm_probe()
+
+
+def probed_bf16_gemm(flags: frozenset[str] | None) -> GemmProbe | None:
+    """On hosts whose flags cannot say whether bf16 GEMMs outrun fp32 (:func:`choose_cpu_dtype`'s probed kinds:
+    avx512_bf16 without AMX, AArch64 bf16), :func:`host_gemm_probe`; None elsewhere and under ``torchrun`` (ranks
+    there decide apart, so each takes the unmeasured default)."""
+    if isa_of(flags) not in ("avx512_bf16", "bf16") or launched_by_torchrun():
+        return None
+    return host_gemm_probe()
+
+
+@functools.lru_cache(maxsize=1)
 def host_cpu_dtype() -> CpuDtypeChoice:
     """This host's :func:`choose_cpu_dtype`, decided once per process (the probe runs at most once)."""
-    return choose_cpu_dtype(host_flags(), torchrun=launched_by_torchrun())
+    return choose_cpu_dtype(host_flags(), probe=host_gemm_probe, torchrun=launched_by_torchrun())
 
 
 _SAID: set[str] = set()  # log lines already said in this process
@@ -286,6 +301,7 @@ def cpu_auto_dtype() -> CpuDtypeChoice:
 def forget_host_decision() -> None:
     """Decide and say again on the next call (for tests that fake another host's flags or probe)."""
     host_cpu_dtype.cache_clear()
+    host_gemm_probe.cache_clear()
     _SAID.clear()
 
 

@@ -364,6 +364,8 @@ class LinearPaths:
     fp32: tuple[tuple[int, int | None, str], ...]
     bf16: tuple[tuple[int, int | None, str], ...]
     amx: str  # "usable", or why the AMX tiles are not used
+    # the GEMM probe (cpu_isa.probed_bf16_gemm) that chose the bf16 prefill's path, on the hosts it runs on
+    bf16_probe: object | None = None
 
     def amx_rows(self) -> tuple[int, int]:
         """The bf16 rows [lo, hi] on the AMX tiles; (0, 0) where none."""
@@ -394,7 +396,16 @@ class LinearPaths:
         def rows(table):
             return [{"rows": f"{lo}-{hi}" if hi is not None else f"{lo}+", "path": path} for lo, hi, path in table]
 
-        return {"fp32": rows(self.fp32), "bf16": rows(self.bf16), "amx": self.amx}
+        return {"fp32": rows(self.fp32), "bf16": rows(self.bf16), "amx": self.amx,
+                "bf16_probe": self.bf16_probe.record() if self.bf16_probe is not None else None}
+
+    def probe_said(self) -> str:
+        """What the probe measured, for the log line (empty where none ran)."""
+        if self.bf16_probe is None:
+            return ""
+        p = self.bf16_probe
+        return (f"; bf16 above {MAX_ROWS} rows by a GEMM probe: bf16 {p.bf16_gflops:.0f} vs fp32 {p.fp32_gflops:.0f} "
+                f"GFLOP/s")
 
 
 def has_bf16_dot(flags: frozenset[str] | None, kernel_isa: str | None = None) -> bool:
@@ -413,22 +424,27 @@ def has_bf16_dot(flags: frozenset[str] | None, kernel_isa: str | None = None) ->
 
 
 def choose_linear_paths(flags: frozenset[str] | None, kernels_why_not: str | None, amx: str,
-                        kernel_isa: str | None = None) -> LinearPaths:
+                        kernel_isa: str | None = None, bf16_probe=None) -> LinearPaths:
     """The paths on a host with CPU ``flags`` where the kernels loaded (``kernels_why_not`` None, else why not, built
     for ``kernel_isa``) and the library said ``amx`` (``usable`` or why not): fp32 and bf16 up to :data:`MAX_ROWS`
     rows on the kernel, bf16 rows :data:`AMX_ROWS` on its AMX tiles where the flags have ``amx_bf16``/``amx_tile``
     and AMX is usable, more rows (a prefill) on ``F.linear`` (oneDNN), bf16 there on :data:`AMX_GEMM` where AMX is
-    usable and on :data:`FP32_GEMM` where the host has no bf16 dot product (:func:`has_bf16_dot`)."""
+    usable and on :data:`FP32_GEMM` where the host has no bf16 dot product (:func:`has_bf16_dot`) or where
+    ``bf16_probe`` (:func:`vicuna_bench.cpu_isa.probed_bf16_gemm`, on hosts with a bf16 dot product but no AMX) ran
+    fp32 faster."""
     if kernels_why_not is not None:
         return LinearPaths(((1, None, F_LINEAR),), ((1, None, F_LINEAR),), f"kernels not loaded: {kernels_why_not}")
     above = (MAX_ROWS + 1, None, F_LINEAR)
     fp32 = ((1, MAX_ROWS, KERNEL), above)
-    bf16_above = above if has_bf16_dot(flags, kernel_isa) else (MAX_ROWS + 1, None, FP32_GEMM)
-    small = ((1, MAX_ROWS, KERNEL), bf16_above)
+    dot = has_bf16_dot(flags, kernel_isa)
     has_amx = bool(flags) and {"amx_bf16", "amx_tile"} <= flags
+    probe = bf16_probe if dot and not has_amx else None  # on AMX hosts oneDNN's bf16 GEMM is AMX's, no probe
+    slower = probe is not None and probe.fp32_gflops > probe.bf16_gflops
+    bf16_above = above if dot and not slower else (MAX_ROWS + 1, None, FP32_GEMM)
+    small = ((1, MAX_ROWS, KERNEL), bf16_above)
     if not has_amx:
         why = "the CPU flags have no amx_bf16/amx_tile" if amx == "usable" else amx
-        return LinearPaths(fp32, small, why)
+        return LinearPaths(fp32, small, why, probe)
     if amx != "usable":
         return LinearPaths(fp32, small, amx)
     lo, hi = AMX_ROWS
@@ -463,8 +479,15 @@ def _host_flags() -> frozenset[str] | None:
     return host_flags(Path("/proc/cpuinfo"))
 
 
+def _bf16_probe(flags: frozenset[str] | None):
+    from .cpu_isa import probed_bf16_gemm
+
+    return probed_bf16_gemm(flags)
+
+
 def _choose_for_this_host() -> LinearPaths:
-    paths = choose_linear_paths(_host_flags(), None, _amx_status(), _state["isa"])
+    flags = _host_flags()
+    paths = choose_linear_paths(flags, None, _amx_status(), _state["isa"], _bf16_probe(flags))
     _set_amx_rows(*paths.amx_rows())
     _set_bf16_fp32_gemm(paths.bf16_fp32_gemm())
     _set_amx_gemm(paths.amx_gemm_rows())
@@ -502,8 +525,8 @@ def load(build_if_missing: bool = True) -> bool:
             from .cpu_isa import ENV_EMULATE, emulation
 
             emu = emulation()
-            log.info("CPU linear layers by rows of x: %s (kernel ISA %s; AMX: %s)%s", _state["paths"].describe(),
-                     _state["isa"], _state["amx"],
+            log.info("CPU linear layers by rows of x: %s (kernel ISA %s; AMX: %s%s)%s", _state["paths"].describe(),
+                     _state["isa"], _state["amx"], _state["paths"].probe_said(),
                      f"; emulating a host with {emu.kind} ({ENV_EMULATE})" if emu is not None else "")
         else:
             log.info("CPU linear layers: F.linear only (small-M GEMM unavailable: %s)", why)

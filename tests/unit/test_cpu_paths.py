@@ -41,7 +41,7 @@ def test_amx_host_puts_3_to_16_bf16_rows_on_the_tiles_and_prefills_on_the_amx_ge
         "fp32": KERNEL_ONLY,
         "bf16": [{"rows": "1-2", "path": "kernel"}, {"rows": "3-16", "path": "kernel+AMX"},
                  {"rows": "17-1024", "path": "AMX GEMM"}, {"rows": "1025+", "path": "F.linear"}],
-        "amx": "usable"}
+        "amx": "usable", "bf16_probe": None}
     assert paths.amx_rows() == (3, 16)
     assert paths.amx_gemm_rows() == 1024 and not paths.bf16_fp32_gemm()
     assert paths.describe() == ("fp32 1-16 kernel, 17+ F.linear; "
@@ -58,7 +58,7 @@ def test_amx_rows_from_1_put_every_small_row_count_on_the_tiles(monkeypatch):
 def test_amx_host_where_linux_refused_the_tiles_keeps_the_vector_kernel():
     refused = "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: Invalid argument)"
     paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, refused)
-    assert paths.record() == {"fp32": KERNEL_ONLY, "bf16": KERNEL_ONLY, "amx": refused}
+    assert paths.record() == {"fp32": KERNEL_ONLY, "bf16": KERNEL_ONLY, "amx": refused, "bf16_probe": None}
     assert paths.amx_rows() == (0, 0) and paths.amx_gemm_rows() == 0
 
 
@@ -77,9 +77,59 @@ def test_hosts_without_amx_take_the_kernel_up_to_16_rows(host, amx, why, bf16):
     """Up to 16 rows the kernel; a bf16 prefill on ATen's GEMM where the host has a bf16 dot product (avx512_bf16,
     AArch64 bf16), else on the fp32 GEMM (AVX2, Kunpeng 920)."""
     paths = cpu_kernels.choose_linear_paths(flags_of(host), None, amx)
-    assert paths.record() == {"fp32": KERNEL_ONLY, "bf16": bf16, "amx": why}
+    assert paths.record() == {"fp32": KERNEL_ONLY, "bf16": bf16, "amx": why, "bf16_probe": None}
     assert paths.amx_rows() == (0, 0) and paths.amx_gemm_rows() == 0
     assert paths.bf16_fp32_gemm() is (bf16 == KERNEL_FP32_GEMM)
+
+
+# GEMM probes as cpu_isa.gemm_probe reports them: the emulated avx512_bf16 host of the twenty-first pass (oneDNN
+# capped at AVX512_CORE_BF16 on an AMX Xeon: bf16 198 against fp32 263 GFLOP/s), and one where bf16 wins.
+FP32_FASTER = cpu_isa.GemmProbe(fp32_gflops=263.0, bf16_gflops=198.0, threads=2)
+BF16_FASTER = cpu_isa.GemmProbe(fp32_gflops=263.0, bf16_gflops=410.0, threads=2)
+NO_AMX = "the CPU has no AMX-TILE/AMX-BF16 (cpuid)"
+
+
+@pytest.mark.parametrize("host, probe, bf16", [
+    (EPYC_ZEN4, FP32_FASTER, KERNEL_FP32_GEMM),
+    (EPYC_ZEN4, BF16_FASTER, KERNEL_ONLY),
+    (GRAVITON3, FP32_FASTER, KERNEL_FP32_GEMM),
+    # hosts whose flags decide: the probe (had one been passed) is not their verdict
+    (HASWELL, BF16_FASTER, KERNEL_FP32_GEMM),
+    (KUNPENG_920, BF16_FASTER, KERNEL_FP32_GEMM),
+])
+def test_a_bf16_dot_without_amx_takes_the_prefill_path_the_probe_measured_faster(host, probe, bf16):
+    """avx512_bf16 without AMX and AArch64 bf16: whether oneDNN's bf16 GEMM outruns sgemm is measured, not known
+    (on the emulated avx512_bf16 host, bench_paths: the fp32 GEMM 0.85x at::linear's time at 256 rows, 0.81x at
+    2048, and 0.89x / 0.84x the frozen path's)."""
+    paths = cpu_kernels.choose_linear_paths(flags_of(host), None, NO_AMX, None, probe)
+    assert paths.record()["bf16"] == bf16
+    dot = cpu_kernels.has_bf16_dot(flags_of(host))
+    assert paths.record()["bf16_probe"] == (probe.record() if dot else None)
+    assert paths.probe_said() == ("; bf16 above 16 rows by a GEMM probe: bf16 198 vs fp32 263 GFLOP/s"
+                                  if dot and probe is FP32_FASTER else
+                                  "; bf16 above 16 rows by a GEMM probe: bf16 410 vs fp32 263 GFLOP/s" if dot else "")
+
+
+def test_an_amx_host_ignores_the_probe():
+    paths = cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable", None, FP32_FASTER)
+    assert paths == cpu_kernels.choose_linear_paths(flags_of(SAPPHIRE_RAPIDS), None, "usable")
+
+
+@pytest.mark.parametrize("host, torchrun, probed", [
+    (EPYC_ZEN4, False, True), (GRAVITON3, False, True), (EPYC_ZEN4, True, False),
+    (SAPPHIRE_RAPIDS, False, False), (HASWELL, False, False), (KUNPENG_920, False, False), (None, False, False),
+])
+def test_the_probe_runs_once_and_only_where_the_flags_cannot_say(monkeypatch, host, torchrun, probed):
+    runs = []
+    monkeypatch.setattr(cpu_isa, "gemm_probe", lambda: runs.append(1) or FP32_FASTER)
+    monkeypatch.setattr(cpu_isa, "launched_by_torchrun", lambda: torchrun)
+    cpu_isa.forget_host_decision()
+    try:
+        for _ in range(2):
+            assert cpu_isa.probed_bf16_gemm(host and flags_of(host)) == (FP32_FASTER if probed else None)
+        assert len(runs) == (1 if probed else 0)
+    finally:
+        cpu_isa.forget_host_decision()
 
 
 @pytest.mark.parametrize("host, kernel_isa, dot", [
@@ -124,22 +174,24 @@ def test_without_the_kernels_every_row_is_f_linear(host):
     paths = cpu_kernels.choose_linear_paths(host and flags_of(host), "VICUNA_BENCH_CPU_KERNELS=0", "usable")
     everything = [{"rows": "1+", "path": "F.linear"}]
     assert paths.record() == {"fp32": everything, "bf16": everything,
-                              "amx": "kernels not loaded: VICUNA_BENCH_CPU_KERNELS=0"}
+                              "amx": "kernels not loaded: VICUNA_BENCH_CPU_KERNELS=0", "bf16_probe": None}
     assert paths.describe() == "fp32 1+ F.linear; bf16 1+ F.linear"
 
 
-@pytest.mark.parametrize("host, amx, amx_rows, fp32_gemm, amx_gemm, said", [
-    (SAPPHIRE_RAPIDS, "usable", (3, 16), False, 1024,
+@pytest.mark.parametrize("host, amx, probe, amx_rows, fp32_gemm, amx_gemm, said", [
+    (SAPPHIRE_RAPIDS, "usable", None, (3, 16), False, 1024,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-2 kernel, 3-16 kernel+AMX, 17-1024 AMX GEMM, 1025+ F.linear"),
-    (EPYC_ZEN4, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), False, 0,
+    (EPYC_ZEN4, NO_AMX, BF16_FASTER, (0, 0), False, 0,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ F.linear"),
-    (HASWELL, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True, 0,
+    (EPYC_ZEN4, NO_AMX, FP32_FASTER, (0, 0), True, 0,
+     "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),
+    (HASWELL, NO_AMX, None, (0, 0), True, 0,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),
     # the line `make setup` printed on that AMD EPYC (Zen 3) host itself, 2026-12-06
-    (EPYC_ZEN3, "the CPU has no AMX-TILE/AMX-BF16 (cpuid)", (0, 0), True, 0,
+    (EPYC_ZEN3, NO_AMX, None, (0, 0), True, 0,
      "fp32 1-16 kernel, 17+ F.linear; bf16 1-16 kernel, 17+ fp32 GEMM"),
 ])
-def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, host, amx, amx_rows, fp32_gemm,
+def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, host, amx, probe, amx_rows, fp32_gemm,
                                                         amx_gemm, said):
     """load() on a faked host: the AMX rows, the fp32 GEMM and the AMX GEMM switches handed to the library, one log
     line, the record's cpu_linear_paths."""
@@ -150,6 +202,7 @@ def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, hos
     flags = flags_of(host)
     monkeypatch.setattr(cpu_kernels, "_host_flags", lambda: flags)
     monkeypatch.setattr(cpu_kernels, "_amx_status", lambda: amx)
+    monkeypatch.setattr(cpu_kernels, "_bf16_probe", lambda f: probe if cpu_isa.isa_of(f) == "avx512_bf16" else None)
     monkeypatch.setattr(cpu_kernels, "_set_amx_rows", lambda lo, hi: handed.append((lo, hi)) or True)
     monkeypatch.setattr(cpu_kernels, "_set_bf16_fp32_gemm", lambda on: handed.append(on) or on)
     monkeypatch.setattr(cpu_kernels, "_set_amx_gemm", lambda hi: handed.append(("amx gemm", hi)) or True)
@@ -162,8 +215,10 @@ def test_load_chooses_once_says_one_line_and_records_it(monkeypatch, caplog, hos
         assert cpu_kernels.load(build_if_missing=False)
         assert cpu_kernels.load(build_if_missing=False)  # decided once: no second line, nothing handed again
     assert cpu_kernels.status()["small_m_gemm_isa"] == isa
+    measured = (f"; bf16 above 16 rows by a GEMM probe: bf16 {probe.bf16_gflops:.0f} vs fp32 {probe.fp32_gflops:.0f} "
+                "GFLOP/s" if probe is not None else "")
     assert [r.getMessage() for r in caplog.records] == [
-        f"CPU linear layers by rows of x: {said} (kernel ISA {isa}; AMX: {amx})"]
+        f"CPU linear layers by rows of x: {said} (kernel ISA {isa}; AMX: {amx}{measured})"]
     assert handed == [amx_rows, fp32_gemm, ("amx gemm", amx_gemm)]
     assert cpu_kernels.paths_record()["amx"] == amx
     assert real_paths is not None  # the real choice comes back with the state after the test
