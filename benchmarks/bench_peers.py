@@ -119,14 +119,27 @@ def matmul_rate(dtype: torch.dtype, largest: int = 2048, repeats: int = 3) -> tu
 
 
 def cpu_flags() -> list[str]:
+    """The host's matrix flags as the package decides by them (an emulated host kind's, under
+    ``benchmarks/emulate_host.py``), in /proc/cpuinfo's order."""
+    from vicuna_bench import cpu_isa
+
+    flags = cpu_isa.host_flags()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
-                return [f for f in line.split(":", 1)[1].split() if f in wanted]
+                return [f for f in line.split(":", 1)[1].split() if f in wanted and flags and f in flags]
     except OSError:
         pass
     return []
+
+
+def emulated() -> dict | None:
+    """The host kind this run emulates (``vicuna_bench.cpu_isa.emulation``), with the real host's ISA; None."""
+    from vicuna_bench import cpu_isa
+
+    emu = cpu_isa.emulation()
+    return None if emu is None else {**emu.record(), "real_cpu_isa": cpu_isa.isa_of(cpu_isa.read_cpu_flags())}
 
 
 def prompts_for(vocab: int, batch: int, seq_in: int, seed: int = 0) -> list[list[int]]:
@@ -744,9 +757,11 @@ def main(argv=None) -> int:
     args = checkpoint.read_model_args(Path(base.model_path))
     prompts = prompts_for(args.vocab_size, ns.batch, ns.seq_in)
 
+    cpu_kernels.load()  # the paths our engine takes, for the record (once a process)
     doc = {
         "machine": {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(), "threads": threads,
-                    "torch": torch.__version__, "python": sys.version.split()[0]},
+                    "torch": torch.__version__, "python": sys.version.split()[0], "emulated": emulated(),
+                    "cpu_linear_paths": cpu_kernels.paths_record()},
         "model": base.model_path, "dtype": ns.dtype, "batch": ns.batch, "seq_in": ns.seq_in, "seq_out": ns.seq_out,
     }
     from vicuna_bench.devices import cpu_model_name, copy_bandwidth
@@ -818,6 +833,10 @@ def main(argv=None) -> int:
 
     m = doc["machine"]
     print(f"{m['cpu']} ({', '.join(m['flags']) or 'no AVX flags read'}), {threads} threads, torch {m['torch']}")
+    if m["emulated"]:
+        print(f"emulating a host with {m['emulated']['kind']} (this one: {m['emulated']['real_cpu_isa']}): "
+              + " ".join(f"{k}={v}" for k, v in m["emulated"]["env"].items()))
+    print(f"ours: {cpu_kernels.paths_line()}")
     print(f"{Path(base.model_path).name} {ns.dtype}, batch {ns.batch}, {ns.seq_in} in / {ns.seq_out} out")
     print(f"read {doc['read_gbps']:.1f} GB/s, copy {doc['copy_gbps']:.1f} GB/s, matmul {doc['matmul_gflops']:.1f} "
           f"GFLOP/s ({doc['matmul_n']}^3), decode floor {doc['decode_floor_ms']:.2f} ms "

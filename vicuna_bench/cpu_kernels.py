@@ -91,7 +91,10 @@ KERNEL, KERNEL_AMX, F_LINEAR = "kernel", "kernel+AMX", "F.linear"
 # bf16 products of more than MAX_ROWS rows (a prefill) on a host without a bf16 dot product: x and one block (2 MiB) of
 # weight rows at a time widened to fp32, BLAS sgemm, rounded to bf16 (the op's bf16_linear_in_fp32).  ATen's own bf16
 # GEMM there is a dot product of widened scalars: SmolLM2's 30 layers at 256 rows, 2 threads, emulated AVX2 2136 ms
-# against 274, AVX-512 without BF16 913 against 344; with avx512_bf16 ATen's (oneDNN) 325 against 343.
+# against 274, AVX-512 without BF16 913 against 344.  With avx512_bf16 and no AMX it depends on the core: ATen's
+# (oneDNN) 325 against 343 in the fifth pass, but 0.85x at::linear's time at 256 rows and 0.81x at 2048 (and 0.91x /
+# 0.85x the frozen path's) in the twenty-first, under an emulation that also capped MKL and inductor; so there the
+# GEMM probe --dtype auto runs decides (cpu_isa.probed_bf16_gemm: the fp32 GEMM where sgemm ran faster).
 FP32_GEMM = "fp32 GEMM"
 # bf16 products of AMX_GEMM_ROWS rows on AMX hosts: the op's own AMX GEMM (run_amx_gemm) on the model's weight, each
 # panel of 32 weight rows packed once in cache, where at::linear has oneDNN reorder the whole weight every call.
@@ -105,7 +108,7 @@ AMX_GEMM = "AMX GEMM"
 AMX_GEMM_ROWS = (MAX_ROWS + 1, 1024)
 
 _lock = threading.Lock()
-_state: dict = {"loaded": None, "why_not": None, "isa": None, "amx": None, "paths": None}
+_state: dict = {"loaded": None, "why_not": None, "isa": None, "amx": None, "paths": None, "given_probe": None}
 
 
 def enabled() -> bool:
@@ -479,7 +482,16 @@ def _host_flags() -> frozenset[str] | None:
     return host_flags(Path("/proc/cpuinfo"))
 
 
+def adopt_bf16_probe(probe) -> None:
+    """Take the bf16 prefill's path from ``probe`` (the spec's ``cpu_gemm_probe``, measured where the spec was
+    resolved; None: nothing measured, the unmeasured default) instead of probing in this process: a worker rank
+    calls this before it loads the kernels."""
+    _state["given_probe"] = (probe,)
+
+
 def _bf16_probe(flags: frozenset[str] | None):
+    if _state["given_probe"] is not None:
+        return _state["given_probe"][0]
     from .cpu_isa import probed_bf16_gemm
 
     return probed_bf16_gemm(flags)
@@ -521,16 +533,22 @@ def load(build_if_missing: bool = True) -> bool:
         _state["amx"] = _state["paths"].amx
         _state["loaded"] = why is None
         _state["why_not"] = why
-        if why is None:
-            from .cpu_isa import ENV_EMULATE, emulation
-
-            emu = emulation()
-            log.info("CPU linear layers by rows of x: %s (kernel ISA %s; AMX: %s%s)%s", _state["paths"].describe(),
-                     _state["isa"], _state["amx"], _state["paths"].probe_said(),
-                     f"; emulating a host with {emu.kind} ({ENV_EMULATE})" if emu is not None else "")
-        else:
-            log.info("CPU linear layers: F.linear only (small-M GEMM unavailable: %s)", why)
+        log.info("%s", paths_line())
         return _state["loaded"]
+
+
+def paths_line() -> str:
+    """The one line :func:`load` says: which path each dtype and row range takes, and why (None before load)."""
+    if _state["loaded"] is None:
+        return "CPU linear layers: not chosen yet (the kernels are loaded on first use)"
+    if not _state["loaded"]:
+        return f"CPU linear layers: F.linear only (small-M GEMM unavailable: {_state['why_not']})"
+    from .cpu_isa import ENV_EMULATE, emulation
+
+    emu = emulation()
+    paths = _state["paths"]
+    return (f"CPU linear layers by rows of x: {paths.describe()} (kernel ISA {_state['isa']}; AMX: {paths.amx}"
+            f"{paths.probe_said()})" + (f"; emulating a host with {emu.kind} ({ENV_EMULATE})" if emu else ""))
 
 
 def status() -> dict:

@@ -23,7 +23,7 @@ import torch
 from . import checkpoint, devices, fit, settings
 from .binding import binding_num
 from .config import ModelArgs, resolve_max_seq_len
-from .cpu_isa import CpuDtypeChoice, cpu_auto_dtype, warn_if_bf16_slow
+from .cpu_isa import CpuDtypeChoice, GemmProbe, cpu_auto_dtype, host_flags, probed_bf16_gemm, warn_if_bf16_slow
 from .errors import UserError
 from .generation import GenerationResult
 from .launch import launched_by_torchrun, local_rank
@@ -97,6 +97,9 @@ class EngineSpec:
     kv_cache_budget_mb: int | None = None  # KV cache sets kept per bucket (model.KVCachePool); None: 2x the largest
     fit_batch: int = 1  # the largest batch a request will carry: the fit check sizes the KV cache by it
     cpu_dtype_auto: CpuDtypeChoice | None = None  # --dtype auto on CPU: why this dtype (ISA, probe); None otherwise
+    # bf16 on a CPU whose flags cannot say whether bf16 GEMMs outrun fp32 (cpu_isa.probed_bf16_gemm): the probe,
+    # measured once where the spec was resolved; every rank's bf16 prefill path follows it (never probes again)
+    cpu_gemm_probe: GemmProbe | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -236,7 +239,8 @@ def resolve_engine_spec(choices: ModelChoices, *, decode_steps: int = 0, device_
         npu_graph=choices.npu_graph,
         npu_jit_compile=devices.resolve_jit_compile(device, chip_family, choices.npu_jit_compile),
         bind_cpu=bool(choices.bind_cpu), device_ids=None if device_ids is None else tuple(int(d) for d in device_ids),
-        log_dir=None if log_dir is None else str(log_dir), cpu_dtype_auto=cpu_dtype_auto)
+        log_dir=None if log_dir is None else str(log_dir), cpu_dtype_auto=cpu_dtype_auto,
+        cpu_gemm_probe=probed_bf16_gemm(host_flags()) if device == "cpu" and dtype == "bf16" else None)
     spec.validate()
     return spec
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import fit
+from . import cpu_kernels, fit
 from .errors import EngineError, UserError, VicunaBenchError
 from .generation import GenerationRequest, GenerationResult, validate_prompts
 from .rank_model import ModelHook, RankRunner, merge_rank_results
@@ -50,6 +50,7 @@ def _worker_main(spec: EngineSpec, rank: int, init_method: str, conn, parent_pid
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
+        cpu_kernels.adopt_bf16_probe(spec.cpu_gemm_probe)  # the parent measured it once: no rank probes again
         binding = bind_this_rank(spec, rank, spec.world_size)  # before anything is loaded
         tp = init_process_group(spec, rank, rank, init_method, timeout_s)
         runner = RankRunner(spec, rank, rank, tp, model_hook, binding)

@@ -206,6 +206,24 @@ def test_the_spec_carries_the_choice_its_workers_record(host, tiny_models):
                                                 compile="off"),
                                    progress=False)
     assert explicit.cpu_dtype_auto is None
+    assert spec.cpu_gemm_probe == BF16_FASTER and explicit.cpu_gemm_probe is None  # fp32: no bf16 prefill to choose
+
+
+@pytest.mark.parametrize("cpuinfo, dtype, carried", [
+    (EPYC_ZEN4, "bf16", FP32_FASTER),  # an explicit bf16 where the flags cannot say: measured once, here
+    (GRAVITON3, "bf16", FP32_FASTER),
+    (SAPPHIRE_RAPIDS, "bf16", None),  # the flags say: nothing measured
+    (HASWELL, "bf16", None),
+    (EPYC_ZEN4, "fp32", None),
+])
+def test_the_spec_carries_the_gemm_probe_every_rank_takes_the_bf16_prefill_path_from(host, tiny_models, cpuinfo,
+                                                                                       dtype, carried):
+    from vicuna_bench.spec import ModelChoices, resolve_engine_spec
+
+    host(cpuinfo, (lambda: FP32_FASTER) if carried else never_probe)
+    resolved = resolve_engine_spec(ModelChoices(str(tiny_models["gqa"]), device="cpu", dtype=dtype, max_seq_len=64,
+                                                compile="off"), progress=False)
+    assert resolved.cpu_gemm_probe == carried
 
 
 def test_gemm_flop_and_rate_by_hand():

@@ -100,7 +100,7 @@ NO_AMX = "the CPU has no AMX-TILE/AMX-BF16 (cpuid)"
 def test_a_bf16_dot_without_amx_takes_the_prefill_path_the_probe_measured_faster(host, probe, bf16):
     """avx512_bf16 without AMX and AArch64 bf16: whether oneDNN's bf16 GEMM outruns sgemm is measured, not known
     (on the emulated avx512_bf16 host, bench_paths: the fp32 GEMM 0.85x at::linear's time at 256 rows, 0.81x at
-    2048, and 0.89x / 0.84x the frozen path's)."""
+    2048, and 0.91x / 0.85x the frozen path's)."""
     paths = cpu_kernels.choose_linear_paths(flags_of(host), None, NO_AMX, None, probe)
     assert paths.record()["bf16"] == bf16
     dot = cpu_kernels.has_bf16_dot(flags_of(host))
@@ -130,6 +130,19 @@ def test_the_probe_runs_once_and_only_where_the_flags_cannot_say(monkeypatch, ho
         assert len(runs) == (1 if probed else 0)
     finally:
         cpu_isa.forget_host_decision()
+
+
+@pytest.mark.parametrize("given", [FP32_FASTER, None])
+def test_a_rank_handed_the_specs_probe_never_probes(monkeypatch, given):
+    """A worker rank takes the spec's probe (workers._worker_main hands it over before anything loads): None, where
+    the spec measured nothing, is the unmeasured default, not a reason to measure."""
+    monkeypatch.setitem(cpu_kernels._state, "given_probe", None)
+    monkeypatch.setattr(cpu_isa, "gemm_probe", lambda: pytest.fail("a rank probed"))
+    cpu_isa.forget_host_decision()
+    cpu_kernels.adopt_bf16_probe(given)
+    assert cpu_kernels._bf16_probe(flags_of(EPYC_ZEN4)) is given
+    paths = cpu_kernels.choose_linear_paths(flags_of(EPYC_ZEN4), None, NO_AMX, None, cpu_kernels._bf16_probe(None))
+    assert paths.bf16_fp32_gemm() is (given is FP32_FASTER)
 
 
 @pytest.mark.parametrize("host, kernel_isa, dot", [
