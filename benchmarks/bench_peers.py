@@ -72,7 +72,7 @@ from pathlib import Path
 
 import torch
 
-from vicuna_bench import checkpoint, cpu_kernels
+from vicuna_bench import checkpoint, cpu_isa, cpu_kernels
 from vicuna_bench.runtime import Engine, usable_cpus
 from vicuna_bench.spec import ModelChoices, resolve_engine_spec
 
@@ -121,8 +121,6 @@ def matmul_rate(dtype: torch.dtype, largest: int = 2048, repeats: int = 3) -> tu
 def cpu_flags() -> list[str]:
     """The host's matrix flags as the package decides by them (an emulated host kind's, under
     ``benchmarks/emulate_host.py``), in /proc/cpuinfo's order."""
-    from vicuna_bench import cpu_isa
-
     flags = cpu_isa.host_flags()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -132,14 +130,6 @@ def cpu_flags() -> list[str]:
     except OSError:
         pass
     return []
-
-
-def emulated() -> dict | None:
-    """The host kind this run emulates (``vicuna_bench.cpu_isa.emulation``), with the real host's ISA; None."""
-    from vicuna_bench import cpu_isa
-
-    emu = cpu_isa.emulation()
-    return None if emu is None else {**emu.record(), "real_cpu_isa": cpu_isa.isa_of(cpu_isa.read_cpu_flags())}
 
 
 def prompts_for(vocab: int, batch: int, seq_in: int, seed: int = 0) -> list[list[int]]:
@@ -760,7 +750,8 @@ def main(argv=None) -> int:
     cpu_kernels.load()  # the paths our engine takes, for the record (once a process)
     doc = {
         "machine": {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(), "threads": threads,
-                    "torch": torch.__version__, "python": sys.version.split()[0], "emulated": emulated(),
+                    "torch": torch.__version__, "python": sys.version.split()[0],
+                    "emulated": cpu_isa.emulation_record(),
                     "cpu_linear_paths": cpu_kernels.paths_record()},
         "model": base.model_path, "dtype": ns.dtype, "batch": ns.batch, "seq_in": ns.seq_in, "seq_out": ns.seq_out,
     }

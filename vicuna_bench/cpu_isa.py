@@ -145,6 +145,13 @@ def emulation(environ=None, real: frozenset[str] | None = None) -> Emulation | N
     return emu
 
 
+def emulation_record() -> dict | None:
+    """For records: the emulated host kind (:func:`emulation`: its name and caps) with the real host's ISA; None
+    where this process emulates none."""
+    emu = emulation()
+    return None if emu is None else {**emu.record(), "real_cpu_isa": isa_of(read_cpu_flags())}
+
+
 def host_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
     """The flags this package decides by: :func:`read_cpu_flags`, less those of an emulated host kind's lack
     (:func:`emulation`)."""
@@ -233,6 +240,10 @@ class CpuDtypeChoice:
         return {"dtype": self.dtype, "cpu_isa": self.isa, "probe": self.probe.record() if self.probe else None}
 
 
+# The ISAs whose flags cannot say whether bf16 GEMMs outrun fp32, so a probe measures it, and how the reason names them.
+PROBED_ISAS = {"avx512_bf16": "avx512_bf16 without AMX", "bf16": "AArch64 bf16"}
+
+
 def choose_cpu_dtype(flags: frozenset[str] | None, probe=None, torchrun: bool = False) -> CpuDtypeChoice:
     """The faster of fp32 and bf16 for a CPU with ``flags`` (the rule in the module docstring); ``probe`` runs only
     when the flags cannot decide, and not under ``torchrun`` (ranks there decide apart: fp32, the same on all)."""
@@ -241,7 +252,7 @@ def choose_cpu_dtype(flags: frozenset[str] | None, probe=None, torchrun: bool = 
     if isa == "amx_bf16":
         return CpuDtypeChoice("bf16", isa, present, None, "AMX (amx_bf16): bf16 GEMMs outrun fp32 and decode reads "
                                                            "half the bytes")
-    probed = {"avx512_bf16": "avx512_bf16 without AMX", "bf16": "AArch64 bf16"}.get(isa)
+    probed = PROBED_ISAS.get(isa)
     if probed and torchrun:
         return CpuDtypeChoice("fp32", isa, present, None,
                               f"{probed} under torchrun: each rank resolves its own spec, and a measured "
@@ -274,7 +285,7 @@ def probed_bf16_gemm(flags: frozenset[str] | None) -> GemmProbe | None:
     """On hosts whose flags cannot say whether bf16 GEMMs outrun fp32 (:func:`choose_cpu_dtype`'s probed kinds:
     avx512_bf16 without AMX, AArch64 bf16), :func:`host_gemm_probe`; None elsewhere and under ``torchrun`` (ranks
     there decide apart, so each takes the unmeasured default)."""
-    if isa_of(flags) not in ("avx512_bf16", "bf16") or launched_by_torchrun():
+    if isa_of(flags) not in PROBED_ISAS or launched_by_torchrun():
         return None
     return host_gemm_probe()
 
@@ -310,7 +321,7 @@ def warn_if_bf16_slow() -> None:
     isa = isa_of(host_flags())
     if isa in ("avx2", "avx512f"):
         why = f"this CPU has {isa} but no avx512_bf16/AMX: bf16 matrix multiplies are several times slower than fp32"
-    elif isa in ("avx512_bf16", "bf16"):  # the probe's verdict (AArch64 without bf16: not measured, no warning)
+    elif isa in PROBED_ISAS:  # the probe's verdict (AArch64 without bf16: not measured, no warning)
         choice = host_cpu_dtype()
         if choice.dtype != "fp32":
             return

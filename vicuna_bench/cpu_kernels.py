@@ -538,7 +538,8 @@ def load(build_if_missing: bool = True) -> bool:
 
 
 def paths_line() -> str:
-    """The one line :func:`load` says: which path each dtype and row range takes, and why (None before load)."""
+    """The one line :func:`load` says: which path each dtype and row range takes, and why (before load: that
+    nothing is chosen yet)."""
     if _state["loaded"] is None:
         return "CPU linear layers: not chosen yet (the kernels are loaded on first use)"
     if not _state["loaded"]:

@@ -423,20 +423,11 @@ def device_record(device: str, device_index: int = 0, cpu_dtype_auto=None) -> di
         "npu_jit_compile": npu_jit_compile_now(device_index) if device == "npu" else None,
         "python": platform.python_version(),
         **cpu_isa.isa_record(cpu_isa.host_flags()),
-        "cpu_emulated": _emulation_record(),
+        "cpu_emulated": cpu_isa.emulation_record(),
         "cpu_dtype_auto": cpu_dtype_auto.record() if cpu_dtype_auto is not None else None,
         "energy": None,
         "env": {k: os.environ.get(k) for k in names},
     }
-
-
-def _emulation_record() -> dict | None:
-    """The host kind this process emulates (:func:`vicuna_bench.cpu_isa.emulation`: the kind and its caps), or None;
-    the real host's ISA then stays in the record beside the emulated one."""
-    emu = cpu_isa.emulation()
-    if emu is None:
-        return None
-    return {**emu.record(), "real_cpu_isa": cpu_isa.isa_of(cpu_isa.read_cpu_flags())}
 
 
 # ---------------------------------------------------------------- memory
