@@ -56,6 +56,18 @@ llama.cpp and the GGUF files (llama-cpp-python 0.3.36 built from its sdist,
     PYTHONPATH=gguf-py python convert_hf_to_gguf.py $M --outtype f32 --outfile /work/gguf/smollm2-f32.gguf
     PYTHONPATH=gguf-py python convert_hf_to_gguf.py $M --outtype bf16 --outfile /work/gguf/smollm2-bf16.gguf
     python benchmarks/bench_peers.py --dtype bf16 --batch 8 --gguf /work/gguf/smollm2-bf16.gguf
+
+Under ``benchmarks/emulate_host.py KIND`` the llama.cpp column needs a build of
+that kind (a native build on a bigger host uses what the kind lacks, and the
+run stops with exit 2 naming the features); for ``avx2``, into a folder of
+its own::
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+      -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF \
+      -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+      .venv/bin/pip install --no-deps --target /work/llama-avx2 /tmp/llsdist/llama_cpp_python-0.3.36.tar.gz
+    PYTHONPATH=/work/llama-avx2 python benchmarks/emulate_host.py avx2 -- \
+      python benchmarks/bench_peers.py --gguf /work/gguf/smollm2-f32.gguf --rounds 3
 """
 
 from __future__ import annotations
@@ -414,6 +426,53 @@ class GGUFUnusable(Exception):
     """The --gguf file passed the magic check but llama.cpp would not load it."""
 
 
+# llama.cpp's CPU features as llama_print_system_info() names them ("AVX2 = 1 | ..."), and the /proc/cpuinfo flag
+# each needs; the rest of what it prints (LLAMAFILE, OPENMP, REPACK) are not instruction sets.
+GGML_FEATURE_FLAGS = {"SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX_VNNI": "avx_vnni", "AVX2": "avx2",
+                      "F16C": "f16c", "FMA": "fma", "BMI2": "bmi2", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi",
+                      "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8"}
+# GGUF general.file_type values whose weights are not quantized (llama.h: ALL_F32 0, MOSTLY_F16 1, MOSTLY_BF16 32),
+# and the features ggml uses on quantized weights only, so that a build with them runs such a file without them:
+# int8 dot products (AVX_VNNI and AVX512_VNNI's dpbusd, in ggml-cpu/arch/x86/quants.c and repack.cpp) and the AMX
+# kernels (ggml-cpu/amx/common.h, qtype_has_amx_kernels: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_XS).
+UNQUANTIZED_FILE_TYPES = {0, 1, 32}
+QUANTIZED_ONLY_FEATURES = {"AVX_VNNI", "AVX512_VNNI", "AMX_INT8"}
+
+
+def ggml_features(system_info: str) -> list[str]:
+    """The features llama_print_system_info() says are on (``NAME = 1``), in its order."""
+    out = []
+    for part in system_info.replace("CPU :", "|").split("|"):
+        name, eq, value = part.partition("=")
+        if eq and value.strip() == "1":
+            out.append(name.strip())
+    return out
+
+
+def llama_cpp_beyond(system_info: str, flags: frozenset[str], file_type: int | None) -> list[str]:
+    """The instruction-set features of a llama.cpp build (its system info) that a host with ``flags`` lacks, leaving
+    out those ggml runs on quantized weights only where the file (``file_type``) is not quantized."""
+    out = []
+    for name in ggml_features(system_info):
+        flag = GGML_FEATURE_FLAGS.get(name)
+        if flag is None or flag in flags or (name in QUANTIZED_ONLY_FEATURES and file_type in UNQUANTIZED_FILE_TYPES):
+            continue
+        out.append(name)
+    return out
+
+
+def gguf_file_type(lib, model) -> int | None:
+    """A loaded model's GGUF ``general.file_type`` (llama_ftype), or None where the file has none."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(32)
+    n = lib.llama_model_meta_val_str(model, b"general.file_type", buf, len(buf))
+    try:
+        return int(buf.value) if n > 0 else None
+    except ValueError:
+        return None
+
+
 LLAMA_N_BATCH = 512  # tokens per llama_decode call, as the batch-1 column has always used (Llama(n_batch=512))
 
 
@@ -539,7 +598,18 @@ class LlamaCppTimer:
         self.per_seq = -(-(self.seq_in + max(seq_out, check_steps) + 8) // 256) * 256
         self.info = {"batch": self.batch, "llama_cpp_python": lib.__version__, "gguf": str(gguf),
                      "n_batch": LLAMA_N_BATCH, "n_ctx": self.batch * self.per_seq, "flash_attn": False,
-                     "kv_unified": False, "system_info": lib.llama_print_system_info().decode(errors="replace").strip()}
+                     "kv_unified": False, "system_info": lib.llama_print_system_info().decode(errors="replace").strip(),
+                     "file_type": gguf_file_type(lib, self.model)}
+        emu = cpu_isa.emulation()
+        if emu is not None:  # a llama.cpp that uses what the emulated kind lacks would not be that kind's peer
+            beyond = llama_cpp_beyond(self.info["system_info"], cpu_isa.host_flags() or frozenset(),
+                                      self.info["file_type"])
+            if beyond:
+                lib.llama_model_free(self.model)
+                raise GGUFUnusable(
+                    f"llama.cpp ({lib.__file__}) is built with {', '.join(beyond)}, which the emulated {emu.kind} "
+                    f"host lacks: build llama-cpp-python for that kind into a folder of its own and put it first on "
+                    f"PYTHONPATH (bench_peers' docstring), or leave out --gguf")
         self.greedy_check: dict | None = None
         self.ctx = None
         try:
@@ -841,7 +911,7 @@ def main(argv=None) -> int:
     lc = columns.get("llama.cpp")
     if lc is not None:
         print(f"llama.cpp: llama-cpp-python {lc['llama_cpp_python']}, {lc['batch']} parallel sequence(s), "
-              f"{Path(lc['gguf']).name}")
+              f"{Path(lc['gguf']).name}; built with {' '.join(ggml_features(lc['system_info'])) or 'nothing named'}")
         if "greedy_check" in lc:
             g = lc["greedy_check"]
             print(f"llama.cpp batch {lc['batch']}: sequence 0's greedy tokens over {g['steps']} steps equal batch 1's: "

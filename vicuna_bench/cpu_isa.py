@@ -68,7 +68,8 @@ def read_cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
 # decides by (host_flags: the dtype, the linear paths, the environment record) and inductor's vector ISA, which
 # reads cpuid itself and takes AMX wherever the host has it, ATEN_CPU_CAPABILITY=avx512 included (the fifteenth
 # pass found AMX micro-GEMMs in an "avx512_bf16 only" engine's graphs: compile.cap_inductor_isa removes them).
-# What an emulation cannot cap: the memory system and the cores, and llama.cpp's own native build.
+# What an emulation cannot cap: the memory system and the cores.  llama.cpp is built for the kind instead, and
+# benchmarks/bench_peers.py refuses a build whose features the kind lacks.
 ENV_EMULATE = "VICUNA_BENCH_EMULATE_HOST"
 
 
@@ -99,7 +100,7 @@ EMULATIONS = {
              ("MKL_ENABLE_INSTRUCTIONS", "AVX512_E3")),
         inductor_lacks=("amx_tile",)),
     "avx2": Emulation(
-        "avx2", needs=("avx2", "fma"), hides=("amx_", "avx512"),
+        "avx2", needs=("avx2", "fma"), hides=("amx_", "avx512", "avx_vnni"),
         env=(("VICUNA_BENCH_CPU_AMX", "0"), ("VICUNA_BENCH_CPU_MARCH", "haswell"), ("ATEN_CPU_CAPABILITY", "avx2"),
              ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")),
         inductor_lacks=("avx512", "amx_tile")),

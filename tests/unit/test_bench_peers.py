@@ -320,3 +320,98 @@ def test_the_matmul_reference_shrinks_where_a_2048_call_would_take_over_a_second
 
 def test_the_matmul_reference_is_never_below_256(peers):
     assert peers.matmul_size(60.0) == 256
+
+
+# llama_print_system_info() of llama-cpp-python 0.3.36 built natively on this project's AMX host (GGML_NATIVE=ON),
+# captured 2026-12-08, and of the same sdist built with the AVX2 switches in bench_peers' docstring.
+NATIVE_SPR = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
+              "AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | "
+              "OPENMP = 1 | REPACK = 1 | ")
+BUILT_AVX2 = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | "
+              "OPENMP = 1 | REPACK = 1 | ")
+# /proc/cpuinfo's words for the instruction sets above, as the captured hosts in tests/unit/data/cpu_flags have them
+SPR_ISA = frozenset("pni ssse3 avx avx_vnni avx2 f16c fma bmi2 avx512f avx512vbmi avx512_vnni avx512_bf16 amx_int8 "
+                    "amx_bf16 amx_tile".split())
+ZEN4_ISA = frozenset("pni ssse3 avx avx2 f16c fma bmi2 avx512f avx512vbmi avx512_vnni avx512_bf16".split())
+HASWELL_ISA = frozenset("pni ssse3 avx avx2 f16c fma bmi2".split())
+F32, BF16, Q8_0 = 0, 32, 7  # llama.h's llama_ftype values
+
+
+def test_ggml_features_are_the_names_set_to_1_in_order(peers):
+    assert peers.ggml_features(BUILT_AVX2) == ["SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "BMI2", "LLAMAFILE",
+                                               "OPENMP", "REPACK"]
+    assert peers.ggml_features("CPU : AVX2 = 0 | FMA = 1 |") == ["FMA"]
+
+
+@pytest.mark.parametrize("info, flags, file_type, beyond", [
+    (NATIVE_SPR, SPR_ISA, BF16, []),
+    (NATIVE_SPR, HASWELL_ISA, F32, ["AVX512", "AVX512_VBMI", "AVX512_BF16"]),  # the int8 dot products unused on f32
+    (NATIVE_SPR, HASWELL_ISA, Q8_0, ["AVX_VNNI", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8"]),
+    (NATIVE_SPR, ZEN4_ISA, BF16, []),  # the avx512_bf16 kind: AMX and AVX-VNNI run on quantized weights only
+    (NATIVE_SPR, ZEN4_ISA, Q8_0, ["AVX_VNNI", "AMX_INT8"]),
+    (NATIVE_SPR, ZEN4_ISA, None, ["AVX_VNNI", "AMX_INT8"]),  # a file that does not say: counted as quantized
+    (BUILT_AVX2, HASWELL_ISA, F32, []),
+    (BUILT_AVX2, HASWELL_ISA, Q8_0, []),
+])
+def test_a_llama_cpp_build_is_checked_against_the_host_kinds_flags(peers, info, flags, file_type, beyond):
+    assert peers.llama_cpp_beyond(info, flags, file_type) == beyond
+
+
+class FakeLlamaLib:
+    """The parts of llama_cpp's low-level API LlamaCppTimer calls before timing, with a build's system info."""
+
+    __version__ = "0.3.36"
+    __file__ = "/site/llama_cpp/__init__.py"
+
+    def __init__(self, system_info: str, file_type: int):
+        self.system_info, self.file_type, self.freed = system_info, file_type, []
+
+    def llama_backend_init(self):
+        pass
+
+    def llama_model_default_params(self):
+        return None
+
+    def llama_model_load_from_file(self, path, params):
+        return "model"
+
+    def llama_print_system_info(self):
+        return self.system_info.encode()
+
+    def llama_model_meta_val_str(self, model, key, buf, size):
+        assert key == b"general.file_type"
+        value = str(self.file_type).encode()
+        buf.value = value
+        return len(value)
+
+    def llama_model_free(self, model):
+        self.freed.append(model)
+
+
+def test_an_emulated_kind_refuses_a_llama_cpp_built_beyond_it_naming_the_features(peers, monkeypatch):
+    from tests.unit.test_host_emulation import emulate
+
+    emulate(monkeypatch, "avx2")
+    lib = FakeLlamaLib(NATIVE_SPR, F32)
+    with pytest.raises(peers.GGUFUnusable) as refused:
+        peers.LlamaCppTimer(lib, "m.gguf", [[1, 2, 3]], 4, 2)
+    assert "built with AVX512, AVX512_VBMI, AVX512_BF16, which the emulated avx2 host lacks" in str(refused.value)
+    assert lib.freed == ["model"]  # the model freed before the error leaves
+
+
+def test_an_emulated_kind_takes_a_llama_cpp_built_for_it(peers, monkeypatch):
+    from tests.unit.test_host_emulation import emulate
+
+    class Opened(Exception):
+        pass
+
+    def context(*args):
+        raise Opened  # past the build check: llama.cpp's context would open here
+
+    emulate(monkeypatch, "avx2")
+    monkeypatch.setattr(peers, "LlamaCppContext", context)
+    with pytest.raises(Opened):
+        peers.LlamaCppTimer(FakeLlamaLib(BUILT_AVX2, F32), "m.gguf", [[1, 2, 3]], 4, 2)
+    emulate(monkeypatch, "avx512_bf16")  # the native build on the avx512_bf16 kind, an unquantized file
+    with pytest.raises(Opened):
+        peers.LlamaCppTimer(FakeLlamaLib(NATIVE_SPR, BF16), "m.gguf", [[1, 2, 3]], 4, 2)

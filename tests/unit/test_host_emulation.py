@@ -131,3 +131,9 @@ def test_the_launcher_refuses_a_kind_this_host_cannot_be(monkeypatch, capsys):
                                        "avx512_bf16, so it cannot stand in for that kind (an emulation only takes "
                                        "away)\n")
     assert emulate_host.main(["avx2", "true"]) == 2  # no "--": the usage line
+
+
+def test_the_emulated_avx2_kind_has_no_vector_flag_haswell_lacks(monkeypatch):
+    emulate(monkeypatch, "avx2")
+    vector = {f for f in cpu_isa.host_flags() if f.startswith(("avx", "amx"))}
+    assert vector == {f for f in cpu_isa.read_cpu_flags(HASWELL) if f.startswith(("avx", "amx"))} == {"avx", "avx2"}
