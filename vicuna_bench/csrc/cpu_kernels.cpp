@@ -752,19 +752,47 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_configure_gemm() {
   _tile_loadconfig(&cfg);
 }
 
+// r[j] (16 32-bit elements each) <- the transpose: r[m] element j = the old r[j] element m.  Four rounds of 16
+// shuffles: 32-bit and 64-bit interleaves within 128-bit lanes, then the lanes moved across four registers.
+__attribute__((target("avx512f"))) inline void transpose16_epi32(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // per lane L: {a[4L], b[4L], a[4L+1], b[4L+1]} and {a[4L+2], ...}
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[4q + e], lane L: element 4L + e of rows 4q .. 4q + 3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {  // out row 4L + e, lane q = lane L of r[4q + e]
+    const __m512i u0 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x44), u1 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xEE);
+    const __m512i u2 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x44);
+    const __m512i u3 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xEE);
+    t[e] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+    t[4 + e] = _mm512_shuffle_i32x4(u0, u2, 0xDD);
+    t[8 + e] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+    t[12 + e] = _mm512_shuffle_i32x4(u1, u3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
 // bp[g][c][r][j] (32-bit pairs) = W[n0 + 16 g + j][32 c + 2 r + {0, 1}] for the G groups of 16 weight rows: for
-// each chunk a 16 x 16 transpose of pairs, by gathers (any K, odd included: the pairs are read unaligned).
+// each chunk, the 16 rows' 64 bytes loaded whole and transposed as 16 x 16 pairs in registers (any K, odd
+// included: the rows are read unaligned).  It replaced a gather per tile row (16 dwords from 16 weight rows): with
+// it SmolLM2's four prefill products, each weight fresh from memory, took 0.87-0.94 of the time at 17-256 rows and
+// 0.92-0.97 at 2048 (7 rounds alternated, faster in 7 of 7 but one 6 of 7; docs/PERFORMANCE.md, twenty-second pass).
 __attribute__((target("avx512f"))) void pack_weight_panel(const uint16_t* w, int64_t K, int64_t n0, int G,
                                                           int64_t chunks, uint32_t* bp) {
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int>(K * 2)));
   for (int g = 0; g < G; ++g) {
-    const char* base = reinterpret_cast<const char*>(w + (n0 + 16 * g) * K);
+    const uint16_t* base = w + (n0 + 16 * g) * K;
     for (int64_t c = 0; c < chunks; ++c) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(base + j * K + c * kAmxChunk);
+      transpose16_epi32(r);
       uint32_t* dst = bp + (g * chunks + c) * 256;
-      for (int r = 0; r < 16; ++r)
-        _mm512_store_si512(reinterpret_cast<__m512i*>(dst + r * 16),
-                           _mm512_i32gather_epi32(rows, base + (c * kAmxChunk + 2 * r) * 2, 1));
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(reinterpret_cast<__m512i*>(dst + j * 16), r[j]);
     }
   }
 }
