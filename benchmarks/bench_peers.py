@@ -685,11 +685,24 @@ def llama_cpp(gguf: str, prompts, seq_out: int, threads: int, repeat: int = 3, c
     return out
 
 
-def timed_rounds(timers: dict, rounds: int, repeat: int) -> dict[str, list[list[tuple[float, float]]]]:
-    """Each timer's (first_ms, next_ms) runs by round: a round runs every timer ``repeat`` times, in ``timers``' order."""
+# Seconds of idle before each timer's turn in a round.  An OpenMP runtime's threads spin after each parallel region
+# before they sleep (libgomp: GOMP_SPINCOUNT pause loops), and llama.cpp's libgomp, torch's own copy and a child
+# process's are separate runtimes on the same cores: without a pause, the timer after another engine's turn starts
+# beside its spinning threads, and its first token pays for them.  Measured on the 2-core AMX host (CPU time the
+# process used while it slept right after): 4-6 ms after a torch matmul, 5-8 ms after a llama.cpp eval, ~0 after
+# nothing (docs/PERFORMANCE.md, twenty-second pass).
+SETTLE_S = 0.3
+
+
+def timed_rounds(timers: dict, rounds: int, repeat: int,
+                 settle_s: float = SETTLE_S) -> dict[str, list[list[tuple[float, float]]]]:
+    """Each timer's (first_ms, next_ms) runs by round: a round runs every timer ``repeat`` times, in ``timers``' order,
+    each turn after ``settle_s`` seconds idle."""
     by_round: dict = {name: [] for name in timers}
     for _ in range(rounds):
         for name, timer in timers.items():
+            if settle_s > 0:
+                time.sleep(settle_s)
             by_round[name].append(timer.run(repeat))
     return by_round
 
@@ -717,7 +730,7 @@ def versus_line(what: str, ratios: dict) -> str:
 
 
 def interleaved(specs: dict, lib, gguf: str | None, prompts, seq_out: int, threads: int, rounds: int,
-                repeat: int, hf: tuple | None = None, children: dict | None = None) -> dict:
+                repeat: int, hf: tuple | None = None, children: dict | None = None, settle_s: float = SETTLE_S) -> dict:
     """Columns of our modes (``specs``: column name -> spec), our modes in child processes (``children``: column
     name -> (spec, environment)), transformers (when ``hf`` = (path, dtype)) and llama.cpp (when ``lib``), timed
     in alternation.
@@ -738,7 +751,7 @@ def interleaved(specs: dict, lib, gguf: str | None, prompts, seq_out: int, threa
             timers["transformers"] = stack.enter_context(TransformersTimer(*hf, prompts, seq_out))
         if peer is not None:
             timers["llama.cpp"] = peer
-        by_round = timed_rounds(timers, rounds, repeat)
+        by_round = timed_rounds(timers, rounds, repeat, settle_s)
     columns = {name: {**round_figures(by_round[name]), "compile_s": timers[name].compile_s} for name in specs}
     for name in children:
         columns[name] = {**round_figures(by_round[name]), "compile_s": timers[name].compile_s, **timers[name].info}
@@ -764,6 +777,17 @@ def gguf_problem(path: str) -> str | None:
 def without_kernels_name(name: str) -> str:
     """The column of our mode ``name`` run without our CPU kernels."""
     return f"{name}, no kernels"
+
+
+def settle_seconds(text: str) -> float:
+    """--settle's parser: seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: need seconds >= 0")
+    return value
 
 
 def whole_rounds(text: str) -> int:
@@ -794,6 +818,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=whole_rounds, default=1,
                    help="R > 1: open our modes and llama.cpp once, then time them in alternation, R rounds of "
                         "--repeat runs each (default 1: each engine timed to completion in turn)")
+    p.add_argument("--settle", type=settle_seconds, default=SETTLE_S,
+                   help=f"with --rounds: seconds idle before each engine's turn, so that the last one's OpenMP threads "
+                        f"stop spinning (default {SETTLE_S}; 0: none)")
     p.add_argument("--without-kernels", action="store_true",
                    help="also time each of our modes without our CPU kernels, in a child process, alternated in "
                         "the same rounds (needs --rounds 2 or more)")
@@ -857,7 +884,8 @@ def main(argv=None) -> int:
             children = {without_kernels_name(name): (spec, KERNELS_OFF) for name, spec in specs.items()
                         if ns.without_kernels}
             columns = interleaved(specs, lib, ns.gguf, prompts, ns.seq_out, threads, ns.rounds, ns.repeat, hf,
-                                  children)
+                                  children, ns.settle)
+            doc["settle_s"] = ns.settle
             if ns.without_kernels:
                 doc["versus_without_kernels"] = {
                     name: versus_by_round(columns[name]["rounds"], columns[without_kernels_name(name)]["rounds"])
@@ -919,8 +947,8 @@ def main(argv=None) -> int:
                   f"every sequence's: {'yes' if g['every_seq_agrees'] else 'NO'}; "
                   f"largest logit difference {g['seq_0_max_abs_logit_diff']:.2g}")
     if "rounds" in doc:
-        print(f"{doc['rounds']} rounds of {ns.repeat} run(s), in alternation: "
-              f"{', '.join(n for n, c in columns.items() if 'rounds' in c)}; figures are medians over every run")
+        print(f"{doc['rounds']} rounds of {ns.repeat} run(s), in alternation, {doc['settle_s']:g} s idle before each "
+              f"turn: {', '.join(n for n, c in columns.items() if 'rounds' in c)}; figures are medians over every run")
     for peer in ("llama.cpp", "transformers"):
         for name, vs in doc.get(f"versus_{peer.replace('.', '_')}", {}).items():
             for token in ("next", "first"):

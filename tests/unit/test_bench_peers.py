@@ -90,7 +90,7 @@ def test_rounds_time_every_timer_in_turn_each_round(peers):
     calls = []
     timers = {name: ScriptedTimer(name, script, calls)
               for name, script in [("off", OURS_OFF), ("on", OURS_ON), ("llama.cpp", LLAMA)]}
-    got = peers.timed_rounds(timers, rounds=3, repeat=2)
+    got = peers.timed_rounds(timers, rounds=3, repeat=2, settle_s=0)
     assert calls == [("off", 2), ("on", 2), ("llama.cpp", 2)] * 3
     assert got == {"off": OURS_OFF, "on": OURS_ON, "llama.cpp": LLAMA}
 
@@ -163,10 +163,13 @@ def test_interleaved_opens_everything_then_alternates_and_checks_llama_cpp_last(
 
     monkeypatch.setattr(peers, "OursTimer", FakeOurs)
     monkeypatch.setattr(peers, "LlamaCppTimer", FakeLlama)
+    monkeypatch.setattr(peers.time, "sleep", lambda s: events.append(("idle", s)))
     cols = peers.interleaved({"vicuna-bench off": "off", "vicuna-bench on": "on"}, object(), "m.gguf",
                              [[1, 2]], 4, 2, rounds=3, repeat=2)
+    # each turn after SETTLE_S idle: the last engine's OpenMP threads have stopped spinning
+    assert peers.SETTLE_S == 0.3
     assert events == ([("open", "llama.cpp"), ("open", "off"), ("open", "on")]
-                      + [("off", 2), ("on", 2), ("llama.cpp", 2)] * 3
+                      + [("idle", 0.3), ("off", 2), ("idle", 0.3), ("on", 2), ("idle", 0.3), ("llama.cpp", 2)] * 3
                       + [("close", "on"), ("close", "off"), ("greedy check and close", "llama.cpp")])
     assert list(cols) == ["vicuna-bench off", "vicuna-bench on", "llama.cpp"]
     on = cols["vicuna-bench on"]
@@ -198,7 +201,7 @@ def test_interleaved_times_transformers_in_each_round_between_ours_and_llama_cpp
     monkeypatch.setattr(peers, "TransformersTimer", lambda path, dtype, prompts, seq_out: Fake("hf", OURS_OFF))
     monkeypatch.setattr(peers, "LlamaCppTimer", lambda lib, gguf, prompts, seq_out, threads: Fake("llama", LLAMA))
     cols = peers.interleaved({"vicuna-bench on": "on"}, object(), "m.gguf", [[1, 2]], 4, 2, rounds=3, repeat=2,
-                             hf=("/m", "fp32"))
+                             hf=("/m", "fp32"), settle_s=0)
     assert events == ([("open", "llama"), ("open", "on"), ("open", "hf")] + [("on", 2), ("hf", 2), ("llama", 2)] * 3
                       + [("close", "hf"), ("close", "on"), ("close", "llama")])
     assert list(cols) == ["vicuna-bench on", "transformers", "llama.cpp"]
@@ -258,7 +261,7 @@ def test_interleaved_times_the_child_columns_after_ours_in_every_round(peers, mo
     name = peers.without_kernels_name("vicuna-bench on")
     assert name == "vicuna-bench on, no kernels"
     cols = peers.interleaved({"vicuna-bench on": "on"}, object(), "m.gguf", [[1, 2]], 4, 2, rounds=3, repeat=2,
-                             children={name: ("on", peers.KERNELS_OFF)})
+                             children={name: ("on", peers.KERNELS_OFF)}, settle_s=0)
     assert events == ([("open", "llama"), ("open", "on"), ("open", "child")]
                       + [("on", 2), ("child", 2), ("llama", 2)] * 3
                       + [("close", "child"), ("close", "on"), ("close", "llama")])
@@ -415,3 +418,11 @@ def test_an_emulated_kind_takes_a_llama_cpp_built_for_it(peers, monkeypatch):
     emulate(monkeypatch, "avx512_bf16")  # the native build on the avx512_bf16 kind, an unquantized file
     with pytest.raises(Opened):
         peers.LlamaCppTimer(FakeLlamaLib(NATIVE_SPR, BF16), "m.gguf", [[1, 2, 3]], 4, 2)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "nan", "inf", "soon"])
+def test_settle_below_zero_or_not_a_number_stops_the_bench_naming_the_value(peers, capsys, value):
+    with pytest.raises(SystemExit) as stop:
+        peers.main(["--settle", value])
+    assert stop.value.code == 2
+    assert f"argument --settle: {value!r}: need seconds >= 0" in capsys.readouterr().err
