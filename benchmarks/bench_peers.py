@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -463,8 +464,6 @@ def llama_cpp_beyond(system_info: str, flags: frozenset[str], file_type: int | N
 
 def gguf_file_type(lib, model) -> int | None:
     """A loaded model's GGUF ``general.file_type`` (llama_ftype), or None where the file has none."""
-    import ctypes
-
     buf = ctypes.create_string_buffer(32)
     n = lib.llama_model_meta_val_str(model, b"general.file_type", buf, len(buf))
     try:
@@ -600,25 +599,29 @@ class LlamaCppTimer:
                      "n_batch": LLAMA_N_BATCH, "n_ctx": self.batch * self.per_seq, "flash_attn": False,
                      "kv_unified": False, "system_info": lib.llama_print_system_info().decode(errors="replace").strip(),
                      "file_type": gguf_file_type(lib, self.model)}
-        emu = cpu_isa.emulation()
-        if emu is not None:  # a llama.cpp that uses what the emulated kind lacks would not be that kind's peer
-            beyond = llama_cpp_beyond(self.info["system_info"], cpu_isa.host_flags() or frozenset(),
-                                      self.info["file_type"])
-            if beyond:
-                lib.llama_model_free(self.model)
-                raise GGUFUnusable(
-                    f"llama.cpp ({lib.__file__}) is built with {', '.join(beyond)}, which the emulated {emu.kind} "
-                    f"host lacks: build llama-cpp-python for that kind into a folder of its own and put it first on "
-                    f"PYTHONPATH (bench_peers' docstring), or leave out --gguf")
         self.greedy_check: dict | None = None
         self.ctx = None
         try:
+            self._refuse_a_build_beyond_the_emulated_kind()
             self.ctx = LlamaCppContext(lib, self.model, self.batch, self.batch * self.per_seq, threads)
             self._prefill = llama_prefill_rows(prompts)
             self._once()
         except BaseException:
             self.close(check=False)
             raise
+
+    def _refuse_a_build_beyond_the_emulated_kind(self) -> None:
+        """Under ``emulate_host.py``: a llama.cpp that uses what the emulated kind lacks would not be that kind's
+        peer (GGUFUnusable, naming the features)."""
+        emu = cpu_isa.emulation()
+        if emu is None:
+            return
+        beyond = llama_cpp_beyond(self.info["system_info"], cpu_isa.host_flags() or frozenset(), self.info["file_type"])
+        if beyond:
+            raise GGUFUnusable(
+                f"llama.cpp ({self.lib.__file__}) is built with {', '.join(beyond)}, which the emulated {emu.kind} "
+                f"host lacks: build llama-cpp-python for that kind into a folder of its own and put it first on "
+                f"PYTHONPATH (bench_peers' docstring), or leave out --gguf")
 
     def _once(self) -> tuple[float, float]:
         fixed = [3] * self.batch  # a fixed token: greedy choice is not what is timed
