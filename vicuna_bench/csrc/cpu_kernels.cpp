@@ -9,7 +9,7 @@
 // panel stays in L1/L2 while MR-row blocks of x are multiplied against it, so
 // memory traffic is the weight once plus x (tiny).  On AVX-512, one or two
 // rows of x (a batch-1 or -2 step) read whole weight rows in order instead
-// (one stream a thread).  Accumulation is fp32; bf16 uses AVX512-BF16 dot products where
+// (one stream a thread); on AVX2 two rows, and one row of bf16, do too.  Accumulation is fp32; bf16 uses AVX512-BF16 dot products where
 // the host has them.  Without AVX2 + FMA (aarch64, an x86 build for a plain
 // x86-64 target) both dtypes run a generic lane of GCC vector extensions,
 // 4 floats wide: NEON on aarch64, SSE2 on x86-64, and the same source on
@@ -461,6 +461,62 @@ void panels_avx2(const float* xs, int64_t xs_stride, const T* x, const T* w, int
   }
 }
 
+// The 8 horizontal sums of v[0..7], in order, as one vector (6 hadds, 2 lane permutes, 1 add).
+inline __m256 sum8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // a's low 128-bit lane: v[0..3] over elements 0-3; its high lane: over elements 4-7 (b likewise for v[4..7]).
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// Each line of a weight row's stream this many bytes ahead into L2 (as kInOrderAhead for the AVX-512 stream).
+constexpr int64_t kInOrderAheadAvx2 = 8 << 10;
+
+// 1-2 rows of x on AVX2: each weight row read front to back, one after the next (the AVX-512 build's rows_in_order),
+// where the panels read 8 (one row) or 4-5 (two) weight rows side by side.  64 bytes of the row a step, as two
+// chains of sums (two fp32 vectors, or a bf16 vector's two widened halves); the sums of 8 / MR rows reduced together.
+// Measured against the panels (AVX2 build under emulate_host.py avx2 on the 2-core AMD EPYC Zen 4 host, SmolLM2's
+// decode products and head from memory, alternated in one process, time stream / panels, rounds faster): bf16
+// M = 1: 0.928 (11 of 11), 0.940 (8 of 11), 0.971 (5 of 9); M = 2: 0.903 (5 of 9); fp32 M = 2: 0.860 (9 of 9); fp32
+// M = 1: 1.138 and 1.137 (3 of 11 each), so one fp32 row keeps the panels.
+template <typename T, int MR, typename O>
+void rows_in_order_avx2(const float* xs, int64_t xs_stride, const T* x, const T* w, int64_t K, int64_t N, int64_t n0,
+                        int64_t n1, O* out) {
+  constexpr int S = 32 / sizeof(T), H = sizeof(float) / sizeof(T), G = 8 / MR;
+  const int64_t whole = K - K % (2 * S);
+  for (int64_t n = n0; n < n1; n += G) {
+    const int rows = static_cast<int>(std::min<int64_t>(G, n1 - n));
+    __m256 flat[8];
+    for (int r = 0; r < rows; ++r) {
+      const T* wr = w + (n + r) * K;
+      __m256 acc[MR][2];
+      for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < whole; k += 2 * S) {
+        prefetch_l2(reinterpret_cast<const char*>(wr + k) + kInOrderAheadAvx2);
+        for (int s = 0; s < 2; ++s)
+          for (int h = 0; h < H; ++h) {
+            const __m256 wv = wide_w(wr + k + s * S, h);
+            for (int i = 0; i < MR; ++i)
+              acc[i][(s * H + h) & 1] =
+                  _mm256_fmadd_ps(_mm256_loadu_ps(xs + i * xs_stride + k + s * S + 8 * h), wv, acc[i][(s * H + h) & 1]);
+          }
+      }
+      for (int i = 0; i < MR; ++i) flat[r * MR + i] = _mm256_add_ps(acc[i][0], acc[i][1]);
+    }
+    for (int a = rows * MR; a < 8; ++a) flat[a] = _mm256_setzero_ps();
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, sum8(flat));
+    for (int r = 0; r < rows; ++r) {
+      const T* wr = w + (n + r) * K;
+      for (int i = 0; i < MR; ++i) {
+        float total = sums[r * MR + i];
+        for (int64_t k = whole; k < K; ++k) total += scalar_of(x[i * K + k]) * scalar_of(wr[k]);
+        out[i * N + n + r] = static_cast<O>(total);
+      }
+    }
+  }
+}
+
 template <typename T, typename O>
 void run_avx2(const T* x, const T* w, int64_t M, int64_t K, int64_t N, O* out) {
   const float* xs;
@@ -476,6 +532,16 @@ void run_avx2(const T* x, const T* w, int64_t M, int64_t K, int64_t N, O* out) {
     xs = widened.data();
   }
   constexpr bool f32 = std::is_same_v<T, float>;
+  // Two rows, and one row of bf16: each thread streams one contiguous run of whole weight rows.  One fp32 row stays
+  // on the 1 x 8 panels, which measured faster there (at rows_in_order_avx2, above).
+  if (M == 2 || (M == 1 && !f32)) {
+    const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K * (int64_t)sizeof(T)));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      if (M == 1) return rows_in_order_avx2<T, 1, O>(xs, xs_stride, x, w, K, N, n0, n1, out);
+      rows_in_order_avx2<T, 2, O>(xs, xs_stride, x, w, K, N, n0, n1, out);
+    });
+    return;
+  }
   // bf16 needs a register for the widening mask: 4 x 2 / 2 x 4 where fp32 takes 4 x 3 / 2 x 5.
   const int64_t nr = M == 1 ? 8 : M == 2 ? (f32 ? 5 : 4) : (f32 ? 3 : 2);
   const int64_t panels = N / nr;
@@ -1353,14 +1419,6 @@ struct AttnVec {
 inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8f(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
-// The 8 horizontal sums of v[0..7], in order, as one vector (6 hadds, 2 lane permutes, 1 add).
-inline __m256 sum8(const __m256* v) {
-  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-  // a's low 128-bit lane: v[0..3] over elements 0-3; its high lane: over elements 4-7 (b likewise for v[4..7]).
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
 // exp(x) for x <= 0 as exp512 (Cephes' polynomial), 2^n built in the exponent field: x is clamped at -87 (n >= -126,
