@@ -17,6 +17,7 @@ from tests import tiny
 from tests.unit.precision_fixtures import make_synthetic_ceval, make_synthetic_mmlu
 from tests.integration.test_cli import assert_one_line_error, vb
 from tests.unit.test_precision import assert_same_files
+from tests.records import drop_measured_rates
 
 pytestmark = pytest.mark.integration
 
@@ -110,9 +111,8 @@ def test_performance_writes_what_vicuna_bench_perf_writes(smollm2_path, tmp_path
     assert [cpu_set(r["cpu_binding"]) for r in ext_a] == [os.sched_getaffinity(0)] * 2
     doc_a, doc_b = (json.loads((d / f"{stem}_samples.json").read_text()) for d in (a, b))
     assert sorted(doc_a) == sorted(doc_b)
-    for doc in (doc_a, doc_b):  # --dtype auto's probe rates (GFLOP/s) are measured: the dtype they chose is compared
-        if doc["environment"].get("cpu_dtype_auto"):
-            doc["environment"]["cpu_dtype_auto"].pop("probe")
+    for doc in (doc_a, doc_b):  # the probes' rates (GFLOP/s) are measured: the dtype and paths they chose are compared
+        drop_measured_rates(doc["environment"])
     for key in ("model_name", "device", "dtype", "world_size", "batch_size", "perf_mode", "environment",
                 "cpu_binding"):
         assert doc_a[key] == doc_b[key], key

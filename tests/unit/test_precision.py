@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.records import drop_measured_rates
 from tests.unit.precision_fixtures import (
     SMOLLM2_LETTER_IDS,
     ScriptedEngine,
@@ -375,10 +376,8 @@ def strip_timing(path: Path) -> dict:
     doc.pop("timing")
     # Where this invocation's ranks were pinned: none when a resumed run found every answer in the cache.
     doc.pop("cpu_binding")
-    # --dtype auto's probe rates (GFLOP/s) are a measurement too; the dtype and ISA they decided stay compared.
-    auto = (doc.get("environment") or {}).get("cpu_dtype_auto")
-    if auto:
-        auto.pop("probe")
+    # The probes' rates (GFLOP/s) are a measurement too; the dtype, ISA and paths they decided stay compared.
+    drop_measured_rates(doc.get("environment") or {})
     return doc
 
 
